@@ -1,0 +1,1131 @@
+"""The shared wire of sleap-rtc: what the signaling server, the worker and the client agree on.
+
+Read top to bottom:
+
+1. constants and environment variables;
+2. errors;
+3. signaling frames (v2 API): type names, error codes, field checks, metadata merging;
+4. data-channel messages: `NAME` or `NAME::{json}` text frames;
+5. the HTTP API beside the signaling server;
+6. `SignalingClient`: one websocket-client connection, one reader thread, reconnects;
+7. the asyncio loop thread that owns every aiortc object of this process;
+8. `Link`: a WebRTC data channel driven from plain threads, with heartbeats,
+   backpressure, acknowledged close and checked file transfers.
+
+Only the standard library, websocket-client and (lazily) aiortc are imported, so the
+client never needs torch or sleap-nn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import queue
+import random
+import re
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("sleap_rtc")
+
+# ---------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------
+
+VERSION = "0.2.0"
+
+DEFAULT_WS_PORT = 8080
+DEFAULT_HTTP_PORT = 8001
+DEFAULT_SERVER_URL = f"ws://127.0.0.1:{DEFAULT_WS_PORT}"
+
+ENV_SERVER = "SLEAP_RTC_SERVER"
+ENV_ROOM = "SLEAP_RTC_ROOM"
+ENV_TOKEN = "SLEAP_RTC_TOKEN"
+ENV_HTTP = "SLEAP_RTC_HTTP"
+# Comma-separated addresses: the only host candidates this process offers. Tests set it
+# to 127.0.0.1 so that no test traffic leaves loopback.
+ENV_ICE_HOSTS = "SLEAP_RTC_ICE_HOSTS"
+
+# Largest signaling frame the server accepts (a bigger one gets MESSAGE_TOO_LARGE).
+MAX_FRAME_BYTES = 1024 * 1024
+
+# aiortc's largest data-channel message; one byte more raises ValueError.
+CHUNK_BYTES = 256 * 1024
+# A sender blocks while more than SEND_HIGH_WATER bytes wait in the SCTP queue and resumes
+# when they fall to SEND_LOW_WATER (aiortc's bufferedamountlow event).
+SEND_HIGH_WATER = 4 * 1024 * 1024
+SEND_LOW_WATER = 1024 * 1024
+
+HEARTBEAT_INTERVAL_S = 1.0
+# A peer silent for this long is gone; ICE consent alone would take ~30 s.
+PEER_TIMEOUT_S = 5.0
+LINK_OPEN_TIMEOUT_S = 20.0
+CLOSE_ACK_TIMEOUT_S = 2.0
+
+# The server pings every connection this often; a client that hears nothing for
+# SERVER_SILENCE_S assumes the connection is dead and reconnects.
+SERVER_PING_INTERVAL_S = 30.0
+SERVER_SILENCE_S = 45.0
+
+RECONNECT_FIRST_DELAY_S = 0.5
+RECONNECT_MAX_DELAY_S = 8.0
+REQUEST_TIMEOUT_S = 10.0
+# Unclaimed signaling events kept per connection before the oldest are dropped.
+MAILBOX_LIMIT = 1000
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+
+
+class SleapRTCError(Exception):
+    """Base of every error this project raises on purpose; its text is for the user."""
+
+
+class ProtocolError(SleapRTCError):
+    """A frame or message that does not follow the wire format."""
+
+
+class SignalingError(SleapRTCError):
+    """The signaling server answered with an error frame, or could not be reached."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class LinkClosed(SleapRTCError):
+    """The WebRTC link is closed; the text says why (closed, vanished peer, ...)."""
+
+
+class TransferError(SleapRTCError):
+    """A file transfer failed; no file was left under its final name."""
+
+
+# ---------------------------------------------------------------------------------------
+# Signaling frames (v2 API)
+# ---------------------------------------------------------------------------------------
+
+REGISTER = "register"
+REGISTERED_AUTH = "registered_auth"
+DISCOVER_PEERS = "discover_peers"
+PEER_LIST = "peer_list"
+UPDATE_METADATA = "update_metadata"
+METADATA_UPDATED = "metadata_updated"
+PEER_MESSAGE = "peer_message"
+OFFER = "offer"
+ANSWER = "answer"
+CANDIDATE = "candidate"
+PEER_JOINED = "peer_joined"
+PEER_LEFT = "peer_left"
+PING = "ping"
+PONG = "pong"
+ERROR = "error"
+
+# Error codes of error frames.
+INVALID_JSON = "INVALID_JSON"
+INVALID_MESSAGE = "INVALID_MESSAGE"
+UNKNOWN_MESSAGE_TYPE = "UNKNOWN_MESSAGE_TYPE"
+NOT_IN_ROOM = "NOT_IN_ROOM"
+ROOM_NOT_FOUND = "ROOM_NOT_FOUND"
+PEER_NOT_FOUND = "PEER_NOT_FOUND"
+PEER_NOT_IN_ROOM = "PEER_NOT_IN_ROOM"
+DELIVERY_FAILED = "DELIVERY_FAILED"
+INVALID_TOKEN = "INVALID_TOKEN"
+PEER_ID_TAKEN = "PEER_ID_TAKEN"
+SPOOFED_SENDER = "SPOOFED_SENDER"
+MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+RATE_LIMITED = "RATE_LIMITED"
+ROOM_FULL = "ROOM_FULL"
+ALREADY_REGISTERED = "ALREADY_REGISTERED"
+# Client-side only: the connection is down and being re-established.
+DISCONNECTED = "DISCONNECTED"
+
+# Required fields of each client->server frame and their types. Optional fields are
+# checked where they are used.
+FRAME_FIELDS: dict[str, dict[str, type]] = {
+    REGISTER: {"peer_id": str, "room_id": str, "token": str},
+    DISCOVER_PEERS: {"from_peer_id": str},
+    UPDATE_METADATA: {"peer_id": str, "metadata": dict},
+    PEER_MESSAGE: {"from_peer_id": str, "to_peer_id": str, "payload": object},
+    OFFER: {"sender": str, "target": str, "sdp": str},
+    ANSWER: {"sender": str, "target": str, "sdp": str},
+    CANDIDATE: {"sender": str, "target": str, "candidate": object},
+    PING: {},
+    PONG: {},
+}
+
+# The frame field naming the speaker, and the one naming the addressee.
+SENDER_FIELD = {
+    DISCOVER_PEERS: "from_peer_id",
+    UPDATE_METADATA: "peer_id",
+    PEER_MESSAGE: "from_peer_id",
+    OFFER: "sender",
+    ANSWER: "sender",
+    CANDIDATE: "sender",
+}
+TARGET_FIELD = {PEER_MESSAGE: "to_peer_id", OFFER: "target", ANSWER: "target", CANDIDATE: "target"}
+
+_PEER_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+
+
+def check_frame(frame: dict) -> Optional[str]:
+    """Return what is wrong with a client->server frame of a known type, or None."""
+    for field, kind in FRAME_FIELDS[frame["type"]].items():
+        if field not in frame:
+            return f"'{frame['type']}' needs the field '{field}'"
+        if kind is not object and not isinstance(frame[field], kind):
+            return f"field '{field}' must be a {kind.__name__}"
+    if frame["type"] == REGISTER:
+        if not _PEER_ID_RE.match(frame["peer_id"]):
+            return "peer_id must be 1-128 characters of letters, digits and . _ : @ -"
+        if not isinstance(frame.get("role", "peer"), str):
+            return "field 'role' must be a str"
+        if "id_token" in frame and not isinstance(frame["id_token"], str):
+            return "field 'id_token' must be a str"
+    if "metadata" in frame:
+        return check_metadata(frame["metadata"])
+    return None
+
+
+def check_metadata(metadata: Any) -> Optional[str]:
+    """Return what is wrong with a metadata object ({tags: [str], properties: {}}), or None."""
+    if not isinstance(metadata, dict):
+        return "metadata must be an object"
+    tags = metadata.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return "metadata.tags must be a list of strings"
+    if not isinstance(metadata.get("properties", {}), dict):
+        return "metadata.properties must be an object"
+    return None
+
+
+def merge_metadata(current: dict, update: dict) -> dict:
+    """Merge `update` into `current` the way the server does: properties merged, tags unioned."""
+    merged = dict(current)
+    merged_tags = list(current.get("tags", []))
+    merged_tags += [t for t in update.get("tags", []) if t not in merged_tags]
+    merged["tags"] = merged_tags
+    merged["properties"] = {**current.get("properties", {}), **update.get("properties", {})}
+    for key, value in update.items():
+        if key not in ("tags", "properties"):
+            merged[key] = value
+    return merged
+
+
+def error_frame(code: str, message: str, in_reply_to: Optional[str] = None) -> dict:
+    frame = {"type": ERROR, "code": code, "message": message}
+    if in_reply_to:
+        frame["in_reply_to"] = in_reply_to
+    return frame
+
+
+# ---------------------------------------------------------------------------------------
+# Data-channel messages
+# ---------------------------------------------------------------------------------------
+# Text frames are `NAME` or `NAME::{json object}`; file bytes travel as binary frames
+# between FILE_BEGIN and FILE_END and never share framing with text.
+
+# Link housekeeping, handled inside Link and never seen by applications.
+HEARTBEAT = "HB"
+BYE = "BYE"
+BYE_ACK = "BYE_ACK"
+FILE_BEGIN = "FILE_BEGIN"  # {transfer_id, name, size, sha256}
+FILE_END = "FILE_END"  # {transfer_id}
+FILE_ACK = "FILE_ACK"  # {transfer_id, ok, error?, saved_as?}
+FILE_ABORT = "FILE_ABORT"  # {transfer_id, reason}
+
+# Application messages.
+LINK_PING = "PING"  # {seq, sent}
+LINK_PONG = "PONG"  # {seq, sent}
+FILE_REQUEST = "FILE_REQUEST"  # {path}: ask the worker to send a file
+LINK_ERROR = "ERROR"  # {message, ...}
+
+_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One decoded text frame of the data channel."""
+
+    name: str
+    payload: dict
+
+
+def encode(name: str, payload: Optional[dict] = None) -> str:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"bad message name {name!r}")
+    if payload is None:
+        return name
+    return name + "::" + json.dumps(payload, separators=(",", ":"))
+
+
+def decode(text: str) -> Message:
+    """Parse `NAME` or `NAME::{json}`; raise ProtocolError saying what is wrong."""
+    name, sep, body = text.partition("::")
+    if not _NAME_RE.match(name):
+        raise ProtocolError(f"message name {name[:40]!r} is not an upper-case identifier")
+    if not sep:
+        return Message(name, {})
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise ProtocolError(f"{name}: payload is not JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"{name}: payload must be a JSON object")
+    return Message(name, payload)
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 hex digest of a file."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# The HTTP API beside the signaling server
+# ---------------------------------------------------------------------------------------
+
+
+def http_base_url(server_url: str, http: Optional[str] = None) -> str:
+    """The HTTP API address for a signaling URL: same host, port from `http` or SLEAP_RTC_HTTP.
+
+    `http` may be a port number or a full http(s) URL.
+    """
+    http = http or os.environ.get(ENV_HTTP)
+    if http and not http.isdigit():
+        return http.rstrip("/")
+    parts = urllib.parse.urlsplit(server_url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    port = int(http) if http else DEFAULT_HTTP_PORT
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def http_call(
+    method: str, url: str, body: Optional[dict] = None, bearer: Optional[str] = None,
+    timeout: float = REQUEST_TIMEOUT_S,
+) -> tuple[int, dict]:
+    """One JSON request; returns (status, decoded body). Raises SignalingError when unreachable."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if bearer:
+        request.add_header("Authorization", f"Bearer {bearer}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {"error": exc.reason}
+    except (urllib.error.URLError, OSError) as exc:
+        raise SignalingError(DISCONNECTED, f"cannot reach the signaling HTTP API at {url}: {exc}")
+
+
+def create_room(http_base: str, id_token: Optional[str] = None) -> dict:
+    """Create a room (signing in anonymously when no id_token is given); returns
+    {room_id, token, id_token}."""
+    if not id_token:
+        status, body = http_call("POST", http_base + "/anonymous-signin", {})
+        if status != 200:
+            raise SignalingError(INVALID_TOKEN, f"anonymous sign-in failed: {body.get('error', status)}")
+        id_token = body["id_token"]
+    status, body = http_call("POST", http_base + "/create-room", {}, bearer=id_token)
+    if status != 200:
+        raise SignalingError(INVALID_TOKEN, f"could not create a room: {body.get('error', status)}")
+    return {"room_id": body["room_id"], "token": body["token"], "id_token": id_token}
+
+
+# ---------------------------------------------------------------------------------------
+# Signaling connection
+# ---------------------------------------------------------------------------------------
+
+
+class SignalingClient:
+    """A registered connection to the signaling server, shared by worker and client.
+
+    One reader thread ("signaling-reader") owns the socket: it answers server pings,
+    routes every frame into a mailbox that callers take from selectively (`next`), and on
+    a lost connection reconnects with capped exponential backoff and registers again with
+    the same peer_id and the latest metadata. `send` is safe from any thread.
+    """
+
+    def __init__(
+        self, url: str, room_id: str, token: str, peer_id: str, role: str = "peer",
+        metadata: Optional[dict] = None, id_token: Optional[str] = None, reconnect: bool = True,
+    ):
+        self.url = url
+        self.room_id = room_id
+        self.token = token
+        self.peer_id = peer_id
+        self.role = role
+        self.metadata = metadata or {}
+        self.id_token = id_token
+        self.reconnect = reconnect
+        self.ice_servers: list[dict] = []
+        self.peer_list: list[dict] = []
+        self._ws = None
+        self._closing = threading.Event()
+        self._connected = threading.Event()
+        # Guards _ws replacement and every write to it (websocket-client sends are not
+        # thread-safe).
+        self._send_lock = threading.Lock()
+        # Guards _mailbox; notified when a frame arrives or the connection is closed.
+        self._mail = threading.Condition()
+        self._mailbox: list[dict] = []
+        # One request in flight at a time, so that a reply or error maps to its request.
+        self._request_lock = threading.Lock()
+        self._reader: Optional[threading.Thread] = None
+        self.reconnects = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def connect(self, timeout: float = REQUEST_TIMEOUT_S) -> dict:
+        """Open the socket, register, start the reader; return the registered_auth frame."""
+        reply = self._open_and_register(timeout)
+        self._reader = threading.Thread(target=self._read_forever, name="signaling-reader", daemon=True)
+        self._reader.start()
+        return reply
+
+    def close(self) -> None:
+        """Deregister (by closing the socket) and stop the reader thread."""
+        self._closing.set()
+        with self._send_lock:
+            ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                ws.close(timeout=1)
+            except Exception:
+                pass
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout=5)
+        with self._mail:
+            self._mail.notify_all()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _open_and_register(self, timeout: float) -> dict:
+        import websocket  # websocket-client
+
+        try:
+            ws = websocket.create_connection(self.url, timeout=timeout, enable_multithread=True)
+        except Exception as exc:
+            raise SignalingError(DISCONNECTED, f"cannot connect to the signaling server {self.url}: {exc}") from None
+        frame = {
+            "type": REGISTER, "peer_id": self.peer_id, "room_id": self.room_id, "token": self.token,
+            "role": self.role, "metadata": self.metadata,
+        }
+        if self.id_token:
+            frame["id_token"] = self.id_token
+        try:
+            ws.send(json.dumps(frame))
+            deadline = time.monotonic() + timeout
+            while True:
+                ws.settimeout(max(0.1, deadline - time.monotonic()))
+                reply = json.loads(ws.recv())
+                if reply.get("type") == REGISTERED_AUTH:
+                    break
+                if reply.get("type") == ERROR:
+                    raise SignalingError(reply.get("code", "ERROR"), reply.get("message", ""))
+                self._deliver(reply)  # a frame from another peer that beat our reply
+        except SignalingError:
+            ws.close()
+            raise
+        except Exception as exc:
+            ws.close()
+            raise SignalingError(DISCONNECTED, f"registration with {self.url} failed: {exc}") from None
+        ws.settimeout(SERVER_SILENCE_S)
+        self.ice_servers = reply.get("ice_servers") or []
+        self.peer_list = reply.get("peer_list") or []
+        with self._send_lock:
+            self._ws = ws
+        self._connected.set()
+        return reply
+
+    def _read_forever(self) -> None:
+        while not self._closing.is_set():
+            ws = self._ws
+            try:
+                if ws is None:
+                    raise ConnectionError("not connected")
+                text = ws.recv()
+                if not text:
+                    raise ConnectionError("connection closed by the server")
+                frame = json.loads(text)
+            except Exception as exc:
+                if self._closing.is_set():
+                    break
+                self._connected.clear()
+                if not self.reconnect:
+                    self._deliver({"type": "_disconnected", "reason": str(exc)})
+                    break
+                log.warning("signaling: connection lost (%s); reconnecting", exc or type(exc).__name__)
+                self._reconnect_with_backoff()
+                continue
+            if not isinstance(frame, dict):
+                continue
+            if frame.get("type") == PING:
+                self._send_quietly({"type": PONG})
+                continue
+            self._deliver(frame)
+        with self._mail:
+            self._mail.notify_all()
+
+    def _reconnect_with_backoff(self) -> None:
+        delay = RECONNECT_FIRST_DELAY_S
+        while not self._closing.is_set():
+            try:
+                self._open_and_register(REQUEST_TIMEOUT_S)
+            except SignalingError as exc:
+                log.warning("signaling: reconnect failed (%s); next try in %.1f s", exc, delay)
+                self._closing.wait(delay * (0.8 + 0.4 * random.random()))
+                delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+                continue
+            self.reconnects += 1
+            log.warning("signaling: reconnected and registered again as %s", self.peer_id)
+            self._deliver({"type": "_reconnected"})
+            return
+
+    def _deliver(self, frame: dict) -> None:
+        with self._mail:
+            self._mailbox.append(frame)
+            if len(self._mailbox) > MAILBOX_LIMIT:
+                dropped = self._mailbox.pop(0)
+                log.warning("signaling: mailbox full, dropped an unclaimed %s frame", dropped.get("type"))
+            self._mail.notify_all()
+
+    # -- sending and receiving ----------------------------------------------------------
+
+    def send(self, frame: dict) -> None:
+        """Send one frame; raise SignalingError(DISCONNECTED) while the connection is down."""
+        text = json.dumps(frame)
+        with self._send_lock:
+            if self._ws is None or not self._connected.is_set():
+                raise SignalingError(DISCONNECTED, "not connected to the signaling server (reconnecting)")
+            try:
+                self._ws.send(text)
+            except Exception as exc:
+                raise SignalingError(DISCONNECTED, f"sending to the signaling server failed: {exc}") from None
+
+    def _send_quietly(self, frame: dict) -> None:
+        try:
+            self.send(frame)
+        except SignalingError:
+            pass
+
+    def next(self, match: Optional[Callable[[dict], bool]] = None, timeout: Optional[float] = None) -> Optional[dict]:
+        """Take the oldest frame that `match` accepts (any frame when None); None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._mail:
+            while True:
+                for i, frame in enumerate(self._mailbox):
+                    if match is None or match(frame):
+                        return self._mailbox.pop(i)
+                if self._closing.is_set():
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._mail.wait(remaining)
+
+    def request(self, frame: dict, reply_type: str, timeout: float = REQUEST_TIMEOUT_S) -> dict:
+        """Send a frame and wait for its reply; an error frame for it raises SignalingError."""
+        sent_type = frame["type"]
+
+        def is_reply(f: dict) -> bool:
+            return f.get("type") == reply_type or (f.get("type") == ERROR and f.get("in_reply_to") == sent_type)
+
+        with self._request_lock:
+            self.send(frame)
+            reply = self.next(is_reply, timeout)
+        if reply is None:
+            raise SignalingError("TIMEOUT", f"no {reply_type} from the signaling server within {timeout:.0f} s")
+        if reply["type"] == ERROR:
+            raise SignalingError(reply.get("code", "ERROR"), reply.get("message", ""))
+        return reply
+
+    # -- the v2 API ---------------------------------------------------------------------
+
+    def discover(self, role: Optional[str] = None, tags: Optional[list] = None,
+                 properties: Optional[dict] = None, timeout: float = REQUEST_TIMEOUT_S) -> list[dict]:
+        filters: dict[str, Any] = {}
+        if role:
+            filters["role"] = role
+        if tags:
+            filters["tags"] = tags
+        if properties:
+            filters["properties"] = properties
+        reply = self.request({"type": DISCOVER_PEERS, "from_peer_id": self.peer_id, "filters": filters},
+                             PEER_LIST, timeout)
+        return reply.get("peers", [])
+
+    def update_metadata(self, update: dict) -> dict:
+        """Merge `update` into this peer's metadata on the server; kept for re-registration."""
+        self.metadata = merge_metadata(self.metadata, update)
+        reply = self.request({"type": UPDATE_METADATA, "peer_id": self.peer_id, "metadata": update},
+                             METADATA_UPDATED)
+        return reply["metadata"]
+
+    def send_to_peer(self, to_peer_id: str, payload: Any) -> None:
+        self.send({"type": PEER_MESSAGE, "from_peer_id": self.peer_id, "to_peer_id": to_peer_id, "payload": payload})
+
+
+# ---------------------------------------------------------------------------------------
+# The asyncio loop that owns every aiortc object of this process
+# ---------------------------------------------------------------------------------------
+
+_loop: Optional[asyncio.AbstractEventLoop] = None
+# Guards creation of the process's single loop and its thread.
+_loop_lock = threading.Lock()
+
+
+def aio_loop() -> asyncio.AbstractEventLoop:
+    """The process's one asyncio loop, running in the daemon thread "aiortc-loop"."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _restrict_host_candidates()
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="aiortc-loop", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+def on_loop(coro, timeout: float) -> Any:
+    """Run a coroutine on the aiortc loop and wait for its result from a plain thread."""
+    future = asyncio.run_coroutine_threadsafe(coro, aio_loop())
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        future.cancel()
+        raise
+
+
+def _restrict_host_candidates() -> None:
+    """Offer only the addresses in SLEAP_RTC_ICE_HOSTS as host candidates, when it is set.
+
+    aioice gathers host addresses through one module-level function and never offers
+    127.0.0.1 itself; replacing that function is the one place to choose them.
+    """
+    hosts = [h.strip() for h in os.environ.get(ENV_ICE_HOSTS, "").split(",") if h.strip()]
+    if not hosts:
+        return
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(hosts)
+
+
+def _rtc_configuration(ice_servers: list[dict]):
+    from aiortc import RTCConfiguration, RTCIceServer
+
+    # An RTCConfiguration without iceServers means Google's STUN server: always pass a list.
+    servers = [
+        RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+        for s in ice_servers
+    ]
+    return RTCConfiguration(iceServers=servers)
+
+
+# ---------------------------------------------------------------------------------------
+# The WebRTC link
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileReceived:
+    """Inbox event: a file arrived, was checked and now lies at `path`."""
+
+    path: Path
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TransferFailed:
+    """Inbox event: an incoming file did not arrive; nothing was kept."""
+
+    name: str
+    error: str
+
+
+class _Incoming:
+    """The file being received: bytes go to NAME.part, renamed when size and hash match."""
+
+    def __init__(self, transfer_id: str, name: str, size: int, sha256: str, directory: Path):
+        self.transfer_id = transfer_id
+        self.name = name
+        self.size = size
+        self.sha256 = sha256
+        self.directory = directory
+        self.part = directory / f".{name}.{transfer_id}.part"
+        self.received = 0
+        self.digest = hashlib.sha256()
+        self.file = None
+        self.refused: Optional[str] = None
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        if self.size > free:
+            raise TransferError(f"not enough space in {self.directory}: need {self.size} bytes, {free} free")
+        self.file = open(self.part, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.size:
+            raise TransferError(f"{self.name}: more bytes than the {self.size} announced")
+        self.digest.update(chunk)
+        self.file.write(chunk)
+
+    def finish(self) -> Path:
+        self.file.close()
+        if self.received != self.size:
+            raise TransferError(f"{self.name}: received {self.received} of {self.size} bytes")
+        if self.digest.hexdigest() != self.sha256:
+            raise TransferError(f"{self.name}: SHA-256 mismatch (file corrupted in transit)")
+        final = _free_name(self.directory / self.name)
+        os.replace(self.part, final)
+        return final
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.part.unlink(missing_ok=True)
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `stem.1.ext`, `stem.2.ext`, ... when it exists: never overwrite a user's file."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+    return candidate
+
+
+def safe_file_name(name: str) -> str:
+    """The name a received file may take: a plain file name, nothing that climbs directories."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if base in ("", ".", "..") or base.startswith(".") or "\x00" in base:
+        raise TransferError(f"refusing file name {name!r}")
+    return base
+
+
+_CLOSED = object()
+
+
+class Link:
+    """A WebRTC data channel to one peer, used from plain threads.
+
+    Objects of aiortc live on the loop thread. The loop's message handler answers
+    heartbeats and close requests and hands everything else to this link's receive thread
+    ("link-rx-PEER", stopped by close), which writes incoming files and puts application
+    messages, FileReceived and TransferFailed events into `inbox`. `send` blocks while the
+    SCTP queue is above SEND_HIGH_WATER. A peer silent for PEER_TIMEOUT_S closes the link.
+    """
+
+    def __init__(self, peer_id: str, pc, receive_dir: Path):
+        self.peer_id = peer_id
+        self.receive_dir = Path(receive_dir)
+        # Called as (name, bytes_received, total) while a file arrives.
+        self.on_receive_progress: Optional[Callable[[str, int, int], None]] = None
+        self.inbox: "queue.Queue[Any]" = queue.Queue()
+        self.close_reason = ""
+        self._pc = pc
+        self._loop = aio_loop()
+        self._channel = None
+        self._opened = threading.Event()
+        self._closed = threading.Event()
+        self._bye_acked = threading.Event()
+        self._raw: "queue.Queue[Any]" = queue.Queue()
+        self._low = asyncio.Event()  # loop-side: SCTP queue drained to SEND_LOW_WATER
+        self._last_rx = time.monotonic()  # loop-side only
+        # Guards _acks (outgoing transfers waiting for the receiver's FILE_ACK) and the
+        # one-way change to closed, so that no waiter is registered after the wake-up.
+        self._acks_lock = threading.Lock()
+        self._acks: dict[str, tuple[threading.Event, dict]] = {}
+        # One outgoing transfer at a time: binary frames belong to the current transfer.
+        self._file_send_lock = threading.Lock()
+        self._rx_thread = threading.Thread(target=self._rx_loop, name=f"link-rx-{peer_id}", daemon=True)
+        self._rx_thread.start()
+
+    # -- loop side ----------------------------------------------------------------------
+
+    def _attach(self, channel) -> None:
+        """Wire a data channel's events (runs on the loop)."""
+        self._channel = channel
+        channel.bufferedAmountLowThreshold = SEND_LOW_WATER
+
+        @channel.on("open")
+        def _on_open():
+            self._on_open()
+
+        @channel.on("message")
+        def _on_message(data):
+            self._last_rx = time.monotonic()
+            if isinstance(data, str):
+                if data == HEARTBEAT:
+                    return
+                if data == BYE:
+                    self._send_now(BYE_ACK)
+                    self._mark_closed("the peer closed the link")
+                    self._loop.call_later(CLOSE_ACK_TIMEOUT_S, lambda: asyncio.ensure_future(self._pc.close()))
+                    return
+                if data == BYE_ACK:
+                    self._bye_acked.set()
+                    return
+            self._raw.put(data)
+
+        @channel.on("close")
+        def _on_close():
+            self._mark_closed("the data channel closed")
+
+        @channel.on("bufferedamountlow")
+        def _on_low():
+            self._low.set()
+
+        if channel.readyState == "open":
+            self._on_open()
+
+    def _on_open(self) -> None:
+        if self._opened.is_set():
+            return
+        self._last_rx = time.monotonic()
+        self._opened.set()
+        asyncio.ensure_future(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        while not self._closed.is_set():
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            silent = time.monotonic() - self._last_rx
+            if silent > PEER_TIMEOUT_S:
+                self._mark_closed(f"peer {self.peer_id} stopped answering (silent for {silent:.0f} s)")
+                await self._pc.close()
+                return
+            self._send_now(HEARTBEAT)
+
+    def _send_now(self, data) -> None:
+        try:
+            if self._channel is not None and self._channel.readyState == "open":
+                self._channel.send(data)
+        except Exception:
+            pass
+
+    async def _send_async(self, data) -> None:
+        while self._channel.bufferedAmount > SEND_HIGH_WATER:
+            if self._closed.is_set():
+                break
+            self._low.clear()
+            await self._low.wait()
+        if self._closed.is_set() or self._channel.readyState != "open":
+            raise LinkClosed(self.close_reason or "the link is closed")
+        self._channel.send(data)
+
+    def _mark_closed(self, reason: str) -> None:
+        """Record why the link ended (first reason wins) and wake everything waiting on it."""
+        with self._acks_lock:
+            if self._closed.is_set():
+                return
+            self.close_reason = reason
+            self._closed.set()
+            waiters = list(self._acks.values())
+        self._raw.put(_CLOSED)
+        self._loop.call_soon_threadsafe(self._low.set)
+        for event, result in waiters:
+            result.setdefault("ok", False)
+            result.setdefault("error", reason)
+            event.set()
+
+    # -- thread side --------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def wait_open(self, timeout: float) -> None:
+        if not self._opened.wait(timeout):
+            self.close()
+            raise LinkClosed(
+                f"no WebRTC connection to {self.peer_id} within {timeout:.0f} s: no ICE route between the two "
+                f"machines (check {ENV_ICE_HOSTS} and the ICE servers handed out by the signaling server)"
+            )
+
+    def _send(self, data, timeout: float = 120.0) -> None:
+        if self._closed.is_set():
+            raise LinkClosed(self.close_reason)
+        future = asyncio.run_coroutine_threadsafe(self._send_async(data), self._loop)
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise LinkClosed(f"sending to {self.peer_id} stalled for {timeout:.0f} s") from None
+
+    def send(self, name: str, payload: Optional[dict] = None) -> None:
+        """Send one text message; blocks while the link is congested; raises LinkClosed."""
+        self._send(encode(name, payload))
+
+    def recv(self, timeout: Optional[float] = None) -> Any:
+        """Next Message / FileReceived / TransferFailed; None on timeout; LinkClosed at the end."""
+        try:
+            item = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is _CLOSED:
+            self.inbox.put(_CLOSED)  # every later recv raises too
+            raise LinkClosed(self.close_reason)
+        return item
+
+    def send_file(self, path: Path, name: Optional[str] = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> dict:
+        """Send a file and wait until the receiver checked size and SHA-256.
+
+        Returns the receiver's FILE_ACK payload (with `saved_as`); raises TransferError or
+        LinkClosed.
+        """
+        path = Path(path)
+        size, sha256 = file_digest(path)
+        name = name or path.name
+        transfer_id = uuid.uuid4().hex[:12]
+        event, result = threading.Event(), {}
+        with self._file_send_lock:
+            with self._acks_lock:
+                self._acks[transfer_id] = (event, result)
+            try:
+                self.send(FILE_BEGIN, {"transfer_id": transfer_id, "name": name, "size": size, "sha256": sha256})
+                sent = 0
+                with open(path, "rb") as f:
+                    while chunk := f.read(CHUNK_BYTES):
+                        if event.is_set():  # refused or failed early
+                            break
+                        self._send(chunk)
+                        sent += len(chunk)
+                        if progress:
+                            progress(sent, size)
+                if event.is_set() and not result.get("ok"):
+                    if not self._closed.is_set():
+                        self.send(FILE_ABORT, {"transfer_id": transfer_id, "reason": "refused by the receiver"})
+                else:
+                    self.send(FILE_END, {"transfer_id": transfer_id})
+                while not event.wait(0.5):
+                    if self._closed.is_set():
+                        break
+            except LinkClosed as exc:
+                raise TransferError(f"sending {name} failed: {exc}") from None
+            finally:
+                with self._acks_lock:
+                    self._acks.pop(transfer_id, None)
+        if not result.get("ok"):
+            raise TransferError(f"sending {name} failed: {result.get('error') or self.close_reason}")
+        return result
+
+    def close(self, timeout: float = CLOSE_ACK_TIMEOUT_S) -> None:
+        """Close after the peer acknowledged everything sent so far (or after `timeout`)."""
+        if not self._closed.is_set() and self._opened.is_set():
+            try:
+                self._send(BYE, timeout=timeout)
+                self._bye_acked.wait(timeout)
+            except LinkClosed:
+                pass
+        self._mark_closed("closed by this side")
+        try:
+            on_loop(self._pc.close(), timeout=5)
+        except Exception:
+            pass
+        if self._rx_thread is not threading.current_thread():
+            self._rx_thread.join(timeout=5)
+
+    def _rx_loop(self) -> None:
+        incoming: Optional[_Incoming] = None
+        while True:
+            item = self._raw.get()
+            if item is _CLOSED:
+                if incoming is not None:
+                    incoming.discard()
+                    self.inbox.put(TransferFailed(incoming.name, f"{incoming.name}: link lost after "
+                                                  f"{incoming.received} of {incoming.size} bytes ({self.close_reason})"))
+                self.inbox.put(_CLOSED)
+                return
+            if isinstance(item, bytes):
+                if incoming is None:
+                    log.warning("link %s: binary frame outside a transfer, dropped", self.peer_id)
+                    continue
+                if incoming.refused:
+                    continue
+                try:
+                    incoming.write(item)
+                except (TransferError, OSError) as exc:
+                    incoming.refused = str(exc)
+                    incoming.discard()
+                    self._ack(incoming.transfer_id, ok=False, error=str(exc))
+                    continue
+                if self.on_receive_progress:
+                    self.on_receive_progress(incoming.name, incoming.received, incoming.size)
+                continue
+            try:
+                message = decode(item)
+            except ProtocolError as exc:
+                self._reply_error(f"malformed message: {exc}")
+                continue
+            if message.name == FILE_BEGIN:
+                incoming = self._begin_incoming(message.payload, incoming)
+            elif message.name in (FILE_END, FILE_ABORT):
+                if incoming is None or message.payload.get("transfer_id") != incoming.transfer_id:
+                    self._reply_error(f"{message.name} for an unknown transfer")
+                    continue
+                self._end_incoming(incoming, aborted=message.name == FILE_ABORT,
+                                   reason=str(message.payload.get("reason", "")))
+                incoming = None
+            elif message.name == FILE_ACK:
+                with self._acks_lock:
+                    waiter = self._acks.get(str(message.payload.get("transfer_id")))
+                if waiter:
+                    waiter[1].update(message.payload)
+                    waiter[0].set()
+            else:
+                self.inbox.put(message)
+
+    def _begin_incoming(self, payload: dict, previous: Optional[_Incoming]) -> Optional[_Incoming]:
+        if previous is not None:
+            previous.discard()
+            self.inbox.put(TransferFailed(previous.name, f"{previous.name}: superseded by a new transfer"))
+        transfer_id = str(payload.get("transfer_id", ""))
+        try:
+            size, sha256 = payload["size"], payload["sha256"]
+            if not isinstance(size, int) or size < 0 or not re.fullmatch(r"[0-9a-f]{64}", str(sha256)):
+                raise TransferError("FILE_BEGIN needs a size (bytes) and a SHA-256 hex digest")
+            incoming = _Incoming(transfer_id, safe_file_name(str(payload.get("name", ""))), size, sha256,
+                                 self.receive_dir)
+            incoming.open()
+        except (KeyError, TransferError, OSError) as exc:
+            error = f"refused: {exc}"
+            self._ack(transfer_id, ok=False, error=error)
+            self.inbox.put(TransferFailed(str(payload.get("name", "?")), error))
+            refused = _Incoming(transfer_id, "refused", 0, "", self.receive_dir)
+            refused.refused = error
+            return refused
+        return incoming
+
+    def _end_incoming(self, incoming: _Incoming, aborted: bool, reason: str) -> None:
+        if incoming.refused:
+            return
+        if aborted:
+            incoming.discard()
+            self.inbox.put(TransferFailed(incoming.name, f"{incoming.name}: the sender aborted ({reason})"))
+            return
+        try:
+            final = incoming.finish()
+        except (TransferError, OSError) as exc:
+            incoming.discard()
+            self._ack(incoming.transfer_id, ok=False, error=str(exc))
+            self.inbox.put(TransferFailed(incoming.name, str(exc)))
+            return
+        self._ack(incoming.transfer_id, ok=True, saved_as=final.name)
+        self.inbox.put(FileReceived(final, incoming.name, incoming.size, incoming.sha256))
+
+    def _ack(self, transfer_id: str, **fields) -> None:
+        try:
+            self.send(FILE_ACK, {"transfer_id": transfer_id, **fields})
+        except LinkClosed:
+            pass
+
+    def _reply_error(self, text: str) -> None:
+        log.warning("link %s: %s", self.peer_id, text)
+        try:
+            self.send(LINK_ERROR, {"message": text})
+        except LinkClosed:
+            pass
+
+
+def _new_link(peer_id: str, ice_servers: list[dict], receive_dir: Path) -> Link:
+    from aiortc import RTCPeerConnection
+
+    async def make():
+        return RTCPeerConnection(_rtc_configuration(ice_servers))
+
+    pc = on_loop(make(), timeout=10)
+    link = Link(peer_id, pc, receive_dir)
+
+    @pc.on("connectionstatechange")
+    def _on_state():
+        if pc.connectionState in ("failed", "closed"):
+            link._mark_closed(f"WebRTC connection {pc.connectionState}")
+
+    return link
+
+
+def open_link(signaling: SignalingClient, target: str, receive_dir: Path,
+              timeout: float = LINK_OPEN_TIMEOUT_S) -> Link:
+    """Offer a link to `target` through the signaling server and wait until it is open."""
+    from aiortc import RTCSessionDescription
+
+    link = _new_link(target, signaling.ice_servers, receive_dir)
+
+    async def offer() -> str:
+        link._attach(link._pc.createDataChannel("sleap-rtc"))
+        await link._pc.setLocalDescription(await link._pc.createOffer())
+        return link._pc.localDescription.sdp
+
+    sdp = on_loop(offer(), timeout=timeout)
+    signaling.send({"type": OFFER, "sender": signaling.peer_id, "target": target, "sdp": sdp})
+
+    def is_answer(f: dict) -> bool:
+        return (f.get("type") == ANSWER and f.get("sender") == target) or (
+            f.get("type") == ERROR and f.get("in_reply_to") == OFFER)
+
+    reply = signaling.next(is_answer, timeout)
+    if reply is None or reply["type"] == ERROR:
+        link.close()
+        why = f"{reply['code']}: {reply['message']}" if reply else f"no answer within {timeout:.0f} s"
+        raise LinkClosed(f"could not open a link to {target}: {why}")
+    on_loop(link._pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type="answer")), timeout)
+    link.wait_open(timeout)
+    return link
+
+
+def accept_link(signaling: SignalingClient, offer_frame: dict, receive_dir: Path,
+                timeout: float = LINK_OPEN_TIMEOUT_S) -> Link:
+    """Answer an offer frame and wait until the peer's data channel is open."""
+    from aiortc import RTCSessionDescription
+
+    peer = offer_frame["sender"]
+    link = _new_link(peer, signaling.ice_servers, receive_dir)
+
+    async def answer() -> str:
+        link._pc.on("datachannel", link._attach)
+        await link._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_frame["sdp"], type="offer"))
+        await link._pc.setLocalDescription(await link._pc.createAnswer())
+        return link._pc.localDescription.sdp
+
+    try:
+        sdp = on_loop(answer(), timeout=timeout)
+    except Exception as exc:
+        link.close()
+        raise LinkClosed(f"bad offer from {peer}: {exc}") from None
+    signaling.send({"type": ANSWER, "sender": signaling.peer_id, "target": peer, "sdp": sdp})
+    link.wait_open(timeout)
+    return link

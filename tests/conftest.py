@@ -1,0 +1,224 @@
+"""Real processes on loopback: a signaling server, workers and clients started as a user would.
+
+Every child gets SLEAP_RTC_ICE_HOSTS=127.0.0.1 (no WebRTC traffic leaves loopback, no
+STUN server is contacted) and a HOME of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["SLEAP_RTC_ICE_HOSTS"] = "127.0.0.1"
+
+import protocol as P  # noqa: E402
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Proc:
+    """A child process whose stdout+stderr go to a log file that tests can search."""
+
+    def __init__(self, args: list[str], log: Path, env: dict, cwd: Path):
+        self.log = log
+        self._file = open(log, "wb")
+        self.popen = subprocess.Popen(args, stdout=self._file, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                      stdin=subprocess.DEVNULL)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match:
+        def found():
+            match = re.search(pattern, self.output())
+            if match is None and self.popen.poll() is not None:
+                raise AssertionError(f"process exited ({self.popen.returncode}) before /{pattern}/:\n{self.output()}")
+            return match
+
+        return wait_until(found, timeout, f"/{pattern}/ in {self.log.name}")
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        self.popen.wait(timeout=15)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._file.close()
+
+
+class Env:
+    """One test's world: child environment, a signaling server and helpers to start peers."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        home = tmp / "home"
+        home.mkdir(exist_ok=True)
+        self.env = {**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1", "SLEAP_RTC_ICE_HOSTS": "127.0.0.1"}
+        for key in (P.ENV_SERVER, P.ENV_ROOM, P.ENV_TOKEN, P.ENV_HTTP):
+            self.env.pop(key, None)
+        self.procs: list[Proc] = []
+        self.server: Proc | None = None
+        self.ws_port = self.http_port = 0
+        self.room_id = self.token = ""
+
+    # -- signaling server ---------------------------------------------------------------
+
+    def start_server(self, *extra: str, ports=None) -> Proc:
+        self.ws_port, self.http_port = ports or (free_port(), free_port())
+        self.server = self.spawn("signaling", [str(ROOT / "signaling.py"), "--port", str(self.ws_port),
+                                               "--http-port", str(self.http_port), *extra])
+        self.server.wait_for(r"signaling: websocket")
+        return self.server
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def create_room(self) -> tuple[str, str]:
+        room = P.create_room(self.http_url)
+        self.room_id, self.token = room["room_id"], room["token"]
+        return self.room_id, self.token
+
+    def peer_env(self) -> dict:
+        return {**self.env, P.ENV_SERVER: self.ws_url, P.ENV_HTTP: str(self.http_port),
+                P.ENV_ROOM: self.room_id, P.ENV_TOKEN: self.token}
+
+    # -- peers --------------------------------------------------------------------------
+
+    def spawn(self, name: str, args: list[str], env: dict | None = None) -> Proc:
+        log = self.tmp / f"{name}-{len(self.procs)}.log"
+        proc = Proc([PY, *args], log, env or self.env, self.tmp)
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self, *extra: str, working_dir: Path | None = None) -> tuple[Proc, str]:
+        working_dir = working_dir or self.tmp / f"worker{len(self.procs)}"
+        proc = self.spawn("worker", [str(ROOT / "worker.py"), "--working-dir", str(working_dir), *extra],
+                          self.peer_env())
+        peer_id = proc.wait_for(r"registered as (\S+)", timeout=60).group(1)
+        return proc, peer_id
+
+    def client(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, str(ROOT / "client.py"), *args], env=self.peer_env(), cwd=self.tmp,
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def start_client(self, *args: str) -> Proc:
+        return self.spawn("client", [str(ROOT / "client.py"), *args], self.peer_env())
+
+    def signaling_client(self, peer_id: str, role: str = "client", metadata: dict | None = None,
+                         **kwargs) -> P.SignalingClient:
+        client = P.SignalingClient(self.ws_url, self.room_id, self.token, peer_id, role, metadata, **kwargs)
+        client.connect()
+        return client
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture
+def world(tmp_path):
+    env = Env(tmp_path)
+    yield env
+    env.close()
+
+
+@pytest.fixture
+def room(world):
+    """A running signaling server with one room."""
+    world.start_server()
+    world.create_room()
+    return world
+
+
+# -- raw WebSocket frames for API tests ---------------------------------------------------
+
+
+class RawPeer:
+    """A bare websocket-client connection speaking JSON frames, for testing the server's API."""
+
+    def __init__(self, url: str):
+        import websocket
+
+        self.ws = websocket.create_connection(url, timeout=5)
+
+    def send(self, frame) -> None:
+        self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    def recv(self, timeout: float = 5) -> dict:
+        self.ws.settimeout(timeout)
+        return json.loads(self.ws.recv())
+
+    def recv_type(self, kind: str, timeout: float = 5) -> dict:
+        """The next frame of type `kind`, skipping others (peer_joined and the like)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.recv(max(0.1, deadline - time.monotonic()))
+            if frame.get("type") == kind:
+                return frame
+
+    def ask(self, frame, kind: str | None = None) -> dict:
+        self.send(frame)
+        return self.recv_type(kind) if kind else self.recv()
+
+    def register(self, peer_id: str, room_id: str, token: str, role: str = "peer", metadata=None) -> dict:
+        frame = {"type": "register", "peer_id": peer_id, "room_id": room_id, "token": token, "role": role}
+        if metadata is not None:
+            frame["metadata"] = metadata
+        return self.ask(frame)
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+@pytest.fixture
+def raw(room):
+    """Factory for raw connections to the room's server; all closed at the end."""
+    peers: list[RawPeer] = []
+
+    def make() -> RawPeer:
+        peer = RawPeer(room.ws_url)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()

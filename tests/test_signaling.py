@@ -1,0 +1,325 @@
+"""The signaling server's v2 API against a real server process."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+import protocol as P
+import signaling
+from conftest import RawPeer, wait_until
+
+
+def register_pair(raw, room):
+    a, b = raw(), raw()
+    assert a.register("alice", room.room_id, room.token)["type"] == "registered_auth"
+    assert b.register("bob", room.room_id, room.token)["type"] == "registered_auth"
+    a.recv_type("peer_joined")
+    return a, b
+
+
+def second_room(room):
+    other = P.create_room(room.http_url)
+    return other["room_id"], other["token"]
+
+
+# -- HTTP API ------------------------------------------------------------------------------
+
+
+def test_health_and_metrics(room, raw):
+    status, health = P.http_call("GET", room.http_url + "/health")
+    assert status == 200 and health["status"] == "healthy" and health["version"] == P.VERSION
+    assert "timestamp" in health
+    raw().register("w1", room.room_id, room.token, role="worker")
+    status, metrics = P.http_call("GET", room.http_url + "/metrics")
+    assert status == 200
+    assert metrics["active_rooms"] == 1 and metrics["rooms_created"] == 1
+    assert metrics["peers_by_role"] == {"worker": 1}
+    assert metrics["active_connections"] >= 1 and metrics["total_connections"] >= 1
+    assert metrics["total_messages"] >= 1
+    request = urllib.request.Request(room.http_url + "/metrics", headers={"Accept": "text/plain"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert 'sleap_rtc_peers_by_role{role="worker"} 1' in text and "sleap_rtc_active_rooms 1" in text
+    assert P.http_call("GET", room.http_url + "/nope")[0] == 404
+
+
+def test_create_room_needs_a_valid_id_token(room):
+    assert P.http_call("POST", room.http_url + "/create-room", {})[0] == 401
+    status, body = P.http_call("POST", room.http_url + "/create-room", {}, bearer="forged.token")
+    assert status == 401 and "invalid" in body["error"]
+    status, signin = P.http_call("POST", room.http_url + "/anonymous-signin", {})
+    assert status == 200 and signin["username"].startswith("anon-")
+    status, created = P.http_call("POST", room.http_url + "/create-room", {}, bearer=signin["id_token"])
+    assert status == 200 and created["room_id"] and created["token"]
+
+
+def test_delete_peer_and_room(room, raw):
+    a, b = register_pair(raw, room)
+    url = room.http_url + "/delete-peers-and-room"
+    assert P.http_call("POST", url, {"peer_id": "bob", "token": "wrong"})[0] == 403
+    assert P.http_call("POST", url, {"peer_id": "nobody", "token": room.token})[0] == 404
+    assert P.http_call("POST", url, {"token": room.token})[0] == 400
+    status, body = P.http_call("POST", url, {"peer_id": "bob", "token": room.token})
+    assert status == 200 and body["deleted_peers"] == ["bob"]
+    assert a.recv_type("peer_left") == {"type": "peer_left", "peer_id": "bob"}
+    status, body = P.http_call("POST", url, {"room_id": room.room_id, "token": room.token})
+    assert status == 200 and body["room_deleted"] and body["deleted_peers"] == ["alice"]
+    again = raw()
+    reply = again.register("carol", room.room_id, room.token)
+    assert reply["code"] == P.ROOM_NOT_FOUND
+
+
+# -- registration --------------------------------------------------------------------------
+
+
+def test_register_answers_registered_auth_and_announces(room, raw):
+    a = raw()
+    reply = a.register("alice", room.room_id, room.token, role="worker",
+                       metadata={"tags": ["gpu"], "properties": {"gpu_memory_mb": 8000}})
+    assert reply == {"type": "registered_auth", "room_id": room.room_id, "peer_id": "alice",
+                     "peer_list": [], "ice_servers": []}
+    b = raw()
+    reply = b.register("bob", room.room_id, room.token)
+    assert [p["peer_id"] for p in reply["peer_list"]] == ["alice"]
+    assert reply["peer_list"][0]["metadata"]["properties"] == {"gpu_memory_mb": 8000}
+    assert reply["peer_list"][0]["role"] == "worker" and reply["peer_list"][0]["connected_at"]
+    joined = a.recv_type("peer_joined")
+    assert joined["peer_id"] == "bob" and joined["role"] == "peer"
+
+
+@pytest.mark.parametrize("frame, code", [
+    ({"type": "register", "peer_id": "x", "room_id": "nope", "token": "t"}, P.ROOM_NOT_FOUND),
+    ({"type": "register", "peer_id": "x", "room_id": "ROOM", "token": "wrong"}, P.INVALID_TOKEN),
+    ({"type": "register", "peer_id": "x", "room_id": "ROOM", "token": "TOKEN", "id_token": "bad.sig"},
+     P.INVALID_TOKEN),
+    ({"type": "register", "peer_id": "x", "room_id": "ROOM"}, P.INVALID_MESSAGE),
+    ({"type": "register", "peer_id": "has space", "room_id": "ROOM", "token": "TOKEN"}, P.INVALID_MESSAGE),
+    ({"type": "register", "peer_id": "x", "room_id": "ROOM", "token": "TOKEN", "metadata": {"tags": "a"}},
+     P.INVALID_MESSAGE),
+    ({"type": "discover_peers", "from_peer_id": "x"}, P.NOT_IN_ROOM),
+    ({"type": "peer_message", "from_peer_id": "x", "to_peer_id": "y", "payload": {}}, P.NOT_IN_ROOM),
+    ({"type": "teleport"}, P.UNKNOWN_MESSAGE_TYPE),
+    ({"no_type": 1}, P.INVALID_MESSAGE),
+])
+def test_bad_frames_get_errors_and_the_connection_keeps_working(room, raw, frame, code):
+    frame = json.loads(json.dumps(frame).replace("ROOM", room.room_id).replace("TOKEN", room.token))
+    peer = raw()
+    reply = peer.ask(frame)
+    assert reply["type"] == "error" and reply["code"] == code and reply["message"]
+    assert peer.register("after-error", room.room_id, room.token)["type"] == "registered_auth"
+
+
+def test_malformed_json_binary_and_oversized_frames(room, raw):
+    peer = raw()
+    reply = peer.ask("{not json")
+    assert reply["code"] == P.INVALID_JSON
+    peer.ws.send_binary(b"\x00\x01")
+    assert peer.recv()["code"] == P.INVALID_MESSAGE
+    reply = peer.ask(json.dumps({"type": "ping", "pad": "x" * (P.MAX_FRAME_BYTES + 1)}))
+    assert reply["code"] == P.MESSAGE_TOO_LARGE
+    assert peer.register("survivor", room.room_id, room.token)["type"] == "registered_auth"
+    assert peer.ask({"type": "ping"})["type"] == "pong"
+
+
+def test_peer_id_taken_and_double_register(room, raw):
+    a = raw()
+    a.register("alice", room.room_id, room.token)
+    assert a.register("alice2", room.room_id, room.token)["code"] == P.ALREADY_REGISTERED
+    assert raw().register("alice", room.room_id, room.token)["code"] == P.PEER_ID_TAKEN
+
+
+def test_valid_id_token_is_accepted(room, raw):
+    _, signin = P.http_call("POST", room.http_url + "/anonymous-signin", {})
+    peer = raw()
+    reply = peer.ask({"type": "register", "peer_id": "signed", "room_id": room.room_id, "token": room.token,
+                      "id_token": signin["id_token"]})
+    assert reply["type"] == "registered_auth"
+
+
+# -- discovery and metadata ----------------------------------------------------------------
+
+
+def test_discover_filters(room, raw):
+    specs = {
+        "big": ("worker", ["sleap-rtc", "training-worker"], {"gpu_memory_mb": 24000, "status": "available"}),
+        "small": ("worker", ["sleap-rtc", "inference-worker"], {"gpu_memory_mb": 8000, "status": "busy"}),
+        "nogpu": ("worker", ["sleap-rtc"], {"status": "available"}),
+        "laptop": ("client", [], {}),
+    }
+    for peer_id, (role, tags, props) in specs.items():
+        raw().register(peer_id, room.room_id, room.token, role=role, metadata={"tags": tags, "properties": props})
+    other_room, other_token = second_room(room)
+    raw().register("elsewhere", other_room, other_token, role="worker")
+    me = raw()
+    me.register("me", room.room_id, room.token)
+
+    def discover(filters):
+        reply = me.ask({"type": "discover_peers", "from_peer_id": "me", "filters": filters}, "peer_list")
+        assert reply["to_peer_id"] == "me" and reply["count"] == len(reply["peers"])
+        return sorted(p["peer_id"] for p in reply["peers"])
+
+    assert discover({}) == ["big", "laptop", "nogpu", "small"]  # never me, never another room
+    assert discover({"role": "worker"}) == ["big", "nogpu", "small"]
+    assert discover({"tags": ["sleap-rtc", "training-worker"]}) == ["big"]
+    assert discover({"properties": {"gpu_memory_mb": {"$gte": 10000}}}) == ["big"]
+    assert discover({"properties": {"gpu_memory_mb": {"$lte": 10000}}}) == ["small"]
+    assert discover({"properties": {"gpu_memory_mb": {"$gte": 8000, "$lte": 8000}}}) == ["small"]
+    assert discover({"properties": {"status": "available"}}) == ["big", "nogpu"]
+    assert discover({"properties": {"status": {"$eq": "busy"}}}) == ["small"]
+    assert discover({"properties": {"gpu_memory_mb": {"$gte": "a string"}}}) == []
+    bad = me.ask({"type": "discover_peers", "from_peer_id": "me", "filters": {"properties": {"x": {"$gt": 1}}}})
+    assert bad["code"] == P.INVALID_MESSAGE and "$gte" in bad["message"]
+
+
+def test_update_metadata_changes_discovery(room, raw):
+    worker, me = raw(), raw()
+    worker.register("w", room.room_id, room.token, role="worker",
+                    metadata={"tags": ["a"], "properties": {"status": "available", "queue_length": 0}})
+    me.register("me", room.room_id, room.token)
+    query = {"type": "discover_peers", "from_peer_id": "me", "filters": {"properties": {"status": "available"}}}
+    assert me.ask(query, "peer_list")["count"] == 1
+    reply = worker.ask({"type": "update_metadata", "peer_id": "w",
+                        "metadata": {"tags": ["b"], "properties": {"status": "busy"}}}, "metadata_updated")
+    assert reply["peer_id"] == "w"
+    assert reply["metadata"] == {"tags": ["a", "b"], "properties": {"status": "busy", "queue_length": 0}}
+    assert me.ask(query, "peer_list")["count"] == 0
+    spoof = me.ask({"type": "update_metadata", "peer_id": "w", "metadata": {"properties": {"status": "available"}}})
+    assert spoof["code"] == P.SPOOFED_SENDER
+    assert me.ask(query, "peer_list")["count"] == 0
+
+
+# -- routing ------------------------------------------------------------------------------
+
+
+def test_peer_message_and_webrtc_frames_are_forwarded_unchanged(room, raw):
+    a, b = register_pair(raw, room)
+    frames = [
+        {"type": "peer_message", "from_peer_id": "alice", "to_peer_id": "bob",
+         "payload": {"app_message_type": "job_request", "nested": [1, {"x": None}]}},
+        {"type": "offer", "sender": "alice", "target": "bob", "sdp": "v=0 offer"},
+        {"type": "answer", "sender": "alice", "target": "bob", "sdp": "v=0 answer"},
+        {"type": "candidate", "sender": "alice", "target": "bob", "candidate": {"candidate": "c", "sdpMid": "0"}},
+    ]
+    for frame in frames:
+        a.send(frame)
+        assert b.recv_type(frame["type"]) == frame
+
+
+def test_a_peer_cannot_speak_as_another_or_reach_another_room(room, raw):
+    a, b = register_pair(raw, room)
+    other_room, other_token = second_room(room)
+    stranger = raw()
+    stranger.register("stranger", other_room, other_token)
+    for frame in [
+        {"type": "peer_message", "from_peer_id": "bob", "to_peer_id": "alice", "payload": {}},
+        {"type": "offer", "sender": "bob", "target": "alice", "sdp": "x"},
+        {"type": "discover_peers", "from_peer_id": "bob"},
+    ]:
+        reply = a.ask(frame)
+        assert reply["code"] == P.SPOOFED_SENDER and reply["in_reply_to"] == frame["type"]
+    reply = a.ask({"type": "peer_message", "from_peer_id": "alice", "to_peer_id": "stranger", "payload": {}})
+    assert reply["code"] == P.PEER_NOT_IN_ROOM
+    reply = a.ask({"type": "candidate", "sender": "alice", "target": "ghost", "candidate": {}})
+    assert reply["code"] == P.PEER_NOT_FOUND
+    # Nothing leaked: the stranger and bob received none of it.
+    b.send({"type": "ping"})
+    assert b.recv()["type"] == "pong"
+    stranger.send({"type": "ping"})
+    assert stranger.recv()["type"] == "pong"
+
+
+def test_delivery_failed_when_the_target_connection_is_gone():
+    """The one error a live server cannot be made to produce on demand: the target's
+    socket fails between lookup and send."""
+    server = signaling.SignalingServer()
+
+    class DeadConnection:
+        def send(self, text):
+            raise ConnectionResetError("gone")
+
+    room = signaling.Room("r", "t", "now")
+    server.rooms["r"] = room
+    alice = signaling.Peer("alice", "r", "peer", {}, "now", DeadConnection())
+    bob = signaling.Peer("bob", "r", "peer", {}, "now", DeadConnection())
+    for peer in (alice, bob):
+        room.peers[peer.peer_id] = server.peers[peer.peer_id] = peer
+    reply = server._forward(alice, {"type": "peer_message", "from_peer_id": "alice", "to_peer_id": "bob",
+                                    "payload": {}})
+    assert reply["code"] == P.DELIVERY_FAILED
+
+
+def test_ping_pong_both_ways(world):
+    world.start_server("--ping-interval", "0.3")
+    world.create_room()
+    peer = RawPeer(world.ws_url)
+    try:
+        assert peer.ask({"type": "ping"})["type"] == "pong"
+        peer.register("p", world.room_id, world.token)
+        assert peer.recv_type("ping", timeout=3) == {"type": "ping"}
+    finally:
+        peer.close()
+
+
+# -- limits -------------------------------------------------------------------------------
+
+
+def test_limits_answer_with_clear_errors(world):
+    world.start_server("--max-peers-per-room", "2", "--max-rooms", "2", "--rate", "20")
+    room_id, token = world.create_room()
+    peers = [RawPeer(world.ws_url) for _ in range(3)]
+    try:
+        assert peers[0].register("p0", room_id, token)["type"] == "registered_auth"
+        assert peers[1].register("p1", room_id, token)["type"] == "registered_auth"
+        full = peers[2].register("p2", room_id, token)
+        assert full["code"] == P.ROOM_FULL and "2 peers" in full["message"]
+        world.create_room()
+        with pytest.raises(P.SignalingError, match="maximum of 2 rooms"):
+            world.create_room()
+        flood = peers[2]
+        for _ in range(100):
+            flood.send({"type": "ping"})
+        replies = [flood.recv() for _ in range(100)]
+        limited = [r for r in replies if r.get("code") == P.RATE_LIMITED]
+        assert limited and "frames/s" in limited[0]["message"]
+        time.sleep(1.0)
+        assert flood.ask({"type": "ping"})["type"] == "pong"  # the bucket refills
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+# -- presence -----------------------------------------------------------------------------
+
+
+def test_peer_left_when_a_worker_is_killed(room):
+    watcher = room.signaling_client("watcher")
+    try:
+        proc, worker_id = room.start_worker()
+        assert [w["peer_id"] for w in watcher.discover(role="worker")] == [worker_id]
+        proc.kill()
+        left = watcher.next(lambda f: f.get("type") == "peer_left", timeout=10)
+        assert left == {"type": "peer_left", "peer_id": worker_id}
+        assert watcher.discover(role="worker") == []
+    finally:
+        watcher.close()
+
+
+def test_state_file_keeps_rooms_and_sign_in_across_restarts(world):
+    state = world.tmp / "rooms.json"
+    world.start_server("--state-file", str(state))
+    room_id, token = world.create_room()
+    _, signin = P.http_call("POST", world.http_url + "/anonymous-signin", {})
+    world.server.stop()
+    world.start_server("--state-file", str(state), ports=(world.ws_port, world.http_port))
+    assert P.http_call("POST", world.http_url + "/create-room", {}, bearer=signin["id_token"])[0] == 200
+    peer = RawPeer(world.ws_url)
+    try:
+        assert peer.register("back", room_id, token)["type"] == "registered_auth"
+    finally:
+        peer.close()
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
