@@ -226,9 +226,8 @@ class SignalingServer:
     def _ping_forever(self) -> None:
         while not self._stopping.wait(self.ping_interval):
             with self._lock:
-                conns = [p.conn for p in self.peers.values()]
-            for conn in conns:
-                self._send(conn, {"type": P.PING})
+                peers = list(self.peers.values())
+            self._broadcast(peers, {"type": P.PING})
 
     # -- rooms and state ----------------------------------------------------------------
 
@@ -323,11 +322,19 @@ class SignalingServer:
     # -- WebSocket connections ----------------------------------------------------------
 
     def _send(self, conn, frame: dict) -> bool:
+        return self._send_text(conn, json.dumps(frame))
+
+    def _send_text(self, conn, text: str) -> bool:
         try:
-            conn.send(json.dumps(frame))
+            conn.send(text)
             return True
         except Exception:  # closed or closing: the peer's own thread cleans up
             return False
+
+    def _broadcast(self, peers: list[Peer], frame: dict) -> None:
+        text = json.dumps(frame)
+        for peer in peers:
+            self._send_text(peer.conn, text)
 
     def _serve_connection(self, conn) -> None:
         with self._lock:
@@ -415,9 +422,7 @@ class SignalingServer:
             others = list(room.peers.values())
             room.peers[peer.peer_id] = peer
             self.peers[peer.peer_id] = peer
-        joined = {"type": P.PEER_JOINED, **peer.public()}
-        for other in others:
-            self._send(other.conn, joined)
+        self._broadcast(others, {"type": P.PEER_JOINED, **peer.public()})
         return peer
 
     def _registered_auth(self, peer: Peer) -> dict:
@@ -436,8 +441,7 @@ class SignalingServer:
             if room is not None:
                 room.peers.pop(peer.peer_id, None)
                 others = list(room.peers.values())
-        for other in others:
-            self._send(other.conn, {"type": P.PEER_LEFT, "peer_id": peer.peer_id})
+        self._broadcast(others, {"type": P.PEER_LEFT, "peer_id": peer.peer_id})
 
     def _discover(self, peer: Peer, filters: Any) -> dict:
         problem = check_filters(filters)

@@ -1,0 +1,88 @@
+"""Throughput of a file over the WebRTC link next to plain loopback TCP, in one run.
+
+    python bench/transfer.py [--mb 100] [--runs 3]
+
+The link side is real: a worker process, a signaling server process, and this process
+as the client, each transfer checked by size and SHA-256 at the receiver. The TCP
+reference sends the same file through a loopback socket to a thread that writes and
+hashes it, so both sides do the same disk and hashing work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from _world import BenchWorld, P
+
+
+def tcp_transfer(path: Path, out: Path) -> float:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    digest = hashlib.sha256()
+
+    def receive():
+        conn, _ = server.accept()
+        with conn, open(out, "wb") as f:
+            while chunk := conn.recv(P.CHUNK_BYTES):
+                digest.update(chunk)
+                f.write(chunk)
+
+    receiver = threading.Thread(target=receive, name="bench-tcp-receiver")
+    started = time.perf_counter()
+    receiver.start()
+    size, expected = P.file_digest(path)
+    with socket.create_connection(("127.0.0.1", port)) as conn, open(path, "rb") as f:
+        while chunk := f.read(P.CHUNK_BYTES):
+            conn.sendall(chunk)
+    receiver.join()
+    elapsed = time.perf_counter() - started
+    server.close()
+    assert digest.hexdigest() == expected and out.stat().st_size == size
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    with BenchWorld() as world:
+        worker_id = world.start_worker()
+        source = world.tmp / "payload.bin"
+        source.write_bytes(os.urandom(args.mb * 1024 * 1024))
+        size = source.stat().st_size
+        signaling = P.SignalingClient(world.ws_url, world.room_id, world.token, f"bench-{secrets.token_hex(3)}",
+                                      "client")
+        signaling.connect()
+        link = P.open_link(signaling, worker_id, world.tmp / "received")
+        link_times, tcp_times = [], []
+        try:
+            for run in range(args.runs):
+                started = time.perf_counter()
+                link.send_file(source, name=f"run{run}.bin")  # returns once the worker checked SHA-256
+                link_times.append(time.perf_counter() - started)
+                tcp_times.append(tcp_transfer(source, world.tmp / f"tcp{run}.bin"))
+                (world.tmp / f"tcp{run}.bin").unlink()
+                print(f"run {run + 1}: link {size / link_times[-1] / 1e6:6.1f} MB/s   "
+                      f"tcp {size / tcp_times[-1] / 1e6:7.1f} MB/s", flush=True)
+        finally:
+            link.close()
+            signaling.close()
+    link_rate = size / statistics.median(link_times) / 1e6
+    tcp_rate = size / statistics.median(tcp_times) / 1e6
+    print(f"\n{args.mb} MiB file, median of {args.runs} (hashing and disk on both sides included):")
+    print(f"  WebRTC data channel: {link_rate:8.1f} MB/s")
+    print(f"  loopback TCP:        {tcp_rate:8.1f} MB/s")
+    print(f"  ratio link/tcp:      {link_rate / tcp_rate:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

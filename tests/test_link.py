@@ -1,0 +1,154 @@
+"""Worker and client processes over a real aiortc link on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+from pathlib import Path
+
+import protocol as P
+from conftest import wait_until
+
+MB = 1024 * 1024
+
+
+def random_file(path: Path, size: int) -> str:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def test_ping_opens_a_link_and_reports_round_trips(room):
+    _, worker_id = room.start_worker()
+    result = room.client("ping", "--worker-id", worker_id, "--count", "3", "--interval", "0")
+    assert result.returncode == 0, result.stderr
+    assert len(re.findall(rf"pong from {worker_id}: seq=\d rtt=[\d.]+ ms", result.stdout)) == 3
+    assert "median rtt" in result.stdout
+
+
+def test_files_cross_the_link_both_ways_and_are_checked(room):
+    worker_dir = room.tmp / "w"
+    room.start_worker(working_dir=worker_dir)
+    original = room.tmp / "labels.bin"
+    digest = random_file(original, 6 * MB + 12345)
+
+    up = room.client("upload", str(original))
+    assert up.returncode == 0, up.stderr
+    stored = worker_dir / "uploads" / "labels.bin"
+    assert sha256(stored) == digest
+    assert "upload labels.bin: 100.0%" in up.stderr  # progress is shown
+
+    down_dir = room.tmp / "down"
+    down = room.client("download", str(stored), "--download", str(down_dir))
+    assert down.returncode == 0, down.stderr
+    assert sha256(down_dir / "labels.bin") == digest
+    assert digest in down.stdout
+    assert leftovers(down_dir) == ["labels.bin"]
+
+    # A second download never overwrites the first.
+    again = room.client("download", str(stored), "--download", str(down_dir))
+    assert again.returncode == 0 and leftovers(down_dir) == ["labels.1.bin", "labels.bin"]
+
+
+def test_download_outside_the_mounts_is_refused(room):
+    _, worker_id = room.start_worker()
+    outside = room.tmp / "secret.txt"
+    outside.write_text("not yours")
+    result = room.client("download", str(outside), "--download", str(room.tmp / "down"))
+    assert result.returncode == 1
+    assert f"Access denied: {outside} is outside the worker's mounts" in result.stderr
+    assert leftovers(room.tmp / "down") == []
+    assert room.client("ping", "--count", "1").returncode == 0  # the worker serves on
+
+
+def test_sender_killed_mid_upload_leaves_no_file(room):
+    worker_dir = room.tmp / "w"
+    worker, _ = room.start_worker(working_dir=worker_dir)
+    big = room.tmp / "big.bin"
+    random_file(big, 24 * MB)
+    uploader = room.start_client("upload", str(big))
+    uploader.wait_for(r"upload big.bin:\s+[1-9]\d\.\d%", timeout=60)
+    uploader.kill()
+    worker.wait_for(r"upload from client-\w+ failed: big.bin: link lost after \d+ of 25165824 bytes", timeout=15)
+    assert leftovers(worker_dir / "uploads") == []  # neither big.bin nor a .part
+    assert room.client("ping", "--count", "1").returncode == 0  # the worker serves on
+
+
+def test_sender_killed_mid_download_gives_a_clear_error_and_no_file(room):
+    worker_dir = room.tmp / "w"
+    worker, _ = room.start_worker(working_dir=worker_dir)
+    big = worker_dir / "big.bin"
+    random_file(big, 24 * MB)
+    down_dir = room.tmp / "down"
+    downloader = room.start_client("download", str(big), "--download", str(down_dir))
+    downloader.wait_for(r"download big.bin:\s+[1-9]\d\.\d%", timeout=60)
+    worker.kill()
+    assert downloader.popen.wait(timeout=20) == 1
+    assert re.search(r"error: download failed: big.bin: link lost after \d+ of 25165824 bytes "
+                     r"\((peer worker-\S+ stopped answering|the data channel closed|WebRTC connection)",
+                     downloader.output()), downloader.output()
+    assert leftovers(down_dir) == []
+
+
+def test_worker_and_client_reconnect_after_the_server_restarts(world):
+    state = world.tmp / "rooms.json"
+    world.start_server("--state-file", str(state))
+    world.create_room()
+    _, worker_id = world.start_worker()
+    client = world.signaling_client("steady-client")
+    try:
+        world.server.kill()
+        world.start_server("--state-file", str(state), ports=(world.ws_port, world.http_port))
+        assert client.next(lambda f: f["type"] == "_reconnected", timeout=30) is not None
+        assert client.reconnects == 1
+        workers = wait_until(lambda: client.discover(role="worker"), 30, "the worker to register again")
+        assert [w["peer_id"] for w in workers] == [worker_id]
+        assert workers[0]["metadata"]["properties"]["status"] == "available"  # same metadata as before
+    finally:
+        client.close()
+    result = world.client("ping", "--worker-id", worker_id, "--count", "1")
+    assert result.returncode == 0, result.stderr
+
+
+def test_ctrl_c_deregisters_the_worker(room):
+    watcher = room.signaling_client("watcher")
+    try:
+        worker, worker_id = room.start_worker()
+        worker.popen.send_signal(signal.SIGINT)
+        assert worker.popen.wait(timeout=15) == 0
+        assert "worker: stopped" in worker.output()
+        assert watcher.next(lambda f: f.get("type") == "peer_left", timeout=5)["peer_id"] == worker_id
+    finally:
+        watcher.close()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_embedded_default_starts_a_server_and_a_room(world):
+    assert _port_free(P.DEFAULT_WS_PORT) and _port_free(P.DEFAULT_HTTP_PORT), \
+        "the embedded-default test needs ports 8080 and 8001 free on this machine"
+    working_dir = world.tmp / "embedded"
+    worker = world.spawn("worker", [str(Path(__file__).parent.parent / "worker.py"), "--working-dir",
+                                    str(working_dir)])
+    worker.wait_for(r"registered as (\S+)", timeout=60)
+    created = worker.wait_for(r"created room (\w+)\n  token: (\S+)")
+    env_file = (working_dir / "room.env").read_text()
+    assert f"SLEAP_RTC_ROOM={created.group(1)}" in env_file and f"SLEAP_RTC_TOKEN={created.group(2)}" in env_file
+    world.ws_port, world.http_port = P.DEFAULT_WS_PORT, P.DEFAULT_HTTP_PORT
+    world.room_id, world.token = created.group(1), created.group(2)
+    result = world.client("ping", "--count", "1")
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,90 @@
+"""Unit tests of the pure parts of the wire: framing, metadata, URLs, names, mounts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import protocol as P
+import worker
+
+
+def test_messages_round_trip_and_payloads_cannot_break_framing():
+    tricky = {"job_id": "j1", "line": "epoch 1::loss=0.5\r\n", "nested": {"a": [1, "::"]}}
+    text = P.encode("JOB_PROGRESS", tricky)
+    assert text.startswith("JOB_PROGRESS::{")
+    assert P.decode(text) == P.Message("JOB_PROGRESS", tricky)
+    assert P.decode("INFERENCE_START") == P.Message("INFERENCE_START", {})
+
+
+@pytest.mark.parametrize("text, why", [
+    ("lower::{}", "upper-case"),
+    ("JOB::not json", "not JSON"),
+    ("JOB::[1, 2]", "JSON object"),
+    ("", "upper-case"),
+])
+def test_malformed_messages_say_what_is_wrong(text, why):
+    with pytest.raises(P.ProtocolError, match=why):
+        P.decode(text)
+
+
+def test_encode_rejects_bad_names():
+    with pytest.raises(ValueError):
+        P.encode("BAD NAME")
+
+
+def test_merge_metadata_merges_properties_and_unions_tags():
+    current = {"tags": ["a", "b"], "properties": {"x": 1, "y": 2}}
+    merged = P.merge_metadata(current, {"tags": ["b", "c"], "properties": {"y": 3, "z": 4}})
+    assert merged == {"tags": ["a", "b", "c"], "properties": {"x": 1, "y": 3, "z": 4}}
+    assert current == {"tags": ["a", "b"], "properties": {"x": 1, "y": 2}}  # not mutated
+
+
+def test_check_frame_names_the_field():
+    assert "peer_id" in P.check_frame({"type": "register", "room_id": "r", "token": "t"})
+    assert "must be a str" in P.check_frame({"type": "offer", "sender": "a", "target": 5, "sdp": "x"})
+    assert P.check_frame({"type": "peer_message", "from_peer_id": "a", "to_peer_id": "b", "payload": None}) is None
+
+
+def test_http_base_url(monkeypatch):
+    monkeypatch.delenv(P.ENV_HTTP, raising=False)
+    assert P.http_base_url("ws://10.1.2.3:8080") == "http://10.1.2.3:8001"
+    assert P.http_base_url("wss://rtc.example.org") == "https://rtc.example.org:8001"
+    assert P.http_base_url("ws://h:1", "9000") == "http://h:9000"
+    monkeypatch.setenv(P.ENV_HTTP, "https://api.example.org/")
+    assert P.http_base_url("ws://h:1") == "https://api.example.org"
+
+
+@pytest.mark.parametrize("name, safe", [("labels.slp", "labels.slp"), ("../../etc/passwd", "passwd"),
+                                        ("C:\\data\\x.zip", "x.zip")])
+def test_received_file_names_never_climb(name, safe):
+    assert P.safe_file_name(name) == safe
+
+
+@pytest.mark.parametrize("name", ["", "..", ".hidden", "dir/"])
+def test_unusable_file_names_are_refused(name):
+    with pytest.raises(P.TransferError):
+        P.safe_file_name(name)
+
+
+def test_mounts_resolve_symlinks(tmp_path):
+    inside = tmp_path / "vast"
+    inside.mkdir()
+    (inside / "labels.slp").write_text("x")
+    outside = tmp_path / "home"
+    outside.mkdir()
+    (outside / "secret").write_text("x")
+    os.symlink(outside / "secret", inside / "escape")
+    mount = worker.parse_mount(f"{inside}:vast")
+    assert mount.label == "vast"
+    assert worker.resolve_in_mounts(str(inside / "labels.slp"), [mount]) == inside / "labels.slp"
+    for path in (outside / "secret", inside / "escape", inside / ".." / "home" / "secret"):
+        with pytest.raises(PermissionError, match="Access denied: .* is outside the worker's mounts"):
+            worker.resolve_in_mounts(str(path), [mount])
+
+
+def test_gpu_facts_fall_back_cleanly_without_a_gpu():
+    facts = worker.gpu_facts(0)
+    assert set(facts) == {"gpu_memory_mb", "gpu_model", "cuda_version"}
+    assert isinstance(facts["gpu_memory_mb"], int)
