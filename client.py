@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import statistics
 import sys
 import time
@@ -221,8 +222,7 @@ def cmd_download(args) -> int:
     target.mkdir(parents=True, exist_ok=True)
 
     def work(link: P.Link) -> int:
-        link.on_receive_progress = lambda name, done, total: progress(done, total)
-        progress = Progress(f"download {Path(args.path).name}")
+        link.on_receive_progress = Progress(f"download {Path(args.path).name}")
         link.send(P.FILE_REQUEST, {"path": args.path})
         item = _wait_for(link, lambda m: True, None)
         if isinstance(item, P.FileReceived):
@@ -250,6 +250,282 @@ def _wait_for(link: P.Link, accept: Callable, timeout: Optional[float]):
 
 
 # ---------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------
+
+JOBS_FILE = Path("~/.sleap-rtc/jobs.json")
+DETACHED = 3  # exit code: the job runs on, this client stopped following it
+
+
+def remember_job(job_id: str, worker_id: str, room_id: str) -> None:
+    """Note which worker holds a job, so `stop JOB` / `cancel JOB` need nothing more."""
+    path = JOBS_FILE.expanduser()
+    jobs = json.loads(path.read_text()) if path.exists() else {}
+    jobs[job_id] = {"worker_id": worker_id, "room_id": room_id, "submitted": time.time()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(jobs, indent=1))
+    os.replace(tmp, path)
+
+
+def remembered_worker(job_id: str) -> Optional[str]:
+    path = JOBS_FILE.expanduser()
+    return (json.loads(path.read_text()).get(job_id) or {}).get("worker_id") if path.exists() else None
+
+
+class JobMonitor:
+    """Follows one job over a link: status line, local log, progress events, outcome."""
+
+    def __init__(self, link: P.Link, job_id: str, local_dir: Path, verbose: bool):
+        self.link = link
+        self.job_id = job_id
+        self.local_dir = local_dir
+        self.verbose = verbose
+        self.tty = sys.stderr.isatty()
+        self.interrupts = 0
+        self.epochs: list[dict] = []  # epoch_end events: epoch, loss, val_loss
+        self.epoch_started: Optional[float] = None
+        self.epoch_seconds: list[float] = []
+        self.files: list[P.FileReceived] = []
+        local_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = local_dir / "job.log"
+        self.log_file = open(self.log_path, "a", encoding="utf-8")
+        self.reports_file = open(local_dir / "progress.jsonl", "a", encoding="utf-8")
+
+    def close(self) -> None:
+        self.log_file.close()
+        self.reports_file.close()
+
+    def status(self, text: str, final: bool = False) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text + ("\n" if final else ""))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def wait_accepted(self, timeout: float = 60) -> Optional[dict]:
+        """The JOB_ACCEPTED payload, or None after printing why the job was rejected."""
+        reply = _wait_for(self.link, lambda m: m.name in (P.JOB_ACCEPTED, P.JOB_REJECTED)
+                          and m.payload.get("job_id") == self.job_id, timeout)
+        if reply is None:
+            print(f"error: the worker did not answer the submission within {timeout:.0f} s", file=sys.stderr)
+            return None
+        if isinstance(reply, P.Message) and reply.name == P.JOB_ACCEPTED:
+            return reply.payload
+        print(f"error: job {self.job_id} was rejected by {self.link.peer_id}:", file=sys.stderr)
+        for error in (reply.payload.get("errors") if isinstance(reply, P.Message) else None) or [
+                {"field": "?", "message": getattr(reply, "error", None) or reply.payload.get("message")}]:
+            print(f"  {error['field']}: {error['message']}", file=sys.stderr)
+        return None
+
+    def follow(self) -> int:
+        """Relay until JOB_COMPLETE / JOB_FAILED; the exit code of the command."""
+        while True:
+            if self.interrupts:
+                code = self._on_interrupt()
+                if code is not None:
+                    return code
+            try:
+                item = self.link.recv(timeout=0.2)
+            except P.LinkClosed as exc:
+                self.status(f"lost the link to {self.link.peer_id} ({exc}); job {self.job_id} runs on there", True)
+                return 1
+            if item is None:
+                continue
+            if isinstance(item, P.FileReceived):
+                self.files.append(item)
+            elif isinstance(item, P.TransferFailed):
+                self.status(f"error: a result file did not arrive: {item.error}", True)
+            elif item.payload.get("job_id") != self.job_id:
+                continue
+            elif item.name == P.JOB_LOG:
+                self._log(item.payload)
+            elif item.name == P.JOB_PROGRESS:
+                self._progress(item.payload)
+            elif item.name == P.PROGRESS_REPORT:
+                self.reports_file.write(item.payload.get("report", "") + "\n")
+            elif item.name == P.JOB_CONTROL:
+                self.status(f"{item.payload['action']}: {item.payload['message']}", True)
+            elif item.name in (P.JOB_COMPLETE, P.JOB_FAILED):
+                return self._finish(item.payload)
+
+    def _log(self, payload: dict) -> None:
+        for stream, line in payload.get("lines", []):
+            self.log_file.write(line + "\n")
+            if self.verbose:
+                (sys.stdout if stream == "o" else sys.stderr).write(line + "\n")
+        self.log_file.flush()
+        if self.verbose and payload.get("progress") and self.tty:
+            sys.stderr.write("\r\033[K" + payload["progress"][:200])
+
+    def _progress(self, p: dict) -> None:
+        event = p.get("event")
+        now = time.monotonic()
+        if event == "inference":
+            self.status(f"inference: {p.get('n_processed')}/{p.get('n_total')} frames  "
+                        f"{p.get('rate') or 0:.1f} fps  ETA {p.get('eta') or 0:.0f} s")
+        elif event == "train_begin":
+            self.status("training started")
+        elif event == "epoch_begin":
+            self.epoch_started = now
+        elif event == "epoch_end":
+            if self.epoch_started is not None:
+                self.epoch_seconds.append(now - self.epoch_started)
+            self.epochs.append({"epoch": p.get("epoch"), "loss": p.get("loss"), "val_loss": p.get("val_loss")})
+            total = p.get("max_epochs")
+            done = (p.get("epoch") or 0) + 1
+            eta = ""
+            if total and self.epoch_seconds:
+                eta = f"  ETA {statistics.mean(self.epoch_seconds) * max(0, total - done):.0f} s"
+            self.status(f"epoch {done}/{total or '?'}  loss {_num(p.get('loss'))}  "
+                        f"val_loss {_num(p.get('val_loss'))}{eta}")
+        elif event == "train_end":
+            self.status("training finished; sleap-nn is evaluating and saving", True)
+
+    def _on_interrupt(self) -> Optional[int]:
+        """Ctrl+C: ask on a terminal; otherwise the first stops early, the second cancels."""
+        count, self.interrupts = self.interrupts, 0
+        if sys.stdin.isatty():
+            self.status("", True)
+            choice = input("[s] stop early (keep the model)  [c] cancel  [d] detach  [Enter] go on: ").strip().lower()
+        else:
+            choice = "s" if count == 1 and not getattr(self, "_stop_sent", False) else "c"
+        if choice.startswith("s"):
+            self._stop_sent = True
+            self.link.send(P.ZMQ_CTRL, {"job_id": self.job_id, "command": "STOP"})
+        elif choice.startswith("c"):
+            self.link.send(P.JOB_CANCEL, {"job_id": self.job_id})
+        elif choice.startswith("d"):
+            self.status(f"detached; job {self.job_id} runs on {self.link.peer_id}", True)
+            return DETACHED
+        return None
+
+    def _finish(self, outcome: dict) -> int:
+        state = outcome.get("state")
+        self.status(f"job {self.job_id} {state} (exit code {outcome.get('exit_code')}, "
+                    f"{outcome.get('duration_s')} s{', stopped early' if outcome.get('stopped_early') else ''})", True)
+        for output in outcome.get("outputs", []):
+            if output["kind"] == "model":
+                print(f"model on the worker: {output['path']}")
+            elif output["kind"] == "predictions":
+                local = next((f for f in self.files if f.sha256 == output["sha256"]), None)
+                print(f"predictions: {local.path} (sha256 {output['sha256']}, checked)" if local else
+                      f"predictions on the worker: {output['path']} (not received here)")
+        if outcome.get("warning"):
+            print(f"warning: {outcome['warning']}")
+        if state != "completed":
+            print(f"error: {outcome.get('error')}", file=sys.stderr)
+            for line in outcome.get("stderr_tail", []):
+                print(f"  | {line}", file=sys.stderr)
+        print(f"log: {self.log_path}")
+        if self.epochs:
+            print(self._plot())
+        return 0 if state == "completed" else 1
+
+    def _plot(self) -> str:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return "no loss plot: matplotlib is not installed here (pip install matplotlib)"
+        epochs = [e["epoch"] + 1 for e in self.epochs]
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
+            values = [e[key] for e in self.epochs]
+            if any(v is not None for v in values):
+                axes.plot(epochs, [float("nan") if v is None else v for v in values], marker="o", label=label)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel("loss")
+        axes.set_title(f"job {self.job_id}")
+        axes.legend()
+        path = self.local_dir / "loss.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        return f"loss plot: {path}"
+
+
+def _num(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+
+
+def run_job(args, spec: dict) -> int:
+    """Submit a spec to a worker and follow it to the end (or until detached)."""
+    job_id = P.new_job_id()
+    download = Path(getattr(args, "download", None) or ".")
+    download.mkdir(parents=True, exist_ok=True)
+    signaling = connect(args)
+    link = monitor = None
+    try:
+        worker_id = choose_worker(signaling, args.worker_id)
+        link = P.open_link(signaling, worker_id, download)
+        link.on_receive_progress = Progress("predictions")
+        monitor = JobMonitor(link, job_id, Path(args.log_dir) / job_id, args.verbose)
+        link.send(P.JOB_SUBMIT, {"job_id": job_id, "spec": spec})
+        accepted = monitor.wait_accepted()
+        if accepted is None:
+            return 1
+        remember_job(job_id, worker_id, signaling.room_id)
+        print(f"job {job_id} accepted by {worker_id}; worker directory {accepted['job_dir']}", flush=True)
+        previous = signal.signal(signal.SIGINT, lambda *_: setattr(monitor, "interrupts", monitor.interrupts + 1))
+        try:
+            return monitor.follow()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    finally:
+        if monitor is not None:
+            monitor.close()
+        if link is not None:
+            link.close()
+        signaling.close()
+
+
+def cmd_train(args) -> int:
+    spec = {"type": P.TRAIN, "config": args.config, "labels": args.labels, "val_labels": args.val_labels,
+            "max_epochs": args.max_epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+            "run_name": args.run_name, "resume": args.resume, "gui": not args.no_progress}
+    return _submit_checked(args, spec)
+
+
+def cmd_track(args) -> int:
+    spec = {"type": P.TRACK, "data_path": args.data_path, "model_paths": args.model_paths, "output": args.output,
+            "batch_size": args.batch_size, "peak_threshold": args.peak_threshold, "frames": args.frames,
+            "only_suggested_frames": args.only_suggested_frames or None, "gui": True}
+    return _submit_checked(args, spec)
+
+
+def _submit_checked(args, spec: dict) -> int:
+    spec = {k: v for k, v in spec.items() if v is not None}
+    errors = P.check_spec(spec)
+    if errors:  # the worker checks again, with its paths; this saves a round trip
+        print("error: the job spec is not valid:", file=sys.stderr)
+        for error in errors:
+            print(f"  {error['field']}: {error['message']}", file=sys.stderr)
+        return 2
+    return run_job(args, spec)
+
+
+def cmd_control(args) -> int:
+    worker_id = args.worker_id or remembered_worker(args.job_id)
+    if not worker_id:
+        raise UsageError(f"which worker holds {args.job_id}? pass --worker-id W")
+    args.worker_id = worker_id
+    name = P.ZMQ_CTRL if args.command == "stop" else P.JOB_CANCEL
+
+    def work(link: P.Link) -> int:
+        link.send(name, {"job_id": args.job_id, "command": "STOP"})
+        reply = _wait_for(link, lambda m: m.name == P.JOB_CONTROL and m.payload.get("job_id") == args.job_id, 15)
+        if reply is None:
+            print("error: no answer from the worker within 15 s", file=sys.stderr)
+            return 1
+        print(f"{args.command} {args.job_id}: {reply.payload['message']}")
+        return 0 if reply.payload.get("ok") else 1
+
+    return with_link(args, work)
+
+
+# ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
 
@@ -262,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"HTTP API port or URL (env {P.ENV_HTTP}; default port {P.DEFAULT_HTTP_PORT})")
     common.add_argument("--room", default=os.environ.get(P.ENV_ROOM), help=f"room id (env {P.ENV_ROOM})")
     common.add_argument("--token", default=os.environ.get(P.ENV_TOKEN), help=f"room token (env {P.ENV_TOKEN})")
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("--debug", action="store_true", help="debug logging of the transport")
     worker_choice = argparse.ArgumentParser(add_help=False)
     worker_choice.add_argument("--worker-id", help="the worker's peer id (default: the first available worker)")
 
@@ -294,12 +570,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="path on the worker (inside its mounts or working dir)")
     p.add_argument("--download", default=".", metavar="DIR", help="local directory (default: current)")
     p.set_defaults(run=cmd_download)
+
+    job_output = argparse.ArgumentParser(add_help=False)
+    job_output.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR",
+                            help="where the job's local log, progress events and loss plot go (default ./sleap-rtc-jobs)")
+    p = commands.add_parser("train", parents=[common, worker_choice, job_output],
+                            help="train a model on the worker (paths are paths on the worker)")
+    p.add_argument("--config", required=True, help="sleap-nn training config (YAML) on the worker")
+    p.add_argument("--labels", help="training labels (.slp), overriding the config")
+    p.add_argument("--val-labels", help="validation labels (.slp)")
+    p.add_argument("--max-epochs", type=int, help="1-10000")
+    p.add_argument("--batch-size", type=int, help="1-1024, for training and validation")
+    p.add_argument("--learning-rate", type=float, help="> 0 and <= 1")
+    p.add_argument("--run-name", help="name of the model directory")
+    p.add_argument("--resume", metavar="CKPT", help="checkpoint to resume from")
+    p.add_argument("--no-progress", action="store_true", help="logs only, no live loss (skips sleap-nn's ZMQ)")
+    p.add_argument("--verbose", action="store_true", help="print sleap-nn's output as it comes")
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("track", parents=[common, worker_choice, job_output],
+                            help="run inference on the worker and download the predictions")
+    p.add_argument("--data-path", required=True, help="video or labels on the worker")
+    p.add_argument("--model-paths", action="append", required=True, help="model directory on the worker (repeatable)")
+    p.add_argument("--output", help="predictions path on the worker (default: in the job directory)")
+    p.add_argument("--batch-size", type=int, help="1-1024")
+    p.add_argument("--peak-threshold", type=float, help="0-1")
+    p.add_argument("--frames", help='frame ranges, e.g. "0-100,500-600"')
+    p.add_argument("--only-suggested-frames", action="store_true")
+    p.add_argument("--download", default=".", metavar="DIR", help="where the predictions go (default: current dir)")
+    p.add_argument("--verbose", action="store_true", help="print sleap-nn's output as it comes")
+    p.set_defaults(run=cmd_track)
+
+    for action, text in (("stop", "stop a training early; the model is kept"), ("cancel", "cancel a job")):
+        p = commands.add_parser(action, parents=[common, worker_choice], help=text)
+        p.add_argument("job_id", metavar="JOB")
+        p.set_defaults(run=cmd_control)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         return args.run(args)

@@ -136,6 +136,9 @@ PING = "ping"
 PONG = "pong"
 ERROR = "error"
 
+# Requests a peer makes of the server, and the reply type of each.
+REQUEST_REPLIES = {DISCOVER_PEERS: PEER_LIST, UPDATE_METADATA: METADATA_UPDATED, PING: PONG}
+
 # Error codes of error frames.
 INVALID_JSON = "INVALID_JSON"
 INVALID_MESSAGE = "INVALID_MESSAGE"
@@ -255,6 +258,24 @@ LINK_PONG = "PONG"  # {seq, sent}
 FILE_REQUEST = "FILE_REQUEST"  # {path}: ask the worker to send a file
 LINK_ERROR = "ERROR"  # {message, ...}
 
+# Jobs. Every payload carries "job_id".
+JOB_SUBMIT = "JOB_SUBMIT"  # {job_id, spec}
+JOB_ACCEPTED = "JOB_ACCEPTED"  # {job_id, job_dir, command}
+JOB_REJECTED = "JOB_REJECTED"  # {job_id, errors: [{field, message, code}]}
+JOB_LOG = "JOB_LOG"  # {job_id, lines: [[stream, text]], progress: latest \r line or null}
+JOB_PROGRESS = "JOB_PROGRESS"  # {job_id, event, epoch, loss, val_loss} | {job_id, n_processed, n_total, ...}
+PROGRESS_REPORT = "PROGRESS_REPORT"  # {job_id, report: sleap-nn's raw ZMQ JSON text}
+ZMQ_CTRL = "ZMQ_CTRL"  # {job_id, command: "STOP"}: stop early, keep the model
+JOB_CANCEL = "JOB_CANCEL"  # {job_id}: terminate the run
+JOB_CONTROL = "JOB_CONTROL"  # {job_id, action, ok, message}: the worker's answer to ZMQ_CTRL / JOB_CANCEL
+JOB_COMPLETE = "JOB_COMPLETE"  # {job_id, state, exit_code, duration_s, stopped_early, outputs, warning}
+JOB_FAILED = "JOB_FAILED"  # the same fields, state failed|cancelled, plus error and stderr_tail
+# Names the seeds fixed, sent beside the structured messages for older clients.
+TRAIN_JOB_START = "TRAIN_JOB_START"
+TRAIN_JOB_END = "TRAIN_JOB_END"
+TRAIN_JOB_ERROR = "TRAIN_JOB_ERROR"
+INFERENCE_JOB_START = "INFERENCE_JOB_START"
+
 _NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
@@ -288,6 +309,83 @@ def decode(text: str) -> Message:
     if not isinstance(payload, dict):
         raise ProtocolError(f"{name}: payload must be a JSON object")
     return Message(name, payload)
+
+
+# ---------------------------------------------------------------------------------------
+# Job specs
+# ---------------------------------------------------------------------------------------
+# A spec is what the client asks for; paths in it are paths on the worker. The checks
+# here need nothing of the worker; the worker adds its own (paths, mounts, config).
+
+TRAIN, TRACK = "train", "track"
+SPEC_FIELDS: dict[str, dict[str, type]] = {
+    TRAIN: {"config": str, "labels": str, "val_labels": str, "max_epochs": int, "batch_size": int,
+            "learning_rate": float, "run_name": str, "resume": str, "gui": bool},
+    TRACK: {"data_path": str, "model_paths": list, "output": str, "batch_size": int, "peak_threshold": float,
+            "frames": str, "only_suggested_frames": bool, "gui": bool},
+}
+REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths")}
+NUMBER_RANGES = {"max_epochs": (1, 10000), "batch_size": (1, 1024)}
+_FRAMES_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def spec_error(field: str, message: str, code: str) -> dict:
+    return {"field": field, "message": message, "code": code}
+
+
+def check_spec(spec: Any) -> list[dict]:
+    """Every problem of a job spec that needs no worker: types, required fields, ranges."""
+    if not isinstance(spec, dict) or spec.get("type") not in SPEC_FIELDS:
+        return [spec_error("type", f"a job spec is an object with type {' or '.join(SPEC_FIELDS)}", "BAD_TYPE")]
+    fields = SPEC_FIELDS[spec["type"]]
+    errors = [spec_error(name, f"{name} is required", "MISSING")
+              for name in REQUIRED_FIELDS[spec["type"]] if spec.get(name) in (None, "", [])]
+    for name, value in spec.items():
+        if name == "type" or value is None:
+            continue
+        kind = fields.get(name)
+        if kind is None:
+            errors.append(spec_error(name, f"{name} is not a field of a {spec['type']} job", "UNKNOWN_FIELD"))
+        elif not _is_a(value, kind):
+            errors.append(spec_error(name, f"{name} must be a {kind.__name__}, not {value!r}", "BAD_TYPE"))
+        elif name in NUMBER_RANGES and not NUMBER_RANGES[name][0] <= value <= NUMBER_RANGES[name][1]:
+            low, high = NUMBER_RANGES[name]
+            errors.append(spec_error(name, f"{name} must be between {low} and {high}, not {value}", "OUT_OF_RANGE"))
+        elif name == "learning_rate" and not 0 < value <= 1:
+            errors.append(spec_error(name, f"learning_rate must be > 0 and <= 1, not {value}", "OUT_OF_RANGE"))
+        elif name == "peak_threshold" and not 0 <= value <= 1:
+            errors.append(spec_error(name, f"peak_threshold must be between 0 and 1, not {value}", "OUT_OF_RANGE"))
+        elif name == "frames" and not _frames_ok(value):
+            errors.append(spec_error(name, f"frames must look like 0-100,200-300 (ascending ranges), not {value!r}",
+                                     "BAD_FORMAT"))
+        elif name == "model_paths" and not all(isinstance(m, str) and m for m in value):
+            errors.append(spec_error(name, "model_paths must be a list of paths", "BAD_TYPE"))
+    return errors
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+def _frames_ok(text: str) -> bool:
+    if not _FRAMES_RE.match(text):
+        return False
+    for part in text.split(","):
+        start, _, end = part.partition("-")
+        if end and int(end) < int(start):
+            return False
+    return True
+
+
+def valid_job_id(job_id: Any) -> bool:
+    return isinstance(job_id, str) and bool(_JOB_ID_RE.match(job_id))
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 def file_digest(path: Path) -> tuple[int, str]:
@@ -393,9 +491,11 @@ class SignalingClient:
         # Guards _ws replacement and every write to it (websocket-client sends are not
         # thread-safe).
         self._send_lock = threading.Lock()
-        # Guards _mailbox; notified when a frame arrives or the connection is closed.
+        # Guards _mailbox and _replies; notified when a frame arrives or on close. Replies
+        # to requests are kept apart so that a consumer of `next` never takes one.
         self._mail = threading.Condition()
         self._mailbox: list[dict] = []
+        self._replies: list[dict] = []
         # One request in flight at a time, so that a reply or error maps to its request.
         self._request_lock = threading.Lock()
         self._reader: Optional[threading.Thread] = None
@@ -512,10 +612,13 @@ class SignalingClient:
             return
 
     def _deliver(self, frame: dict) -> None:
+        kind = frame.get("type")
+        is_reply = kind in REQUEST_REPLIES.values() or (kind == ERROR and frame.get("in_reply_to") in REQUEST_REPLIES)
+        box = self._replies if is_reply else self._mailbox
         with self._mail:
-            self._mailbox.append(frame)
-            if len(self._mailbox) > MAILBOX_LIMIT:
-                dropped = self._mailbox.pop(0)
+            box.append(frame)
+            if len(box) > MAILBOX_LIMIT:
+                dropped = box.pop(0)
                 log.warning("signaling: mailbox full, dropped an unclaimed %s frame", dropped.get("type"))
             self._mail.notify_all()
 
@@ -539,13 +642,16 @@ class SignalingClient:
             pass
 
     def next(self, match: Optional[Callable[[dict], bool]] = None, timeout: Optional[float] = None) -> Optional[dict]:
-        """Take the oldest frame that `match` accepts (any frame when None); None on timeout."""
+        """Take the oldest unsolicited frame that `match` accepts (any when None); None on timeout."""
+        return self._take(self._mailbox, match, timeout)
+
+    def _take(self, box: list, match: Optional[Callable[[dict], bool]], timeout: Optional[float]) -> Optional[dict]:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._mail:
             while True:
-                for i, frame in enumerate(self._mailbox):
+                for i, frame in enumerate(box):
                     if match is None or match(frame):
-                        return self._mailbox.pop(i)
+                        return box.pop(i)
                 if self._closing.is_set():
                     return None
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -561,8 +667,10 @@ class SignalingClient:
             return f.get("type") == reply_type or (f.get("type") == ERROR and f.get("in_reply_to") == sent_type)
 
         with self._request_lock:
+            with self._mail:
+                self._replies.clear()  # late answers to requests that timed out
             self.send(frame)
-            reply = self.next(is_reply, timeout)
+            reply = self._take(self._replies, is_reply, timeout)
         if reply is None:
             raise SignalingError("TIMEOUT", f"no {reply_type} from the signaling server within {timeout:.0f} s")
         if reply["type"] == ERROR:
@@ -752,8 +860,8 @@ class Link:
     def __init__(self, peer_id: str, pc, receive_dir: Path):
         self.peer_id = peer_id
         self.receive_dir = Path(receive_dir)
-        # Called as (name, bytes_received, total) while a file arrives.
-        self.on_receive_progress: Optional[Callable[[str, int, int], None]] = None
+        # Called as (bytes_received, total) while a file arrives.
+        self.on_receive_progress: Optional[Callable[[int, int], None]] = None
         self.inbox: "queue.Queue[Any]" = queue.Queue()
         self.close_reason = ""
         self._pc = pc
@@ -984,7 +1092,7 @@ class Link:
                     self._ack(incoming.transfer_id, ok=False, error=str(exc))
                     continue
                 if self.on_receive_progress:
-                    self.on_receive_progress(incoming.name, incoming.received, incoming.size)
+                    self.on_receive_progress(incoming.received, incoming.size)
                 continue
             try:
                 message = decode(item)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on one machine: a worker on the embedded signaling server, and a client
-# that finds it, opens a WebRTC link and moves a file both ways. Ends the worker at exit.
+# The main job on one machine: a worker on the embedded signaling server; a client that
+# trains a small model on a synthetic dataset through it, then runs inference with that
+# model and downloads the predictions. Ends the worker at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -8,10 +9,13 @@ OUT=demo-output
 rm -rf "$OUT" && mkdir -p "$OUT"
 export SLEAP_RTC_ICE_HOSTS=${SLEAP_RTC_ICE_HOSTS:-127.0.0.1}  # stay on this machine
 
-"$PYTHON" worker.py --working-dir "$OUT/worker" > "$OUT/worker.log" 2>&1 &
+echo "== a tiny synthetic project (sleap-io)"
+"$PYTHON" tests/tiny_data.py "$OUT/data" --frames 24 --epochs 5
+
+"$PYTHON" worker.py --working-dir "$OUT/worker" --mount "$PWD/$OUT/data:data" > "$OUT/worker.log" 2>&1 &
 worker_pid=$!
 trap 'kill -INT $worker_pid 2>/dev/null; wait $worker_pid 2>/dev/null || true' EXIT
-for _ in $(seq 120); do
+for _ in $(seq 240); do
   grep -q "registered as" "$OUT/worker.log" 2>/dev/null && break
   kill -0 $worker_pid 2>/dev/null || { cat "$OUT/worker.log"; exit 1; }
   sleep 0.5
@@ -22,10 +26,12 @@ source "$OUT/worker/room.env"
 
 echo "== workers in room $SLEAP_RTC_ROOM"
 "$PYTHON" client.py workers
-echo "== ping over WebRTC"
-"$PYTHON" client.py ping --count 3
-echo "== upload and download 5 MB"
-head -c 5000000 /dev/urandom > "$OUT/sample.bin"
-"$PYTHON" client.py upload "$OUT/sample.bin"
-"$PYTHON" client.py download "$PWD/$OUT/worker/uploads/sample.bin" --download "$OUT/returned"
-cmp "$OUT/sample.bin" "$OUT/returned/sample.bin" && echo "demo: the file came back intact"
+echo "== training on the worker"
+"$PYTHON" client.py train --config "$PWD/$OUT/data/config.yaml" --max-epochs 5 --run-name demo \
+  --log-dir "$OUT/client" | tee "$OUT/train.txt"
+model=$(sed -n 's/^model on the worker: //p' "$OUT/train.txt")
+echo "== inference with that model"
+"$PYTHON" client.py track --data-path "$PWD/$OUT/data/video.mp4" --model-paths "$model" \
+  --peak-threshold 0 --download "$OUT/predictions" --log-dir "$OUT/client"
+echo
+echo "demo: predictions in $OUT/predictions/, loss plot and logs in $OUT/client/"
