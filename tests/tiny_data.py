@@ -45,6 +45,7 @@ trainer_config:
 def make_project(out: Path, frames: int = 24, epochs: int = 2, steps: int = 4) -> dict:
     import sleap_io as sio
 
+    out = out.resolve()  # the config names the labels by absolute path
     out.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     images = np.zeros((frames, SIZE, SIZE, 1), dtype=np.uint8)
