@@ -21,3 +21,4 @@ test: install
 bench: install
 	$(PY) bench/transfer.py
 	$(PY) bench/signaling.py
+	$(PY) bench/jobs.py
