@@ -586,7 +586,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=P.DEFAULT_WS_PORT, help="WebSocket port (default 8080; 0 picks one)")
     parser.add_argument("--http-port", type=int, default=P.DEFAULT_HTTP_PORT, help="HTTP API port (default 8001)")
     parser.add_argument("--ice-server", action="append", type=parse_ice_server, default=[],
-                        help="STUN/TURN server handed to peers, e.g. stun:stun.example.org:3478 (repeatable)")
+                        help="STUN/TURN server handed to peers, e.g. stun:HOST:3478 (repeatable)")
     parser.add_argument("--state-file", type=Path,
                         help="keep rooms and the sign-in key in this file, so they survive a restart")
     parser.add_argument("--max-peers-per-room", type=int, default=Limits.max_peers_per_room)
