@@ -287,6 +287,7 @@ class JobMonitor:
         self.epoch_started: Optional[float] = None
         self.epoch_seconds: list[float] = []
         self.files: list[P.FileReceived] = []
+        self.early: list = []  # what arrived while waiting for JOB_ACCEPTED: the job may already log
         local_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = local_dir / "job.log"
         self.log_file = open(self.log_path, "a", encoding="utf-8")
@@ -305,16 +306,21 @@ class JobMonitor:
 
     def wait_accepted(self, timeout: float = 60) -> Optional[dict]:
         """The JOB_ACCEPTED payload, or None after printing why the job was rejected."""
-        reply = _wait_for(self.link, lambda m: m.name in (P.JOB_ACCEPTED, P.JOB_REJECTED)
-                          and m.payload.get("job_id") == self.job_id, timeout)
+        reply, deadline = None, time.monotonic() + timeout
+        while reply is None and time.monotonic() < deadline:
+            item = self.link.recv(timeout=0.5)
+            if isinstance(item, P.Message) and (item.name == P.LINK_ERROR or item.name in (
+                    P.JOB_ACCEPTED, P.JOB_REJECTED) and item.payload.get("job_id") == self.job_id):
+                reply = item
+            elif item is not None:
+                self.early.append(item)
         if reply is None:
             print(f"error: the worker did not answer the submission within {timeout:.0f} s", file=sys.stderr)
             return None
-        if isinstance(reply, P.Message) and reply.name == P.JOB_ACCEPTED:
+        if reply.name == P.JOB_ACCEPTED:
             return reply.payload
         print(f"error: job {self.job_id} was rejected by {self.link.peer_id}:", file=sys.stderr)
-        for error in (reply.payload.get("errors") if isinstance(reply, P.Message) else None) or [
-                {"field": "?", "message": getattr(reply, "error", None) or reply.payload.get("message")}]:
+        for error in reply.payload.get("errors") or [{"field": "?", "message": reply.payload.get("message")}]:
             print(f"  {error['field']}: {error['message']}", file=sys.stderr)
         return None
 
@@ -326,7 +332,7 @@ class JobMonitor:
                 if code is not None:
                     return code
             try:
-                item = self.link.recv(timeout=0.2)
+                item = self.early.pop(0) if self.early else self.link.recv(timeout=0.2)
             except P.LinkClosed as exc:
                 self.status(f"lost the link to {self.link.peer_id} ({exc}); job {self.job_id} runs on there", True)
                 return 1

@@ -227,7 +227,8 @@ def safe_run_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "run"
 
 
-def train_command(spec: dict, job_dir: Path, run_name: str, zmq_ports: Optional[tuple[int, int]]) -> tuple[list[str], Path]:
+def train_command(executable: str, spec: dict, job_dir: Path, run_name: str,
+                  zmq_ports: Optional[tuple[int, int]]) -> tuple[list[str], Path]:
     """The sleap-nn train argument list and the checkpoint directory it will write under."""
     import yaml
 
@@ -238,7 +239,7 @@ def train_command(spec: dict, job_dir: Path, run_name: str, zmq_ports: Optional[
         ckpt_dir = job_dir / "models"
     else:  # sleap-nn resolves a relative ckpt_dir against its working directory, the job's
         ckpt_dir = Path(configured) if Path(configured).is_absolute() else job_dir / configured
-    args = [sleap_nn_executable(), "train", "--config-dir", str(config.parent), "--config-name", config.stem]
+    args = [executable, "train", "--config-dir", str(config.parent), "--config-name", config.stem]
     overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": _hydra_value(str(ckpt_dir)),
                  "trainer_config.run_name": _hydra_value(run_name)}
     if spec.get("labels"):
@@ -262,8 +263,8 @@ def train_command(spec: dict, job_dir: Path, run_name: str, zmq_ports: Optional[
     return args, ckpt_dir
 
 
-def track_command(spec: dict, output: Path) -> list[str]:
-    args = [sleap_nn_executable(), "track", "--data_path", str(Path(spec["data_path"]).resolve())]
+def track_command(executable: str, spec: dict, output: Path) -> list[str]:
+    args = [executable, "track", "--data_path", str(Path(spec["data_path"]).resolve())]
     for model in spec["model_paths"]:
         args += ["--model_paths", str(Path(model).resolve())]
     args += ["--output_path", str(output)]
@@ -308,8 +309,9 @@ class Job:
     "job-ID-wait" reaps the process and reports the outcome.
     """
 
-    def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str):
+    def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str):
         self.job_id = job_id
+        self.executable = executable
         self.spec = spec
         self.dir = job_dir
         self.submitter = submitter
@@ -368,13 +370,14 @@ class Job:
             if progress:
                 context = zmq.Context()
                 sub, pub, ports = bind_zmq_pair(context)
-            self.command, self.ckpt_dir = train_command(self.spec, self.dir, run_name, ports if progress else None)
+            self.command, self.ckpt_dir = train_command(self.executable, self.spec, self.dir, run_name,
+                                                        ports if progress else None)
             self.run_name = run_name
         else:
             stem = Path(self.spec["data_path"]).name.split(".")[0]
             self.output = Path(self.spec["output"]).resolve() if self.spec.get("output") else \
                 self.dir / f"{stem}.predictions.slp"
-            self.command = track_command(self.spec, self.output)
+            self.command = track_command(self.executable, self.spec, self.output)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
             self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -563,8 +566,9 @@ class JobRunner:
     `on_change(job)` is called when a job starts and again when it has finished.
     """
 
-    def __init__(self, working_dir: Path, on_change: Callable[[Job], None]):
+    def __init__(self, working_dir: Path, on_change: Callable[[Job], None], executable: str):
         self.jobs_dir = working_dir / "jobs"
+        self.executable = executable
         self.on_change = on_change
         # Guards jobs and the single running slot.
         self._lock = threading.Lock()
@@ -583,7 +587,7 @@ class JobRunner:
             if self.running is not None:
                 return None, [P.spec_error("worker", f"busy with job {self.running.job_id}; try another worker "
                                                      "or again later", "BUSY")]
-            job = Job(job_id, spec, self.jobs_dir / job_id, submitter)
+            job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable)
             job.subscribe(listener)
             try:
                 job.start(self._finished)
@@ -741,7 +745,7 @@ class Worker:
     """
 
     def __init__(self, server_url: str, room_id: str, token: str, working_dir: Path, name: str,
-                 mounts: list[Mount], gpu_index: int, embedded=None):
+                 mounts: list[Mount], gpu_index: int, sleap_nn: str, embedded=None):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
@@ -770,7 +774,7 @@ class Worker:
             },
         }
         self.signaling = P.SignalingClient(server_url, room_id, token, self.peer_id, WORKER_ROLE, self.metadata)
-        self.runner = JobRunner(working_dir, self._job_changed)
+        self.runner = JobRunner(working_dir, self._job_changed, sleap_nn)
 
     def serve(self) -> None:
         self.signaling.connect()
@@ -854,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--working-dir", type=Path, default=Path(DEFAULT_WORKING_DIR),
                         help=f"where jobs, logs and uploads live (default ./{DEFAULT_WORKING_DIR})")
     parser.add_argument("--gpu", type=int, default=0, help="GPU index to use and report (default 0)")
+    parser.add_argument("--sleap-nn", metavar="PATH", default=None,
+                        help="the sleap-nn executable to run (default: the one beside this Python, else on PATH)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -886,7 +892,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"worker: created room {room_id}\n  token: {token}\n"
               f"  clients: source {env_file}  (or pass --room {room_id} --token {token})", flush=True)
 
-    worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu, embedded)
+    worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
+                    args.sleap_nn or sleap_nn_executable(), embedded)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

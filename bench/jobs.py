@@ -6,6 +6,11 @@ Prints, median of --runs: wall time of `sleap-nn train` alone, wall time of
 `client.py train` against a worker on loopback (link setup, validation, streaming and
 the checkpoint included), their ratio, and the time from `client.py train` starting to
 the worker starting sleap-nn (read from the worker's log timestamps).
+
+Then log throughput: a second worker runs, through `--sleap-nn`, a stand-in that prints
+--lines numbered lines as fast as it can. Lines per second from the stand-in starting to
+the last line reaching the client, against the same stand-in read straight from a pipe,
+and how many lines the client's log misses.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lines", type=int, default=100_000)
     args = parser.parse_args()
     with BenchWorld() as world:
         project = make_project(world.tmp / "data", frames=16, epochs=args.epochs)
@@ -56,12 +62,66 @@ def main() -> None:
             to_start.append(datetime.strptime(line.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - wall_start)
             print(f"run {run + 1}: direct {direct[-1]:.2f} s   through worker+client {remote[-1]:.2f} s   "
                   f"client start -> sleap-nn start {to_start[-1]:.2f} s", flush=True)
+        d, r = statistics.median(direct), statistics.median(remote)
+        print(f"\ntiny training ({args.epochs} epochs x 4 steps), median of {args.runs}:")
+        print(f"  sleap-nn train directly:          {d:6.2f} s")
+        print(f"  client.py train via worker:       {r:6.2f} s")
+        print(f"  ratio via-worker/direct:          {r / d:6.2f}")
+        print(f"  client start -> sleap-nn started: {statistics.median(to_start):6.2f} s\n", flush=True)
+        log_rates(world, config, args.runs, args.lines)
+
+
+STAND_IN = """#!{python}
+import sys, time
+print("start", time.time(), flush=True)
+for i in range({lines}):
+    sys.stdout.write(f"line {{i}} of {lines}: epoch 1 step {{i}} loss 0.0123 lr 0.0001\\n")
+"""
+
+
+def read_lines(command: list[str], env: dict, cwd: Path, marker: str) -> tuple[float, list[str]]:
+    """Run `command`, read its stdout line by line; (seconds from the stand-in's start to
+    the last line matching `marker`, every line read)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=cwd, text=True)
+    lines, start, last = [], None, None
+    for line in proc.stdout:
+        if line.startswith("start ") and start is None:
+            start = float(line.split()[1])
+        elif line.startswith(marker):
+            last = time.time()
+        lines.append(line)
+    assert proc.wait() == 0, "".join(lines[-20:])
+    return last - start, lines
+
+
+def log_rates(world: BenchWorld, config: Path, runs: int, n: int) -> None:
+    stand_in = world.tmp / "print-lines"
+    stand_in.write_text(STAND_IN.format(python=sys.executable, lines=n))
+    stand_in.chmod(0o755)
+    world.start_worker("--mount", str(config.parent), "--sleap-nn", str(stand_in))
+    worker_id = re.search(r"registered as (\S+)", (world.tmp / "worker2.log").read_text()).group(1)
+    env = {**world.env(), "PYTHONUNBUFFERED": "1"}
+    direct, remote, lost = [], [], []
+    for run in range(runs):
+        seconds, _ = read_lines([str(stand_in)], env, world.tmp, f"line {n - 1} of")
+        direct.append(n / seconds)
+        seconds, lines = read_lines([sys.executable, str(ROOT / "client.py"), "train", "--config", str(config),
+                                     "--worker-id", worker_id, "--verbose", "--log-dir", str(world.tmp / "lines")],
+                                    env, world.tmp, f"line {n - 1} of")
+        remote.append(n / seconds)
+        job_id = re.search(r"job (\S+) accepted", "".join(lines)).group(1)
+        logged = (world.tmp / "lines" / job_id / "job.log").read_text().splitlines()
+        numbered = [line for line in logged if line.startswith("line ")]
+        in_order = [f"line {i} of {n}" for i in range(n)] == [line.split(":")[0] for line in numbered]
+        lost.append(n - len(numbered) if in_order else n)
+        print(f"run {run + 1}: pipe {direct[-1]:,.0f} lines/s   worker->client {remote[-1]:,.0f} lines/s   "
+              f"lost {lost[-1]}", flush=True)
     d, r = statistics.median(direct), statistics.median(remote)
-    print(f"\ntiny training ({args.epochs} epochs x 4 steps), median of {args.runs}:")
-    print(f"  sleap-nn train directly:          {d:6.2f} s")
-    print(f"  client.py train via worker:       {r:6.2f} s")
-    print(f"  ratio via-worker/direct:          {r / d:6.2f}")
-    print(f"  client start -> sleap-nn started: {statistics.median(to_start):6.2f} s")
+    print(f"\nlog lines, {n:,} lines, median of {runs}:")
+    print(f"  read from a pipe:        {d:10,.0f} lines/s")
+    print(f"  worker -> client:        {r:10,.0f} lines/s")
+    print(f"  ratio worker->client/pipe: {r / d:8.3f}")
+    print(f"  lines lost (worst run):  {max(lost):10d}")
 
 
 if __name__ == "__main__":

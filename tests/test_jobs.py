@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,15 @@ def test_sleap_nn_failure_reports_exit_code_and_stderr(lab, tmp_path):
     assert "error: sleap-nn exited with code 1" in result.stderr
     assert "  | " in result.stderr  # the stderr tail
     wait_until(lambda: "failed" in lab.worker.output(), 10, "the worker to log the failure")
+
+
+def test_output_from_the_first_instant_reaches_the_client(room, project, tmp_path):
+    """Lines printed before JOB_ACCEPTED reaches the client are kept, in order, none twice."""
+    stand_in = tmp_path / "fast-sleap-nn"
+    stand_in.write_text(f"#!{sys.executable}\nfor i in range(5000):\n    print(f'line {{i}}')\n")
+    stand_in.chmod(0o755)
+    room.start_worker("--mount", str(project["config"].parent), "--sleap-nn", str(stand_in))
+    result = room.client("train", "--config", str(project["config"]))
+    assert result.returncode == 0, result.stdout + result.stderr
+    logged = (room.tmp / "sleap-rtc-jobs" / job_id_of(result.stdout) / "job.log").read_text().splitlines()
+    assert logged == [f"line {i}" for i in range(5000)]
