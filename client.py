@@ -6,6 +6,14 @@
     python client.py ping     [--worker-id W] [--count N]
     python client.py upload   FILE [--worker-id W]
     python client.py download PATH [--worker-id W] [--download DIR]
+    python client.py train    --config C.yaml [--labels L.slp] [--max-epochs N] ... [--detach]
+    python client.py track    --data-path V.mp4 --model-paths DIR ... [--detach]
+    python client.py jobs     [--worker-id W] [--state S]
+    python client.py status|logs [--follow]|fetch [--download DIR]|stop|cancel  JOB
+
+A job goes to the worker that can start it soonest (--worker-id W to name one); paths
+in a job are paths on the worker. The worker keeps every job in its ledger, so a client
+can leave (--detach, Ctrl+C, a closed laptop) and reattach later with the job id alone.
 
 Every command takes --server, --room and --token, or the environment variables
 SLEAP_RTC_SERVER, SLEAP_RTC_ROOM and SLEAP_RTC_TOKEN. Needs only this file, protocol.py
@@ -104,14 +112,31 @@ def connect(args) -> P.SignalingClient:
     return signaling
 
 
-def find_workers(signaling: P.SignalingClient, min_gpu_memory: int = 0) -> list[dict]:
+def discover_workers(signaling: P.SignalingClient, job_type: Optional[str] = None,
+                     min_gpu_memory: int = 0) -> list[dict]:
+    """The room's workers (for `job_type`, with at least `min_gpu_memory` MB). A server
+    that cannot discover gives the worker named by SLEAP_RTC_WORKER_PEER_ID instead,
+    marked "fallback"."""
+    tags = [P.JOB_TYPE_TAGS[job_type]] if job_type else None
     properties = {"gpu_memory_mb": {"$gte": min_gpu_memory}} if min_gpu_memory else None
-    return signaling.discover(role="worker", properties=properties)
+    try:
+        return signaling.discover(role="worker", tags=tags, properties=properties)
+    except P.SignalingError as exc:
+        if exc.code not in (P.UNKNOWN_MESSAGE_TYPE, "TIMEOUT"):
+            raise
+        named = os.environ.get(P.ENV_WORKER_PEER_ID)
+        if not named:
+            raise P.NoWorkersAvailableError(
+                f"the signaling server at {signaling.url} cannot discover workers ({exc.message}); "
+                f"set {P.ENV_WORKER_PEER_ID} to the peer id the worker printed at start") from None
+        return [{"peer_id": named, "metadata": {}, "fallback": True}]
 
 
 def choose_worker(signaling: P.SignalingClient, worker_id: Optional[str]) -> str:
     """`worker_id` when it is in the room, else the first available worker."""
-    workers = find_workers(signaling)
+    workers = discover_workers(signaling)
+    if workers and workers[0].get("fallback"):
+        return workers[0]["peer_id"]
     if worker_id:
         if not any(w["peer_id"] == worker_id for w in workers):
             known = ", ".join(w["peer_id"] for w in workers) or "none"
@@ -136,6 +161,158 @@ def with_link(args, work: Callable[[P.Link], int], receive_dir: Path = Path(".")
         if link is not None:
             link.close()
         signaling.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing a worker for a job, and asking workers about jobs (peer messages via signaling)
+# ---------------------------------------------------------------------------------------
+
+ANSWER_TIMEOUT_S = 5.0  # how long workers have to answer a job_request or jobs_query
+SUMMARY_FIELDS = ("type", "config", "labels", "data_path", "max_epochs", "batch_size")
+
+
+def ask_workers(signaling: P.SignalingClient, worker_ids: list[str], payload: dict, reply_type: str,
+                timeout: float = ANSWER_TIMEOUT_S,
+                enough: Callable[[dict], bool] = lambda replies: False) -> dict[str, dict]:
+    """Send `payload` to each worker and collect their `reply_type` answers (matched on
+    request_id, else job_id) until all answered, `enough(replies)`, or `timeout`."""
+    key = "request_id" if "request_id" in payload else "job_id"
+    wanted = set(worker_ids)
+
+    def is_answer(frame: dict) -> bool:
+        body = frame.get("payload")
+        return (frame.get("type") == P.PEER_MESSAGE and frame.get("from_peer_id") in wanted
+                and isinstance(body, dict) and body.get(P.APP_MESSAGE_TYPE) == reply_type
+                and body.get(key) == payload[key])
+
+    for worker_id in worker_ids:
+        signaling.send_to_peer(worker_id, payload)
+    replies: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(replies) < len(wanted) and not enough(replies):
+        frame = signaling.next(is_answer, timeout=max(0.0, deadline - time.monotonic()))
+        if frame is None:
+            break
+        replies[frame["from_peer_id"]] = frame["payload"]
+    return replies
+
+
+def rank_key(candidate: dict) -> tuple:
+    """Can start now, then shortest queue, then most GPU memory; the peer id breaks ties."""
+    position = candidate["response"].get("queue_position") or 0
+    return (position > 0, position, -candidate["gpu_memory_mb"], candidate["peer_id"])
+
+
+def choice_reason(ranked: list[dict]) -> str:
+    best = ranked[0]
+    if len(ranked) == 1:
+        return "the only worker that accepted"
+    first, second = rank_key(best), rank_key(ranked[1])
+    if first[0] != second[0]:
+        return "it can start now; the others would queue"
+    if first[1] != second[1]:
+        return f"shortest queue (position {first[1]})"
+    if first[2] != second[2]:
+        return f"most GPU memory ({best['gpu_memory_mb']} MB)"
+    return "as good as the others; first by peer id"
+
+
+def no_worker_fits(signaling: P.SignalingClient, job_type: str, min_gpu_memory: int) -> P.NoWorkersAvailableError:
+    """The error for an empty discovery, saying what the room has instead."""
+    room = signaling.room_id
+    everyone = signaling.discover(role="worker")
+    if not everyone:
+        return P.NoWorkersAvailableError(f"no workers in room {room}; start one with "
+                                         f"`python worker.py --room {room} --token ...`")
+    described = ", ".join(f"{w['peer_id']} ({w['metadata'].get('properties', {}).get('gpu_memory_mb', '?')} MB)"
+                          for w in sorted(everyone, key=lambda w: w["peer_id"]))
+    if min_gpu_memory:
+        return P.NoWorkersAvailableError(
+            f"no worker with >= {min_gpu_memory} MB GPU memory in room {room}; {len(everyone)} worker(s) "
+            f"have less: {described}. Lower --min-gpu-memory or start a bigger worker.")
+    return P.NoWorkersAvailableError(f"no worker in room {room} runs {job_type} jobs "
+                                     f"(tag {P.JOB_TYPE_TAGS[job_type]}); workers there: {described}")
+
+
+def negotiate(signaling: P.SignalingClient, job_id: str, spec: dict, worker_id: Optional[str],
+              min_gpu_memory: int = 0) -> tuple[str, dict]:
+    """Pick the worker for a job and assign it there: (worker id, its job_response).
+
+    Sends job_request to every fitting worker (or only `worker_id`), ranks those that
+    accept with `rank_key`, prints the candidates and the choice, sends job_assignment.
+    """
+    workers = discover_workers(signaling, spec["type"], min_gpu_memory)
+    if workers and workers[0].get("fallback"):
+        print(f"the server cannot discover workers; using {P.ENV_WORKER_PEER_ID}={workers[0]['peer_id']}",
+              file=sys.stderr)
+        return workers[0]["peer_id"], {}
+    if worker_id:
+        named = [w for w in workers if w["peer_id"] == worker_id]
+        if not named:
+            fitting = ", ".join(sorted(w["peer_id"] for w in workers)) or "none"
+            raise P.NoWorkersAvailableError(
+                f"worker {worker_id} is not in room {signaling.room_id}, or cannot take {spec['type']} jobs"
+                f"{f' with >= {min_gpu_memory} MB' if min_gpu_memory else ''} (workers that can: {fitting})")
+        workers = named
+    elif not workers:
+        raise no_worker_fits(signaling, spec["type"], min_gpu_memory)
+    request = {P.APP_MESSAGE_TYPE: P.APP_JOB_REQUEST, "job_id": job_id, "job_type": spec["type"],
+               "requirements": {"min_gpu_memory_mb": min_gpu_memory},
+               "config": {k: spec[k] for k in SUMMARY_FIELDS if k in spec}}
+    replies = ask_workers(signaling, [w["peer_id"] for w in workers], request, P.APP_JOB_RESPONSE)
+    candidates, refusals = [], []
+    print(f"candidates for job {job_id}:", file=sys.stderr)
+    for w in sorted(workers, key=lambda w: w["peer_id"]):
+        memory = w["metadata"].get("properties", {}).get("gpu_memory_mb", 0)
+        reply = replies.get(w["peer_id"])
+        if reply is None:
+            refusals.append(f"{w['peer_id']}: no answer within {ANSWER_TIMEOUT_S:.0f} s")
+            verdict = "no answer"
+        elif not reply.get("accepted"):
+            refusals.append(f"{w['peer_id']}: {reply.get('reason')} ({reply.get('message', '')})")
+            verdict = f"refused: {reply.get('reason')}"
+        else:
+            candidates.append({"peer_id": w["peer_id"], "gpu_memory_mb": memory, "response": reply})
+            position = reply.get("queue_position") or 0
+            start = reply.get("estimated_start_time_sec")
+            verdict = "can start now" if not position else \
+                f"queue position {position}" + (f", starts in ~{start} s" if start is not None else "")
+        print(f"  {w['peer_id']}  {memory} MB  {verdict}", file=sys.stderr)
+    if not candidates:
+        raise P.NoWorkersAcceptedError(f"no worker accepted job {job_id}: " + "; ".join(refusals))
+    ranked = sorted(candidates, key=rank_key)
+    chosen = ranked[0]
+    reason = "named with --worker-id" if worker_id else choice_reason(ranked)
+    print(f"chose {chosen['peer_id']}: {reason}", file=sys.stderr)
+    assignment = {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNMENT, "job_id": job_id}
+    ask_workers(signaling, [chosen["peer_id"]], assignment, P.APP_JOB_ASSIGNED)
+    return chosen["peer_id"], chosen["response"]
+
+
+def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[str] = None) -> tuple[str, dict]:
+    """The worker holding `job_id` and the job's record: the worker named, else the one
+    remembered here, else whichever worker in the room knows the job."""
+    if not P.valid_job_id(job_id):
+        raise UsageError(f"{job_id!r} is not a job id (letters, digits, '-' and '_')")
+    first = worker_id or remembered_worker(job_id)
+    if first:
+        query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6), "job_id": job_id}
+        jobs = ask_workers(signaling, [first], query, P.APP_JOBS_LIST).get(first, {}).get("jobs")
+        if jobs:
+            return first, jobs[0]
+        if worker_id:
+            raise P.SleapRTCError(f"worker {worker_id} does not know job {job_id} (or did not answer)")
+    workers = [w["peer_id"] for w in discover_workers(signaling)]
+    query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6), "job_id": job_id}
+    replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST,
+                          enough=lambda replies: any(r.get("jobs") for r in replies.values()))
+    for holder, reply in replies.items():
+        if reply.get("jobs"):
+            remember_job(job_id, holder, signaling.room_id)
+            return holder, reply["jobs"][0]
+    silent = len(workers) - len(replies)
+    raise P.SleapRTCError(f"no worker in room {signaling.room_id} knows job {job_id} (asked {len(workers)}"
+                          f"{f', {silent} did not answer' if silent else ''})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,7 +345,7 @@ def cmd_rooms_create(args) -> int:
 def cmd_workers(args) -> int:
     signaling = connect(args)
     try:
-        workers = find_workers(signaling, args.min_gpu_memory)
+        workers = discover_workers(signaling, min_gpu_memory=args.min_gpu_memory)
     finally:
         signaling.close()
     if not workers:
@@ -352,6 +529,8 @@ class JobMonitor:
                 self.reports_file.write(item.payload.get("report", "") + "\n")
             elif item.name == P.JOB_CONTROL:
                 self.status(f"{item.payload['action']}: {item.payload['message']}", True)
+            elif item.name in (P.TRAIN_JOB_START, P.INFERENCE_JOB_START):
+                self.status(f"job {self.job_id} started on {self.link.peer_id}")
             elif item.name in (P.JOB_COMPLETE, P.JOB_FAILED):
                 return self._finish(item.payload)
 
@@ -367,7 +546,9 @@ class JobMonitor:
     def _progress(self, p: dict) -> None:
         event = p.get("event")
         now = time.monotonic()
-        if event == "inference":
+        if event == "queued":
+            self.status(f"queued on {self.link.peer_id} at position {p.get('queue_position')}")
+        elif event == "inference":
             self.status(f"inference: {p.get('n_processed')}/{p.get('n_total')} frames  "
                         f"{p.get('rate') or 0:.1f} fps  ETA {p.get('eta') or 0:.0f} s")
         elif event == "train_begin":
@@ -464,7 +645,7 @@ def run_job(args, spec: dict) -> int:
     signaling = connect(args)
     link = monitor = None
     try:
-        worker_id = choose_worker(signaling, args.worker_id)
+        worker_id, _ = negotiate(signaling, job_id, spec, args.worker_id, args.min_gpu_memory)
         link = P.open_link(signaling, worker_id, download)
         link.on_receive_progress = Progress("predictions")
         monitor = JobMonitor(link, job_id, Path(args.log_dir) / job_id, args.verbose)
@@ -473,7 +654,14 @@ def run_job(args, spec: dict) -> int:
         if accepted is None:
             return 1
         remember_job(job_id, worker_id, signaling.room_id)
-        print(f"job {job_id} accepted by {worker_id}; worker directory {accepted['job_dir']}", flush=True)
+        position = accepted.get("queue_position") or 0
+        print(f"job {job_id} accepted by {worker_id}; "
+              f"{f'queued at position {position}' if position else 'starting now'}; "
+              f"worker directory {accepted['job_dir']}", flush=True)
+        if args.detach:
+            print(f"detached; follow it with `python client.py logs {job_id} --follow` "
+                  f"(or status, fetch, stop, cancel)")
+            return 0
         previous = signal.signal(signal.SIGINT, lambda *_: setattr(monitor, "interrupts", monitor.interrupts + 1))
         try:
             return monitor.follow()
@@ -512,23 +700,162 @@ def _submit_checked(args, spec: dict) -> int:
     return run_job(args, spec)
 
 
+def with_job_link(args, work: Callable[[P.Link, dict], int], receive_dir: Path = Path(".")) -> int:
+    """Find the worker holding args.job_id, open a link to it, run `work(link, record)`."""
+    signaling = connect(args)
+    link = None
+    try:
+        worker_id, record = locate_job(signaling, args.job_id, args.worker_id)
+        link = P.open_link(signaling, worker_id, receive_dir)
+        return work(link, record)
+    finally:
+        if link is not None:
+            link.close()
+        signaling.close()
+
+
 def cmd_control(args) -> int:
-    worker_id = args.worker_id or remembered_worker(args.job_id)
-    if not worker_id:
-        raise UsageError(f"which worker holds {args.job_id}? pass --worker-id W")
-    args.worker_id = worker_id
     name = P.ZMQ_CTRL if args.command == "stop" else P.JOB_CANCEL
 
-    def work(link: P.Link) -> int:
+    def work(link: P.Link, record: dict) -> int:
         link.send(name, {"job_id": args.job_id, "command": "STOP"})
         reply = _wait_for(link, lambda m: m.name == P.JOB_CONTROL and m.payload.get("job_id") == args.job_id, 15)
         if reply is None:
             print("error: no answer from the worker within 15 s", file=sys.stderr)
             return 1
-        print(f"{args.command} {args.job_id}: {reply.payload['message']}")
+        print(f"{args.command} {args.job_id} on {link.peer_id}: {reply.payload['message']}")
         return 0 if reply.payload.get("ok") else 1
 
-    return with_link(args, work)
+    return with_job_link(args, work)
+
+
+def _when(timestamp: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+def cmd_jobs(args) -> int:
+    signaling = connect(args)
+    try:
+        workers = [args.worker_id] if args.worker_id else sorted(w["peer_id"] for w in discover_workers(signaling))
+        query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6), "state": args.state}
+        replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST) if workers else {}
+    finally:
+        signaling.close()
+    jobs = [(worker_id, job) for worker_id, reply in replies.items() for job in reply.get("jobs", [])]
+    for worker_id in workers:
+        if worker_id not in replies:
+            print(f"warning: {worker_id} did not answer within {ANSWER_TIMEOUT_S:.0f} s", file=sys.stderr)
+        elif replies[worker_id].get("error"):
+            print(f"error from {worker_id}: {replies[worker_id]['error']}", file=sys.stderr)
+    if not jobs:
+        print(f"no {args.state + ' ' if args.state else ''}jobs on {len(replies)} worker(s) in room {args.room}")
+        return 0 if replies or not workers else 1
+    rows = [[job["job_id"], worker_id, job["type"], job["state"], _when(job["submitted_at"]),
+             f"{job['duration_s']:.1f} s" if job.get("duration_s") is not None else "-"]
+            for worker_id, job in sorted(jobs, key=lambda pair: pair[1]["submitted_at"])]
+    print_table(rows, ["JOB", "WORKER", "TYPE", "STATE", "SUBMITTED", "DURATION"])
+    return 0
+
+
+def cmd_status(args) -> int:
+    signaling = connect(args)
+    try:
+        worker_id, job = locate_job(signaling, args.job_id, args.worker_id)
+    finally:
+        signaling.close()
+    state = job["state"]
+    if state == P.PENDING and job.get("queue_position"):
+        state += f" (queue position {job['queue_position']})"
+    print(f"job        {job['job_id']}\nworker     {worker_id}\ntype       {job['type']}\nstate      {state}")
+    for label, key in (("submitted", "submitted_at"), ("started", "started_at"), ("finished", "finished_at")):
+        print(f"{label:<10} {_when(job.get(key))}")
+    if job.get("duration_s") is not None:
+        print(f"duration   {job['duration_s']:.1f} s")
+    if job.get("exit_code") is not None:
+        print(f"exit code  {job['exit_code']}")
+    if job.get("stopped_early"):
+        print("stopped early, model kept")
+    for output in job.get("outputs") or []:
+        if output["kind"] == "model":
+            print(f"model      {output['path']} ({len(output.get('files', []))} files)")
+        else:
+            print(f"{output['kind']:<10} {output['path']} (sha256 {output['sha256']})")
+    if job.get("warning"):
+        print(f"warning    {job['warning']}")
+    if job.get("error"):
+        print(f"error      {job['error']}")
+    for line in job.get("stderr_tail") or []:
+        print(f"  | {line}")
+    print(f"log        {job.get('log_path')} (on the worker; `python client.py logs {job['job_id']}`)")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    def work(link: P.Link, record: dict) -> int:
+        link.send(P.JOB_ATTACH, {"job_id": args.job_id, "follow": args.follow})
+        following = True
+        while True:
+            item = link.recv(timeout=1.0)
+            if not isinstance(item, P.Message) or item.payload.get("job_id") != args.job_id:
+                continue
+            if item.name == P.JOB_LOG:
+                for _, line in item.payload.get("lines", []):
+                    sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            elif item.name == P.JOB_ATTACHED:
+                if item.payload.get("error"):
+                    print(f"error: {item.payload['error']}", file=sys.stderr)
+                    return 1
+                following = item.payload.get("following", False)
+                if not following:
+                    if args.follow:
+                        print(f"job {args.job_id} is {item.payload.get('state')}", file=sys.stderr)
+                    return 0
+            elif item.name in (P.JOB_COMPLETE, P.JOB_FAILED) and following:
+                print(f"job {args.job_id} {item.payload.get('state')}", file=sys.stderr)
+                return 0
+
+    return with_job_link(args, work)
+
+
+def cmd_fetch(args) -> int:
+    target = Path(args.download) / args.job_id
+
+    def work(link: P.Link, record: dict) -> int:
+        if record["state"] != P.COMPLETED:
+            raise P.JobFailedError(
+                f"job {args.job_id} is {record['state']}{': ' + record['error'] if record.get('error') else ''}; "
+                f"it has no results to fetch. See `python client.py logs {args.job_id}`")
+        expected = {}
+        for output in record.get("outputs") or []:
+            files = output.get("files") or [{"name": Path(output["path"]).name, "sha256": output["sha256"]}]
+            expected.update({f["sha256"]: f["name"] for f in files})
+        link.send(P.JOB_FETCH, {"job_id": args.job_id})
+        received: list[P.FileReceived] = []
+        while True:
+            item = link.recv(timeout=1.0)
+            if isinstance(item, P.FileReceived):
+                received.append(item)
+                print(f"received {item.path} ({item.size} bytes)", file=sys.stderr)
+            elif isinstance(item, P.TransferFailed):
+                print(f"error: a file did not arrive: {item.error}", file=sys.stderr)
+            elif isinstance(item, P.Message) and item.name == P.JOB_FETCHED \
+                    and item.payload.get("job_id") == args.job_id:
+                break
+        if item.payload.get("error"):
+            print(f"error: {item.payload['error']}", file=sys.stderr)
+        missing = [name for sha256, name in expected.items() if sha256 not in {f.sha256 for f in received}]
+        for name in missing:
+            print(f"error: {name} did not arrive as the job recorded it (missing, or changed on the worker "
+                  "since the job ended)", file=sys.stderr)
+        if missing or item.payload.get("error"):
+            return 1
+        print(f"fetched {len(received)} file(s) of job {args.job_id} into {target}; "
+              "each SHA-256 matches the job record")
+        return 0
+
+    target.mkdir(parents=True, exist_ok=True)
+    return with_job_link(args, work, receive_dir=target)
 
 
 # ---------------------------------------------------------------------------------------
@@ -578,9 +905,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_download)
 
     job_output = argparse.ArgumentParser(add_help=False)
+    choice = job_output.add_mutually_exclusive_group()
+    choice.add_argument("--worker-id", help="run on this worker (it must still accept the job)")
+    choice.add_argument("--auto-select", action="store_true",
+                        help="ask every fitting worker and pick: can start now, then shortest queue, then most "
+                             "GPU memory (the default)")
+    job_output.add_argument("--min-gpu-memory", type=int, default=0, metavar="MB",
+                            help="only workers with at least this much GPU memory")
+    job_output.add_argument("--detach", action="store_true",
+                            help="return once the worker accepted the job; reattach with logs/status/fetch")
     job_output.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR",
                             help="where the job's local log, progress events and loss plot go (default ./sleap-rtc-jobs)")
-    p = commands.add_parser("train", parents=[common, worker_choice, job_output],
+    p = commands.add_parser("train", parents=[common, job_output],
                             help="train a model on the worker (paths are paths on the worker)")
     p.add_argument("--config", required=True, help="sleap-nn training config (YAML) on the worker")
     p.add_argument("--labels", help="training labels (.slp), overriding the config")
@@ -594,7 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print sleap-nn's output as it comes")
     p.set_defaults(run=cmd_train)
 
-    p = commands.add_parser("track", parents=[common, worker_choice, job_output],
+    p = commands.add_parser("track", parents=[common, job_output],
                             help="run inference on the worker and download the predictions")
     p.add_argument("--data-path", required=True, help="video or labels on the worker")
     p.add_argument("--model-paths", action="append", required=True, help="model directory on the worker (repeatable)")
@@ -607,9 +943,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print sleap-nn's output as it comes")
     p.set_defaults(run=cmd_track)
 
-    for action, text in (("stop", "stop a training early; the model is kept"), ("cancel", "cancel a job")):
-        p = commands.add_parser(action, parents=[common, worker_choice], help=text)
-        p.add_argument("job_id", metavar="JOB")
+    job_holder = argparse.ArgumentParser(add_help=False)
+    job_holder.add_argument("job_id", metavar="JOB")
+    job_holder.add_argument("--worker-id", help="the worker holding the job (default: the one remembered "
+                                                "in ~/.sleap-rtc/jobs.json, else every worker in the room is asked)")
+    p = commands.add_parser("jobs", parents=[common], help="list the jobs of every worker in the room")
+    p.add_argument("--worker-id", help="only this worker's jobs")
+    p.add_argument("--state", choices=P.JOB_STATES, help="only jobs in this state")
+    p.set_defaults(run=cmd_jobs)
+    p = commands.add_parser("status", parents=[common, job_holder], help="everything the worker recorded of a job")
+    p.set_defaults(run=cmd_status)
+    p = commands.add_parser("logs", parents=[common, job_holder], help="a job's full log from its first line")
+    p.add_argument("--follow", action="store_true", help="then keep printing until the job ends")
+    p.set_defaults(run=cmd_logs)
+    p = commands.add_parser("fetch", parents=[common, job_holder],
+                            help="download a completed job's results (model files or predictions), checked")
+    p.add_argument("--download", default=".", metavar="DIR", help="files go to DIR/JOB (default: current dir)")
+    p.set_defaults(run=cmd_fetch)
+    for action, text in (("stop", "stop a training early; the model is kept"),
+                         ("cancel", "cancel a job; a queued one leaves the queue at once")):
+        p = commands.add_parser(action, parents=[common, job_holder], help=text)
         p.set_defaults(run=cmd_control)
     return parser
 

@@ -19,7 +19,6 @@ client never needs torch or sleap-nn.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
@@ -54,6 +53,8 @@ ENV_SERVER = "SLEAP_RTC_SERVER"
 ENV_ROOM = "SLEAP_RTC_ROOM"
 ENV_TOKEN = "SLEAP_RTC_TOKEN"
 ENV_HTTP = "SLEAP_RTC_HTTP"
+# The worker to use when the server cannot discover peers (servers before the v2 API).
+ENV_WORKER_PEER_ID = "SLEAP_RTC_WORKER_PEER_ID"
 # Comma-separated addresses: the only host candidates this process offers. Tests set it
 # to 127.0.0.1 so that no test traffic leaves loopback.
 ENV_ICE_HOSTS = "SLEAP_RTC_ICE_HOSTS"
@@ -114,6 +115,18 @@ class LinkClosed(SleapRTCError):
 
 class TransferError(SleapRTCError):
     """A file transfer failed; no file was left under its final name."""
+
+
+class NoWorkersAvailableError(SleapRTCError):
+    """No worker in the room fits the job; the text says what is there instead."""
+
+
+class NoWorkersAcceptedError(SleapRTCError):
+    """Workers fit the job but none accepted it; the text gives each one's reason."""
+
+
+class JobFailedError(SleapRTCError):
+    """The job ended failed or cancelled, so what was asked of it cannot be done."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,16 +273,22 @@ LINK_ERROR = "ERROR"  # {message, ...}
 
 # Jobs. Every payload carries "job_id".
 JOB_SUBMIT = "JOB_SUBMIT"  # {job_id, spec}
-JOB_ACCEPTED = "JOB_ACCEPTED"  # {job_id, job_dir, command}
+JOB_ACCEPTED = "JOB_ACCEPTED"  # {job_id, job_dir, queue_position (0: starts now)}
 JOB_REJECTED = "JOB_REJECTED"  # {job_id, errors: [{field, message, code}]}
 JOB_LOG = "JOB_LOG"  # {job_id, lines: [[stream, text]], progress: latest \r line or null}
-JOB_PROGRESS = "JOB_PROGRESS"  # {job_id, event, epoch, loss, val_loss} | {job_id, n_processed, n_total, ...}
+# {job_id, event, epoch, loss, val_loss} | {job_id, event: inference, n_processed, n_total, ...}
+# | {job_id, event: queued, queue_position}
+JOB_PROGRESS = "JOB_PROGRESS"
 PROGRESS_REPORT = "PROGRESS_REPORT"  # {job_id, report: sleap-nn's raw ZMQ JSON text}
 ZMQ_CTRL = "ZMQ_CTRL"  # {job_id, command: "STOP"}: stop early, keep the model
 JOB_CANCEL = "JOB_CANCEL"  # {job_id}: terminate the run
 JOB_CONTROL = "JOB_CONTROL"  # {job_id, action, ok, message}: the worker's answer to ZMQ_CTRL / JOB_CANCEL
 JOB_COMPLETE = "JOB_COMPLETE"  # {job_id, state, exit_code, duration_s, stopped_early, outputs, warning}
 JOB_FAILED = "JOB_FAILED"  # the same fields, state failed|cancelled, plus error and stderr_tail
+JOB_ATTACH = "JOB_ATTACH"  # {job_id, follow}: send the job's log from its first line, then (follow) live
+JOB_ATTACHED = "JOB_ATTACHED"  # {job_id, state, following, error?}: the log so far has been sent
+JOB_FETCH = "JOB_FETCH"  # {job_id}: send the job's result files
+JOB_FETCHED = "JOB_FETCHED"  # {job_id, files: [path on the worker], error?}: every file has been sent
 # Names the seeds fixed, sent beside the structured messages for older clients.
 TRAIN_JOB_START = "TRAIN_JOB_START"
 TRAIN_JOB_END = "TRAIN_JOB_END"
@@ -277,6 +296,30 @@ TRAIN_JOB_ERROR = "TRAIN_JOB_ERROR"
 INFERENCE_JOB_START = "INFERENCE_JOB_START"
 
 _NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+# ---------------------------------------------------------------------------------------
+# Jobs and workers over signaling: `peer_message` payloads told apart by app_message_type
+# ---------------------------------------------------------------------------------------
+
+APP_MESSAGE_TYPE = "app_message_type"
+# client -> worker {job_id, job_type, requirements: {min_gpu_memory_mb}, config: {a summary of the spec}}
+APP_JOB_REQUEST = "job_request"
+# worker -> client {job_id, accepted, reason, estimated_start_time_sec, estimated_duration_minutes,
+#                   queue_position (0: starts now), worker_info: {gpu_utilization, available_memory_mb}}
+APP_JOB_RESPONSE = "job_response"
+APP_JOB_ASSIGNMENT = "job_assignment"  # client -> worker {job_id}
+APP_JOB_ASSIGNED = "job_assigned"  # worker -> client {job_id, reserved, queue_position}
+APP_JOBS_QUERY = "jobs_query"  # client -> worker {request_id, job_id?, state?}
+APP_JOBS_LIST = "jobs_list"  # worker -> client {request_id, jobs: [record]}
+APP_JOB_COMPLETE = "job_complete"  # worker -> submitter, the outcome without its stderr tail
+APP_JOB_FAILED = "job_failed"
+
+# Worker status in its metadata.
+AVAILABLE, RESERVED, BUSY, MAINTENANCE = "available", "reserved", "busy", "maintenance"
+# Job states: pending -> running -> completed | failed | cancelled.
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
+JOB_STATES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
+FINAL_STATES = (COMPLETED, FAILED, CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -318,6 +361,7 @@ def decode(text: str) -> Message:
 # here need nothing of the worker; the worker adds its own (paths, mounts, config).
 
 TRAIN, TRACK = "train", "track"
+JOB_TYPE_TAGS = {TRAIN: "training-worker", TRACK: "inference-worker"}  # the discovery tag for each
 SPEC_FIELDS: dict[str, dict[str, type]] = {
     TRAIN: {"config": str, "labels": str, "val_labels": str, "max_epochs": int, "batch_size": int,
             "learning_rate": float, "run_name": str, "resume": str, "gui": bool},

@@ -24,6 +24,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -81,15 +82,17 @@ def resolve_in_mounts(path: str, mounts: list[Mount]) -> Path:
 # ---------------------------------------------------------------------------------------
 
 
-def gpu_facts(gpu_index: int) -> dict:
-    """GPU memory, model and CUDA version: from torch, else nvidia-smi, else CPU fallbacks."""
+def gpu_facts(gpu_index: int, probe_torch: bool = True) -> dict:
+    """GPU memory, model and CUDA version: from torch (unless `probe_torch` is False: it
+    takes seconds to import), else nvidia-smi, else CPU fallbacks."""
     try:
-        import torch
+        if probe_torch:
+            import torch
 
-        if torch.cuda.is_available() and gpu_index < torch.cuda.device_count():
-            props = torch.cuda.get_device_properties(gpu_index)
-            return {"gpu_memory_mb": props.total_memory // 2**20, "gpu_model": props.name,
-                    "cuda_version": torch.version.cuda or "N/A"}
+            if torch.cuda.is_available() and gpu_index < torch.cuda.device_count():
+                props = torch.cuda.get_device_properties(gpu_index)
+                return {"gpu_memory_mb": props.total_memory // 2**20, "gpu_model": props.name,
+                        "cuda_version": torch.version.cuda or "N/A"}
     except Exception as exc:  # a broken CUDA install must not stop the worker
         log.info("torch did not report a GPU (%s)", exc)
     try:
@@ -103,6 +106,18 @@ def gpu_facts(gpu_index: int) -> dict:
                 "cuda_version": cuda.group(1) if cuda else "N/A"}
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return {"gpu_memory_mb": 0, "gpu_model": "CPU", "cuda_version": "N/A"}
+
+
+def gpu_load(gpu_index: int) -> tuple[Optional[int], Optional[int]]:
+    """Utilization in percent and free memory in MB now, from nvidia-smi; (None, None) without one."""
+    try:
+        query = subprocess.run(
+            ["nvidia-smi", f"--id={gpu_index}", "--query-gpu=utilization.gpu,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=5, check=True)
+        utilization, free = [part.strip() for part in query.stdout.strip().splitlines()[0].split(",")]
+        return int(float(utilization)), int(float(free))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None, None
 
 
 def sleap_nn_version() -> str:
@@ -175,6 +190,8 @@ STDERR_TAIL_LINES = 40
 STOP_REPEAT_S = 0.5
 STOP_GRACE_S = 120.0  # after this long without train_end, a stop becomes SIGINT
 CANCEL_GRACE_S = 10.0  # after SIGTERM, SIGKILL
+JOB_SUMMARY_FIELDS = ("job_id", "type", "state", "submitter", "submitted_at", "started_at", "finished_at",
+                      "duration_s", "exit_code")
 PATH_FIELDS = {P.TRAIN: ("config", "labels", "val_labels", "resume"), P.TRACK: ("data_path",)}
 
 
@@ -309,20 +326,22 @@ class Job:
     "job-ID-wait" reaps the process and reports the outcome.
     """
 
-    def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str):
+    def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
+                 submitted_at: Optional[float] = None):
         self.job_id = job_id
-        self.executable = executable
         self.spec = spec
         self.dir = job_dir
         self.submitter = submitter
+        self.executable = executable
         self.log_path = job_dir / "job.log"
-        self.state = "pending"
-        self.submitted_at = time.time()
+        self.state = P.PENDING
+        self.submitted_at = submitted_at or time.time()
         self.started_at: Optional[float] = None
         self.finished_at: Optional[float] = None
         self.exit_code: Optional[int] = None
         self.stop_requested = threading.Event()
         self.cancel_requested = threading.Event()
+        self.cancel_reason = ""
         self.train_ended = threading.Event()
         self.outcome: Optional[dict] = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -332,6 +351,9 @@ class Job:
         # Guards _listeners, the callbacks (message name, payload) of attached clients.
         self._listeners_lock = threading.Lock()
         self._listeners: list[Callable[[str, dict], None]] = []
+        # Guards the log file being in step with what listeners were sent, and `outcome`
+        # being set: a client attaching mid-run gets the file, then exactly the batches after it.
+        self._log_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     @property
@@ -355,10 +377,22 @@ class Job:
         for listener in listeners:
             listener(name, {"job_id": self.job_id, **payload})
 
+    def attach(self, listener: Optional[Callable[[str, dict], None]], replay: Callable[[Path], None]) -> bool:
+        """Replay the log so far, then subscribe `listener` (when given) for what follows,
+        so that no line is missed or sent twice; False when the job has finished already."""
+        with self._log_lock:
+            replay(self.log_path)
+            if self.outcome is not None:
+                return False
+            if listener is not None:
+                self.subscribe(listener)
+            return True
+
     # -- running ------------------------------------------------------------------------
 
-    def start(self, on_finished: Callable[["Job"], None]) -> None:
-        """Start sleap-nn in its own process group; raises OSError when it cannot start."""
+    def start(self, on_started: Callable[["Job"], None], on_finished: Callable[["Job"], None]) -> None:
+        """Start sleap-nn in its own process group, then call `on_started` before anything
+        can finish; raises OSError when it cannot start."""
         import zmq
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -374,10 +408,7 @@ class Job:
                                                         ports if progress else None)
             self.run_name = run_name
         else:
-            stem = Path(self.spec["data_path"]).name.split(".")[0]
-            self.output = Path(self.spec["output"]).resolve() if self.spec.get("output") else \
-                self.dir / f"{stem}.predictions.slp"
-            self.command = track_command(self.executable, self.spec, self.output)
+            self.command = track_command(self.executable, self.spec, self.predictions_path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
             self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -388,8 +419,9 @@ class Job:
                 pub.close()
                 context.term()
             raise
-        self.state = "running"
+        self.state = P.RUNNING
         self.started_at = time.time()
+        on_started(self)
         self.emit(P.TRAIN_JOB_START if self.kind == P.TRAIN else P.INFERENCE_JOB_START,
                   {"command": self.command})
         targets = [("stdout", self._read_pipe, (self.process.stdout, "o")),
@@ -402,6 +434,12 @@ class Job:
             thread.start()
             self._threads.append(thread)
         threading.Thread(target=self._wait, args=(on_finished,), name=f"job-{self.job_id}-wait", daemon=True).start()
+
+    @property
+    def predictions_path(self) -> Path:
+        stem = Path(self.spec["data_path"]).name.split(".")[0]
+        return Path(self.spec["output"]).resolve() if self.spec.get("output") else \
+            self.dir / f"{stem}.predictions.slp"
 
     def _read_pipe(self, pipe, stream: str) -> None:
         """Split output into complete lines and carriage-return progress updates."""
@@ -439,14 +477,15 @@ class Job:
                         continue
                     batch.append([stream, line])
                     size += len(line)
-                    log_file.write(line + "\n")
                     if stream == "e":
                         self.stderr_tail.append(line)
                     if stream == "o" and self.kind == P.TRACK and line.startswith("{"):
                         self._inference_progress(line)
                 if batch or progress is not None:
-                    log_file.flush()
-                    self.emit(P.JOB_LOG, {"lines": batch, "progress": progress})
+                    with self._log_lock:
+                        log_file.writelines(line + "\n" for _, line in batch)
+                        log_file.flush()
+                        self.emit(P.JOB_LOG, {"lines": batch, "progress": progress})
 
     def _inference_progress(self, line: str) -> None:
         try:
@@ -500,7 +539,8 @@ class Job:
         self.stop_requested.set()
         return "stop sent; training ends after the current batch and keeps its model"
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled on request") -> None:
+        self.cancel_reason = reason
         self.cancel_requested.set()
         self._signal(signal.SIGTERM)
 
@@ -521,37 +561,51 @@ class Job:
                     self._signal(signal.SIGKILL)
         for thread in self._threads:
             thread.join()
+        self._finish(*self._verdict(), on_finished)
+
+    def finish_unrun(self, state: str, error: str, on_finished: Callable[["Job"], None]) -> None:
+        """End a job that never ran (cancelled while queued, sleap-nn would not start)."""
+        self._finish(state, error, on_finished)
+
+    def _finish(self, state: str, error: Optional[str], on_finished: Callable[["Job"], None]) -> None:
         self.finished_at = time.time()
-        self.outcome = self._outcome()
-        self.state = self.outcome["state"]
+        outputs, warning = self._outputs(), None
+        if state == P.COMPLETED and not outputs:
+            warning = (f"sleap-nn finished but no model appeared under {self.ckpt_dir}" if self.kind == P.TRAIN
+                       else f"sleap-nn finished but wrote no predictions file ({self.predictions_path})")
+        outcome = {"state": state, "exit_code": self.exit_code,
+                   "duration_s": round(self.finished_at - (self.started_at or self.finished_at), 2),
+                   "stopped_early": self.stop_requested.is_set() and state == P.COMPLETED,
+                   "outputs": outputs, "warning": warning, "error": error,
+                   "stderr_tail": list(self.stderr_tail) if state != P.COMPLETED else [],
+                   "log_path": str(self.log_path)}
+        with self._log_lock:
+            self.outcome, self.state = outcome, state
         on_finished(self)
 
-    def _outcome(self) -> dict:
-        """What the run produced; SIGTERM exits 0 in sleap-nn, so a cancel is known by our own flag."""
-        outputs, warning, error = [], None, None
+    def _verdict(self) -> tuple[str, Optional[str]]:
+        """State and error of a run; SIGTERM exits 0 in sleap-nn, so a cancel is known by our own flag."""
         if self.cancel_requested.is_set():
-            state, error = "cancelled", "cancelled on request"
-        elif self.exit_code == 0:
-            state = "completed"
-        else:
-            state, error = "failed", f"sleap-nn exited with code {self.exit_code}"
+            return P.CANCELLED, self.cancel_reason
+        if self.exit_code == 0:
+            return P.COMPLETED, None
+        return P.FAILED, f"sleap-nn exited with code {self.exit_code}"
+
+    def _outputs(self) -> list[dict]:
+        """The model directory (every file in it, with its SHA-256) or the predictions file."""
+        if self.started_at is None:
+            return []
         if self.kind == P.TRAIN:
             model_dir = self._model_dir()
-            if model_dir is not None:
-                outputs.append({"kind": "model", "path": str(model_dir)})
-            elif state == "completed":
-                warning = f"sleap-nn finished but no model appeared under {self.ckpt_dir}"
-        elif self.output.is_file():
-            size, sha256 = P.file_digest(self.output)
-            outputs.append({"kind": "predictions", "path": str(self.output), "size": size, "sha256": sha256})
-        elif state == "completed":
-            warning = f"sleap-nn finished but wrote no predictions file ({self.output})"
-        return {"state": state, "exit_code": self.exit_code,
-                "duration_s": round(self.finished_at - (self.started_at or self.finished_at), 2),
-                "stopped_early": self.stop_requested.is_set() and state == "completed",
-                "outputs": outputs, "warning": warning, "error": error,
-                "stderr_tail": list(self.stderr_tail) if state != "completed" else [],
-                "log_path": str(self.log_path)}
+            if model_dir is None:
+                return []
+            files = [{"name": f.name, **dict(zip(("size", "sha256"), P.file_digest(f)))}
+                     for f in sorted(model_dir.iterdir()) if f.is_file()]
+            return [{"kind": "model", "path": str(model_dir), "files": files}]
+        if self.predictions_path.is_file():
+            size, sha256 = P.file_digest(self.predictions_path)
+            return [{"kind": "predictions", "path": str(self.predictions_path), "size": size, "sha256": sha256}]
+        return []
 
     def _model_dir(self) -> Optional[Path]:
         """sleap-nn writes to RUN_NAME, or RUN_NAME-1, -2... when that already holds a model."""
@@ -560,61 +614,337 @@ class Job:
         return max(candidates, key=lambda d: d.stat().st_mtime) if candidates else None
 
 
-class JobRunner:
-    """The worker's jobs: one running at a time (the queue comes with the ledger).
+LEDGER_FILE = "jobs.sqlite"
+RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's spec
+RESTARTED_ERROR = "worker restarted during the job"
+LEDGER_LIMIT = 1000  # most jobs one listing returns, newest first
+_JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command"}
 
-    `on_change(job)` is called when a job starts and again when it has finished.
+
+class Ledger:
+    """Every job this worker accepted, one row each in a SQLite file in its working dir.
+
+    Each write commits at once, so a worker killed at any moment loses no accepted job.
+    Column names in the SQL come from this file only, never from a peer.
     """
 
-    def __init__(self, working_dir: Path, on_change: Callable[[Job], None], executable: str):
+    SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE NOT NULL, type TEXT NOT NULL,
+        spec TEXT NOT NULL, submitter TEXT, state TEXT NOT NULL, submitted_at REAL NOT NULL,
+        started_at REAL, finished_at REAL, exit_code INTEGER, duration_s REAL, stopped_early INTEGER,
+        outputs TEXT, warning TEXT, error TEXT, stderr_tail TEXT, log_path TEXT, job_dir TEXT,
+        command TEXT, pid INTEGER)"""
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        self.path = path
+        # Guards the connection, which the session, scheduler and job threads all use.
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(self.SCHEMA)
+
+    def add(self, job: Job) -> None:
+        self._write("INSERT INTO jobs (job_id, type, spec, submitter, state, submitted_at, log_path, job_dir) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.job_id, job.kind, json.dumps(job.spec), job.submitter, job.state, job.submitted_at,
+                     str(job.log_path), str(job.dir)))
+
+    def update(self, job_id: str, **fields) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        values = [json.dumps(v) if name in _JSON_COLUMNS else v for name, v in fields.items()]
+        self._write(f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*values, job_id))
+
+    def get(self, job_id: str) -> Optional[dict]:
+        rows = self._read("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def select(self, state: Optional[str] = None, oldest_first: bool = False, limit: int = LEDGER_LIMIT) -> list[dict]:
+        where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+        order = "ASC" if oldest_first else "DESC"
+        return self._read(f"SELECT * FROM jobs {where} ORDER BY seq {order} LIMIT ?", (*args, limit))
+
+    def recent_durations(self, job_type: str, count: int = 10) -> list[float]:
+        rows = self._read("SELECT * FROM jobs WHERE type = ? AND state = ? AND duration_s IS NOT NULL "
+                          "ORDER BY seq DESC LIMIT ?", (job_type, P.COMPLETED, count))
+        return [row["duration_s"] for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, args: tuple) -> None:
+        with self._lock:
+            self._db.execute(sql, args)
+
+    def _read(self, sql: str, args: tuple) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        records = []
+        for row in rows:
+            record = {k: (json.loads(row[k]) if k in _JSON_COLUMNS and row[k] is not None else row[k])
+                      for k in row.keys() if k != "seq"}
+            record["stopped_early"] = bool(record["stopped_early"])
+            records.append(record)
+        return records
+
+
+def kill_orphan(record: dict) -> None:
+    """Kill the process group of a run that outlived its worker, if it is still that run."""
+    pid, command = record.get("pid"), record.get("command") or []
+    if not pid or not command:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return  # gone, or no /proc here
+    if Path(command[0]).name in cmdline:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+            log.warning("killed the leftover process group %d of job %s", pid, record["job_id"])
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Scheduler:
+    """The worker's jobs: `slots` run at once; accepted jobs beyond that wait, first in
+    first out, and start when a slot frees.
+
+    The ledger is the record; `jobs` holds the Job objects of this process's life. The
+    thread "scheduler" starts pending jobs into free, unreserved slots and lets
+    reservations expire; `stop()` ends it. `on_change(job or None)` is called whenever
+    status, queue or a job's state may have changed.
+    """
+
+    def __init__(self, working_dir: Path, slots: int, executable: str,
+                 on_change: Callable[[Optional[Job]], None]):
         self.jobs_dir = working_dir / "jobs"
+        self.slots = slots
         self.executable = executable
         self.on_change = on_change
-        # Guards jobs and the single running slot.
-        self._lock = threading.Lock()
+        self.ledger = Ledger(working_dir / LEDGER_FILE)
+        # Guards jobs, queue, running and reservations; notified whenever one changes.
+        self._cond = threading.Condition()
         self.jobs: dict[str, Job] = {}
-        self.running: Optional[Job] = None
+        self.queue: list[Job] = []  # pending jobs, the next to run first
+        self.running: dict[str, Job] = {}
+        self.reservations: dict[str, float] = {}  # job id -> monotonic deadline for its spec
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
-    def get(self, job_id: str) -> Optional[Job]:
-        with self._lock:
-            return self.jobs.get(job_id)
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._recover()
+        self._thread.start()
+
+    def _recover(self) -> None:
+        """After a restart: a job that was running failed with it (its process group is
+        killed if it outlived the worker); pending jobs queue again in their order."""
+        for record in self.ledger.select(state=P.RUNNING):
+            kill_orphan(record)
+            now = time.time()
+            try:
+                with open(record["log_path"], "a", encoding="utf-8") as log_file:
+                    log_file.write(f"[sleap-rtc worker] {RESTARTED_ERROR}; this run was lost\n")
+            except OSError:
+                pass
+            self.ledger.update(record["job_id"], state=P.FAILED, finished_at=now, error=RESTARTED_ERROR,
+                               duration_s=round(now - (record["started_at"] or now), 2))
+            log.warning("job %s was running when the worker stopped; marked failed", record["job_id"])
+        for record in self.ledger.select(state=P.PENDING, oldest_first=True):
+            job = Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"],
+                      self.executable, record["submitted_at"])
+            self.jobs[job.job_id] = job
+            self.queue.append(job)
+        if self.queue:
+            log.info("%d queued job(s) from before the restart will run", len(self.queue))
+
+    def stop(self, timeout: float = CANCEL_GRACE_S + 5) -> None:
+        """Stop starting jobs, cancel the running ones and wait for their records; queued
+        jobs stay queued in the ledger for the next start."""
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        with self._cond:
+            running = list(self.running.values())
+        for job in running:
+            job.cancel("the worker was stopped")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.running and time.monotonic() < deadline:
+                self._cond.wait(0.2)
+        self.ledger.close()
+
+    # -- submitting and asking ----------------------------------------------------------
 
     def submit(self, job_id: str, spec: dict, submitter: str, listener) -> tuple[Optional[Job], list[dict]]:
-        """Start a job now, or say why not."""
-        with self._lock:
-            if job_id in self.jobs:
+        """Queue a job (it starts at once when a slot is free), or say why not."""
+        with self._cond:
+            if job_id in self.jobs or self.ledger.get(job_id) is not None:
                 return None, [P.spec_error("job_id", f"job {job_id} exists already", "DUPLICATE")]
-            if self.running is not None:
-                return None, [P.spec_error("worker", f"busy with job {self.running.job_id}; try another worker "
-                                                     "or again later", "BUSY")]
             job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable)
             job.subscribe(listener)
-            try:
-                job.start(self._finished)
-            except OSError as exc:
-                return None, [P.spec_error("worker", f"cannot start sleap-nn: {exc}", "START_FAILED")]
+            self.ledger.add(job)
             self.jobs[job_id] = job
-            self.running = job
+            if self.reservations.pop(job_id, None) is not None:
+                self.queue.insert(0, job)  # its slot was kept for it
+            else:
+                self.queue.append(job)
+            self._cond.notify_all()
         self.on_change(job)
         return job, []
 
+    def reserve(self, job_id: str) -> int:
+        """Keep a free slot for `job_id` until its spec arrives; the queue position the job
+        will have (0: it starts at once)."""
+        with self._cond:
+            if job_id in self.reservations:
+                return 0
+            position = self._position(len(self.queue))
+            if position == 0:
+                self.reservations[job_id] = time.monotonic() + RESERVATION_TIMEOUT_S
+        self.on_change(None)
+        return position
+
+    def position(self, job: Job) -> int:
+        """0 when the job runs or is about to, else its place in the queue from 1."""
+        with self._cond:
+            return self._position(self.queue.index(job)) if job in self.queue else 0
+
+    def _position(self, index: int) -> int:  # the caller holds _cond
+        return max(0, index + 1 - max(0, self.slots - len(self.running) - len(self.reservations)))
+
+    def status(self) -> dict:
+        """What discovery should see: available while a slot is free, reserved while the
+        last one is promised to an assigned job, busy while all run."""
+        with self._cond:
+            free = self.slots - len(self.running) - len(self.reservations)
+            status = P.AVAILABLE if free > 0 else P.RESERVED if self.reservations else P.BUSY
+            return {"status": status, "queue_length": len(self.queue), "running_jobs": len(self.running),
+                    "pending_job_id": next(reversed(self.reservations), None)}
+
+    def estimate(self, job_type: str) -> dict:
+        """Queue position and a rough start time and duration for a new job, from this
+        worker's recent completed jobs of the type (None without history)."""
+        durations = self.ledger.recent_durations(job_type)
+        typical = statistics.median(durations) if durations else None
+        now = time.time()
+        with self._cond:
+            position = self._position(len(self.queue))
+            soonest = min((max(0.0, typical - (now - (j.started_at or now))) for j in self.running.values()),
+                          default=0.0) if typical is not None else None
+        start = 0 if position == 0 else None if typical is None else \
+            round(soonest + (position - 1) * typical / self.slots)
+        return {"queue_position": position, "estimated_start_time_sec": start,
+                "estimated_duration_minutes": None if typical is None else round(typical / 60, 2)}
+
+    def get(self, job_id: str) -> Optional[Job]:
+        with self._cond:
+            return self.jobs.get(job_id)
+
+    def record(self, job_id: str) -> Optional[dict]:
+        """The ledger's row for a job, with its queue position while pending."""
+        record = self.ledger.get(job_id)
+        if record is not None and record["state"] == P.PENDING:
+            job = self.get(job_id)
+            record["queue_position"] = self.position(job) if job is not None else None
+        return record
+
+    def control(self, job_id: str, action: str) -> tuple[bool, str]:
+        """Stop or cancel a job: a queued one leaves the queue at once, a running one is
+        signalled. (ok, what happened)."""
+        with self._cond:
+            job = self.jobs.get(job_id)
+            queued = job is not None and job in self.queue
+            position = self._position(self.queue.index(job)) if queued else 0
+            if queued and action == "cancel":
+                self.queue.remove(job)
+        if job is None:
+            record = self.ledger.get(job_id)
+            if record is None:
+                return False, f"no job {job_id} on this worker"
+            return False, f"job {job_id} is {record['state']}; nothing to {action}"
+        if queued and action == "stop":
+            return False, f"job {job_id} is still queued (position {position}); cancel removes it"
+        if queued:
+            job.finish_unrun(P.CANCELLED, "cancelled while queued; it never ran", self._finished)
+            return True, "removed from the queue; it never ran"
+        if job.state != P.RUNNING:
+            return False, f"job {job_id} is {job.state}; nothing to {action}"
+        if action == "stop":
+            return True, job.request_stop()
+        job.cancel()
+        return True, "cancel sent; sleap-nn is being terminated"
+
+    # -- running ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            to_start, expired = [], []
+            with self._cond:
+                now = time.monotonic()
+                for job_id, deadline in list(self.reservations.items()):
+                    if deadline <= now:
+                        del self.reservations[job_id]
+                        expired.append(job_id)
+                while self.queue and self.slots - len(self.running) - len(self.reservations) > 0:
+                    job = self.queue.pop(0)
+                    self.running[job.job_id] = job
+                    to_start.append(job)
+                if not to_start and not expired:
+                    self._cond.wait(0.5)
+                    continue
+            for job_id in expired:
+                log.info("the slot kept for job %s is free again: its spec did not come in %.0f s",
+                         job_id, RESERVATION_TIMEOUT_S)
+            for job in to_start:
+                self._start(job)
+            self._announce_positions()
+            self.on_change(None)
+
+    def _start(self, job: Job) -> None:
+        try:
+            job.start(self._started, self._finished)
+        except OSError as exc:
+            log.warning("job %s could not start: %s", job.job_id, exc)
+            job.finish_unrun(P.FAILED, f"cannot start {self.executable}: {exc}", self._finished)
+
+    def _started(self, job: Job) -> None:
+        self.ledger.update(job.job_id, state=P.RUNNING, started_at=job.started_at, command=job.command,
+                           pid=job.process.pid)
+        log.info("job %s from %s started: %s", job.job_id, job.submitter, " ".join(job.command))
+        self.on_change(job)
+
+    def _announce_positions(self) -> None:
+        with self._cond:
+            waiting = [(job, self._position(i)) for i, job in enumerate(self.queue)]
+        for job, position in waiting:
+            job.emit(P.JOB_PROGRESS, {"event": "queued", "queue_position": position})
+
     def _finished(self, job: Job) -> None:
-        with self._lock:
-            if self.running is job:
-                self.running = None
-        if job.kind == P.TRAIN:
-            if job.state == "completed":
+        """Record the outcome first, so that whoever hears of it finds it in the ledger."""
+        outcome = job.outcome
+        self.ledger.update(job.job_id, state=outcome["state"], finished_at=job.finished_at,
+                           exit_code=outcome["exit_code"], duration_s=outcome["duration_s"],
+                           stopped_early=int(outcome["stopped_early"]), outputs=outcome["outputs"],
+                           warning=outcome["warning"], error=outcome["error"], stderr_tail=outcome["stderr_tail"])
+        with self._cond:
+            self.running.pop(job.job_id, None)
+            self._cond.notify_all()
+        if job.kind == P.TRAIN and job.started_at is not None:
+            if job.state == P.COMPLETED:
                 job.emit(P.TRAIN_JOB_END, {})
             else:
                 job.emit(P.TRAIN_JOB_ERROR, {"exit_code": job.exit_code})
-        job.emit(P.JOB_COMPLETE if job.state == "completed" else P.JOB_FAILED, job.outcome)
+        job.emit(P.JOB_COMPLETE if job.state == P.COMPLETED else P.JOB_FAILED, outcome)
+        log.info("job %s %s (exit code %s, %.1f s)", job.job_id, job.state, job.exit_code, outcome["duration_s"])
         self.on_change(job)
-
-    def stop_all(self) -> None:
-        with self._lock:
-            running = self.running
-        if running is not None:
-            running.cancel()
 
 
 # ---------------------------------------------------------------------------------------
@@ -667,6 +997,10 @@ class Session:
             self._submit(item.payload)
         elif item.name in (P.ZMQ_CTRL, P.JOB_CANCEL):
             self._control(item.name, item.payload)
+        elif item.name == P.JOB_ATTACH:
+            self._attach(item.payload)
+        elif item.name == P.JOB_FETCH:
+            self._fetch(item.payload)
         elif item.name == P.LINK_ERROR:
             log.warning("%s reports: %s", self.peer_id, item.payload.get("message"))
         else:
@@ -681,30 +1015,80 @@ class Session:
         errors = validate_job(spec, self.worker.readable_mounts)
         job = None
         if not errors:
-            job, errors = self.worker.runner.submit(job_id, spec, self.peer_id, self._forward)
+            job, errors = self.worker.scheduler.submit(job_id, spec, self.peer_id, self._forward)
         if errors:
             log.info("rejected job %s from %s: %s", job_id, self.peer_id, "; ".join(e["message"] for e in errors))
             self.link.send(P.JOB_REJECTED, {"job_id": job_id, "errors": errors})
             return
         self.jobs.append(job)
-        log.info("job %s from %s started: %s", job_id, self.peer_id, " ".join(job.command))
-        self.link.send(P.JOB_ACCEPTED, {"job_id": job_id, "job_dir": str(job.dir), "command": job.command})
+        position = self.worker.scheduler.position(job)
+        log.info("accepted job %s from %s: %s", job_id, self.peer_id,
+                 "starts now" if position == 0 else f"queued at position {position}")
+        self.link.send(P.JOB_ACCEPTED, {"job_id": job_id, "job_dir": str(job.dir), "queue_position": position})
 
     def _control(self, name: str, payload: dict) -> None:
         job_id = str(payload.get("job_id", ""))
-        job = self.worker.runner.get(job_id)
         action = "stop" if name == P.ZMQ_CTRL else "cancel"
-        if job is None:
-            reply = {"ok": False, "message": f"no job {job_id} on this worker"}
-        elif job.state != "running":
-            reply = {"ok": False, "message": f"job {job_id} is {job.state}; nothing to {action}"}
-        elif name == P.ZMQ_CTRL:
-            reply = {"ok": True, "message": job.request_stop()}
+        ok, message = self.worker.scheduler.control(job_id, action)
+        log.info("%s of job %s by %s: %s", action, job_id, self.peer_id, message)
+        self.link.send(P.JOB_CONTROL, {"job_id": job_id, "action": action, "ok": ok, "message": message})
+
+    def _attach(self, payload: dict) -> None:
+        """The job's log from its first line; with `follow`, then everything live until it ends."""
+        job_id = str(payload.get("job_id", ""))
+        record = self.worker.scheduler.record(job_id)
+        if record is None:
+            self.link.send(P.JOB_ATTACHED, {"job_id": job_id, "error": f"no job {job_id} on this worker"})
+            return
+        job = self.worker.scheduler.get(job_id)
+        listener = self._forward if payload.get("follow") else None
+        replay = lambda path: self._replay(job_id, path)  # noqa: E731
+        if job is not None:
+            following = job.attach(listener, replay) and listener is not None
+        else:  # it ended before this worker process started
+            replay(Path(record["log_path"]))
+            following = False
+        if following:
+            self.jobs.append(job)
+        self.link.send(P.JOB_ATTACHED, {"job_id": job_id, "state": job.state if job else record["state"],
+                                        "following": following})
+
+    def _replay(self, job_id: str, log_path: Path) -> None:
+        try:
+            text = log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return  # not started yet: no log
+        batch, size = [], 0
+        for line in text.split("\n")[:-1]:
+            batch.append(["o", line])
+            size += len(line)
+            if size >= LOG_BATCH_BYTES:
+                self.link.send(P.JOB_LOG, {"job_id": job_id, "lines": batch, "progress": None})
+                batch, size = [], 0
+        if batch:
+            self.link.send(P.JOB_LOG, {"job_id": job_id, "lines": batch, "progress": None})
+
+    def _fetch(self, payload: dict) -> None:
+        """Send a completed job's result files; JOB_FETCHED lists what was sent."""
+        job_id = str(payload.get("job_id", ""))
+        record = self.worker.scheduler.record(job_id)
+        reply: dict = {"job_id": job_id, "files": []}
+        if record is None:
+            reply["error"] = f"no job {job_id} on this worker"
+        elif record["state"] != P.COMPLETED:
+            reply["error"] = f"job {job_id} is {record['state']}; only a completed job has results"
         else:
-            job.cancel()
-            reply = {"ok": True, "message": "cancel sent; sleap-nn is being terminated"}
-        log.info("%s of job %s by %s: %s", action, job_id, self.peer_id, reply["message"])
-        self.link.send(P.JOB_CONTROL, {"job_id": job_id, "action": action, **reply})
+            for output in record["outputs"] or []:
+                paths = [Path(output["path"])] if output["kind"] == "predictions" else \
+                    [Path(output["path"]) / f["name"] for f in output.get("files", [])]
+                for path in paths:
+                    try:
+                        self.link.send_file(path)
+                    except (OSError, P.TransferError) as exc:
+                        reply["error"] = f"{path} could not be sent: {exc}"
+                        break
+                    reply["files"].append(str(path))
+        self.link.send(P.JOB_FETCHED, reply)
 
     def _forward(self, name: str, payload: dict) -> None:
         """Job listener (runs on the job's threads): relay to the client; predictions first."""
@@ -745,7 +1129,8 @@ class Worker:
     """
 
     def __init__(self, server_url: str, room_id: str, token: str, working_dir: Path, name: str,
-                 mounts: list[Mount], gpu_index: int, sleap_nn: str, embedded=None):
+                 mounts: list[Mount], gpu_index: int, sleap_nn: str, slots: int = 1,
+                 advertise_gpu_memory: Optional[int] = None, embedded=None):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
@@ -754,30 +1139,38 @@ class Worker:
         self.readable_mounts = mounts + [Mount(working_dir, "working-dir")]
         self.uploads_dir = working_dir / UPLOADS_DIR
         self.embedded = embedded
+        self.gpu_index = gpu_index
         self.peer_id = worker_peer_id(working_dir, name)
         self.stopping = threading.Event()
         # Guards sessions, the live client links by peer id.
         self._sessions_lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
+        # Guards _published, the status last sent to the server: updates go one at a time, in order.
+        self._publish_lock = threading.Lock()
+        self._published: Optional[dict] = None
+        self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed)
+        facts = gpu_facts(gpu_index, probe_torch=advertise_gpu_memory is None)
+        if advertise_gpu_memory is not None:
+            facts["gpu_memory_mb"] = advertise_gpu_memory
         self.metadata = {
             "tags": list(WORKER_TAGS),
             "properties": {
-                **gpu_facts(gpu_index),
+                **facts,
                 "sleap_nn_version": sleap_nn_version(),
                 "hostname": socket.gethostname(),
                 "worker_name": name,
-                "status": "available",
-                "max_concurrent_jobs": 1,
-                "queue_length": 0,
+                "max_concurrent_jobs": slots,
                 "supported_job_types": ["training", "inference"],
                 "mounts": [m.public() for m in mounts],
+                **self.scheduler.status(),
             },
         }
         self.signaling = P.SignalingClient(server_url, room_id, token, self.peer_id, WORKER_ROLE, self.metadata)
-        self.runner = JobRunner(working_dir, self._job_changed, sleap_nn)
 
     def serve(self) -> None:
+        self.scheduler.start()
         self.signaling.connect()
+        self._publish_status()
         props = self.metadata["properties"]
         print(f"worker: registered as {self.peer_id} in room {self.room_id} "
               f"({props['gpu_model']}, {props['gpu_memory_mb']} MB)", flush=True)
@@ -788,6 +1181,8 @@ class Worker:
             kind = frame.get("type")
             if kind == P.OFFER:
                 self._start_session(frame)
+            elif kind == P.PEER_MESSAGE:
+                self._on_peer_message(frame)
             elif kind == P.PEER_LEFT:
                 log.info("peer %s left the room", frame.get("peer_id"))
             elif kind == P.ERROR:
@@ -807,17 +1202,85 @@ class Worker:
             if self.sessions.get(session.peer_id) is session:
                 del self.sessions[session.peer_id]
 
-    def _job_changed(self, job: Job) -> None:
-        """Publish busy/available, and mirror an outcome over signaling for a client without a link."""
-        status = "busy" if job.state == "running" else "available"
-        try:
-            self.signaling.update_metadata({"properties": {"status": status}})
-        except P.SignalingError as exc:
-            log.warning("could not publish status %s: %s", status, exc)
-        if job.outcome is None:
+    # -- choosing a worker and asking about jobs, over signaling --------------------------
+
+    def _on_peer_message(self, frame: dict) -> None:
+        payload, sender = frame.get("payload"), frame.get("from_peer_id")
+        kind = payload.get(P.APP_MESSAGE_TYPE) if isinstance(payload, dict) else None
+        if kind == P.APP_JOB_REQUEST:
+            reply = self._job_response(payload)
+        elif kind == P.APP_JOB_ASSIGNMENT:
+            job_id = str(payload.get("job_id", ""))
+            position = self.scheduler.reserve(job_id)
+            log.info("assigned job %s by %s: %s", job_id, sender,
+                     "slot reserved" if position == 0 else f"it will queue at position {position}")
+            reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNED, "job_id": job_id, "reserved": position == 0,
+                     "queue_position": position}
+        elif kind == P.APP_JOBS_QUERY:
+            reply = self._jobs_list(payload)
+        else:
+            log.debug("ignored a peer message from %s: %.200s", sender, payload)
             return
-        log.info("job %s %s (exit code %s, %.1f s)", job.job_id, job.state, job.exit_code, job.outcome["duration_s"])
-        mirror = {"app_message_type": "job_complete" if job.state == "completed" else "job_failed",
+        try:
+            self.signaling.send_to_peer(sender, reply)
+        except P.SignalingError as exc:
+            log.info("could not answer %s: %s", sender, exc)
+
+    def _job_response(self, request: dict) -> dict:
+        """Accept (with queue position and estimates) or refuse with a reason."""
+        props = self.metadata["properties"]
+        job_type = request.get("job_type")
+        need = (request.get("requirements") or {}).get("min_gpu_memory_mb") or 0
+        reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_RESPONSE, "job_id": str(request.get("job_id", "")),
+                 "accepted": False, "worker_info": self._worker_info()}
+        if job_type not in (P.TRAIN, P.TRACK):
+            reply.update(reason="incompatible", message=f"this worker does not run {job_type!r} jobs")
+        elif not isinstance(need, (int, float)) or need > props["gpu_memory_mb"]:
+            reply.update(reason="insufficient_gpu_memory",
+                         message=f"the job needs {need} MB of GPU memory; this worker has {props['gpu_memory_mb']} MB")
+        else:
+            reply.update(accepted=True, reason=None, **self.scheduler.estimate(job_type))
+        return reply
+
+    def _worker_info(self) -> dict:
+        utilization, free = gpu_load(self.gpu_index)
+        advertised = self.metadata["properties"]["gpu_memory_mb"]
+        return {"gpu_utilization": utilization,
+                "available_memory_mb": advertised if free is None else min(free, advertised)}
+
+    def _jobs_list(self, query: dict) -> dict:
+        """One job's full record (`job_id`), or a summary of every job (optionally of one state)."""
+        reply = {P.APP_MESSAGE_TYPE: P.APP_JOBS_LIST, "request_id": query.get("request_id"), "jobs": []}
+        if query.get("job_id"):
+            record = self.scheduler.record(str(query["job_id"]))
+            reply["jobs"] = [record] if record else []
+        elif query.get("state") not in (None, *P.JOB_STATES):
+            reply["error"] = f"unknown state {query['state']!r}; one of {', '.join(P.JOB_STATES)}"
+        else:
+            reply["jobs"] = [{k: r[k] for k in JOB_SUMMARY_FIELDS}
+                             for r in self.scheduler.ledger.select(state=query.get("state"))]
+        return reply
+
+    # -- status -------------------------------------------------------------------------
+
+    def _publish_status(self) -> None:
+        with self._publish_lock:
+            status = self.scheduler.status()
+            if status == self._published:
+                return
+            try:
+                self.signaling.update_metadata({"properties": status})
+                self._published = status
+            except P.SignalingError as exc:  # kept locally; sent again on re-registration
+                log.warning("could not publish status %s: %s", status["status"], exc)
+
+    def _job_changed(self, job: Optional[Job]) -> None:
+        """Publish status and queue length, and mirror an outcome over signaling for a
+        submitter without a link."""
+        self._publish_status()
+        if job is None or job.outcome is None:
+            return
+        mirror = {P.APP_MESSAGE_TYPE: P.APP_JOB_COMPLETE if job.state == P.COMPLETED else P.APP_JOB_FAILED,
                   "job_id": job.job_id, **{k: v for k, v in job.outcome.items() if k != "stderr_tail"}}
         try:
             self.signaling.send_to_peer(job.submitter, mirror)
@@ -825,9 +1288,10 @@ class Worker:
             log.info("could not tell %s about job %s: %s", job.submitter, job.job_id, exc)
 
     def stop(self) -> None:
-        """Cancel the running job, close every link, deregister, stop the embedded server."""
+        """Cancel running jobs (queued ones stay queued), close every link, deregister,
+        stop the embedded server."""
         self.stopping.set()
-        self.runner.stop_all()
+        self.scheduler.stop()
         with self._sessions_lock:
             sessions = list(self.sessions.values())
         for session in sessions:
@@ -840,6 +1304,16 @@ class Worker:
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -858,6 +1332,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--working-dir", type=Path, default=Path(DEFAULT_WORKING_DIR),
                         help=f"where jobs, logs and uploads live (default ./{DEFAULT_WORKING_DIR})")
     parser.add_argument("--gpu", type=int, default=0, help="GPU index to use and report (default 0)")
+    parser.add_argument("--slots", type=_positive, default=1, metavar="N",
+                        help="jobs run at once (default 1); accepted jobs beyond that wait in the queue")
+    parser.add_argument("--advertise-gpu-memory", type=_positive, metavar="MB",
+                        help="report this much GPU memory instead of measuring it (a share of a GPU; tests)")
     parser.add_argument("--sleap-nn", metavar="PATH", default=None,
                         help="the sleap-nn executable to run (default: the one beside this Python, else on PATH)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -893,7 +1371,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"  clients: source {env_file}  (or pass --room {room_id} --token {token})", flush=True)
 
     worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
-                    args.sleap_nn or sleap_nn_executable(), embedded)
+                    args.sleap_nn or sleap_nn_executable(), args.slots, args.advertise_gpu_memory, embedded)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

@@ -1,0 +1,200 @@
+"""Several workers in one room: negotiation, auto-select, the queue, the ledger, reattach.
+
+Real signaling server, real worker and client processes, real sleap-nn on tiny data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import client
+import protocol as P
+from conftest import wait_until
+from tiny_data import make_project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("project"), frames=16, epochs=2, steps=4)
+
+
+def start(room, project, *extra: str, working_dir: Path | None = None):
+    return room.start_worker("--mount", str(project["config"].parent), *extra, working_dir=working_dir)
+
+
+def submit(room, project, *extra: str) -> tuple[str, str, object]:
+    """`client.py train --detach`: (job id, worker id, the finished command)."""
+    result = room.client("train", "--config", str(project["config"]), "--detach", *extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id, worker_id = re.search(r"job (\S+) accepted by (\S+);", result.stdout).groups()
+    return job_id, worker_id, result
+
+
+def ledger(working_dir: Path, job_id: str) -> dict:
+    with sqlite3.connect(working_dir / "jobs.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    record = dict(row) if row else {}
+    if record.get("outputs"):
+        record["outputs"] = json.loads(record["outputs"])
+    return record
+
+
+def state_of(working_dir: Path, job_id: str) -> str:
+    return ledger(working_dir, job_id).get("state", "")
+
+
+def test_the_worker_with_enough_gpu_memory_is_chosen(room, project):
+    _, small = start(room, project, "--advertise-gpu-memory", "4000")
+    _, big = start(room, project, "--advertise-gpu-memory", "16000")
+    job_id, chosen, result = submit(room, project, "--min-gpu-memory", "8000")
+    assert chosen == big
+    assert f"chose {big}" in result.stderr and small not in result.stderr
+
+    too_much = room.client("train", "--config", str(project["config"]), "--min-gpu-memory", "32000")
+    assert too_much.returncode == 1
+    assert "no worker with >= 32000 MB GPU memory" in too_much.stderr
+    assert f"{small} (4000 MB)" in too_much.stderr and f"{big} (16000 MB)" in too_much.stderr
+    assert room.client("cancel", job_id).returncode == 0
+
+
+def test_a_busy_worker_is_passed_over_for_a_free_one(room, project):
+    busy_dir = room.tmp / "busy"
+    _, busy = start(room, project, "--advertise-gpu-memory", "16000", working_dir=busy_dir)
+    _, free = start(room, project, "--advertise-gpu-memory", "4000")
+    first, chosen, _ = submit(room, project, "--worker-id", busy, "--max-epochs", "30")
+    assert chosen == busy
+    wait_until(lambda: state_of(busy_dir, first) == P.RUNNING, 30, "the first job to run")
+
+    second, chosen, result = submit(room, project)
+    assert chosen == free, result.stderr
+    assert "it can start now; the others would queue" in result.stderr
+    assert re.search(rf"{busy}\s+16000 MB\s+queue position 1", result.stderr)
+    for job_id in (first, second):
+        room.client("cancel", job_id)
+
+
+def test_a_second_job_queues_and_runs_when_the_first_ends(room, project):
+    worker_dir = room.tmp / "w"
+    start(room, project, working_dir=worker_dir)
+    first, _, _ = submit(room, project)
+    result = room.client("train", "--config", str(project["config"]), "--max-epochs", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "queued at position 1" in result.stdout
+    second = re.search(r"job (\S+) accepted by", result.stdout).group(1)
+    assert f"job {second} completed" in result.stderr
+    one, two = ledger(worker_dir, first), ledger(worker_dir, second)
+    assert one["state"] == two["state"] == P.COMPLETED
+    assert two["started_at"] >= one["finished_at"]
+
+
+def test_two_clients_racing_for_one_worker_one_runs_one_queues(room, project):
+    worker_dir = room.tmp / "w"
+    _, worker_id = start(room, project, working_dir=worker_dir)
+    args = ["train", "--config", str(project["config"]), "--detach", "--max-epochs", "30"]
+    racers = [room.start_client(*args) for _ in range(2)]
+    for racer in racers:
+        racer.wait_for(r"detached", timeout=60)
+    outputs = [racer.output() for racer in racers]
+    assert sum("starting now" in out for out in outputs) == 1, outputs
+    assert sum("queued at position 1" in out for out in outputs) == 1, outputs
+
+    probe = room.signaling_client("probe")
+    try:
+        assert probe.discover(role="worker") != []
+        assert probe.discover(role="worker", properties={"status": P.AVAILABLE}) == []
+        queued = re.search(r"job (\S+) accepted by \S+; queued", "".join(outputs)).group(1)
+        assert room.client("cancel", queued).returncode == 0
+        assert state_of(worker_dir, queued) == P.CANCELLED
+        assert ledger(worker_dir, queued)["started_at"] is None
+    finally:
+        probe.close()
+    running = re.search(r"job (\S+) accepted by \S+; starting", "".join(outputs)).group(1)
+    room.client("cancel", running)
+
+
+def test_a_killed_client_leaves_the_job_running_and_a_new_one_reattaches(room, project, tmp_path):
+    worker_dir = room.tmp / "w"
+    start(room, project, working_dir=worker_dir)
+    follower = room.start_client("train", "--config", str(project["config"]), "--max-epochs", "6")
+    job_id = follower.wait_for(r"job (\S+) accepted by", timeout=60).group(1)
+    follower.wait_for(r"epoch 1/6", timeout=60)
+    follower.kill()
+    (room.tmp / "home" / ".sleap-rtc" / "jobs.json").unlink()  # the new client must find the worker itself
+
+    logs = room.client("logs", job_id, "--follow")
+    assert logs.returncode == 0, logs.stderr
+    assert f"job {job_id} completed" in logs.stderr
+    worker_log = (worker_dir / "jobs" / job_id / "job.log").read_text()
+    assert logs.stdout == worker_log  # from the first line, no gap, nothing twice
+    assert "`Trainer.fit` stopped: `max_epochs=6` reached" in logs.stdout
+
+    status = room.client("status", job_id)
+    assert status.returncode == 0 and re.search(r"state\s+completed", status.stdout), status.stdout
+    fetched = room.client("fetch", job_id, "--download", str(tmp_path / "results"))
+    assert fetched.returncode == 0, fetched.stderr
+    assert "each SHA-256 matches the job record" in fetched.stdout
+    model = next(o for o in ledger(worker_dir, job_id)["outputs"] if o["kind"] == "model")
+    local = tmp_path / "results" / job_id
+    assert (local / "best.ckpt").read_bytes() == (Path(model["path"]) / "best.ckpt").read_bytes()
+    assert {f.name for f in local.iterdir()} == {f["name"] for f in model["files"]}
+
+
+def test_a_worker_killed_mid_training_fails_that_job_and_runs_the_queue_after_restart(room, project):
+    worker_dir = room.tmp / "w"
+    worker, _ = start(room, project, working_dir=worker_dir)
+    running, _, _ = submit(room, project, "--max-epochs", "30")
+    queued, _, result = submit(room, project, "--max-epochs", "1")
+    assert "queued at position 1" in result.stdout
+    wait_until(lambda: "Epoch 0" in (worker_dir / "jobs" / running / "job.log").read_text()
+               if (worker_dir / "jobs" / running / "job.log").exists() else False, 60, "training to start")
+    pid = ledger(worker_dir, running)["pid"]
+    worker.kill()
+
+    start(room, project, working_dir=worker_dir)
+    wait_until(lambda: state_of(worker_dir, queued) == P.COMPLETED, 90, "the queued job to run after the restart")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the orphaned sleap-nn was killed, not left on the GPU
+
+    status = room.client("status", running)
+    assert re.search(r"state\s+failed", status.stdout) and "worker restarted during the job" in status.stdout
+    logs = room.client("logs", running)
+    assert "Epoch 0" in logs.stdout and "worker restarted during the job" in logs.stdout
+    listing = room.client("jobs")
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:]}
+    assert rows[running][3] == P.FAILED and rows[queued][3] == P.COMPLETED
+
+
+def test_ranking_prefers_start_now_then_queue_then_memory_then_peer_id():
+    def candidate(peer_id, position, memory):
+        return {"peer_id": peer_id, "gpu_memory_mb": memory, "response": {"queue_position": position}}
+
+    pool = [candidate("d", 0, 8000), candidate("c", 0, 8000), candidate("b", 1, 80000), candidate("a", 0, 4000),
+            candidate("e", 2, 99999)]
+    assert [c["peer_id"] for c in sorted(pool, key=client.rank_key)] == ["c", "d", "a", "b", "e"]
+    assert client.choice_reason(sorted(pool[:3], key=client.rank_key)) == "as good as the others; first by peer id"
+    assert client.choice_reason([pool[3], pool[2]]) == "it can start now; the others would queue"
+
+
+class OldServer:
+    """Stands in for a server without the v2 discovery: it answers UNKNOWN_MESSAGE_TYPE."""
+
+    url, room_id = "ws://old-server", "R"
+
+    def discover(self, **_):
+        raise P.SignalingError(P.UNKNOWN_MESSAGE_TYPE, "unknown message type: discover_peers")
+
+
+def test_without_discovery_the_worker_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(P.ENV_WORKER_PEER_ID, raising=False)
+    with pytest.raises(P.NoWorkersAvailableError, match=P.ENV_WORKER_PEER_ID):
+        client.discover_workers(OldServer(), P.TRAIN)
+    monkeypatch.setenv(P.ENV_WORKER_PEER_ID, "worker-gpu-1")
+    assert [w["peer_id"] for w in client.discover_workers(OldServer(), P.TRAIN)] == ["worker-gpu-1"]
