@@ -22,3 +22,4 @@ bench: install
 	$(PY) bench/transfer.py
 	$(PY) bench/signaling.py
 	$(PY) bench/jobs.py
+	$(PY) bench/queue.py

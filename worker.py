@@ -1,9 +1,11 @@
 """The sleap-rtc worker: joins a room as a GPU worker and serves clients over WebRTC.
 
     python worker.py --room R --token T [--server URL] [--name N] [--mount PATH[:LABEL]]...
-                     [--working-dir DIR] [--gpu N]
+                     [--working-dir DIR] [--gpu N] [--slots N] [--advertise-gpu-memory MB]
+                     [--sleap-nn PATH]
 
-With no --server and nothing listening on ws://127.0.0.1:8080, the worker starts the
+Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite with
+its log under WORKING_DIR/jobs/JOB/, across restarts. With no --server and nothing listening on ws://127.0.0.1:8080, the worker starts the
 signaling server in-process (signaling.py beside this file), creates a room and prints
 what a client needs. Needs only this file, protocol.py and their transport dependencies
 next to an installed sleap-nn.
@@ -187,6 +189,7 @@ ZMQ_CONTROL_PORT = 9000  # the worker binds a PUB here; sleap-nn subscribes for 
 LOG_BATCH_S = 0.05
 LOG_BATCH_BYTES = 32 * 1024
 STDERR_TAIL_LINES = 40
+ZMQ_POLL_MS = 20  # also how late the poller sees sleap-nn exit, which holds the slot until then
 STOP_REPEAT_S = 0.5
 STOP_GRACE_S = 120.0  # after this long without train_end, a stop becomes SIGINT
 CANCEL_GRACE_S = 10.0  # after SIGTERM, SIGKILL
@@ -502,7 +505,7 @@ class Job:
         stop_sent_at = None
         try:
             while self.process.poll() is None or sub.poll(0):
-                if sub.poll(100, zmq.POLLIN):
+                if sub.poll(ZMQ_POLL_MS, zmq.POLLIN):
                     self._on_report(sub.recv_string())
                 if self.stop_requested.is_set() and not self.train_ended.is_set():
                     now = time.monotonic()
@@ -961,6 +964,7 @@ class Session:
         self.peer_id = offer["sender"]
         self.link: Optional[P.Link] = None
         self.jobs: list[Job] = []  # jobs this session listens to; only its own thread touches it
+        self.submitted: set[str] = set()  # ids of jobs submitted over this link: they get their predictions
         self.thread = threading.Thread(target=self._run, name=f"session-{self.peer_id}", daemon=True)
 
     def _run(self) -> None:
@@ -1021,6 +1025,7 @@ class Session:
             self.link.send(P.JOB_REJECTED, {"job_id": job_id, "errors": errors})
             return
         self.jobs.append(job)
+        self.submitted.add(job_id)
         position = self.worker.scheduler.position(job)
         log.info("accepted job %s from %s: %s", job_id, self.peer_id,
                  "starts now" if position == 0 else f"queued at position {position}")
@@ -1091,9 +1096,10 @@ class Session:
         self.link.send(P.JOB_FETCHED, reply)
 
     def _forward(self, name: str, payload: dict) -> None:
-        """Job listener (runs on the job's threads): relay to the client; predictions first."""
+        """Job listener (runs on the job's threads): relay to the client; predictions first
+        to the submitter (a follower fetches them when it wants them)."""
         try:
-            if name == P.JOB_COMPLETE:
+            if name == P.JOB_COMPLETE and payload["job_id"] in self.submitted:
                 for output in payload.get("outputs", []):
                     if output["kind"] == "predictions":
                         self.link.send_file(Path(output["path"]))
@@ -1182,7 +1188,10 @@ class Worker:
             if kind == P.OFFER:
                 self._start_session(frame)
             elif kind == P.PEER_MESSAGE:
-                self._on_peer_message(frame)
+                try:
+                    self._on_peer_message(frame)
+                except Exception:  # one peer's odd message must not stop the worker serving the rest
+                    log.exception("could not handle a peer message from %s", frame.get("from_peer_id"))
             elif kind == P.PEER_LEFT:
                 log.info("peer %s left the room", frame.get("peer_id"))
             elif kind == P.ERROR:
@@ -1230,12 +1239,15 @@ class Worker:
         """Accept (with queue position and estimates) or refuse with a reason."""
         props = self.metadata["properties"]
         job_type = request.get("job_type")
-        need = (request.get("requirements") or {}).get("min_gpu_memory_mb") or 0
+        requirements = request.get("requirements")
+        need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
         reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_RESPONSE, "job_id": str(request.get("job_id", "")),
                  "accepted": False, "worker_info": self._worker_info()}
         if job_type not in (P.TRAIN, P.TRACK):
             reply.update(reason="incompatible", message=f"this worker does not run {job_type!r} jobs")
-        elif not isinstance(need, (int, float)) or need > props["gpu_memory_mb"]:
+        elif not isinstance(need, (int, float)) or isinstance(need, bool):
+            reply.update(reason="bad_request", message=f"min_gpu_memory_mb must be a number, not {need!r}")
+        elif need > props["gpu_memory_mb"]:
             reply.update(reason="insufficient_gpu_memory",
                          message=f"the job needs {need} MB of GPU memory; this worker has {props['gpu_memory_mb']} MB")
         else:

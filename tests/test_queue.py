@@ -5,6 +5,7 @@ Real signaling server, real worker and client processes, real sleap-nn on tiny d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -145,6 +146,19 @@ def test_a_killed_client_leaves_the_job_running_and_a_new_one_reattaches(room, p
     assert (local / "best.ckpt").read_bytes() == (Path(model["path"]) / "best.ckpt").read_bytes()
     assert {f.name for f in local.iterdir()} == {f["name"] for f in model["files"]}
 
+    track = room.client("track", "--data-path", str(project["video"]), "--model-paths", model["path"],
+                        "--peak-threshold", "0", "--frames", "0-4", "--detach")
+    assert track.returncode == 0, track.stderr
+    track_id = re.search(r"job (\S+) accepted by", track.stdout).group(1)
+    followed = room.client("logs", track_id, "--follow")
+    assert f"job {track_id} completed" in followed.stderr
+    assert not list(room.tmp.glob("*.slp"))  # a follower is not sent the predictions
+    fetched = room.client("fetch", track_id, "--download", str(tmp_path / "results"))
+    assert fetched.returncode == 0, fetched.stderr
+    predictions = next(o for o in ledger(worker_dir, track_id)["outputs"] if o["kind"] == "predictions")
+    local = tmp_path / "results" / track_id / "video.predictions.slp"
+    assert hashlib.sha256(local.read_bytes()).hexdigest() == predictions["sha256"]
+
 
 def test_a_worker_killed_mid_training_fails_that_job_and_runs_the_queue_after_restart(room, project):
     worker_dir = room.tmp / "w"
@@ -198,3 +212,30 @@ def test_without_discovery_the_worker_comes_from_the_environment(monkeypatch):
         client.discover_workers(OldServer(), P.TRAIN)
     monkeypatch.setenv(P.ENV_WORKER_PEER_ID, "worker-gpu-1")
     assert [w["peer_id"] for w in client.discover_workers(OldServer(), P.TRAIN)] == ["worker-gpu-1"]
+
+
+def test_odd_peer_messages_get_clear_answers_and_the_worker_keeps_serving(room, project):
+    _, worker_id = start(room, project, "--advertise-gpu-memory", "4000")
+    peer = room.signaling_client("prober")
+    try:
+        for junk in ("text", [1, 2], {P.APP_MESSAGE_TYPE: P.APP_JOB_REQUEST, "requirements": [1]},
+                     {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": "q0", "state": ["x"]},
+                     {P.APP_MESSAGE_TYPE: "no_such_type"}):
+            peer.send_to_peer(worker_id, junk)
+
+        def ask(payload: dict, reply_type: str) -> dict:
+            return client.ask_workers(peer, [worker_id], payload, reply_type)[worker_id]
+
+        request = {P.APP_MESSAGE_TYPE: P.APP_JOB_REQUEST, "job_id": "j1", "job_type": P.TRAIN}
+        assert ask({**request, "requirements": {"min_gpu_memory_mb": "lots"}}, P.APP_JOB_RESPONSE)["reason"] \
+            == "bad_request"
+        assert ask({**request, "job_id": "j2", "job_type": "paint"}, P.APP_JOB_RESPONSE)["reason"] == "incompatible"
+        too_big = ask({**request, "job_id": "j3", "requirements": {"min_gpu_memory_mb": 8000}}, P.APP_JOB_RESPONSE)
+        assert too_big["reason"] == "insufficient_gpu_memory" and "4000 MB" in too_big["message"]
+        fine = ask({**request, "job_id": "j4"}, P.APP_JOB_RESPONSE)
+        assert fine["accepted"] and fine["queue_position"] == 0
+        assert fine["estimated_duration_minutes"] is None  # no history yet, no made-up estimate
+        bad_state = ask({P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": "q1", "state": "done"}, P.APP_JOBS_LIST)
+        assert "unknown state 'done'" in bad_state["error"] and bad_state["jobs"] == []
+    finally:
+        peer.close()

@@ -10,7 +10,7 @@ import pytest
 
 import protocol as P
 import signaling
-from conftest import RawPeer, wait_until
+from conftest import RawPeer
 
 
 def register_pair(raw, room):
