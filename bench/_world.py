@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# bench/queue.py would shadow the standard library's queue (which protocol.py imports) for
+# every script run from this folder: take the folder off the path once this module is in.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SLEAP_RTC_ICE_HOSTS", "127.0.0.1")
 
@@ -47,6 +50,13 @@ class BenchWorld:
     def env(self) -> dict:
         return {**os.environ, P.ENV_SERVER: self.ws_url, P.ENV_HTTP: str(self.http_port),
                 P.ENV_ROOM: self.room_id, P.ENV_TOKEN: self.token}
+
+    def script(self, name: str, body: str) -> Path:
+        """An executable Python script in tmp, e.g. a stand-in for sleap-nn (worker --sleap-nn)."""
+        path = self.tmp / name
+        path.write_text(f"#!{sys.executable}\n{body}")
+        path.chmod(0o755)
+        return path
 
     def start_worker(self, *extra: str) -> str:
         n = len(self.procs)

@@ -71,8 +71,7 @@ def main() -> None:
         log_rates(world, config, args.runs, args.lines)
 
 
-STAND_IN = """#!{python}
-import sys, time
+STAND_IN = """import sys, time
 print("start", time.time(), flush=True)
 for i in range({lines}):
     sys.stdout.write(f"line {{i}} of {lines}: epoch 1 step {{i}} loss 0.0123 lr 0.0001\\n")
@@ -95,9 +94,7 @@ def read_lines(command: list[str], env: dict, cwd: Path, marker: str) -> tuple[f
 
 
 def log_rates(world: BenchWorld, config: Path, runs: int, n: int) -> None:
-    stand_in = world.tmp / "print-lines"
-    stand_in.write_text(STAND_IN.format(python=sys.executable, lines=n))
-    stand_in.chmod(0o755)
+    stand_in = world.script("print-lines", STAND_IN.format(lines=n))
     world.start_worker("--mount", str(config.parent), "--sleap-nn", str(stand_in))
     worker_id = re.search(r"registered as (\S+)", (world.tmp / "worker2.log").read_text()).group(1)
     env = {**world.env(), "PYTHONUNBUFFERED": "1"}

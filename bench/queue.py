@@ -14,35 +14,23 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file's name shadows the standard library's `queue`, which protocol.py imports:
-# take its folder off the path and load the helper module by file.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+from _world import ROOT, BenchWorld  # first: it stops this file shadowing the standard library's queue
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import importlib.util  # noqa: E402
 import io  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import sqlite3  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("_world", HERE / "_world.py")
-_world = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_world)
-ROOT, BenchWorld = _world.ROOT, _world.BenchWorld
 
 import client  # noqa: E402  (_world put the project root on sys.path)
 import protocol as P  # noqa: E402
 
-STAND_IN = """#!{python}
-import sys, time
+STAND_IN = """import sys, time
 print("start", time.time(), flush=True)
 time.sleep(float(sys.argv[-1]) if sys.argv[-1].replace(".", "").isdigit() else {hold})
 print("exit", time.time(), flush=True)
@@ -60,9 +48,7 @@ def state(world: BenchWorld, worker: int, job_id: str) -> str:
 
 
 def queue_handover(world: BenchWorld, runs: int) -> None:
-    stand_in = world.tmp / "stand-in"
-    stand_in.write_text(STAND_IN.format(python=sys.executable, hold=1.0))
-    stand_in.chmod(0o755)
+    stand_in = world.script("stand-in", STAND_IN.format(hold=1.0))
     config = world.tmp / "config.yaml"
     config.write_text("trainer_config: {max_epochs: 1}\n")
     worker_n = len(world.procs)
