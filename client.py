@@ -295,15 +295,14 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
     if not P.valid_job_id(job_id):
         raise UsageError(f"{job_id!r} is not a job id (letters, digits, '-' and '_')")
     first = worker_id or remembered_worker(job_id)
+    query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6), "job_id": job_id}
     if first:
-        query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6), "job_id": job_id}
         jobs = ask_workers(signaling, [first], query, P.APP_JOBS_LIST).get(first, {}).get("jobs")
         if jobs:
             return first, jobs[0]
         if worker_id:
             raise P.SleapRTCError(f"worker {worker_id} does not know job {job_id} (or did not answer)")
     workers = [w["peer_id"] for w in discover_workers(signaling)]
-    query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6), "job_id": job_id}
     replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST,
                           enough=lambda replies: any(r.get("jobs") for r in replies.values()))
     for holder, reply in replies.items():
@@ -737,8 +736,11 @@ def cmd_jobs(args) -> int:
     signaling = connect(args)
     try:
         workers = [args.worker_id] if args.worker_id else sorted(w["peer_id"] for w in discover_workers(signaling))
+        if not workers:
+            print(f"no workers in room {args.room}", file=sys.stderr)
+            return 1
         query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6), "state": args.state}
-        replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST) if workers else {}
+        replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST)
     finally:
         signaling.close()
     jobs = [(worker_id, job) for worker_id, reply in replies.items() for job in reply.get("jobs", [])]
@@ -749,7 +751,7 @@ def cmd_jobs(args) -> int:
             print(f"error from {worker_id}: {replies[worker_id]['error']}", file=sys.stderr)
     if not jobs:
         print(f"no {args.state + ' ' if args.state else ''}jobs on {len(replies)} worker(s) in room {args.room}")
-        return 0 if replies or not workers else 1
+        return 0 if replies else 1
     rows = [[job["job_id"], worker_id, job["type"], job["state"], _when(job["submitted_at"]),
              f"{job['duration_s']:.1f} s" if job.get("duration_s") is not None else "-"]
             for worker_id, job in sorted(jobs, key=lambda pair: pair[1]["submitted_at"])]

@@ -620,6 +620,7 @@ class Job:
 LEDGER_FILE = "jobs.sqlite"
 RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's spec
 RESTARTED_ERROR = "worker restarted during the job"
+MAINTENANCE_MESSAGE = "this worker is in maintenance: it finishes its queue but takes no new jobs"
 LEDGER_LIMIT = 1000  # most jobs one listing returns, newest first
 _JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command"}
 
@@ -1017,6 +1018,8 @@ class Session:
                 "job_id", "job_id must be 1-64 letters, digits, '-' or '_'", "BAD_FORMAT")]})
             return
         errors = validate_job(spec, self.worker.readable_mounts)
+        if self.worker.maintenance:
+            errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
         job = None
         if not errors:
             job, errors = self.worker.scheduler.submit(job_id, spec, self.peer_id, self._forward)
@@ -1136,7 +1139,7 @@ class Worker:
 
     def __init__(self, server_url: str, room_id: str, token: str, working_dir: Path, name: str,
                  mounts: list[Mount], gpu_index: int, sleap_nn: str, slots: int = 1,
-                 advertise_gpu_memory: Optional[int] = None, embedded=None):
+                 advertise_gpu_memory: Optional[int] = None, maintenance: bool = False, embedded=None):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
@@ -1146,6 +1149,7 @@ class Worker:
         self.uploads_dir = working_dir / UPLOADS_DIR
         self.embedded = embedded
         self.gpu_index = gpu_index
+        self.maintenance = maintenance
         self.peer_id = worker_peer_id(working_dir, name)
         self.stopping = threading.Event()
         # Guards sessions, the live client links by peer id.
@@ -1168,7 +1172,7 @@ class Worker:
                 "max_concurrent_jobs": slots,
                 "supported_job_types": ["training", "inference"],
                 "mounts": [m.public() for m in mounts],
-                **self.scheduler.status(),
+                **self._status(),
             },
         }
         self.signaling = P.SignalingClient(server_url, room_id, token, self.peer_id, WORKER_ROLE, self.metadata)
@@ -1243,7 +1247,9 @@ class Worker:
         need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
         reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_RESPONSE, "job_id": str(request.get("job_id", "")),
                  "accepted": False, "worker_info": self._worker_info()}
-        if job_type not in (P.TRAIN, P.TRACK):
+        if self.maintenance:
+            reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
+        elif job_type not in (P.TRAIN, P.TRACK):
             reply.update(reason="incompatible", message=f"this worker does not run {job_type!r} jobs")
         elif not isinstance(need, (int, float)) or isinstance(need, bool):
             reply.update(reason="bad_request", message=f"min_gpu_memory_mb must be a number, not {need!r}")
@@ -1275,9 +1281,13 @@ class Worker:
 
     # -- status -------------------------------------------------------------------------
 
+    def _status(self) -> dict:
+        status = self.scheduler.status()
+        return {**status, "status": P.MAINTENANCE} if self.maintenance else status
+
     def _publish_status(self) -> None:
         with self._publish_lock:
-            status = self.scheduler.status()
+            status = self._status()
             if status == self._published:
                 return
             try:
@@ -1348,6 +1358,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="jobs run at once (default 1); accepted jobs beyond that wait in the queue")
     parser.add_argument("--advertise-gpu-memory", type=_positive, metavar="MB",
                         help="report this much GPU memory instead of measuring it (a share of a GPU; tests)")
+    parser.add_argument("--maintenance", action="store_true",
+                        help="take no new jobs (queued ones still run); status, logs and fetch keep working")
     parser.add_argument("--sleap-nn", metavar="PATH", default=None,
                         help="the sleap-nn executable to run (default: the one beside this Python, else on PATH)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -1383,7 +1395,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"  clients: source {env_file}  (or pass --room {room_id} --token {token})", flush=True)
 
     worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
-                    args.sleap_nn or sleap_nn_executable(), args.slots, args.advertise_gpu_memory, embedded)
+                    args.sleap_nn or sleap_nn_executable(), args.slots, args.advertise_gpu_memory, args.maintenance, embedded)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

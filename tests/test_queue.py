@@ -239,3 +239,18 @@ def test_odd_peer_messages_get_clear_answers_and_the_worker_keeps_serving(room, 
         assert "unknown state 'done'" in bad_state["error"] and bad_state["jobs"] == []
     finally:
         peer.close()
+
+
+def test_a_worker_in_maintenance_is_not_discovered_as_available_and_takes_no_job(room, project):
+    _, resting = start(room, project, "--maintenance", "--advertise-gpu-memory", "4000")
+    probe = room.signaling_client("probe")
+    try:
+        assert [w["peer_id"] for w in probe.discover(role="worker")] == [resting]
+        assert probe.discover(role="worker", properties={"status": P.AVAILABLE}) == []
+    finally:
+        probe.close()
+    for how in ([], ["--worker-id", resting]):
+        result = room.client("train", "--config", str(project["config"]), *how)
+        assert result.returncode == 1
+        assert "no worker accepted job" in result.stderr and "maintenance" in result.stderr, result.stderr
+    assert room.client("jobs").stdout.startswith("no jobs")
