@@ -33,5 +33,7 @@ model=$(sed -n 's/^model on the worker: //p' "$OUT/train.txt")
 echo "== inference with that model"
 "$PYTHON" client.py track --data-path "$PWD/$OUT/data/video.mp4" --model-paths "$model" \
   --peak-threshold 0 --download "$OUT/predictions" --log-dir "$OUT/client"
+echo "== the worker's job ledger"
+"$PYTHON" client.py jobs
 echo
 echo "demo: predictions in $OUT/predictions/, loss plot and logs in $OUT/client/"
