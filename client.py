@@ -810,8 +810,8 @@ def cmd_logs(args) -> int:
                     return 1
                 following = item.payload.get("following", False)
                 if not following:
-                    if args.follow:
-                        print(f"job {args.job_id} is {item.payload.get('state')}", file=sys.stderr)
+                    if args.follow:  # it had ended already
+                        print(f"job {args.job_id} {item.payload.get('state')}", file=sys.stderr)
                     return 0
             elif item.name in (P.JOB_COMPLETE, P.JOB_FAILED) and following:
                 print(f"job {args.job_id} {item.payload.get('state')}", file=sys.stderr)

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import sqlite3
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,16 @@ def submit(room, project, *extra: str) -> tuple[str, str, object]:
     assert result.returncode == 0, result.stdout + result.stderr
     job_id, worker_id = re.search(r"job (\S+) accepted by (\S+);", result.stdout).groups()
     return job_id, worker_id, result
+
+
+def gated_stand_in(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in for sleap-nn (worker --sleap-nn) that runs until the test creates the gate file."""
+    gate = tmp_path / "gate"
+    stand_in = tmp_path / "gated-sleap-nn"
+    stand_in.write_text(f"#!{sys.executable}\nimport os, time\nprint('working', flush=True)\n"
+                        f"while not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n")
+    stand_in.chmod(0o755)
+    return stand_in, gate
 
 
 def ledger(working_dir: Path, job_id: str) -> dict:
@@ -81,15 +93,17 @@ def test_a_busy_worker_is_passed_over_for_a_free_one(room, project):
         room.client("cancel", job_id)
 
 
-def test_a_second_job_queues_and_runs_when_the_first_ends(room, project):
+def test_a_second_job_queues_and_runs_when_the_first_ends(room, project, tmp_path):
+    stand_in, gate = gated_stand_in(tmp_path)
     worker_dir = room.tmp / "w"
-    start(room, project, working_dir=worker_dir)
+    start(room, project, "--sleap-nn", str(stand_in), working_dir=worker_dir)
     first, _, _ = submit(room, project)
-    result = room.client("train", "--config", str(project["config"]), "--max-epochs", "1")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "queued at position 1" in result.stdout
-    second = re.search(r"job (\S+) accepted by", result.stdout).group(1)
-    assert f"job {second} completed" in result.stderr
+    follower = room.start_client("train", "--config", str(project["config"]))
+    second = follower.wait_for(r"job (\S+) accepted by \S+; queued at position 1", timeout=60).group(1)
+    gate.touch()  # the first job ends; nobody resubmits the second
+    follower.wait_for(rf"job {second} started on")
+    follower.wait_for(rf"job {second} completed", timeout=30)
+    assert follower.popen.wait(timeout=15) == 0
     one, two = ledger(worker_dir, first), ledger(worker_dir, second)
     assert one["state"] == two["state"] == P.COMPLETED
     assert two["started_at"] >= one["finished_at"]
@@ -123,9 +137,9 @@ def test_two_clients_racing_for_one_worker_one_runs_one_queues(room, project):
 def test_a_killed_client_leaves_the_job_running_and_a_new_one_reattaches(room, project, tmp_path):
     worker_dir = room.tmp / "w"
     start(room, project, working_dir=worker_dir)
-    follower = room.start_client("train", "--config", str(project["config"]), "--max-epochs", "6")
+    follower = room.start_client("train", "--config", str(project["config"]), "--max-epochs", "10")
     job_id = follower.wait_for(r"job (\S+) accepted by", timeout=60).group(1)
-    follower.wait_for(r"epoch 1/6", timeout=60)
+    follower.wait_for(r"epoch 1/10", timeout=60)
     follower.kill()
     (room.tmp / "home" / ".sleap-rtc" / "jobs.json").unlink()  # the new client must find the worker itself
 
@@ -134,7 +148,7 @@ def test_a_killed_client_leaves_the_job_running_and_a_new_one_reattaches(room, p
     assert f"job {job_id} completed" in logs.stderr
     worker_log = (worker_dir / "jobs" / job_id / "job.log").read_text()
     assert logs.stdout == worker_log  # from the first line, no gap, nothing twice
-    assert "`Trainer.fit` stopped: `max_epochs=6` reached" in logs.stdout
+    assert "`Trainer.fit` stopped: `max_epochs=10` reached" in logs.stdout
 
     status = room.client("status", job_id)
     assert status.returncode == 0 and re.search(r"state\s+completed", status.stdout), status.stdout
@@ -254,3 +268,61 @@ def test_a_worker_in_maintenance_is_not_discovered_as_available_and_takes_no_job
         assert result.returncode == 1
         assert "no worker accepted job" in result.stderr and "maintenance" in result.stderr, result.stderr
     assert room.client("jobs").stdout.startswith("no jobs")
+
+
+def test_slots_run_jobs_side_by_side_and_the_rest_wait(room, project, tmp_path):
+    stand_in, gate = gated_stand_in(tmp_path)
+    worker_dir = room.tmp / "w"
+    _, worker_id = start(room, project, "--slots", "2", "--sleap-nn", str(stand_in), working_dir=worker_dir)
+    submitted = [submit(room, project, "--worker-id", worker_id) for _ in range(3)]
+    assert ["starting now" in result.stdout for _, _, result in submitted] == [True, True, False]
+    assert "queued at position 1" in submitted[2][2].stdout
+    probe = room.signaling_client("probe")
+    try:
+        props = probe.discover(role="worker")[0]["metadata"]["properties"]
+    finally:
+        probe.close()
+    assert (props["status"], props["running_jobs"], props["queue_length"], props["max_concurrent_jobs"]) \
+        == (P.BUSY, 2, 1, 2)
+    ids = [job_id for job_id, _, _ in submitted]
+    assert [state_of(worker_dir, j) for j in ids] == [P.RUNNING, P.RUNNING, P.PENDING]
+    gate.touch()
+    wait_until(lambda: all(state_of(worker_dir, j) == P.COMPLETED for j in ids), 30, "all three jobs")
+    first, second, third = (ledger(worker_dir, j) for j in ids)
+    assert first["started_at"] < second["finished_at"] and second["started_at"] < first["finished_at"]
+    assert third["started_at"] >= min(first["finished_at"], second["finished_at"])
+
+
+def test_an_assignment_reserves_the_free_slot_for_its_job(room, project):
+    _, worker_id = start(room, project)
+    peer = room.signaling_client("assigner")
+    try:
+        def assign(job_id: str) -> dict:
+            message = {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNMENT, "job_id": job_id}
+            return client.ask_workers(peer, [worker_id], message, P.APP_JOB_ASSIGNED)[worker_id]
+
+        assert assign("held-1") == {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNED, "job_id": "held-1", "reserved": True,
+                                    "queue_position": 0}
+        props = peer.discover(role="worker")[0]["metadata"]["properties"]
+        assert props["status"] == P.RESERVED and props["pending_job_id"] == "held-1"
+        assert assign("held-2")["queue_position"] == 1  # the only slot is promised already
+    finally:
+        peer.close()
+
+
+def test_following_a_log_mid_stream_misses_no_line_and_repeats_none(room, project, tmp_path):
+    stand_in = tmp_path / "chatty-sleap-nn"
+    stand_in.write_text(f"#!{sys.executable}\nimport time\n"
+                        "for i in range(20000):\n    print(f'line {i}', flush=True)\n    time.sleep(0.0002)\n")
+    stand_in.chmod(0o755)
+    worker_dir = room.tmp / "w"
+    start(room, project, "--sleap-nn", str(stand_in), working_dir=worker_dir)
+    job_id, _, _ = submit(room, project)
+    log_file = worker_dir / "jobs" / job_id / "job.log"
+    wait_until(lambda: log_file.exists() and log_file.stat().st_size > 0, 30, "the first lines")
+    attached = time.time()
+    followed = room.client("logs", job_id, "--follow")
+    assert followed.returncode == 0 and f"job {job_id} completed" in followed.stderr, followed.stderr
+    assert ledger(worker_dir, job_id)["finished_at"] > attached + 1.5  # it joined mid-stream
+
+    assert followed.stdout.splitlines() == [f"line {i}" for i in range(20000)]
