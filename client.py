@@ -429,24 +429,27 @@ def _wait_for(link: P.Link, accept: Callable, timeout: Optional[float]):
 # Jobs
 # ---------------------------------------------------------------------------------------
 
-JOBS_FILE = Path("~/.sleap-rtc/jobs.json")
+# One small file per job, so that clients running side by side never rewrite each other's.
+JOBS_DIR = Path("~/.sleap-rtc/jobs")
 DETACHED = 3  # exit code: the job runs on, this client stopped following it
 
 
 def remember_job(job_id: str, worker_id: str, room_id: str) -> None:
-    """Note which worker holds a job, so `stop JOB` / `cancel JOB` need nothing more."""
-    path = JOBS_FILE.expanduser()
-    jobs = json.loads(path.read_text()) if path.exists() else {}
-    jobs[job_id] = {"worker_id": worker_id, "room_id": room_id, "submitted": time.time()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jobs, indent=1))
-    os.replace(tmp, path)
+    """Note which worker holds a job, so that JOB alone is enough later."""
+    directory = JOBS_DIR.expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{job_id}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"job_id": job_id, "worker_id": worker_id, "room_id": room_id,
+                               "remembered_at": time.time()}))
+    os.replace(tmp, directory / f"{job_id}.json")
 
 
 def remembered_worker(job_id: str) -> Optional[str]:
-    path = JOBS_FILE.expanduser()
-    return (json.loads(path.read_text()).get(job_id) or {}).get("worker_id") if path.exists() else None
+    path = JOBS_DIR.expanduser() / f"{job_id}.json"
+    try:
+        return json.loads(path.read_text()).get("worker_id")
+    except (OSError, ValueError):
+        return None
 
 
 class JobMonitor:
@@ -948,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
     job_holder = argparse.ArgumentParser(add_help=False)
     job_holder.add_argument("job_id", metavar="JOB")
     job_holder.add_argument("--worker-id", help="the worker holding the job (default: the one remembered "
-                                                "in ~/.sleap-rtc/jobs.json, else every worker in the room is asked)")
+                                                "in ~/.sleap-rtc/jobs/, else every worker in the room is asked)")
     p = commands.add_parser("jobs", parents=[common], help="list the jobs of every worker in the room")
     p.add_argument("--worker-id", help="only this worker's jobs")
     p.add_argument("--state", choices=P.JOB_STATES, help="only jobs in this state")

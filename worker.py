@@ -825,10 +825,12 @@ class Scheduler:
         return max(0, index + 1 - max(0, self.slots - len(self.running) - len(self.reservations)))
 
     def status(self) -> dict:
-        """What discovery should see: available while a slot is free, reserved while the
-        last one is promised to an assigned job, busy while all run."""
+        """What discovery should see: available while a new job would start at once,
+        reserved while the last free slot is promised to an assigned job, else busy. A
+        queued job counts against the slots from the moment it is accepted, before the
+        scheduler thread has started it."""
         with self._cond:
-            free = self.slots - len(self.running) - len(self.reservations)
+            free = self.slots - len(self.running) - len(self.reservations) - len(self.queue)
             status = P.AVAILABLE if free > 0 else P.RESERVED if self.reservations else P.BUSY
             return {"status": status, "queue_length": len(self.queue), "running_jobs": len(self.running),
                     "pending_job_id": next(reversed(self.reservations), None)}

@@ -141,7 +141,7 @@ def test_a_killed_client_leaves_the_job_running_and_a_new_one_reattaches(room, p
     job_id = follower.wait_for(r"job (\S+) accepted by", timeout=60).group(1)
     follower.wait_for(r"epoch 1/10", timeout=60)
     follower.kill()
-    (room.tmp / "home" / ".sleap-rtc" / "jobs.json").unlink()  # the new client must find the worker itself
+    (room.tmp / "home" / ".sleap-rtc" / "jobs" / f"{job_id}.json").unlink()  # the new client must find the worker
 
     logs = room.client("logs", job_id, "--follow")
     assert logs.returncode == 0, logs.stderr
