@@ -319,7 +319,6 @@ AVAILABLE, RESERVED, BUSY, MAINTENANCE = "available", "reserved", "busy", "maint
 # Job states: pending -> running -> completed | failed | cancelled.
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
 JOB_STATES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
-FINAL_STATES = (COMPLETED, FAILED, CANCELLED)
 
 
 @dataclass(frozen=True)
