@@ -618,7 +618,7 @@ class Job:
 
 
 LEDGER_FILE = "jobs.sqlite"
-RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's spec
+RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's spec, by default
 RESTARTED_ERROR = "worker restarted during the job"
 MAINTENANCE_MESSAGE = "this worker is in maintenance: it finishes its queue but takes no new jobs"
 LEDGER_LIMIT = 1000  # most jobs one listing returns, newest first
@@ -724,9 +724,10 @@ class Scheduler:
     """
 
     def __init__(self, working_dir: Path, slots: int, executable: str,
-                 on_change: Callable[[Optional[Job]], None]):
+                 on_change: Callable[[Optional[Job]], None], reservation_timeout: float = RESERVATION_TIMEOUT_S):
         self.jobs_dir = working_dir / "jobs"
         self.slots = slots
+        self.reservation_timeout = reservation_timeout
         self.executable = executable
         self.on_change = on_change
         self.ledger = Ledger(working_dir / LEDGER_FILE)
@@ -812,7 +813,7 @@ class Scheduler:
                 return 0
             position = self._position(len(self.queue))
             if position == 0:
-                self.reservations[job_id] = time.monotonic() + RESERVATION_TIMEOUT_S
+                self.reservations[job_id] = time.monotonic() + self.reservation_timeout
         self.on_change(None)
         return position
 
@@ -908,7 +909,7 @@ class Scheduler:
                     continue
             for job_id in expired:
                 log.info("the slot kept for job %s is free again: its spec did not come in %.0f s",
-                         job_id, RESERVATION_TIMEOUT_S)
+                         job_id, self.reservation_timeout)
             for job in to_start:
                 self._start(job)
             self._announce_positions()
@@ -1141,7 +1142,8 @@ class Worker:
 
     def __init__(self, server_url: str, room_id: str, token: str, working_dir: Path, name: str,
                  mounts: list[Mount], gpu_index: int, sleap_nn: str, slots: int = 1,
-                 advertise_gpu_memory: Optional[int] = None, maintenance: bool = False, embedded=None):
+                 advertise_gpu_memory: Optional[int] = None, maintenance: bool = False,
+                 reservation_timeout: float = RESERVATION_TIMEOUT_S, embedded=None):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
@@ -1160,7 +1162,7 @@ class Worker:
         # Guards _published, the status last sent to the server: updates go one at a time, in order.
         self._publish_lock = threading.Lock()
         self._published: Optional[dict] = None
-        self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed)
+        self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout)
         facts = gpu_facts(gpu_index, probe_torch=advertise_gpu_memory is None)
         if advertise_gpu_memory is not None:
             facts["gpu_memory_mb"] = advertise_gpu_memory
@@ -1360,6 +1362,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="jobs run at once (default 1); accepted jobs beyond that wait in the queue")
     parser.add_argument("--advertise-gpu-memory", type=_positive, metavar="MB",
                         help="report this much GPU memory instead of measuring it (a share of a GPU; tests)")
+    parser.add_argument("--reservation-timeout", type=_positive, default=int(RESERVATION_TIMEOUT_S), metavar="S",
+                        help="seconds a slot promised to a client waits for its job before it is free again "
+                             f"(default {RESERVATION_TIMEOUT_S:.0f})")
     parser.add_argument("--maintenance", action="store_true",
                         help="take no new jobs (queued ones still run); status, logs and fetch keep working")
     parser.add_argument("--sleap-nn", metavar="PATH", default=None,
@@ -1397,7 +1402,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"  clients: source {env_file}  (or pass --room {room_id} --token {token})", flush=True)
 
     worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
-                    args.sleap_nn or sleap_nn_executable(), args.slots, args.advertise_gpu_memory, args.maintenance, embedded)
+                    args.sleap_nn or sleap_nn_executable(), args.slots, args.advertise_gpu_memory, args.maintenance,
+                    args.reservation_timeout, embedded)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

@@ -198,6 +198,8 @@ def test_a_worker_killed_mid_training_fails_that_job_and_runs_the_queue_after_re
     assert listing.returncode == 0, listing.stderr
     rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:]}
     assert rows[running][3] == P.FAILED and rows[queued][3] == P.COMPLETED
+    failed = room.client("jobs", "--state", "failed").stdout.splitlines()[1:]
+    assert [line.split()[0] for line in failed] == [running]
 
 
 def test_ranking_prefers_start_now_then_queue_then_memory_then_peer_id():
@@ -293,8 +295,8 @@ def test_slots_run_jobs_side_by_side_and_the_rest_wait(room, project, tmp_path):
     assert third["started_at"] >= min(first["finished_at"], second["finished_at"])
 
 
-def test_an_assignment_reserves_the_free_slot_for_its_job(room, project):
-    _, worker_id = start(room, project)
+def test_an_assignment_reserves_the_free_slot_for_its_job_until_the_timeout(room, project):
+    _, worker_id = start(room, project, "--reservation-timeout", "2")
     peer = room.signaling_client("assigner")
     try:
         def assign(job_id: str) -> dict:
@@ -306,6 +308,9 @@ def test_an_assignment_reserves_the_free_slot_for_its_job(room, project):
         props = peer.discover(role="worker")[0]["metadata"]["properties"]
         assert props["status"] == P.RESERVED and props["pending_job_id"] == "held-1"
         assert assign("held-2")["queue_position"] == 1  # the only slot is promised already
+        wait_until(lambda: peer.discover(role="worker", properties={"status": P.AVAILABLE}), 10,
+                   "the unclaimed slot to be free again")
+        assert assign("held-3")["reserved"]
     finally:
         peer.close()
 
