@@ -2,10 +2,12 @@
 
     python worker.py --room R --token T [--server URL] [--name N] [--mount PATH[:LABEL]]...
                      [--working-dir DIR] [--gpu N] [--slots N] [--advertise-gpu-memory MB]
-                     [--sleap-nn PATH]
+                     [--sleap-nn PATH] [--reservation-timeout S] [--maintenance]
 
-Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite with
-its log under WORKING_DIR/jobs/JOB/, across restarts. With no --server and nothing listening on ws://127.0.0.1:8080, the worker starts the
+Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite, with
+its log under WORKING_DIR/jobs/JOB/, across restarts.
+
+With no --server and nothing listening on ws://127.0.0.1:8080, the worker starts the
 signaling server in-process (signaling.py beside this file), creates a room and prints
 what a client needs. Needs only this file, protocol.py and their transport dependencies
 next to an installed sleap-nn.
@@ -44,7 +46,7 @@ log = logging.getLogger("sleap_rtc.worker")
 # ---------------------------------------------------------------------------------------
 
 WORKER_ROLE = "worker"
-WORKER_TAGS = ["sleap-rtc", "training-worker", "inference-worker"]
+WORKER_TAGS = ["sleap-rtc", *P.JOB_TYPE_TAGS.values()]
 DEFAULT_WORKING_DIR = "sleap-rtc-worker"
 EMBEDDED_STATE_FILE = "signaling-state.json"
 ROOM_ENV_FILE = "room.env"
@@ -717,8 +719,8 @@ class Scheduler:
     """The worker's jobs: `slots` run at once; accepted jobs beyond that wait, first in
     first out, and start when a slot frees.
 
-    The ledger is the record; `jobs` holds the Job objects of this process's life. The
-    thread "scheduler" starts pending jobs into free, unreserved slots and lets
+    The ledger is the record; the Job objects of queued and running jobs live in `queue`
+    and `running` (a finished job is answered from the ledger). The thread "scheduler" starts pending jobs into free, unreserved slots and lets
     reservations expire; `stop()` ends it. `on_change(job or None)` is called whenever
     status, queue or a job's state may have changed.
     """
@@ -731,9 +733,8 @@ class Scheduler:
         self.executable = executable
         self.on_change = on_change
         self.ledger = Ledger(working_dir / LEDGER_FILE)
-        # Guards jobs, queue, running and reservations; notified whenever one changes.
+        # Guards queue, running and reservations; notified whenever one changes.
         self._cond = threading.Condition()
-        self.jobs: dict[str, Job] = {}
         self.queue: list[Job] = []  # pending jobs, the next to run first
         self.running: dict[str, Job] = {}
         self.reservations: dict[str, float] = {}  # job id -> monotonic deadline for its spec
@@ -763,7 +764,6 @@ class Scheduler:
         for record in self.ledger.select(state=P.PENDING, oldest_first=True):
             job = Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"],
                       self.executable, record["submitted_at"])
-            self.jobs[job.job_id] = job
             self.queue.append(job)
         if self.queue:
             log.info("%d queued job(s) from before the restart will run", len(self.queue))
@@ -791,12 +791,11 @@ class Scheduler:
     def submit(self, job_id: str, spec: dict, submitter: str, listener) -> tuple[Optional[Job], list[dict]]:
         """Queue a job (it starts at once when a slot is free), or say why not."""
         with self._cond:
-            if job_id in self.jobs or self.ledger.get(job_id) is not None:
+            if self.ledger.get(job_id) is not None:
                 return None, [P.spec_error("job_id", f"job {job_id} exists already", "DUPLICATE")]
             job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable)
             job.subscribe(listener)
             self.ledger.add(job)
-            self.jobs[job_id] = job
             if self.reservations.pop(job_id, None) is not None:
                 self.queue.insert(0, job)  # its slot was kept for it
             else:
@@ -822,8 +821,12 @@ class Scheduler:
         with self._cond:
             return self._position(self.queue.index(job)) if job in self.queue else 0
 
+    def _free_slots(self) -> int:  # the caller holds _cond
+        """Slots neither running a job nor promised to one (queued jobs not counted)."""
+        return self.slots - len(self.running) - len(self.reservations)
+
     def _position(self, index: int) -> int:  # the caller holds _cond
-        return max(0, index + 1 - max(0, self.slots - len(self.running) - len(self.reservations)))
+        return max(0, index + 1 - max(0, self._free_slots()))
 
     def status(self) -> dict:
         """What discovery should see: available while a new job would start at once,
@@ -831,7 +834,7 @@ class Scheduler:
         queued job counts against the slots from the moment it is accepted, before the
         scheduler thread has started it."""
         with self._cond:
-            free = self.slots - len(self.running) - len(self.reservations) - len(self.queue)
+            free = self._free_slots() - len(self.queue)
             status = P.AVAILABLE if free > 0 else P.RESERVED if self.reservations else P.BUSY
             return {"status": status, "queue_length": len(self.queue), "running_jobs": len(self.running),
                     "pending_job_id": next(reversed(self.reservations), None)}
@@ -852,8 +855,9 @@ class Scheduler:
                 "estimated_duration_minutes": None if typical is None else round(typical / 60, 2)}
 
     def get(self, job_id: str) -> Optional[Job]:
+        """The live Job of a queued or running job; None once it has finished (see `record`)."""
         with self._cond:
-            return self.jobs.get(job_id)
+            return self.running.get(job_id) or next((j for j in self.queue if j.job_id == job_id), None)
 
     def record(self, job_id: str) -> Optional[dict]:
         """The ledger's row for a job, with its queue position while pending."""
@@ -866,8 +870,8 @@ class Scheduler:
     def control(self, job_id: str, action: str) -> tuple[bool, str]:
         """Stop or cancel a job: a queued one leaves the queue at once, a running one is
         signalled. (ok, what happened)."""
+        job = self.get(job_id)
         with self._cond:
-            job = self.jobs.get(job_id)
             queued = job is not None and job in self.queue
             position = self._position(self.queue.index(job)) if queued else 0
             if queued and action == "cancel":
@@ -900,7 +904,7 @@ class Scheduler:
                     if deadline <= now:
                         del self.reservations[job_id]
                         expired.append(job_id)
-                while self.queue and self.slots - len(self.running) - len(self.reservations) > 0:
+                while self.queue and self._free_slots() > 0:
                     job = self.queue.pop(0)
                     self.running[job.job_id] = job
                     to_start.append(job)
@@ -1047,11 +1051,12 @@ class Session:
     def _attach(self, payload: dict) -> None:
         """The job's log from its first line; with `follow`, then everything live until it ends."""
         job_id = str(payload.get("job_id", ""))
+        # The live job first: once it is gone, the ledger already holds its final state.
+        job = self.worker.scheduler.get(job_id)
         record = self.worker.scheduler.record(job_id)
         if record is None:
             self.link.send(P.JOB_ATTACHED, {"job_id": job_id, "error": f"no job {job_id} on this worker"})
             return
-        job = self.worker.scheduler.get(job_id)
         listener = self._forward if payload.get("follow") else None
         replay = lambda path: self._replay(job_id, path)  # noqa: E731
         if job is not None:
