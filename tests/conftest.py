@@ -43,6 +43,14 @@ def wait_until(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def stand_in(directory: Path, name: str, body: str) -> Path:
+    """An executable Python script to run in sleap-nn's place (worker --sleap-nn)."""
+    path = directory / name
+    path.write_text(f"#!{PY}\n{body}")
+    path.chmod(0o755)
+    return path
+
+
 class Proc:
     """A child process whose stdout+stderr go to a log file that tests can search."""
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import stand_in, wait_until
 from tiny_data import make_project
 
 
@@ -144,10 +143,8 @@ def test_sleap_nn_failure_reports_exit_code_and_stderr(lab, tmp_path):
 
 def test_output_from_the_first_instant_reaches_the_client(room, project, tmp_path):
     """Lines printed before JOB_ACCEPTED reaches the client are kept, in order, none twice."""
-    stand_in = tmp_path / "fast-sleap-nn"
-    stand_in.write_text(f"#!{sys.executable}\nfor i in range(5000):\n    print(f'line {{i}}')\n")
-    stand_in.chmod(0o755)
-    room.start_worker("--mount", str(project["config"].parent), "--sleap-nn", str(stand_in))
+    fast = stand_in(tmp_path, "fast-sleap-nn", "for i in range(5000):\n    print(f'line {i}')\n")
+    room.start_worker("--mount", str(project["config"].parent), "--sleap-nn", str(fast))
     result = room.client("train", "--config", str(project["config"]))
     assert result.returncode == 0, result.stdout + result.stderr
     logged = (room.tmp / "sleap-rtc-jobs" / job_id_of(result.stdout) / "job.log").read_text().splitlines()

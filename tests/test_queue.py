@@ -10,7 +10,6 @@ import json
 import os
 import re
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 import client
 import protocol as P
-from conftest import wait_until
+from conftest import stand_in, wait_until
 from tiny_data import make_project
 
 
@@ -42,11 +41,9 @@ def submit(room, project, *extra: str) -> tuple[str, str, object]:
 def gated_stand_in(tmp_path: Path) -> tuple[Path, Path]:
     """A stand-in for sleap-nn (worker --sleap-nn) that runs until the test creates the gate file."""
     gate = tmp_path / "gate"
-    stand_in = tmp_path / "gated-sleap-nn"
-    stand_in.write_text(f"#!{sys.executable}\nimport os, time\nprint('working', flush=True)\n"
-                        f"while not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n")
-    stand_in.chmod(0o755)
-    return stand_in, gate
+    script = stand_in(tmp_path, "gated-sleap-nn", "import os, time\nprint('working', flush=True)\n"
+                      f"while not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n")
+    return script, gate
 
 
 def ledger(working_dir: Path, job_id: str) -> dict:
@@ -94,9 +91,9 @@ def test_a_busy_worker_is_passed_over_for_a_free_one(room, project):
 
 
 def test_a_second_job_queues_and_runs_when_the_first_ends(room, project, tmp_path):
-    stand_in, gate = gated_stand_in(tmp_path)
+    gated, gate = gated_stand_in(tmp_path)
     worker_dir = room.tmp / "w"
-    start(room, project, "--sleap-nn", str(stand_in), working_dir=worker_dir)
+    start(room, project, "--sleap-nn", str(gated), working_dir=worker_dir)
     first, _, _ = submit(room, project)
     follower = room.start_client("train", "--config", str(project["config"]))
     second = follower.wait_for(r"job (\S+) accepted by \S+; queued at position 1", timeout=60).group(1)
@@ -273,9 +270,9 @@ def test_a_worker_in_maintenance_is_not_discovered_as_available_and_takes_no_job
 
 
 def test_slots_run_jobs_side_by_side_and_the_rest_wait(room, project, tmp_path):
-    stand_in, gate = gated_stand_in(tmp_path)
+    gated, gate = gated_stand_in(tmp_path)
     worker_dir = room.tmp / "w"
-    _, worker_id = start(room, project, "--slots", "2", "--sleap-nn", str(stand_in), working_dir=worker_dir)
+    _, worker_id = start(room, project, "--slots", "2", "--sleap-nn", str(gated), working_dir=worker_dir)
     submitted = [submit(room, project, "--worker-id", worker_id) for _ in range(3)]
     assert ["starting now" in result.stdout for _, _, result in submitted] == [True, True, False]
     assert "queued at position 1" in submitted[2][2].stdout
@@ -316,12 +313,10 @@ def test_an_assignment_reserves_the_free_slot_for_its_job_until_the_timeout(room
 
 
 def test_following_a_log_mid_stream_misses_no_line_and_repeats_none(room, project, tmp_path):
-    stand_in = tmp_path / "chatty-sleap-nn"
-    stand_in.write_text(f"#!{sys.executable}\nimport time\n"
-                        "for i in range(20000):\n    print(f'line {i}', flush=True)\n    time.sleep(0.0002)\n")
-    stand_in.chmod(0o755)
+    chatty = stand_in(tmp_path, "chatty-sleap-nn",
+                      "import time\nfor i in range(20000):\n    print(f'line {i}', flush=True)\n    time.sleep(0.0002)\n")
     worker_dir = room.tmp / "w"
-    start(room, project, "--sleap-nn", str(stand_in), working_dir=worker_dir)
+    start(room, project, "--sleap-nn", str(chatty), working_dir=worker_dir)
     job_id, _, _ = submit(room, project)
     log_file = worker_dir / "jobs" / job_id / "job.log"
     wait_until(lambda: log_file.exists() and log_file.stat().st_size > 0, 30, "the first lines")
