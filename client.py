@@ -168,6 +168,9 @@ def with_link(args, work: Callable[[P.Link], int], receive_dir: Path = Path(".")
 # ---------------------------------------------------------------------------------------
 
 ANSWER_TIMEOUT_S = 5.0  # how long workers have to answer a job_request or jobs_query
+# How long a worker may stay quiet over the link before a request counts as unanswered
+# (file bytes arriving count as an answer in progress).
+REPLY_TIMEOUT_S = 30.0
 SUMMARY_FIELDS = ("type", "config", "labels", "data_path", "max_epochs", "batch_size")
 
 
@@ -366,10 +369,7 @@ def cmd_ping(args) -> int:
         for seq in range(args.count):
             sent = time.monotonic()
             link.send(P.LINK_PING, {"seq": seq})
-            reply = _wait_for(link, lambda m: m.name == P.LINK_PONG and m.payload.get("seq") == seq, 10)
-            if reply is None:
-                print(f"ping {seq}: no answer within 10 s", file=sys.stderr)
-                return 1
+            link.expect(lambda m: _is(m, P.LINK_PONG) and m.payload.get("seq") == seq, REPLY_TIMEOUT_S, "pong")
             rtts.append((time.monotonic() - sent) * 1000)
             print(f"pong from {link.peer_id}: seq={seq} rtt={rtts[-1]:.2f} ms", flush=True)
             if seq + 1 < args.count:
@@ -400,29 +400,19 @@ def cmd_download(args) -> int:
     def work(link: P.Link) -> int:
         link.on_receive_progress = Progress(f"download {Path(args.path).name}")
         link.send(P.FILE_REQUEST, {"path": args.path})
-        item = _wait_for(link, lambda m: True, None)
-        if isinstance(item, P.FileReceived):
-            print(f"downloaded {item.path} ({item.size} bytes, sha256 {item.sha256})")
-            return 0
+        item = link.expect(lambda i: isinstance(i, (P.FileReceived, P.TransferFailed)), REPLY_TIMEOUT_S, "file")
         if isinstance(item, P.TransferFailed):
             print(f"error: download failed: {item.error}", file=sys.stderr)
-        else:
-            print(f"error: {item.payload.get('message')}", file=sys.stderr)
-        return 1
+            return 1
+        print(f"downloaded {item.path} ({item.size} bytes, sha256 {item.sha256})")
+        return 0
 
     return with_link(args, work, receive_dir=target)
 
 
-def _wait_for(link: P.Link, accept: Callable, timeout: Optional[float]):
-    """The next inbox item that `accept` takes (messages), or any file event; None on timeout."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while deadline is None or time.monotonic() < deadline:
-        item = link.recv(timeout=0.5)
-        if item is None:
-            continue
-        if isinstance(item, (P.FileReceived, P.TransferFailed)) or item.name == P.LINK_ERROR or accept(item):
-            return item
-    return None
+def _is(item, name: str, job_id: Optional[str] = None) -> bool:
+    """Whether an inbox item is the message `name` (of job `job_id`, when given)."""
+    return isinstance(item, P.Message) and item.name == name and (job_id is None or item.payload.get("job_id") == job_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,17 +475,8 @@ class JobMonitor:
 
     def wait_accepted(self, timeout: float = 60) -> Optional[dict]:
         """The JOB_ACCEPTED payload, or None after printing why the job was rejected."""
-        reply, deadline = None, time.monotonic() + timeout
-        while reply is None and time.monotonic() < deadline:
-            item = self.link.recv(timeout=0.5)
-            if isinstance(item, P.Message) and (item.name == P.LINK_ERROR or item.name in (
-                    P.JOB_ACCEPTED, P.JOB_REJECTED) and item.payload.get("job_id") == self.job_id):
-                reply = item
-            elif item is not None:
-                self.early.append(item)
-        if reply is None:
-            print(f"error: the worker did not answer the submission within {timeout:.0f} s", file=sys.stderr)
-            return None
+        reply = self.link.expect(lambda m: _is(m, P.JOB_ACCEPTED, self.job_id) or _is(m, P.JOB_REJECTED, self.job_id),
+                                 timeout, f"answer to job {self.job_id}", on_other=self.early.append)
         if reply.name == P.JOB_ACCEPTED:
             return reply.payload
         print(f"error: job {self.job_id} was rejected by {self.link.peer_id}:", file=sys.stderr)
@@ -513,7 +494,9 @@ class JobMonitor:
             try:
                 item = self.early.pop(0) if self.early else self.link.recv(timeout=0.2)
             except P.LinkClosed as exc:
-                self.status(f"lost the link to {self.link.peer_id} ({exc}); job {self.job_id} runs on there", True)
+                self.status(f"error: lost the link to {self.link.peer_id} ({exc}). The job may still be running "
+                            f"there, or the worker may be gone: check with `python client.py status {self.job_id}`",
+                            True)
                 return 1
             if item is None:
                 continue
@@ -521,8 +504,13 @@ class JobMonitor:
                 self.files.append(item)
             elif isinstance(item, P.TransferFailed):
                 self.status(f"error: a result file did not arrive: {item.error}", True)
+            elif item.name == P.LINK_ERROR:
+                self.status(f"the worker reports: {item.payload.get('message')}", True)
             elif item.payload.get("job_id") != self.job_id:
                 continue
+            elif item.name == P.JOB_DETACHED:
+                self.status(f"error: {item.payload.get('reason')}", True)
+                return DETACHED
             elif item.name == P.JOB_LOG:
                 self._log(item.payload)
             elif item.name == P.JOB_PROGRESS:
@@ -581,7 +569,7 @@ class JobMonitor:
             choice = "s" if count == 1 and not getattr(self, "_stop_sent", False) else "c"
         if choice.startswith("s"):
             self._stop_sent = True
-            self.link.send(P.ZMQ_CTRL, {"job_id": self.job_id, "command": "STOP"})
+            self.link.send(P.ZMQ_CTRL, {"job_id": self.job_id})
         elif choice.startswith("c"):
             self.link.send(P.JOB_CANCEL, {"job_id": self.job_id})
         elif choice.startswith("d"):
@@ -720,11 +708,8 @@ def cmd_control(args) -> int:
     name = P.ZMQ_CTRL if args.command == "stop" else P.JOB_CANCEL
 
     def work(link: P.Link, record: dict) -> int:
-        link.send(name, {"job_id": args.job_id, "command": "STOP"})
-        reply = _wait_for(link, lambda m: m.name == P.JOB_CONTROL and m.payload.get("job_id") == args.job_id, 15)
-        if reply is None:
-            print("error: no answer from the worker within 15 s", file=sys.stderr)
-            return 1
+        link.send(name, {"job_id": args.job_id})
+        reply = link.expect(lambda m: _is(m, P.JOB_CONTROL, args.job_id), REPLY_TIMEOUT_S, f"answer to {args.command}")
         print(f"{args.command} {args.job_id} on {link.peer_id}: {reply.payload['message']}")
         return 0 if reply.payload.get("ok") else 1
 
@@ -797,28 +782,30 @@ def cmd_status(args) -> int:
 
 def cmd_logs(args) -> int:
     def work(link: P.Link, record: dict) -> int:
-        link.send(P.JOB_ATTACH, {"job_id": args.job_id, "follow": args.follow})
-        following = True
-        while True:
-            item = link.recv(timeout=1.0)
-            if not isinstance(item, P.Message) or item.payload.get("job_id") != args.job_id:
-                continue
-            if item.name == P.JOB_LOG:
-                for _, line in item.payload.get("lines", []):
-                    sys.stdout.write(line + "\n")
+        def show(item) -> None:
+            if _is(item, P.JOB_LOG, args.job_id):
+                sys.stdout.writelines(line + "\n" for _, line in item.payload.get("lines", []))
                 sys.stdout.flush()
-            elif item.name == P.JOB_ATTACHED:
-                if item.payload.get("error"):
-                    print(f"error: {item.payload['error']}", file=sys.stderr)
-                    return 1
-                following = item.payload.get("following", False)
-                if not following:
-                    if args.follow:  # it had ended already
-                        print(f"job {args.job_id} {item.payload.get('state')}", file=sys.stderr)
-                    return 0
-            elif item.name in (P.JOB_COMPLETE, P.JOB_FAILED) and following:
-                print(f"job {args.job_id} {item.payload.get('state')}", file=sys.stderr)
-                return 0
+
+        link.send(P.JOB_ATTACH, {"job_id": args.job_id, "follow": args.follow})
+        attached = link.expect(lambda m: _is(m, P.JOB_ATTACHED, args.job_id), REPLY_TIMEOUT_S,
+                               f"log of job {args.job_id}", on_other=show)
+        if attached.payload.get("error"):
+            print(f"error: {attached.payload['error']}", file=sys.stderr)
+            return 1
+        if not attached.payload.get("following"):
+            if args.follow:  # it had ended already
+                print(f"job {args.job_id} {attached.payload.get('state')}", file=sys.stderr)
+            return 0
+        # A job may be quiet for hours: wait as long as the link lives (a gone worker ends it).
+        end = link.expect(lambda m: any(_is(m, name, args.job_id) for name in (P.JOB_COMPLETE, P.JOB_FAILED,
+                                                                               P.JOB_DETACHED)),
+                          None, f"end of job {args.job_id}", on_other=show)
+        if end.name == P.JOB_DETACHED:
+            print(f"error: {end.payload.get('reason')}", file=sys.stderr)
+            return 1
+        print(f"job {args.job_id} {end.payload.get('state')}", file=sys.stderr)
+        return 0
 
     return with_job_link(args, work)
 
@@ -835,18 +822,18 @@ def cmd_fetch(args) -> int:
         for output in record.get("outputs") or []:
             files = output.get("files") or [{"name": Path(output["path"]).name, "sha256": output["sha256"]}]
             expected.update({f["sha256"]: f["name"] for f in files})
-        link.send(P.JOB_FETCH, {"job_id": args.job_id})
         received: list[P.FileReceived] = []
-        while True:
-            item = link.recv(timeout=1.0)
+
+        def arrived(item) -> None:
             if isinstance(item, P.FileReceived):
                 received.append(item)
                 print(f"received {item.path} ({item.size} bytes)", file=sys.stderr)
             elif isinstance(item, P.TransferFailed):
                 print(f"error: a file did not arrive: {item.error}", file=sys.stderr)
-            elif isinstance(item, P.Message) and item.name == P.JOB_FETCHED \
-                    and item.payload.get("job_id") == args.job_id:
-                break
+
+        link.send(P.JOB_FETCH, {"job_id": args.job_id})
+        item = link.expect(lambda m: _is(m, P.JOB_FETCHED, args.job_id), REPLY_TIMEOUT_S,
+                           f"results of job {args.job_id}", on_other=arrived)
         if item.payload.get("error"):
             print(f"error: {item.payload['error']}", file=sys.stderr)
         missing = [name for sha256, name in expected.items() if sha256 not in {f.sha256 for f in received}]
@@ -910,11 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_download)
 
     job_output = argparse.ArgumentParser(add_help=False)
-    choice = job_output.add_mutually_exclusive_group()
-    choice.add_argument("--worker-id", help="run on this worker (it must still accept the job)")
-    choice.add_argument("--auto-select", action="store_true",
-                        help="ask every fitting worker and pick: can start now, then shortest queue, then most "
-                             "GPU memory (the default)")
+    job_output.add_argument("--worker-id", help="run on this worker (it must still accept the job); by default "
+                            "every fitting worker is asked and the one that can start soonest is chosen")
     job_output.add_argument("--min-gpu-memory", type=int, default=0, metavar="MB",
                             help="only workers with at least this much GPU memory")
     job_output.add_argument("--detach", action="store_true",

@@ -74,6 +74,9 @@ HEARTBEAT_INTERVAL_S = 1.0
 PEER_TIMEOUT_S = 5.0
 LINK_OPEN_TIMEOUT_S = 20.0
 CLOSE_ACK_TIMEOUT_S = 2.0
+# After the last byte of a file, how long the sender waits for the receiver's verdict (its
+# receive thread may still be writing what arrived).
+FILE_ACK_TIMEOUT_S = 3 * PEER_TIMEOUT_S
 
 # The server pings every connection this often; a client that hears nothing for
 # SERVER_SILENCE_S assumes the connection is dead and reconnects.
@@ -111,6 +114,14 @@ class SignalingError(SleapRTCError):
 
 class LinkClosed(SleapRTCError):
     """The WebRTC link is closed; the text says why (closed, vanished peer, ...)."""
+
+
+class LinkTimeout(SleapRTCError):
+    """Nothing that was waited for arrived in time, though the link is still up."""
+
+
+class PeerError(SleapRTCError):
+    """The peer answered with an ERROR message; the text is its message."""
 
 
 class TransferError(SleapRTCError):
@@ -280,13 +291,15 @@ JOB_LOG = "JOB_LOG"  # {job_id, lines: [[stream, text]], progress: latest \r lin
 # | {job_id, event: queued, queue_position}
 JOB_PROGRESS = "JOB_PROGRESS"
 PROGRESS_REPORT = "PROGRESS_REPORT"  # {job_id, report: sleap-nn's raw ZMQ JSON text}
-ZMQ_CTRL = "ZMQ_CTRL"  # {job_id, command: "STOP"}: stop early, keep the model
+ZMQ_CTRL = "ZMQ_CTRL"  # {job_id}: stop early, keep the model
 JOB_CANCEL = "JOB_CANCEL"  # {job_id}: terminate the run
 JOB_CONTROL = "JOB_CONTROL"  # {job_id, action, ok, message}: the worker's answer to ZMQ_CTRL / JOB_CANCEL
 JOB_COMPLETE = "JOB_COMPLETE"  # {job_id, state, exit_code, duration_s, stopped_early, outputs, warning}
 JOB_FAILED = "JOB_FAILED"  # the same fields, state failed|cancelled, plus error and stderr_tail
 JOB_ATTACH = "JOB_ATTACH"  # {job_id, follow}: send the job's log from its first line, then (follow) live
 JOB_ATTACHED = "JOB_ATTACHED"  # {job_id, state, following, error?}: the log so far has been sent
+# {job_id, reason}: the worker stopped sending this job's output to this client (it fell behind)
+JOB_DETACHED = "JOB_DETACHED"
 JOB_FETCH = "JOB_FETCH"  # {job_id}: send the job's result files
 JOB_FETCHED = "JOB_FETCHED"  # {job_id, files: [path on the worker], error?}: every file has been sent
 # Names the seeds fixed, sent beside the structured messages for older clients.
@@ -311,8 +324,6 @@ APP_JOB_ASSIGNMENT = "job_assignment"  # client -> worker {job_id}
 APP_JOB_ASSIGNED = "job_assigned"  # worker -> client {job_id, reserved, queue_position}
 APP_JOBS_QUERY = "jobs_query"  # client -> worker {request_id, job_id?, state?}
 APP_JOBS_LIST = "jobs_list"  # worker -> client {request_id, jobs: [record]}
-APP_JOB_COMPLETE = "job_complete"  # worker -> submitter, the outcome without its stderr tail
-APP_JOB_FAILED = "job_failed"
 
 # Worker status in its metadata.
 AVAILABLE, RESERVED, BUSY, MAINTENANCE = "available", "reserved", "busy", "maintenance"
@@ -527,7 +538,6 @@ class SignalingClient:
         self.id_token = id_token
         self.reconnect = reconnect
         self.ice_servers: list[dict] = []
-        self.peer_list: list[dict] = []
         self._ws = None
         self._closing = threading.Event()
         self._connected = threading.Event()
@@ -559,10 +569,7 @@ class SignalingClient:
         with self._send_lock:
             ws, self._ws = self._ws, None
         if ws is not None:
-            try:
-                ws.close(timeout=1)
-            except Exception:
-                pass
+            _close_quietly(ws)
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=5)
         with self._mail:
@@ -604,13 +611,16 @@ class SignalingClient:
             raise SignalingError(DISCONNECTED, f"registration with {self.url} failed: {exc}") from None
         ws.settimeout(SERVER_SILENCE_S)
         self.ice_servers = reply.get("ice_servers") or []
-        self.peer_list = reply.get("peer_list") or []
         with self._send_lock:
-            self._ws = ws
+            old, self._ws = self._ws, ws
+        if old is not None:  # the socket a reconnect replaces: close it, or its descriptor leaks
+            _close_quietly(old)
         self._connected.set()
         return reply
 
     def _read_forever(self) -> None:
+        import websocket  # websocket-client
+
         while not self._closing.is_set():
             ws = self._ws
             try:
@@ -619,8 +629,7 @@ class SignalingClient:
                 text = ws.recv()
                 if not text:
                     raise ConnectionError("connection closed by the server")
-                frame = json.loads(text)
-            except Exception as exc:
+            except (OSError, websocket.WebSocketException) as exc:
                 if self._closing.is_set():
                     break
                 self._connected.clear()
@@ -630,7 +639,13 @@ class SignalingClient:
                 log.warning("signaling: connection lost (%s); reconnecting", exc or type(exc).__name__)
                 self._reconnect_with_backoff()
                 continue
+            try:
+                frame = json.loads(text)
+            except ValueError:  # a bad frame is the server's bug, not a lost connection
+                log.warning("signaling: ignored a frame that is not JSON: %.80r", text)
+                continue
             if not isinstance(frame, dict):
+                log.warning("signaling: ignored a frame that is not a JSON object: %.80r", text)
                 continue
             if frame.get("type") == PING:
                 self._send_quietly({"type": PONG})
@@ -744,6 +759,14 @@ class SignalingClient:
 
     def send_to_peer(self, to_peer_id: str, payload: Any) -> None:
         self.send({"type": PEER_MESSAGE, "from_peer_id": self.peer_id, "to_peer_id": to_peer_id, "payload": payload})
+
+
+def _close_quietly(ws) -> None:
+    """Close a websocket-client socket that may already be dead."""
+    try:
+        ws.close(timeout=1)
+    except Exception as exc:  # websocket-client raises several types here; each means it is closed already
+        log.debug("signaling: closing a socket: %s", exc)
 
 
 # ---------------------------------------------------------------------------------------
@@ -914,6 +937,7 @@ class Link:
         self._closed = threading.Event()
         self._bye_acked = threading.Event()
         self._raw: "queue.Queue[Any]" = queue.Queue()
+        self.last_activity = time.monotonic()  # when the receive thread last took a frame
         self._low = asyncio.Event()  # loop-side: SCTP queue drained to SEND_LOW_WATER
         self._last_rx = time.monotonic()  # loop-side only
         # Guards _acks (outgoing transfers waiting for the receiver's FILE_ACK) and the
@@ -981,11 +1005,12 @@ class Link:
             self._send_now(HEARTBEAT)
 
     def _send_now(self, data) -> None:
+        """Send a small control frame at once, past the high-water mark (runs on the loop)."""
         try:
             if self._channel is not None and self._channel.readyState == "open":
                 self._channel.send(data)
-        except Exception:
-            pass
+        except Exception as exc:  # aiortc raises several types from a channel that is closing; the frame is moot then
+            log.debug("link %s: control frame not sent: %s", self.peer_id, exc)
 
     async def _send_async(self, data) -> None:
         while self._channel.bufferedAmount > SEND_HIGH_WATER:
@@ -1051,6 +1076,31 @@ class Link:
             raise LinkClosed(self.close_reason)
         return item
 
+    def expect(self, accept: Callable[[Any], bool], timeout: Optional[float], what: str,
+               on_other: Optional[Callable[[Any], None]] = None) -> Any:
+        """The next inbox item that `accept` takes; the others go to `on_other` (or are dropped).
+
+        Raises LinkClosed when the link ends, PeerError when the peer sends ERROR, and
+        LinkTimeout when nothing at all (not even file bytes) arrived for `timeout` seconds.
+        With timeout None it waits as long as the link lives; a silent peer still ends the
+        link within PEER_TIMEOUT_S.
+        """
+        quiet_since = time.monotonic()
+        while True:
+            item = self.recv(timeout=0.2)
+            if item is None:
+                quiet_since = max(quiet_since, self.last_activity)
+                if timeout is not None and time.monotonic() - quiet_since > timeout:
+                    raise LinkTimeout(f"no {what} from {self.peer_id} within {timeout:.0f} s")
+                continue
+            quiet_since = time.monotonic()
+            if isinstance(item, Message) and item.name == LINK_ERROR:
+                raise PeerError(f"{self.peer_id}: {item.payload.get('message')}")
+            if accept(item):
+                return item
+            if on_other is not None:
+                on_other(item)
+
     def send_file(self, path: Path, name: Optional[str] = None,
                   progress: Optional[Callable[[int, int], None]] = None) -> dict:
         """Send a file and wait until the receiver checked size and SHA-256.
@@ -1082,8 +1132,12 @@ class Link:
                         self.send(FILE_ABORT, {"transfer_id": transfer_id, "reason": "refused by the receiver"})
                 else:
                     self.send(FILE_END, {"transfer_id": transfer_id})
-                while not event.wait(0.5):
+                deadline = time.monotonic() + FILE_ACK_TIMEOUT_S
+                while not event.wait(0.2):
                     if self._closed.is_set():
+                        break
+                    if time.monotonic() > deadline:
+                        result["error"] = f"{self.peer_id} did not confirm it within {FILE_ACK_TIMEOUT_S:.0f} s"
                         break
             except LinkClosed as exc:
                 raise TransferError(f"sending {name} failed: {exc}") from None
@@ -1105,8 +1159,8 @@ class Link:
         self._mark_closed("closed by this side")
         try:
             on_loop(self._pc.close(), timeout=5)
-        except Exception:
-            pass
+        except Exception as exc:  # closing a connection that failed may raise anything aiortc raises; it is closed
+            log.debug("link %s: close: %s", self.peer_id, exc)
         if self._rx_thread is not threading.current_thread():
             self._rx_thread.join(timeout=5)
 
@@ -1114,6 +1168,7 @@ class Link:
         incoming: Optional[_Incoming] = None
         while True:
             item = self._raw.get()
+            self.last_activity = time.monotonic()
             if item is _CLOSED:
                 if incoming is not None:
                     incoming.discard()
@@ -1198,35 +1253,36 @@ class Link:
         self._ack(incoming.transfer_id, ok=True, saved_as=final.name)
         self.inbox.put(FileReceived(final, incoming.name, incoming.size, incoming.sha256))
 
+    def _send_control(self, name: str, payload: dict) -> None:
+        """Queue a small reply on the loop without waiting: the receive thread never blocks
+        on a congested peer."""
+        if not self._closed.is_set():
+            self._loop.call_soon_threadsafe(self._send_now, encode(name, payload))
+
     def _ack(self, transfer_id: str, **fields) -> None:
-        try:
-            self.send(FILE_ACK, {"transfer_id": transfer_id, **fields})
-        except LinkClosed:
-            pass
+        self._send_control(FILE_ACK, {"transfer_id": transfer_id, **fields})
 
     def _reply_error(self, text: str) -> None:
         log.warning("link %s: %s", self.peer_id, text)
-        try:
-            self.send(LINK_ERROR, {"message": text})
-        except LinkClosed:
-            pass
+        self._send_control(LINK_ERROR, {"message": text[:500]})
 
 
 def _new_link(peer_id: str, ice_servers: list[dict], receive_dir: Path) -> Link:
     from aiortc import RTCPeerConnection
 
-    async def make():
-        return RTCPeerConnection(_rtc_configuration(ice_servers))
+    async def make() -> Link:
+        # Handlers are registered here, on the loop, like every other touch of an aiortc object.
+        pc = RTCPeerConnection(_rtc_configuration(ice_servers))
+        link = Link(peer_id, pc, receive_dir)
 
-    pc = on_loop(make(), timeout=10)
-    link = Link(peer_id, pc, receive_dir)
+        @pc.on("connectionstatechange")
+        def _on_state():
+            if pc.connectionState in ("failed", "closed"):
+                link._mark_closed(f"WebRTC connection {pc.connectionState}")
 
-    @pc.on("connectionstatechange")
-    def _on_state():
-        if pc.connectionState in ("failed", "closed"):
-            link._mark_closed(f"WebRTC connection {pc.connectionState}")
+        return link
 
-    return link
+    return on_loop(make(), timeout=10)
 
 
 def open_link(signaling: SignalingClient, target: str, receive_dir: Path,

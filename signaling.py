@@ -325,10 +325,12 @@ class SignalingServer:
         return self._send_text(conn, json.dumps(frame))
 
     def _send_text(self, conn, text: str) -> bool:
+        from websockets.exceptions import ConnectionClosed
+
         try:
             conn.send(text)
             return True
-        except Exception:  # closed or closing: the peer's own thread cleans up
+        except (ConnectionClosed, OSError):  # closed or closing: the peer's own thread cleans up
             return False
 
     def _broadcast(self, peers: list[Peer], frame: dict) -> None:
@@ -337,6 +339,8 @@ class SignalingServer:
             self._send_text(peer.conn, text)
 
     def _serve_connection(self, conn) -> None:
+        from websockets.exceptions import ConnectionClosed
+
         with self._lock:
             self.total_connections += 1
             self.active_connections += 1
@@ -353,8 +357,10 @@ class SignalingServer:
                     self._send(conn, reply)
                 if reply_type == P.REGISTER and isinstance(reply, Peer):
                     self._send(conn, self._registered_auth(peer))
-        except Exception as exc:  # a dropped connection ends here
+        except ConnectionClosed as exc:  # a dropped connection ends here
             log.debug("connection ended: %s", exc)
+        except Exception:  # a bug must end only this connection, and say where it is
+            log.exception("connection of %s ended by an error", peer.peer_id if peer else "an unregistered peer")
         finally:
             with self._lock:
                 self.active_connections -= 1

@@ -2,7 +2,7 @@
 
     python worker.py --room R --token T [--server URL] [--name N] [--mount PATH[:LABEL]]...
                      [--working-dir DIR] [--gpu N] [--slots N] [--advertise-gpu-memory MB]
-                     [--sleap-nn PATH] [--reservation-timeout S] [--maintenance]
+                     [--sleap-nn PATH] [--reservation-timeout S] [--stop-grace S] [--maintenance]
 
 Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite, with
 its log under WORKING_DIR/jobs/JOB/, across restarts.
@@ -193,7 +193,8 @@ LOG_BATCH_BYTES = 32 * 1024
 STDERR_TAIL_LINES = 40
 ZMQ_POLL_MS = 20  # also how late the poller sees sleap-nn exit, which holds the slot until then
 STOP_REPEAT_S = 0.5
-STOP_GRACE_S = 120.0  # after this long without train_end, a stop becomes SIGINT
+GPU_SAMPLE_S = 2.0  # how often the GPU load in job responses is refreshed
+STOP_GRACE_S = 120.0  # after this long without train_end, a stop becomes SIGINT (once)
 CANCEL_GRACE_S = 10.0  # after SIGTERM, SIGKILL
 JOB_SUMMARY_FIELDS = ("job_id", "type", "state", "submitter", "submitted_at", "started_at", "finished_at",
                       "duration_s", "exit_code")
@@ -322,6 +323,10 @@ def bind_zmq_pair(context):
     return sub, pub, (ports[0], ports[1])
 
 
+class _CancelledBeforeStart(Exception):
+    """Job.start found the job cancelled before sleap-nn was started."""
+
+
 class Job:
     """One sleap-nn run and everything known about it.
 
@@ -332,8 +337,9 @@ class Job:
     """
 
     def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
-                 submitted_at: Optional[float] = None):
+                 submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S):
         self.job_id = job_id
+        self.stop_grace = stop_grace
         self.spec = spec
         self.dir = job_dir
         self.submitter = submitter
@@ -356,9 +362,14 @@ class Job:
         # Guards _listeners, the callbacks (message name, payload) of attached clients.
         self._listeners_lock = threading.Lock()
         self._listeners: list[Callable[[str, dict], None]] = []
-        # Guards the log file being in step with what listeners were sent, and `outcome`
-        # being set: a client attaching mid-run gets the file, then exactly the batches after it.
+        # Guards _log_size (bytes of the log file written so far), `outcome` being set, and
+        # which listeners each log batch goes to: a client attaching mid-run replays the
+        # file up to _log_size and gets exactly the batches after it.
         self._log_lock = threading.Lock()
+        self._log_size = 0
+        # Guards `process` being started against `cancel_requested`: a cancel that comes
+        # between the scheduler taking the job and sleap-nn starting is never lost.
+        self._start_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     @property
@@ -376,22 +387,33 @@ class Job:
             if listener in self._listeners:
                 self._listeners.remove(listener)
 
-    def emit(self, name: str, payload: dict) -> None:
-        with self._listeners_lock:
-            listeners = list(self._listeners)
+    def emit(self, name: str, payload: dict, listeners: Optional[list] = None) -> None:
+        """Hand a message to every listener (or to `listeners`, a snapshot). Listeners only
+        queue; one that raises is logged and dropped, and the others still get the message."""
+        if listeners is None:
+            with self._listeners_lock:
+                listeners = list(self._listeners)
+        message = {"job_id": self.job_id, **payload}
         for listener in listeners:
-            listener(name, {"job_id": self.job_id, **payload})
+            try:
+                listener(name, message)
+            except Exception:  # a listener's bug must not end the job's thread or reach other clients
+                log.exception("job %s: a listener failed on %s and was dropped", self.job_id, name)
+                self.unsubscribe(listener)
 
-    def attach(self, listener: Optional[Callable[[str, dict], None]], replay: Callable[[Path], None]) -> bool:
-        """Replay the log so far, then subscribe `listener` (when given) for what follows,
-        so that no line is missed or sent twice; False when the job has finished already."""
+    def attach(self, listener: Optional[Callable[[str, dict], None]]) -> tuple[int, bool]:
+        """Subscribe `listener` (when given) for what follows the log's first `offset` bytes.
+
+        Returns (offset, live): the caller replays the log file up to `offset`, outside any
+        lock, and gets no line twice and none missed; live is False when the job has
+        finished already (nothing was subscribed).
+        """
         with self._log_lock:
-            replay(self.log_path)
             if self.outcome is not None:
-                return False
+                return self._log_size, False
             if listener is not None:
                 self.subscribe(listener)
-            return True
+            return self._log_size, True
 
     # -- running ------------------------------------------------------------------------
 
@@ -415,15 +437,19 @@ class Job:
         else:
             self.command = track_command(self.executable, self.spec, self.predictions_path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        try:
-            self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            stdin=subprocess.DEVNULL, cwd=self.dir, env=env, start_new_session=True)
-        except OSError:
-            if context is not None:
-                sub.close()
-                pub.close()
-                context.term()
-            raise
+        with self._start_lock:
+            try:
+                if self.cancel_requested.is_set():
+                    raise _CancelledBeforeStart()
+                self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                stdin=subprocess.DEVNULL, cwd=self.dir, env=env,
+                                                start_new_session=True)
+            except (OSError, _CancelledBeforeStart):
+                if context is not None:
+                    sub.close()
+                    pub.close()
+                    context.term()
+                raise
         self.state = P.RUNNING
         self.started_at = time.time()
         on_started(self)
@@ -462,9 +488,14 @@ class Job:
         self._lines.put(None)
 
     def _relay(self) -> None:
-        """Batch lines into the log file and to listeners: every LOG_BATCH_S or LOG_BATCH_BYTES."""
+        """Batch lines into the log file and to listeners: every LOG_BATCH_S or LOG_BATCH_BYTES.
+
+        The batch is written and its listeners chosen under the log lock; it is handed to
+        them after the lock is released."""
         open_pipes = 2
-        with open(self.log_path, "a", encoding="utf-8") as log_file:
+        with open(self.log_path, "ab") as log_file:
+            with self._log_lock:
+                self._log_size = log_file.tell()
             while open_pipes:
                 batch, progress, size = [], None, 0
                 deadline = time.monotonic() + LOG_BATCH_S
@@ -487,10 +518,14 @@ class Job:
                     if stream == "o" and self.kind == P.TRACK and line.startswith("{"):
                         self._inference_progress(line)
                 if batch or progress is not None:
+                    data = "".join(line + "\n" for _, line in batch).encode("utf-8", "replace")
                     with self._log_lock:
-                        log_file.writelines(line + "\n" for _, line in batch)
+                        log_file.write(data)
                         log_file.flush()
-                        self.emit(P.JOB_LOG, {"lines": batch, "progress": progress})
+                        self._log_size += len(data)
+                        with self._listeners_lock:
+                            listeners = list(self._listeners)
+                    self.emit(P.JOB_LOG, {"lines": batch, "progress": progress}, listeners)
 
     def _inference_progress(self, line: str) -> None:
         try:
@@ -504,18 +539,22 @@ class Job:
         """Forward sleap-nn's progress; while a stop is wanted, repeat it until train_end."""
         import zmq
 
-        stop_sent_at = None
+        first_stop = last_stop = None
+        interrupted = False
         try:
             while self.process.poll() is None or sub.poll(0):
                 if sub.poll(ZMQ_POLL_MS, zmq.POLLIN):
                     self._on_report(sub.recv_string())
                 if self.stop_requested.is_set() and not self.train_ended.is_set():
                     now = time.monotonic()
-                    if stop_sent_at is None or now - stop_sent_at >= STOP_REPEAT_S:
+                    if last_stop is None or now - last_stop >= STOP_REPEAT_S:
                         pub.send_string(json.dumps({"command": "stop"}))
-                        stop_sent_at = stop_sent_at or now
-                        if now - stop_sent_at > STOP_GRACE_S:
-                            self._signal(signal.SIGINT)
+                        first_stop, last_stop = first_stop or now, now
+                    if not interrupted and now - first_stop > self.stop_grace:
+                        log.warning("job %s: no train_end %.0f s after stop; sending SIGINT", self.job_id,
+                                    self.stop_grace)
+                        self._signal(signal.SIGINT)
+                        interrupted = True
         finally:
             sub.close()
             pub.close()
@@ -545,8 +584,10 @@ class Job:
         return "stop sent; training ends after the current batch and keeps its model"
 
     def cancel(self, reason: str = "cancelled on request") -> None:
-        self.cancel_reason = reason
-        self.cancel_requested.set()
+        """Terminate the run; before sleap-nn has started, keep it from starting."""
+        with self._start_lock:
+            self.cancel_reason = reason
+            self.cancel_requested.set()
         self._signal(signal.SIGTERM)
 
     def _signal(self, sig: int) -> None:
@@ -726,8 +767,10 @@ class Scheduler:
     """
 
     def __init__(self, working_dir: Path, slots: int, executable: str,
-                 on_change: Callable[[Optional[Job]], None], reservation_timeout: float = RESERVATION_TIMEOUT_S):
+                 on_change: Callable[[Optional[Job]], None], reservation_timeout: float = RESERVATION_TIMEOUT_S,
+                 stop_grace: float = STOP_GRACE_S):
         self.jobs_dir = working_dir / "jobs"
+        self.stop_grace = stop_grace
         self.slots = slots
         self.reservation_timeout = reservation_timeout
         self.executable = executable
@@ -763,7 +806,7 @@ class Scheduler:
             log.warning("job %s was running when the worker stopped; marked failed", record["job_id"])
         for record in self.ledger.select(state=P.PENDING, oldest_first=True):
             job = Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"],
-                      self.executable, record["submitted_at"])
+                      self.executable, record["submitted_at"], self.stop_grace)
             self.queue.append(job)
         if self.queue:
             log.info("%d queued job(s) from before the restart will run", len(self.queue))
@@ -793,7 +836,7 @@ class Scheduler:
         with self._cond:
             if self.ledger.get(job_id) is not None:
                 return None, [P.spec_error("job_id", f"job {job_id} exists already", "DUPLICATE")]
-            job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable)
+            job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable, stop_grace=self.stop_grace)
             job.subscribe(listener)
             self.ledger.add(job)
             if self.reservations.pop(job_id, None) is not None:
@@ -886,8 +929,9 @@ class Scheduler:
         if queued:
             job.finish_unrun(P.CANCELLED, "cancelled while queued; it never ran", self._finished)
             return True, "removed from the queue; it never ran"
-        if job.state != P.RUNNING:
-            return False, f"job {job_id} is {job.state}; nothing to {action}"
+        if job.outcome is not None:
+            return False, f"job {job_id} is {job.outcome['state']}; nothing to {action}"
+        # Running, or taken from the queue and starting: Job.start honours both requests.
         if action == "stop":
             return True, job.request_stop()
         job.cancel()
@@ -922,6 +966,8 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         try:
             job.start(self._started, self._finished)
+        except _CancelledBeforeStart:
+            job.finish_unrun(P.CANCELLED, f"{job.cancel_reason} before sleap-nn started; it never ran", self._finished)
         except OSError as exc:
             log.warning("job %s could not start: %s", job.job_id, exc)
             job.finish_unrun(P.FAILED, f"cannot start {self.executable}: {exc}", self._finished)
@@ -962,20 +1008,144 @@ class Scheduler:
 # Sessions: one per client link
 # ---------------------------------------------------------------------------------------
 
+# A follower with more than this much of one job's output waiting for its link is detached
+# from that job (the job, its log and other followers are untouched).
+FOLLOWER_BACKLOG_BYTES = 8 * 1024 * 1024
+# Waiting JOB_LOG batches of one job merge into messages of up to this size.
+COALESCE_BYTES = 192 * 1024
+SESSION_JOIN_S = P.CLOSE_ACK_TIMEOUT_S + 5
+
+
+class Outbox:
+    """Everything one session sends, in order, for its writer thread to take.
+
+    Producers (the session's reader thread, job threads) never block: `put` appends
+    under the lock and returns. Items are messages (name, payload) or actions, callables
+    that the writer runs with the link (file transfers, log replays). While a job is held
+    (`hold`), its items wait aside, so that JOB_ACCEPTED or a replay can go first. Waiting
+    JOB_LOG batches of one job merge; once more than FOLLOWER_BACKLOG_BYTES of one job
+    wait, that job's items are dropped for a single JOB_DETACHED, and `put` refuses the
+    job from then on.
+    """
+
+    def __init__(self, backlog_limit: int = FOLLOWER_BACKLOG_BYTES):
+        self.backlog_limit = backlog_limit
+        # Guards every field below; notified when an item arrives or the box closes.
+        self._cond = threading.Condition()
+        self._items: collections.deque = collections.deque()  # [job_id | None, item, size]
+        self._held: dict[str, list] = {}
+        self._backlog: dict[str, int] = {}  # job id -> bytes of its items waiting
+        self._dropped: set[str] = set()
+        self._closed = False
+
+    def put(self, item, job_id: Optional[str] = None, size: int = 0) -> bool:
+        """Queue a message (name, payload) or an action; False once the box is closed or
+        has dropped this job."""
+        with self._cond:
+            if self._closed or job_id in self._dropped:
+                return False
+            if job_id is not None:
+                self._backlog[job_id] = self._backlog.get(job_id, 0) + size
+                if self._backlog[job_id] > self.backlog_limit:
+                    self._drop(job_id)
+                    return False
+            entry = [job_id, item, size]
+            target = self._held.get(job_id) if job_id is not None else None
+            if target is None:
+                target = self._items
+            if not (target and self._merged(target[-1], entry)):
+                target.append(entry)
+            self._cond.notify()
+            return True
+
+    @staticmethod
+    def _merged(last: list, entry: list) -> bool:
+        """Fold a JOB_LOG batch into the one waiting before it when both are the same job's."""
+        if last[0] != entry[0] or not (isinstance(last[1], tuple) and isinstance(entry[1], tuple)):
+            return False
+        (name, old), (new_name, new) = last[1], entry[1]
+        if name != P.JOB_LOG or new_name != P.JOB_LOG or last[2] + entry[2] > COALESCE_BYTES:
+            return False
+        last[1] = (P.JOB_LOG, {**old, "lines": old["lines"] + new["lines"],
+                               "progress": new["progress"] if new["progress"] is not None else old["progress"]})
+        last[2] += entry[2]
+        return True
+
+    def _drop(self, job_id: str) -> None:  # the caller holds _cond
+        behind = self._backlog.pop(job_id, 0)
+        self._dropped.add(job_id)
+        self._items = collections.deque(e for e in self._items if e[0] != job_id)
+        self._held.pop(job_id, None)
+        reason = (f"this client fell {behind / 2**20:.1f} MB behind job {job_id}'s output, so the worker stopped "
+                  f"sending it here; the job runs on. Reattach with `python client.py logs {job_id} --follow`")
+        self._items.append([None, (P.JOB_DETACHED, {"job_id": job_id, "reason": reason}), 0])
+        self._cond.notify()
+
+    def hold(self, job_id: str) -> None:
+        with self._cond:
+            self._held.setdefault(job_id, [])
+
+    def release(self, job_id: str, first: list) -> None:
+        """Queue `first` (items of no job), then what waited for the held job."""
+        with self._cond:
+            held = self._held.pop(job_id, [])
+            self._items.extend([None, item, 0] for item in first)
+            self._items.extend(held)
+            self._cond.notify()
+
+    def take(self, timeout: float):
+        """The next item, None after `timeout`; raises LinkClosed once closed and empty."""
+        with self._cond:
+            if not self._items and not self._closed:
+                self._cond.wait(timeout)
+            if not self._items:
+                if self._closed:
+                    raise P.LinkClosed("the session ended")
+                return None
+            job_id, item, size = self._items.popleft()
+            if job_id in self._backlog:
+                self._backlog[job_id] -= size
+            return item
+
+    def close(self) -> None:
+        """Take no more items; the writer sends what is queued, then ends."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
 
 class Session:
-    """One client's WebRTC link, served by the thread "session-PEER" until the link ends."""
+    """One client's WebRTC link.
 
-    def __init__(self, worker: "Worker", offer: dict):
+    Two threads, both ended when the link ends: "session-PEER" opens the link, reads
+    requests and answers them by queueing into `outbox`; "session-PEER-out" is the only
+    thread that writes to the link: it sends what the outbox holds and, at the end,
+    closes the link. Jobs this session follows only queue into the outbox, so a slow or
+    stopped client delays nobody but itself.
+    """
+
+    def __init__(self, worker: "Worker", offer: dict, replaces: Optional["Session"] = None):
         self.worker = worker
         self.offer = offer
         self.peer_id = offer["sender"]
+        self.replaces = replaces
         self.link: Optional[P.Link] = None
-        self.jobs: list[Job] = []  # jobs this session listens to; only its own thread touches it
-        self.submitted: set[str] = set()  # ids of jobs submitted over this link: they get their predictions
+        self.outbox = Outbox()
+        self.ending = threading.Event()
+        # Guards following: job id -> (job, listener) of every job this session listens to.
+        self._following_lock = threading.Lock()
+        self._following: dict[str, tuple[Job, Callable]] = {}
         self.thread = threading.Thread(target=self._run, name=f"session-{self.peer_id}", daemon=True)
+        self.writer = threading.Thread(target=self._write, name=f"session-{self.peer_id}-out", daemon=True)
+
+    def end(self) -> None:
+        """Ask the session to close its link and stop (it does so within half a second)."""
+        self.ending.set()
 
     def _run(self) -> None:
+        if self.replaces is not None:  # the client reconnected: its old link is stale
+            self.replaces.end()
+            self.replaces.thread.join(timeout=SESSION_JOIN_S)
         try:
             self.link = P.accept_link(self.worker.signaling, self.offer, self.worker.uploads_dir)
         except (P.SleapRTCError, OSError) as exc:
@@ -983,18 +1153,48 @@ class Session:
             self.worker.session_ended(self)
             return
         log.info("link open with %s", self.peer_id)
+        self.writer.start()
         try:
-            while not self.worker.stopping.is_set():
+            while not self.worker.stopping.is_set() and not self.ending.is_set():
                 item = self.link.recv(timeout=0.5)
                 if item is not None:
-                    self._handle(item)
+                    try:
+                        self._handle(item)
+                    except Exception:  # one bad request must not end the client's session
+                        log.exception("session %s: could not handle %s", self.peer_id, _describe(item))
+                        self.send(P.LINK_ERROR, {"message": f"the worker failed on {_describe(item)}; see its log"})
         except P.LinkClosed as exc:
             log.info("link with %s ended: %s", self.peer_id, exc)
         finally:
-            for job in self.jobs:
-                job.unsubscribe(self._forward)
-            self.link.close()
+            with self._following_lock:
+                following, self._following = list(self._following.values()), {}
+            for job, listener in following:
+                job.unsubscribe(listener)
+            self.outbox.close()
+            self.writer.join(timeout=SESSION_JOIN_S)
             self.worker.session_ended(self)
+
+    def _write(self) -> None:
+        """Send what the outbox holds until it closes or the link ends, then close the link."""
+        try:
+            while True:
+                item = self.outbox.take(timeout=0.5)
+                if item is None:
+                    continue
+                if callable(item):
+                    item(self.link)
+                else:
+                    self.link.send(*item)
+        except P.LinkClosed:
+            pass  # the link or the session ended; the reader thread sees it too
+        except Exception:  # a bug here must still close the link, or the client waits for nothing
+            log.exception("session %s: the writer failed", self.peer_id)
+        finally:
+            self.ending.set()
+            self.link.close()
+
+    def send(self, name: str, payload: dict) -> None:
+        self.outbox.put((name, payload))
 
     def _handle(self, item) -> None:
         if isinstance(item, P.FileReceived):
@@ -1002,7 +1202,7 @@ class Session:
         elif isinstance(item, P.TransferFailed):
             log.warning("upload from %s failed: %s", self.peer_id, item.error)
         elif item.name == P.LINK_PING:
-            self.link.send(P.LINK_PONG, item.payload)
+            self.send(P.LINK_PONG, item.payload)
         elif item.name == P.FILE_REQUEST:
             self._send_requested_file(item.payload)
         elif item.name == P.JOB_SUBMIT:
@@ -1014,14 +1214,45 @@ class Session:
         elif item.name == P.JOB_FETCH:
             self._fetch(item.payload)
         elif item.name == P.LINK_ERROR:
-            log.warning("%s reports: %s", self.peer_id, item.payload.get("message"))
+            log.warning("%s reports: %s", self.peer_id, str(item.payload.get("message"))[:500])
         else:
-            self.link.send(P.LINK_ERROR, {"message": f"this worker does not understand {item.name}"})
+            self.send(P.LINK_ERROR, {"message": f"this worker does not understand {item.name[:40]}"})
+
+    # -- following jobs -------------------------------------------------------------------
+
+    def _listener(self, job_id: str, submitted: bool) -> Callable[[str, dict], None]:
+        """The callback a job's threads call: it only queues. The submitter of a track job
+        gets the predictions before JOB_COMPLETE."""
+
+        def listener(name: str, payload: dict) -> None:
+            item, size = (name, payload), 0
+            if name == P.JOB_LOG:
+                size = sum(len(line) + 8 for _, line in payload["lines"]) + 32
+            elif name == P.JOB_COMPLETE and submitted:
+                predictions = [Path(o["path"]) for o in payload.get("outputs", []) if o["kind"] == "predictions"]
+                if predictions:
+                    item = _send_files_then(predictions, (name, payload))
+            if not self.outbox.put(item, job_id, size):
+                self._unfollow(job_id)
+
+        with self._following_lock:
+            self._following[job_id] = listener
+        return listener
+
+    def _unfollow(self, job_id: str) -> None:
+        with self._following_lock:
+            listener = self._following.pop(job_id, None)
+        job = self.worker.scheduler.get(job_id)
+        if listener is not None and job is not None:
+            job.unsubscribe(listener)
+            log.info("client %s no longer follows job %s", self.peer_id, job_id)
+
+    # -- requests -------------------------------------------------------------------------
 
     def _submit(self, payload: dict) -> None:
         job_id, spec = payload.get("job_id"), payload.get("spec")
         if not P.valid_job_id(job_id):
-            self.link.send(P.JOB_REJECTED, {"job_id": str(job_id), "errors": [P.spec_error(
+            self.send(P.JOB_REJECTED, {"job_id": str(job_id)[:64], "errors": [P.spec_error(
                 "job_id", "job_id must be 1-64 letters, digits, '-' or '_'", "BAD_FORMAT")]})
             return
         errors = validate_job(spec, self.worker.readable_mounts)
@@ -1029,94 +1260,72 @@ class Session:
             errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
         job = None
         if not errors:
-            job, errors = self.worker.scheduler.submit(job_id, spec, self.peer_id, self._forward)
+            self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
+            job, errors = self.worker.scheduler.submit(job_id, spec, self.peer_id, self._listener(job_id, True))
         if errors:
+            with self._following_lock:
+                self._following.pop(job_id, None)
+            self.outbox.release(job_id, [])
             log.info("rejected job %s from %s: %s", job_id, self.peer_id, "; ".join(e["message"] for e in errors))
-            self.link.send(P.JOB_REJECTED, {"job_id": job_id, "errors": errors})
+            self.send(P.JOB_REJECTED, {"job_id": job_id, "errors": errors})
             return
-        self.jobs.append(job)
-        self.submitted.add(job_id)
         position = self.worker.scheduler.position(job)
         log.info("accepted job %s from %s: %s", job_id, self.peer_id,
                  "starts now" if position == 0 else f"queued at position {position}")
-        self.link.send(P.JOB_ACCEPTED, {"job_id": job_id, "job_dir": str(job.dir), "queue_position": position})
+        self.outbox.release(job_id, [(P.JOB_ACCEPTED, {"job_id": job_id, "job_dir": str(job.dir),
+                                                       "queue_position": position})])
 
     def _control(self, name: str, payload: dict) -> None:
-        job_id = str(payload.get("job_id", ""))
+        job_id = str(payload.get("job_id", ""))[:64]
         action = "stop" if name == P.ZMQ_CTRL else "cancel"
         ok, message = self.worker.scheduler.control(job_id, action)
         log.info("%s of job %s by %s: %s", action, job_id, self.peer_id, message)
-        self.link.send(P.JOB_CONTROL, {"job_id": job_id, "action": action, "ok": ok, "message": message})
+        self.send(P.JOB_CONTROL, {"job_id": job_id, "action": action, "ok": ok, "message": message})
 
     def _attach(self, payload: dict) -> None:
         """The job's log from its first line; with `follow`, then everything live until it ends."""
-        job_id = str(payload.get("job_id", ""))
+        job_id = str(payload.get("job_id", ""))[:64]
         # The live job first: once it is gone, the ledger already holds its final state.
         job = self.worker.scheduler.get(job_id)
         record = self.worker.scheduler.record(job_id)
         if record is None:
-            self.link.send(P.JOB_ATTACHED, {"job_id": job_id, "error": f"no job {job_id} on this worker"})
+            self.send(P.JOB_ATTACHED, {"job_id": job_id, "error": f"no job {job_id} on this worker"})
             return
-        listener = self._forward if payload.get("follow") else None
-        replay = lambda path: self._replay(job_id, path)  # noqa: E731
-        if job is not None:
-            following = job.attach(listener, replay) and listener is not None
-        else:  # it ended before this worker process started
-            replay(Path(record["log_path"]))
-            following = False
-        if following:
-            self.jobs.append(job)
-        self.link.send(P.JOB_ATTACHED, {"job_id": job_id, "state": job.state if job else record["state"],
-                                        "following": following})
-
-    def _replay(self, job_id: str, log_path: Path) -> None:
-        try:
-            text = log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return  # not started yet: no log
-        batch, size = [], 0
-        for line in text.split("\n")[:-1]:
-            batch.append(["o", line])
-            size += len(line)
-            if size >= LOG_BATCH_BYTES:
-                self.link.send(P.JOB_LOG, {"job_id": job_id, "lines": batch, "progress": None})
-                batch, size = [], 0
-        if batch:
-            self.link.send(P.JOB_LOG, {"job_id": job_id, "lines": batch, "progress": None})
+        log_path = Path(record["log_path"])
+        if job is None:  # it ended before this worker process started
+            size = log_path.stat().st_size if log_path.is_file() else 0
+            self.outbox.put(_replay(job_id, log_path, size))
+            self.send(P.JOB_ATTACHED, {"job_id": job_id, "state": record["state"], "following": False})
+            return
+        self._unfollow(job_id)  # attaching twice replays again, and follows once
+        self.outbox.hold(job_id)  # live output waits behind the replay
+        listener = self._listener(job_id, False) if payload.get("follow") else None
+        offset, live = job.attach(listener)
+        following = live and listener is not None
+        if listener is not None and not following:
+            with self._following_lock:
+                self._following.pop(job_id, None)
+        state = job.outcome["state"] if job.outcome else job.state
+        self.outbox.release(job_id, [_replay(job_id, log_path, offset),
+                                     (P.JOB_ATTACHED, {"job_id": job_id, "state": state, "following": following})])
 
     def _fetch(self, payload: dict) -> None:
         """Send a completed job's result files; JOB_FETCHED lists what was sent."""
-        job_id = str(payload.get("job_id", ""))
+        job_id = str(payload.get("job_id", ""))[:64]
         record = self.worker.scheduler.record(job_id)
         reply: dict = {"job_id": job_id, "files": []}
         if record is None:
             reply["error"] = f"no job {job_id} on this worker"
         elif record["state"] != P.COMPLETED:
             reply["error"] = f"job {job_id} is {record['state']}; only a completed job has results"
-        else:
-            for output in record["outputs"] or []:
-                paths = [Path(output["path"])] if output["kind"] == "predictions" else \
-                    [Path(output["path"]) / f["name"] for f in output.get("files", [])]
-                for path in paths:
-                    try:
-                        self.link.send_file(path)
-                    except (OSError, P.TransferError) as exc:
-                        reply["error"] = f"{path} could not be sent: {exc}"
-                        break
-                    reply["files"].append(str(path))
-        self.link.send(P.JOB_FETCHED, reply)
-
-    def _forward(self, name: str, payload: dict) -> None:
-        """Job listener (runs on the job's threads): relay to the client; predictions first
-        to the submitter (a follower fetches them when it wants them)."""
-        try:
-            if name == P.JOB_COMPLETE and payload["job_id"] in self.submitted:
-                for output in payload.get("outputs", []):
-                    if output["kind"] == "predictions":
-                        self.link.send_file(Path(output["path"]))
-            self.link.send(name, payload)
-        except (P.LinkClosed, P.TransferError) as exc:
-            log.info("client %s no longer follows job %s: %s", self.peer_id, payload["job_id"], exc)
+        if "error" in reply:
+            self.send(P.JOB_FETCHED, reply)
+            return
+        paths = []
+        for output in record["outputs"] or []:
+            paths += [Path(output["path"])] if output["kind"] == "predictions" else \
+                [Path(output["path"]) / f["name"] for f in output.get("files", [])]
+        self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply)))
 
     def _send_requested_file(self, payload: dict) -> None:
         requested = str(payload.get("path", ""))
@@ -1125,13 +1334,60 @@ class Session:
             if not path.is_file():
                 raise FileNotFoundError(f"{requested} is not a file on the worker")
         except (PermissionError, FileNotFoundError) as exc:
-            self.link.send(P.LINK_ERROR, {"message": str(exc), "path": requested})
+            self.send(P.LINK_ERROR, {"message": str(exc), "path": requested})
             return
+        self.outbox.put(_send_files_then([path], None))
+
+
+def _send_files_then(paths: list[Path], message: Optional[tuple]) -> Callable[[P.Link], None]:
+    """A writer action: send each file, then `message` (name, payload). A file that cannot
+    be sent ends the list; the payload's `files` and `error`, when it has them, say so."""
+
+    def action(link: P.Link) -> None:
+        payload = message[1] if message else {}
+        for path in paths:
+            try:
+                link.send_file(path)
+            except (OSError, P.TransferError) as exc:
+                log.warning("sending %s to %s failed: %s", path, link.peer_id, exc)
+                if "files" in payload:
+                    payload["error"] = f"{path} could not be sent: {exc}"
+                break
+            if "files" in payload:
+                payload["files"].append(str(path))
+            log.info("sent %s to %s", path, link.peer_id)
+        if message:
+            link.send(*message)
+
+    return action
+
+
+def _replay(job_id: str, log_path: Path, size: int) -> Callable[[P.Link], None]:
+    """A writer action: send the first `size` bytes of a job's log, read as it is sent."""
+
+    def action(link: P.Link) -> None:
         try:
-            self.link.send_file(path)
-            log.info("sent %s to %s", path, self.peer_id)
-        except P.TransferError as exc:
-            log.warning("sending %s to %s failed: %s", path, self.peer_id, exc)
+            log_file = open(log_path, "rb")
+        except OSError:
+            return  # not started yet: no log
+        with log_file:
+            left, pending = size, b""
+            while left > 0:
+                chunk = log_file.read(min(LOG_BATCH_BYTES, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                if complete:
+                    lines = [["o", line.decode("utf-8", "replace")] for line in complete]
+                    link.send(P.JOB_LOG, {"job_id": job_id, "lines": lines, "progress": None})
+
+    return action
+
+
+def _describe(item) -> str:
+    return item.name[:40] if isinstance(item, P.Message) else type(item).__name__
 
 
 # ---------------------------------------------------------------------------------------
@@ -1142,13 +1398,17 @@ class Session:
 class Worker:
     """Registers in a room and answers offers; owns its sessions and the embedded server.
 
-    The main thread runs `serve()` until `stop()`; each session has its own thread.
+    The main thread runs `serve()`, which dispatches signaling frames and never waits on
+    a peer, until `stop()`. Each session has its own threads; "status-publisher" sends
+    status changes to the server and "gpu-sampler" (where nvidia-smi exists) keeps the GPU
+    load fresh; `stop()` ends them all.
     """
 
     def __init__(self, server_url: str, room_id: str, token: str, working_dir: Path, name: str,
                  mounts: list[Mount], gpu_index: int, sleap_nn: str, slots: int = 1,
                  advertise_gpu_memory: Optional[int] = None, maintenance: bool = False,
-                 reservation_timeout: float = RESERVATION_TIMEOUT_S, embedded=None):
+                 reservation_timeout: float = RESERVATION_TIMEOUT_S, embedded=None,
+                 stop_grace: float = STOP_GRACE_S):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
@@ -1167,7 +1427,13 @@ class Worker:
         # Guards _published, the status last sent to the server: updates go one at a time, in order.
         self._publish_lock = threading.Lock()
         self._published: Optional[dict] = None
-        self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout)
+        self._status_changed = threading.Event()
+        self.gpu_load: tuple[Optional[int], Optional[int]] = (None, None)  # utilization %, free MB
+        self._threads = [threading.Thread(target=self._publish_forever, name="status-publisher", daemon=True)]
+        if shutil.which("nvidia-smi"):
+            self.gpu_load = gpu_load(gpu_index)
+            self._threads.append(threading.Thread(target=self._sample_gpu_forever, name="gpu-sampler", daemon=True))
+        self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout, stop_grace)
         facts = gpu_facts(gpu_index, probe_torch=advertise_gpu_memory is None)
         if advertise_gpu_memory is not None:
             facts["gpu_memory_mb"] = advertise_gpu_memory
@@ -1190,6 +1456,8 @@ class Worker:
         self.scheduler.start()
         self.signaling.connect()
         self._publish_status()
+        for thread in self._threads:
+            thread.start()
         props = self.metadata["properties"]
         print(f"worker: registered as {self.peer_id} in room {self.room_id} "
               f"({props['gpu_model']}, {props['gpu_memory_mb']} MB)", flush=True)
@@ -1211,12 +1479,9 @@ class Worker:
                 log.warning("signaling error: %s %s", frame.get("code"), frame.get("message"))
 
     def _start_session(self, offer: dict) -> None:
-        session = Session(self, offer)
         with self._sessions_lock:
-            previous = self.sessions.get(session.peer_id)
+            session = Session(self, offer, replaces=self.sessions.get(offer["sender"]))
             self.sessions[session.peer_id] = session
-        if previous is not None and previous.link is not None:
-            previous.link.close()  # the client reconnected; its old link is stale
         session.thread.start()
 
     def session_ended(self, session: Session) -> None:
@@ -1270,7 +1535,7 @@ class Worker:
         return reply
 
     def _worker_info(self) -> dict:
-        utilization, free = gpu_load(self.gpu_index)
+        utilization, free = self.gpu_load
         advertised = self.metadata["properties"]["gpu_memory_mb"]
         return {"gpu_utilization": utilization,
                 "available_memory_mb": advertised if free is None else min(free, advertised)}
@@ -1306,17 +1571,21 @@ class Worker:
                 log.warning("could not publish status %s: %s", status["status"], exc)
 
     def _job_changed(self, job: Optional[Job]) -> None:
-        """Publish status and queue length, and mirror an outcome over signaling for a
-        submitter without a link."""
-        self._publish_status()
-        if job is None or job.outcome is None:
-            return
-        mirror = {P.APP_MESSAGE_TYPE: P.APP_JOB_COMPLETE if job.state == P.COMPLETED else P.APP_JOB_FAILED,
-                  "job_id": job.job_id, **{k: v for k, v in job.outcome.items() if k != "stderr_tail"}}
-        try:
-            self.signaling.send_to_peer(job.submitter, mirror)
-        except P.SignalingError as exc:
-            log.info("could not tell %s about job %s: %s", job.submitter, job.job_id, exc)
+        """Called by the scheduler and job threads: wake the status publisher, never wait for it."""
+        self._status_changed.set()
+
+    def _publish_forever(self) -> None:
+        """Thread "status-publisher": send the latest status whenever it may have changed."""
+        while not self.stopping.is_set():
+            if self._status_changed.wait(0.5):
+                self._status_changed.clear()
+                self._publish_status()
+
+    def _sample_gpu_forever(self) -> None:
+        """Thread "gpu-sampler" (only where nvidia-smi exists): keep the GPU load fresh, so
+        that answering a job request never waits for nvidia-smi."""
+        while not self.stopping.wait(GPU_SAMPLE_S):
+            self.gpu_load = gpu_load(self.gpu_index)
 
     def stop(self) -> None:
         """Cancel running jobs (queued ones stay queued), close every link, deregister,
@@ -1326,7 +1595,10 @@ class Worker:
         with self._sessions_lock:
             sessions = list(self.sessions.values())
         for session in sessions:
-            session.thread.join(timeout=P.CLOSE_ACK_TIMEOUT_S + 5)
+            session.thread.join(timeout=SESSION_JOIN_S)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=5)
         self.signaling.close()
         if self.embedded is not None:
             self.embedded.stop()
@@ -1372,6 +1644,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {RESERVATION_TIMEOUT_S:.0f})")
     parser.add_argument("--maintenance", action="store_true",
                         help="take no new jobs (queued ones still run); status, logs and fetch keep working")
+    parser.add_argument("--stop-grace", type=_positive, default=int(STOP_GRACE_S), metavar="S",
+                        help="seconds a training told to stop early has to end before it gets SIGINT "
+                             f"(default {STOP_GRACE_S:.0f})")
     parser.add_argument("--sleap-nn", metavar="PATH", default=None,
                         help="the sleap-nn executable to run (default: the one beside this Python, else on PATH)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -1408,7 +1683,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
                     args.sleap_nn or sleap_nn_executable(), args.slots, args.advertise_gpu_memory, args.maintenance,
-                    args.reservation_timeout, embedded)
+                    args.reservation_timeout, embedded, args.stop_grace)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
