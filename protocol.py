@@ -559,7 +559,7 @@ class SignalingClient:
     def connect(self, timeout: float = REQUEST_TIMEOUT_S) -> dict:
         """Open the socket, register, start the reader; return the registered_auth frame."""
         reply = self._open_and_register(timeout)
-        self._reader = threading.Thread(target=self._read_forever, name="signaling-reader", daemon=True)
+        self._reader = threading.Thread(target=guarded(self._read_forever), name="signaling-reader", daemon=True)
         self._reader.start()
         return reply
 
@@ -604,10 +604,10 @@ class SignalingClient:
                     raise SignalingError(reply.get("code", "ERROR"), reply.get("message", ""))
                 self._deliver(reply)  # a frame from another peer that beat our reply
         except SignalingError:
-            ws.close()
+            _close_quietly(ws)
             raise
-        except Exception as exc:
-            ws.close()
+        except Exception as exc:  # websocket-client and json raise many types; each means registration failed
+            _close_quietly(ws)
             raise SignalingError(DISCONNECTED, f"registration with {self.url} failed: {exc}") from None
         ws.settimeout(SERVER_SILENCE_S)
         self.ice_servers = reply.get("ice_servers") or []
@@ -629,7 +629,9 @@ class SignalingClient:
                 text = ws.recv()
                 if not text:
                     raise ConnectionError("connection closed by the server")
-            except (OSError, websocket.WebSocketException) as exc:
+            except Exception as exc:
+                if not isinstance(exc, (OSError, websocket.WebSocketException)):  # a bug, not the network: say where
+                    log.exception("signaling: reading from the server failed")
                 if self._closing.is_set():
                     break
                 self._connected.clear()
@@ -761,12 +763,28 @@ class SignalingClient:
         self.send({"type": PEER_MESSAGE, "from_peer_id": self.peer_id, "to_peer_id": to_peer_id, "payload": payload})
 
 
+def guarded(target: Callable) -> Callable:
+    """A thread target that logs an unexpected exception with its traceback before the
+    thread ends (instead of a bare print to stderr that no log keeps)."""
+
+    def run(*args, **kwargs):
+        try:
+            return target(*args, **kwargs)
+        except Exception:  # the thread boundary: nothing above it would see the error
+            log.exception("thread %s failed", threading.current_thread().name)
+
+    return run
+
+
 def _close_quietly(ws) -> None:
-    """Close a websocket-client socket that may already be dead."""
+    """Close a websocket-client socket that may already be dead, and free its descriptor
+    (close() alone skips that when the connection already ended)."""
     try:
         ws.close(timeout=1)
     except Exception as exc:  # websocket-client raises several types here; each means it is closed already
         log.debug("signaling: closing a socket: %s", exc)
+    finally:
+        ws.shutdown()
 
 
 # ---------------------------------------------------------------------------------------
@@ -785,9 +803,18 @@ def aio_loop() -> asyncio.AbstractEventLoop:
         if _loop is None:
             _restrict_host_candidates()
             loop = asyncio.new_event_loop()
+            loop.set_exception_handler(_log_loop_exception)
             threading.Thread(target=loop.run_forever, name="aiortc-loop", daemon=True).start()
             _loop = loop
         return _loop
+
+
+def _log_loop_exception(loop, context: dict) -> None:
+    """aiortc's callbacks fail on the loop when a peer vanishes mid-handshake (DTLS and
+    SCTP errors): the link already reports that in words, so the traceback goes to the log
+    at INFO, where a worker keeps it and a client's terminal does not show it."""
+    exc = context.get("exception")
+    log.info("aiortc: %s", context.get("message"), exc_info=(type(exc), exc, exc.__traceback__) if exc else None)
 
 
 def on_loop(coro, timeout: float) -> Any:
@@ -946,7 +973,7 @@ class Link:
         self._acks: dict[str, tuple[threading.Event, dict]] = {}
         # One outgoing transfer at a time: binary frames belong to the current transfer.
         self._file_send_lock = threading.Lock()
-        self._rx_thread = threading.Thread(target=self._rx_loop, name=f"link-rx-{peer_id}", daemon=True)
+        self._rx_thread = threading.Thread(target=self._rx_loop, name=f"link-rx-{peer_id}", daemon=True)  # guarded inside
         self._rx_thread.start()
 
     # -- loop side ----------------------------------------------------------------------
@@ -1165,6 +1192,14 @@ class Link:
             self._rx_thread.join(timeout=5)
 
     def _rx_loop(self) -> None:
+        try:
+            self._receive_forever()
+        except Exception:  # a bug must not leave the link looking open with nobody reading it
+            log.exception("link %s: the receive thread failed", self.peer_id)
+            self._mark_closed("the receive thread failed; see the log")
+            self.inbox.put(_CLOSED)
+
+    def _receive_forever(self) -> None:
         incoming: Optional[_Incoming] = None
         while True:
             item = self._raw.get()

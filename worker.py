@@ -2,7 +2,8 @@
 
     python worker.py --room R --token T [--server URL] [--name N] [--mount PATH[:LABEL]]...
                      [--working-dir DIR] [--gpu N] [--slots N] [--advertise-gpu-memory MB]
-                     [--sleap-nn PATH] [--reservation-timeout S] [--stop-grace S] [--maintenance]
+                     [--sleap-nn PATH] [--reservation-timeout S] [--stop-grace S]
+                     [--follower-backlog MB] [--maintenance]
 
 Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite, with
 its log under WORKING_DIR/jobs/JOB/, across restarts.
@@ -461,10 +462,12 @@ class Job:
         if context is not None:
             targets.append(("zmq", self._poll_zmq, (context, sub, pub)))
         for name, target, args in targets:
-            thread = threading.Thread(target=target, args=args, name=f"job-{self.job_id}-{name}", daemon=True)
+            thread = threading.Thread(target=P.guarded(target), args=args, name=f"job-{self.job_id}-{name}",
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
-        threading.Thread(target=self._wait, args=(on_finished,), name=f"job-{self.job_id}-wait", daemon=True).start()
+        threading.Thread(target=P.guarded(self._wait), args=(on_finished,), name=f"job-{self.job_id}-wait",
+                         daemon=True).start()
 
     @property
     def predictions_path(self) -> Path:
@@ -520,9 +523,12 @@ class Job:
                 if batch or progress is not None:
                     data = "".join(line + "\n" for _, line in batch).encode("utf-8", "replace")
                     with self._log_lock:
-                        log_file.write(data)
-                        log_file.flush()
-                        self._log_size += len(data)
+                        try:
+                            log_file.write(data)
+                            log_file.flush()
+                            self._log_size += len(data)
+                        except OSError as exc:  # e.g. a full disk: keep reading, or sleap-nn blocks on its pipe
+                            log.error("job %s: writing its log failed: %s", self.job_id, exc)
                         with self._listeners_lock:
                             listeners = list(self._listeners)
                     self.emit(P.JOB_LOG, {"lines": batch, "progress": progress}, listeners)
@@ -782,7 +788,7 @@ class Scheduler:
         self.running: dict[str, Job] = {}
         self.reservations: dict[str, float] = {}  # job id -> monotonic deadline for its spec
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread = threading.Thread(target=P.guarded(self._run), name="scheduler", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -941,27 +947,35 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            to_start, expired = [], []
-            with self._cond:
-                now = time.monotonic()
-                for job_id, deadline in list(self.reservations.items()):
-                    if deadline <= now:
-                        del self.reservations[job_id]
-                        expired.append(job_id)
-                while self.queue and self._free_slots() > 0:
-                    job = self.queue.pop(0)
-                    self.running[job.job_id] = job
-                    to_start.append(job)
-                if not to_start and not expired:
-                    self._cond.wait(0.5)
-                    continue
-            for job_id in expired:
-                log.info("the slot kept for job %s is free again: its spec did not come in %.0f s",
-                         job_id, self.reservation_timeout)
-            for job in to_start:
-                self._start(job)
-            self._announce_positions()
-            self.on_change(None)
+            try:
+                self._schedule_once()
+            except Exception:  # e.g. a ledger write failed: log it and keep scheduling the others
+                log.exception("scheduler: starting queued jobs failed")
+                self._stopping.wait(1)
+
+    def _schedule_once(self) -> None:
+        """Expire reservations and start what fits into free slots; wait a little when idle."""
+        to_start, expired = [], []
+        with self._cond:
+            now = time.monotonic()
+            for job_id, deadline in list(self.reservations.items()):
+                if deadline <= now:
+                    del self.reservations[job_id]
+                    expired.append(job_id)
+            while self.queue and self._free_slots() > 0:
+                job = self.queue.pop(0)
+                self.running[job.job_id] = job
+                to_start.append(job)
+            if not to_start and not expired:
+                self._cond.wait(0.5)
+                return
+        for job_id in expired:
+            log.info("the slot kept for job %s is free again: its spec did not come in %.0f s",
+                     job_id, self.reservation_timeout)
+        for job in to_start:
+            self._start(job)
+        self._announce_positions()
+        self.on_change(None)
 
     def _start(self, job: Job) -> None:
         try:
@@ -1130,13 +1144,13 @@ class Session:
         self.peer_id = offer["sender"]
         self.replaces = replaces
         self.link: Optional[P.Link] = None
-        self.outbox = Outbox()
+        self.outbox = Outbox(worker.follower_backlog)
         self.ending = threading.Event()
         # Guards following: job id -> (job, listener) of every job this session listens to.
         self._following_lock = threading.Lock()
         self._following: dict[str, tuple[Job, Callable]] = {}
-        self.thread = threading.Thread(target=self._run, name=f"session-{self.peer_id}", daemon=True)
-        self.writer = threading.Thread(target=self._write, name=f"session-{self.peer_id}-out", daemon=True)
+        self.thread = threading.Thread(target=P.guarded(self._run), name=f"session-{self.peer_id}", daemon=True)
+        self.writer = threading.Thread(target=P.guarded(self._write), name=f"session-{self.peer_id}-out", daemon=True)
 
     def end(self) -> None:
         """Ask the session to close its link and stop (it does so within half a second)."""
@@ -1408,7 +1422,7 @@ class Worker:
                  mounts: list[Mount], gpu_index: int, sleap_nn: str, slots: int = 1,
                  advertise_gpu_memory: Optional[int] = None, maintenance: bool = False,
                  reservation_timeout: float = RESERVATION_TIMEOUT_S, embedded=None,
-                 stop_grace: float = STOP_GRACE_S):
+                 stop_grace: float = STOP_GRACE_S, follower_backlog: int = FOLLOWER_BACKLOG_BYTES):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
@@ -1419,6 +1433,7 @@ class Worker:
         self.embedded = embedded
         self.gpu_index = gpu_index
         self.maintenance = maintenance
+        self.follower_backlog = follower_backlog
         self.peer_id = worker_peer_id(working_dir, name)
         self.stopping = threading.Event()
         # Guards sessions, the live client links by peer id.
@@ -1429,10 +1444,12 @@ class Worker:
         self._published: Optional[dict] = None
         self._status_changed = threading.Event()
         self.gpu_load: tuple[Optional[int], Optional[int]] = (None, None)  # utilization %, free MB
-        self._threads = [threading.Thread(target=self._publish_forever, name="status-publisher", daemon=True)]
+        self._threads = [threading.Thread(target=P.guarded(self._publish_forever), name="status-publisher",
+                                         daemon=True)]
         if shutil.which("nvidia-smi"):
             self.gpu_load = gpu_load(gpu_index)
-            self._threads.append(threading.Thread(target=self._sample_gpu_forever, name="gpu-sampler", daemon=True))
+            self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
+                                                 daemon=True))
         self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout, stop_grace)
         facts = gpu_facts(gpu_index, probe_torch=advertise_gpu_memory is None)
         if advertise_gpu_memory is not None:
@@ -1647,6 +1664,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop-grace", type=_positive, default=int(STOP_GRACE_S), metavar="S",
                         help="seconds a training told to stop early has to end before it gets SIGINT "
                              f"(default {STOP_GRACE_S:.0f})")
+    parser.add_argument("--follower-backlog", type=_positive, default=FOLLOWER_BACKLOG_BYTES // 2**20, metavar="MB",
+                        help="a client that falls this far behind a job's output stops getting it (the job "
+                             f"runs on; it can reattach); default {FOLLOWER_BACKLOG_BYTES // 2**20}")
     parser.add_argument("--sleap-nn", metavar="PATH", default=None,
                         help="the sleap-nn executable to run (default: the one beside this Python, else on PATH)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -1683,7 +1703,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
                     args.sleap_nn or sleap_nn_executable(), args.slots, args.advertise_gpu_memory, args.maintenance,
-                    args.reservation_timeout, embedded, args.stop_grace)
+                    args.reservation_timeout, embedded, args.stop_grace, args.follower_backlog * 2**20)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -25,6 +26,11 @@ os.environ["SLEAP_RTC_ICE_HOSTS"] = "127.0.0.1"
 import protocol as P  # noqa: E402
 
 PY = sys.executable
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end with real sleap-nn or long stand-ins; "
+                                       "`pytest -m 'not slow'` is the quick subset")
 
 
 def free_port() -> int:
@@ -49,6 +55,21 @@ def stand_in(directory: Path, name: str, body: str) -> Path:
     path.write_text(f"#!{PY}\n{body}")
     path.chmod(0o755)
     return path
+
+
+def ledger(working_dir: Path, job_id: str) -> dict:
+    """A worker's ledger row for a job, read straight from its SQLite file ({} if none)."""
+    with sqlite3.connect(working_dir / "jobs.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    record = dict(row) if row else {}
+    if record.get("outputs"):
+        record["outputs"] = json.loads(record["outputs"])
+    return record
+
+
+def state_of(working_dir: Path, job_id: str) -> str:
+    return ledger(working_dir, job_id).get("state", "")
 
 
 class Proc:

@@ -12,6 +12,8 @@ import pytest
 from conftest import stand_in, wait_until
 from tiny_data import make_project
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):

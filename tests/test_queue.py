@@ -6,10 +6,8 @@ Real signaling server, real worker and client processes, real sleap-nn on tiny d
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import sqlite3
 import time
 from pathlib import Path
 
@@ -17,8 +15,10 @@ import pytest
 
 import client
 import protocol as P
-from conftest import stand_in, wait_until
+from conftest import ledger, stand_in, state_of, wait_until
 from tiny_data import make_project
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +44,6 @@ def gated_stand_in(tmp_path: Path) -> tuple[Path, Path]:
     script = stand_in(tmp_path, "gated-sleap-nn", "import os, time\nprint('working', flush=True)\n"
                       f"while not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n")
     return script, gate
-
-
-def ledger(working_dir: Path, job_id: str) -> dict:
-    with sqlite3.connect(working_dir / "jobs.sqlite") as db:
-        db.row_factory = sqlite3.Row
-        row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-    record = dict(row) if row else {}
-    if record.get("outputs"):
-        record["outputs"] = json.loads(record["outputs"])
-    return record
-
-
-def state_of(working_dir: Path, job_id: str) -> str:
-    return ledger(working_dir, job_id).get("state", "")
 
 
 def test_the_worker_with_enough_gpu_memory_is_chosen(room, project):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 import urllib.request
 
@@ -10,7 +12,7 @@ import pytest
 
 import protocol as P
 import signaling
-from conftest import RawPeer
+from conftest import RawPeer, wait_until
 
 
 def register_pair(raw, room):
@@ -323,3 +325,53 @@ def test_state_file_keeps_rooms_and_sign_in_across_restarts(world):
     finally:
         peer.close()
     assert oct(state.stat().st_mode & 0o777) == "0o600"
+
+
+def _open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:  # the descriptor listdir itself used
+            pass
+    return count
+
+
+def test_reconnects_close_the_socket_they_replace(room):
+    client = room.signaling_client("leaky")
+    try:
+        before = _open_sockets()
+        for round_ in range(1, 6):  # the server evicts the peer; the client reconnects and registers again
+            status, _ = P.http_call("POST", room.http_url + "/delete-peers-and-room",
+                                    {"peer_id": "leaky", "token": room.token})
+            assert status == 200
+            wait_until(lambda: client.reconnects == round_ and client.connected, 15, f"reconnect {round_}")
+        time.sleep(0.2)
+        assert _open_sockets() <= before, "each reconnect must close the socket it replaces"
+    finally:
+        client.close()
+
+
+def test_a_frame_that_is_not_json_is_skipped_not_taken_for_a_lost_connection():
+    """A misbehaving server (websockets' own sync server) sends garbage between two good frames."""
+    from websockets.sync.server import serve
+
+    def misbehave(conn):
+        conn.recv()  # register
+        conn.send(json.dumps({"type": P.REGISTERED_AUTH, "room_id": "r", "peer_id": "p", "ice_servers": []}))
+        conn.send("this is not JSON")
+        conn.send("[1, 2]")
+        conn.send(json.dumps({"type": P.PEER_MESSAGE, "from_peer_id": "w", "to_peer_id": "p", "payload": "hi"}))
+        time.sleep(2)
+
+    with serve(misbehave, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, name="misbehaving-server", daemon=True).start()
+        client = P.SignalingClient(f"ws://127.0.0.1:{server.socket.getsockname()[1]}", "r", "t", "p")
+        client.connect()
+        try:
+            frame = client.next(lambda f: f.get("type") == P.PEER_MESSAGE, timeout=5)
+            assert frame is not None and frame["payload"] == "hi"
+            assert client.reconnects == 0 and client.connected
+        finally:
+            client.close()
+        server.shutdown()
