@@ -133,7 +133,8 @@ def discover_workers(signaling: P.SignalingClient, job_type: Optional[str] = Non
 
 
 def choose_worker(signaling: P.SignalingClient, worker_id: Optional[str]) -> str:
-    """`worker_id` when it is in the room, else the first available worker."""
+    """`worker_id` when it is in the room, else a worker for a file transfer or ping: one
+    that is available if there is one, else any (a transfer needs no free job slot)."""
     workers = discover_workers(signaling)
     if workers and workers[0].get("fallback"):
         return workers[0]["peer_id"]
@@ -142,11 +143,10 @@ def choose_worker(signaling: P.SignalingClient, worker_id: Optional[str]) -> str
             known = ", ".join(w["peer_id"] for w in workers) or "none"
             raise UsageError(f"worker {worker_id} is not in room {signaling.room_id} (workers there: {known})")
         return worker_id
-    available = [w for w in workers if w["metadata"].get("properties", {}).get("status") == "available"]
-    if not available:
-        raise UsageError(f"no available worker in room {signaling.room_id} "
-                         f"({len(workers)} worker(s) there); start one with `python worker.py`")
-    return sorted(available, key=lambda w: w["peer_id"])[0]["peer_id"]
+    if not workers:
+        raise UsageError(f"no worker in room {signaling.room_id}; start one with `python worker.py`")
+    return min(workers, key=lambda w: (w["metadata"].get("properties", {}).get("status") != P.AVAILABLE,
+                                       w["peer_id"]))["peer_id"]
 
 
 def with_link(args, work: Callable[[P.Link], int], receive_dir: Path = Path(".")) -> int:

@@ -254,11 +254,37 @@ def merge_metadata(current: dict, update: dict) -> dict:
     return merged
 
 
+# Deepest nesting of objects and lists a frame may have; json and the server's replies
+# recurse, so a deeper frame could exhaust the stack.
+MAX_FRAME_DEPTH = 32
+# An error frame never echoes more of the input than this.
+ECHO_CHARS = 64
+
+
 def error_frame(code: str, message: str, in_reply_to: Optional[str] = None) -> dict:
-    frame = {"type": ERROR, "code": code, "message": message}
+    frame = {"type": ERROR, "code": code, "message": message[:1000]}
     if in_reply_to:
-        frame["in_reply_to"] = in_reply_to
+        frame["in_reply_to"] = in_reply_to[:ECHO_CHARS]
     return frame
+
+
+def too_deep(value: Any, limit: int = MAX_FRAME_DEPTH) -> bool:
+    """Whether objects and lists nest deeper than `limit` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def echo(value: Any) -> str:
+    """A short, printable rendering of input for an error message."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ thread per connection); an HTTP API on its own port (stdlib `ThreadingHTTPServer
 users in, creates and deletes rooms and reports health and metrics.
 
     python signaling.py [--host 127.0.0.1] [--port 8080] [--http-port 8001]
-                        [--ice-server URL ...] [--state-file rooms.json]
+                        [--ice-server URL ...] [--state-file rooms.json] [--room-ttl S]
+                        [--max-rooms-per-user N] [--max-rooms-per-address N]
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ ID_TOKEN_LIFETIME_S = 30 * 24 * 3600
 # MAX_FRAME_BYTES and this get a MESSAGE_TOO_LARGE error and the connection stays up.
 HARD_FRAME_LIMIT = 16 * P.MAX_FRAME_BYTES
 CLOSE_TIMEOUT_S = 2.0
+# A peer's metadata is copied into every discovery answer and join notice: keep it small.
+MAX_METADATA_BYTES = 64 * 1024
 
 
 @dataclass
@@ -49,6 +52,12 @@ class Limits:
     max_frame_bytes: int = P.MAX_FRAME_BYTES
     max_peers_per_room: int = 256
     max_rooms: int = 1000
+    max_rooms_per_user: int = 20
+    max_rooms_per_address: int = 100
+    # A room nobody has been in for this long is deleted (its token stops working).
+    room_ttl_s: float = 7 * 24 * 3600.0
+    # An HTTP request that sends nothing for this long is dropped.
+    http_timeout_s: float = 10.0
     # Token bucket per connection: sustained frames per second and burst size.
     rate_per_s: float = 200.0
     rate_burst: int = 400
@@ -73,7 +82,14 @@ class Room:
     room_id: str
     token: str
     created_at: str
+    owner: str = ""  # the user who created it
+    address: str = ""  # the address it was created from
+    empty_since: Optional[float] = field(default_factory=time.time)  # None while peers are in it
     peers: dict[str, Peer] = field(default_factory=dict)
+
+    def saved(self) -> dict:
+        return {"token": self.token, "created_at": self.created_at, "owner": self.owner, "address": self.address,
+                "empty_since": self.empty_since if self.empty_since is not None else time.time()}
 
 
 class _RateLimiter:
@@ -92,6 +108,11 @@ class _RateLimiter:
             return False
         self.tokens -= 1
         return True
+
+
+def _same(secret: str, offered: str) -> bool:
+    """Constant-time comparison that takes any text (compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(secret.encode("utf-8"), offered.encode("utf-8", "replace"))
 
 
 def _now_iso() -> str:
@@ -224,10 +245,23 @@ class SignalingServer:
         return f"http://{self.host}:{self.http_port}"
 
     def _ping_forever(self) -> None:
+        """Ping every peer, and delete rooms that stayed empty past their time."""
         while not self._stopping.wait(self.ping_interval):
             with self._lock:
                 peers = list(self.peers.values())
+                if self._expire_rooms():
+                    self._save_state()
             self._broadcast(peers, {"type": P.PING})
+
+    def _expire_rooms(self) -> list[str]:
+        """Delete rooms empty for longer than the TTL (caller holds _lock or owns the server)."""
+        cutoff = time.time() - self.limits.room_ttl_s
+        expired = [r.room_id for r in self.rooms.values()
+                   if not r.peers and r.empty_since is not None and r.empty_since < cutoff]
+        for room_id in expired:
+            del self.rooms[room_id]
+            log.info("room %s expired: nobody was in it for %.0f s", room_id, self.limits.room_ttl_s)
+        return expired
 
     # -- rooms and state ----------------------------------------------------------------
 
@@ -237,14 +271,15 @@ class SignalingServer:
         state = json.loads(self.state_file.read_text())
         self._secret = bytes.fromhex(state["secret"])
         for room_id, room in state.get("rooms", {}).items():
-            self.rooms[room_id] = Room(room_id, room["token"], room["created_at"])
+            self.rooms[room_id] = Room(room_id, room["token"], room["created_at"], room.get("owner", ""),
+                                       room.get("address", ""), room.get("empty_since", time.time()))
+        self._expire_rooms()
 
     def _save_state(self) -> None:
         """Write rooms and the signing secret atomically (caller holds _lock)."""
         if not self.state_file:
             return
-        state = {"secret": self._secret.hex(),
-                 "rooms": {r.room_id: {"token": r.token, "created_at": r.created_at} for r in self.rooms.values()}}
+        state = {"secret": self._secret.hex(), "rooms": {r.room_id: r.saved() for r in self.rooms.values()}}
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_name(self.state_file.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -252,11 +287,19 @@ class SignalingServer:
             json.dump(state, f)
         os.replace(tmp, self.state_file)
 
-    def create_room(self) -> Room:
+    def create_room(self, owner: str = "", address: str = "") -> Room:
+        """A new room; raises OverflowError when the server is full, PermissionError when
+        this user or address holds its share of rooms already."""
         with self._lock:
             if len(self.rooms) >= self.limits.max_rooms:
                 raise OverflowError(f"the server holds its maximum of {self.limits.max_rooms} rooms")
-            room = Room(secrets.token_hex(8), secrets.token_urlsafe(24), _now_iso())
+            if owner and sum(r.owner == owner for r in self.rooms.values()) >= self.limits.max_rooms_per_user:
+                raise PermissionError(f"user {owner} has created {self.limits.max_rooms_per_user} rooms already; "
+                                      "reuse one (rooms nobody joins expire)")
+            if address and sum(r.address == address for r in self.rooms.values()) >= self.limits.max_rooms_per_address:
+                raise PermissionError(f"{self.limits.max_rooms_per_address} rooms were created from {address} "
+                                      "already; reuse one (rooms nobody joins expire)")
+            room = Room(secrets.token_hex(8), secrets.token_urlsafe(24), _now_iso(), owner, address)
             self.rooms[room.room_id] = room
             self.rooms_created += 1
             self._save_state()
@@ -271,7 +314,7 @@ class SignalingServer:
     def check_id_token(self, id_token: str) -> Optional[str]:
         """The username in a valid id_token, or None."""
         body, _, signature = id_token.partition(".")
-        if not hmac.compare_digest(self._sign(body), signature):
+        if not _same(self._sign(body), signature):
             return None
         try:
             claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
@@ -294,7 +337,7 @@ class SignalingServer:
                 room = self.rooms.get(room_id or "")
                 if room is None:
                     raise LookupError(f"no room {room_id}")
-            if not hmac.compare_digest(room.token, token):
+            if not _same(room.token, token):
                 raise PermissionError("wrong room token")
             if peer_id:
                 victims = [room.peers[peer_id]]
@@ -350,13 +393,13 @@ class SignalingServer:
             for text in conn:
                 with self._lock:
                     self.total_messages += 1
-                reply_type, reply = self._handle_frame(text, conn, peer, limiter)
+                _, reply = self._handle_frame(text, conn, peer, limiter)
                 if isinstance(reply, Peer):
-                    peer = reply
+                    peer = reply  # from here on, however the connection ends, the peer is removed
+                    self._send(conn, self._registered_auth(peer))
+                    self._broadcast(self._others(peer), {"type": P.PEER_JOINED, **peer.public()})
                 elif reply is not None:
                     self._send(conn, reply)
-                if reply_type == P.REGISTER and isinstance(reply, Peer):
-                    self._send(conn, self._registered_auth(peer))
         except ConnectionClosed as exc:  # a dropped connection ends here
             log.debug("connection ended: %s", exc)
         except Exception:  # a bug must end only this connection, and say where it is
@@ -373,18 +416,23 @@ class SignalingServer:
             return None, P.error_frame(P.RATE_LIMITED, f"more than {self.limits.rate_per_s:g} frames/s; slow down")
         if isinstance(text, bytes):
             return None, P.error_frame(P.INVALID_MESSAGE, "binary frames are not part of the API; send JSON text")
-        if len(text) > self.limits.max_frame_bytes:
+        size = len(text) if len(text) * 4 <= self.limits.max_frame_bytes else len(text.encode("utf-8", "replace"))
+        if size > self.limits.max_frame_bytes:
             return None, P.error_frame(P.MESSAGE_TOO_LARGE,
-                                       f"frame of {len(text)} bytes exceeds the {self.limits.max_frame_bytes} byte limit")
+                                       f"frame of {size} bytes exceeds the {self.limits.max_frame_bytes} byte limit")
         try:
             frame = json.loads(text)
+        except RecursionError:
+            return None, P.error_frame(P.INVALID_JSON, f"frame nests deeper than {P.MAX_FRAME_DEPTH} levels")
         except ValueError as exc:
-            return None, P.error_frame(P.INVALID_JSON, f"frame is not valid JSON: {exc}")
+            return None, P.error_frame(P.INVALID_JSON, f"frame is not valid JSON: {str(exc)[:200]}")
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             return None, P.error_frame(P.INVALID_MESSAGE, "a frame is a JSON object with a string 'type'")
+        if P.too_deep(frame):
+            return None, P.error_frame(P.INVALID_MESSAGE, f"frame nests deeper than {P.MAX_FRAME_DEPTH} levels")
         kind = frame["type"]
         if kind not in P.FRAME_FIELDS:
-            return kind, P.error_frame(P.UNKNOWN_MESSAGE_TYPE, f"unknown message type {kind[:64]!r}", kind)
+            return kind, P.error_frame(P.UNKNOWN_MESSAGE_TYPE, f"unknown message type {P.echo(kind)}", kind)
         problem = P.check_frame(frame)
         if problem:
             return kind, P.error_frame(P.INVALID_MESSAGE, problem, kind)
@@ -401,7 +449,7 @@ class SignalingServer:
         sender = frame[P.SENDER_FIELD[kind]]
         if sender != peer.peer_id:
             return kind, P.error_frame(P.SPOOFED_SENDER,
-                                       f"{P.SENDER_FIELD[kind]} {sender!r} is not this connection's peer id", kind)
+                                       f"{P.SENDER_FIELD[kind]} {P.echo(sender)} is not this connection's peer id", kind)
         if kind == P.DISCOVER_PEERS:
             return kind, self._discover(peer, frame.get("filters", {}))
         if kind == P.UPDATE_METADATA:
@@ -415,8 +463,8 @@ class SignalingServer:
         with self._lock:
             room = self.rooms.get(frame["room_id"])
             if room is None:
-                return P.error_frame(P.ROOM_NOT_FOUND, f"no room {frame['room_id']!r} on this server", kind)
-            if not hmac.compare_digest(room.token, frame["token"]):
+                return P.error_frame(P.ROOM_NOT_FOUND, f"no room {P.echo(frame['room_id'])} on this server", kind)
+            if not _same(room.token, frame["token"]):
                 return P.error_frame(P.INVALID_TOKEN, f"wrong token for room {room.room_id}", kind)
             if frame["peer_id"] in self.peers:
                 return P.error_frame(P.PEER_ID_TAKEN, f"peer id {frame['peer_id']!r} is connected already", kind)
@@ -424,18 +472,22 @@ class SignalingServer:
                 return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds its maximum of "
                                      f"{self.limits.max_peers_per_room} peers", kind)
             metadata = P.merge_metadata({"tags": [], "properties": {}}, frame.get("metadata") or {})
+            if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+                return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes", kind)
             peer = Peer(frame["peer_id"], room.room_id, frame.get("role", "peer"), metadata, _now_iso(), conn)
-            others = list(room.peers.values())
             room.peers[peer.peer_id] = peer
+            room.empty_since = None
             self.peers[peer.peer_id] = peer
-        self._broadcast(others, {"type": P.PEER_JOINED, **peer.public()})
         return peer
 
-    def _registered_auth(self, peer: Peer) -> dict:
+    def _others(self, peer: Peer) -> list[Peer]:
         with self._lock:
-            others = [p.public() for p in self.rooms[peer.room_id].peers.values() if p is not peer]
+            room = self.rooms.get(peer.room_id)
+            return [p for p in room.peers.values() if p is not peer] if room else []
+
+    def _registered_auth(self, peer: Peer) -> dict:
         return {"type": P.REGISTERED_AUTH, "room_id": peer.room_id, "peer_id": peer.peer_id,
-                "peer_list": others, "ice_servers": self.ice_servers}
+                "peer_list": [p.public() for p in self._others(peer)], "ice_servers": self.ice_servers}
 
     def _remove_peer(self, peer: Peer) -> None:
         with self._lock:
@@ -447,6 +499,8 @@ class SignalingServer:
             if room is not None:
                 room.peers.pop(peer.peer_id, None)
                 others = list(room.peers.values())
+                if not others:
+                    room.empty_since = time.time()
         self._broadcast(others, {"type": P.PEER_LEFT, "peer_id": peer.peer_id})
 
     def _discover(self, peer: Peer, filters: Any) -> dict:
@@ -460,9 +514,12 @@ class SignalingServer:
 
     def _update_metadata(self, peer: Peer, update: dict) -> dict:
         with self._lock:
-            peer.metadata = P.merge_metadata(peer.metadata, update)
-            metadata = peer.metadata
-        return {"type": P.METADATA_UPDATED, "peer_id": peer.peer_id, "metadata": metadata}
+            merged = P.merge_metadata(peer.metadata, update)
+            if len(json.dumps(merged)) > MAX_METADATA_BYTES:
+                return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes",
+                                     P.UPDATE_METADATA)
+            peer.metadata = merged
+        return {"type": P.METADATA_UPDATED, "peer_id": peer.peer_id, "metadata": merged}
 
     def _forward(self, peer: Peer, frame: dict) -> Optional[dict]:
         kind = frame["type"]
@@ -470,11 +527,11 @@ class SignalingServer:
         with self._lock:
             target = self.peers.get(target_id)
         if target is None:
-            return P.error_frame(P.PEER_NOT_FOUND, f"no peer {target_id!r} is connected", kind)
+            return P.error_frame(P.PEER_NOT_FOUND, f"no peer {P.echo(target_id)} is connected", kind)
         if target.room_id != peer.room_id:
-            return P.error_frame(P.PEER_NOT_IN_ROOM, f"peer {target_id!r} is not in room {peer.room_id}", kind)
+            return P.error_frame(P.PEER_NOT_IN_ROOM, f"peer {P.echo(target_id)} is not in room {peer.room_id}", kind)
         if not self._send(target.conn, frame):
-            return P.error_frame(P.DELIVERY_FAILED, f"peer {target_id!r} could not be reached", kind)
+            return P.error_frame(P.DELIVERY_FAILED, f"peer {P.echo(target_id)} could not be reached", kind)
         return None
 
 
@@ -486,6 +543,7 @@ class SignalingServer:
 def _make_http_handler(server: SignalingServer):
     class Handler(BaseHTTPRequestHandler):
         server_version = f"sleap-rtc-signaling/{P.VERSION}"
+        timeout = server.limits.http_timeout_s  # a request that stalls mid-way frees its thread
 
         def log_message(self, fmt, *args):
             log.debug("http: " + fmt, *args)
@@ -498,15 +556,25 @@ def _make_http_handler(server: SignalingServer):
             self.end_headers()
             self.wfile.write(data)
 
-        def _body(self) -> Optional[dict]:
-            length = int(self.headers.get("Content-Length") or 0)
+        def _body(self) -> tuple[Optional[dict], str]:
+            """The JSON object sent, or (None, what is wrong with it)."""
+            text = self.headers.get("Content-Length") or "0"
+            if not text.isdigit():
+                return None, f"Content-Length must be a number of bytes, not {P.echo(text)}"
+            length = int(text)
             if length > server.limits.max_frame_bytes:
-                return None
+                return None, f"the body may have at most {server.limits.max_frame_bytes} bytes"
             try:
                 body = json.loads(self.rfile.read(length) or b"{}")
+            except RecursionError:
+                return None, f"the body nests deeper than {P.MAX_FRAME_DEPTH} levels"
             except ValueError:
-                return None
-            return body if isinstance(body, dict) else None
+                return None, "the request body must be a JSON object"
+            if not isinstance(body, dict):
+                return None, "the request body must be a JSON object"
+            if P.too_deep(body):
+                return None, f"the body nests deeper than {P.MAX_FRAME_DEPTH} levels"
+            return body, ""
 
         def do_GET(self):
             if self.path == "/health":
@@ -521,9 +589,9 @@ def _make_http_handler(server: SignalingServer):
                 self._reply(404, {"error": f"no such endpoint: GET {self.path}"})
 
         def do_POST(self):
-            body = self._body()
+            body, problem = self._body()
             if body is None:
-                self._reply(400, {"error": "the request body must be a JSON object"})
+                self._reply(413 if "at most" in problem else 400, {"error": problem})
             elif self.path == "/anonymous-signin":
                 id_token, username = server.issue_id_token()
                 self._reply(200, {"id_token": id_token, "username": username})
@@ -531,13 +599,16 @@ def _make_http_handler(server: SignalingServer):
                 auth = self.headers.get("Authorization", "")
                 if not auth.startswith("Bearer "):
                     self._reply(401, {"error": "send 'Authorization: Bearer <id_token>' (POST /anonymous-signin)"})
-                elif server.check_id_token(auth[7:].strip()) is None:
+                elif (user := server.check_id_token(auth[7:].strip())) is None:
                     self._reply(401, {"error": "id_token is invalid or expired; sign in again"})
                 else:
                     try:
-                        room = server.create_room()
+                        room = server.create_room(user, self.client_address[0])
                     except OverflowError as exc:
                         self._reply(503, {"error": str(exc)})
+                        return
+                    except PermissionError as exc:
+                        self._reply(429, {"error": str(exc)})
                         return
                     self._reply(200, {"room_id": room.room_id, "token": room.token})
             elif self.path == "/delete-peers-and-room":
@@ -597,12 +668,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="keep rooms and the sign-in key in this file, so they survive a restart")
     parser.add_argument("--max-peers-per-room", type=int, default=Limits.max_peers_per_room)
     parser.add_argument("--max-rooms", type=int, default=Limits.max_rooms)
+    parser.add_argument("--max-rooms-per-user", type=int, default=Limits.max_rooms_per_user)
+    parser.add_argument("--max-rooms-per-address", type=int, default=Limits.max_rooms_per_address)
+    parser.add_argument("--room-ttl", type=float, default=Limits.room_ttl_s, metavar="S",
+                        help="delete a room nobody has been in for S seconds (default 7 days)")
+    parser.add_argument("--http-timeout", type=float, default=Limits.http_timeout_s, metavar="S",
+                        help="drop an HTTP request that sends nothing for S seconds (default 10)")
     parser.add_argument("--rate", type=float, default=Limits.rate_per_s, help="frames per second per connection")
     parser.add_argument("--ping-interval", type=float, default=P.SERVER_PING_INTERVAL_S, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
     limits = Limits(max_peers_per_room=args.max_peers_per_room, max_rooms=args.max_rooms,
+                    max_rooms_per_user=args.max_rooms_per_user, max_rooms_per_address=args.max_rooms_per_address,
+                    room_ttl_s=args.room_ttl, http_timeout_s=args.http_timeout,
                     rate_per_s=args.rate, rate_burst=max(1, int(args.rate * 2)))
     server = SignalingServer(args.host, args.port, args.http_port, args.ice_server, args.state_file, limits,
                              args.ping_interval)

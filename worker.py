@@ -74,11 +74,40 @@ def parse_mount(text: str) -> Mount:
     return Mount(resolved, label or resolved.name or str(resolved))
 
 
-def resolve_in_mounts(path: str, mounts: list[Mount]) -> Path:
-    """The real path of `path` if it lies inside a mount (symlinks resolved); else PermissionError."""
-    resolved = Path(path).expanduser().resolve()
+MAX_PATH_CHARS = 4096
+
+
+class PathRefused(Exception):
+    """A path from a peer that the worker will not use; `code` is the spec error code."""
+
+    def __init__(self, message: str, code: str = "BAD_PATH"):
+        super().__init__(message)
+        self.code = code
+
+
+def resolve_in_mounts(path: str, mounts: list[Mount], base: Optional[Path] = None) -> Path:
+    """The real path of `path` (symlinks resolved) if it lies inside a mount.
+
+    A relative path is taken relative to `base`, and refused when there is none. Raises
+    PathRefused: BAD_PATH for what is not a usable path (NUL bytes, too long, unknown
+    ~user), ACCESS_DENIED for a path outside the mounts.
+    """
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    if "\x00" in path:
+        raise PathRefused(f"{shown!r} contains a NUL byte")
+    if len(path) > MAX_PATH_CHARS:
+        raise PathRefused(f"{shown} is longer than {MAX_PATH_CHARS} characters")
+    try:
+        candidate = Path(path).expanduser()
+        if not candidate.is_absolute():
+            if base is None:
+                raise PathRefused(f"{shown} is not an absolute path on the worker")
+            candidate = base / candidate
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # ~nosuchuser, too many links, name too long
+        raise PathRefused(f"{shown} is not a usable path on the worker: {exc}") from None
     if not any(resolved == m.path or resolved.is_relative_to(m.path) for m in mounts):
-        raise PermissionError(f"Access denied: {path} is outside the worker's mounts")
+        raise PathRefused(f"Access denied: {shown} is outside the worker's mounts", "ACCESS_DENIED")
     return resolved
 
 
@@ -199,52 +228,179 @@ STOP_GRACE_S = 120.0  # after this long without train_end, a stop becomes SIGINT
 CANCEL_GRACE_S = 10.0  # after SIGTERM, SIGKILL
 JOB_SUMMARY_FIELDS = ("job_id", "type", "state", "submitter", "submitted_at", "started_at", "finished_at",
                       "duration_s", "exit_code")
-PATH_FIELDS = {P.TRAIN: ("config", "labels", "val_labels", "resume"), P.TRACK: ("data_path",)}
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_NODES = 100_000  # values in a config once YAML aliases are expanded
+CONFIG_FILE = "config.yaml"  # the validated copy of a training config, in the job's directory
+# Keys of a sleap-nn config that name what a run reads, and where it writes.
+CONFIG_READS = ("data_config.train_labels_path", "data_config.val_labels_path", "data_config.test_file_path",
+                "trainer_config.resume_ckpt_path", "model_config.pretrained_backbone_weights",
+                "model_config.pretrained_head_weights")
+CONFIG_WRITES = ("trainer_config.ckpt_dir", "data_config.cache_img_path")
+# Spec fields that replace a config key, and whether sleap-nn wants a list there.
+SPEC_CONFIG_KEYS = {"labels": ("data_config.train_labels_path", True),
+                    "val_labels": ("data_config.val_labels_path", True),
+                    "resume": ("trainer_config.resume_ckpt_path", False)}
+WRITES = set(CONFIG_WRITES) | {"output"}
+# ${name:...} is an OmegaConf resolver (oc.env reads the worker's environment); ${a.b} is not.
+_RESOLVER_RE = re.compile(r"\$\{\s*[A-Za-z_][\w.-]*\s*:")
 
 
-def validate_job(spec: dict, mounts: list[Mount]) -> list[dict]:
-    """All problems of a spec on this worker, one per field: the protocol checks, then every
-    path (exists, inside a mount), then the config (parses as a YAML mapping)."""
+def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path) -> tuple[list[dict], dict]:
+    """All problems of a spec on this worker, one per field, and what the run will use.
+
+    Every path, from the spec or inside the config, is resolved once, here: reads must
+    exist inside `mounts`, writes must fall inside `write_mounts` or the job's directory.
+    The second value holds the resolved real paths by spec field or config key, and for
+    training the config's text (parsed once; resolvers, Hydra settings, aliases that
+    expand too far and files over MAX_CONFIG_BYTES are refused).
+    """
     errors = P.check_spec(spec)
     if errors and errors[0]["field"] == "type":
-        return errors
+        return errors, {}
     bad = {e["field"] for e in errors}
-    paths = [(name, spec[name]) for name in PATH_FIELDS[spec["type"]] if isinstance(spec.get(name), str)]
-    if spec["type"] == P.TRACK and "model_paths" not in bad:
-        paths += [("model_paths", m) for m in spec.get("model_paths") or []]
-    for name, path in paths:
-        try:
-            if not resolve_in_mounts(path, mounts).exists():
-                errors.append(P.spec_error(name, f"{path} does not exist on the worker", "NOT_FOUND"))
-        except PermissionError as exc:
-            errors.append(P.spec_error(name, str(exc), "ACCESS_DENIED"))
-    if isinstance(spec.get("output"), str):
-        try:
-            parent = resolve_in_mounts(spec["output"], mounts).parent
-            if not parent.is_dir():
-                errors.append(P.spec_error("output", f"directory {parent} does not exist on the worker", "NOT_FOUND"))
-        except PermissionError as exc:
-            errors.append(P.spec_error("output", str(exc), "ACCESS_DENIED"))
-    if spec["type"] == P.TRAIN and not any(e["field"] == "config" for e in errors):
-        errors += _check_config(Path(spec["config"]))
-    return errors
+    plan: dict = {"paths": {}}
+    own = write_mounts + [Mount(job_dir, "job")]
+
+    def check(field: str, value, writes: bool = False, base: Optional[Path] = None, key: Optional[str] = None):
+        values = value if isinstance(value, list) else [value]
+        resolved = []
+        for text in values:
+            if not isinstance(text, str) or not text:
+                errors.append(P.spec_error(field, f"{key or field} must name a path, not {text!r}", "BAD_PATH"))
+                return
+            if key and "${" in text:  # the config's own value: OmegaConf would interpret it
+                errors.append(P.spec_error(field, f"{key or field} uses an interpolation ({text[:80]}); "
+                                           "write the path out", "BAD_PATH"))
+                return
+            try:
+                path = resolve_in_mounts(text, own if writes else mounts, base)
+            except PathRefused as exc:
+                errors.append(P.spec_error(field, f"{key + ': ' if key else ''}{exc}", exc.code))
+                return
+            target = path.parent if writes and field == "output" else path
+            if not writes and not path.exists() or writes and field == "output" and not target.is_dir():
+                errors.append(P.spec_error(field, f"{key + ': ' if key else ''}{target} does not exist on the worker",
+                                           "NOT_FOUND"))
+                return
+            resolved.append(str(path))
+        plan["paths"][key or field] = resolved if isinstance(value, list) else resolved[0]
+
+    if spec["type"] == P.TRACK:
+        if "data_path" not in bad:
+            check("data_path", spec["data_path"])
+        if "model_paths" not in bad:
+            check("model_paths", list(spec["model_paths"]))
+        if spec.get("output"):
+            check("output", spec["output"], writes=True)
+        return errors, plan
+    for field, (key, as_list) in SPEC_CONFIG_KEYS.items():
+        if spec.get(field) and field not in bad:
+            check(field, [spec[field]] if as_list else spec[field])
+            if field in plan["paths"]:
+                plan["paths"][key] = plan["paths"].pop(field)
+    if "config" in bad:
+        return errors, plan
+    before = len(errors)
+    check("config", spec["config"])
+    if len(errors) > before:
+        return errors, plan
+    config, text, problem = _read_config(Path(plan["paths"]["config"]))
+    if problem:
+        errors.append(P.spec_error("config", problem, "BAD_CONFIG"))
+        return errors, plan
+    plan["config_text"] = text
+    for key in CONFIG_READS + CONFIG_WRITES:
+        value = _config_value(config, key)
+        if key in plan["paths"] or value in (None, "", []) or (key == "trainer_config.ckpt_dir" and value == "."):
+            continue
+        check("config", value, writes=key in CONFIG_WRITES, base=job_dir, key=key)
+    return errors, plan
 
 
-def _check_config(path: Path) -> list[dict]:
+def _read_config(path: Path) -> tuple[dict, str, Optional[str]]:
+    """(config, its text, None), or (_, _, what is wrong with it)."""
     import yaml
 
     try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        return [P.spec_error("config", f"{path} is not readable YAML: {exc}", "BAD_CONFIG")]
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        return {}, "", f"{path} is not readable: {exc}"
+    if len(data) > MAX_CONFIG_BYTES:
+        return {}, "", f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a sleap-nn config is a few KiB"
+    try:
+        text = data.decode("utf-8")
+        config = yaml.safe_load(text)
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        return {}, "", f"{path} is not readable YAML: {str(exc)[:300]}"
     if not isinstance(config, dict):
-        return [P.spec_error("config", f"{path} is not a YAML mapping of sleap-nn settings", "BAD_CONFIG")]
-    return []
+        return {}, "", f"{path} is not a YAML mapping of sleap-nn settings"
+    problem = _config_problem(config)
+    return config, text, (f"{path}: {problem}" if problem else None)
+
+
+def _config_problem(config: dict) -> Optional[str]:
+    """What in a parsed config the worker refuses to hand to sleap-nn, or None."""
+    for key in ("defaults", "hydra"):
+        if key in config:
+            return f"the top-level key '{key}' changes how Hydra runs; it is the worker's to set"
+    nodes, stack = 0, [config]
+    while stack:
+        node = stack.pop()
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            return (f"expands to more than {MAX_CONFIG_NODES} values (YAML aliases repeated inside each other?); "
+                    "a sleap-nn config has a few hundred")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str) and _RESOLVER_RE.search(node):
+            return (f"{node[:80]!r} calls an OmegaConf resolver; resolvers (oc.env and the like) can read the "
+                    "worker's environment and are refused. Plain ${a.b} references are fine")
+    return None
+
+
+def _config_value(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def recheck_paths(paths: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path) -> Optional[str]:
+    """Resolve a job's paths again when it starts: None when each still resolves to itself
+    inside the mounts (and each read still exists), else why the job must not run."""
+    own = write_mounts + [Mount(job_dir, "job")]
+    for key, value in paths.items():
+        for text in value if isinstance(value, list) else [value]:
+            try:
+                now = resolve_in_mounts(text, own if key in WRITES else mounts)
+            except PathRefused as exc:
+                return f"{key}: {exc} (it changed after the job was accepted)"
+            if str(now) != text:
+                return f"{key}: {text} now leads to {now} (a link changed after the job was accepted)"
+            if key not in WRITES and not now.exists():
+                return f"{key}: {text} no longer exists"
+    return None
+
+
+_HYDRA_ESCAPED_RE = re.compile(r"(\\*)('|\$\{|$)")
 
 
 def _hydra_value(text: str) -> str:
-    """A string quoted for a Hydra override, so '=', ',' and spaces in paths stay values."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """A string quoted for a Hydra override so that every character stays literal: '=', ','
+    and spaces, quotes, and '${', which would otherwise be an interpolation. In Hydra's
+    quoted strings a backslash is literal except before a quote, '${' or the end, where
+    backslashes are doubled and the quote or '${' escaped."""
+    def escape(match: re.Match) -> str:
+        backslashes, what = match.groups()
+        return backslashes * 2 + ("\\" + what if what else "")
+
+    return "'" + _HYDRA_ESCAPED_RE.sub(escape, text) + "'"
 
 
 def safe_run_name(name: str) -> str:
@@ -253,23 +409,20 @@ def safe_run_name(name: str) -> str:
 
 def train_command(executable: str, spec: dict, job_dir: Path, run_name: str,
                   zmq_ports: Optional[tuple[int, int]]) -> tuple[list[str], Path]:
-    """The sleap-nn train argument list and the checkpoint directory it will write under."""
-    import yaml
+    """The sleap-nn train argument list and the checkpoint directory it will write under.
 
-    config = Path(spec["config"]).resolve()
-    trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer_config") or {}
-    configured = trainer.get("ckpt_dir")
-    if configured in (None, "", "."):
-        ckpt_dir = job_dir / "models"
-    else:  # sleap-nn resolves a relative ckpt_dir against its working directory, the job's
-        ckpt_dir = Path(configured) if Path(configured).is_absolute() else job_dir / configured
-    args = [executable, "train", "--config-dir", str(config.parent), "--config-name", config.stem]
+    It runs the config copy in the job's directory, and every path the config or spec
+    names is passed as the real path resolved at acceptance (`spec["_resolved"]`)."""
+    paths = spec["_resolved"]
+    # sleap-nn resolves a relative ckpt_dir against its working directory, the job's.
+    ckpt_dir = Path(paths.get("trainer_config.ckpt_dir") or job_dir / "models")
+    args = [executable, "train", "--config-dir", str(job_dir), "--config-name", Path(CONFIG_FILE).stem]
     overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": _hydra_value(str(ckpt_dir)),
                  "trainer_config.run_name": _hydra_value(run_name)}
-    if spec.get("labels"):
-        overrides["data_config.train_labels_path"] = f"[{_hydra_value(str(Path(spec['labels']).resolve()))}]"
-    if spec.get("val_labels"):
-        overrides["data_config.val_labels_path"] = f"[{_hydra_value(str(Path(spec['val_labels']).resolve()))}]"
+    for key, value in paths.items():
+        if key not in ("config", "trainer_config.ckpt_dir"):
+            overrides[key] = (f"[{','.join(_hydra_value(v) for v in value)}]" if isinstance(value, list)
+                              else _hydra_value(value))
     if spec.get("max_epochs"):
         overrides["trainer_config.max_epochs"] = str(spec["max_epochs"])
     if spec.get("batch_size"):
@@ -277,8 +430,6 @@ def train_command(executable: str, spec: dict, job_dir: Path, run_name: str,
         overrides["trainer_config.val_data_loader.batch_size"] = str(spec["batch_size"])
     if spec.get("learning_rate"):
         overrides["trainer_config.optimizer.lr"] = repr(float(spec["learning_rate"]))
-    if spec.get("resume"):
-        overrides["trainer_config.resume_ckpt_path"] = _hydra_value(str(Path(spec["resume"]).resolve()))
     if zmq_ports:
         overrides["trainer_config.zmq.publish_port"] = str(zmq_ports[0])
         overrides["trainer_config.zmq.controller_port"] = str(zmq_ports[1])
@@ -288,9 +439,10 @@ def train_command(executable: str, spec: dict, job_dir: Path, run_name: str,
 
 
 def track_command(executable: str, spec: dict, output: Path) -> list[str]:
-    args = [executable, "track", "--data_path", str(Path(spec["data_path"]).resolve())]
-    for model in spec["model_paths"]:
-        args += ["--model_paths", str(Path(model).resolve())]
+    paths = spec["_resolved"]
+    args = [executable, "track", "--data_path", paths["data_path"]]
+    for model in paths["model_paths"]:
+        args += ["--model_paths", model]
     args += ["--output_path", str(output)]
     if spec.get("batch_size"):
         args += ["--batch_size", str(spec["batch_size"])]
@@ -471,9 +623,9 @@ class Job:
 
     @property
     def predictions_path(self) -> Path:
+        resolved = self.spec.get("_resolved") or {}
         stem = Path(self.spec["data_path"]).name.split(".")[0]
-        return Path(self.spec["output"]).resolve() if self.spec.get("output") else \
-            self.dir / f"{stem}.predictions.slp"
+        return Path(resolved["output"]) if resolved.get("output") else self.dir / f"{stem}.predictions.slp"
 
     def _read_pipe(self, pipe, stream: str) -> None:
         """Split output into complete lines and carriage-return progress updates."""
@@ -774,8 +926,9 @@ class Scheduler:
 
     def __init__(self, working_dir: Path, slots: int, executable: str,
                  on_change: Callable[[Optional[Job]], None], reservation_timeout: float = RESERVATION_TIMEOUT_S,
-                 stop_grace: float = STOP_GRACE_S):
+                 stop_grace: float = STOP_GRACE_S, recheck: Callable[[Job], Optional[str]] = lambda job: None):
         self.jobs_dir = working_dir / "jobs"
+        self.recheck = recheck  # why a job must not start after all (its paths changed), or None
         self.stop_grace = stop_grace
         self.slots = slots
         self.reservation_timeout = reservation_timeout
@@ -837,12 +990,20 @@ class Scheduler:
 
     # -- submitting and asking ----------------------------------------------------------
 
-    def submit(self, job_id: str, spec: dict, submitter: str, listener) -> tuple[Optional[Job], list[dict]]:
-        """Queue a job (it starts at once when a slot is free), or say why not."""
+    def submit(self, job_id: str, spec: dict, submitter: str, listener,
+               files: Optional[dict[str, str]] = None) -> tuple[Optional[Job], list[dict]]:
+        """Queue a job (it starts at once when a slot is free), or say why not. `files`
+        (name: text) are written into the job's directory first."""
         with self._cond:
             if self.ledger.get(job_id) is not None:
                 return None, [P.spec_error("job_id", f"job {job_id} exists already", "DUPLICATE")]
             job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable, stop_grace=self.stop_grace)
+            try:
+                job.dir.mkdir(parents=True, exist_ok=True)
+                for name, text in (files or {}).items():
+                    (job.dir / name).write_text(text, encoding="utf-8")
+            except OSError as exc:
+                return None, [P.spec_error("worker", f"cannot write the job's directory: {exc}", "WORKER_ERROR")]
             job.subscribe(listener)
             self.ledger.add(job)
             if self.reservations.pop(job_id, None) is not None:
@@ -852,6 +1013,14 @@ class Scheduler:
             self._cond.notify_all()
         self.on_change(job)
         return job, []
+
+    def release(self, job_id: str) -> None:
+        """Free the slot kept for a job that will not come (it was rejected)."""
+        with self._cond:
+            released = self.reservations.pop(job_id, None) is not None
+            self._cond.notify_all()
+        if released:
+            self.on_change(None)
 
     def reserve(self, job_id: str) -> int:
         """Keep a free slot for `job_id` until its spec arrives; the queue position the job
@@ -978,6 +1147,11 @@ class Scheduler:
         self.on_change(None)
 
     def _start(self, job: Job) -> None:
+        problem = self.recheck(job)
+        if problem:
+            log.warning("job %s will not run: %s", job.job_id, problem)
+            job.finish_unrun(P.FAILED, problem, self._finished)
+            return
         try:
             job.start(self._started, self._finished)
         except _CancelledBeforeStart:
@@ -1269,14 +1443,18 @@ class Session:
             self.send(P.JOB_REJECTED, {"job_id": str(job_id)[:64], "errors": [P.spec_error(
                 "job_id", "job_id must be 1-64 letters, digits, '-' or '_'", "BAD_FORMAT")]})
             return
-        errors = validate_job(spec, self.worker.readable_mounts)
+        job_dir = self.worker.scheduler.jobs_dir / job_id
+        errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir)
         if self.worker.maintenance:
             errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
         job = None
         if not errors:
             self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
-            job, errors = self.worker.scheduler.submit(job_id, spec, self.peer_id, self._listener(job_id, True))
+            files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
+            job, errors = self.worker.scheduler.submit(job_id, {**spec, "_resolved": plan["paths"]}, self.peer_id,
+                                                       self._listener(job_id, True), files)
         if errors:
+            self.worker.scheduler.release(job_id)  # a rejected job gives back the slot kept for it
             with self._following_lock:
                 self._following.pop(job_id, None)
             self.outbox.release(job_id, [])
@@ -1336,9 +1514,15 @@ class Session:
             self.send(P.JOB_FETCHED, reply)
             return
         paths = []
+        allowed = self.worker.mounts + [Mount(Path(record["job_dir"]), "job")]
         for output in record["outputs"] or []:
-            paths += [Path(output["path"])] if output["kind"] == "predictions" else \
+            named = [Path(output["path"])] if output["kind"] == "predictions" else \
                 [Path(output["path"]) / f["name"] for f in output.get("files", [])]
+            for path in named:
+                try:  # checked when served: a file replaced by a link since the job ended is not followed out
+                    paths.append(resolve_in_mounts(str(path), allowed))
+                except PathRefused as exc:
+                    reply["error"] = f"{path} is not served: {exc}"
         self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply)))
 
     def _send_requested_file(self, payload: dict) -> None:
@@ -1346,9 +1530,9 @@ class Session:
         try:
             path = resolve_in_mounts(requested, self.worker.readable_mounts)
             if not path.is_file():
-                raise FileNotFoundError(f"{requested} is not a file on the worker")
-        except (PermissionError, FileNotFoundError) as exc:
-            self.send(P.LINK_ERROR, {"message": str(exc), "path": requested})
+                raise PathRefused(f"{requested} is not a file on the worker", "NOT_FOUND")
+        except PathRefused as exc:
+            self.send(P.LINK_ERROR, {"message": str(exc), "path": requested[:200]})
             return
         self.outbox.put(_send_files_then([path], None))
 
@@ -1450,7 +1634,8 @@ class Worker:
             self.gpu_load = gpu_load(gpu_index)
             self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
                                                  daemon=True))
-        self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout, stop_grace)
+        self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout, stop_grace,
+                                   self._recheck)
         facts = gpu_facts(gpu_index, probe_torch=advertise_gpu_memory is None)
         if advertise_gpu_memory is not None:
             facts["gpu_memory_mb"] = advertise_gpu_memory
@@ -1586,6 +1771,11 @@ class Worker:
                 self._published = status
             except P.SignalingError as exc:  # kept locally; sent again on re-registration
                 log.warning("could not publish status %s: %s", status["status"], exc)
+
+    def _recheck(self, job: Job) -> Optional[str]:
+        if "_resolved" not in job.spec:
+            return "accepted by an older version of this worker, which did not resolve its paths; submit it again"
+        return recheck_paths(job.spec["_resolved"], self.readable_mounts, self.mounts, job.dir)
 
     def _job_changed(self, job: Optional[Job]) -> None:
         """Called by the scheduler and job threads: wake the status publisher, never wait for it."""

@@ -80,8 +80,9 @@ def test_mounts_resolve_symlinks(tmp_path):
     assert mount.label == "vast"
     assert worker.resolve_in_mounts(str(inside / "labels.slp"), [mount]) == inside / "labels.slp"
     for path in (outside / "secret", inside / "escape", inside / ".." / "home" / "secret"):
-        with pytest.raises(PermissionError, match="Access denied: .* is outside the worker's mounts"):
+        with pytest.raises(worker.PathRefused, match="Access denied: .* is outside the worker's mounts") as refused:
             worker.resolve_in_mounts(str(path), [mount])
+        assert refused.value.code == "ACCESS_DENIED"
 
 
 def test_gpu_facts_fall_back_cleanly_without_a_gpu():
