@@ -215,7 +215,7 @@ class SignalingServer:
         self._ws_server = serve(self._serve_connection, self.host, self.port, max_size=HARD_FRAME_LIMIT,
                                 compression=None, close_timeout=CLOSE_TIMEOUT_S)
         self.port = self._ws_server.socket.getsockname()[1]
-        self._http_server = ThreadingHTTPServer((self.host, self.http_port), _make_http_handler(self))
+        self._http_server = _HTTPServer((self.host, self.http_port), _make_http_handler(self))
         self._http_server.daemon_threads = True
         self.http_port = self._http_server.server_address[1]
         for name, target in (("signaling-ws", self._ws_server.serve_forever),
@@ -538,6 +538,11 @@ class SignalingServer:
 # ---------------------------------------------------------------------------------------
 # HTTP API
 # ---------------------------------------------------------------------------------------
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    # The stdlib's backlog of 5 makes a burst of connections wait for SYN retries (1 s, 3 s).
+    request_queue_size = 128
 
 
 def _make_http_handler(server: SignalingServer):
