@@ -1159,6 +1159,9 @@ class Scheduler:
         except OSError as exc:
             log.warning("job %s could not start: %s", job.job_id, exc)
             job.finish_unrun(P.FAILED, f"cannot start {self.executable}: {exc}", self._finished)
+        except Exception as exc:  # a bug must fail this job, not keep its slot taken forever
+            log.exception("job %s could not start", job.job_id)
+            job.finish_unrun(P.FAILED, f"the worker could not start the job: {exc!r}", self._finished)
 
     def _started(self, job: Job) -> None:
         self.ledger.update(job.job_id, state=P.RUNNING, started_at=job.started_at, command=job.command,

@@ -11,15 +11,22 @@ Then log throughput: a second worker runs, through `--sleap-nn`, a stand-in that
 --lines numbered lines as fast as it can. Lines per second from the stand-in starting to
 the last line reaching the client, against the same stand-in read straight from a pipe,
 and how many lines the client's log misses.
+
+Last, the same lines to three `logs --follow` clients at once, one of them SIGSTOPped
+for the whole run: lines per second to the slower of the two live ones, against one
+client alone (the figure above), and what the stopped one got when it resumed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -68,7 +75,8 @@ def main() -> None:
         print(f"  client.py train via worker:       {r:6.2f} s")
         print(f"  ratio via-worker/direct:          {r / d:6.2f}")
         print(f"  client start -> sleap-nn started: {statistics.median(to_start):6.2f} s\n", flush=True)
-        log_rates(world, config, args.runs, args.lines)
+        alone = log_rates(world, config, args.runs, args.lines)
+        follower_rates(world, config, args.runs, args.lines, alone)
 
 
 STAND_IN = """import sys, time
@@ -93,7 +101,7 @@ def read_lines(command: list[str], env: dict, cwd: Path, marker: str) -> tuple[f
     return last - start, lines
 
 
-def log_rates(world: BenchWorld, config: Path, runs: int, n: int) -> None:
+def log_rates(world: BenchWorld, config: Path, runs: int, n: int) -> float:
     stand_in = world.script("print-lines", STAND_IN.format(lines=n))
     world.start_worker("--mount", str(config.parent), "--sleap-nn", str(stand_in))
     worker_id = re.search(r"registered as (\S+)", (world.tmp / "worker2.log").read_text()).group(1)
@@ -119,6 +127,67 @@ def log_rates(world: BenchWorld, config: Path, runs: int, n: int) -> None:
     print(f"  worker -> client:        {r:10,.0f} lines/s")
     print(f"  ratio worker->client/pipe: {r / d:8.3f}")
     print(f"  lines lost (worst run):  {max(lost):10d}")
+    return r
+
+
+GATED = """import os, time
+print("waiting", flush=True)
+while not os.path.exists({gate!r}):
+    time.sleep(0.01)
+""" + STAND_IN
+
+
+def follower_rates(world: BenchWorld, config: Path, runs: int, n: int, alone: float) -> None:
+    gate = world.tmp / "gate"
+    stand_in = world.script("gated-lines", GATED.format(gate=str(gate), lines=n))
+    world.start_worker("--mount", str(config.parent), "--sleap-nn", str(stand_in))
+    worker_id = re.search(r"registered as (\S+)", (world.tmp / "worker3.log").read_text()).group(1)
+    env = {**world.env(), "PYTHONUNBUFFERED": "1"}
+    rates, outcomes = [], []
+    for run in range(runs):
+        gate.unlink(missing_ok=True)
+        submitted = subprocess.run([sys.executable, str(ROOT / "client.py"), "train", "--config", str(config),
+                                    "--worker-id", worker_id, "--detach"], env=env, cwd=world.tmp,
+                                   capture_output=True, text=True, check=True)
+        job_id = re.search(r"job (\S+) accepted", submitted.stdout).group(1)
+        followers = [subprocess.Popen([sys.executable, str(ROOT / "client.py"), "logs", job_id, "--follow"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=world.tmp,
+                                      text=True) for _ in range(3)]
+        for follower in followers:
+            assert follower.stdout.readline().strip() == "waiting"
+        stalled = followers[2]
+        os.kill(stalled.pid, signal.SIGSTOP)
+        spans: list[float] = []
+
+        def read(follower) -> None:
+            start = last = None
+            for line in follower.stdout:
+                if line.startswith("start "):
+                    start = float(line.split()[1])
+                elif line.startswith(f"line {n - 1} of"):
+                    last = time.time()
+            spans.append(last - start)
+
+        readers = [threading.Thread(target=read, args=(f,), name=f"follower-{i}") for i, f in enumerate(followers[:2])]
+        for reader in readers:
+            reader.start()
+        gate.touch()
+        for reader in readers:
+            reader.join(timeout=120)
+        os.kill(stalled.pid, signal.SIGCONT)
+        stalled_out, stalled_err = stalled.communicate(timeout=60)
+        for follower in followers[:2]:
+            follower.wait(timeout=30)
+        rates.append(n / max(spans))
+        got = sum(1 for line in stalled_out.splitlines() if line.startswith("line "))
+        outcomes.append(f"{got:,} lines, then {'told it fell behind' if 'fell' in stalled_err else 'the end'}"
+                        if stalled.returncode in (0, 1) else f"exit {stalled.returncode}")
+        print(f"run {run + 1}: slower live follower {rates[-1]:,.0f} lines/s   stopped one: {outcomes[-1]}",
+              flush=True)
+    r = statistics.median(rates)
+    print(f"\nlog lines to 3 followers at once, one stopped, median of {runs}:")
+    print(f"  slower live follower:    {r:10,.0f} lines/s")
+    print(f"  ratio to one client alone: {r / alone:8.3f}")
 
 
 if __name__ == "__main__":

@@ -132,9 +132,11 @@ def test_bad_spec_is_rejected_field_by_field_and_nothing_runs(lab):
 
 
 def test_sleap_nn_failure_reports_exit_code_and_stderr(lab, tmp_path):
+    # Paths are checked at acceptance now, so the labels exist but are not a labels file.
+    garbage = lab.project["config"].parent / "garbage.slp"
+    garbage.write_text("not an HDF5 file")
     broken = lab.project["config"].parent / "broken.yaml"
-    broken.write_text(lab.project["config"].read_text().replace(str(lab.project["labels"]),
-                                                                str(lab.project["labels"]) + ".missing"))
+    broken.write_text(lab.project["config"].read_text().replace(str(lab.project["labels"]), str(garbage)))
     result = lab.client("train", "--config", str(broken), "--max-epochs", "1")
     assert result.returncode == 1
     assert "failed (exit code 1" in result.stderr

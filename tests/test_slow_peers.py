@@ -191,8 +191,9 @@ def test_a_cancel_while_the_job_is_starting_cancels_it(tmp_path, monkeypatch):
     scheduler.start()
     try:
         heard = []
-        job, errors = scheduler.submit("j1", {"type": P.TRAIN, "config": str(config), "gui": False}, "me",
-                                       lambda name, payload: heard.append(name))
+        spec = {"type": P.TRAIN, "config": str(config), "gui": False, "_resolved": {"config": str(config)}}
+        job, errors = scheduler.submit("j1", spec, "me", lambda name, payload: heard.append(name),
+                                       {W.CONFIG_FILE: config.read_text()})
         assert not errors
         assert taken.wait(10)
         ok, message = scheduler.control("j1", "cancel")
