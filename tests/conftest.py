@@ -127,11 +127,18 @@ class Env:
     # -- signaling server ---------------------------------------------------------------
 
     def start_server(self, *extra: str, ports=None) -> Proc:
-        self.ws_port, self.http_port = ports or (free_port(), free_port())
-        self.server = self.spawn("signaling", [str(ROOT / "signaling.py"), "--port", str(self.ws_port),
-                                               "--http-port", str(self.http_port), *extra])
-        self.server.wait_for(r"signaling: websocket")
-        return self.server
+        for attempt in range(3):
+            # A port free a moment ago can be taken by any outgoing connection since: pick again then.
+            self.ws_port, self.http_port = ports or (free_port(), free_port())
+            self.server = self.spawn("signaling", [str(ROOT / "signaling.py"), "--port", str(self.ws_port),
+                                                   "--http-port", str(self.http_port), *extra])
+            try:
+                self.server.wait_for(r"signaling: websocket")
+                return self.server
+            except AssertionError:
+                if ports or attempt == 2 or "Address already in use" not in self.server.output():
+                    raise
+        raise AssertionError("unreachable")
 
     @property
     def ws_url(self) -> str:
