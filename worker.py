@@ -535,10 +535,13 @@ class Job:
         with self._listeners_lock:
             self._listeners.append(listener)
 
-    def unsubscribe(self, listener: Callable[[str, dict], None]) -> None:
+    def unsubscribe(self, listener: Callable[[str, dict], None]) -> bool:
+        """Take a listener off; False when it was not on."""
         with self._listeners_lock:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
+            if listener not in self._listeners:
+                return False
+            self._listeners.remove(listener)
+            return True
 
     def emit(self, name: str, payload: dict, listeners: Optional[list] = None) -> None:
         """Hand a message to every listener (or to `listeners`, a snapshot). Listeners only
@@ -1323,9 +1326,9 @@ class Session:
         self.link: Optional[P.Link] = None
         self.outbox = Outbox(worker.follower_backlog)
         self.ending = threading.Event()
-        # Guards following: job id -> (job, listener) of every job this session listens to.
+        # Guards _following: job id -> this session's listener on that job.
         self._following_lock = threading.Lock()
-        self._following: dict[str, tuple[Job, Callable]] = {}
+        self._following: dict[str, Callable[[str, dict], None]] = {}
         self.thread = threading.Thread(target=P.guarded(self._run), name=f"session-{self.peer_id}", daemon=True)
         self.writer = threading.Thread(target=P.guarded(self._write), name=f"session-{self.peer_id}-out", daemon=True)
 
@@ -1358,9 +1361,9 @@ class Session:
             log.info("link with %s ended: %s", self.peer_id, exc)
         finally:
             with self._following_lock:
-                following, self._following = list(self._following.values()), {}
-            for job, listener in following:
-                job.unsubscribe(listener)
+                followed = list(self._following)
+            for job_id in followed:
+                self._unfollow(job_id)
             self.outbox.close()
             self.writer.join(timeout=SESSION_JOIN_S)
             self.worker.session_ended(self)
@@ -1431,11 +1434,11 @@ class Session:
         return listener
 
     def _unfollow(self, job_id: str) -> None:
+        """Forget this session's listener on a job, and take it off the job if it is on it."""
         with self._following_lock:
             listener = self._following.pop(job_id, None)
         job = self.worker.scheduler.get(job_id)
-        if listener is not None and job is not None:
-            job.unsubscribe(listener)
+        if listener is not None and job is not None and job.unsubscribe(listener):
             log.info("client %s no longer follows job %s", self.peer_id, job_id)
 
     # -- requests -------------------------------------------------------------------------
@@ -1458,8 +1461,7 @@ class Session:
                                                        self._listener(job_id, True), files)
         if errors:
             self.worker.scheduler.release(job_id)  # a rejected job gives back the slot kept for it
-            with self._following_lock:
-                self._following.pop(job_id, None)
+            self._unfollow(job_id)
             self.outbox.release(job_id, [])
             log.info("rejected job %s from %s: %s", job_id, self.peer_id, "; ".join(e["message"] for e in errors))
             self.send(P.JOB_REJECTED, {"job_id": job_id, "errors": errors})
@@ -1498,8 +1500,7 @@ class Session:
         offset, live = job.attach(listener)
         following = live and listener is not None
         if listener is not None and not following:
-            with self._following_lock:
-                self._following.pop(job_id, None)
+            self._unfollow(job_id)
         state = job.outcome["state"] if job.outcome else job.state
         self.outbox.release(job_id, [_replay(job_id, log_path, offset),
                                      (P.JOB_ATTACHED, {"job_id": job_id, "state": state, "following": following})])

@@ -189,12 +189,19 @@ class Env:
         for proc in reversed(self.procs):
             proc.stop()
 
+    def worker_errors(self) -> list[str]:
+        """ERROR lines in every worker's log: a thread that died or a request that raised."""
+        return [line for proc in self.procs if proc.log.name.startswith("worker")
+                for line in proc.output().splitlines() if re.match(r"\S+ \S+ ERROR ", line)]
+
 
 @pytest.fixture
 def world(tmp_path):
     env = Env(tmp_path)
     yield env
     env.close()
+    # Whatever a test checks, no worker may have logged an error it did not expect.
+    assert env.worker_errors() == []
 
 
 @pytest.fixture
