@@ -412,7 +412,8 @@ def cmd_download(args) -> int:
 
 def _is(item, name: str, job_id: Optional[str] = None) -> bool:
     """Whether an inbox item is the message `name` (of job `job_id`, when given)."""
-    return isinstance(item, P.Message) and item.name == name and (job_id is None or item.payload.get("job_id") == job_id)
+    return (isinstance(item, P.Message) and item.name == name
+            and (job_id is None or item.payload.get("job_id") == job_id))
 
 
 # ---------------------------------------------------------------------------------------

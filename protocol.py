@@ -999,7 +999,8 @@ class Link:
         self._acks: dict[str, tuple[threading.Event, dict]] = {}
         # One outgoing transfer at a time: binary frames belong to the current transfer.
         self._file_send_lock = threading.Lock()
-        self._rx_thread = threading.Thread(target=self._rx_loop, name=f"link-rx-{peer_id}", daemon=True)  # guarded inside
+        # _rx_loop logs its own failure and closes the link, so it needs no guarded().
+        self._rx_thread = threading.Thread(target=self._rx_loop, name=f"link-rx-{peer_id}", daemon=True)
         self._rx_thread.start()
 
     # -- loop side ----------------------------------------------------------------------

@@ -448,8 +448,9 @@ class SignalingServer:
             return kind, P.error_frame(P.NOT_IN_ROOM, f"register before sending {kind}", kind)
         sender = frame[P.SENDER_FIELD[kind]]
         if sender != peer.peer_id:
-            return kind, P.error_frame(P.SPOOFED_SENDER,
-                                       f"{P.SENDER_FIELD[kind]} {P.echo(sender)} is not this connection's peer id", kind)
+            field = P.SENDER_FIELD[kind]
+            return kind, P.error_frame(P.SPOOFED_SENDER, f"{field} {P.echo(sender)} is not this connection's peer id",
+                                       kind)
         if kind == P.DISCOVER_PEERS:
             return kind, self._discover(peer, frame.get("filters", {}))
         if kind == P.UPDATE_METADATA:

@@ -142,6 +142,9 @@ def gpu_facts(gpu_index: int, probe_torch: bool = True) -> dict:
         return {"gpu_memory_mb": 0, "gpu_model": "CPU", "cuda_version": "N/A"}
 
 
+GPU_SAMPLE_S = 2.0  # how often the GPU load in job responses is refreshed
+
+
 def gpu_load(gpu_index: int) -> tuple[Optional[int], Optional[int]]:
     """Utilization in percent and free memory in MB now, from nvidia-smi; (None, None) without one."""
     try:
@@ -213,21 +216,9 @@ def write_room_env(working_dir: Path, server_url: str, room_id: str, token: str)
 
 
 # ---------------------------------------------------------------------------------------
-# Jobs: validation, the sleap-nn command, the run
+# Validating a job: every path and the config, once, at acceptance
 # ---------------------------------------------------------------------------------------
 
-ZMQ_PUBLISH_PORT = 9001  # sleap-nn publishes progress here; the worker binds a SUB
-ZMQ_CONTROL_PORT = 9000  # the worker binds a PUB here; sleap-nn subscribes for "stop"
-LOG_BATCH_S = 0.05
-LOG_BATCH_BYTES = 32 * 1024
-STDERR_TAIL_LINES = 40
-ZMQ_POLL_MS = 20  # also how late the poller sees sleap-nn exit, which holds the slot until then
-STOP_REPEAT_S = 0.5
-GPU_SAMPLE_S = 2.0  # how often the GPU load in job responses is refreshed
-STOP_GRACE_S = 120.0  # after this long without train_end, a stop becomes SIGINT (once)
-CANCEL_GRACE_S = 10.0  # after SIGTERM, SIGKILL
-JOB_SUMMARY_FIELDS = ("job_id", "type", "state", "submitter", "submitted_at", "started_at", "finished_at",
-                      "duration_s", "exit_code")
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_CONFIG_NODES = 100_000  # values in a config once YAML aliases are expanded
 CONFIG_FILE = "config.yaml"  # the validated copy of a training config, in the job's directory
@@ -250,71 +241,73 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
 
     Every path, from the spec or inside the config, is resolved once, here: reads must
     exist inside `mounts`, writes must fall inside `write_mounts` or the job's directory.
-    The second value holds the resolved real paths by spec field or config key, and for
-    training the config's text (parsed once; resolvers, Hydra settings, aliases that
-    expand too far and files over MAX_CONFIG_BYTES are refused).
+    The plan holds the resolved real paths (`paths`, by spec field or config key) and for
+    training the config's text (`config_text`: parsed once; resolvers, Hydra settings,
+    aliases that expand too far and files over MAX_CONFIG_BYTES are refused).
     """
     errors = P.check_spec(spec)
     if errors and errors[0]["field"] == "type":
         return errors, {}
     bad = {e["field"] for e in errors}
+    writable = write_mounts + [Mount(job_dir, "job")]
     plan: dict = {"paths": {}}
-    own = write_mounts + [Mount(job_dir, "job")]
 
-    def check(field: str, value, writes: bool = False, base: Optional[Path] = None, key: Optional[str] = None):
-        values = value if isinstance(value, list) else [value]
-        resolved = []
-        for text in values:
-            if not isinstance(text, str) or not text:
-                errors.append(P.spec_error(field, f"{key or field} must name a path, not {text!r}", "BAD_PATH"))
-                return
-            if key and "${" in text:  # the config's own value: OmegaConf would interpret it
-                errors.append(P.spec_error(field, f"{key or field} uses an interpolation ({text[:80]}); "
-                                           "write the path out", "BAD_PATH"))
-                return
-            try:
-                path = resolve_in_mounts(text, own if writes else mounts, base)
-            except PathRefused as exc:
-                errors.append(P.spec_error(field, f"{key + ': ' if key else ''}{exc}", exc.code))
-                return
-            target = path.parent if writes and field == "output" else path
-            if not writes and not path.exists() or writes and field == "output" and not target.is_dir():
-                errors.append(P.spec_error(field, f"{key + ': ' if key else ''}{target} does not exist on the worker",
-                                           "NOT_FOUND"))
-                return
-            resolved.append(str(path))
-        plan["paths"][key or field] = resolved if isinstance(value, list) else resolved[0]
+    def take(field: str, key: str, value, writes: bool = False, in_config: bool = False) -> None:
+        """Resolve `value` (a path or a list of them) into plan["paths"][key], or add an error for `field`."""
+        try:
+            resolved = [_resolve_path(text, writable if writes else mounts, job_dir if in_config else None,
+                                      must_exist=not writes, in_config=in_config)
+                        for text in (value if isinstance(value, list) else [value])]
+        except PathRefused as exc:
+            errors.append(P.spec_error(field, f"{key}: {exc}" if in_config else str(exc), exc.code))
+            return
+        plan["paths"][key] = resolved if isinstance(value, list) else resolved[0]
 
     if spec["type"] == P.TRACK:
-        if "data_path" not in bad:
-            check("data_path", spec["data_path"])
-        if "model_paths" not in bad:
-            check("model_paths", list(spec["model_paths"]))
+        for field in ("data_path", "model_paths"):
+            if field not in bad:
+                take(field, field, spec[field])
         if spec.get("output"):
-            check("output", spec["output"], writes=True)
+            take("output", "output", spec["output"], writes=True)
+            if "output" in plan["paths"] and not Path(plan["paths"]["output"]).parent.is_dir():
+                errors.append(P.spec_error("output", f"directory {Path(plan['paths']['output']).parent} does not "
+                                           "exist on the worker", "NOT_FOUND"))
         return errors, plan
     for field, (key, as_list) in SPEC_CONFIG_KEYS.items():
         if spec.get(field) and field not in bad:
-            check(field, [spec[field]] if as_list else spec[field])
-            if field in plan["paths"]:
-                plan["paths"][key] = plan["paths"].pop(field)
+            take(field, key, [spec[field]] if as_list else spec[field])
     if "config" in bad:
         return errors, plan
-    before = len(errors)
-    check("config", spec["config"])
-    if len(errors) > before:
+    try:
+        config_path = Path(_resolve_path(spec["config"], mounts))
+    except PathRefused as exc:
+        errors.append(P.spec_error("config", str(exc), exc.code))
         return errors, plan
-    config, text, problem = _read_config(Path(plan["paths"]["config"]))
+    config, text, problem = _read_config(config_path)
     if problem:
         errors.append(P.spec_error("config", problem, "BAD_CONFIG"))
         return errors, plan
     plan["config_text"] = text
     for key in CONFIG_READS + CONFIG_WRITES:
         value = _config_value(config, key)
-        if key in plan["paths"] or value in (None, "", []) or (key == "trainer_config.ckpt_dir" and value == "."):
-            continue
-        check("config", value, writes=key in CONFIG_WRITES, base=job_dir, key=key)
+        if key not in plan["paths"] and value not in (None, "", [], "."):  # "." is ckpt_dir's default: the job's
+            take("config", key, value, writes=key in CONFIG_WRITES, in_config=True)
     return errors, plan
+
+
+def _resolve_path(text, mounts: list[Mount], base: Optional[Path] = None, must_exist: bool = True,
+                  in_config: bool = False) -> str:
+    """A path from a peer, resolved inside `mounts` (a relative one against `base`);
+    PathRefused says why not. A config's own value may not interpolate: OmegaConf would
+    read it differently from the worker."""
+    if not isinstance(text, str) or not text:
+        raise PathRefused(f"expected a path, not {P.echo(text)}")
+    if in_config and "${" in text:
+        raise PathRefused(f"{text[:80]} uses an interpolation; write the path out")
+    path = resolve_in_mounts(text, mounts, base)
+    if must_exist and not path.exists():
+        raise PathRefused(f"{path} does not exist on the worker", "NOT_FOUND")
+    return str(path)
 
 
 def _read_config(path: Path) -> tuple[dict, str, Optional[str]]:
@@ -374,20 +367,33 @@ def _config_value(config: dict, dotted: str):
 def recheck_paths(paths: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path) -> Optional[str]:
     """Resolve a job's paths again when it starts: None when each still resolves to itself
     inside the mounts (and each read still exists), else why the job must not run."""
-    own = write_mounts + [Mount(job_dir, "job")]
+    writable = write_mounts + [Mount(job_dir, "job")]
     for key, value in paths.items():
         for text in value if isinstance(value, list) else [value]:
             try:
-                now = resolve_in_mounts(text, own if key in WRITES else mounts)
+                now = _resolve_path(text, writable if key in WRITES else mounts, must_exist=key not in WRITES)
             except PathRefused as exc:
                 return f"{key}: {exc} (it changed after the job was accepted)"
-            if str(now) != text:
+            if now != text:
                 return f"{key}: {text} now leads to {now} (a link changed after the job was accepted)"
-            if key not in WRITES and not now.exists():
-                return f"{key}: {text} no longer exists"
     return None
 
 
+# ---------------------------------------------------------------------------------------
+# Jobs: the sleap-nn command and the run
+# ---------------------------------------------------------------------------------------
+
+ZMQ_PUBLISH_PORT = 9001  # sleap-nn publishes progress here; the worker binds a SUB
+ZMQ_CONTROL_PORT = 9000  # the worker binds a PUB here; sleap-nn subscribes for "stop"
+LOG_BATCH_S = 0.05
+LOG_BATCH_BYTES = 32 * 1024
+STDERR_TAIL_LINES = 40
+ZMQ_POLL_MS = 20  # also how late the poller sees sleap-nn exit, which holds the slot until then
+STOP_REPEAT_S = 0.5
+STOP_GRACE_S = 120.0  # after this long without train_end, a stop becomes SIGINT (once)
+CANCEL_GRACE_S = 10.0  # after SIGTERM, SIGKILL
+JOB_SUMMARY_FIELDS = ("job_id", "type", "state", "submitter", "submitted_at", "started_at", "finished_at",
+                      "duration_s", "exit_code")
 _HYDRA_ESCAPED_RE = re.compile(r"(\\*)('|\$\{|$)")
 
 
@@ -420,7 +426,7 @@ def train_command(executable: str, spec: dict, job_dir: Path, run_name: str,
     overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": _hydra_value(str(ckpt_dir)),
                  "trainer_config.run_name": _hydra_value(run_name)}
     for key, value in paths.items():
-        if key not in ("config", "trainer_config.ckpt_dir"):
+        if key != "trainer_config.ckpt_dir":
             overrides[key] = (f"[{','.join(_hydra_value(v) for v in value)}]" if isinstance(value, list)
                               else _hydra_value(value))
     if spec.get("max_epochs"):
@@ -492,7 +498,6 @@ class Job:
     def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
                  submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S):
         self.job_id = job_id
-        self.stop_grace = stop_grace
         self.spec = spec
         self.dir = job_dir
         self.submitter = submitter
@@ -511,6 +516,7 @@ class Job:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.command: list[str] = []
         self.process: Optional[subprocess.Popen] = None
+        self.stop_grace = stop_grace
         self._lines: "queue.Queue" = queue.Queue()
         # Guards _listeners, the callbacks (message name, payload) of attached clients.
         self._listeners_lock = threading.Lock()
@@ -575,7 +581,8 @@ class Job:
 
     def start(self, on_started: Callable[["Job"], None], on_finished: Callable[["Job"], None]) -> None:
         """Start sleap-nn in its own process group, then call `on_started` before anything
-        can finish; raises OSError when it cannot start."""
+        can finish; raises OSError when it cannot start, _CancelledBeforeStart when a cancel
+        came first."""
         import zmq
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -821,6 +828,10 @@ class Job:
         return max(candidates, key=lambda d: d.stat().st_mtime) if candidates else None
 
 
+# ---------------------------------------------------------------------------------------
+# The ledger and the scheduler
+# ---------------------------------------------------------------------------------------
+
 LEDGER_FILE = "jobs.sqlite"
 RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's spec, by default
 RESTARTED_ERROR = "worker restarted during the job"
@@ -922,7 +933,8 @@ class Scheduler:
     first out, and start when a slot frees.
 
     The ledger is the record; the Job objects of queued and running jobs live in `queue`
-    and `running` (a finished job is answered from the ledger). The thread "scheduler" starts pending jobs into free, unreserved slots and lets
+    and `running` (a finished job is answered from the ledger). The thread "scheduler"
+    starts pending jobs into free, unreserved slots (after `recheck` allows each) and lets
     reservations expire; `stop()` ends it. `on_change(job or None)` is called whenever
     status, queue or a job's state may have changed.
     """
@@ -1425,7 +1437,7 @@ class Session:
             elif name == P.JOB_COMPLETE and submitted:
                 predictions = [Path(o["path"]) for o in payload.get("outputs", []) if o["kind"] == "predictions"]
                 if predictions:
-                    item = _send_files_then(predictions, (name, payload))
+                    item = _send_files_then(predictions, (name, payload))  # the outcome goes unchanged
             if not self.outbox.put(item, job_id, size):
                 self._unfollow(job_id)
 
@@ -1527,7 +1539,7 @@ class Session:
                     paths.append(resolve_in_mounts(str(path), allowed))
                 except PathRefused as exc:
                     reply["error"] = f"{path} is not served: {exc}"
-        self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply)))
+        self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply), report=True))
 
     def _send_requested_file(self, payload: dict) -> None:
         requested = str(payload.get("path", ""))
@@ -1538,28 +1550,34 @@ class Session:
         except PathRefused as exc:
             self.send(P.LINK_ERROR, {"message": str(exc), "path": requested[:200]})
             return
-        self.outbox.put(_send_files_then([path], None))
+        self.outbox.put(_send_files_then([path]))
 
 
-def _send_files_then(paths: list[Path], message: Optional[tuple]) -> Callable[[P.Link], None]:
-    """A writer action: send each file, then `message` (name, payload). A file that cannot
-    be sent ends the list; the payload's `files` and `error`, when it has them, say so."""
+def _send_files_then(paths: list[Path], then: Optional[tuple[str, dict]] = None,
+                     report: bool = False) -> Callable[[P.Link], None]:
+    """A writer action: send each file, then the message `then` (name, payload). A file
+    that cannot be sent ends the list; with `report` the payload gains `files` (those
+    sent) and, unless it has one already, `error`."""
 
     def action(link: P.Link) -> None:
-        payload = message[1] if message else {}
+        sent, error = [], None
         for path in paths:
             try:
                 link.send_file(path)
             except (OSError, P.TransferError) as exc:
                 log.warning("sending %s to %s failed: %s", path, link.peer_id, exc)
-                if "files" in payload:
-                    payload["error"] = f"{path} could not be sent: {exc}"
+                error = f"{path} could not be sent: {exc}"
                 break
-            if "files" in payload:
-                payload["files"].append(str(path))
+            sent.append(str(path))
             log.info("sent %s to %s", path, link.peer_id)
-        if message:
-            link.send(*message)
+        if then is None:
+            return
+        name, payload = then
+        if report:
+            payload = {**payload, "files": sent}
+            if error and not payload.get("error"):
+                payload["error"] = error
+        link.send(name, payload)
 
     return action
 
@@ -1631,11 +1649,12 @@ class Worker:
         self._publish_lock = threading.Lock()
         self._published: Optional[dict] = None
         self._status_changed = threading.Event()
-        self.gpu_load: tuple[Optional[int], Optional[int]] = (None, None)  # utilization %, free MB
+        # Utilization % and free MB, replaced whole by "gpu-sampler" and read by the dispatcher.
+        self.gpu_now: tuple[Optional[int], Optional[int]] = (None, None)
         self._threads = [threading.Thread(target=P.guarded(self._publish_forever), name="status-publisher",
                                          daemon=True)]
         if shutil.which("nvidia-smi"):
-            self.gpu_load = gpu_load(gpu_index)
+            self.gpu_now = gpu_load(gpu_index)
             self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
                                                  daemon=True))
         self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout, stop_grace,
@@ -1741,7 +1760,7 @@ class Worker:
         return reply
 
     def _worker_info(self) -> dict:
-        utilization, free = self.gpu_load
+        utilization, free = self.gpu_now
         advertised = self.metadata["properties"]["gpu_memory_mb"]
         return {"gpu_utilization": utilization,
                 "available_memory_mb": advertised if free is None else min(free, advertised)}
@@ -1796,7 +1815,7 @@ class Worker:
         """Thread "gpu-sampler" (only where nvidia-smi exists): keep the GPU load fresh, so
         that answering a job request never waits for nvidia-smi."""
         while not self.stopping.wait(GPU_SAMPLE_S):
-            self.gpu_load = gpu_load(self.gpu_index)
+            self.gpu_now = gpu_load(self.gpu_index)
 
     def stop(self) -> None:
         """Cancel running jobs (queued ones stay queued), close every link, deregister,
