@@ -49,6 +49,11 @@ def wait_until(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def job_id_of(output: str) -> str:
+    """The job id in a client's "job ID accepted by WORKER" line."""
+    return re.search(r"job (\S+) accepted by", output).group(1)
+
+
 def stand_in(directory: Path, name: str, body: str) -> Path:
     """An executable Python script to run in sleap-nn's place (worker --sleap-nn)."""
     path = directory / name
@@ -165,12 +170,20 @@ class Env:
         self.procs.append(proc)
         return proc
 
-    def start_worker(self, *extra: str, working_dir: Path | None = None) -> tuple[Proc, str]:
+    def start_worker(self, *extra: str, working_dir: Path | None = None,
+                     env: dict | None = None) -> tuple[Proc, str]:
+        """A worker process (`env` adds to the peers' environment): (its process, its peer id)."""
         working_dir = working_dir or self.tmp / f"worker{len(self.procs)}"
         proc = self.spawn("worker", [str(ROOT / "worker.py"), "--working-dir", str(working_dir), *extra],
-                          self.peer_env())
+                          {**self.peer_env(), **(env or {})})
         peer_id = proc.wait_for(r"registered as (\S+)", timeout=60).group(1)
         return proc, peer_id
+
+    def submit(self, config: Path, *extra: str) -> str:
+        """`client.py train --config CONFIG --detach ...`, which must be accepted: the job id."""
+        result = self.client("train", "--config", str(config), "--detach", *extra)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return job_id_of(result.stdout)
 
     def client(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([PY, str(ROOT / "client.py"), *args], env=self.peer_env(), cwd=self.tmp,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 import protocol as P
 import worker as W
-from conftest import ledger, stand_in, state_of, wait_until
+from conftest import job_id_of, ledger, stand_in, state_of, wait_until
 from tiny_data import make_project
 
 SECRET = "s3cr3t-do-not-print"
@@ -37,12 +36,11 @@ def data(tmp_path):
     return mount, outside
 
 
-def start(room, mount: Path, *extra: str, working_dir: Path | None = None):
-    env = {**room.peer_env(), "SECRET": SECRET}
-    working_dir = working_dir or room.tmp / "w"
-    proc = room.spawn("worker", [str(Path(W.__file__)), "--working-dir", str(working_dir), "--mount", str(mount),
-                                 *extra], env)
-    return proc, proc.wait_for(r"registered as (\S+)", timeout=60).group(1), working_dir
+def start(room, mount: Path, *extra: str):
+    """A worker with SECRET in its environment, mounting `mount`: (process, peer id, working dir)."""
+    working_dir = room.tmp / "w"
+    proc, peer_id = room.start_worker("--mount", str(mount), *extra, working_dir=working_dir, env={"SECRET": SECRET})
+    return proc, peer_id, working_dir
 
 
 def rejected(result) -> str:
@@ -91,8 +89,7 @@ open(os.path.join(model, 'training_config.yaml'), 'w').write('{}')
 open(os.path.join(model, 'best.ckpt'), 'w').write('weights')
 """
     _, _, worker_dir = start(room, mount, "--sleap-nn", str(stand_in(tmp_path, "saves-sleap-nn", body)))
-    result = room.client("train", "--config", str(mount / "config.yaml"), "--detach")
-    job_id = re.search(r"job (\S+) accepted", result.stdout).group(1)
+    job_id = room.submit(mount / "config.yaml")
     wait_until(lambda: state_of(worker_dir, job_id) == P.COMPLETED, 30, "the job to complete")
     model = Path(next(o for o in ledger(worker_dir, job_id)["outputs"] if o["kind"] == "model")["path"])
     (model / "best.ckpt").unlink()
@@ -127,7 +124,7 @@ def test_a_file_named_like_an_interpolation_trains_as_itself(room, tmp_path):
     worker, _, _ = start(room, project["labels"].parent)
     result = room.client("train", "--config", str(project["config"]), "--labels", str(hostile), "--max-epochs", "1")
     assert result.returncode == 0, result.stdout + result.stderr  # it found the file under its literal name
-    log = (room.tmp / "sleap-rtc-jobs" / re.search(r"job (\S+) accepted", result.stdout).group(1) / "job.log")
+    log = room.tmp / "sleap-rtc-jobs" / job_id_of(result.stdout) / "job.log"
     assert SECRET not in log.read_text() + result.stdout + result.stderr + worker.output()
 
 
@@ -142,13 +139,9 @@ def test_queued_jobs_run_with_the_paths_resolved_at_acceptance(room, data, tmp_p
     os.symlink(mount / "labels.slp", link)
     real.write_text("labels")
 
-    def submit(*extra: str) -> str:
-        result = room.client("train", "--config", str(mount / "config.yaml"), "--detach", *extra)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return re.search(r"job (\S+) accepted", result.stdout).group(1)
-
-    first = submit()
-    through_link, direct = submit("--labels", str(link)), submit("--labels", str(real))
+    config = mount / "config.yaml"
+    first = room.submit(config)
+    through_link, direct = room.submit(config, "--labels", str(link)), room.submit(config, "--labels", str(real))
     # Before they start, the link is pointed outside and the file is replaced by such a link.
     link.unlink()
     os.symlink(outside / "planted", link)
@@ -245,8 +238,7 @@ def test_file_transfers_do_not_need_a_free_slot(room, data, tmp_path):
     mount, _ = data
     sleeper = stand_in(tmp_path, "sleeper-sleap-nn", "import time\ntime.sleep(20)\n")
     _, _, worker_dir = start(room, mount, "--sleap-nn", str(sleeper))
-    job = room.client("train", "--config", str(mount / "config.yaml"), "--detach")
-    job_id = re.search(r"job (\S+) accepted", job.stdout).group(1)
+    job_id = room.submit(mount / "config.yaml")
     wait_until(lambda: state_of(worker_dir, job_id) == P.RUNNING, 30, "the job to run")
     upload = room.client("upload", str(mount / "labels.slp"))
     assert upload.returncode == 0, upload.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import stand_in, wait_until
+from conftest import job_id_of, stand_in, wait_until
 from tiny_data import make_project
 
 pytestmark = pytest.mark.slow
@@ -27,10 +27,6 @@ def lab(room, project):
     worker, worker_id = room.start_worker("--mount", f"{project['config'].parent}:data", working_dir=room.worker_dir)
     room.worker, room.worker_id, room.project = worker, worker_id, project
     return room
-
-
-def job_id_of(output: str) -> str:
-    return re.search(r"job (\S+) accepted by", output).group(1)
 
 
 def reports(lab, job_id: str) -> list[dict]:

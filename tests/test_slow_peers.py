@@ -54,12 +54,6 @@ print('done', flush=True)
     return stand_in(tmp_path, "burst-sleap-nn", body), gate
 
 
-def submit(room, config: Path) -> str:
-    result = room.client("train", "--config", str(config), "--detach")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return re.search(r"job (\S+) accepted by", result.stdout).group(1)
-
-
 class Throttle:
     """Stops and continues a process in turn (0.15 s each), so that its link runs at
     about half speed; heartbeats still pass, so the link stays up."""
@@ -89,8 +83,8 @@ def test_a_stopped_and_a_throttled_follower_delay_nobody(room, config, tmp_path)
     worker_dir = room.tmp / "w"
     room.start_worker("--mount", str(config.parent), "--sleap-nn", str(burst), "--follower-backlog", "1",
                       working_dir=worker_dir)
-    first = submit(room, config)
-    second = submit(room, config)  # queued behind the first
+    first = room.submit(config)
+    second = room.submit(config)  # queued behind the first
     followers = [room.start_client("logs", first, "--follow") for _ in range(3)]
     for follower in followers:
         follower.wait_for(r"^ready$", timeout=60)
@@ -156,7 +150,7 @@ print(f'stops={stops} sigints={len(sigints)}', flush=True)
     worker_dir = room.tmp / "w"
     worker, _ = room.start_worker("--mount", str(config.parent), "--sleap-nn", str(never_ends),
                                   "--stop-grace", "1", working_dir=worker_dir)
-    job_id = submit(room, config)
+    job_id = room.submit(config)
     wait_until(lambda: "training" in (worker_dir / "jobs" / job_id / "job.log").read_text()
                if (worker_dir / "jobs" / job_id / "job.log").exists() else False, 30, "the stand-in to start")
     stop = room.client("stop", job_id)
@@ -242,7 +236,7 @@ print('saved', flush=True)
     worker_dir = room.tmp / "w"
     worker, worker_id = room.start_worker("--mount", str(config.parent), "--sleap-nn", str(big),
                                           working_dir=worker_dir)
-    job_id = submit(room, config)
+    job_id = room.submit(config)
     wait_until(lambda: state_of(worker_dir, job_id) == P.COMPLETED, 60, "the job to complete")
 
     target = tmp_path / "results"
@@ -259,7 +253,7 @@ print('saved', flush=True)
     # logs --follow of a running job, then the worker dies
     gated = stand_in(tmp_path, "gated-sleap-nn", "import time\nprint('working', flush=True)\ntime.sleep(20)\n")
     worker, _ = room.start_worker("--mount", str(config.parent), "--sleap-nn", str(gated), working_dir=worker_dir)
-    running = submit(room, config)
+    running = room.submit(config)
     follower = room.start_client("logs", running, "--follow")
     follower.wait_for(r"working", timeout=60)
     worker.kill()
