@@ -6,13 +6,14 @@
     python client.py ping     [--worker-id W] [--count N]
     python client.py upload   FILE [--worker-id W]
     python client.py download PATH [--worker-id W] [--download DIR]
-    python client.py train    --config C.yaml [--labels L.slp] [--max-epochs N] ... [--detach]
+    python client.py train    --config C.yaml [--labels L.slp] [--max-epochs N] ... [--upload] [--detach]
+    python client.py train    --pkg-path PKG.zip | --worker-pkg-path PATH     (SLEAP training packages)
     python client.py track    --data-path V.mp4 --model-paths DIR ... [--detach]
     python client.py jobs     [--worker-id W] [--state S]
     python client.py status|logs [--follow]|fetch [--download DIR]|stop|cancel  JOB
 
 A job goes to the worker that can start it soonest (--worker-id W to name one); paths
-in a job are paths on the worker. The worker keeps every job in its ledger, so a client
+in a job are paths on the worker, or, with --upload, files here sent first. The worker keeps every job in its ledger, so a client
 can leave (--detach, Ctrl+C, a closed laptop) and reattach later with the job id alone.
 
 Every command takes --server, --room and --token, or the environment variables
@@ -54,18 +55,22 @@ class UsageError(P.SleapRTCError):
 
 
 class Progress:
-    """One status line on stderr: redrawn in place on a terminal, every 10% otherwise."""
+    """One status line on stderr: redrawn in place on a terminal, every 10% otherwise.
+    The speed and ETA count only the bytes after `start` (where a resumed transfer began)."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, start: int = 0):
         self.label = label
+        self.start = start
         self.tty = sys.stderr.isatty()
         self.started = time.monotonic()
         self.last_decile = -1
 
     def __call__(self, done: int, total: int) -> None:
         percent = 100.0 * done / total if total else 100.0
-        rate = done / max(1e-6, time.monotonic() - self.started) / 1e6
-        line = f"{self.label}: {percent:5.1f}%  {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate:.1f} MB/s"
+        rate = (done - self.start) / max(1e-6, time.monotonic() - self.started)
+        eta = f"  ETA {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
+        line = (f"{self.label}: {percent:5.1f}%  {done / 1e6:.1f}/{total / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s"
+                f"{eta}")
         if self.tty:
             sys.stderr.write("\r" + line)
             if done >= total:
@@ -380,14 +385,40 @@ def cmd_ping(args) -> int:
     return with_link(args, work)
 
 
+def send_content(link: P.Link, path: Path) -> str:
+    """Put a local file into the worker's upload store; its path there.
+
+    The worker is asked for the content's SHA-256 first: what it holds is not sent
+    again, and an upload cut off earlier resumes from the bytes the worker kept."""
+    size, sha256 = P.file_digest(path)
+    link.send(P.UPLOAD_QUERY, {"sha256": sha256, "size": size, "name": path.name})
+    reply = link.expect(lambda m: _is(m, P.UPLOAD_STATUS) and m.payload.get("sha256") == sha256, REPLY_TIMEOUT_S,
+                        f"answer about {path.name}").payload
+    if reply.get("error"):
+        raise P.TransferError(f"{path.name}: {reply['error']}")
+    if reply.get("have"):
+        print(f"{path.name}: already on the worker (sha256 {sha256[:12]}); sent 0 bytes", file=sys.stderr)
+        return reply["path"]
+    offset = reply.get("offset") or 0
+    if offset:
+        print(f"{path.name}: the worker holds {offset} of {size} bytes from an earlier try; resuming",
+              file=sys.stderr)
+    started = time.monotonic()
+    ack = link.send_file(path, progress=Progress(f"upload {path.name}", offset), store=True, offset=offset,
+                         digest=(size, sha256))
+    seconds = max(1e-6, time.monotonic() - started)
+    print(f"{path.name}: sent {size - offset} bytes in {seconds:.1f} s ({(size - offset) / seconds / 1e6:.1f} MB/s), "
+          "sha256 checked by the worker", file=sys.stderr)
+    return ack["path"]
+
+
 def cmd_upload(args) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise UsageError(f"{path} is not a file")
 
     def work(link: P.Link) -> int:
-        ack = link.send_file(path, progress=Progress(f"upload {path.name}"))
-        print(f"uploaded {path.name} to {link.peer_id}: saved as {ack.get('saved_as')} in its uploads directory")
+        print(f"uploaded {path.name} to {link.peer_id}: {send_content(link, path)}")
         return 0
 
     return with_link(args, work)
@@ -462,10 +493,12 @@ class JobMonitor:
         self.log_path = local_dir / "job.log"
         self.log_file = open(self.log_path, "a", encoding="utf-8")
         self.reports_file = open(local_dir / "progress.jsonl", "a", encoding="utf-8")
+        self.events_file = open(local_dir / "events.jsonl", "a", encoding="utf-8")  # every job message but logs
 
     def close(self) -> None:
         self.log_file.close()
         self.reports_file.close()
+        self.events_file.close()
 
     def status(self, text: str, final: bool = False) -> None:
         if self.tty:
@@ -503,13 +536,19 @@ class JobMonitor:
                 continue
             if isinstance(item, P.FileReceived):
                 self.files.append(item)
-            elif isinstance(item, P.TransferFailed):
-                self.status(f"error: a result file did not arrive: {item.error}", True)
-            elif item.name == P.LINK_ERROR:
-                self.status(f"the worker reports: {item.payload.get('message')}", True)
-            elif item.payload.get("job_id") != self.job_id:
                 continue
-            elif item.name == P.JOB_DETACHED:
+            if isinstance(item, P.TransferFailed):
+                self.status(f"error: a result file did not arrive: {item.error}", True)
+                continue
+            if item.name == P.LINK_ERROR:
+                self.status(f"the worker reports: {item.payload.get('message')}", True)
+                continue
+            if item.payload.get("job_id") != self.job_id:
+                continue
+            if item.name not in (P.JOB_LOG, P.PROGRESS_REPORT):
+                self.events_file.write(json.dumps({"name": item.name, "payload": item.payload}) + "\n")
+                self.events_file.flush()
+            if item.name == P.JOB_DETACHED:
                 self.status(f"error: {item.payload.get('reason')}", True)
                 return DETACHED
             elif item.name == P.JOB_LOG:
@@ -520,15 +559,31 @@ class JobMonitor:
                 self.reports_file.write(item.payload.get("report", "") + "\n")
             elif item.name == P.JOB_CONTROL:
                 self.status(f"{item.payload['action']}: {item.payload['message']}", True)
-            elif item.name in (P.TRAIN_JOB_START, P.INFERENCE_JOB_START):
-                self.status(f"job {self.job_id} started on {self.link.peer_id}")
+            elif item.name in P.STEP_MESSAGES:
+                self._step(item.name, item.payload)
             elif item.name in (P.JOB_COMPLETE, P.JOB_FAILED):
                 return self._finish(item.payload)
+
+    def _step(self, name: str, p: dict) -> None:
+        """A step of the job started or ended (a package trains several models, then predicts)."""
+        model = p.get("name")
+        if name == P.TRAIN_JOB_START:
+            self.status(f"job {self.job_id} started on {self.link.peer_id}: training {model}", True)
+        elif name == P.TRAIN_JOB_END:
+            self.status(f"model {model} trained{' (stopped early)' if p.get('stopped_early') else ''}", True)
+        elif name == P.TRAIN_JOB_ERROR:
+            self.status(f"model {model} failed (exit code {p.get('exit_code')}); what follows it does not run", True)
+        elif name == P.INFERENCE_START:
+            self.status("training done; inference follows", True)
+        elif name == P.INFERENCE_JOB_START:
+            self.status(f"job {self.job_id} started on {self.link.peer_id}: inference", True)
 
     def _log(self, payload: dict) -> None:
         for stream, line in payload.get("lines", []):
             self.log_file.write(line + "\n")
-            if self.verbose:
+            if stream == "w":  # the worker's own notes: what it decided in the job's stead
+                self.status(line, True)
+            elif self.verbose and stream != "m":  # "m": the worker's marker of a message that follows
                 (sys.stdout if stream == "o" else sys.stderr).write(line + "\n")
         self.log_file.flush()
         if self.verbose and payload.get("progress") and self.tty:
@@ -582,7 +637,13 @@ class JobMonitor:
         state = outcome.get("state")
         self.status(f"job {self.job_id} {state} (exit code {outcome.get('exit_code')}, "
                     f"{outcome.get('duration_s')} s{', stopped early' if outcome.get('stopped_early') else ''})", True)
+        for step in outcome.get("steps") or []:
+            if len(outcome["steps"]) > 1:
+                code = f" (exit code {step['exit_code']})" if step.get("exit_code") not in (None, 0) else ""
+                print(f"  {step['kind']} {step['name']}: {step['state']}{code}")
         for output in outcome.get("outputs", []):
+            if output.get("relative"):
+                print(f"{output['kind']} next to the package: {output['relative']}")
             if output["kind"] == "model":
                 print(f"model on the worker: {output['path']}")
             elif output["kind"] == "predictions":
@@ -628,8 +689,9 @@ def _num(value) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else "-"
 
 
-def run_job(args, spec: dict) -> int:
-    """Submit a spec to a worker and follow it to the end (or until detached)."""
+def run_job(args, spec: dict, prepare: Optional[Callable[[P.Link, dict], dict]] = None) -> int:
+    """Submit a spec to a worker and follow it to the end (or until detached). `prepare`
+    gets the open link and gives the spec to submit (after uploading files)."""
     job_id = P.new_job_id()
     download = Path(getattr(args, "download", None) or ".")
     download.mkdir(parents=True, exist_ok=True)
@@ -639,6 +701,8 @@ def run_job(args, spec: dict) -> int:
         worker_id, _ = negotiate(signaling, job_id, spec, args.worker_id, args.min_gpu_memory)
         link = P.open_link(signaling, worker_id, download)
         link.on_receive_progress = Progress("predictions")
+        if prepare is not None:
+            spec = prepare(link, spec)
         monitor = JobMonitor(link, job_id, Path(args.log_dir) / job_id, args.verbose)
         link.send(P.JOB_SUBMIT, {"job_id": job_id, "spec": spec})
         accepted = monitor.wait_accepted()
@@ -666,21 +730,53 @@ def run_job(args, spec: dict) -> int:
         signaling.close()
 
 
+# Spec fields that --upload sends when they name a file on this machine.
+UPLOADABLE_FIELDS = {P.TRAIN: ("config", "labels", "val_labels", "resume"), P.TRACK: ("data_path",)}
+PACKAGE_NOTE = ("note: training packages are deprecated; --config and --labels (with --upload for files on this "
+                "machine) say the same. This package runs in full.")
+
+
 def cmd_train(args) -> int:
+    if args.pkg_path or args.worker_pkg_path:
+        return _submit_package(args, P.TRAIN)
+    if not args.config:
+        raise UsageError("train needs --config, or a package: --pkg-path (on this machine) or --worker-pkg-path")
     spec = {"type": P.TRAIN, "config": args.config, "labels": args.labels, "val_labels": args.val_labels,
             "max_epochs": args.max_epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
             "run_name": args.run_name, "resume": args.resume, "gui": not args.no_progress}
-    return _submit_checked(args, spec)
+    return _submit_checked(args, spec, UPLOADABLE_FIELDS[P.TRAIN] if args.upload else ())
 
 
 def cmd_track(args) -> int:
+    if args.pkg_path or args.worker_pkg_path:
+        return _submit_package(args, P.TRACK)
+    if not args.data_path or not args.model_paths:
+        raise UsageError("track needs --data-path and --model-paths, or a package: --pkg-path (on this machine) "
+                         "or --worker-pkg-path")
     spec = {"type": P.TRACK, "data_path": args.data_path, "model_paths": args.model_paths, "output": args.output,
             "batch_size": args.batch_size, "peak_threshold": args.peak_threshold, "frames": args.frames,
             "only_suggested_frames": args.only_suggested_frames or None, "gui": True}
-    return _submit_checked(args, spec)
+    return _submit_checked(args, spec, UPLOADABLE_FIELDS[P.TRACK] if args.upload else ())
 
 
-def _submit_checked(args, spec: dict) -> int:
+def _submit_package(args, job_type: str) -> int:
+    """A SLEAP training package: sent from this machine (--pkg-path), or used where it lies
+    on the worker's shared storage (--worker-pkg-path)."""
+    print(PACKAGE_NOTE, file=sys.stderr)
+    if args.pkg_path and args.worker_pkg_path:
+        raise UsageError("give --pkg-path (a file here) or --worker-pkg-path (a file on the worker), not both")
+    gui = not getattr(args, "no_progress", False)
+    if args.worker_pkg_path:
+        return _submit_checked(args, {"type": job_type, "package": args.worker_pkg_path, "gui": gui})
+    if not Path(args.pkg_path).is_file():
+        raise UsageError(f"{args.pkg_path} is not a file on this machine (for a package on the worker's storage, "
+                         "use --worker-pkg-path)")
+    return _submit_checked(args, {"type": job_type, "package": args.pkg_path, "gui": gui}, ("package",))
+
+
+def _submit_checked(args, spec: dict, uploads: tuple[str, ...] = ()) -> int:
+    """Check a spec here, then run it; the `uploads` fields that name local files are
+    sent to the worker's upload store first and replaced by their paths there."""
     spec = {k: v for k, v in spec.items() if v is not None}
     errors = P.check_spec(spec)
     if errors:  # the worker checks again, with its paths; this saves a round trip
@@ -688,7 +784,16 @@ def _submit_checked(args, spec: dict) -> int:
         for error in errors:
             print(f"  {error['field']}: {error['message']}", file=sys.stderr)
         return 2
-    return run_job(args, spec)
+    local = {field: Path(spec[field]).expanduser() for field in uploads
+             if field in spec and Path(spec[field]).expanduser().exists()}
+    for field, path in local.items():
+        if not path.is_file():
+            raise UsageError(f"{field}: {path} is a directory here; --upload sends files only")
+
+    def prepare(link: P.Link, spec: dict) -> dict:
+        return {**spec, **{field: send_content(link, path) for field, path in local.items()}}
+
+    return run_job(args, spec, prepare if local else None)
 
 
 def with_job_link(args, work: Callable[[P.Link, dict], int], receive_dir: Path = Path(".")) -> int:
@@ -888,12 +993,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=0.2, help="seconds between pings (default 0.2)")
     p.set_defaults(run=cmd_ping)
 
-    p = commands.add_parser("upload", parents=[common, worker_choice], help="send a file to the worker's uploads")
+    p = commands.add_parser("upload", parents=[common, worker_choice],
+                            help="put a file into the worker's upload store (what it holds is not sent again; "
+                                 "a cut-off upload resumes) and print its path there")
     p.add_argument("file", help="local file")
     p.set_defaults(run=cmd_upload)
 
     p = commands.add_parser("download", parents=[common, worker_choice], help="fetch a file from the worker")
-    p.add_argument("path", help="path on the worker (inside its mounts or working dir)")
+    p.add_argument("path", help="path on the worker (inside its mounts, uploads or job directories)")
     p.add_argument("--download", default=".", metavar="DIR", help="local directory (default: current)")
     p.set_defaults(run=cmd_download)
 
@@ -906,9 +1013,20 @@ def build_parser() -> argparse.ArgumentParser:
                             help="return once the worker accepted the job; reattach with logs/status/fetch")
     job_output.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR",
                             help="where the job's local log, progress events and loss plot go (default ./sleap-rtc-jobs)")
+    job_output.add_argument("--upload", action="store_true",
+                            help="send the given paths that are files on this machine to the worker first (only "
+                                 "what it does not hold yet) and run on those copies: no shared filesystem needed")
+    job_output.add_argument("--pkg-path", metavar="PKG.zip",
+                            help="deprecated: a SLEAP training job package on this machine (Export Training Job "
+                                 "Package...); it is uploaded and runs as exported")
+    job_output.add_argument("--worker-pkg-path", metavar="PATH",
+                            help="deprecated: a SLEAP training job package already on the worker's shared storage; "
+                                 "unpacked and run next to itself")
+    job_output.add_argument("--download", default=".", metavar="DIR",
+                            help="where predictions go (default: current dir)")
     p = commands.add_parser("train", parents=[common, job_output],
-                            help="train a model on the worker (paths are paths on the worker)")
-    p.add_argument("--config", required=True, help="sleap-nn training config (YAML) on the worker")
+                            help="train a model on the worker (paths are paths on the worker), or run a package")
+    p.add_argument("--config", help="sleap-nn training config (YAML) on the worker (with --upload: or here)")
     p.add_argument("--labels", help="training labels (.slp), overriding the config")
     p.add_argument("--val-labels", help="validation labels (.slp)")
     p.add_argument("--max-epochs", type=int, help="1-10000")
@@ -922,14 +1040,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("track", parents=[common, job_output],
                             help="run inference on the worker and download the predictions")
-    p.add_argument("--data-path", required=True, help="video or labels on the worker")
-    p.add_argument("--model-paths", action="append", required=True, help="model directory on the worker (repeatable)")
+    p.add_argument("--data-path", help="video or labels on the worker (with --upload: or here)")
+    p.add_argument("--model-paths", action="append", help="model directory on the worker (repeatable)")
     p.add_argument("--output", help="predictions path on the worker (default: in the job directory)")
     p.add_argument("--batch-size", type=int, help="1-1024")
     p.add_argument("--peak-threshold", type=float, help="0-1")
     p.add_argument("--frames", help='frame ranges, e.g. "0-100,500-600"')
     p.add_argument("--only-suggested-frames", action="store_true")
-    p.add_argument("--download", default=".", metavar="DIR", help="where the predictions go (default: current dir)")
+    p.add_argument("--no-progress", action="store_true", help="a package's training without live loss (no ZMQ)")
     p.add_argument("--verbose", action="store_true", help="print sleap-nn's output as it comes")
     p.set_defaults(run=cmd_track)
 

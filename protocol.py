@@ -297,7 +297,7 @@ def echo(value: Any) -> str:
 HEARTBEAT = "HB"
 BYE = "BYE"
 BYE_ACK = "BYE_ACK"
-FILE_BEGIN = "FILE_BEGIN"  # {transfer_id, name, size, sha256}
+FILE_BEGIN = "FILE_BEGIN"  # {transfer_id, name, size, sha256, store?, offset?}: bytes follow from offset
 FILE_END = "FILE_END"  # {transfer_id}
 FILE_ACK = "FILE_ACK"  # {transfer_id, ok, error?, saved_as?}
 FILE_ABORT = "FILE_ABORT"  # {transfer_id, reason}
@@ -306,6 +306,9 @@ FILE_ABORT = "FILE_ABORT"  # {transfer_id, reason}
 LINK_PING = "PING"  # {seq, sent}
 LINK_PONG = "PONG"  # {seq, sent}
 FILE_REQUEST = "FILE_REQUEST"  # {path}: ask the worker to send a file
+# Uploads are content-addressed: the client asks first, and sends only what the worker lacks.
+UPLOAD_QUERY = "UPLOAD_QUERY"  # {sha256, size, name}
+UPLOAD_STATUS = "UPLOAD_STATUS"  # {sha256, have, path (when have), offset (bytes held of a cut-off upload), error?}
 LINK_ERROR = "ERROR"  # {message, ...}
 
 # Jobs. Every payload carries "job_id".
@@ -328,11 +331,13 @@ JOB_ATTACHED = "JOB_ATTACHED"  # {job_id, state, following, error?}: the log so 
 JOB_DETACHED = "JOB_DETACHED"
 JOB_FETCH = "JOB_FETCH"  # {job_id}: send the job's result files
 JOB_FETCHED = "JOB_FETCHED"  # {job_id, files: [path on the worker], error?}: every file has been sent
-# Names the seeds fixed, sent beside the structured messages for older clients.
-TRAIN_JOB_START = "TRAIN_JOB_START"
-TRAIN_JOB_END = "TRAIN_JOB_END"
-TRAIN_JOB_ERROR = "TRAIN_JOB_ERROR"
-INFERENCE_JOB_START = "INFERENCE_JOB_START"
+# Names the seeds fixed. A job runs one or more steps (a package trains each model in order, then predicts).
+TRAIN_JOB_START = "TRAIN_JOB_START"  # {job_id, name: the model, command}
+TRAIN_JOB_END = "TRAIN_JOB_END"  # {job_id, name, stopped_early}
+TRAIN_JOB_ERROR = "TRAIN_JOB_ERROR"  # {job_id, name, exit_code}: the steps after it do not run
+INFERENCE_START = "INFERENCE_START"  # {job_id}: a package's training is done; inference follows
+INFERENCE_JOB_START = "INFERENCE_JOB_START"  # {job_id, name: "inference", command}
+STEP_MESSAGES = (TRAIN_JOB_START, TRAIN_JOB_END, TRAIN_JOB_ERROR, INFERENCE_START, INFERENCE_JOB_START)
 
 _NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -405,6 +410,8 @@ SPEC_FIELDS: dict[str, dict[str, type]] = {
             "frames": str, "only_suggested_frames": bool, "gui": bool},
 }
 REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths")}
+# A SLEAP training package (a zip on the worker) says everything else itself.
+PACKAGE_FIELDS = {"package": str, "gui": bool}
 NUMBER_RANGES = {"max_epochs": (1, 10000), "batch_size": (1, 1024)}
 _FRAMES_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -418,15 +425,18 @@ def check_spec(spec: Any) -> list[dict]:
     """Every problem of a job spec that needs no worker: types, required fields, ranges."""
     if not isinstance(spec, dict) or spec.get("type") not in SPEC_FIELDS:
         return [spec_error("type", f"a job spec is an object with type {' or '.join(SPEC_FIELDS)}", "BAD_TYPE")]
-    fields = SPEC_FIELDS[spec["type"]]
-    errors = [spec_error(name, f"{name} is required", "MISSING")
-              for name in REQUIRED_FIELDS[spec["type"]] if spec.get(name) in (None, "", [])]
+    package = "package" in spec
+    fields = PACKAGE_FIELDS if package else SPEC_FIELDS[spec["type"]]
+    required = ("package",) if package else REQUIRED_FIELDS[spec["type"]]
+    errors = [spec_error(name, f"{name} is required", "MISSING") for name in required if spec.get(name) in (None, "", [])]
     for name, value in spec.items():
         if name == "type" or value is None:
             continue
         kind = fields.get(name)
         if kind is None:
-            errors.append(spec_error(name, f"{name} is not a field of a {spec['type']} job", "UNKNOWN_FIELD"))
+            errors.append(spec_error(name, f"{name} is not a field of a {spec['type']} job"
+                                     f"{' from a package (the package says it)' if package else ''}",
+                                     "UNKNOWN_FIELD"))
         elif not _is_a(value, kind):
             errors.append(spec_error(name, f"{name} must be a {kind.__name__}, not {value!r}", "BAD_TYPE"))
         elif name in NUMBER_RANGES and not NUMBER_RANGES[name][0] <= value <= NUMBER_RANGES[name][1]:
@@ -901,49 +911,103 @@ class TransferFailed:
     error: str
 
 
-class _Incoming:
-    """The file being received: bytes go to NAME.part, renamed when size and hash match."""
+class Incoming:
+    """A file being received into `part`, moved to `final()` once size and SHA-256 match.
 
-    def __init__(self, transfer_id: str, name: str, size: int, sha256: str, directory: Path):
+    A resumable one (an upload into a worker's store) starts at `offset`: the bytes
+    already in `part` are hashed again and kept, and when the link ends mid-transfer the
+    part stays for the next attempt. `release` hands the part over to a newer upload of
+    the same content, which arrived on another link.
+    """
+
+    def __init__(self, transfer_id: str, name: str, size: int, sha256: str, part: Optional[Path],
+                 final: Callable[[], Path], offset: int = 0, resumable: bool = False):
         self.transfer_id = transfer_id
         self.name = name
         self.size = size
         self.sha256 = sha256
-        self.directory = directory
-        self.part = directory / f".{name}.{transfer_id}.part"
-        self.received = 0
+        self.part = part
+        self.final = final
+        self.offset = offset
+        self.resumable = resumable
+        self.received = offset
         self.digest = hashlib.sha256()
-        self.file = None
         self.refused: Optional[str] = None
+        self.finished = False
+        # Guards file and released: `release` comes from another link's receive thread.
+        self._lock = threading.Lock()
+        self.file = None
+        self.released: Optional[str] = None
 
     def open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.directory).free
-        if self.size > free:
-            raise TransferError(f"not enough space in {self.directory}: need {self.size} bytes, {free} free")
-        self.file = open(self.part, "wb")
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.part.parent).free
+        if self.size - self.offset > free:
+            raise TransferError(f"not enough space on the receiving side: need {self.size - self.offset} bytes, "
+                                f"{free} free")
+        with self._lock:
+            if not self.offset:
+                self.file = open(self.part, "wb")
+                return
+            held = self.part.stat().st_size if self.part.exists() else 0
+            if held < self.offset:
+                raise TransferError(f"{self.name}: cannot resume at byte {self.offset}; only {held} are held")
+            self.file = open(self.part, "r+b")
+            self.file.truncate(self.offset)
+            left = self.offset
+            while left:
+                chunk = self.file.read(min(left, 1024 * 1024))
+                self.digest.update(chunk)
+                left -= len(chunk)
+            self.file.seek(self.offset)
 
     def write(self, chunk: bytes) -> None:
-        self.received += len(chunk)
-        if self.received > self.size:
-            raise TransferError(f"{self.name}: more bytes than the {self.size} announced")
-        self.digest.update(chunk)
-        self.file.write(chunk)
+        with self._lock:
+            if self.released:
+                raise TransferError(self.released)
+            self.received += len(chunk)
+            if self.received > self.size:
+                raise TransferError(f"{self.name}: more bytes than the {self.size} announced")
+            self.digest.update(chunk)
+            self.file.write(chunk)
 
     def finish(self) -> Path:
-        self.file.close()
-        if self.received != self.size:
-            raise TransferError(f"{self.name}: received {self.received} of {self.size} bytes")
-        if self.digest.hexdigest() != self.sha256:
-            raise TransferError(f"{self.name}: SHA-256 mismatch (file corrupted in transit)")
-        final = _free_name(self.directory / self.name)
-        os.replace(self.part, final)
-        return final
+        with self._lock:
+            if self.released:
+                raise TransferError(self.released)
+            self.file.close()
+            if self.received != self.size:
+                raise TransferError(f"{self.name}: received {self.received} of {self.size} bytes")
+            if self.digest.hexdigest() != self.sha256:
+                raise TransferError(f"{self.name}: SHA-256 mismatch (file corrupted in transit)")
+            final = self.final()
+            os.replace(self.part, final)
+            self.finished = True
+            return final
 
     def discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        self.part.unlink(missing_ok=True)
+        """The transfer failed: nothing of it is kept."""
+        with self._lock:
+            if self.file is not None:
+                self.file.close()
+            if self.part is not None and not self.released:
+                self.part.unlink(missing_ok=True)
+
+    def suspend(self) -> None:
+        """The link ended mid-transfer: a resumable part stays for the next attempt."""
+        if not self.resumable:
+            self.discard()
+            return
+        with self._lock:
+            if self.file is not None:
+                self.file.close()
+
+    def release(self, reason: str) -> None:
+        """Give the part up to a newer transfer of the same content; later writes fail with `reason`."""
+        with self._lock:
+            self.released = reason
+            if self.file is not None:
+                self.file.close()
 
 
 def _free_name(path: Path) -> Path:
@@ -976,9 +1040,11 @@ class Link:
     SCTP queue is above SEND_HIGH_WATER. A peer silent for PEER_TIMEOUT_S closes the link.
     """
 
-    def __init__(self, peer_id: str, pc, receive_dir: Path):
+    def __init__(self, peer_id: str, pc, receive_dir: Optional[Path], store=None):
         self.peer_id = peer_id
-        self.receive_dir = Path(receive_dir)
+        self.receive_dir = Path(receive_dir) if receive_dir is not None else None
+        # Takes uploads announced with `store` (the worker's UploadStore), or None.
+        self.store = store
         # Called as (bytes_received, total) while a file arrives.
         self.on_receive_progress: Optional[Callable[[int, int], None]] = None
         self.inbox: "queue.Queue[Any]" = queue.Queue()
@@ -1156,14 +1222,17 @@ class Link:
                 on_other(item)
 
     def send_file(self, path: Path, name: Optional[str] = None,
-                  progress: Optional[Callable[[int, int], None]] = None) -> dict:
+                  progress: Optional[Callable[[int, int], None]] = None, store: bool = False, offset: int = 0,
+                  digest: Optional[tuple[int, str]] = None) -> dict:
         """Send a file and wait until the receiver checked size and SHA-256.
 
-        Returns the receiver's FILE_ACK payload (with `saved_as`); raises TransferError or
-        LinkClosed.
+        With `store` the file goes into the receiver's upload store, from byte `offset`
+        on (the receiver holds the bytes before it). `digest` is the file's (size,
+        SHA-256) when the caller has it already. Returns the receiver's FILE_ACK payload
+        (with `saved_as`, and `path` in the store); raises TransferError or LinkClosed.
         """
         path = Path(path)
-        size, sha256 = file_digest(path)
+        size, sha256 = digest or file_digest(path)
         name = name or path.name
         transfer_id = uuid.uuid4().hex[:12]
         event, result = threading.Event(), {}
@@ -1171,9 +1240,13 @@ class Link:
             with self._acks_lock:
                 self._acks[transfer_id] = (event, result)
             try:
-                self.send(FILE_BEGIN, {"transfer_id": transfer_id, "name": name, "size": size, "sha256": sha256})
-                sent = 0
+                begin = {"transfer_id": transfer_id, "name": name, "size": size, "sha256": sha256}
+                if store:
+                    begin.update(store=True, offset=offset)
+                self.send(FILE_BEGIN, begin)
+                sent = offset
                 with open(path, "rb") as f:
+                    f.seek(offset)
                     while chunk := f.read(CHUNK_BYTES):
                         if event.is_set():  # refused or failed early
                             break
@@ -1227,15 +1300,17 @@ class Link:
             self.inbox.put(_CLOSED)
 
     def _receive_forever(self) -> None:
-        incoming: Optional[_Incoming] = None
+        incoming: Optional[Incoming] = None
         while True:
             item = self._raw.get()
             self.last_activity = time.monotonic()
             if item is _CLOSED:
-                if incoming is not None:
-                    incoming.discard()
+                if incoming is not None and not incoming.refused:
+                    incoming.suspend()
+                    kept = "; kept for resuming" if incoming.resumable else ""
                     self.inbox.put(TransferFailed(incoming.name, f"{incoming.name}: link lost after "
-                                                  f"{incoming.received} of {incoming.size} bytes ({self.close_reason})"))
+                                                  f"{incoming.received} of {incoming.size} bytes{kept} "
+                                                  f"({self.close_reason})"))
                 self.inbox.put(_CLOSED)
                 return
             if isinstance(item, bytes):
@@ -1277,28 +1352,40 @@ class Link:
             else:
                 self.inbox.put(message)
 
-    def _begin_incoming(self, payload: dict, previous: Optional[_Incoming]) -> Optional[_Incoming]:
-        if previous is not None:
-            previous.discard()
+    def _begin_incoming(self, payload: dict, previous: Optional[Incoming]) -> Incoming:
+        if previous is not None and not previous.refused:
+            previous.suspend()
             self.inbox.put(TransferFailed(previous.name, f"{previous.name}: superseded by a new transfer"))
         transfer_id = str(payload.get("transfer_id", ""))
         try:
-            size, sha256 = payload["size"], payload["sha256"]
+            size, sha256, offset = payload["size"], payload["sha256"], payload.get("offset", 0)
             if not isinstance(size, int) or size < 0 or not re.fullmatch(r"[0-9a-f]{64}", str(sha256)):
                 raise TransferError("FILE_BEGIN needs a size (bytes) and a SHA-256 hex digest")
-            incoming = _Incoming(transfer_id, safe_file_name(str(payload.get("name", ""))), size, sha256,
-                                 self.receive_dir)
+            if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= size:
+                raise TransferError(f"offset must be a byte count from 0 to the size, not {echo(offset)}")
+            name = safe_file_name(str(payload.get("name", "")))
+            if payload.get("store"):
+                if self.store is None:
+                    raise TransferError("this side keeps no upload store")
+                incoming = self.store.incoming(transfer_id, name, size, sha256, offset)
+            elif offset or self.receive_dir is None:
+                raise TransferError("this side takes files only into its upload store (client.py upload)"
+                                    if self.receive_dir is None else "only an upload into the store resumes")
+            else:
+                directory = self.receive_dir
+                incoming = Incoming(transfer_id, name, size, sha256, directory / f".{name}.{transfer_id}.part",
+                                    lambda: _free_name(directory / name))
             incoming.open()
         except (KeyError, TransferError, OSError) as exc:
             error = f"refused: {exc}"
             self._ack(transfer_id, ok=False, error=error)
-            self.inbox.put(TransferFailed(str(payload.get("name", "?")), error))
-            refused = _Incoming(transfer_id, "refused", 0, "", self.receive_dir)
+            self.inbox.put(TransferFailed(str(payload.get("name", "?"))[:100], error))
+            refused = Incoming(transfer_id, "refused", 0, "", None, lambda: Path())
             refused.refused = error
             return refused
         return incoming
 
-    def _end_incoming(self, incoming: _Incoming, aborted: bool, reason: str) -> None:
+    def _end_incoming(self, incoming: Incoming, aborted: bool, reason: str) -> None:
         if incoming.refused:
             return
         if aborted:
@@ -1312,7 +1399,8 @@ class Link:
             self._ack(incoming.transfer_id, ok=False, error=str(exc))
             self.inbox.put(TransferFailed(incoming.name, str(exc)))
             return
-        self._ack(incoming.transfer_id, ok=True, saved_as=final.name)
+        stored = {"path": str(final)} if incoming.resumable else {}  # a path in the store; a client keeps its own
+        self._ack(incoming.transfer_id, ok=True, saved_as=final.name, **stored)
         self.inbox.put(FileReceived(final, incoming.name, incoming.size, incoming.sha256))
 
     def _send_control(self, name: str, payload: dict) -> None:
@@ -1329,13 +1417,13 @@ class Link:
         self._send_control(LINK_ERROR, {"message": text[:500]})
 
 
-def _new_link(peer_id: str, ice_servers: list[dict], receive_dir: Path) -> Link:
+def _new_link(peer_id: str, ice_servers: list[dict], receive_dir: Optional[Path], store=None) -> Link:
     from aiortc import RTCPeerConnection
 
     async def make() -> Link:
         # Handlers are registered here, on the loop, like every other touch of an aiortc object.
         pc = RTCPeerConnection(_rtc_configuration(ice_servers))
-        link = Link(peer_id, pc, receive_dir)
+        link = Link(peer_id, pc, receive_dir, store)
 
         @pc.on("connectionstatechange")
         def _on_state():
@@ -1376,13 +1464,14 @@ def open_link(signaling: SignalingClient, target: str, receive_dir: Path,
     return link
 
 
-def accept_link(signaling: SignalingClient, offer_frame: dict, receive_dir: Path,
+def accept_link(signaling: SignalingClient, offer_frame: dict, receive_dir: Optional[Path], store=None,
                 timeout: float = LINK_OPEN_TIMEOUT_S) -> Link:
-    """Answer an offer frame and wait until the peer's data channel is open."""
+    """Answer an offer frame and wait until the peer's data channel is open. Files the
+    peer sends go to `receive_dir` (None: refused) or, announced for the store, to `store`."""
     from aiortc import RTCSessionDescription
 
     peer = offer_frame["sender"]
-    link = _new_link(peer, signaling.ice_servers, receive_dir)
+    link = _new_link(peer, signaling.ice_servers, receive_dir, store)
 
     async def answer() -> str:
         link._pc.on("datachannel", link._attach)

@@ -3,10 +3,11 @@
     python worker.py --room R --token T [--server URL] [--name N] [--mount PATH[:LABEL]]...
                      [--working-dir DIR] [--gpu N] [--slots N] [--advertise-gpu-memory MB]
                      [--sleap-nn PATH] [--reservation-timeout S] [--stop-grace S]
-                     [--follower-backlog MB] [--maintenance]
+                     [--follower-backlog MB] [--upload-cache-gb GB] [--maintenance]
 
 Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite, with
-its log under WORKING_DIR/jobs/JOB/, across restarts.
+its log under WORKING_DIR/jobs/JOB/, across restarts. What clients upload is kept by
+content in WORKING_DIR/uploads/ (SLEAP training packages among it).
 
 With no --server and nothing listening on ws://127.0.0.1:8080, the worker starts the
 signaling server in-process (signaling.py beside this file), creates a room and prints
@@ -236,8 +237,11 @@ WRITES = set(CONFIG_WRITES) | {"output"}
 _RESOLVER_RE = re.compile(r"\$\{\s*[A-Za-z_][\w.-]*\s*:")
 
 
-def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path) -> tuple[list[dict], dict]:
+def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path,
+                 store_dir: Optional[Path] = None) -> tuple[list[dict], dict]:
     """All problems of a spec on this worker, one per field, and what the run will use.
+
+    A package job is checked by `validate_package` (`store_dir` holds uploads).
 
     Every path, from the spec or inside the config, is resolved once, here: reads must
     exist inside `mounts`, writes must fall inside `write_mounts` or the job's directory.
@@ -248,6 +252,8 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
     errors = P.check_spec(spec)
     if errors and errors[0]["field"] == "type":
         return errors, {}
+    if "package" in spec:
+        return (errors, {}) if errors else validate_package(spec, mounts, write_mounts, job_dir, store_dir)
     bad = {e["field"] for e in errors}
     writable = write_mounts + [Mount(job_dir, "job")]
     plan: dict = {"paths": {}}
@@ -312,13 +318,18 @@ def _resolve_path(text, mounts: list[Mount], base: Optional[Path] = None, must_e
 
 def _read_config(path: Path) -> tuple[dict, str, Optional[str]]:
     """(config, its text, None), or (_, _, what is wrong with it)."""
-    import yaml
-
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         return {}, "", f"{path} is not readable: {exc}"
+    return _parse_config(data, str(path))
+
+
+def _parse_config(data: bytes, path: str) -> tuple[dict, str, Optional[str]]:
+    """The config in `data` (read from `path`), as `_read_config` answers."""
+    import yaml
+
     if len(data) > MAX_CONFIG_BYTES:
         return {}, "", f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a sleap-nn config is a few KiB"
     try:
@@ -380,6 +391,582 @@ def recheck_paths(paths: dict, mounts: list[Mount], write_mounts: list[Mount], j
 
 
 # ---------------------------------------------------------------------------------------
+# Training packages: SLEAP's exported zips, read as hostile input and never run by a shell
+# ---------------------------------------------------------------------------------------
+
+PACKAGE_MAX_ENTRIES = 256
+PACKAGE_MAX_BYTES = 64 * 2**30  # unpacked; packages embed their frames, so they can be big
+PACKAGE_MAX_RATIO = 100  # unpacked / packed of an entry over 1 MiB; a zip bomb is past it (frames pack ~1:1)
+PACKAGE_TEXT_BYTES = 1024 * 1024  # most a script or jobs.yaml may hold
+JOBS_FILE = "jobs.yaml"
+TRAIN_SCRIPT = "train-script.sh"
+INFERENCE_SCRIPTS = ("inference-script.sh", "track-script.sh")  # SLEAP 1.6 writes the first, older ones the second
+WORKER_DEVICE = "auto"  # sleap-nn takes the worker's GPU when it has one; a package names the laptop's device
+# The commands a package script may hold (their first words); each runs as sleap-nn.
+_TRAIN_WORDS = (("sleap", "train"), ("sleap-nn", "train"), ("sleap-train",), ("sleap-nn-train",))
+_PREDICT_WORDS = (("sleap", "predict"), ("sleap-nn", "predict"), ("sleap", "track"), ("sleap-nn", "track"),
+                  ("sleap-track",), ("sleap-nn-track",))
+_OVERRIDE_RE = re.compile(r"^\+{0,2}((?:data_config|model_config|trainer_config)(?:\.\w+)+)=(.*)$", re.S)
+_SHELL_OPERATOR_RE = re.compile(r"^[();<>|&]+$")
+_PLAIN_VALUE_RE = re.compile(r"^(-?\d+(\.\d*)?([eE][-+]?\d+)?|true|false|null)$")
+# Options of an inference line: the option each sets, and its type (None: a switch).
+_PREDICT_OPTIONS = {"--data_path": ("data_path", str), "-i": ("data_path", str),
+                    "--model_paths": ("model_paths", list), "-m": ("model_paths", list),
+                    "--output_path": ("output", str), "--output": ("output", str), "-o": ("output", str),
+                    "--video_index": ("video_index", int), "--frames": ("frames", str),
+                    "--batch_size": ("batch_size", int), "-b": ("batch_size", int),
+                    "--peak_threshold": ("peak_threshold", float), "--max_instances": ("max_instances", int),
+                    "-n": ("max_instances", int), "--device": ("device", str), "-d": ("device", str),
+                    "--only_suggested_frames": ("only_suggested_frames", None),
+                    "--only_labeled_frames": ("only_labeled_frames", None),
+                    "--exclude_user_labeled": ("exclude_user_labeled", None),
+                    "--no_empty_frames": ("no_empty_frames", None),
+                    "--tracking": ("tracking", None), "-t": ("tracking", None), "--gui": ("gui", None)}
+# jobs.yaml's inference keys and the option each is.
+_JOBS_INFERENCE_KEYS = {"data_path": "data_path", "models": "model_paths", "output_path": "output",
+                        "only_suggested_frames": "only_suggested_frames",
+                        "only_labeled_frames": "only_labeled_frames", "exclude_user_labeled": "exclude_user_labeled",
+                        "video_index": "video_index", "frames": "frames", "tracking": "tracking"}
+
+
+class PackageRefused(Exception):
+    """A package the worker will not run; the message says why."""
+
+
+def _unreadable_zip_errors() -> tuple:
+    """What reading a damaged zip raises: bad CRCs and headers, damaged deflate data, short files."""
+    import zipfile
+    import zlib
+
+    return zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError
+
+
+@dataclass
+class PackagePlan:
+    """What a package runs, checked before anything is unpacked: its steps in order, the
+    checked text of each model's config, and what the worker decided in the package's
+    stead (written into the job's log)."""
+
+    steps: list["Step"]
+    configs: dict[str, str]
+    notes: list[str]
+
+
+def package_dir_for(package: Path, job_id: str, uploaded: bool, job_dir: Path) -> Path:
+    """Where a package is unpacked: in the job's directory when it was uploaded, else
+    next to the package on shared storage (one directory per job, never reused)."""
+    return job_dir / "package" if uploaded else package.parent / f"{package.stem}-{job_id}"
+
+
+def open_package(path: Path):
+    """The zip file and its members by name, once every entry passed the checks of a
+    hostile archive; raises PackageRefused, FileNotFoundError."""
+    import stat
+    import zipfile
+
+    if not path.is_file():
+        raise FileNotFoundError(f"FileNotFoundError: package {path} does not exist on the worker")
+    try:
+        archive = zipfile.ZipFile(path)
+        entries = archive.infolist()
+    except _unreadable_zip_errors() as exc:  # UnicodeDecodeError (a bad UTF-8 name) is a ValueError
+        raise PackageRefused(f"{path.name} is not a readable zip file: {exc}") from None
+    try:
+        if len(entries) > PACKAGE_MAX_ENTRIES:
+            raise PackageRefused(f"{path.name} has {len(entries)} entries; a training package has a handful "
+                                 f"(at most {PACKAGE_MAX_ENTRIES} are accepted)")
+        members, total = {}, 0
+        for info in entries:
+            name = info.filename
+            shown = repr(name[:100])
+            mode = info.external_attr >> 16
+            if not info.flag_bits & 0x800 and not name.isascii():
+                raise PackageRefused(f"entry {shown} has a name that is not marked UTF-8")
+            if info.flag_bits & 0x1:
+                raise PackageRefused(f"entry {shown} is encrypted")
+            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+                raise PackageRefused(f"entry {shown} has an absolute name")
+            parts = name.rstrip("/").split("/")
+            if "\\" in name or any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in name):
+                raise PackageRefused(f"entry {shown} would land outside the package ('..', backslashes or "
+                                     "control characters in its name)")
+            if mode and stat.S_ISLNK(mode):
+                raise PackageRefused(f"entry {shown} is a symbolic link")
+            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise PackageRefused(f"entry {shown} is not a regular file (a device, pipe or socket)")
+            if info.is_dir():
+                continue
+            if info.file_size > 2**20 and info.file_size > PACKAGE_MAX_RATIO * max(1, info.compress_size):
+                raise PackageRefused(f"entry {shown} unpacks {info.compress_size} bytes into {info.file_size} "
+                                     f"(more than {PACKAGE_MAX_RATIO}:1): refused as a zip bomb")
+            total += info.file_size
+            if name in members:
+                raise PackageRefused(f"entry {shown} appears twice")
+            members[name] = info
+        if total > PACKAGE_MAX_BYTES:
+            raise PackageRefused(f"{path.name} unpacks to {total / 2**30:.1f} GiB, more than the "
+                                 f"{PACKAGE_MAX_BYTES // 2**30} GiB accepted")
+    except PackageRefused:
+        archive.close()
+        raise
+    return archive, members
+
+
+def _member_text(archive, info, limit: int = PACKAGE_TEXT_BYTES) -> str:
+    if info.file_size > limit:
+        raise PackageRefused(f"{info.filename} is {info.file_size} bytes; more than {limit // 1024} KiB")
+    try:
+        with archive.open(info) as f:
+            return f.read(limit + 1)[:limit].decode("utf-8")
+    except _unreadable_zip_errors() as exc:
+        raise PackageRefused(f"{info.filename} cannot be read from the package: {exc}") from None
+
+
+def script_commands(text: str, script: str) -> list[tuple[int, list[str]]]:
+    """The commands of a package script, as (line number, words): comments, blank lines
+    and backslash continuations handled as a shell would, quoting by shlex. Nothing is
+    executed; shell operators, substitutions and variables are refused with the line."""
+    import shlex
+
+    commands, pending, first = [], "", 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not pending:
+            first = number
+        if (len(line) - len(line.rstrip("\\"))) % 2 == 1:  # an odd number of backslashes continues the line
+            pending += line[:-1]
+            continue
+        full, pending = pending + line, ""
+        lexer = shlex.shlex(full, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        try:
+            words = list(lexer)
+        except ValueError as exc:
+            raise PackageRefused(f"{script} line {first}: {exc}") from None
+        if not words:
+            continue
+        for word in words:
+            if _SHELL_OPERATOR_RE.match(word):
+                raise PackageRefused(f"{script} line {first}: shell operator {word!r}; package scripts are read, "
+                                     "never run by a shell, so each line must be one sleap command")
+            if "$" in word and "${" not in word or "`" in word:
+                raise PackageRefused(f"{script} line {first}: {word[:80]!r} asks for shell expansion; package "
+                                     "scripts are read, never run by a shell")
+        commands.append((first, words))
+    if pending:
+        raise PackageRefused(f"{script} line {first}: the last line ends in a continuation")
+    return commands
+
+
+def _command_kind(words: list[str]) -> tuple[Optional[str], list[str]]:
+    """(P.TRAIN or P.TRACK, the arguments after the command), or (None, words)."""
+    for kind, forms in ((P.TRAIN, _TRAIN_WORDS), (P.TRACK, _PREDICT_WORDS)):
+        for form in forms:
+            if tuple(words[:len(form)]) == form:
+                return kind, words[len(form):]
+    return None, words
+
+
+def _unquote(value: str):
+    """A Hydra override's value as the package meant it: quotes taken off, [a,b] a list."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    if value.startswith("[") and value.endswith("]"):
+        return [_unquote(v) for v in value[1:-1].split(",") if v.strip()]
+    return value
+
+
+def _override_value(value) -> str:
+    """A checked override's value for the sleap-nn command line: numbers, booleans and
+    null as they are, everything else a literal string."""
+    if isinstance(value, list):
+        return f"[{','.join(_override_value(v) for v in value)}]"
+    return value if _PLAIN_VALUE_RE.match(value) else _hydra_value(value)
+
+
+def _train_arguments(args: list[str], where: str) -> tuple[str, dict]:
+    """The config (a package path) and the overrides of a training line."""
+    config_name = config_dir = config = None
+    overrides: dict = {}
+    i = 0
+    while i < len(args):
+        arg, i = args[i], i + 1
+        option, _, attached = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if option in ("--config-name", "-cn", "--config-dir", "-cd", "--config", "-c"):
+            if not attached:
+                if i >= len(args):
+                    raise PackageRefused(f"{where}: {option} needs a value")
+                attached, i = args[i], i + 1
+            if option in ("--config-name", "-cn"):
+                config_name = attached
+            elif option in ("--config-dir", "-cd"):
+                config_dir = attached
+            else:
+                config = attached
+        elif match := _OVERRIDE_RE.match(arg):
+            overrides[match.group(1)] = _unquote(match.group(2))
+        elif arg.startswith("-"):
+            raise PackageRefused(f"{where}: {arg[:60]!r} is not an option the worker passes to sleap-nn train")
+        elif arg.endswith((".yaml", ".yml", ".json")) and config is None and config_name is None:
+            config = arg
+        elif arg.endswith(".slp"):
+            overrides.setdefault("data_config.train_labels_path", []).append(arg)
+        else:
+            raise PackageRefused(f"{where}: {arg[:60]!r} is neither an option of sleap-nn train nor a "
+                                 "key=value override")
+    if config_name is not None:
+        if not config_name.endswith((".yaml", ".yml", ".json")):
+            config_name += ".yaml"
+        config = f"{config_dir or '.'}/{config_name}"
+    if config is None:
+        raise PackageRefused(f"{where}: no config (--config-name NAME --config-dir DIR)")
+    return config, overrides
+
+
+def _predict_arguments(args: list[str], where: str) -> dict:
+    """The options of an inference line, by the names in _PREDICT_OPTIONS."""
+    options: dict = {}
+    i = 0
+    while i < len(args):
+        arg, i = args[i], i + 1
+        option, has_value, attached = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if not arg.startswith("-"):
+            if "data_path" in options:
+                raise PackageRefused(f"{where}: {arg[:60]!r} is a second data path")
+            options["data_path"] = arg
+            continue
+        if option not in _PREDICT_OPTIONS:
+            raise PackageRefused(f"{where}: {option[:60]!r} is not an inference option this worker passes on")
+        name, kind = _PREDICT_OPTIONS[option]
+        if kind is None:
+            options[name] = True
+            continue
+        if not has_value:
+            if i >= len(args):
+                raise PackageRefused(f"{where}: {option} needs a value")
+            attached, i = args[i], i + 1
+        if kind is list:
+            options.setdefault(name, []).append(attached)
+            continue
+        try:
+            options[name] = kind(attached)
+        except ValueError:
+            raise PackageRefused(f"{where}: {option} takes a {kind.__name__}, not {attached[:40]!r}") from None
+    return options
+
+
+def sleap_frames(text: str) -> Optional[str]:
+    """SLEAP's --frames (a list "0,5,9", or a range "0-39" also written "0,-39") in
+    sleap-nn's syntax, or None when it is neither."""
+    text = str(text).replace(" ", "")
+    if "-" in text:
+        start, _, end = text.partition("-")
+        start = start.rstrip(",")
+        if start.isdigit() and end.isdigit() and int(end) >= int(start):
+            return f"{int(start)}-{int(end)}"
+        return None
+    return text if text and all(part.isdigit() for part in text.split(",")) else None
+
+
+class _PackageReader:
+    """Turns a package's jobs.yaml or scripts into checked steps, resolving every path:
+    a relative one inside the unpacked package (reads must be in the package or made by
+    an earlier step), an absolute one inside the worker's mounts."""
+
+    def __init__(self, archive, members: dict, unpack_dir: Path, mounts: list[Mount], write_mounts: list[Mount],
+                 executable: str, config_dir: Path, progress: bool):
+        self.archive = archive
+        self.members = members
+        self.unpack_dir = unpack_dir
+        self.mounts = mounts
+        self.writable = write_mounts + [Mount(unpack_dir, "package")]
+        self.executable = executable
+        self.config_dir = config_dir
+        self.progress = progress
+        self.produced: list[str] = []  # package paths of the models trained so far
+        self.plan = PackagePlan([], {}, [])
+
+    # -- paths ----------------------------------------------------------------------------
+
+    def path(self, text, what: str, writes: bool = False) -> str:
+        if not isinstance(text, str) or not text:
+            raise PathRefused(f"{what}: expected a path, not {P.echo(text)}")
+        if "${" in text:
+            raise PathRefused(f"{what}: {text[:80]} uses an interpolation; write the path out")
+        if text.startswith(("/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", text):
+            return _resolve_path(text, self.writable if writes else self.mounts, must_exist=not writes)
+        relative = os.path.normpath(text.replace("\\", "/"))
+        if relative == ".." or relative.startswith("../"):
+            raise PathRefused(f"{what}: {text[:80]} climbs out of the package", "ACCESS_DENIED")
+        if not writes and not self._known(relative):
+            raise PathRefused(f"{what}: {text[:80]} is not in the package", "NOT_FOUND")
+        return str(self.unpack_dir / relative) if relative != "." else str(self.unpack_dir)
+
+    def _known(self, relative: str) -> bool:
+        inside = relative + "/"
+        return any(name == relative or name.startswith(inside) for name in self.members) or any(
+            relative == made or relative.startswith(made + "/") for made in self.produced)
+
+    def labels(self) -> list[str]:
+        return sorted(name for name in self.members if name.endswith(".slp") and "/" not in name)
+
+    # -- training -------------------------------------------------------------------------
+
+    def train(self, config: str, overrides: dict, where: str) -> None:
+        name_in_package = os.path.normpath(config.replace("\\", "/"))
+        info = self.members.get(name_in_package)
+        if info is None:
+            raise PackageRefused(f"{where}: config {config} is not in the package")
+        if name_in_package.endswith(".json"):
+            raise PackageRefused(f"{where}: {config} is a SLEAP 1.x (TensorFlow) config; sleap-nn trains from "
+                                 "YAML configs (export the package from SLEAP 1.5 or later)")
+        text = _member_text(self.archive, info, MAX_CONFIG_BYTES)
+        settings, text, problem = _parse_config(text.encode("utf-8"), config)
+        if problem:
+            raise PackageRefused(f"{where}: {problem}")
+        for key, value in overrides.items():
+            if any(_RESOLVER_RE.search(v) or "${" in v for v in (value if isinstance(value, list) else [value])):
+                raise PackageRefused(f"{where}: the override {key} uses an interpolation or resolver "
+                                     "(${...}); write the value out")
+        model = Path(name_in_package).stem
+        paths = {}
+        try:
+            for key in CONFIG_READS + CONFIG_WRITES:
+                value = overrides.pop(key, _config_value(settings, key))
+                if value in (None, "", []) or (key in CONFIG_WRITES and value == "."):
+                    continue
+                resolved = [self.path(v, f"{where}: {key}", writes=key in CONFIG_WRITES)
+                            for v in (value if isinstance(value, list) else [value])]
+                paths[key] = resolved if isinstance(value, list) else resolved[0]
+            ckpt = paths.pop("trainer_config.ckpt_dir", str(self.unpack_dir))
+        except PathRefused as exc:
+            raise PackageRefused(str(exc)) from None
+        run_name = safe_run_name(str(overrides.pop("trainer_config.run_name", None)
+                                     or _config_value(settings, "trainer_config.run_name") or model))
+        accelerator = overrides.pop("trainer_config.trainer_accelerator", None) or \
+            _config_value(settings, "trainer_config.trainer_accelerator")
+        if accelerator not in (None, WORKER_DEVICE):
+            self.note(f"{model}: the package asks for trainer_accelerator {accelerator} (the exporting machine's); "
+                      f"this worker uses {WORKER_DEVICE}")
+        for key in [k for k in overrides if k.startswith("trainer_config.zmq.") or k == "trainer_config.save_ckpt"]:
+            self.note(f"{model}: the override {key} is the worker's to set; ignored")
+            del overrides[key]
+        settings_overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": _hydra_value(ckpt),
+                              "trainer_config.run_name": _hydra_value(run_name),
+                              "trainer_config.trainer_accelerator": WORKER_DEVICE,
+                              **{k: _override_value(v) for k, v in overrides.items()},
+                              **{k: (f"[{','.join(_hydra_value(x) for x in v)}]" if isinstance(v, list)
+                                     else _hydra_value(v)) for k, v in paths.items()}}
+        if model in self.plan.configs:
+            raise PackageRefused(f"{where}: the model {model} is trained twice")
+        self.plan.configs[model] = text
+        args = [self.executable, "train", "--config-dir", str(self.config_dir), "--config-name", model]
+        args += [f"++{key}={value}" for key, value in settings_overrides.items()]
+        epochs = overrides.get("trainer_config.max_epochs") or _config_value(settings, "trainer_config.max_epochs")
+        self.plan.steps.append(Step(P.TRAIN, model, args, self.unpack_dir, Path(ckpt), run_name,
+                                    int(epochs) if str(epochs).isdigit() else None))
+        made = Path(ckpt) / run_name
+        if made.is_relative_to(self.unpack_dir):
+            self.produced.append(str(made.relative_to(self.unpack_dir)))
+
+    # -- inference ------------------------------------------------------------------------
+
+    def inference(self, options: dict, where: str) -> None:
+        try:
+            data = self._data_path(options.get("data_path"), where)
+            models = options.get("model_paths") or []
+            if not models:
+                raise PackageRefused(f"{where}: no --model_paths")
+            models = [self.path(m, f"{where}: model") for m in models]
+            output = self.path(options.get("output") or f"{Path(data).name}.predictions.slp", f"{where}: output",
+                               writes=True)
+        except PathRefused as exc:
+            raise PackageRefused(str(exc)) from None
+        if options.get("device") not in (None, WORKER_DEVICE):
+            self.note(f"inference: the package asks for device {options['device']} (the exporting machine's); "
+                      f"this worker uses {WORKER_DEVICE}")
+        args = [self.executable, "predict", "--data_path", data]
+        for model in models:
+            args += ["--model_paths", model]
+        args += ["--output_path", output, "--device", WORKER_DEVICE]
+        if options.get("frames") is not None:
+            frames = sleap_frames(options["frames"])
+            if frames is None:
+                raise PackageRefused(f"{where}: --frames {str(options['frames'])[:40]!r} is neither a list "
+                                     "(0,5,9) nor a range (0-39)")
+            if frames != str(options["frames"]):
+                self.note(f"inference: frames {options['frames']} (SLEAP's syntax) passed as {frames}")
+            args += ["--frames", frames]
+        for name in ("video_index", "batch_size", "max_instances", "peak_threshold"):
+            if options.get(name) is not None:
+                args += [f"--{name}", str(options[name])]
+        for name in ("only_suggested_frames", "only_labeled_frames", "exclude_user_labeled", "no_empty_frames",
+                     "tracking"):
+            if options.get(name):
+                args.append(f"--{name}")
+        if self.progress:
+            args.append("--gui")
+        self.plan.steps.append(Step(P.TRACK, "inference", args, self.unpack_dir, output=Path(output)))
+
+    def _data_path(self, text, where: str) -> str:
+        """The data to predict on. A path from the exporting machine that this worker does
+        not have becomes the package's own labels when the names match (synth.slp and
+        synth.pkg.slp)."""
+        if not isinstance(text, str) or not text:
+            raise PackageRefused(f"{where}: no --data_path")
+        try:
+            return self.path(text, f"{where}: data_path")
+        except PathRefused as exc:
+            name = re.split(r"[\\/]", text)[-1]
+            stem = name[:-len(".slp")] if name.endswith(".slp") else name
+            match = [m for m in self.labels() if m in (name, f"{stem}.pkg.slp")]
+            if not match:
+                raise PackageRefused(str(exc)) from None
+            self.note(f"inference: data_path {text[:200]} is not on this worker; using the package's {match[0]}")
+            return str(self.unpack_dir / match[0])
+
+    def note(self, text: str) -> None:
+        self.plan.notes.append(text)
+
+
+def plan_package(path: Path, job_type: str, unpack_dir: Path, mounts: list[Mount], write_mounts: list[Mount],
+                 executable: str, config_dir: Path, progress: bool) -> PackagePlan:
+    """Read a package without unpacking it and say what it will run: every model to
+    train (for a train job), then every inference, each checked like a structured job.
+    jobs.yaml describes the package when present, else its scripts do. Raises
+    PackageRefused or FileNotFoundError."""
+    import yaml
+
+    archive, members = open_package(path)
+    with archive:
+        reader = _PackageReader(archive, members, unpack_dir, mounts, write_mounts, executable, config_dir, progress)
+        if JOBS_FILE in members:
+            try:
+                jobs = yaml.safe_load(_member_text(archive, members[JOBS_FILE]))
+            except yaml.YAMLError as exc:
+                raise PackageRefused(f"{JOBS_FILE} is not readable YAML: {str(exc)[:200]}") from None
+            if not isinstance(jobs, dict):
+                raise PackageRefused(f"{JOBS_FILE} is not a mapping with training and inference lists")
+            training, inference = jobs.get("training") or [], jobs.get("inference") or []
+            if not isinstance(training, list) or not isinstance(inference, list):
+                raise PackageRefused(f"{JOBS_FILE}: training and inference must be lists")
+            for number, entry in enumerate(training if job_type == P.TRAIN else [], 1):
+                where = f"{JOBS_FILE} training {number}"
+                if not isinstance(entry, dict) or not isinstance(entry.get("cfg"), str):
+                    raise PackageRefused(f"{where}: needs cfg, the model's config in the package")
+                overrides: dict = {}
+                run_path = entry.get("run_path")
+                if isinstance(run_path, str) and run_path:
+                    folder, _, run_name = run_path.replace("\\", "/").rpartition("/")
+                    overrides["trainer_config.ckpt_dir"] = folder or "."
+                    overrides["trainer_config.run_name"] = run_name
+                if isinstance(entry.get("train_labels"), str):
+                    overrides["data_config.train_labels_path"] = [entry["train_labels"]]
+                reader.train(entry["cfg"], overrides, where)
+            for number, entry in enumerate(inference, 1):
+                where = f"{JOBS_FILE} inference {number}"
+                if not isinstance(entry, dict):
+                    raise PackageRefused(f"{where}: not a mapping")
+                options = {_JOBS_INFERENCE_KEYS[k]: v for k, v in entry.items() if k in _JOBS_INFERENCE_KEYS}
+                if isinstance(options.get("model_paths"), str):
+                    options["model_paths"] = [options["model_paths"]]
+                options["tracking"] = bool(options.get("tracking"))
+                ignored = sorted(set(entry) - set(_JOBS_INFERENCE_KEYS) - {"type"})
+                if ignored:
+                    reader.note(f"{where}: ignored {', '.join(map(str, ignored))}")
+                reader.inference(options, where)
+        else:
+            scripts = ([TRAIN_SCRIPT] if job_type == P.TRAIN else []) + list(INFERENCE_SCRIPTS)
+            for script in (s for s in scripts if s in members):
+                for number, words in script_commands(_member_text(archive, members[script]), script):
+                    kind, args = _command_kind(words)
+                    where = f"{script} line {number}"
+                    if kind is None or (kind == P.TRAIN) != (script == TRAIN_SCRIPT):
+                        shown = " ".join(words)[:80]
+                        raise PackageRefused(f"{where}: {shown!r} is not a sleap "
+                                             f"{'training' if script == TRAIN_SCRIPT else 'inference'} command; "
+                                             "package scripts are read, never run")
+                    if kind == P.TRAIN:
+                        reader.train(*_train_arguments(args, where), where)
+                    else:
+                        reader.inference(_predict_arguments(args, where), where)
+    plan = reader.plan
+    if job_type == P.TRAIN and not any(s.kind == P.TRAIN for s in plan.steps):
+        raise PackageRefused(f"{path.name} trains no model: it has neither {JOBS_FILE} with training entries "
+                             f"nor {TRAIN_SCRIPT}")
+    if not plan.steps:
+        raise PackageRefused(f"{path.name} runs no inference: it has neither {JOBS_FILE} with inference entries "
+                             f"nor {' or '.join(INFERENCE_SCRIPTS)}")
+    return plan
+
+
+def validate_package(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path,
+                     store_dir: Optional[Path]) -> tuple[list[dict], dict]:
+    """The errors of a package job, and its plan: {"paths": {}, "package": {path, dir,
+    uploaded}}. The package must lie inside the mounts; an uploaded one is unpacked in
+    the job's directory, one on shared storage next to itself, which must be writable.
+    A package that exists is read and planned now, so that a bad one is refused before
+    anything is written; a missing one is accepted and fails when it would start, as
+    SLEAP's workers always did."""
+    try:
+        path = Path(_resolve_path(spec["package"], mounts, must_exist=False))
+    except PathRefused as exc:
+        return [P.spec_error("package", str(exc), exc.code)], {}
+    uploaded = store_dir is not None and path.is_relative_to(store_dir)
+    unpack_dir = package_dir_for(path, job_dir.name, uploaded, job_dir)
+    if not uploaded:
+        try:
+            resolve_in_mounts(str(path.parent), write_mounts)
+        except PathRefused:
+            return [P.spec_error("package", f"{path.parent} is not writable for this worker, and a package on "
+                                 "shared storage is unpacked next to itself; send it from your machine with "
+                                 "--pkg-path instead", "ACCESS_DENIED")], {}
+    if path.exists():
+        try:
+            plan_package(path, spec["type"], unpack_dir, mounts, write_mounts, "sleap-nn", job_dir / "configs",
+                         spec.get("gui", True))
+        except PackageRefused as exc:
+            return [P.spec_error("package", str(exc), "BAD_PACKAGE")], {}
+        except FileNotFoundError:
+            pass  # gone since: the job fails when it would start, as for a package missing now
+    return [], {"paths": {}, "package": {"path": str(path), "dir": str(unpack_dir), "uploaded": uploaded}}
+
+
+def unpack_package(path: Path, destination: Path) -> None:
+    """Unpack a package into `destination` (which must not exist yet), through a hidden
+    directory beside it renamed at the end: never half a package under its final name.
+    Every entry is checked again, and one that unpacks to more than its header says is
+    refused."""
+    if destination.exists():
+        raise PackageRefused(f"{destination} exists already")
+    archive, members = open_package(path)
+    partial = destination.with_name(f".{destination.name}.unpacking")
+    try:
+        with archive:
+            free = shutil.disk_usage(destination.parent).free
+            need = sum(info.file_size for info in members.values())
+            if need > free:
+                raise PackageRefused(f"unpacking needs {need} bytes; {free} are free in {destination.parent}")
+            for name, info in members.items():
+                target = partial / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                written = 0
+                with archive.open(info) as source, open(target, "wb") as sink:
+                    while chunk := source.read(1024 * 1024):
+                        written += len(chunk)
+                        if written > info.file_size:
+                            raise PackageRefused(f"entry {name[:100]!r} unpacks to more than its header says")
+                        sink.write(chunk)
+        os.rename(partial, destination)
+    except _unreadable_zip_errors() as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise PackageRefused(f"unpacking {path.name} failed: {exc}") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------
 # Jobs: the sleap-nn command and the run
 # ---------------------------------------------------------------------------------------
 
@@ -410,16 +997,42 @@ def _hydra_value(text: str) -> str:
 
 
 def safe_run_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100] or "run"
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", name)[:100] or "run"
 
 
-def train_command(executable: str, spec: dict, job_dir: Path, run_name: str,
-                  zmq_ports: Optional[tuple[int, int]]) -> tuple[list[str], Path]:
-    """The sleap-nn train argument list and the checkpoint directory it will write under.
+@dataclass
+class Step:
+    """One sleap-nn run of a job: the training of one model, or one inference."""
+
+    kind: str  # P.TRAIN or P.TRACK
+    name: str  # the model's name, or "inference"
+    args: list[str]  # the command, less the progress ports a training gets when it starts
+    cwd: Path
+    ckpt_dir: Optional[Path] = None  # training: the model goes to ckpt_dir/run_name (or run_name-1, ...)
+    run_name: str = ""
+    max_epochs: Optional[int] = None  # training: as the config or spec says, for progress
+    output: Optional[Path] = None  # inference: the predictions file
+
+    def command(self, zmq_ports: Optional[tuple[int, int]]) -> list[str]:
+        if not zmq_ports:
+            return list(self.args)
+        return self.args + [f"++trainer_config.zmq.publish_port={zmq_ports[0]}",
+                            f"++trainer_config.zmq.controller_port={zmq_ports[1]}"]
+
+
+class JobSetupError(Exception):
+    """A job cannot run as accepted (its paths changed, its package is missing or bad);
+    the message says why. Nothing was started."""
+
+
+def train_step(executable: str, spec: dict, job_dir: Path) -> Step:
+    """The sleap-nn training of a structured job.
 
     It runs the config copy in the job's directory, and every path the config or spec
     names is passed as the real path resolved at acceptance (`spec["_resolved"]`)."""
     paths = spec["_resolved"]
+    model = Path(spec["config"]).stem
+    run_name = safe_run_name(spec.get("run_name") or f"{model}-{job_dir.name}")
     # sleap-nn resolves a relative ckpt_dir against its working directory, the job's.
     ckpt_dir = Path(paths.get("trainer_config.ckpt_dir") or job_dir / "models")
     args = [executable, "train", "--config-dir", str(job_dir), "--config-name", Path(CONFIG_FILE).stem]
@@ -436,16 +1049,16 @@ def train_command(executable: str, spec: dict, job_dir: Path, run_name: str,
         overrides["trainer_config.val_data_loader.batch_size"] = str(spec["batch_size"])
     if spec.get("learning_rate"):
         overrides["trainer_config.optimizer.lr"] = repr(float(spec["learning_rate"]))
-    if zmq_ports:
-        overrides["trainer_config.zmq.publish_port"] = str(zmq_ports[0])
-        overrides["trainer_config.zmq.controller_port"] = str(zmq_ports[1])
     # "++" sets a key whether or not the YAML has it.
     args += [f"++{key}={value}" for key, value in overrides.items()]
-    return args, ckpt_dir
+    return Step(P.TRAIN, model, args, job_dir, ckpt_dir, run_name, spec.get("max_epochs"))
 
 
-def track_command(executable: str, spec: dict, output: Path) -> list[str]:
+def track_step(executable: str, spec: dict, job_dir: Path) -> Step:
+    """The sleap-nn inference of a structured job."""
     paths = spec["_resolved"]
+    output = Path(paths["output"]) if paths.get("output") else \
+        job_dir / f"{Path(spec['data_path']).name.split('.')[0]}.predictions.slp"
     args = [executable, "track", "--data_path", paths["data_path"]]
     for model in paths["model_paths"]:
         args += ["--model_paths", model]
@@ -460,7 +1073,7 @@ def track_command(executable: str, spec: dict, output: Path) -> list[str]:
         args.append("--only_suggested_frames")
     if spec.get("gui", True):
         args.append("--gui")
-    return args
+    return Step(P.TRACK, "inference", args, job_dir, output=output)
 
 
 def bind_zmq_pair(context):
@@ -482,17 +1095,39 @@ def bind_zmq_pair(context):
     return sub, pub, (ports[0], ports[1])
 
 
+def predicted_instances(path: Path) -> Optional[int]:
+    """How many predicted instances a predictions file holds (None when it cannot say)."""
+    try:
+        import sleap_io
+
+        labels = sleap_io.load_slp(str(path), open_videos=False)
+        return sum(len(frame.predicted_instances) for frame in labels.labeled_frames)
+    except Exception as exc:  # sleap-io raises many types on a file it cannot read; the count is only a hint
+        log.info("could not count the predictions in %s: %s", path, exc)
+        return None
+
+
 class _CancelledBeforeStart(Exception):
     """Job.start found the job cancelled before sleap-nn was started."""
 
 
-class Job:
-    """One sleap-nn run and everything known about it.
+@dataclass(frozen=True)
+class _Say:
+    """An item for the relay: a message to listeners, sent after the lines before it."""
 
-    Threads, all ended by the process ending: "job-ID-stdout" / "job-ID-stderr" read the
-    pipes into `_lines`; "job-ID-relay" batches them into the log file and to listeners;
+    name: str
+    payload: dict
+
+
+class Job:
+    """One job: its steps (sleap-nn runs, one after the other) and everything known about it.
+
+    Threads, all ended by the process ending: "job-ID-run" has the steps planned (paths
+    checked again, a package unpacked), runs them in order and reports the outcome; while
+    a step runs, "job-ID-stdout" / "job-ID-stderr" read its pipes into `_lines` and
     "job-ID-zmq" (training with progress) forwards sleap-nn's events and sends stop;
-    "job-ID-wait" reaps the process and reports the outcome.
+    "job-ID-relay" takes lines and messages from `_lines`, in order, into the log file
+    and to listeners.
     """
 
     def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
@@ -514,6 +1149,9 @@ class Job:
         self.train_ended = threading.Event()
         self.outcome: Optional[dict] = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.steps: list[Step] = []
+        self.results: list[dict] = []  # per step that ran: name, kind, state, exit_code, stopped_early
+        self.step: Optional[Step] = None  # the step running now
         self.command: list[str] = []
         self.process: Optional[subprocess.Popen] = None
         self.stop_grace = stop_grace
@@ -527,9 +1165,8 @@ class Job:
         self._log_lock = threading.Lock()
         self._log_size = 0
         # Guards `process` being started against `cancel_requested`: a cancel that comes
-        # between the scheduler taking the job and sleap-nn starting is never lost.
+        # between the scheduler taking the job and a step starting is never lost.
         self._start_lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
 
     @property
     def kind(self) -> str:
@@ -579,63 +1216,115 @@ class Job:
 
     # -- running ------------------------------------------------------------------------
 
-    def start(self, on_started: Callable[["Job"], None], on_finished: Callable[["Job"], None]) -> None:
-        """Start sleap-nn in its own process group, then call `on_started` before anything
-        can finish; raises OSError when it cannot start, _CancelledBeforeStart when a cancel
-        came first."""
-        import zmq
-
+    def start(self, plan: Callable[["Job"], tuple[list[Step], list[str]]], on_started: Callable[["Job"], None],
+              on_step: Callable[["Job"], None], on_finished: Callable[["Job"], None]) -> None:
+        """Start the job's thread. It has `plan(job)` give the steps (and notes for the
+        log; JobSetupError when the job cannot run), calls `on_started` once, `on_step`
+        as each step's process starts, and `on_finished` once the outcome is known."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "spec.json").write_text(json.dumps(self.spec, indent=2))
-        context = sub = pub = None
-        progress = self.spec.get("gui", True)
-        if self.kind == P.TRAIN:
-            run_name = safe_run_name(self.spec.get("run_name") or f"{Path(self.spec['config']).stem}-{self.job_id}")
-            if progress:
-                context = zmq.Context()
-                sub, pub, ports = bind_zmq_pair(context)
-            self.command, self.ckpt_dir = train_command(self.executable, self.spec, self.dir, run_name,
-                                                        ports if progress else None)
-            self.run_name = run_name
-        else:
-            self.command = track_command(self.executable, self.spec, self.predictions_path)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.state = P.RUNNING  # started_at waits for the first sleap-nn process
+        on_started(self)
+        threading.Thread(target=P.guarded(self._run), args=(plan, on_step, on_finished),
+                         name=f"job-{self.job_id}-run", daemon=True).start()
+
+    def _run(self, plan, on_step, on_finished) -> None:
+        try:
+            self.steps, notes = plan(self)
+        except JobSetupError as exc:
+            self._finish(P.FAILED, str(exc), on_finished)
+            return
+        except Exception as exc:  # a bug must fail this job, not keep its slot taken forever
+            log.exception("job %s: planning its steps failed", self.job_id)
+            self._finish(P.FAILED, f"the worker could not prepare the job: {exc!r}", on_finished)
+            return
+        relay = threading.Thread(target=P.guarded(self._relay), name=f"job-{self.job_id}-relay", daemon=True)
+        relay.start()
+        for note in notes:
+            self._say_line(note)
+        error = None
+        try:
+            for index, step in enumerate(self.steps):
+                if step.kind == P.TRACK and "package" in self.spec and (index == 0 or self.steps[index - 1].kind != P.TRACK):
+                    self._lines.put(_Say(P.INFERENCE_START, {}))
+                error = self._run_step(step, on_step)
+                if error or self.cancel_requested.is_set():
+                    break
+        finally:
+            self._lines.put(None)
+            relay.join()
+        self._finish(*self._verdict(error), on_finished)
+
+    def _run_step(self, step: Step, on_step) -> Optional[str]:
+        """Run one step to its end; why the job cannot go on, or None."""
+        import zmq
+
+        context = sub = pub = ports = None
+        if step.kind == P.TRAIN and self.spec.get("gui", True):
+            context = zmq.Context()
+            sub, pub, ports = bind_zmq_pair(context)
+        command = step.command(ports)
+        result = {"name": step.name, "kind": step.kind, "exit_code": None, "stopped_early": False}
         with self._start_lock:
             try:
                 if self.cancel_requested.is_set():
                     raise _CancelledBeforeStart()
-                self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                stdin=subprocess.DEVNULL, cwd=self.dir, env=env,
-                                                start_new_session=True)
-            except (OSError, _CancelledBeforeStart):
+                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           stdin=subprocess.DEVNULL, cwd=step.cwd,
+                                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+            except (OSError, _CancelledBeforeStart) as exc:
                 if context is not None:
                     sub.close()
                     pub.close()
                     context.term()
-                raise
-        self.state = P.RUNNING
-        self.started_at = time.time()
-        on_started(self)
-        self.emit(P.TRAIN_JOB_START if self.kind == P.TRAIN else P.INFERENCE_JOB_START,
-                  {"command": self.command})
-        targets = [("stdout", self._read_pipe, (self.process.stdout, "o")),
-                   ("stderr", self._read_pipe, (self.process.stderr, "e")),
-                   ("relay", self._relay, ())]
+                if isinstance(exc, _CancelledBeforeStart):
+                    return None
+                return f"cannot start {command[0]}: {exc}"
+            self.process, self.step, self.command = process, step, command
+            self.started_at = self.started_at or time.time()
+        self.train_ended.clear()
+        on_step(self)
+        start = P.TRAIN_JOB_START if step.kind == P.TRAIN else P.INFERENCE_JOB_START
+        self._lines.put(_Say(start, {"name": step.name, "command": command}))
+        readers = [threading.Thread(target=P.guarded(self._read_pipe), args=(pipe, stream),
+                                    name=f"job-{self.job_id}-{label}", daemon=True)
+                   for pipe, stream, label in ((process.stdout, "o", "stdout"), (process.stderr, "e", "stderr"))]
         if context is not None:
-            targets.append(("zmq", self._poll_zmq, (context, sub, pub)))
-        for name, target, args in targets:
-            thread = threading.Thread(target=P.guarded(target), args=args, name=f"job-{self.job_id}-{name}",
-                                      daemon=True)
+            readers.append(threading.Thread(target=P.guarded(self._poll_zmq), args=(process, context, sub, pub),
+                                            name=f"job-{self.job_id}-zmq", daemon=True))
+        for thread in readers:
             thread.start()
-            self._threads.append(thread)
-        threading.Thread(target=P.guarded(self._wait), args=(on_finished,), name=f"job-{self.job_id}-wait",
-                         daemon=True).start()
+        while True:
+            try:
+                self.exit_code = process.wait(timeout=CANCEL_GRACE_S if self.cancel_requested.is_set() else 1)
+                break
+            except subprocess.TimeoutExpired:
+                if self.cancel_requested.is_set():
+                    self._signal(signal.SIGKILL)
+        for thread in readers:
+            thread.join()
+        result["exit_code"] = self.exit_code
+        if self.cancel_requested.is_set():
+            result["state"] = P.CANCELLED
+        elif self.exit_code != 0:
+            result["state"] = P.FAILED
+        else:
+            result["state"] = P.COMPLETED
+            result["stopped_early"] = step.kind == P.TRAIN and self.stop_requested.is_set()
+        self.results.append(result)
+        if step.kind == P.TRAIN:
+            if result["state"] == P.COMPLETED:
+                self._lines.put(_Say(P.TRAIN_JOB_END, {"name": step.name, "stopped_early": result["stopped_early"]}))
+            else:
+                self._lines.put(_Say(P.TRAIN_JOB_ERROR, {"name": step.name, "exit_code": self.exit_code}))
+            self.stop_requested.clear()  # a stop ends this model; the next one trains in full
+        if result["state"] == P.FAILED:
+            return f"sleap-nn exited with code {self.exit_code}"
+        return None
 
-    @property
-    def predictions_path(self) -> Path:
-        resolved = self.spec.get("_resolved") or {}
-        stem = Path(self.spec["data_path"]).name.split(".")[0]
-        return Path(resolved["output"]) if resolved.get("output") else self.dir / f"{stem}.predictions.slp"
+    def _say_line(self, text: str) -> None:
+        """A line from the worker itself into the job's log (stream "w")."""
+        self._lines.put(("w", f"[sleap-rtc worker] {text}", False))
 
     def _read_pipe(self, pipe, stream: str) -> None:
         """Split output into complete lines and carriage-return progress updates."""
@@ -650,28 +1339,36 @@ class Job:
                 self._lines.put((stream, line, end == b"\r"))
         if pending:
             self._lines.put((stream, pending.decode("utf-8", "replace"), False))
-        self._lines.put(None)
+        pipe.close()
 
     def _relay(self) -> None:
-        """Batch lines into the log file and to listeners: every LOG_BATCH_S or LOG_BATCH_BYTES.
+        """Batch lines into the log file and to listeners: every LOG_BATCH_S or
+        LOG_BATCH_BYTES, and before each message, which follows its lines (and is noted
+        in the log). Ends at the None the run thread puts last.
 
         The batch is written and its listeners chosen under the log lock; it is handed to
         them after the lock is released."""
-        open_pipes = 2
         with open(self.log_path, "ab") as log_file:
             with self._log_lock:
                 self._log_size = log_file.tell()
-            while open_pipes:
-                batch, progress, size = [], None, 0
+            done = False
+            while not done:
+                batch, progress, size, say = [], None, 0, None
                 deadline = time.monotonic() + LOG_BATCH_S
-                while open_pipes and size < LOG_BATCH_BYTES:
+                while size < LOG_BATCH_BYTES:
                     try:
                         item = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
                     except queue.Empty:
                         break
                     if item is None:
-                        open_pipes -= 1
-                        continue
+                        done = True
+                        break
+                    if isinstance(item, _Say):
+                        say = item
+                        name = item.payload.get("name")
+                        # "m": a marker in the log; the message itself follows it
+                        batch.append(["m", f"[sleap-rtc worker] {item.name}{f' {name}' if name else ''}"])
+                        break
                     stream, line, is_progress = item
                     if is_progress:
                         progress = line
@@ -680,7 +1377,7 @@ class Job:
                     size += len(line)
                     if stream == "e":
                         self.stderr_tail.append(line)
-                    if stream == "o" and self.kind == P.TRACK and line.startswith("{"):
+                    if stream == "o" and self.step is not None and self.step.kind == P.TRACK and line.startswith("{"):
                         self._inference_progress(line)
                 if batch or progress is not None:
                     data = "".join(line + "\n" for _, line in batch).encode("utf-8", "replace")
@@ -694,6 +1391,8 @@ class Job:
                         with self._listeners_lock:
                             listeners = list(self._listeners)
                     self.emit(P.JOB_LOG, {"lines": batch, "progress": progress}, listeners)
+                if say is not None:
+                    self.emit(say.name, say.payload)
 
     def _inference_progress(self, line: str) -> None:
         try:
@@ -703,14 +1402,14 @@ class Job:
         if isinstance(report, dict) and "n_processed" in report:
             self.emit(P.JOB_PROGRESS, {"event": "inference", **report})
 
-    def _poll_zmq(self, context, sub, pub) -> None:
+    def _poll_zmq(self, process, context, sub, pub) -> None:
         """Forward sleap-nn's progress; while a stop is wanted, repeat it until train_end."""
         import zmq
 
         first_stop = last_stop = None
         interrupted = False
         try:
-            while self.process.poll() is None or sub.poll(0):
+            while process.poll() is None or sub.poll(0):
                 if sub.poll(ZMQ_POLL_MS, zmq.POLLIN):
                     self._on_report(sub.recv_string())
                 if self.stop_requested.is_set() and not self.train_ended.is_set():
@@ -740,15 +1439,20 @@ class Job:
             self.train_ended.set()
         if event in ("train_begin", "epoch_begin", "epoch_end", "train_end"):
             self.emit(P.JOB_PROGRESS, {
-                "event": event, "epoch": report.get("epoch"),
-                "max_epochs": self.spec.get("max_epochs"),
+                "event": event, "epoch": report.get("epoch"), "model": self.step.name if self.step else None,
+                "max_epochs": self.step.max_epochs if self.step else None,
                 "loss": logs.get("train/loss", logs.get("loss")), "val_loss": logs.get("val/loss")})
 
     def request_stop(self) -> str:
-        if self.kind != P.TRAIN or not self.spec.get("gui", True):
+        step = self.step
+        training = step.kind == P.TRAIN if step is not None else self.kind == P.TRAIN
+        if not training or not self.spec.get("gui", True):
             self.cancel()
-            return "this job has no progress channel, so stop cancels it"
+            return "this job has no progress channel now, so stop cancels it"
         self.stop_requested.set()
+        if len(self.steps) > 1:
+            return (f"stop sent; model {step.name if step else 'the first'} ends after the current batch and "
+                    "keeps its weights, then the package goes on")
         return "stop sent; training ends after the current batch and keeps its model"
 
     def cancel(self, reason: str = "cancelled on request") -> None:
@@ -765,65 +1469,70 @@ class Job:
             except ProcessLookupError:
                 pass
 
-    def _wait(self, on_finished: Callable[["Job"], None]) -> None:
-        while True:
-            try:
-                self.exit_code = self.process.wait(timeout=CANCEL_GRACE_S if self.cancel_requested.is_set() else 1)
-                break
-            except subprocess.TimeoutExpired:
-                if self.cancel_requested.is_set():
-                    self._signal(signal.SIGKILL)
-        for thread in self._threads:
-            thread.join()
-        self._finish(*self._verdict(), on_finished)
-
     def finish_unrun(self, state: str, error: str, on_finished: Callable[["Job"], None]) -> None:
-        """End a job that never ran (cancelled while queued, sleap-nn would not start)."""
+        """End a job that never ran (cancelled while queued)."""
         self._finish(state, error, on_finished)
 
     def _finish(self, state: str, error: Optional[str], on_finished: Callable[["Job"], None]) -> None:
         self.finished_at = time.time()
-        outputs, warning = self._outputs(), None
-        if state == P.COMPLETED and not outputs:
-            warning = (f"sleap-nn finished but no model appeared under {self.ckpt_dir}" if self.kind == P.TRAIN
-                       else f"sleap-nn finished but wrote no predictions file ({self.predictions_path})")
+        outputs, warnings = self._outputs(state)
+        steps = self.results + [{"name": s.name, "kind": s.kind, "state": "not run"}
+                                for s in self.steps[len(self.results):]]
         outcome = {"state": state, "exit_code": self.exit_code,
                    "duration_s": round(self.finished_at - (self.started_at or self.finished_at), 2),
-                   "stopped_early": self.stop_requested.is_set() and state == P.COMPLETED,
-                   "outputs": outputs, "warning": warning, "error": error,
+                   "stopped_early": state == P.COMPLETED and any(r.get("stopped_early") for r in self.results),
+                   "outputs": outputs, "warning": "; ".join(warnings) or None, "error": error,
                    "stderr_tail": list(self.stderr_tail) if state != P.COMPLETED else [],
-                   "log_path": str(self.log_path)}
+                   "log_path": str(self.log_path), "steps": steps}
         with self._log_lock:
             self.outcome, self.state = outcome, state
         on_finished(self)
 
-    def _verdict(self) -> tuple[str, Optional[str]]:
-        """State and error of a run; SIGTERM exits 0 in sleap-nn, so a cancel is known by our own flag."""
+    def _verdict(self, error: Optional[str]) -> tuple[str, Optional[str]]:
+        """State and error of the run; SIGTERM exits 0 in sleap-nn, so a cancel is known by our own flag."""
         if self.cancel_requested.is_set():
+            if not self.results:
+                return P.CANCELLED, f"{self.cancel_reason} before sleap-nn started; it never ran"
             return P.CANCELLED, self.cancel_reason
-        if self.exit_code == 0:
-            return P.COMPLETED, None
-        return P.FAILED, f"sleap-nn exited with code {self.exit_code}"
+        if error and len(self.steps) > 1:
+            skipped = [s.name for s in self.steps[len(self.results):]]
+            return P.FAILED, (f"{self.results[-1]['name'] if self.results else self.steps[0].name}: {error}"
+                              + (f"; not run: {', '.join(skipped)}" if skipped else ""))
+        return (P.FAILED, error) if error else (P.COMPLETED, None)
 
-    def _outputs(self) -> list[dict]:
-        """The model directory (every file in it, with its SHA-256) or the predictions file."""
-        if self.started_at is None:
-            return []
-        if self.kind == P.TRAIN:
-            model_dir = self._model_dir()
-            if model_dir is None:
-                return []
-            files = [{"name": f.name, **dict(zip(("size", "sha256"), P.file_digest(f)))}
-                     for f in sorted(model_dir.iterdir()) if f.is_file()]
-            return [{"kind": "model", "path": str(model_dir), "files": files}]
-        if self.predictions_path.is_file():
-            size, sha256 = P.file_digest(self.predictions_path)
-            return [{"kind": "predictions", "path": str(self.predictions_path), "size": size, "sha256": sha256}]
-        return []
+    def _outputs(self, state: str) -> tuple[list[dict], list[str]]:
+        """Each model directory (every file in it, with its SHA-256) and predictions file
+        the steps that ran made, and a warning for each completed step that made none."""
+        outputs, warnings = [], []
+        for step, result in zip(self.steps, self.results):
+            if step.kind == P.TRAIN:
+                model_dir = self._model_dir(step)
+                if model_dir is None:
+                    if result["state"] == P.COMPLETED:
+                        warnings.append(f"sleap-nn finished but no model appeared under {step.ckpt_dir}")
+                    continue
+                files = [{"name": f.name, **dict(zip(("size", "sha256"), P.file_digest(f)))}
+                         for f in sorted(model_dir.iterdir()) if f.is_file()]
+                outputs.append({"kind": "model", "name": step.name, "path": str(model_dir), "files": files})
+            elif step.output is not None and step.output.is_file():
+                size, sha256 = P.file_digest(step.output)
+                outputs.append({"kind": "predictions", "path": str(step.output), "size": size, "sha256": sha256})
+                if result["state"] == P.COMPLETED and predicted_instances(step.output) == 0:
+                    warnings.append(f"sleap-nn predicted no instance on any frame ({step.output})")
+            elif result["state"] == P.COMPLETED:
+                warnings.append(f"sleap-nn finished but wrote no predictions file ({step.output})")
+        package = self.spec.get("_package")
+        if package and not package.get("uploaded"):
+            base = Path(package["path"]).parent
+            for output in outputs:
+                output["relative"] = str(Path(output["path"]).relative_to(base))
+        return outputs, warnings
 
-    def _model_dir(self) -> Optional[Path]:
+    def _model_dir(self, step: Step) -> Optional[Path]:
         """sleap-nn writes to RUN_NAME, or RUN_NAME-1, -2... when that already holds a model."""
-        candidates = [d for d in self.ckpt_dir.glob(f"{glob.escape(self.run_name)}*")
+        if step.ckpt_dir is None or not step.ckpt_dir.is_dir():
+            return None
+        candidates = [d for d in step.ckpt_dir.glob(f"{glob.escape(step.run_name)}*")
                       if (d / "training_config.yaml").exists() and d.stat().st_mtime >= (self.started_at or 0) - 1]
         return max(candidates, key=lambda d: d.stat().st_mtime) if candidates else None
 
@@ -837,7 +1546,7 @@ RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's sp
 RESTARTED_ERROR = "worker restarted during the job"
 MAINTENANCE_MESSAGE = "this worker is in maintenance: it finishes its queue but takes no new jobs"
 LEDGER_LIMIT = 1000  # most jobs one listing returns, newest first
-_JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command"}
+_JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command", "steps"}
 
 
 class Ledger:
@@ -852,7 +1561,8 @@ class Ledger:
         spec TEXT NOT NULL, submitter TEXT, state TEXT NOT NULL, submitted_at REAL NOT NULL,
         started_at REAL, finished_at REAL, exit_code INTEGER, duration_s REAL, stopped_early INTEGER,
         outputs TEXT, warning TEXT, error TEXT, stderr_tail TEXT, log_path TEXT, job_dir TEXT,
-        command TEXT, pid INTEGER)"""
+        command TEXT, pid INTEGER, steps TEXT)"""
+    ADDED_COLUMNS = {"steps": "TEXT"}  # columns newer than a ledger may be, added when it opens
 
     def __init__(self, path: Path):
         import sqlite3
@@ -865,6 +1575,10 @@ class Ledger:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(self.SCHEMA)
+            present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in self.ADDED_COLUMNS.items():
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def add(self, job: Job) -> None:
         self._write("INSERT INTO jobs (job_id, type, spec, submitter, state, submitted_at, log_path, job_dir) "
@@ -934,16 +1648,17 @@ class Scheduler:
 
     The ledger is the record; the Job objects of queued and running jobs live in `queue`
     and `running` (a finished job is answered from the ledger). The thread "scheduler"
-    starts pending jobs into free, unreserved slots (after `recheck` allows each) and lets
-    reservations expire; `stop()` ends it. `on_change(job or None)` is called whenever
+    starts pending jobs into free, unreserved slots and lets reservations expire; `stop()`
+    ends it. `plan(job)` gives a starting job its steps (see Job.start). `on_change(job or None)` is called whenever
     status, queue or a job's state may have changed.
     """
 
     def __init__(self, working_dir: Path, slots: int, executable: str,
                  on_change: Callable[[Optional[Job]], None], reservation_timeout: float = RESERVATION_TIMEOUT_S,
-                 stop_grace: float = STOP_GRACE_S, recheck: Callable[[Job], Optional[str]] = lambda job: None):
+                 stop_grace: float = STOP_GRACE_S,
+                 plan: Optional[Callable[[Job], tuple[list[Step], list[str]]]] = None):
         self.jobs_dir = working_dir / "jobs"
-        self.recheck = recheck  # why a job must not start after all (its paths changed), or None
+        self.plan = plan or self.structured_plan
         self.stop_grace = stop_grace
         self.slots = slots
         self.reservation_timeout = reservation_timeout
@@ -1161,28 +1876,31 @@ class Scheduler:
         self._announce_positions()
         self.on_change(None)
 
+    def structured_plan(self, job: Job) -> tuple[list[Step], list[str]]:
+        """The one step of a train or track spec, paths as resolved at acceptance."""
+        step = train_step if job.kind == P.TRAIN else track_step
+        return [step(self.executable, job.spec, job.dir)], []
+
+    def live_specs(self) -> list[dict]:
+        """The specs of the queued and running jobs."""
+        with self._cond:
+            return [job.spec for job in [*self.queue, *self.running.values()]]
+
     def _start(self, job: Job) -> None:
-        problem = self.recheck(job)
-        if problem:
-            log.warning("job %s will not run: %s", job.job_id, problem)
-            job.finish_unrun(P.FAILED, problem, self._finished)
-            return
         try:
-            job.start(self._started, self._finished)
-        except _CancelledBeforeStart:
-            job.finish_unrun(P.CANCELLED, f"{job.cancel_reason} before sleap-nn started; it never ran", self._finished)
-        except OSError as exc:
-            log.warning("job %s could not start: %s", job.job_id, exc)
-            job.finish_unrun(P.FAILED, f"cannot start {self.executable}: {exc}", self._finished)
-        except Exception as exc:  # a bug must fail this job, not keep its slot taken forever
+            job.start(self.plan, self._started, self._step_started, self._finished)
+        except Exception as exc:  # a bug or a full disk must fail this job, not keep its slot taken forever
             log.exception("job %s could not start", job.job_id)
             job.finish_unrun(P.FAILED, f"the worker could not start the job: {exc!r}", self._finished)
 
     def _started(self, job: Job) -> None:
-        self.ledger.update(job.job_id, state=P.RUNNING, started_at=job.started_at, command=job.command,
-                           pid=job.process.pid)
-        log.info("job %s from %s started: %s", job.job_id, job.submitter, " ".join(job.command))
+        self.ledger.update(job.job_id, state=P.RUNNING)
         self.on_change(job)
+
+    def _step_started(self, job: Job) -> None:
+        """Each step's command and process group, so that a restarted worker can end it."""
+        self.ledger.update(job.job_id, started_at=job.started_at, command=job.command, pid=job.process.pid)
+        log.info("job %s from %s: %s started: %s", job.job_id, job.submitter, job.step.name, " ".join(job.command))
 
     def _announce_positions(self) -> None:
         with self._cond:
@@ -1196,18 +1914,110 @@ class Scheduler:
         self.ledger.update(job.job_id, state=outcome["state"], finished_at=job.finished_at,
                            exit_code=outcome["exit_code"], duration_s=outcome["duration_s"],
                            stopped_early=int(outcome["stopped_early"]), outputs=outcome["outputs"],
-                           warning=outcome["warning"], error=outcome["error"], stderr_tail=outcome["stderr_tail"])
+                           warning=outcome["warning"], error=outcome["error"], stderr_tail=outcome["stderr_tail"],
+                           steps=outcome["steps"])
         with self._cond:
             self.running.pop(job.job_id, None)
             self._cond.notify_all()
-        if job.kind == P.TRAIN and job.started_at is not None:
-            if job.state == P.COMPLETED:
-                job.emit(P.TRAIN_JOB_END, {})
-            else:
-                job.emit(P.TRAIN_JOB_ERROR, {"exit_code": job.exit_code})
         job.emit(P.JOB_COMPLETE if job.state == P.COMPLETED else P.JOB_FAILED, outcome)
         log.info("job %s %s (exit code %s, %.1f s)", job.job_id, job.state, job.exit_code, outcome["duration_s"])
         self.on_change(job)
+
+
+# ---------------------------------------------------------------------------------------
+# The upload store: what clients sent, by content
+# ---------------------------------------------------------------------------------------
+
+UPLOAD_CACHE_GB = 50.0
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class UploadStore:
+    """Uploaded files by SHA-256: DIRECTORY/<sha256>/<name>, so that the same bytes are
+    never sent twice and a file keeps the name (and extension) sleap-nn looks at.
+
+    An upload arrives through DIRECTORY/.<sha256>.part and is renamed only once its hash
+    checks; a cut-off one keeps its part, and the next attempt resumes from the bytes
+    held. Past `cap` bytes, the least recently used content that no queued or running
+    job needs (`needed()` gives those hashes) is removed.
+    """
+
+    def __init__(self, directory: Path, cap: Optional[int], needed: Callable[[], set[str]]):
+        self.directory = directory
+        self.cap = cap
+        self.needed = needed
+        directory.mkdir(parents=True, exist_ok=True)
+        # Guards _active, the upload in progress of each hash: the link that started it
+        # may still be open when its client reconnects and resumes on a new one.
+        self._lock = threading.Lock()
+        self._active: dict[str, P.Incoming] = {}
+
+    def status(self, payload: dict) -> dict:
+        """The answer to UPLOAD_QUERY: the content's path when held, else the bytes of it held."""
+        sha256, size, name = payload.get("sha256"), payload.get("size"), payload.get("name")
+        reply = {"sha256": str(sha256)[:64]}
+        try:
+            if not _SHA256_RE.match(str(sha256)) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise P.TransferError("UPLOAD_QUERY needs sha256 (64 hex digits), size (bytes) and name")
+            name = P.safe_file_name(str(name))
+        except P.TransferError as exc:
+            return {**reply, "error": str(exc)}
+        content = self.directory / sha256
+        held = next((f for f in content.iterdir() if f.is_file()), None) if content.is_dir() else None
+        if held is not None and held.stat().st_size == size:
+            named = content / name
+            if not named.exists():
+                os.link(held, named)  # the same bytes under the name this client knows them by
+            os.utime(content)  # recently used
+            return {**reply, "have": True, "path": str(named)}
+        part = self._part(sha256)
+        return {**reply, "have": False, "offset": min(part.stat().st_size, size) if part.exists() else 0}
+
+    def incoming(self, transfer_id: str, name: str, size: int, sha256: str, offset: int) -> P.Incoming:
+        """The receiving end of an upload (called by a link's receive thread)."""
+        content = self.directory / sha256
+
+        def final() -> Path:
+            content.mkdir(exist_ok=True)
+            return content / name
+
+        incoming = P.Incoming(transfer_id, name, size, sha256, self._part(sha256), final, offset, resumable=True)
+        with self._lock:
+            previous = self._active.get(sha256)
+            self._active[sha256] = incoming
+        if previous is not None and not previous.finished:
+            previous.release("superseded by a newer upload of the same content")
+        return incoming
+
+    def settle(self) -> list[str]:
+        """Keep the store under its cap; the hashes removed."""
+        if self.cap is None:
+            return []
+        needed = self.needed()
+        entries = []
+        for content in self.directory.iterdir():
+            if content.is_dir() and _SHA256_RE.match(content.name):
+                # Every name in it is a hard link to the same bytes.
+                size = max((f.stat().st_size for f in content.iterdir() if f.is_file()), default=0)
+                entries.append((content.stat().st_mtime, content, size))
+        total = sum(size for _, _, size in entries)
+        removed = []
+        with self._lock:
+            active = {sha for sha, incoming in self._active.items() if not incoming.finished}
+        for _, content, size in sorted(entries, key=lambda e: e[0]):
+            if total <= self.cap:
+                break
+            if content.name in needed or content.name in active:
+                continue
+            shutil.rmtree(content, ignore_errors=True)
+            total -= size
+            removed.append(content.name)
+            log.info("upload store: removed %s (%d bytes, least recently used) to stay under %d bytes",
+                     content.name, size, self.cap)
+        return removed
+
+    def _part(self, sha256: str) -> Path:
+        return self.directory / f".{sha256}.part"
 
 
 # ---------------------------------------------------------------------------------------
@@ -1353,7 +2163,7 @@ class Session:
             self.replaces.end()
             self.replaces.thread.join(timeout=SESSION_JOIN_S)
         try:
-            self.link = P.accept_link(self.worker.signaling, self.offer, self.worker.uploads_dir)
+            self.link = P.accept_link(self.worker.signaling, self.offer, None, self.worker.uploads)
         except (P.SleapRTCError, OSError) as exc:
             log.warning("link with %s failed to open: %s", self.peer_id, exc)
             self.worker.session_ended(self)
@@ -1405,10 +2215,13 @@ class Session:
     def _handle(self, item) -> None:
         if isinstance(item, P.FileReceived):
             log.info("received %s from %s (%d bytes, sha256 %s)", item.path, self.peer_id, item.size, item.sha256[:12])
+            self.worker.uploads.settle()
         elif isinstance(item, P.TransferFailed):
             log.warning("upload from %s failed: %s", self.peer_id, item.error)
         elif item.name == P.LINK_PING:
             self.send(P.LINK_PONG, item.payload)
+        elif item.name == P.UPLOAD_QUERY:
+            self.send(P.UPLOAD_STATUS, self.worker.uploads.status(item.payload))
         elif item.name == P.FILE_REQUEST:
             self._send_requested_file(item.payload)
         elif item.name == P.JOB_SUBMIT:
@@ -1462,15 +2275,17 @@ class Session:
                 "job_id", "job_id must be 1-64 letters, digits, '-' or '_'", "BAD_FORMAT")]})
             return
         job_dir = self.worker.scheduler.jobs_dir / job_id
-        errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir)
+        errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
+                                    self.worker.uploads.directory)
         if self.worker.maintenance:
             errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
         job = None
         if not errors:
             self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
             files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
-            job, errors = self.worker.scheduler.submit(job_id, {**spec, "_resolved": plan["paths"]}, self.peer_id,
-                                                       self._listener(job_id, True), files)
+            accepted = {**spec, "_resolved": plan["paths"], **({"_package": plan["package"]} if "package" in plan else {})}
+            job, errors = self.worker.scheduler.submit(job_id, accepted, self.peer_id, self._listener(job_id, True),
+                                                       files)
         if errors:
             self.worker.scheduler.release(job_id)  # a rejected job gives back the slot kept for it
             self._unfollow(job_id)
@@ -1628,14 +2443,16 @@ class Worker:
                  mounts: list[Mount], gpu_index: int, sleap_nn: str, slots: int = 1,
                  advertise_gpu_memory: Optional[int] = None, maintenance: bool = False,
                  reservation_timeout: float = RESERVATION_TIMEOUT_S, embedded=None,
-                 stop_grace: float = STOP_GRACE_S, follower_backlog: int = FOLLOWER_BACKLOG_BYTES):
+                 stop_grace: float = STOP_GRACE_S, follower_backlog: int = FOLLOWER_BACKLOG_BYTES,
+                 upload_cap: Optional[int] = None):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
         self.name = name
         self.mounts = mounts
-        self.readable_mounts = mounts + [Mount(working_dir, "working-dir")]
-        self.uploads_dir = working_dir / UPLOADS_DIR
+        # Besides the mounts, clients read what they uploaded and what their jobs made.
+        self.readable_mounts = mounts + [Mount(working_dir / UPLOADS_DIR, "uploads"), Mount(working_dir / "jobs", "jobs")]
+        self.uploads = UploadStore(working_dir / UPLOADS_DIR, upload_cap, self._needed_uploads)
         self.embedded = embedded
         self.gpu_index = gpu_index
         self.maintenance = maintenance
@@ -1658,7 +2475,7 @@ class Worker:
             self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
                                                  daemon=True))
         self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout, stop_grace,
-                                   self._recheck)
+                                   self._plan_job)
         facts = gpu_facts(gpu_index, probe_torch=advertise_gpu_memory is None)
         if advertise_gpu_memory is not None:
             facts["gpu_memory_mb"] = advertise_gpu_memory
@@ -1795,10 +2612,50 @@ class Worker:
             except P.SignalingError as exc:  # kept locally; sent again on re-registration
                 log.warning("could not publish status %s: %s", status["status"], exc)
 
-    def _recheck(self, job: Job) -> Optional[str]:
+    def _plan_job(self, job: Job) -> tuple[list[Step], list[str]]:
+        """A starting job's steps, from paths checked again (a package is read again, and
+        unpacked); JobSetupError says why it cannot run. Runs on the job's thread."""
         if "_resolved" not in job.spec:
-            return "accepted by an older version of this worker, which did not resolve its paths; submit it again"
-        return recheck_paths(job.spec["_resolved"], self.readable_mounts, self.mounts, job.dir)
+            raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
+                                "submit it again")
+        if "_package" not in job.spec:
+            problem = recheck_paths(job.spec["_resolved"], self.readable_mounts, self.mounts, job.dir)
+            if problem:
+                raise JobSetupError(problem)
+            return self.scheduler.structured_plan(job)
+        package = job.spec["_package"]
+        path, unpack_dir = Path(package["path"]), Path(package["dir"])
+        try:
+            if _resolve_path(str(path), self.readable_mounts, must_exist=False) != str(path):
+                raise PathRefused(f"{path} now leads elsewhere (a link changed after the job was accepted)")
+            if not package["uploaded"]:
+                resolve_in_mounts(str(unpack_dir.parent), self.mounts)
+        except PathRefused as exc:
+            raise JobSetupError(f"package: {exc}") from None
+        try:
+            plan = plan_package(path, job.kind, unpack_dir, self.readable_mounts, self.mounts,
+                                self.scheduler.executable, job.dir / "configs", job.spec.get("gui", True))
+            unpack_package(path, unpack_dir)
+        except FileNotFoundError as exc:
+            raise JobSetupError(str(exc)) from None
+        except PackageRefused as exc:
+            raise JobSetupError(f"package: {exc}") from None
+        (job.dir / "configs").mkdir(exist_ok=True)
+        for model, text in plan.configs.items():
+            (job.dir / "configs" / f"{model}.yaml").write_text(text, encoding="utf-8")
+        return plan.steps, [f"unpacked {path.name} into {unpack_dir}", *plan.notes]
+
+    def _needed_uploads(self) -> set[str]:
+        """The hashes in the upload store that queued or running jobs name."""
+        needed = set()
+        for spec in self.scheduler.live_specs():
+            named = [spec.get("_package", {}).get("path")]
+            for value in spec.get("_resolved", {}).values():
+                named += value if isinstance(value, list) else [value]
+            for text in named:
+                if isinstance(text, str) and Path(text).is_relative_to(self.uploads.directory):
+                    needed.add(Path(text).relative_to(self.uploads.directory).parts[0])
+        return needed
 
     def _job_changed(self, job: Optional[Job]) -> None:
         """Called by the scheduler and job threads: wake the status publisher, never wait for it."""
@@ -1849,6 +2706,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in GB above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default=os.environ.get(P.ENV_SERVER),
@@ -1880,6 +2747,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--follower-backlog", type=_positive, default=FOLLOWER_BACKLOG_BYTES // 2**20, metavar="MB",
                         help="a client that falls this far behind a job's output stops getting it (the job "
                              f"runs on; it can reattach); default {FOLLOWER_BACKLOG_BYTES // 2**20}")
+    parser.add_argument("--upload-cache-gb", type=_gigabytes, default=UPLOAD_CACHE_GB, metavar="GB",
+                        help="most the upload store keeps; past it, the least recently used uploads that no "
+                             f"queued or running job needs are removed (default {UPLOAD_CACHE_GB:g})")
     parser.add_argument("--sleap-nn", metavar="PATH", default=None,
                         help="the sleap-nn executable to run (default: the one beside this Python, else on PATH)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -1916,7 +2786,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
                     args.sleap_nn or sleap_nn_executable(), args.slots, args.advertise_gpu_memory, args.maintenance,
-                    args.reservation_timeout, embedded, args.stop_grace, args.follower_backlog * 2**20)
+                    args.reservation_timeout, embedded, args.stop_grace, args.follower_backlog * 2**20,
+                    int(args.upload_cache_gb * 1e9))
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

@@ -67,7 +67,7 @@ def main() -> None:
         try:
             for run in range(args.runs):
                 started = time.perf_counter()
-                link.send_file(source, name=f"run{run}.bin")  # returns once the worker checked SHA-256
+                link.send_file(source, store=True)  # returns once the worker checked SHA-256
                 link_times.append(time.perf_counter() - started)
                 tcp_times.append(tcp_transfer(source, world.tmp / f"tcp{run}.bin"))
                 (world.tmp / f"tcp{run}.bin").unlink()

@@ -68,8 +68,9 @@ def ledger(working_dir: Path, job_id: str) -> dict:
         db.row_factory = sqlite3.Row
         row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     record = dict(row) if row else {}
-    if record.get("outputs"):
-        record["outputs"] = json.loads(record["outputs"])
+    for column in ("outputs", "steps"):
+        if record.get(column):
+            record[column] = json.loads(record[column])
     return record
 
 

@@ -148,4 +148,6 @@ def test_output_from_the_first_instant_reaches_the_client(room, project, tmp_pat
     result = room.client("train", "--config", str(project["config"]))
     assert result.returncode == 0, result.stdout + result.stderr
     logged = (room.tmp / "sleap-rtc-jobs" / job_id_of(result.stdout) / "job.log").read_text().splitlines()
-    assert logged == [f"line {i}" for i in range(5000)]
+    # The worker marks where the run starts and ends; between the marks, sleap-nn's every line.
+    assert logged == ["[sleap-rtc worker] TRAIN_JOB_START config", *(f"line {i}" for i in range(5000)),
+                      "[sleap-rtc worker] TRAIN_JOB_END config"]

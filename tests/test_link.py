@@ -45,9 +45,18 @@ def test_files_cross_the_link_both_ways_and_are_checked(room):
 
     up = room.client("upload", str(original))
     assert up.returncode == 0, up.stderr
-    stored = worker_dir / "uploads" / "labels.bin"
+    stored = worker_dir / "uploads" / digest / "labels.bin"  # the store keeps content by its SHA-256
     assert sha256(stored) == digest
+    assert "uploaded labels.bin to " in up.stdout and str(stored) in up.stdout
     assert "upload labels.bin: 100.0%" in up.stderr  # progress is shown
+
+    # The same bytes again, under another name: nothing is sent, and the name is there too.
+    (room.tmp / "copy.bin").write_bytes(original.read_bytes())
+    again = room.client("upload", str(room.tmp / "copy.bin"))
+    assert again.returncode == 0, again.stderr
+    assert "copy.bin: already on the worker" in again.stderr and "sent 0 bytes" in again.stderr
+    assert "upload copy.bin:" not in again.stderr
+    assert sha256(stored.with_name("copy.bin")) == digest
 
     down_dir = room.tmp / "down"
     down = room.client("download", str(stored), "--download", str(down_dir))
@@ -72,17 +81,28 @@ def test_download_outside_the_mounts_is_refused(room):
     assert room.client("ping", "--count", "1").returncode == 0  # the worker serves on
 
 
-def test_sender_killed_mid_upload_leaves_no_file(room):
+def test_an_upload_killed_half_way_resumes_from_what_the_worker_kept(room):
     worker_dir = room.tmp / "w"
     worker, _ = room.start_worker(working_dir=worker_dir)
     big = room.tmp / "big.bin"
-    random_file(big, 24 * MB)
+    size = 24 * MB
+    digest = random_file(big, size)
+    part = worker_dir / "uploads" / f".{digest}.part"
     uploader = room.start_client("upload", str(big))
-    uploader.wait_for(r"upload big.bin:\s+[1-9]\d\.\d%", timeout=60)
+    wait_until(lambda: part.exists() and part.stat().st_size >= size // 2, 60, "half the upload to arrive")
     uploader.kill()
-    worker.wait_for(r"upload from client-\w+ failed: big.bin: link lost after \d+ of 25165824 bytes", timeout=15)
-    assert leftovers(worker_dir / "uploads") == []  # neither big.bin nor a .part
-    assert room.client("ping", "--count", "1").returncode == 0  # the worker serves on
+    assert not (worker_dir / "uploads" / digest).exists()  # nothing under a final name
+
+    # At once, while the worker may still hold the dead link's half-written part.
+    retry = room.client("upload", str(big))
+    assert retry.returncode == 0, retry.stderr
+    held, sent = map(int, re.search(r"the worker holds (\d+) of \d+ bytes.*\n(?:.*\n)*?big.bin: sent (\d+) bytes",
+                                     retry.stderr).groups())
+    assert held >= size // 2 and held + sent == size and sent <= 0.6 * size, retry.stderr
+    assert sha256(worker_dir / "uploads" / digest / "big.bin") == digest
+    assert leftovers(worker_dir / "uploads") == [digest]  # the part became the content
+    worker.wait_for(r"upload from client-\w+ failed: big.bin: link lost after \d+ of 25165824 bytes; kept for "
+                    r"resuming", timeout=15)
 
 
 def test_sender_killed_mid_download_gives_a_clear_error_and_no_file(room):

@@ -311,4 +311,6 @@ def test_following_a_log_mid_stream_misses_no_line_and_repeats_none(room, projec
     assert followed.returncode == 0 and f"job {job_id} completed" in followed.stderr, followed.stderr
     assert ledger(worker_dir, job_id)["finished_at"] > attached + 1.5  # it joined mid-stream
 
-    assert followed.stdout.splitlines() == [f"line {i}" for i in range(20000)]
+    assert followed.stdout.splitlines() == ["[sleap-rtc worker] TRAIN_JOB_START config",
+                                            *(f"line {i}" for i in range(20000)),
+                                            "[sleap-rtc worker] TRAIN_JOB_END config"]

@@ -87,7 +87,7 @@ def test_a_stopped_and_a_throttled_follower_delay_nobody(room, config, tmp_path)
     second = room.submit(config)  # queued behind the first
     followers = [room.start_client("logs", first, "--follow") for _ in range(3)]
     for follower in followers:
-        follower.wait_for(r"^ready$", timeout=60)
+        follower.wait_for(r"(?m)^ready$", timeout=60)
     steady, stopped, slow = followers
 
     stopped.popen.send_signal(signal.SIGSTOP)
@@ -106,7 +106,7 @@ def test_a_stopped_and_a_throttled_follower_delay_nobody(room, config, tmp_path)
     assert two["started_at"] - one["finished_at"] < 1.0
 
     log = (worker_dir / "jobs" / first / "job.log").read_text()
-    assert log.count("\n") == 80_002  # ready, the lines, done
+    assert log.count("\n") == 80_004  # the worker's start mark, ready, the lines, done, its end mark
     assert steady.popen.wait(timeout=60) == 0, steady.output()[-2000:]
     assert steady.output().startswith(log)  # every line, in order, once
 
