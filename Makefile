@@ -21,6 +21,7 @@ test: install
 bench: install
 	$(PY) bench/transfer.py
 	$(PY) bench/upload.py
+	$(PY) bench/search.py
 	$(PY) bench/signaling.py
 	$(PY) bench/jobs.py
 	$(PY) bench/queue.py

@@ -6,6 +6,7 @@
     python client.py ping     [--worker-id W] [--count N]
     python client.py upload   FILE [--worker-id W]
     python client.py download PATH [--worker-id W] [--download DIR]
+    python client.py ls       [PATH]          python client.py browse [PATH] [--filter GLOB]
     python client.py train    --config C.yaml [--labels L.slp] [--max-epochs N] ... [--upload] [--detach]
     python client.py train    --pkg-path PKG.zip | --worker-pkg-path PATH     (SLEAP training packages)
     python client.py track    --data-path V.mp4 --model-paths DIR ... [--detach]
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 import statistics
 import sys
@@ -448,6 +450,319 @@ def _is(item, name: str, job_id: Optional[str] = None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
+# The worker's files: ls, browse, search
+# ---------------------------------------------------------------------------------------
+
+BROWSE_MAX_ENTRIES = 20_000  # a directory longer than this shows its first ones
+
+
+def ask(link: P.Link, name: str, payload: dict, reply: str, what: str) -> dict:
+    """Send a request over the link and wait for the reply that carries its request id."""
+    request_id = secrets.token_hex(4)
+    link.send(name, {**payload, "request_id": request_id})
+    return link.expect(lambda m: _is(m, reply) and m.payload.get("request_id") == request_id, REPLY_TIMEOUT_S,
+                       what).payload
+
+
+def listing(link: P.Link, path: Optional[str], nearest: bool = False) -> dict:
+    """A whole directory of the worker (every page, up to BROWSE_MAX_ENTRIES), or the mounts."""
+    page = ask(link, P.FS_LIST, {"path": path, "nearest": nearest}, P.FS_LISTING, "listing")
+    entries = list(page.get("entries", []))
+    while not page.get("error") and page.get("entries") and len(entries) < min(page["total"], BROWSE_MAX_ENTRIES):
+        page = ask(link, P.FS_LIST, {"path": page["path"], "offset": len(entries)}, P.FS_LISTING, "listing")
+        entries += page.get("entries", [])
+    return {**page, "entries": entries}
+
+
+def _size(size: Optional[int]) -> str:
+    if size is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return "-"
+
+
+def cmd_ls(args) -> int:
+    def work(link: P.Link) -> int:
+        offset, interactive = 0, sys.stdin.isatty() and sys.stdout.isatty()
+        while True:
+            page = ask(link, P.FS_LIST, {"path": args.path, "offset": offset}, P.FS_LISTING, "listing")
+            if page.get("error"):
+                print(f"error: {page['error']}", file=sys.stderr)
+                return 1
+            if "mounts" in page:
+                print_table([[m["path"], m["label"]] for m in page["mounts"]], ["MOUNT", "LABEL"])
+                return 0
+            if offset == 0:
+                print(f"{page['path']}  ({page['total']} entries)")
+            for entry in page["entries"]:
+                folder = entry["kind"] == "dir"
+                print(f"{'d' if folder else '-'}  {_when(entry['mtime'])}  {_size(entry['size']):>9}  "
+                      f"{entry['name']}{'/' if folder else ''}")
+            offset += len(page["entries"])
+            if offset >= page["total"] or not page["entries"]:
+                return 0
+            if interactive and input(f"-- {page['total'] - offset} more: Enter for the next page, q to stop -- ")\
+                    .strip().lower().startswith("q"):
+                return 0
+
+    return with_link(args, work)
+
+
+class Browser:
+    """A curses listing of the worker's directories: arrows move, Enter opens a directory
+    or picks a file, Left (or Backspace on an empty filter) goes up, typing edits a glob
+    filter on file names, Esc cancels."""
+
+    KEYS = "Up/Down move  Enter open/pick  Left up  type: filter  Esc cancel"
+
+    def __init__(self, link: P.Link, start: Optional[str], pattern: str = "", nearest: bool = False):
+        self.link = link
+        self.filter = pattern
+        self.mounts: list[str] = [m["path"] for m in listing(link, None).get("mounts", [])]
+        self.path: Optional[str] = None
+        self.entries: list[dict] = []
+        self.cursor = self.top = 0
+        self.message = ""
+        if not self.open(start, nearest):
+            self.open(None)
+
+    def open(self, path: Optional[str], nearest: bool = False) -> bool:
+        """Show `path` (None: the mounts); False, with the reason shown, when it cannot be."""
+        page = listing(self.link, path, nearest)
+        if page.get("error"):
+            self.message = page["error"]
+            return False
+        if "mounts" in page:
+            self.path, self.entries = None, [{"name": m["path"], "kind": "dir", "size": None} for m in page["mounts"]]
+        else:
+            self.path, self.entries = page["path"], page["entries"]
+        self.cursor = self.top = 0
+        return True
+
+    def shown(self) -> list[dict]:
+        import fnmatch
+
+        pattern = self.filter if any(c in self.filter for c in "*?[") else f"*{self.filter}*"
+        return [e for e in self.entries if e["kind"] == "dir" or fnmatch.fnmatch(e["name"].lower(), pattern.lower())]
+
+    def up(self) -> None:
+        if self.path is None:
+            return
+        if self.path in self.mounts or not self.open(str(Path(self.path).parent)):
+            self.open(None)
+
+    def run(self, screen) -> Optional[str]:
+        import curses
+
+        curses.curs_set(0)
+        while True:
+            entries = self.shown()
+            self.cursor = max(0, min(self.cursor, len(entries) - 1))
+            self.draw(screen, entries)
+            key = screen.getch()
+            chosen = entries[self.cursor] if entries else None
+            if key == 27:
+                return None
+            if key in (curses.KEY_UP, curses.KEY_DOWN, curses.KEY_PPAGE, curses.KEY_NPAGE):
+                step = {curses.KEY_UP: -1, curses.KEY_DOWN: 1}.get(key, (screen.getmaxyx()[0] - 4) *
+                                                                   (1 if key == curses.KEY_NPAGE else -1))
+                self.cursor += step
+            elif key in (10, 13, curses.KEY_ENTER, curses.KEY_RIGHT) and chosen is not None:
+                target = chosen["name"] if self.path is None else str(Path(self.path) / chosen["name"])
+                if chosen["kind"] == "file":
+                    if key != curses.KEY_RIGHT:
+                        return target
+                elif self.open(target):
+                    self.message = ""
+            elif key == curses.KEY_LEFT or (key in (curses.KEY_BACKSPACE, 127, 8) and not self.filter):
+                self.up()
+            elif key in (curses.KEY_BACKSPACE, 127, 8):
+                self.filter = self.filter[:-1]
+            elif 32 <= key < 127:
+                self.filter += chr(key)
+                self.cursor = 0
+
+    def draw(self, screen, entries: list[dict]) -> None:
+        import curses
+
+        screen.erase()
+        height, width = screen.getmaxyx()
+        rows = max(1, height - 4)
+        if self.cursor < self.top:
+            self.top = self.cursor
+        elif self.cursor >= self.top + rows:
+            self.top = self.cursor - rows + 1
+        screen.addnstr(0, 0, f"{self.link.peer_id}: {self.path or 'mounts'}", width - 1, curses.A_BOLD)
+        screen.addnstr(1, 0, f"filter: {self.filter or '(type to filter files)'}   {len(entries)} shown", width - 1)
+        for row, entry in enumerate(entries[self.top:self.top + rows]):
+            folder = entry["kind"] == "dir"
+            text = f"{'[d]' if folder else '   '} {entry['name']}{'/' if folder else ''}"
+            if not folder:
+                text = f"{text:<{max(10, width - 14)}} {_size(entry['size']):>10}"
+            attribute = curses.A_REVERSE if self.top + row == self.cursor else curses.A_NORMAL
+            screen.addnstr(2 + row, 0, text, width - 1, attribute)
+        screen.addnstr(height - 1, 0, self.message or self.KEYS, width - 1)
+        screen.refresh()
+
+
+def pick_on_worker(link: P.Link, start: Optional[str], pattern: str = "", nearest: bool = False) -> Optional[str]:
+    """Let the person at this terminal pick a file on the worker; None when they cancel.
+    The browser draws on the terminal itself, so that stdout can be captured:
+    `$(python client.py browse)`."""
+    import curses
+
+    os.environ.setdefault("ESCDELAY", "25")  # Esc cancels at once, not after curses' default second
+    for stale in ("LINES", "COLUMNS"):  # curses would take them over the terminal's own size
+        os.environ.pop(stale, None)
+    browser = Browser(link, start, pattern, nearest)
+    saved = []
+    try:
+        terminal = os.open("/dev/tty", os.O_RDWR)
+    except OSError as exc:
+        raise UsageError(f"browsing needs a terminal: {exc.strerror}") from None
+    try:
+        for fd in (0, 1):
+            saved.append(os.dup(fd))
+            os.dup2(terminal, fd)
+        return curses.wrapper(browser.run)
+    finally:
+        for fd, copy in enumerate(saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(terminal)
+
+
+def cmd_browse(args) -> int:
+    def work(link: P.Link) -> int:
+        chosen = pick_on_worker(link, args.path, args.filter or "")
+        if chosen is None:
+            print("cancelled", file=sys.stderr)
+            return 1
+        print(chosen)
+        return 0
+
+    return with_link(args, work)
+
+
+# ---------------------------------------------------------------------------------------
+# Fixing a rejected path and submitting again
+# ---------------------------------------------------------------------------------------
+
+PATH_REJECTED = 4  # exit code: rejected for paths the worker does not have; candidates were printed
+PATH_CODES = ("NOT_FOUND", "ACCESS_DENIED", "BAD_PATH")
+# A path inside the config that a spec field overrides, so that the fix goes there.
+CONFIG_KEY_FIELDS = {"config": "config", "data_config.train_labels_path": "labels",
+                     "data_config.val_labels_path": "val_labels", "trainer_config.resume_ckpt_path": "resume"}
+SPEC_FLAGS = {"config": "--config", "labels": "--labels", "val_labels": "--val-labels", "max_epochs": "--max-epochs",
+              "batch_size": "--batch-size", "learning_rate": "--learning-rate", "run_name": "--run-name",
+              "resume": "--resume", "data_path": "--data-path", "output": "--output",
+              "peak_threshold": "--peak-threshold", "frames": "--frames"}
+
+
+def fix_target(error: dict) -> Optional[str]:
+    """The spec field that fixes a rejected path (path_map for a video), or None."""
+    if error.get("video"):
+        return "path_map"
+    if not error.get("path") or error.get("code") not in PATH_CODES:
+        return None
+    if error["field"] in ("labels", "val_labels", "resume", "data_path", "model_paths"):
+        return error["field"]
+    return CONFIG_KEY_FIELDS.get(error.get("key")) if error["field"] == "config" else None
+
+
+def command_line(spec: dict) -> str:
+    """The client command that submits `spec` (paths on the worker)."""
+    words = ["python", "client.py", spec["type"]]
+    for field, flag in SPEC_FLAGS.items():
+        if spec.get(field) is not None:
+            words += [flag, str(spec[field])]
+    for model in spec.get("model_paths") or []:
+        words += ["--model-paths", model]
+    if spec.get("only_suggested_frames"):
+        words.append("--only-suggested-frames")
+    if spec["type"] == P.TRAIN and spec.get("gui") is False:
+        words.append("--no-progress")
+    for old, new in spec.get("path_map") or []:
+        words += ["--path-map", f"{old}={new}"]
+    return shlex.join(words)
+
+
+def fix_rejected_paths(link: P.Link, spec: dict, errors: list[dict], interactive: bool) -> Optional[dict]:
+    """Show each rejected path with the worker's candidates for it; at a terminal, ask
+    for a candidate, the browser or giving up, and return the spec with the choices
+    (None: nothing to fix, or the person gave up, or no terminal)."""
+    fixable = [e for e in errors if fix_target(e)]
+    if not fixable:
+        return None
+    fixed = json.loads(json.dumps(spec))
+    videos = [e for e in fixable if e.get("video")]
+    for error in [e for e in fixable if not e.get("video")]:
+        candidates = _candidates(link, error["path"])
+        print(f"\n{error['path']} ({error['field']}): {error['code'].lower().replace('_', ' ')}", file=sys.stderr)
+        for number, candidate in enumerate(candidates, 1):
+            print(f"  {number}. {candidate['path']}  ({_size(candidate['size'])}, {_when(candidate['mtime'])})",
+                  file=sys.stderr)
+        if not candidates:
+            print("  no file of a similar name on the worker", file=sys.stderr)
+        if not interactive:
+            continue
+        choice = _choose(candidates, link, error["path"])
+        if choice is None:
+            return None
+        _replace(fixed, fix_target(error), error["path"], choice)
+    if videos:
+        for error in videos:
+            print(f"\n{error['message']}", file=sys.stderr)
+            for candidate in error.get("candidates", []):
+                print(f"  found: {candidate}", file=sys.stderr)
+        proposal = videos[0].get("proposal")
+        if proposal:
+            print(f"\nproposed: --path-map {proposal['old']}={proposal['new']} (resolves {proposal['resolves']} of "
+                  f"{proposal['of']} missing videos)", file=sys.stderr)
+        if not interactive:
+            return None
+        if not proposal or input("use this mapping? [y/N] ").strip().lower() not in ("y", "yes"):
+            return None
+        fixed["path_map"] = [*fixed.get("path_map", []), [proposal["old"], proposal["new"]]]
+    return fixed if interactive else None
+
+
+def _candidates(link: P.Link, path: str) -> list[dict]:
+    local = Path(path).expanduser()
+    size = local.stat().st_size if local.is_file() else None  # the same file here tells the size to look for
+    found = ask(link, P.FS_SEARCH, {"name": path, "size": size}, P.FS_FOUND, "search results")
+    if found.get("error"):
+        print(f"  no search: {found['error']}", file=sys.stderr)
+    return found.get("candidates", [])[:9]
+
+
+def _choose(candidates: list[dict], link: P.Link, path: str) -> Optional[str]:
+    while True:
+        numbers = (f"[1-{len(candidates)}] a candidate, " if len(candidates) > 1 else "[1] the candidate, "
+                   if candidates else "")
+        answer = input(f"choose {numbers}[b] browse the worker, [q] give up: ").strip().lower()
+        if answer.isdigit() and 1 <= int(answer) <= len(candidates):
+            return candidates[int(answer) - 1]["path"]
+        if answer.startswith("b"):
+            suffix = Path(path.replace("\\", "/")).suffix
+            chosen = pick_on_worker(link, path, f"*{suffix}" if suffix else "", nearest=True)
+            if chosen is not None:
+                return chosen
+        elif answer.startswith("q"):
+            return None
+
+
+def _replace(spec: dict, field: str, old: str, new: str) -> None:
+    if field == "model_paths":
+        spec[field] = [new if m == old else m for m in spec[field]]
+    else:
+        spec[field] = new
+
+
+# ---------------------------------------------------------------------------------------
 # Jobs
 # ---------------------------------------------------------------------------------------
 
@@ -507,16 +822,18 @@ class JobMonitor:
             sys.stderr.write(text + "\n")
         sys.stderr.flush()
 
-    def wait_accepted(self, timeout: float = 60) -> Optional[dict]:
-        """The JOB_ACCEPTED payload, or None after printing why the job was rejected."""
+    def wait_accepted(self, timeout: float = 60) -> tuple[Optional[dict], list[dict]]:
+        """(the JOB_ACCEPTED payload, []), or (None, the errors) after printing why the
+        job was rejected."""
         reply = self.link.expect(lambda m: _is(m, P.JOB_ACCEPTED, self.job_id) or _is(m, P.JOB_REJECTED, self.job_id),
                                  timeout, f"answer to job {self.job_id}", on_other=self.early.append)
         if reply.name == P.JOB_ACCEPTED:
-            return reply.payload
+            return reply.payload, []
         print(f"error: job {self.job_id} was rejected by {self.link.peer_id}:", file=sys.stderr)
-        for error in reply.payload.get("errors") or [{"field": "?", "message": reply.payload.get("message")}]:
+        errors = reply.payload.get("errors") or [{"field": "?", "message": reply.payload.get("message")}]
+        for error in errors:
             print(f"  {error['field']}: {error['message']}", file=sys.stderr)
-        return None
+        return None, errors
 
     def follow(self) -> int:
         """Relay until JOB_COMPLETE / JOB_FAILED; the exit code of the command."""
@@ -705,9 +1022,18 @@ def run_job(args, spec: dict, prepare: Optional[Callable[[P.Link, dict], dict]] 
             spec = prepare(link, spec)
         monitor = JobMonitor(link, job_id, Path(args.log_dir) / job_id, args.verbose)
         link.send(P.JOB_SUBMIT, {"job_id": job_id, "spec": spec})
-        accepted = monitor.wait_accepted()
-        if accepted is None:
-            return 1
+        interactive = sys.stdin.isatty() and sys.stdout.isatty() and not getattr(args, "non_interactive", False)
+        while True:
+            accepted, errors = monitor.wait_accepted()
+            if accepted is not None:
+                break
+            fixed = fix_rejected_paths(link, spec, errors, interactive)
+            if fixed is None:
+                return PATH_REJECTED if any(fix_target(e) for e in errors) else 1
+            spec = fixed
+            print(f"submitting job {job_id} again with the corrected paths; the command for it:\n  "
+                  f"{command_line(spec)}", flush=True)
+            link.send(P.JOB_SUBMIT, {"job_id": job_id, "spec": spec})
         remember_job(job_id, worker_id, signaling.room_id)
         position = accepted.get("queue_position") or 0
         print(f"job {job_id} accepted by {worker_id}; "
@@ -743,7 +1069,7 @@ def cmd_train(args) -> int:
         raise UsageError("train needs --config, or a package: --pkg-path (on this machine) or --worker-pkg-path")
     spec = {"type": P.TRAIN, "config": args.config, "labels": args.labels, "val_labels": args.val_labels,
             "max_epochs": args.max_epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-            "run_name": args.run_name, "resume": args.resume, "gui": not args.no_progress}
+            "run_name": args.run_name, "resume": args.resume, "gui": not args.no_progress, "path_map": args.path_map}
     return _submit_checked(args, spec, UPLOADABLE_FIELDS[P.TRAIN] if args.upload else ())
 
 
@@ -755,7 +1081,7 @@ def cmd_track(args) -> int:
                          "or --worker-pkg-path")
     spec = {"type": P.TRACK, "data_path": args.data_path, "model_paths": args.model_paths, "output": args.output,
             "batch_size": args.batch_size, "peak_threshold": args.peak_threshold, "frames": args.frames,
-            "only_suggested_frames": args.only_suggested_frames or None, "gui": True}
+            "only_suggested_frames": args.only_suggested_frames or None, "gui": True, "path_map": args.path_map}
     return _submit_checked(args, spec, UPLOADABLE_FIELDS[P.TRACK] if args.upload else ())
 
 
@@ -961,6 +1287,13 @@ def cmd_fetch(args) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def _path_map(text: str) -> list[str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old or not new:
+        raise argparse.ArgumentTypeError(f"{text!r} is not OLD=NEW (two path prefixes)")
+    return [old, new]
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--server", default=os.environ.get(P.ENV_SERVER, P.DEFAULT_SERVER_URL),
@@ -999,6 +1332,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="local file")
     p.set_defaults(run=cmd_upload)
 
+    p = commands.add_parser("ls", parents=[common, worker_choice],
+                            help="list the worker's mounts, or one of its directories (directories first)")
+    p.add_argument("path", nargs="?", help="a directory on the worker (default: list the mounts)")
+    p.set_defaults(run=cmd_ls)
+
+    p = commands.add_parser("browse", parents=[common, worker_choice],
+                            help="pick a file on the worker interactively; prints its path, so that "
+                                 "$(python client.py browse) works in scripts")
+    p.add_argument("path", nargs="?", help="where to start (default: the mounts)")
+    p.add_argument("--filter", metavar="GLOB", help="show only files matching GLOB, e.g. '*.yaml' (editable)")
+    p.set_defaults(run=cmd_browse)
+
     p = commands.add_parser("download", parents=[common, worker_choice], help="fetch a file from the worker")
     p.add_argument("path", help="path on the worker (inside its mounts, uploads or job directories)")
     p.add_argument("--download", default=".", metavar="DIR", help="local directory (default: current)")
@@ -1024,6 +1369,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "unpacked and run next to itself")
     job_output.add_argument("--download", default=".", metavar="DIR",
                             help="where predictions go (default: current dir)")
+    job_output.add_argument("--path-map", action="append", type=_path_map, metavar="OLD=NEW",
+                            help="video paths inside labels files that start with OLD start with NEW on the worker "
+                                 r"(repeatable; Windows paths such as D:\videos map too); sleap-nn reads a copy of "
+                                 "the labels, the original is never changed")
+    job_output.add_argument("--non-interactive", action="store_true",
+                            help="when the worker rejects paths, print its candidates and exit with code "
+                                 f"{PATH_REJECTED} instead of asking (the default without a terminal)")
     p = commands.add_parser("train", parents=[common, job_output],
                             help="train a model on the worker (paths are paths on the worker), or run a package")
     p.add_argument("--config", help="sleap-nn training config (YAML) on the worker (with --upload: or here)")

@@ -309,6 +309,11 @@ FILE_REQUEST = "FILE_REQUEST"  # {path}: ask the worker to send a file
 # Uploads are content-addressed: the client asks first, and sends only what the worker lacks.
 UPLOAD_QUERY = "UPLOAD_QUERY"  # {sha256, size, name}
 UPLOAD_STATUS = "UPLOAD_STATUS"  # {sha256, have, path (when have), offset (bytes held of a cut-off upload), error?}
+# Looking at the worker's files, always inside its mounts.
+FS_LIST = "FS_LIST"  # {request_id, path? (none: the mounts), offset?, nearest? (the deepest existing directory)}
+FS_LISTING = "FS_LISTING"  # {request_id, path, entries: [{name, kind, size, mtime}], total, offset, mounts?, error?}
+FS_SEARCH = "FS_SEARCH"  # {request_id, name (a file name or glob), size?}
+FS_FOUND = "FS_FOUND"  # {request_id, candidates: [{path, size, mtime, score}], complete, scanned, error?}
 LINK_ERROR = "ERROR"  # {message, ...}
 
 # Jobs. Every payload carries "job_id".
@@ -405,9 +410,9 @@ TRAIN, TRACK = "train", "track"
 JOB_TYPE_TAGS = {TRAIN: "training-worker", TRACK: "inference-worker"}  # the discovery tag for each
 SPEC_FIELDS: dict[str, dict[str, type]] = {
     TRAIN: {"config": str, "labels": str, "val_labels": str, "max_epochs": int, "batch_size": int,
-            "learning_rate": float, "run_name": str, "resume": str, "gui": bool},
+            "learning_rate": float, "run_name": str, "resume": str, "gui": bool, "path_map": list},
     TRACK: {"data_path": str, "model_paths": list, "output": str, "batch_size": int, "peak_threshold": float,
-            "frames": str, "only_suggested_frames": bool, "gui": bool},
+            "frames": str, "only_suggested_frames": bool, "gui": bool, "path_map": list},
 }
 REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths")}
 # A SLEAP training package (a zip on the worker) says everything else itself.
@@ -451,6 +456,10 @@ def check_spec(spec: Any) -> list[dict]:
                                      "BAD_FORMAT"))
         elif name == "model_paths" and not all(isinstance(m, str) and m for m in value):
             errors.append(spec_error(name, "model_paths must be a list of paths", "BAD_TYPE"))
+        elif name == "path_map" and not (len(value) <= 100 and all(
+                isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p for p in pair)
+                for pair in value)):
+            errors.append(spec_error(name, "path_map must be a list of [old prefix, new prefix] pairs", "BAD_TYPE"))
     return errors
 
 

@@ -257,17 +257,22 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
     bad = {e["field"] for e in errors}
     writable = write_mounts + [Mount(job_dir, "job")]
     plan: dict = {"paths": {}}
+    fields: dict[str, str] = {}  # plan key -> the spec field it came from
 
     def take(field: str, key: str, value, writes: bool = False, in_config: bool = False) -> None:
-        """Resolve `value` (a path or a list of them) into plan["paths"][key], or add an error for `field`."""
-        try:
-            resolved = [_resolve_path(text, writable if writes else mounts, job_dir if in_config else None,
-                                      must_exist=not writes, in_config=in_config)
-                        for text in (value if isinstance(value, list) else [value])]
-        except PathRefused as exc:
-            errors.append(P.spec_error(field, f"{key}: {exc}" if in_config else str(exc), exc.code))
-            return
+        """Resolve `value` (a path or a list of them) into plan["paths"][key], or add an
+        error for `field` that names the path and key, for the client to offer fixes."""
+        resolved = []
+        for text in value if isinstance(value, list) else [value]:
+            try:
+                resolved.append(_resolve_path(text, writable if writes else mounts, job_dir if in_config else None,
+                                              must_exist=not writes, in_config=in_config))
+            except PathRefused as exc:
+                errors.append({**P.spec_error(field, f"{key}: {exc}" if in_config else str(exc), exc.code),
+                               "path": str(text)[:MAX_PATH_CHARS], "key": key})
+                return
         plan["paths"][key] = resolved if isinstance(value, list) else resolved[0]
+        fields[key] = field
 
     if spec["type"] == P.TRACK:
         for field in ("data_path", "model_paths"):
@@ -278,6 +283,7 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
             if "output" in plan["paths"] and not Path(plan["paths"]["output"]).parent.is_dir():
                 errors.append(P.spec_error("output", f"directory {Path(plan['paths']['output']).parent} does not "
                                            "exist on the worker", "NOT_FOUND"))
+        _check_labels(spec, plan, fields, errors, mounts, write_mounts, job_dir)
         return errors, plan
     for field, (key, as_list) in SPEC_CONFIG_KEYS.items():
         if spec.get(field) and field not in bad:
@@ -287,7 +293,7 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
     try:
         config_path = Path(_resolve_path(spec["config"], mounts))
     except PathRefused as exc:
-        errors.append(P.spec_error("config", str(exc), exc.code))
+        errors.append({**P.spec_error("config", str(exc), exc.code), "path": spec["config"], "key": "config"})
         return errors, plan
     config, text, problem = _read_config(config_path)
     if problem:
@@ -298,7 +304,46 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
         value = _config_value(config, key)
         if key not in plan["paths"] and value not in (None, "", [], "."):  # "." is ckpt_dir's default: the job's
             take("config", key, value, writes=key in CONFIG_WRITES, in_config=True)
+    _check_labels(spec, plan, fields, errors, mounts, write_mounts, job_dir)
     return errors, plan
+
+
+def _check_labels(spec: dict, plan: dict, fields: dict, errors: list, mounts: list[Mount],
+                  write_mounts: list[Mount], job_dir: Path) -> None:
+    """Check the videos of every labels file the job reads (see check_videos), after the
+    spec's path_map. A labels file whose videos the map moved is run as a copy, written
+    when the job starts: next to the original when that directory is writable, else in
+    the job's directory (plan["relabel"])."""
+    path_map = spec.get("path_map") or []
+    for old, new in path_map:
+        try:
+            resolve_in_mounts(new, mounts)
+        except PathRefused as exc:
+            errors.append(P.spec_error("path_map", f"{old}={new}: {exc}", exc.code))
+    if any(e["field"] == "path_map" for e in errors):
+        return
+    for key in LABELS_KEYS:
+        value = plan["paths"].get(key)
+        if value is None or (key == "data_path" and not str(value).endswith(".slp")):
+            continue
+        used = []
+        for path in value if isinstance(value, list) else [value]:
+            problems, rewrite = check_videos(path, mounts, path_map, write_mounts)
+            for problem in problems:
+                message, code = problem.pop("message"), problem.pop("code")
+                errors.append({**P.spec_error(fields[key], message, code), **problem, "key": key})
+            if rewrite:
+                source = Path(path)
+                try:
+                    resolve_in_mounts(str(source.parent), write_mounts)
+                    copy = source.with_name(f"{source.stem}.resolved-{job_dir.name}.slp")
+                except PathRefused:
+                    copy = job_dir / f"{source.stem}.resolved.slp"
+                plan.setdefault("relabel", []).append({"key": key, "source": path, "copy": str(copy), "map": path_map,
+                                                       "videos": {str(i): n for i, n in rewrite.items()}})
+                path = str(copy)
+            used.append(path)
+        plan["paths"][key] = used if isinstance(value, list) else used[0]
 
 
 def _resolve_path(text, mounts: list[Mount], base: Optional[Path] = None, must_exist: bool = True,
@@ -388,6 +433,265 @@ def recheck_paths(paths: dict, mounts: list[Mount], write_mounts: list[Mount], j
             if now != text:
                 return f"{key}: {text} now leads to {now} (a link changed after the job was accepted)"
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# Looking at the worker's files: listings and a bounded search, inside the mounts only
+# ---------------------------------------------------------------------------------------
+
+LIST_PAGE = 500  # entries in one FS_LISTING
+SEARCH_DEPTH = 5  # directories below a mount that a search descends
+SEARCH_SECONDS = 10.0
+SEARCH_RESULTS = 20
+SEARCH_MIN_CHARS = 3  # of a search pattern that are not wildcards
+SEARCH_MIN_SCORE = 0.75  # name similarity (0-1) below which a file is no candidate
+_GLOB_CHARS = re.compile(r"[*?\[\]]")
+
+
+def _inside(path: Path, mounts: list[Mount]) -> bool:
+    return any(path == m.path or path.is_relative_to(m.path) for m in mounts)
+
+
+def list_directory(path: Optional[str], mounts: list[Mount], offset: int = 0, nearest: bool = False) -> dict:
+    """One page of a directory inside the mounts (directories first, then files, by name),
+    or the mounts when no path is given. With `nearest`, the deepest existing directory
+    on the way to `path`. Entries that are links leading out of the mounts are left out."""
+    if not path:
+        return {"mounts": [m.public() for m in mounts], "entries": [], "total": 0, "offset": 0}
+    directory = _nearest_directory(path, mounts) if nearest else resolve_in_mounts(path, mounts)
+    if not directory.is_dir():
+        raise PathRefused(f"{directory} is not a directory on the worker", "NOT_FOUND")
+    entries = []
+    try:
+        with os.scandir(directory) as scan:
+            for entry in scan:
+                try:
+                    if entry.is_symlink() and not _inside(Path(entry.path).resolve(), mounts):
+                        continue
+                    info = entry.stat()
+                    kind = "dir" if entry.is_dir() else "file"
+                except OSError:  # vanished, or a dangling link
+                    continue
+                entries.append({"name": entry.name, "kind": kind, "size": info.st_size if kind == "file" else None,
+                                "mtime": info.st_mtime})
+    except OSError as exc:
+        raise PathRefused(f"{directory} cannot be read: {exc.strerror}", "NOT_FOUND") from None
+    entries.sort(key=lambda e: (e["kind"] != "dir", e["name"].lower()))
+    offset = max(0, offset)
+    return {"path": str(directory), "entries": entries[offset:offset + LIST_PAGE], "total": len(entries),
+            "offset": offset}
+
+
+def _nearest_directory(path: str, mounts: list[Mount]) -> Path:
+    """The deepest existing directory inside a mount on the way to `path` (the first mount
+    when none is)."""
+    candidate = Path(path)
+    for folder in [candidate, *candidate.parents]:
+        try:
+            resolved = resolve_in_mounts(str(folder), mounts)
+        except PathRefused:
+            continue
+        if resolved.is_dir():
+            return resolved
+    return mounts[0].path
+
+
+def _walk_files(mounts: list[Mount], deadline: float, depth: int = SEARCH_DEPTH):
+    """(DirEntry, its path) of every file inside the mounts, breadth first, never through
+    a link, down to `depth`; stops at `deadline` (time.monotonic)."""
+    seen: set[Path] = set()
+    pending = collections.deque((m.path, 0) for m in mounts)
+    while pending and time.monotonic() < deadline:
+        directory, level = pending.popleft()
+        if directory in seen:
+            continue
+        seen.add(directory)
+        try:
+            with os.scandir(directory) as scan:
+                entries = list(scan)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink():
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if level < depth:
+                    pending.append((Path(entry.path), level + 1))
+            elif entry.is_file(follow_symlinks=False):
+                yield entry
+
+
+def search_files(pattern: str, mounts: list[Mount], size: Optional[int] = None,
+                 seconds: float = SEARCH_SECONDS, limit: int = SEARCH_RESULTS) -> dict:
+    """Files inside the mounts whose name is like `pattern` (a file name, or a glob):
+    ranked by name similarity, the same size (when given) and recency; bounded in depth,
+    time and results. Raises PathRefused for a pattern too broad to mean anything."""
+    import difflib
+    import fnmatch
+
+    name = re.split(r"[\\/]", str(pattern))[-1].lower()
+    if len(_GLOB_CHARS.sub("", name.rsplit(".", 1)[0] if "." in name else name)) < SEARCH_MIN_CHARS:
+        raise PathRefused(f"{str(pattern)[:80]!r} is too broad to search for; give at least {SEARCH_MIN_CHARS} "
+                          "characters of the file name before its extension", "TOO_BROAD")
+    globbed = bool(_GLOB_CHARS.search(name))
+    started = time.monotonic()
+    deadline = started + seconds
+    matcher = difflib.SequenceMatcher(b=name, autojunk=False)
+    found, scanned = [], 0
+    for entry in _walk_files(mounts, deadline):
+        scanned += 1
+        lowered = entry.name.lower()
+        if globbed:
+            score = 1.0 if fnmatch.fnmatchcase(lowered, name) else 0.0
+        else:
+            matcher.set_seq1(lowered)
+            # real_quick_ratio and quick_ratio are cheap upper bounds of ratio: most names stop there.
+            score = 1.0 if lowered == name else matcher.ratio() if (
+                matcher.real_quick_ratio() >= SEARCH_MIN_SCORE and matcher.quick_ratio() >= SEARCH_MIN_SCORE) else 0
+        if score < SEARCH_MIN_SCORE:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        found.append({"path": entry.path, "size": info.st_size, "mtime": info.st_mtime, "score": round(score, 3)})
+    complete = time.monotonic() < deadline
+    newest = max((f["mtime"] for f in found), default=0)
+    for candidate in found:  # the same size is strong evidence; recency breaks near ties
+        rank = candidate["score"] + (0.5 if size is not None and candidate["size"] == size else 0)
+        candidate["rank"] = rank - min(0.1, (newest - candidate["mtime"]) / 86400 / 365)
+    found.sort(key=lambda c: -c.pop("rank"))
+    return {"candidates": found[:limit], "complete": complete, "scanned": scanned,
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+# ---------------------------------------------------------------------------------------
+# Videos a labels file points at: checked at acceptance, mapped to this worker's paths
+# ---------------------------------------------------------------------------------------
+
+# The labels files of a job, by plan key.
+LABELS_KEYS = ("data_config.train_labels_path", "data_config.val_labels_path", "data_config.test_file_path",
+               "data_path")
+PROPOSED_CANDIDATES = 5
+
+
+def path_parts(path: str) -> list[str]:
+    """A path from any machine as its parts (backslashes and drive letters too)."""
+    return [part for part in re.split(r"[\\/]+", path) if part]
+
+
+def map_path(path: str, path_map: list) -> Optional[str]:
+    """`path` with the first matching [old prefix, new prefix] of `path_map` applied, or None."""
+    parts = path_parts(path)
+    for old, new in path_map:
+        prefix = path_parts(old)
+        if prefix and parts[:len(prefix)] == prefix:
+            return str(Path(new, *parts[len(prefix):]))
+    return None
+
+
+def _prefix_maps(old: str, new: str) -> list[tuple[str, str]]:
+    """Every pair of prefixes that turns `old` into `new`, keeping at least the file name:
+    /a/b/x.mp4 and /c/b/x.mp4 give (/a/b, /c/b) and (/a, /c)."""
+    a, b = path_parts(old), path_parts(new)
+    maps = []
+    for same in range(1, min(len(a), len(b))):
+        if a[-same] != b[-same]:
+            break
+        prefix = a[:len(a) - same]
+        text = "\\".join(prefix) if "\\" in old and "/" not in old else "/".join(prefix)
+        maps.append(("/" + text if old.startswith("/") else text, str(Path("/", *b[:len(b) - same]))))
+    return maps
+
+
+def check_videos(labels_path: str, mounts: list[Mount], path_map: list,
+                 search_mounts: Optional[list[Mount]] = None) -> tuple[list[dict], Optional[dict]]:
+    """Every video a labels file names must exist inside the mounts, after `path_map`.
+
+    Returns (problems, rewrite): a problem per missing video, with candidates found by
+    its file name in `search_mounts` (default: the mounts) and a proposed prefix
+    mapping; rewrite, when the mapping changed a
+    video, is {index: new file name(s)} for a copy of the labels. Embedded frames need
+    no video. Without sleap-io (a worker that cannot read labels) nothing is checked."""
+    try:
+        import sleap_io
+    except ImportError:
+        return [], None
+    try:
+        labels = sleap_io.load_slp(labels_path, open_videos=False)
+    except Exception as exc:  # sleap-io raises many types on a file it cannot read
+        return [{"message": f"{labels_path} is not a readable SLEAP labels file: {str(exc)[:200]}",
+                 "code": "BAD_LABELS"}], None
+    problems, rewrite = [], {}
+    for index, video in enumerate(labels.videos):
+        if (getattr(video, "backend_metadata", None) or {}).get("has_embedded_images"):
+            continue
+        names = video.filename if isinstance(video.filename, list) else [video.filename]
+        mapped = [map_path(str(n), path_map) for n in names]
+        missing = []
+        for original, new in zip(names, mapped):
+            try:
+                if not resolve_in_mounts(new or str(original), mounts).exists():
+                    missing.append(str(original))
+            except PathRefused as exc:
+                if new is not None:
+                    problems.append({"message": f"{labels_path}: video {index} maps to {new}, which is outside the "
+                                     f"worker's mounts ({exc})", "code": "ACCESS_DENIED", "path": str(original)})
+                    break
+                missing.append(str(original))
+        else:
+            if missing:
+                shown = missing[0] if len(names) == 1 else f"{len(missing)} of the {len(names)} images of {names[0]}"
+                problems.append({"message": f"{labels_path}: video {index} {shown} does not exist on the worker",
+                                 "code": "VIDEO_NOT_FOUND", "path": missing[0], "video": True})
+            elif any(mapped):
+                new_names = [m or str(n) for m, n in zip(mapped, names)]
+                rewrite[index] = new_names if isinstance(video.filename, list) else new_names[0]
+    missing_videos = [p for p in problems if p.get("video")]
+    if missing_videos:
+        _propose(missing_videos, mounts, search_mounts or mounts)
+    return problems, rewrite or None
+
+
+def _propose(problems: list[dict], mounts: list[Mount], search_mounts: list[Mount]) -> None:
+    """Candidates by file name for each missing video (one walk of `search_mounts`), and
+    the prefix mapping that resolves the most of them inside `mounts`."""
+    wanted = {path_parts(p["path"])[-1]: p for p in problems}
+    found: dict[str, list[str]] = {name: [] for name in wanted}
+    for entry in _walk_files(search_mounts, time.monotonic() + SEARCH_SECONDS):
+        if entry.name in found and len(found[entry.name]) < PROPOSED_CANDIDATES:
+            found[entry.name].append(entry.path)
+    mappings = {m for name, p in wanted.items() for c in found[name] for m in _prefix_maps(p["path"], c)}
+    best, resolved = None, 0
+    for old, new in sorted(mappings, key=lambda m: -len(path_parts(m[0]))):  # the most specific wins a tie
+        count = 0
+        for problem in problems:
+            target = map_path(problem["path"], [[old, new]])
+            try:
+                count += bool(target) and resolve_in_mounts(target, mounts).exists()
+            except PathRefused:
+                pass
+        if count > resolved:
+            best, resolved = (old, new), count
+    for name, problem in wanted.items():
+        problem["candidates"] = found[name]
+    for problem in problems:
+        problem.setdefault("candidates", [])
+        if best:
+            problem["proposal"] = {"old": best[0], "new": best[1], "resolves": resolved, "of": len(problems)}
+
+
+def write_labels_copy(source: str, copy: str, rewrite: dict) -> None:
+    """A copy of a labels file whose videos are renamed by `rewrite` (index: new name);
+    the original is only read. Written beside its final name, then renamed."""
+    import sleap_io
+
+    labels = sleap_io.load_slp(source, open_videos=False)
+    names = [rewrite.get(str(i), rewrite.get(i, video.filename)) for i, video in enumerate(labels.videos)]
+    labels.replace_filenames(new_filenames=names, open_videos=False)
+    partial = Path(copy).with_name(f".part-{Path(copy).name}")  # sleap-io picks the format by the .slp ending
+    labels.save(str(partial), embed=False)
+    os.replace(partial, copy)
 
 
 # ---------------------------------------------------------------------------------------
@@ -2222,6 +2526,8 @@ class Session:
             self.send(P.LINK_PONG, item.payload)
         elif item.name == P.UPLOAD_QUERY:
             self.send(P.UPLOAD_STATUS, self.worker.uploads.status(item.payload))
+        elif item.name in (P.FS_LIST, P.FS_SEARCH):
+            self._files(item.name, item.payload)
         elif item.name == P.FILE_REQUEST:
             self._send_requested_file(item.payload)
         elif item.name == P.JOB_SUBMIT:
@@ -2283,7 +2589,8 @@ class Session:
         if not errors:
             self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
             files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
-            accepted = {**spec, "_resolved": plan["paths"], **({"_package": plan["package"]} if "package" in plan else {})}
+            accepted = {**spec, "_resolved": plan["paths"],
+                        **{f"_{name}": plan[name] for name in ("package", "relabel") if name in plan}}
             job, errors = self.worker.scheduler.submit(job_id, accepted, self.peer_id, self._listener(job_id, True),
                                                        files)
         if errors:
@@ -2355,6 +2662,29 @@ class Session:
                 except PathRefused as exc:
                     reply["error"] = f"{path} is not served: {exc}"
         self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply), report=True))
+
+    def _files(self, name: str, payload: dict) -> None:
+        """A listing or a search of the worker's files, inside the mounts a client may read.
+        A search takes up to SEARCH_SECONDS of this session's thread: it delays only this client."""
+        reply: dict = {"request_id": str(payload.get("request_id", ""))[:64]}
+        mounts = self.worker.readable_mounts
+        try:
+            if name == P.FS_LIST:
+                offset = payload.get("offset") or 0
+                if not isinstance(offset, int) or isinstance(offset, bool):
+                    raise PathRefused(f"offset must be a whole number, not {P.echo(offset)}")
+                path = payload.get("path")
+                if path is not None and not isinstance(path, str):
+                    raise PathRefused(f"expected a path, not {P.echo(path)}")
+                reply.update(list_directory(path, mounts, offset, bool(payload.get("nearest"))))
+            else:
+                size = payload.get("size")
+                # The admin's mounts only: copies in job directories would crowd out the originals.
+                reply.update(search_files(str(payload.get("name", "")), self.worker.mounts,
+                                          size if isinstance(size, int) and not isinstance(size, bool) else None))
+        except PathRefused as exc:
+            reply.update(error=str(exc), code=exc.code)
+        self.send(P.FS_LISTING if name == P.FS_LIST else P.FS_FOUND, reply)
 
     def _send_requested_file(self, payload: dict) -> None:
         requested = str(payload.get("path", ""))
@@ -2619,10 +2949,22 @@ class Worker:
             raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
                                 "submit it again")
         if "_package" not in job.spec:
+            notes = []
+            for relabel in job.spec.get("_relabel", []):  # before the recheck, which wants the copies to exist
+                try:
+                    Path(relabel["copy"]).parent.mkdir(parents=True, exist_ok=True)
+                    write_labels_copy(relabel["source"], relabel["copy"], relabel["videos"])
+                except Exception as exc:  # sleap-io raises many types on a file it cannot read or write
+                    raise JobSetupError(f"writing {relabel['copy']} with the mapped video paths failed: {exc}") \
+                        from None
+                maps = ", ".join(f"{old}={new}" for old, new in relabel["map"])
+                notes.append(f"{relabel['source']}: videos mapped with {maps}; sleap-nn reads the copy "
+                             f"{relabel['copy']} (the original is unchanged)")
             problem = recheck_paths(job.spec["_resolved"], self.readable_mounts, self.mounts, job.dir)
             if problem:
                 raise JobSetupError(problem)
-            return self.scheduler.structured_plan(job)
+            steps, _ = self.scheduler.structured_plan(job)
+            return steps, notes
         package = job.spec["_package"]
         path, unpack_dir = Path(package["path"]), Path(package["dir"])
         try:

@@ -28,8 +28,8 @@ def data(tmp_path):
     """The worker's mount with a config a stand-in accepts, and a directory outside it."""
     mount = tmp_path / "data"
     mount.mkdir()
+    make_project(mount, frames=4)  # labels.slp: real labels, whose video the worker checks at acceptance
     (mount / "config.yaml").write_text("trainer_config:\n  max_epochs: 1\n")
-    (mount / "labels.slp").write_text("labels")
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "planted").write_text("not yours")
@@ -43,8 +43,9 @@ def start(room, mount: Path, *extra: str):
     return proc, peer_id, working_dir
 
 
-def rejected(result) -> str:
-    assert result.returncode == 1, result.stdout + result.stderr
+def rejected(result, code: int = 1) -> str:
+    """The errors of a rejected job; `code` 4 when the client found paths it could offer to fix."""
+    assert result.returncode == code, result.stdout + result.stderr
     assert "was rejected by" in result.stderr, result.stderr
     return result.stderr
 
@@ -71,7 +72,7 @@ def test_paths_inside_a_config_must_stay_inside_the_mounts(room, data):
     config.write_text("trainer_config:\n  ckpt_dir: ../../../../../../../../tmp\n")
     assert "trainer_config.ckpt_dir: Access denied" in rejected(room.client("train", "--config", str(config)))
     config.write_text(f"data_config:\n  val_labels_path: [{outside / 'planted'}]\n")
-    assert "data_config.val_labels_path: Access denied" in rejected(room.client("train", "--config", str(config)))
+    assert "data_config.val_labels_path: Access denied" in rejected(room.client("train", "--config", str(config)), 4)
     config.write_text("defaults: [other]\n")
     assert "the top-level key 'defaults'" in rejected(room.client("train", "--config", str(config)))
 
@@ -134,7 +135,7 @@ def test_queued_jobs_run_with_the_paths_resolved_at_acceptance(room, data, tmp_p
     _, _, worker_dir = start(room, mount, "--sleap-nn", str(gated))
     link, real = mount / "link.slp", mount / "real.slp"
     os.symlink(mount / "labels.slp", link)
-    real.write_text("labels")
+    shutil.copy(mount / "labels.slp", real)
 
     config = mount / "config.yaml"
     first = room.submit(config)
@@ -208,7 +209,7 @@ def test_a_rejected_job_frees_its_slot_at_once(room, data, tmp_path):
     mount, _ = data
     quick = stand_in(tmp_path, "quick-sleap-nn", "print('ok')\n")
     start(room, mount, "--sleap-nn", str(quick))
-    assert rejected(room.client("train", "--config", str(mount / "missing.yaml")))
+    assert rejected(room.client("train", "--config", str(mount / "missing.yaml")), 4)
     began = time.monotonic()
     result = room.client("train", "--config", str(mount / "config.yaml"), "--detach")
     assert result.returncode == 0, result.stderr
@@ -239,5 +240,5 @@ def test_file_transfers_do_not_need_a_free_slot(room, data, tmp_path):
     wait_until(lambda: state_of(worker_dir, job_id) == P.RUNNING, 30, "the job to run")
     upload = room.client("upload", str(mount / "labels.slp"))
     assert upload.returncode == 0, upload.stderr
-    assert [f.read_text() for f in (worker_dir / "uploads").glob("*/labels.slp")] == ["labels"]
+    assert [f.read_bytes() for f in (worker_dir / "uploads").glob("*/labels.slp")] == [(mount / "labels.slp").read_bytes()]
     room.client("cancel", job_id)

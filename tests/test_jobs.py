@@ -115,7 +115,7 @@ def test_bad_spec_is_rejected_field_by_field_and_nothing_runs(lab):
     outside.write_text("x")
     result = lab.client("train", "--config", str(lab.project["config"].parent / "missing.yaml"),
                         "--labels", str(outside), "--val-labels", str(lab.project["config"].parent / "nope.slp"))
-    assert result.returncode == 1
+    assert result.returncode == 4  # rejected for paths: the client printed what it found instead
     assert "config: " in result.stderr and "does not exist on the worker" in result.stderr
     assert f"labels: Access denied: {outside} is outside the worker's mounts" in result.stderr
     assert "val_labels: " in result.stderr
@@ -128,11 +128,10 @@ def test_bad_spec_is_rejected_field_by_field_and_nothing_runs(lab):
 
 
 def test_sleap_nn_failure_reports_exit_code_and_stderr(lab, tmp_path):
-    # Paths are checked at acceptance now, so the labels exist but are not a labels file.
-    garbage = lab.project["config"].parent / "garbage.slp"
-    garbage.write_text("not an HDF5 file")
+    # Paths and labels are checked at acceptance, so sleap-nn gets a config it refuses itself:
+    # body parts its skeleton does not have.
     broken = lab.project["config"].parent / "broken.yaml"
-    broken.write_text(lab.project["config"].read_text().replace(str(lab.project["labels"]), str(garbage)))
+    broken.write_text(lab.project["config"].read_text().replace("part_names: [head, tail]", "part_names: [nose, ear]"))
     result = lab.client("train", "--config", str(broken), "--max-epochs", "1")
     assert result.returncode == 1
     assert "failed (exit code 1" in result.stderr

@@ -68,25 +68,15 @@ def labels(tmp_path_factory) -> bytes:
     return (out / "tiny.pkg.slp").read_bytes()
 
 
-def package(path: Path, labels: bytes, models: list[str], inference: str | None, script: str = "inference-script.sh",
-            jobs: bool = False, broken: tuple[str, ...] = (), extra: dict | None = None) -> Path:
+def package(path: Path, labels: bytes, models: list[str], inference: str, script: str = "inference-script.sh",
+            broken: tuple[str, ...] = ()) -> Path:
     """A package training `models` in order (those in `broken` name a labels file sleap-nn
     cannot read), then running the `inference` line (from `script`)."""
     entries: dict[str, bytes | str] = {"tiny.pkg.slp": labels, "notes.slp": "not labels"}
     for model in models:
-        entries[f"{model}.yaml"] = model_config(labels="notes.slp" if model in broken else "tiny.pkg.slp",
-                                                       run=run_name(model))
+        entries[f"{model}.yaml"] = model_config("notes.slp" if model in broken else "tiny.pkg.slp", run_name(model))
     entries["train-script.sh"] = "#!/bin/bash\n" + "".join(train_line(m) + "\n" for m in models)
-    if inference is not None:
-        entries[script] = "#!/bin/bash\n" + inference + "\n"
-    if jobs:
-        entries["jobs.yaml"] = json.dumps({
-            "training": [{"cfg": f"{m}.yaml", "run_path": f"models/{run_name(m)}", "train_labels": "tiny.pkg.slp"}
-                         for m in models],
-            "inference": [{"data_path": "tiny.pkg.slp", "models": [f"models/{run_name(models[-1])}"],
-                           "only_suggested_frames": False, "output_path": "tiny.pkg.slp.predictions.slp",
-                           "tracking": {}, "type": "labels"}]})
-    entries.update(extra or {})
+    entries[script] = "#!/bin/bash\n" + inference + "\n"
     return write_zip(path, entries)
 
 
@@ -206,7 +196,7 @@ def test_a_package_on_shared_storage_runs_next_to_itself(room, labels):
     # No frame 100 exists: sleap-nn predicts nothing, and the job completes with a warning.
     inference = (f"sleap predict --data_path tiny.pkg.slp --model_paths models/{run_name('solo')} -o none.slp "
                  "--video_index 0 --frames 100-110")
-    pkg = package(mount / "tiny.training_job.zip", labels, ["solo"], inference, jobs=False)
+    pkg = package(mount / "tiny.training_job.zip", labels, ["solo"], inference)
     result = room.client("train", "--worker-pkg-path", str(pkg), "--no-progress", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = job_of(result)
