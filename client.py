@@ -921,7 +921,8 @@ class JobMonitor:
         elif event == "epoch_end":
             if self.epoch_started is not None:
                 self.epoch_seconds.append(now - self.epoch_started)
-            self.epochs.append({"epoch": p.get("epoch"), "loss": p.get("loss"), "val_loss": p.get("val_loss")})
+            self.epochs.append({"epoch": p.get("epoch"), "loss": p.get("loss"), "val_loss": p.get("val_loss"),
+                                "model": p.get("model")})
             total = p.get("max_epochs")
             done = (p.get("epoch") or 0) + 1
             eta = ""
@@ -986,12 +987,15 @@ class JobMonitor:
             import matplotlib.pyplot as plt
         except ImportError:
             return "no loss plot: matplotlib is not installed here (pip install matplotlib)"
-        epochs = [e["epoch"] + 1 for e in self.epochs]
         figure, axes = plt.subplots(figsize=(6, 4))
-        for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
-            values = [e[key] for e in self.epochs]
-            if any(v is not None for v in values):
-                axes.plot(epochs, [float("nan") if v is None else v for v in values], marker="o", label=label)
+        models = list(dict.fromkeys(e["model"] for e in self.epochs))  # a package trains several, in order
+        for model in models:
+            run = [e for e in self.epochs if e["model"] == model]
+            for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
+                values = [e[key] for e in run]
+                if any(v is not None for v in values):
+                    axes.plot([e["epoch"] + 1 for e in run], [float("nan") if v is None else v for v in values],
+                              marker="o", label=f"{model} {label}" if len(models) > 1 else label)
         axes.set_xlabel("epoch")
         axes.set_ylabel("loss")
         axes.set_title(f"job {self.job_id}")

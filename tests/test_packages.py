@@ -28,9 +28,9 @@ LAPTOP = "/Users/ana/sleap_project"  # where the labels lived on the machine tha
 
 
 
-def model_config(labels: str, run: str) -> str:
+def model_config(labels: str, run: str, epochs: int = 1) -> str:
     """The tiny project's config as a package holds it: labels by bare name, SLEAP's ckpt_dir and run name."""
-    return CONFIG.format(labels=labels, epochs=1, steps=2) + f"  ckpt_dir: models\n  run_name: {run}\n"
+    return CONFIG.format(labels=labels, epochs=epochs, steps=2) + f"  ckpt_dir: models\n  run_name: {run}\n"
 
 
 # -- building packages as SLEAP does ---------------------------------------------------------
@@ -69,12 +69,13 @@ def labels(tmp_path_factory) -> bytes:
 
 
 def package(path: Path, labels: bytes, models: list[str], inference: str, script: str = "inference-script.sh",
-            broken: tuple[str, ...] = ()) -> Path:
+            broken: tuple[str, ...] = (), epochs: dict[str, int] | None = None) -> Path:
     """A package training `models` in order (those in `broken` name a labels file sleap-nn
-    cannot read), then running the `inference` line (from `script`)."""
+    cannot read; `epochs` by model, else 1), then running the `inference` line (from `script`)."""
     entries: dict[str, bytes | str] = {"tiny.pkg.slp": labels, "notes.slp": "not labels"}
     for model in models:
-        entries[f"{model}.yaml"] = model_config("notes.slp" if model in broken else "tiny.pkg.slp", run_name(model))
+        entries[f"{model}.yaml"] = model_config("notes.slp" if model in broken else "tiny.pkg.slp", run_name(model),
+                                                (epochs or {}).get(model, 1))
     entries["train-script.sh"] = "#!/bin/bash\n" + "".join(train_line(m) + "\n" for m in models)
     entries[script] = "#!/bin/bash\n" + inference + "\n"
     return write_zip(path, entries)
@@ -185,6 +186,29 @@ def test_a_model_that_fails_stops_the_package(room, labels):
     assert [(s["name"], s["state"]) for s in record["steps"]] == [
         ("first", "completed"), ("second", "failed"), ("third", "not run"), ("inference", "not run")]
     assert "third" not in " ".join(json.loads(record["command"]))  # the last command run was the second's
+
+
+@pytest.mark.slow
+def test_stop_early_ends_the_current_model_and_the_package_goes_on(room, labels):
+    worker_dir = room.tmp / "w"
+    room.start_worker(working_dir=worker_dir)
+    inference = f"sleap predict --data_path tiny.pkg.slp --model_paths models/{run_name('second')} -o out.slp"
+    pkg = package(room.tmp / "long.zip", labels, ["first", "second"], inference, epochs={"first": 500})
+    follower = room.start_client("train", "--pkg-path", str(pkg))
+    job_id = follower.wait_for(r"job (\S+) accepted", 60).group(1)
+    follower.wait_for(r"epoch 1/500", 120)  # the first model trains, and would for minutes
+    stopped = room.client("stop", job_id)
+    assert stopped.returncode == 0 and "then the package goes on" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert follower.popen.wait(timeout=180) == 0, follower.output()
+    assert events(room.tmp, job_id) == [
+        (P.TRAIN_JOB_START, "first"), (P.TRAIN_JOB_END, "first"), (P.TRAIN_JOB_START, "second"),
+        (P.TRAIN_JOB_END, "second"), (P.INFERENCE_START, None), (P.INFERENCE_JOB_START, "inference"),
+        (P.JOB_COMPLETE, None)]
+    record = ledger(worker_dir, job_id)
+    assert [(s["name"], s["state"], s["stopped_early"]) for s in record["steps"][:2]] == [
+        ("first", P.COMPLETED, True), ("second", P.COMPLETED, False)]
+    assert "model first trained (stopped early)" in follower.output()
+    assert sorted(o["name"] for o in record["outputs"] if o["kind"] == "model") == ["first", "second"]
 
 
 @pytest.mark.slow
