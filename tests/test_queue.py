@@ -288,8 +288,10 @@ def test_an_assignment_reserves_the_free_slot_for_its_job_until_the_timeout(room
 
         assert assign("held-1") == {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNED, "job_id": "held-1", "reserved": True,
                                     "queue_position": 0}
-        props = peer.discover(role="worker")[0]["metadata"]["properties"]
-        assert props["status"] == P.RESERVED and props["pending_job_id"] == "held-1"
+        # The worker publishes its status from its own thread, a moment after it answers.
+        found = wait_until(lambda: peer.discover(role="worker", properties={"status": P.RESERVED}), 1.5,
+                           "discovery to show the slot reserved")
+        assert found[0]["metadata"]["properties"]["pending_job_id"] == "held-1"
         assert assign("held-2")["queue_position"] == 1  # the only slot is promised already
         wait_until(lambda: peer.discover(role="worker", properties={"status": P.AVAILABLE}), 10,
                    "the unclaimed slot to be free again")
