@@ -1059,8 +1059,7 @@ class _PackageReader:
                               "trainer_config.run_name": _hydra_value(run_name),
                               "trainer_config.trainer_accelerator": WORKER_DEVICE,
                               **{k: _override_value(v) for k, v in overrides.items()},
-                              **{k: (f"[{','.join(_hydra_value(x) for x in v)}]" if isinstance(v, list)
-                                     else _hydra_value(v)) for k, v in paths.items()}}
+                              **{k: _hydra_paths(v) for k, v in paths.items()}}
         if model in self.plan.configs:
             raise PackageRefused(f"{where}: the model {model} is trained twice")
         self.plan.configs[model] = text
@@ -1300,6 +1299,11 @@ def _hydra_value(text: str) -> str:
     return "'" + _HYDRA_ESCAPED_RE.sub(escape, text) + "'"
 
 
+def _hydra_paths(value) -> str:
+    """A resolved path, or a list of them, as a literal Hydra override value."""
+    return f"[{','.join(_hydra_value(v) for v in value)}]" if isinstance(value, list) else _hydra_value(value)
+
+
 def safe_run_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]", "_", name)[:100] or "run"
 
@@ -1344,8 +1348,7 @@ def train_step(executable: str, spec: dict, job_dir: Path) -> Step:
                  "trainer_config.run_name": _hydra_value(run_name)}
     for key, value in paths.items():
         if key != "trainer_config.ckpt_dir":
-            overrides[key] = (f"[{','.join(_hydra_value(v) for v in value)}]" if isinstance(value, list)
-                              else _hydra_value(value))
+            overrides[key] = _hydra_paths(value)
     if spec.get("max_epochs"):
         overrides["trainer_config.max_epochs"] = str(spec["max_epochs"])
     if spec.get("batch_size"):
@@ -2288,6 +2291,8 @@ class UploadStore:
         incoming = P.Incoming(transfer_id, name, size, sha256, self._part(sha256), final, offset, resumable=True)
         with self._lock:
             previous = self._active.get(sha256)
+            # Finished uploads need no tracking: keep the map to what may still be written.
+            self._active = {sha: held for sha, held in self._active.items() if not held.finished}
             self._active[sha256] = incoming
         if previous is not None and not previous.finished:
             previous.release("superseded by a newer upload of the same content")

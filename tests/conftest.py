@@ -6,6 +6,7 @@ STUN server is contacted) and a HOME of its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -60,6 +61,11 @@ def stand_in(directory: Path, name: str, body: str) -> Path:
     path.write_text(f"#!{PY}\n{body}")
     path.chmod(0o755)
     return path
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 hex digest of a file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def ledger(working_dir: Path, job_id: str) -> dict:

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 import protocol as P
-from conftest import wait_until
+from conftest import sha256, wait_until
 
 MB = 1024 * 1024
 
@@ -19,10 +19,6 @@ def random_file(path: Path, size: int) -> str:
     data = os.urandom(size)
     path.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def leftovers(directory: Path) -> list[str]:

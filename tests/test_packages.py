@@ -9,7 +9,6 @@ wrote.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import stat
@@ -20,7 +19,7 @@ import pytest
 
 import protocol as P
 import worker as W
-from conftest import ledger, stand_in
+from conftest import ledger, sha256, stand_in
 from tiny_data import CONFIG, make_project
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sleap-1.6.6" / "single_instance.training_job.zip"
@@ -90,10 +89,6 @@ def events(client_dir: Path, job_id: str) -> list[tuple[str, str | None]]:
 
 def job_of(result) -> str:
     return re.search(r"job (\S+) accepted", result.stdout).group(1)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- real packages, end to end ----------------------------------------------------------------

@@ -4,7 +4,6 @@ in a real terminal (tmux), driven with keystrokes as a person would."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
@@ -17,7 +16,7 @@ import pytest
 
 import protocol as P
 import worker as W
-from conftest import ROOT, PY, ledger, stand_in, wait_until
+from conftest import ROOT, PY, ledger, sha256, stand_in, wait_until
 from tiny_data import make_project
 
 LAPTOP = "/Users/ana/data"
@@ -243,10 +242,6 @@ def laptop_labels(made: dict, path: Path, videos: list[str]) -> Path:
     labels.replace_filenames(new_filenames=videos, open_videos=False)
     labels.save(str(path), embed=False)
     return path
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.slow
