@@ -1552,11 +1552,15 @@ class Job:
         error = None
         try:
             for index, step in enumerate(self.steps):
-                if step.kind == P.TRACK and "package" in self.spec and (index == 0 or self.steps[index - 1].kind != P.TRACK):
+                first_inference = step.kind == P.TRACK and (index == 0 or self.steps[index - 1].kind != P.TRACK)
+                if first_inference and "package" in self.spec:
                     self._lines.put(_Say(P.INFERENCE_START, {}))
                 error = self._run_step(step, on_step)
                 if error or self.cancel_requested.is_set():
                     break
+        except Exception as exc:  # a bug must fail this job and free its slot, not leave it running forever
+            log.exception("job %s: running its steps failed", self.job_id)
+            error = f"the worker failed while running the job: {exc!r}"
         finally:
             self._lines.put(None)
             relay.join()
