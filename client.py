@@ -83,6 +83,11 @@ class Progress:
         sys.stderr.flush()
 
 
+def transfer_note(size: int, seconds: float, via: str) -> str:
+    """Which path a file's bytes took and how fast, e.g. "over direct TCP 10.0.0.5: 310.2 MB/s"."""
+    return f"over {via}: {size / max(seconds, 1e-6) / 1e6:.1f} MB/s"
+
+
 def print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
@@ -408,9 +413,9 @@ def send_content(link: P.Link, path: Path) -> str:
     started = time.monotonic()
     ack = link.send_file(path, progress=Progress(f"upload {path.name}", offset), store=True, offset=offset,
                          digest=(size, sha256))
-    seconds = max(1e-6, time.monotonic() - started)
-    print(f"{path.name}: sent {size - offset} bytes in {seconds:.1f} s ({(size - offset) / seconds / 1e6:.1f} MB/s), "
-          "sha256 checked by the worker", file=sys.stderr)
+    seconds = time.monotonic() - started
+    print(f"{path.name}: sent {size - offset} bytes in {seconds:.1f} s "
+          f"{transfer_note(size - offset, seconds, ack['via'])}, sha256 checked by the worker", file=sys.stderr)
     return ack["path"]
 
 
@@ -438,6 +443,7 @@ def cmd_download(args) -> int:
             print(f"error: download failed: {item.error}", file=sys.stderr)
             return 1
         print(f"downloaded {item.path} ({item.size} bytes, sha256 {item.sha256})")
+        print(f"{item.name}: {transfer_note(item.size, item.seconds, item.via)}", file=sys.stderr)
         return 0
 
     return with_link(args, work, receive_dir=target)
@@ -966,7 +972,8 @@ class JobMonitor:
                 print(f"model on the worker: {output['path']}")
             elif output["kind"] == "predictions":
                 local = next((f for f in self.files if f.sha256 == output["sha256"]), None)
-                print(f"predictions: {local.path} (sha256 {output['sha256']}, checked)" if local else
+                print(f"predictions: {local.path} (sha256 {output['sha256']}, checked, "
+                      f"{transfer_note(local.size, local.seconds, local.via)})" if local else
                       f"predictions on the worker: {output['path']} (not received here)")
         if outcome.get("warning"):
             print(f"warning: {outcome['warning']}")
@@ -1263,7 +1270,8 @@ def cmd_fetch(args) -> int:
         def arrived(item) -> None:
             if isinstance(item, P.FileReceived):
                 received.append(item)
-                print(f"received {item.path} ({item.size} bytes)", file=sys.stderr)
+                print(f"received {item.path} ({item.size} bytes) {transfer_note(item.size, item.seconds, item.via)}",
+                      file=sys.stderr)
             elif isinstance(item, P.TransferFailed):
                 print(f"error: a file did not arrive: {item.error}", file=sys.stderr)
 
@@ -1307,6 +1315,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--room", default=os.environ.get(P.ENV_ROOM), help=f"room id (env {P.ENV_ROOM})")
     common.add_argument("--token", default=os.environ.get(P.ENV_TOKEN), help=f"room token (env {P.ENV_TOKEN})")
     common.add_argument("--debug", action="store_true", help="debug logging of the transport")
+    common.add_argument("--no-direct", action="store_true",
+                        help="send file bytes only over the WebRTC data channel, never over a direct TCP "
+                             f"connection between the machines (env {P.ENV_NO_DIRECT}=1)")
     worker_choice = argparse.ArgumentParser(add_help=False)
     worker_choice.add_argument("--worker-id", help="the worker's peer id (default: the first available worker)")
 
@@ -1433,6 +1444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_direct:
+        os.environ[P.ENV_NO_DIRECT] = "1"  # where the link reads it
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:

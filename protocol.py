@@ -9,24 +9,30 @@ Read top to bottom:
 5. the HTTP API beside the signaling server;
 6. `SignalingClient`: one websocket-client connection, one reader thread, reconnects;
 7. the asyncio loop thread that owns every aiortc object of this process;
-8. `Link`: a WebRTC data channel driven from plain threads, with heartbeats,
-   backpressure, acknowledged close and checked file transfers.
+8. direct transfers: file bytes over an AES-256-GCM TCP connection beside the link,
+   when the two machines can reach each other;
+9. `Link`: a WebRTC data channel driven from plain threads, with heartbeats,
+   backpressure, acknowledged close and checked file transfers (direct when it can).
 
-Only the standard library, websocket-client and (lazily) aiortc are imported, so the
-client never needs torch or sleap-nn.
+Only the standard library, websocket-client and (lazily) aiortc and cryptography, which
+comes with it, are imported, so the client never needs torch or sleap-nn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import os
 import queue
 import random
 import re
+import selectors
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -58,6 +64,9 @@ ENV_WORKER_PEER_ID = "SLEAP_RTC_WORKER_PEER_ID"
 # Comma-separated addresses: the only host candidates this process offers. Tests set it
 # to 127.0.0.1 so that no test traffic leaves loopback.
 ENV_ICE_HOSTS = "SLEAP_RTC_ICE_HOSTS"
+# Set (to anything but 0/false/no): file bytes always take the data channel, never a
+# direct TCP connection. `--no-direct` on the command lines sets it.
+ENV_NO_DIRECT = "SLEAP_RTC_NO_DIRECT"
 
 # Largest signaling frame the server accepts (a bigger one gets MESSAGE_TOO_LARGE).
 MAX_FRAME_BYTES = 1024 * 1024
@@ -77,6 +86,12 @@ CLOSE_ACK_TIMEOUT_S = 2.0
 # After the last byte of a file, how long the sender waits for the receiver's verdict (its
 # receive thread may still be writing what arrived).
 FILE_ACK_TIMEOUT_S = 3 * PEER_TIMEOUT_S
+# A sender tries direct connections this long before it sends over the link instead.
+DIRECT_CONNECT_TIMEOUT_S = 1.0
+# A receiver keeps its listener open this long for a sender that has not chosen yet.
+DIRECT_LISTEN_S = 10.0
+# A direct connection that moves nothing for this long is broken.
+DIRECT_IO_TIMEOUT_S = 30.0
 
 # The server pings every connection this often; a client that hears nothing for
 # SERVER_SILENCE_S assumes the connection is dead and reconnects.
@@ -301,6 +316,10 @@ FILE_BEGIN = "FILE_BEGIN"  # {transfer_id, name, size, sha256, store?, offset?}:
 FILE_END = "FILE_END"  # {transfer_id}
 FILE_ACK = "FILE_ACK"  # {transfer_id, ok, error?, saved_as?}
 FILE_ABORT = "FILE_ABORT"  # {transfer_id, reason}
+# A FILE_BEGIN with `direct: {key, token, hints}` offers a direct TCP connection for the bytes:
+FILE_DIRECT = "FILE_DIRECT"  # receiver -> sender {transfer_id, hints} | {transfer_id, off: why}
+FILE_CHANNEL = "FILE_CHANNEL"  # sender -> receiver {transfer_id}: the rest comes over the link
+FILE_OFFSET = "FILE_OFFSET"  # receiver -> sender {transfer_id, offset}: the first byte still wanted
 
 # Application messages.
 LINK_PING = "PING"  # {seq, sent}
@@ -878,12 +897,17 @@ def _restrict_host_candidates() -> None:
     aioice gathers host addresses through one module-level function and never offers
     127.0.0.1 itself; replacing that function is the one place to choose them.
     """
-    hosts = [h.strip() for h in os.environ.get(ENV_ICE_HOSTS, "").split(",") if h.strip()]
+    hosts = _ice_hosts()
     if not hosts:
         return
     import aioice.ice
 
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(hosts)
+
+
+def _ice_hosts() -> list[str]:
+    """The addresses SLEAP_RTC_ICE_HOSTS names, or [] when it is not set."""
+    return [h.strip() for h in os.environ.get(ENV_ICE_HOSTS, "").split(",") if h.strip()]
 
 
 def _rtc_configuration(ice_servers: list[dict]):
@@ -895,6 +919,338 @@ def _rtc_configuration(ice_servers: list[dict]):
         for s in ice_servers
     ]
     return RTCConfiguration(iceServers=servers)
+
+
+# ---------------------------------------------------------------------------------------
+# Direct transfers: file bytes over an encrypted TCP connection beside the link
+# ---------------------------------------------------------------------------------------
+# The data channel is pure-Python SCTP and CPU-bound; a TCP connection between the same two
+# machines is some 50 times faster when one can reach the other. The link, already
+# authenticated and DTLS-encrypted, carries what the connection needs: FILE_BEGIN offers
+# {key, token, hints}, the receiver answers FILE_DIRECT with hints of its own, each side
+# listens on its hints and dials the other's, and a connection counts only once both ends
+# proved they hold the one-time token. The sender writes "G" on the first such connection
+# and AES-256-GCM frames after it. With no connection within DIRECT_CONNECT_TIMEOUT_S, or
+# when it breaks, the sender says FILE_CHANNEL, the receiver answers FILE_OFFSET, and the
+# rest of the bytes take the data channel. SHA-256 of the whole file is checked as always.
+
+_DIRECT_MAGIC = b"SLRTC-D1"
+_PROOF_BYTES = 32  # HMAC-SHA256
+_GO = b"G"  # sender -> receiver: this connection carries the file
+_DONE = b"K"  # receiver -> sender: the end frame arrived and every byte before it is written
+_FRAME_DATA = b"D"
+_FRAME_END = b"E"  # payload: the byte count the stream ends at, 8 bytes big-endian
+_MAX_SEALED_FRAME = CHUNK_BYTES + 64
+_MAX_HINTS = 8
+
+
+def direct_enabled() -> bool:
+    """Whether this process may move file bytes over direct TCP connections."""
+    return os.environ.get(ENV_NO_DIRECT, "").strip().lower() in ("", "0", "false", "no")
+
+
+def _direct_listen() -> tuple[list[socket.socket], list[list]]:
+    """One listener per address this side offers to ICE, on ephemeral ports, and its hints."""
+    hosts = _ice_hosts()
+    if not hosts:
+        import aioice.ice
+
+        hosts = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=False)
+    listeners, hints = [], []
+    for host in hosts[:_MAX_HINTS]:
+        try:
+            listener = socket.create_server((host, 0), backlog=8)
+        except OSError as exc:  # an address that is not ours (any more): the others may do
+            log.debug("direct transfers: cannot listen on %s: %s", host, exc)
+            continue
+        listener.setblocking(False)
+        listeners.append(listener)
+        hints.append([host, listener.getsockname()[1]])
+    return listeners, hints
+
+
+def _check_hints(hints: Any) -> list[tuple[str, int]]:
+    """A peer's hints as (IPv4 address, port) pairs; names are never resolved for a peer."""
+    if not isinstance(hints, list) or len(hints) > _MAX_HINTS:
+        raise TransferError(f"hints must be a list of at most {_MAX_HINTS} [address, port] pairs")
+    checked = []
+    for hint in hints:
+        try:
+            host, port = hint
+            address = ipaddress.IPv4Address(host)
+        except (TypeError, ValueError):
+            raise TransferError(f"bad hint {echo(hint)}: want [IPv4 address, port]") from None
+        if not _is_a(port, int) or not 0 < port < 65536:
+            raise TransferError(f"bad hint {echo(hint)}: the port must be 1-65535")
+        checked.append((str(address), port))
+    return checked
+
+
+def _secret(payload: dict, field: str) -> bytes:
+    value = payload.get(field)
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise TransferError(f"the direct offer's {field} must be 64 hex digits")
+    return bytes.fromhex(value)
+
+
+def _proof(token: bytes, transfer_id: str, role: str, act: str) -> bytes:
+    """What a `role` ("sender"/"receiver") that `act`s ("dial"/"listen") shows for `token`."""
+    return hmac.new(token, f"{transfer_id}|{role}|{act}".encode(), hashlib.sha256).digest()
+
+
+class _Candidate:
+    """One TCP connection in a race: dialed by this side or accepted from a listener."""
+
+    def __init__(self, sock: socket.socket, address: str, dialed: bool):
+        self.sock = sock
+        self.address = address
+        self.dialed = dialed
+        self.state = "connect" if dialed else "hello"
+        self.buffer = b""
+
+
+def _direct_race(listeners: list[socket.socket], hints: list[tuple[str, int]], token: bytes, transfer_id: str,
+                 role: str, deadline: float, stop: threading.Event,
+                 wait_go: bool) -> Optional[tuple[socket.socket, str]]:
+    """Accept on `listeners` and dial every hint at once, in this thread, until a connection
+    proves the token (the sender) or proves it and brings "G" (the receiver).
+
+    Returns (a blocking socket, the peer's address), or None at `deadline` or `stop`.
+    Every other connection and every listener is closed before it returns: listeners
+    serve one transfer's race and nothing else.
+    """
+    other = "receiver" if role == "sender" else "sender"
+    selector = selectors.DefaultSelector()
+    for listener in listeners:
+        selector.register(listener, selectors.EVENT_READ, None)
+    for host, port in hints:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.connect_ex((host, port))
+        selector.register(sock, selectors.EVENT_WRITE, _Candidate(sock, host, dialed=True))
+    won: Optional[_Candidate] = None
+    try:
+        while won is None and not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(min(left, 0.1)):
+                if key.data is None:
+                    try:
+                        conn, address = key.fileobj.accept()
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    selector.register(conn, selectors.EVENT_READ, _Candidate(conn, address[0], dialed=False))
+                    continue
+                candidate: _Candidate = key.data
+                try:
+                    ready = _advance(candidate, token, transfer_id, role, other, wait_go)
+                except (OSError, TransferError) as exc:
+                    log.log(logging.WARNING if isinstance(exc, TransferError) else logging.DEBUG,
+                            "direct transfer %s: connection with %s dropped: %s", transfer_id, candidate.address, exc)
+                    selector.unregister(candidate.sock)
+                    candidate.sock.close()
+                    continue
+                if ready:
+                    won = candidate
+                    break
+                events = selectors.EVENT_WRITE if candidate.state == "connect" else selectors.EVENT_READ
+                selector.modify(candidate.sock, events, candidate)
+    finally:
+        for key in list(selector.get_map().values()):
+            if won is None or key.fileobj is not won.sock:
+                key.fileobj.close()
+        selector.close()
+    if won is None:
+        return None
+    won.sock.setblocking(True)
+    won.sock.settimeout(DIRECT_IO_TIMEOUT_S)
+    return won.sock, won.address
+
+
+def _advance(c: _Candidate, token: bytes, transfer_id: str, role: str, other: str, wait_go: bool) -> bool:
+    """Take one step of a connection's handshake; True once it is the one to use.
+
+    The dialer shows MAGIC + its proof; the listener checks it and shows its own; so each
+    end knows the other holds the token before a byte of the file moves. Raises
+    TransferError for a connection that proves nothing, OSError for a broken one.
+    """
+    if c.state == "connect":
+        error = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+        c.sock.sendall(_DIRECT_MAGIC + _proof(token, transfer_id, role, "dial"))
+        c.state = "reply"
+        return False
+    want = {"hello": len(_DIRECT_MAGIC) + _PROOF_BYTES, "reply": _PROOF_BYTES, "go": 1}[c.state]
+    data = c.sock.recv(want - len(c.buffer))
+    if not data:
+        raise OSError("closed by the other end")
+    c.buffer += data
+    if len(c.buffer) < want:
+        return False
+    received, c.buffer = c.buffer, b""
+    if c.state == "hello":
+        if not (received.startswith(_DIRECT_MAGIC) and
+                hmac.compare_digest(received[len(_DIRECT_MAGIC):], _proof(token, transfer_id, other, "dial"))):
+            raise TransferError("refused: it did not prove the transfer's token")
+        c.sock.sendall(_proof(token, transfer_id, role, "listen"))
+    elif c.state == "reply":
+        if not hmac.compare_digest(received, _proof(token, transfer_id, other, "listen")):
+            raise TransferError("refused: the listener did not prove the transfer's token")
+    elif received != _GO:
+        raise TransferError("refused: an unexpected byte instead of the go-ahead")
+    else:
+        return True
+    if not wait_go:
+        return True
+    c.state = "go"
+    return False
+
+
+class _Sealer:
+    """AES-256-GCM frames of one transfer: a counter nonce, the transfer id as associated
+    data. A key serves one transfer in one direction, so no nonce repeats under it."""
+
+    def __init__(self, key: bytes, transfer_id: str):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(key)
+        self._aad = transfer_id.encode()
+        self._counter = 0
+
+    def _nonce(self) -> bytes:
+        self._counter += 1
+        return self._counter.to_bytes(12, "big")
+
+    def seal(self, kind: bytes, data: bytes) -> bytes:
+        sealed = self._aead.encrypt(self._nonce(), kind + data, self._aad)
+        return len(sealed).to_bytes(4, "big") + sealed
+
+    def read(self, sock: socket.socket) -> tuple[bytes, bytes]:
+        """The next frame's (kind, data); TransferError when it fails authentication."""
+        from cryptography.exceptions import InvalidTag
+
+        size = int.from_bytes(_recv_exact(sock, 4), "big")
+        if size > _MAX_SEALED_FRAME:
+            raise TransferError(f"a direct frame of {size} bytes announced (corrupted or tampered with in transit)")
+        try:
+            plain = self._aead.decrypt(self._nonce(), _recv_exact(sock, size), self._aad)
+        except InvalidTag:
+            raise TransferError("a frame on the direct connection failed authentication "
+                                "(corrupted or tampered with in transit)") from None
+        return plain[:1], plain[1:]
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError(f"the direct connection closed {size - got} bytes before the frame's end")
+        got += n
+    return bytes(buffer)
+
+
+class _DirectSender:
+    """The sending end of one transfer's direct path: its listeners, key and token."""
+
+    def __init__(self, transfer_id: str):
+        self.transfer_id = transfer_id
+        self.key = os.urandom(32)
+        self.token = os.urandom(32)
+        self.listeners, self.hints = _direct_listen()
+
+    def offer(self) -> dict:
+        return {"key": self.key.hex(), "token": self.token.hex(), "hints": self.hints}
+
+    def connect(self, reply: dict, stop: threading.Event) -> Optional[tuple[socket.socket, str]]:
+        """Race for a connection with the receiver, whose FILE_DIRECT is `reply`."""
+        try:
+            hints = _check_hints(reply.get("hints", []))
+        except TransferError as exc:
+            log.warning("direct transfer %s: %s", self.transfer_id, exc)
+            hints = []
+        return _direct_race(self.listeners, hints, self.token, self.transfer_id, "sender",
+                            time.monotonic() + DIRECT_CONNECT_TIMEOUT_S, stop, wait_go=False)
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+
+
+class _DirectReceiver:
+    """The receiving end of one transfer's direct path: thread "link-direct-PEER" races for
+    the sender's connection, then writes what arrives on it into `incoming`.
+
+    The link's receive thread owns it: `stop` ends the thread (FILE_CHANNEL, FILE_END, a
+    new transfer or the end of the link) before that thread touches `incoming` again.
+    """
+
+    def __init__(self, link: "Link", incoming: "Incoming", offer: dict):
+        self.link = link
+        self.incoming = incoming
+        self.key = _secret(offer, "key")
+        self.token = _secret(offer, "token")
+        self.peer_hints = _check_hints(offer.get("hints", []))
+        self.listeners, self.hints = _direct_listen()
+        self._stop = threading.Event()
+        # Guards sock, so that `stop` can shut down a connection the thread is reading.
+        self._lock = threading.Lock()
+        self.sock: Optional[socket.socket] = None
+        self._thread = threading.Thread(target=guarded(self._run), name=f"link-direct-{link.peer_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self.sock is not None:
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._thread.join(DIRECT_IO_TIMEOUT_S)
+
+    def _run(self) -> None:
+        incoming = self.incoming
+        won = _direct_race(self.listeners, self.peer_hints, self.token, incoming.transfer_id, "receiver",
+                           time.monotonic() + DIRECT_LISTEN_S, self._stop, wait_go=True)
+        if won is None:
+            return
+        with self._lock:
+            self.sock, address = won
+            if self._stop.is_set():
+                self.sock.close()
+                return
+        incoming.via = f"direct TCP {address}"
+        sealer = _Sealer(self.key, incoming.transfer_id)
+        try:
+            while True:
+                kind, data = sealer.read(self.sock)
+                if kind == _FRAME_END:
+                    if int.from_bytes(data, "big") != incoming.received:
+                        raise TransferError(f"the direct stream ended at byte {int.from_bytes(data, 'big')} "
+                                            f"but {incoming.received} arrived")
+                    self.sock.sendall(_DONE)
+                    return
+                if kind != _FRAME_DATA:
+                    raise TransferError("an unknown frame on the direct connection")
+                incoming.write(data)
+                self.link.last_activity = time.monotonic()
+                if self.link.on_receive_progress:
+                    self.link.on_receive_progress(incoming.received, incoming.size)
+        except TransferError as exc:
+            error = f"{incoming.name}: {exc}"
+            log.warning("link %s: %s", self.link.peer_id, error)
+            incoming.refused = error
+            incoming.discard()
+            self.link._ack(incoming.transfer_id, ok=False, error=error)
+            self.link.inbox.put(TransferFailed(incoming.name, error))
+        except OSError as exc:  # the sender goes on over the link (FILE_CHANNEL) or ends the transfer
+            log.info("link %s: direct connection for %s broke: %s", self.link.peer_id, incoming.name, exc)
+        finally:
+            self.sock.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -910,6 +1266,8 @@ class FileReceived:
     name: str
     size: int
     sha256: str
+    via: str = "data channel"  # or "direct TCP ADDRESS", and how a broken one went on
+    seconds: float = 0.0  # from FILE_BEGIN to the checked file
 
 
 @dataclass(frozen=True)
@@ -943,6 +1301,8 @@ class Incoming:
         self.digest = hashlib.sha256()
         self.refused: Optional[str] = None
         self.finished = False
+        self.via = "data channel"  # the path the bytes took, for the receiver to report
+        self.started = time.monotonic()
         # Guards file and released: `release` comes from another link's receive thread.
         self._lock = threading.Lock()
         self.file = None
@@ -1047,6 +1407,8 @@ class Link:
     ("link-rx-PEER", stopped by close), which writes incoming files and puts application
     messages, FileReceived and TransferFailed events into `inbox`. `send` blocks while the
     SCTP queue is above SEND_HIGH_WATER. A peer silent for PEER_TIMEOUT_S closes the link.
+    File bytes take a direct TCP connection when both sides allow it and one reaches the
+    other, and the data channel otherwise.
     """
 
     def __init__(self, peer_id: str, pc, receive_dir: Optional[Path], store=None):
@@ -1068,10 +1430,12 @@ class Link:
         self.last_activity = time.monotonic()  # when the receive thread last took a frame
         self._low = asyncio.Event()  # loop-side: SCTP queue drained to SEND_LOW_WATER
         self._last_rx = time.monotonic()  # loop-side only
-        # Guards _acks (outgoing transfers waiting for the receiver's FILE_ACK) and the
-        # one-way change to closed, so that no waiter is registered after the wake-up.
+        # Guards _acks (outgoing transfers waiting for the receiver's FILE_ACK), _replies
+        # (the receiver's FILE_DIRECT and FILE_OFFSET for them) and the one-way change to
+        # closed, so that no waiter is registered after the wake-up.
         self._acks_lock = threading.Lock()
         self._acks: dict[str, tuple[threading.Event, dict]] = {}
+        self._replies: dict[str, "queue.Queue[Message]"] = {}
         # One outgoing transfer at a time: binary frames belong to the current transfer.
         self._file_send_lock = threading.Lock()
         # _rx_loop logs its own failure and closes the link, so it needs no guarded().
@@ -1237,32 +1601,45 @@ class Link:
 
         With `store` the file goes into the receiver's upload store, from byte `offset`
         on (the receiver holds the bytes before it). `digest` is the file's (size,
-        SHA-256) when the caller has it already. Returns the receiver's FILE_ACK payload
-        (with `saved_as`, and `path` in the store); raises TransferError or LinkClosed.
+        SHA-256) when the caller has it already. The bytes take a direct TCP connection
+        when one opens, and the data channel otherwise or from where a direct one broke.
+        Returns the receiver's FILE_ACK payload (with `saved_as`, and `path` in the
+        store) plus `via`, the path taken; raises TransferError or LinkClosed.
         """
         path = Path(path)
         size, sha256 = digest or file_digest(path)
         name = name or path.name
         transfer_id = uuid.uuid4().hex[:12]
         event, result = threading.Event(), {}
+        direct: Optional[_DirectSender] = None
+        via = "data channel"
         with self._file_send_lock:
+            if direct_enabled():
+                direct = _DirectSender(transfer_id)
             with self._acks_lock:
                 self._acks[transfer_id] = (event, result)
+                self._replies[transfer_id] = queue.Queue()
             try:
                 begin = {"transfer_id": transfer_id, "name": name, "size": size, "sha256": sha256}
                 if store:
                     begin.update(store=True, offset=offset)
+                if direct is not None:
+                    begin["direct"] = direct.offer()
                 self.send(FILE_BEGIN, begin)
-                sent = offset
+                channel_from: Optional[int] = offset
                 with open(path, "rb") as f:
-                    f.seek(offset)
-                    while chunk := f.read(CHUNK_BYTES):
-                        if event.is_set():  # refused or failed early
-                            break
-                        self._send(chunk)
-                        sent += len(chunk)
-                        if progress:
-                            progress(sent, size)
+                    if direct is not None:
+                        via, channel_from = self._send_direct(direct, f, offset, size, progress, event)
+                    if channel_from is not None:
+                        f.seek(channel_from)
+                        sent = channel_from
+                        while chunk := f.read(CHUNK_BYTES):
+                            if event.is_set():  # refused or failed early
+                                break
+                            self._send(chunk)
+                            sent += len(chunk)
+                            if progress:
+                                progress(sent, size)
                 if event.is_set() and not result.get("ok"):
                     if not self._closed.is_set():
                         self.send(FILE_ABORT, {"transfer_id": transfer_id, "reason": "refused by the receiver"})
@@ -1278,11 +1655,84 @@ class Link:
             except LinkClosed as exc:
                 raise TransferError(f"sending {name} failed: {exc}") from None
             finally:
+                if direct is not None:
+                    direct.close()
                 with self._acks_lock:
                     self._acks.pop(transfer_id, None)
+                    self._replies.pop(transfer_id, None)
         if not result.get("ok"):
             raise TransferError(f"sending {name} failed: {result.get('error') or self.close_reason}")
-        return result
+        return {**result, "via": via}
+
+    def _send_direct(self, direct: _DirectSender, f, offset: int, size: int,
+                     progress: Optional[Callable[[int, int], None]], refused: threading.Event) -> tuple[str, Optional[int]]:
+        """Send the bytes from `offset` over a direct connection if one opens.
+
+        Returns (the path taken, None) when they all went that way, or (the path taken,
+        the byte the data channel goes on from) when no connection opened or it broke.
+        """
+        tid = direct.transfer_id
+        reply = self._transfer_reply(tid, FILE_DIRECT, refused)
+        if reply is None:  # refused: the caller aborts
+            return "data channel", None
+        if reply.payload.get("off"):
+            return f"data channel (the receiver: {str(reply.payload['off'])[:200]})", offset
+        won = direct.connect(reply.payload, self._closed)
+        if won is None:
+            return "data channel (no direct connection)", self._channel_from(tid, refused)
+        sock, address = won
+        sent = offset
+        try:
+            with sock:
+                sock.sendall(_GO)
+                sealer = _Sealer(direct.key, tid)
+                f.seek(offset)
+                while chunk := f.read(CHUNK_BYTES):
+                    if refused.is_set():
+                        return f"direct TCP {address}", None
+                    sock.sendall(sealer.seal(_FRAME_DATA, chunk))
+                    sent += len(chunk)
+                    if progress:
+                        progress(sent, size)
+                sock.sendall(sealer.seal(_FRAME_END, sent.to_bytes(8, "big")))
+                if sock.recv(1) != _DONE:
+                    raise ConnectionError("closed before confirming the last frame")
+            return f"direct TCP {address}", None
+        except OSError as exc:
+            if refused.is_set():
+                return f"direct TCP {address}", None
+            log.warning("link %s: the direct connection broke after %d bytes (%s); going on over the link",
+                        self.peer_id, sent, exc)
+            resume = self._channel_from(tid, refused)
+            return f"direct TCP {address}, then data channel from byte {resume} (the direct connection broke)", resume
+
+    def _channel_from(self, transfer_id: str, refused: threading.Event) -> Optional[int]:
+        """Tell the receiver the rest comes over the link; the byte it wants next (None: refused)."""
+        self.send(FILE_CHANNEL, {"transfer_id": transfer_id})
+        reply = self._transfer_reply(transfer_id, FILE_OFFSET, refused)
+        if reply is None:
+            return None
+        offset = reply.payload.get("offset")
+        if not _is_a(offset, int) or offset < 0:
+            raise TransferError(f"the receiver asked to go on from byte {echo(offset)}")
+        return offset
+
+    def _transfer_reply(self, transfer_id: str, name: str, refused: threading.Event) -> Optional[Message]:
+        """The receiver's `name` reply about a transfer; None when it refused the transfer instead."""
+        replies = self._replies[transfer_id]
+        deadline = time.monotonic() + FILE_ACK_TIMEOUT_S
+        while not refused.is_set():
+            if self._closed.is_set():
+                raise LinkClosed(self.close_reason)
+            try:
+                reply = replies.get(timeout=0.2)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TransferError(f"{self.peer_id} sent no {name} within {FILE_ACK_TIMEOUT_S:.0f} s") from None
+                continue
+            if reply.name == name:
+                return reply
+        return None
 
     def close(self, timeout: float = CLOSE_ACK_TIMEOUT_S) -> None:
         """Close after the peer acknowledged everything sent so far (or after `timeout`)."""
@@ -1310,10 +1760,13 @@ class Link:
 
     def _receive_forever(self) -> None:
         incoming: Optional[Incoming] = None
+        direct: Optional[_DirectReceiver] = None  # takes `incoming`'s bytes until stopped
         while True:
             item = self._raw.get()
             self.last_activity = time.monotonic()
             if item is _CLOSED:
+                if direct is not None:
+                    direct.stop()
                 if incoming is not None and not incoming.refused:
                     incoming.suspend()
                     kept = "; kept for resuming" if incoming.resumable else ""
@@ -1344,10 +1797,23 @@ class Link:
                 self._reply_error(f"malformed message: {exc}")
                 continue
             if message.name == FILE_BEGIN:
+                if direct is not None:
+                    direct.stop()
                 incoming = self._begin_incoming(message.payload, incoming)
-            elif message.name in (FILE_END, FILE_ABORT):
+                direct = self._offer_direct(incoming, message.payload.get("direct"))
+            elif message.name in (FILE_END, FILE_ABORT, FILE_CHANNEL):
                 if incoming is None or message.payload.get("transfer_id") != incoming.transfer_id:
                     self._reply_error(f"{message.name} for an unknown transfer")
+                    continue
+                if direct is not None:
+                    direct.stop()
+                    direct = None
+                if message.name == FILE_CHANNEL:
+                    if incoming.via != "data channel":
+                        incoming.via += f", then data channel from byte {incoming.received}"
+                    if not incoming.refused:
+                        self._send_control(FILE_OFFSET, {"transfer_id": incoming.transfer_id,
+                                                         "offset": incoming.received})
                     continue
                 self._end_incoming(incoming, aborted=message.name == FILE_ABORT,
                                    reason=str(message.payload.get("reason", "")))
@@ -1358,6 +1824,11 @@ class Link:
                 if waiter:
                     waiter[1].update(message.payload)
                     waiter[0].set()
+            elif message.name in (FILE_DIRECT, FILE_OFFSET):
+                with self._acks_lock:
+                    replies = self._replies.get(str(message.payload.get("transfer_id")))
+                if replies is not None:
+                    replies.put(message)
             else:
                 self.inbox.put(message)
 
@@ -1394,6 +1865,27 @@ class Link:
             return refused
         return incoming
 
+    def _offer_direct(self, incoming: Incoming, offer: Any) -> Optional[_DirectReceiver]:
+        """Answer a FILE_BEGIN's direct offer; the receiver racing for it, if any."""
+        if offer is None or incoming.refused:
+            return None
+        reply: dict = {"transfer_id": incoming.transfer_id}
+        direct = None
+        if not direct_enabled():
+            reply["off"] = "direct transfers are turned off on this side"
+        elif not isinstance(offer, dict):
+            reply["off"] = "the direct offer must be an object"
+        else:
+            try:
+                direct = _DirectReceiver(self, incoming, offer)
+                reply["hints"] = direct.hints
+            except (TransferError, OSError) as exc:
+                reply["off"] = str(exc)
+        self._send_control(FILE_DIRECT, reply)
+        if direct is not None:
+            direct.start()
+        return direct
+
     def _end_incoming(self, incoming: Incoming, aborted: bool, reason: str) -> None:
         if incoming.refused:
             return
@@ -1410,7 +1902,8 @@ class Link:
             return
         stored = {"path": str(final)} if incoming.resumable else {}  # a path in the store; a client keeps its own
         self._ack(incoming.transfer_id, ok=True, saved_as=final.name, **stored)
-        self.inbox.put(FileReceived(final, incoming.name, incoming.size, incoming.sha256))
+        self.inbox.put(FileReceived(final, incoming.name, incoming.size, incoming.sha256, incoming.via,
+                                    time.monotonic() - incoming.started))
 
     def _send_control(self, name: str, payload: dict) -> None:
         """Queue a small reply on the loop without waiting: the receive thread never blocks

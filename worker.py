@@ -3103,12 +3103,17 @@ def build_parser() -> argparse.ArgumentParser:
                              f"queued or running job needs are removed (default {UPLOAD_CACHE_GB:g})")
     parser.add_argument("--sleap-nn", metavar="PATH", default=None,
                         help="the sleap-nn executable to run (default: the one beside this Python, else on PATH)")
+    parser.add_argument("--no-direct", action="store_true",
+                        help="move file bytes only over the WebRTC data channel, never over a direct TCP "
+                             f"connection to the client (env {P.ENV_NO_DIRECT}=1)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_direct:
+        os.environ[P.ENV_NO_DIRECT] = "1"  # where the links read it
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     working_dir = args.working_dir.expanduser().resolve()

@@ -1,11 +1,14 @@
-"""Throughput of a file over the WebRTC link next to plain loopback TCP, in one run.
+"""Throughput of a file over the direct path and the WebRTC data channel, next to plain
+loopback TCP, in one run.
 
     python bench/transfer.py [--mb 100] [--runs 3]
 
 The link side is real: a worker process, a signaling server process, and this process
-as the client, each transfer checked by size and SHA-256 at the receiver. The TCP
-reference sends the same file through a loopback socket to a thread that writes and
-hashes it, so both sides do the same disk and hashing work.
+as the client, each upload checked by size and SHA-256 at the receiver. "direct" lets
+the link open its encrypted TCP connection; "data channel" turns that off in this
+process (SLEAP_RTC_NO_DIRECT), so the bytes take SCTP. The TCP reference sends the same
+file through a loopback socket to a thread that writes and hashes it, so every path
+does the same disk and hashing work on both sides.
 """
 
 from __future__ import annotations
@@ -63,25 +66,39 @@ def main() -> None:
                                       "client")
         signaling.connect()
         link = P.open_link(signaling, worker_id, world.tmp / "received")
-        link_times, tcp_times = [], []
+        times: dict[str, list[float]] = {"direct": [], "data channel": [], "tcp": []}
+
+        def upload(direct: bool) -> float:
+            if direct:
+                os.environ.pop(P.ENV_NO_DIRECT, None)
+            else:
+                os.environ[P.ENV_NO_DIRECT] = "1"
+            started = time.perf_counter()
+            ack = link.send_file(source, store=True)  # returns once the worker checked SHA-256
+            elapsed = time.perf_counter() - started
+            assert ack["via"].startswith("direct TCP") == direct, ack["via"]
+            return elapsed
+
         try:
             for run in range(args.runs):
-                started = time.perf_counter()
-                link.send_file(source, store=True)  # returns once the worker checked SHA-256
-                link_times.append(time.perf_counter() - started)
-                tcp_times.append(tcp_transfer(source, world.tmp / f"tcp{run}.bin"))
+                times["direct"].append(upload(direct=True))
+                times["data channel"].append(upload(direct=False))
+                times["tcp"].append(tcp_transfer(source, world.tmp / f"tcp{run}.bin"))
                 (world.tmp / f"tcp{run}.bin").unlink()
-                print(f"run {run + 1}: link {size / link_times[-1] / 1e6:6.1f} MB/s   "
-                      f"tcp {size / tcp_times[-1] / 1e6:7.1f} MB/s", flush=True)
+                print(f"run {run + 1}: " + "   ".join(f"{name} {size / t[-1] / 1e6:6.1f} MB/s"
+                                                      for name, t in times.items()), flush=True)
         finally:
+            os.environ.pop(P.ENV_NO_DIRECT, None)
             link.close()
             signaling.close()
-    link_rate = size / statistics.median(link_times) / 1e6
-    tcp_rate = size / statistics.median(tcp_times) / 1e6
+    rates = {name: size / statistics.median(t) / 1e6 for name, t in times.items()}
     print(f"\n{args.mb} MiB file, median of {args.runs} (hashing and disk on both sides included):")
-    print(f"  WebRTC data channel: {link_rate:8.1f} MB/s")
-    print(f"  loopback TCP:        {tcp_rate:8.1f} MB/s")
-    print(f"  ratio link/tcp:      {link_rate / tcp_rate:8.3f}")
+    print(f"  direct TCP (AES-256-GCM): {rates['direct']:8.1f} MB/s")
+    print(f"  WebRTC data channel:      {rates['data channel']:8.1f} MB/s")
+    print(f"  plain loopback TCP:       {rates['tcp']:8.1f} MB/s")
+    print(f"  ratio direct/tcp:         {rates['direct'] / rates['tcp']:8.3f}")
+    print(f"  ratio data channel/tcp:   {rates['data channel'] / rates['tcp']:8.3f}")
+    print(f"  ratio direct/data channel:{rates['direct'] / rates['data channel']:8.1f}")
 
 
 if __name__ == "__main__":

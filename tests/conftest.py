@@ -6,6 +6,7 @@ STUN server is contacted) and a HOME of its own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,6 +206,29 @@ class Env:
         client = P.SignalingClient(self.ws_url, self.room_id, self.token, peer_id, role, metadata, **kwargs)
         client.connect()
         return client
+
+    @contextlib.contextmanager
+    def link_pair(self, receive_dir: Path):
+        """Both ends of a real link in this process: (the offering link, the answering
+        link), each taking files into `receive_dir`; both closed at the end."""
+        offerer, answerer = self.signaling_client("offerer"), self.signaling_client("answerer")
+        links = {}
+
+        def answer():
+            offer = answerer.next(lambda f: f.get("type") == P.OFFER, timeout=20)
+            links["answer"] = P.accept_link(answerer, offer, receive_dir)
+
+        thread = threading.Thread(target=answer, name="test-answering")
+        thread.start()
+        try:
+            links["offer"] = P.open_link(offerer, "answerer", receive_dir)
+            thread.join(timeout=20)
+            yield links["offer"], links["answer"]
+        finally:
+            for link in links.values():
+                link.close()
+            offerer.close()
+            answerer.close()
 
     def close(self) -> None:
         for proc in reversed(self.procs):

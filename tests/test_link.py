@@ -184,26 +184,9 @@ def test_aiortc_handlers_are_registered_on_the_loop_thread(room, tmp_path, monke
         return real_on(self, event, *args)
 
     monkeypatch.setattr(AsyncIOEventEmitter, "on", recording_on)
-    answerer = room.signaling_client("answerer")
-    offerer = room.signaling_client("offerer")
-    links = {}
-
-    def answer():
-        offer = answerer.next(lambda f: f.get("type") == P.OFFER, timeout=20)
-        links["answer"] = P.accept_link(answerer, offer, tmp_path)
-
-    thread = threading.Thread(target=answer, name="answering")
-    thread.start()
-    try:
-        links["offer"] = P.open_link(offerer, "answerer", tmp_path)
-        thread.join(timeout=20)
-        links["offer"].send(P.LINK_PING, {"seq": 1})
-        assert links["answer"].expect(lambda m: m.name == P.LINK_PING, 10, "ping").payload == {"seq": 1}
-    finally:
-        for link in links.values():
-            link.close()
-        offerer.close()
-        answerer.close()
+    with room.link_pair(tmp_path) as (offer, answer):
+        offer.send(P.LINK_PING, {"seq": 1})
+        assert answer.expect(lambda m: m.name == P.LINK_PING, 10, "ping").payload == {"seq": 1}
     ours = [t for t in threads if t[0] in ("RTCPeerConnection", "RTCDataChannel")]
     assert {"connectionstatechange", "message"} <= {event for _, event, _ in ours}
     assert all(thread == "aiortc-loop" for _, _, thread in ours), ours
