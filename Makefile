@@ -25,3 +25,4 @@ bench: install
 	$(PY) bench/signaling.py
 	$(PY) bench/jobs.py
 	$(PY) bench/queue.py
+	$(PY) bench/slurm.py

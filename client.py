@@ -369,9 +369,12 @@ def cmd_workers(args) -> int:
     rows = []
     for w in sorted(workers, key=lambda w: w["peer_id"]):
         p = w["metadata"].get("properties", {})
+        runs_on = p.get("executor", "local")
+        if runs_on == "slurm":
+            runs_on += f" ({p.get('slurm_partition', '?')}, {p.get('max_concurrent_jobs', '?')} at once)"
         rows.append([w["peer_id"], p.get("worker_name", ""), p.get("status", "?"), p.get("gpu_model", "?"),
-                     f"{p.get('gpu_memory_mb', 0)} MB", str(p.get("queue_length", 0))])
-    print_table(rows, ["ID", "NAME", "STATUS", "GPU", "MEMORY", "QUEUE"])
+                     f"{p.get('gpu_memory_mb', 0)} MB", str(p.get("queue_length", 0)), runs_on])
+    print_table(rows, ["ID", "NAME", "STATUS", "GPU", "MEMORY", "QUEUE", "RUNS JOBS"])
     return 0
 
 
@@ -1206,6 +1209,16 @@ def cmd_status(args) -> int:
         print(f"duration   {job['duration_s']:.1f} s")
     if job.get("exit_code") is not None:
         print(f"exit code  {job['exit_code']}")
+    slurm = job.get("slurm") or {}
+    if slurm.get("job_id"):
+        if slurm.get("state") == "PENDING":
+            where = f": pending in SLURM: {slurm.get('reason') or 'no reason given'}"
+        else:
+            where = (f" on {slurm['node']}" if slurm.get("node") else "") + f": {slurm.get('state') or 'submitted'}"
+            where += f" ({slurm['reason']})" if slurm.get("reason") else ""
+        print(f"slurm      job {slurm['job_id']}{where}")
+        if slurm.get("problem"):
+            print(f"           {slurm['problem']}")
     if job.get("stopped_early"):
         print("stopped early, model kept")
     for output in job.get("outputs") or []:

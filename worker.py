@@ -27,6 +27,7 @@ import os
 import queue
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -37,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import protocol as P
 
@@ -1322,10 +1323,15 @@ class Step:
     output: Optional[Path] = None  # inference: the predictions file
 
     def command(self, zmq_ports: Optional[tuple[int, int]]) -> list[str]:
-        if not zmq_ports:
-            return list(self.args)
-        return self.args + [f"++trainer_config.zmq.publish_port={zmq_ports[0]}",
-                            f"++trainer_config.zmq.controller_port={zmq_ports[1]}"]
+        return self.args + zmq_overrides(zmq_ports)
+
+
+def zmq_overrides(ports: Optional[tuple[int, int]]) -> list[str]:
+    """The overrides that have a training publish progress to ports[0] and take control
+    from ports[1], both on 127.0.0.1 of the machine it runs on."""
+    if not ports:
+        return []
+    return [f"++trainer_config.zmq.publish_port={ports[0]}", f"++trainer_config.zmq.controller_port={ports[1]}"]
 
 
 class JobSetupError(Exception):
@@ -1383,9 +1389,9 @@ def track_step(executable: str, spec: dict, job_dir: Path) -> Step:
     return Step(P.TRACK, "inference", args, job_dir, output=output)
 
 
-def bind_zmq_pair(context):
-    """A SUB for progress and a PUB for control on 127.0.0.1: the default ports when free,
-    else any free pair, so two workers on one host never collide."""
+def bind_zmq_pair(context, host: str = "127.0.0.1", prefer: Optional[tuple[int, int]] = None):
+    """A SUB for progress and a PUB for control on `host`: the `prefer`red ports (sleap-nn's
+    defaults unless given) when free, else any free pair, so two workers never collide."""
     import zmq
 
     sub, pub = context.socket(zmq.SUB), context.socket(zmq.PUB)
@@ -1393,12 +1399,12 @@ def bind_zmq_pair(context):
     for sock in (sub, pub):
         sock.setsockopt(zmq.LINGER, 0)
     ports = []
-    for sock, default in ((sub, ZMQ_PUBLISH_PORT), (pub, ZMQ_CONTROL_PORT)):
+    for sock, default in zip((sub, pub), prefer or (ZMQ_PUBLISH_PORT, ZMQ_CONTROL_PORT)):
         try:
-            sock.bind(f"tcp://127.0.0.1:{default}")
+            sock.bind(f"tcp://{host}:{default}")
             ports.append(default)
         except zmq.ZMQError:
-            ports.append(sock.bind_to_random_port("tcp://127.0.0.1"))
+            ports.append(sock.bind_to_random_port(f"tcp://{host}"))
     return sub, pub, (ports[0], ports[1])
 
 
@@ -1412,6 +1418,543 @@ def predicted_instances(path: Path) -> Optional[int]:
     except Exception as exc:  # sleap-io raises many types on a file it cannot read; the count is only a hint
         log.info("could not count the predictions in %s: %s", path, exc)
         return None
+
+
+# ---------------------------------------------------------------------------------------
+# Where steps run: children of this worker, or batch jobs on a SLURM cluster
+# ---------------------------------------------------------------------------------------
+# A Job runs each step through its executor, which gives back a run: its output as chunks
+# of bytes, poll/wait for the exit code, signals, and `failure()` when something other
+# than sleap-nn ended it. LocalExecutor starts sleap-nn as a child; SlurmExecutor submits
+# one batch job per step and follows its files.
+
+SLURM_POLL_S = 2.0  # how often one squeue call asks about every job the worker follows
+SLURM_COMMAND_TIMEOUT_S = 15.0
+SLURM_PATIENCE_S = 600.0  # SLURM silent this long about a job: the job fails rather than wait forever
+# SLURM states after which a job will not run again, and the word our ledger uses for each.
+SLURM_FINAL = {"COMPLETED": P.COMPLETED, "CANCELLED": P.CANCELLED, "FAILED": P.FAILED, "TIMEOUT": P.FAILED,
+               "OUT_OF_MEMORY": P.FAILED, "NODE_FAIL": P.FAILED, "PREEMPTED": P.FAILED, "BOOT_FAIL": P.FAILED,
+               "DEADLINE": P.FAILED, "REVOKED": P.FAILED, "SPECIAL_EXIT": P.FAILED}
+# Filesystems a compute node can share with the login node.
+SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "cifs", "smb3", "panfs", "wekafs",
+                      "glusterfs", "ocfs2", "9p", "virtiofs"}
+FOLLOW_POLL_S = 0.2  # how often a SLURM step's output files are read for new bytes
+# Shared filesystems show a file written on another node late: after the job ended, its
+# output is read until it has not grown for FOLLOW_SETTLE_S, and its exit file is waited
+# for up to EXIT_FILE_WAIT_S.
+FOLLOW_SETTLE_S = 1.0
+EXIT_FILE_WAIT_S = 30.0
+
+
+def _pipe_chunks(pipe) -> Iterator[bytes]:
+    fd = pipe.fileno()
+    try:
+        while chunk := os.read(fd, 65536):
+            yield chunk
+    finally:
+        pipe.close()
+
+
+class LocalRun:
+    """A step's sleap-nn as a child of this worker, in a process group of its own."""
+
+    def __init__(self, command: list[str], cwd: Path):
+        self.command = command
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, cwd=cwd,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        self.record = {"pid": self.process.pid}  # for the ledger: what a restarted worker must end
+
+    def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]:
+        return [("o", "stdout", _pipe_chunks(self.process.stdout)), ("e", "stderr", _pipe_chunks(self.process.stderr))]
+
+    def poll(self) -> Optional[int]:
+        return self.process.poll()
+
+    def wait(self, timeout: float) -> Optional[int]:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def failure(self) -> Optional[str]:
+        return None
+
+
+class LocalExecutor:
+    """Steps run as children of the worker; a restart of the worker ends them."""
+
+    name = "local"
+    zmq_host = "127.0.0.1"
+
+    def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> LocalRun:
+        return LocalRun(step.command(ports), step.cwd)
+
+    def describe(self) -> dict:
+        return {"executor": self.name}
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class SlurmError(Exception):
+    """A SLURM command failed, timed out or is missing; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class SlurmState:
+    state: str  # SLURM's word: PENDING, RUNNING, COMPLETED, TIMEOUT, ...
+    reason: str = ""  # why it waits or ended (squeue's %r, scontrol's Reason)
+    node: str = ""
+    exit_code: Optional[int] = None  # from scontrol's ExitCode, when it has one
+
+    @property
+    def final(self) -> bool:
+        return self.state in SLURM_FINAL
+
+
+class SlurmExecutor:
+    """Steps run as SLURM batch jobs, one `sbatch --parsable` each, with the admin's options.
+
+    The batch script runs `worker.py slurm-step` on the node, which starts sleap-nn with
+    the step's argument list, relays its ZMQ progress and control between the node's
+    loopback and this worker, and writes sleap-nn's exit code to a file. Thread
+    "slurm-poller" asks squeue about every job the worker follows, once per poll, so
+    that many jobs cost one call; `stop()` ends it. Jobs outlive the worker: a restarted
+    worker follows them again (`attach`).
+    """
+
+    name = "slurm"
+
+    def __init__(self, partition: Optional[str] = None, gres: Optional[str] = None, time_limit: Optional[str] = None,
+                 cpus: Optional[int] = None, mem: Optional[str] = None, options: Optional[list[str]] = None,
+                 zmq_host: Optional[str] = None, poll_s: float = SLURM_POLL_S,
+                 patience_s: float = SLURM_PATIENCE_S):
+        self.partition = partition
+        self.options = [f"--partition={partition}"] if partition else []
+        self.options += [f"--gres={gres}"] if gres else []
+        self.options += [f"--time={time_limit}"] if time_limit else []
+        self.options += [f"--cpus-per-task={cpus}"] if cpus else []
+        self.options += [f"--mem={mem}"] if mem else []
+        self.options += list(options or [])
+        self.zmq_host = zmq_host or _own_address()
+        self.poll_s = poll_s
+        self.patience_s = patience_s
+        # Guards _watched (SLURM job ids being followed) and _states (the latest state of each).
+        self._lock = threading.Lock()
+        self._watched: set[str] = set()
+        self._states: dict[str, SlurmState] = {}
+        self._trouble = ""  # why the last poll failed, or ""; read by runs for their messages
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=P.guarded(self._poll_forever), name="slurm-poller", daemon=True)
+
+    # -- start-up -----------------------------------------------------------------------
+
+    def check(self, jobs_dir: Path) -> list[str]:
+        """Raise SlurmError when this worker cannot submit at all; notes for the admin."""
+        if shutil.which("sbatch") is None:
+            raise SlurmError("--slurm needs sbatch on the PATH (run the worker on a SLURM login node)")
+        if self.partition:
+            try:
+                out = self._call(["scontrol", "show", "partition", self.partition, "-o"])
+            except SlurmError as exc:
+                out = str(exc)
+            if f"PartitionName={self.partition}" not in out:
+                raise SlurmError(f"SLURM has no partition {self.partition!r} ({out.strip()[:200]})")
+        notes = []
+        fs = filesystem_type(jobs_dir)
+        if fs in SHARED_FILESYSTEMS:
+            notes.append(f"job directories are in {jobs_dir} ({fs}), which compute nodes can share")
+        else:
+            notes.append(f"job directories are in {jobs_dir} on a local filesystem ({fs}); batch jobs on other "
+                         "nodes cannot see it. Fine for a one-node cluster; else put --working-dir on shared storage")
+        if self.zmq_host.startswith("127."):
+            notes.append(f"live progress and stop-early use {self.zmq_host}, which only jobs on this machine "
+                         "reach; set --slurm-zmq-host to an address the compute nodes can reach")
+        return notes
+
+    def describe(self) -> dict:
+        """Registration metadata: the executor, the partition and what SLURM says of its GPUs."""
+        facts = {"executor": self.name, "slurm_partition": self.partition or "(default)"}
+        try:
+            nodes = re.search(r"\bNodes=(\S+)", self._call(["scontrol", "show", "partition", "-o"] +
+                                                             ([self.partition] if self.partition else [])))
+            gres = self._call(["scontrol", "show", "node", "-o"] + ([nodes.group(1)] if nodes else []))
+            gpus = sorted(set(re.findall(r"\bGres=gpu:([A-Za-z0-9_.-]+):\d", gres)))
+            if gpus:
+                facts["slurm_gpu_types"] = gpus
+                facts["gpu_model"] = ", ".join(gpus)
+        except SlurmError as exc:
+            log.warning("could not read the partition's nodes: %s", exc)
+        return facts
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # -- SLURM commands -----------------------------------------------------------------
+
+    def _call(self, args: list[str], timeout: float = SLURM_COMMAND_TIMEOUT_S) -> str:
+        try:
+            result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise SlurmError(f"{args[0]} is not on the PATH") from None
+        except subprocess.TimeoutExpired:
+            raise SlurmError(f"{args[0]} did not answer within {timeout:.0f} s") from None
+        if result.returncode != 0:
+            raise SlurmError(f"{args[0]} failed: {(result.stderr or result.stdout).strip()[:500]}")
+        return result.stdout
+
+    def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> "SlurmRun":
+        files = SlurmRun.files(job.dir, index)
+        script = batch_script(step.command(None), files["exit"], ports and (self.zmq_host, *ports))
+        files["script"].write_text(script, encoding="utf-8")
+        for name in ("out", "err", "exit"):
+            files[name].unlink(missing_ok=True)
+        args = ["sbatch", "--parsable", f"--job-name=sleap-rtc-{job.job_id}-{index}", f"--chdir={step.cwd}",
+                f"--output={files['out']}", f"--error={files['err']}", *self.options, str(files["script"])]
+        try:
+            slurm_id = self._call(args).strip().split(";")[0]
+        except SlurmError as exc:
+            raise JobSetupError(f"sbatch refused the job: {exc}") from None
+        if not slurm_id.isdigit():
+            raise JobSetupError(f"sbatch answered {slurm_id[:100]!r} instead of a job id")
+        return SlurmRun(self, job, index, slurm_id, step.command(None), ports, {"o": 0, "e": 0})
+
+    def attach(self, job: "Job", index: int, saved: dict) -> "SlurmRun":
+        """Follow again a step's batch job that a previous worker process submitted."""
+        return SlurmRun(self, job, index, str(saved["slurm_id"]), saved.get("command") or [],
+                        tuple(saved["ports"]) if saved.get("ports") else None, saved.get("pos") or {"o": 0, "e": 0})
+
+    def cancel(self, slurm_id: str, sig: Optional[int] = None) -> None:
+        args = ["scancel"] + ([f"--signal={signal.Signals(sig).name[3:]}", "--full"] if sig else []) + [slurm_id]
+        try:
+            self._call(args)
+        except SlurmError as exc:
+            log.warning("scancel of SLURM job %s: %s", slurm_id, exc)
+
+    # -- following jobs -----------------------------------------------------------------
+
+    def watch(self, slurm_id: str) -> None:
+        with self._lock:
+            self._watched.add(slurm_id)
+
+    def unwatch(self, slurm_id: str) -> None:
+        with self._lock:
+            self._watched.discard(slurm_id)
+            self._states.pop(slurm_id, None)
+
+    def state(self, slurm_id: str) -> tuple[Optional[SlurmState], str]:
+        """The latest known state of a followed job (None before the first poll), and why
+        the last poll failed ("" when it did not)."""
+        with self._lock:
+            return self._states.get(slurm_id), self._trouble
+
+    def _poll_forever(self) -> None:
+        while not self._stopping.wait(self.poll_s):
+            with self._lock:
+                watched = set(self._watched)
+            if not watched:
+                continue
+            try:
+                states = self._poll(watched)
+                trouble = ""
+            except SlurmError as exc:
+                states, trouble = {}, str(exc)
+                log.warning("SLURM: %s", exc)
+            with self._lock:
+                self._trouble = trouble
+                for slurm_id, state in states.items():
+                    if slurm_id in self._watched:
+                        self._states[slurm_id] = state
+
+    def _poll(self, watched: set[str]) -> dict[str, SlurmState]:
+        states = {}
+        try:
+            listing = self._call(["squeue", "-h", "-t", "all", "-j", ",".join(sorted(watched)), "-o", "%i|%T|%r|%N"])
+        except SlurmError as exc:
+            if "Invalid job id" not in str(exc):
+                raise
+            listing = ""  # SLURM forgot one of them: scontrol (or sacct, or its exit file) tells the end
+        for line in listing.splitlines():
+            fields = line.strip().split("|")
+            if len(fields) == 4 and fields[0] in watched:
+                states[fields[0]] = SlurmState(fields[1], "" if fields[2] == "None" else fields[2], fields[3])
+        for slurm_id in watched:
+            state = states.get(slurm_id)
+            if state is None or state.final:  # squeue has no exit code: scontrol (or sacct) knows it
+                states[slurm_id] = self._final(slurm_id) or state or SlurmState("UNKNOWN")
+        return states
+
+    def _final(self, slurm_id: str) -> Optional[SlurmState]:
+        try:
+            out = self._call(["scontrol", "show", "job", "-o", slurm_id])
+        except SlurmError:
+            out = ""
+        fields = dict(re.findall(r"(\w+)=(\S*)", out))
+        if "JobState" not in fields and shutil.which("sacct"):
+            try:
+                row = self._call(["sacct", "-n", "-P", "-X", "-j", slurm_id, "-o", "State,ExitCode,NodeList"])
+                state, code, node = (row.splitlines() or ["||"])[0].split("|")[:3]
+                fields = {"JobState": state.split()[0] if state else "", "ExitCode": code, "NodeList": node}
+            except (SlurmError, ValueError):
+                pass
+        if not fields.get("JobState"):
+            return None
+        code = fields.get("ExitCode", "")
+        exit_code = int(code.split(":")[0]) if re.fullmatch(r"\d+:\d+", code) else None
+        reason = fields.get("Reason", "")
+        return SlurmState(fields["JobState"], "" if reason == "None" else reason, fields.get("NodeList", ""),
+                          exit_code)
+
+
+class SlurmRun:
+    """One step running as a SLURM batch job: its files in the job's directory, its state
+    from the executor's poller. Output is followed from the files as they grow (and from
+    where a previous worker process had read them, after a restart)."""
+
+    def __init__(self, slurm: SlurmExecutor, job: "Job", index: int, slurm_id: str, command: list[str],
+                 ports: Optional[tuple[int, int]], pos: dict):
+        self.slurm = slurm
+        self.job = job
+        self.slurm_id = slurm_id
+        self.command = command
+        self.paths = self.files(job.dir, index)
+        self.ports = ports
+        self.last: Optional[SlurmState] = None
+        self.trouble_since: Optional[float] = None
+        self.exit_code: Optional[int] = None
+        self._failure: Optional[str] = None
+        # Guards pos (bytes of each output file read so far) and the state file that keeps it.
+        self._pos_lock = threading.Lock()
+        self.pos = {"o": int(pos.get("o", 0)), "e": int(pos.get("e", 0))}
+        self._saved_at = 0.0
+        self._saved_pos: dict = {}
+        job.slurm = {"job_id": slurm_id, "step": index}
+        self._save(force=True)
+        slurm.watch(slurm_id)
+
+    @property
+    def record(self) -> dict:
+        """For the ledger: the SLURM job a restarted worker follows again."""
+        return {"slurm": dict(self.job.slurm)}
+
+    @staticmethod
+    def files(job_dir: Path, index: int) -> dict[str, Path]:
+        return {"script": job_dir / f"step-{index}.sbatch", "out": job_dir / f"step-{index}.out",
+                "err": job_dir / f"step-{index}.err", "exit": job_dir / f"step-{index}.exit",
+                "state": job_dir / f"step-{index}.slurm.json"}
+
+    def _save(self, force: bool = False) -> None:
+        """Keep what a restarted worker needs to follow this run again (at most twice a
+        second unless forced, and only when something changed)."""
+        with self._pos_lock:
+            now = time.monotonic()
+            if not force and (now - self._saved_at < 0.5 or self.pos == self._saved_pos):
+                return
+            self._saved_at, self._saved_pos = now, dict(self.pos)
+            state = {"slurm_id": self.slurm_id, "command": self.command, "ports": self.ports, "pos": dict(self.pos)}
+            temporary = self.paths["state"].with_suffix(".tmp")
+            temporary.write_text(json.dumps(state))
+            os.replace(temporary, self.paths["state"])
+
+    def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]:
+        return [("o", "stdout", self._follow("out", "o")), ("e", "stderr", self._follow("err", "e"))]
+
+    def _follow(self, name: str, stream: str) -> Iterator[bytes]:
+        """New bytes of an output file until the job has ended and nothing more comes."""
+        path = self.paths[name]
+        quiet_since = None
+        while True:
+            ended = self.exit_code is not None or self._failure is not None
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.pos[stream])
+                    chunk = f.read(65536)
+            except FileNotFoundError:
+                chunk = b""
+            if chunk:
+                with self._pos_lock:
+                    self.pos[stream] += len(chunk)
+                yield chunk
+            elif ended and time.monotonic() - (quiet_since := quiet_since or time.monotonic()) >= FOLLOW_SETTLE_S:
+                self._save(force=True)
+                return
+            else:
+                time.sleep(FOLLOW_POLL_S)
+            if chunk:
+                quiet_since = None
+            self._save()
+
+    def poll(self) -> Optional[int]:
+        """The exit code once SLURM says the job ended (-1 when it has none), else None."""
+        if self.exit_code is not None or self._failure is not None:
+            return self.exit_code if self.exit_code is not None else -1
+        state, trouble = self.slurm.state(self.slurm_id)
+        self._note(state, trouble)
+        if self.trouble_since is not None and time.monotonic() - self.trouble_since > self.slurm.patience_s:
+            self._failure = (f"SLURM did not answer about job {self.slurm_id} for {self.slurm.patience_s:.0f} s "
+                             f"({trouble}); the job was cancelled if it still ran")
+            self.slurm.cancel(self.slurm_id)
+            self.slurm.unwatch(self.slurm_id)
+            return -1
+        if state is None or not state.final:
+            return None
+        self.exit_code = self._exit_code(state)
+        self.slurm.unwatch(self.slurm_id)
+        return self.exit_code if self.exit_code is not None else -1
+
+    def _exit_code(self, state: SlurmState) -> Optional[int]:
+        exit_file = self.paths["exit"]
+        deadline = time.monotonic() + (EXIT_FILE_WAIT_S if state.state == "COMPLETED" else 0)
+        while True:
+            try:
+                code = int(exit_file.read_text().strip())
+                break
+            except (OSError, ValueError):
+                code = None
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        if state.state == "COMPLETED" and code is None:
+            self._failure = (f"SLURM job {self.slurm_id} completed on {state.node or 'its node'} but left no exit "
+                             f"code in {exit_file}: is the job directory shared with the compute nodes?")
+        elif state.state == "CANCELLED" and not self.job.cancel_requested.is_set():
+            self._failure = f"SLURM job {self.slurm_id} was cancelled outside sleap-rtc ({state.reason or 'scancel'})"
+        elif SLURM_FINAL[state.state] == P.FAILED and code is None:
+            why = f" ({state.reason})" if state.reason and state.reason != state.state else ""
+            self._failure = f"SLURM ended job {self.slurm_id} on {state.node or 'its node'}: {state.state}{why}"
+        return code if code is not None else state.exit_code
+
+    def _note(self, state: Optional[SlurmState], trouble: str) -> None:
+        """Tell the job (log and ledger) when the SLURM state or a polling problem changes."""
+        self.trouble_since = (self.trouble_since or time.monotonic()) if trouble else None
+        if trouble != self.job.slurm_trouble:
+            self.job.slurm_trouble = trouble
+            self.job.slurm_note(self.slurm_id, self.last, f"cannot ask SLURM about job {self.slurm_id}: {trouble}"
+                                if trouble else "SLURM answers again")
+        if state is not None and state != self.last:
+            self.last = state
+            self.job.slurm_note(self.slurm_id, state)
+
+    def wait(self, timeout: float) -> Optional[int]:
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        return code
+
+    def signal(self, sig: int) -> None:
+        if self.poll() is None:
+            self.slurm.cancel(self.slurm_id, None if sig == signal.SIGTERM else sig)
+
+    def failure(self) -> Optional[str]:
+        return self._failure
+
+
+def batch_script(command: list[str], exit_file: Path, zmq: Optional[tuple[str, int, int]]) -> str:
+    """The batch script of one step: `worker.py slurm-step` around sleap-nn's argument list.
+
+    Every word is passed through shlex.quote, so no path, name or value a client chose
+    can be read by the shell as anything but one literal argument."""
+    words = [sys.executable, str(Path(__file__).resolve()), "slurm-step", "--exit-file", str(exit_file)]
+    if zmq:
+        words += ["--zmq", f"{zmq[0]}:{zmq[1]}:{zmq[2]}"]
+    words += ["--", *command]
+    return ("#!/bin/sh\n# Written by sleap-rtc's worker.py: one step of one job. Every word below is quoted.\n"
+            f"exec {' '.join(shlex.quote(w) for w in words)}\n")
+
+
+def slurm_step(argv: list[str]) -> int:
+    """`worker.py slurm-step`, inside a batch job: run sleap-nn, relay its ZMQ traffic
+    between this node's loopback and the worker, and write its exit code to a file."""
+    import zmq
+
+    parser = argparse.ArgumentParser(prog="worker.py slurm-step")
+    parser.add_argument("--exit-file", type=Path, required=True)
+    parser.add_argument("--zmq", metavar="HOST:SUB_PORT:PUB_PORT", help="the worker's progress and control sockets")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    # scancel signals every process of the job: sleap-nn answers them; this relay waits for
+    # it. A handler, unlike SIG_IGN, is not inherited by sleap-nn.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    context = local_sub = local_pub = remote_pub = remote_sub = None
+    if args.zmq:
+        host, worker_sub, worker_pub = args.zmq.rsplit(":", 2)
+        context = zmq.Context()
+        local_sub, local_pub, ports = bind_zmq_pair(context)
+        remote_pub, remote_sub = context.socket(zmq.PUB), context.socket(zmq.SUB)
+        remote_sub.setsockopt_string(zmq.SUBSCRIBE, "")
+        for sock in (remote_pub, remote_sub):
+            sock.setsockopt(zmq.LINGER, 1000)
+        remote_pub.connect(f"tcp://{host}:{worker_sub}")
+        remote_sub.connect(f"tcp://{host}:{worker_pub}")
+        command = command + zmq_overrides(ports)
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except OSError as exc:
+        print(f"sleap-rtc slurm-step: cannot start {command[0] if command else 'nothing'}: {exc}", file=sys.stderr)
+        code = 127
+    else:
+        if context is not None:
+            poller = zmq.Poller()
+            poller.register(local_sub, zmq.POLLIN)
+            poller.register(remote_sub, zmq.POLLIN)
+            while True:
+                running = process.poll() is None
+                for sock, _ in poller.poll(100):
+                    (remote_pub if sock is local_sub else local_pub).send(sock.recv())
+                if not running:
+                    break
+        code = process.wait()
+    if context is not None:
+        for sock in (local_sub, local_pub, remote_pub, remote_sub):
+            sock.close()
+        context.term()
+    temporary = args.exit_file.with_name(args.exit_file.name + ".tmp")
+    temporary.write_text(f"{code}\n")
+    os.replace(temporary, args.exit_file)
+    return code
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem `path` is on, from /proc/mounts ("unknown" without it)."""
+    best, kind = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    target = str(path.resolve())
+    for line in mounts:
+        fields = line.split()
+        if len(fields) > 2:
+            point = fields[1].replace("\\040", " ")
+            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def _own_address() -> str:
+    """This machine's address as its name resolves, for batch jobs to reach."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 class _CancelledBeforeStart(Exception):
@@ -1438,7 +1981,8 @@ class Job:
     """
 
     def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
-                 submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S):
+                 submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S,
+                 executor: Optional[LocalExecutor | SlurmExecutor] = None):
         self.job_id = job_id
         self.spec = spec
         self.dir = job_dir
@@ -1460,7 +2004,14 @@ class Job:
         self.results: list[dict] = []  # per step that ran: name, kind, state, exit_code, stopped_early
         self.step: Optional[Step] = None  # the step running now
         self.command: list[str] = []
-        self.process: Optional[subprocess.Popen] = None
+        self.executor = executor or LocalExecutor()
+        self.run: Optional[LocalRun | SlurmRun] = None  # the running step's process or batch job
+        # A SLURM job to follow again instead of submitting, after a worker restart:
+        # {"step": index, "saved": its step-N.slurm.json}; the steps before it are in `results`.
+        self.reattach: Optional[dict] = None
+        self.slurm: dict = {}  # the running step's SLURM job: job_id, step, state, reason, node
+        self.slurm_trouble = ""
+        self.on_slurm: Callable[["Job"], None] = lambda job: None
         self.stop_grace = stop_grace
         self._lines: "queue.Queue" = queue.Queue()
         # Guards _listeners, the callbacks (message name, payload) of attached clients.
@@ -1471,7 +2022,7 @@ class Job:
         # file up to _log_size and gets exactly the batches after it.
         self._log_lock = threading.Lock()
         self._log_size = 0
-        # Guards `process` being started against `cancel_requested`: a cancel that comes
+        # Guards `run` being started against `cancel_requested`: a cancel that comes
         # between the scheduler taking the job and a step starting is never lost.
         self._start_lock = threading.Lock()
 
@@ -1537,7 +2088,9 @@ class Job:
 
     def _run(self, plan, on_step, on_finished) -> None:
         try:
-            self.steps, notes = plan(self)
+            self.steps, notes = self._load_steps() if self.reattach else plan(self)
+            if self.executor.name == "slurm" and not self.reattach:
+                self._save_steps()
         except JobSetupError as exc:
             self._finish(P.FAILED, str(exc), on_finished)
             return
@@ -1552,10 +2105,12 @@ class Job:
         error = None
         try:
             for index, step in enumerate(self.steps):
+                if index < len(self.results):  # ran before the worker restarted
+                    continue
                 first_inference = step.kind == P.TRACK and (index == 0 or self.steps[index - 1].kind != P.TRACK)
                 if first_inference and "package" in self.spec:
                     self._lines.put(_Say(P.INFERENCE_START, {}))
-                error = self._run_step(step, on_step)
+                error = self._run_step(index, step, on_step)
                 if error or self.cancel_requested.is_set():
                     break
         except Exception as exc:  # a bug must fail this job and free its slot, not leave it running forever
@@ -1566,58 +2121,78 @@ class Job:
             relay.join()
         self._finish(*self._verdict(error), on_finished)
 
-    def _run_step(self, step: Step, on_step) -> Optional[str]:
+    def _save_steps(self) -> None:
+        """Keep the planned steps in the job's directory: a restarted worker follows the
+        job's SLURM jobs again with exactly these, without planning (or unpacking) anew."""
+        steps = [{**step.__dict__, **{k: str(v) for k, v in step.__dict__.items() if isinstance(v, Path)}}
+                 for step in self.steps]
+        (self.dir / "steps.json").write_text(json.dumps(steps, indent=1))
+
+    def _load_steps(self) -> tuple[list[Step], list[str]]:
+        try:
+            saved = json.loads((self.dir / "steps.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise JobSetupError(f"cannot follow the job again: its steps.json is unreadable ({exc})") from None
+        paths = {"cwd", "ckpt_dir", "output"}
+        steps = [Step(**{k: Path(v) if k in paths and v is not None else v for k, v in s.items()}) for s in saved]
+        return steps, [f"the worker restarted; following SLURM job {self.reattach['saved']['slurm_id']} again"]
+
+    def _run_step(self, index: int, step: Step, on_step) -> Optional[str]:
         """Run one step to its end; why the job cannot go on, or None."""
         import zmq
 
+        saved = self.reattach["saved"] if self.reattach and self.reattach["step"] == index else None
+        self.reattach = None
         context = sub = pub = ports = None
         if step.kind == P.TRAIN and self.spec.get("gui", True):
             context = zmq.Context()
-            sub, pub, ports = bind_zmq_pair(context)
-        command = step.command(ports)
+            prefer = tuple(saved["ports"]) if saved and saved.get("ports") else None
+            sub, pub, ports = bind_zmq_pair(context, self.executor.zmq_host, prefer)
+            if prefer and ports != prefer:
+                self._say_line(f"the progress ports {prefer} are taken; live progress of this step is lost")
         result = {"name": step.name, "kind": step.kind, "exit_code": None, "stopped_early": False}
         with self._start_lock:
             try:
-                if self.cancel_requested.is_set():
+                if self.cancel_requested.is_set() and saved is None:
                     raise _CancelledBeforeStart()
-                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           stdin=subprocess.DEVNULL, cwd=step.cwd,
-                                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-            except (OSError, _CancelledBeforeStart) as exc:
+                run = self.executor.attach(self, index, saved) if saved else \
+                    self.executor.launch(self, index, step, ports)
+            except (OSError, JobSetupError, _CancelledBeforeStart) as exc:
                 if context is not None:
                     sub.close()
                     pub.close()
                     context.term()
                 if isinstance(exc, _CancelledBeforeStart):
                     return None
-                return f"cannot start {command[0]}: {exc}"
-            self.process, self.step, self.command = process, step, command
+                return str(exc) if isinstance(exc, JobSetupError) else f"cannot start {step.args[0]}: {exc}"
+            self.run, self.step, self.command = run, step, run.command
             self.started_at = self.started_at or time.time()
         self.train_ended.clear()
         on_step(self)
-        start = P.TRAIN_JOB_START if step.kind == P.TRAIN else P.INFERENCE_JOB_START
-        self._lines.put(_Say(start, {"name": step.name, "command": command}))
-        readers = [threading.Thread(target=P.guarded(self._read_pipe), args=(pipe, stream),
+        if saved is None:
+            start = P.TRAIN_JOB_START if step.kind == P.TRAIN else P.INFERENCE_JOB_START
+            self._lines.put(_Say(start, {"name": step.name, "command": run.command}))
+        readers = [threading.Thread(target=P.guarded(self._read_chunks), args=(chunks, stream),
                                     name=f"job-{self.job_id}-{label}", daemon=True)
-                   for pipe, stream, label in ((process.stdout, "o", "stdout"), (process.stderr, "e", "stderr"))]
+                   for stream, label, chunks in run.outputs()]
         if context is not None:
-            readers.append(threading.Thread(target=P.guarded(self._poll_zmq), args=(process, context, sub, pub),
+            readers.append(threading.Thread(target=P.guarded(self._poll_zmq), args=(run, context, sub, pub),
                                             name=f"job-{self.job_id}-zmq", daemon=True))
         for thread in readers:
             thread.start()
         while True:
-            try:
-                self.exit_code = process.wait(timeout=CANCEL_GRACE_S if self.cancel_requested.is_set() else 1)
+            self.exit_code = run.wait(timeout=CANCEL_GRACE_S if self.cancel_requested.is_set() else 1)
+            if self.exit_code is not None:
                 break
-            except subprocess.TimeoutExpired:
-                if self.cancel_requested.is_set():
-                    self._signal(signal.SIGKILL)
+            if self.cancel_requested.is_set():
+                run.signal(signal.SIGKILL)
         for thread in readers:
             thread.join()
+        failure = run.failure()
         result["exit_code"] = self.exit_code
         if self.cancel_requested.is_set():
             result["state"] = P.CANCELLED
-        elif self.exit_code != 0:
+        elif self.exit_code != 0 or failure:
             result["state"] = P.FAILED
         else:
             result["state"] = P.COMPLETED
@@ -1630,18 +2205,30 @@ class Job:
                 self._lines.put(_Say(P.TRAIN_JOB_ERROR, {"name": step.name, "exit_code": self.exit_code}))
             self.stop_requested.clear()  # a stop ends this model; the next one trains in full
         if result["state"] == P.FAILED:
-            return f"sleap-nn exited with code {self.exit_code}"
+            return failure or f"sleap-nn exited with code {self.exit_code}"
         return None
+
+    def slurm_note(self, slurm_id: str, state: Optional[SlurmState], text: Optional[str] = None) -> None:
+        """A SLURM job of this job changed state (or polling it failed): into the log and ledger."""
+        if state is not None:
+            self.slurm.update(job_id=slurm_id, state=state.state, reason=state.reason, node=state.node)
+        if text is None and state is not None:
+            where = f" on {state.node}" if state.node and state.state != "PENDING" else ""
+            why = f" ({state.reason})" if state.reason else ""
+            text = f"SLURM job {slurm_id}: {state.state}{where}{why}"
+        self.slurm["problem"] = self.slurm_trouble or None
+        if text:
+            self._say_line(text)
+        self.on_slurm(self)
 
     def _say_line(self, text: str) -> None:
         """A line from the worker itself into the job's log (stream "w")."""
         self._lines.put(("w", f"[sleap-rtc worker] {text}", False))
 
-    def _read_pipe(self, pipe, stream: str) -> None:
+    def _read_chunks(self, chunks: Iterator[bytes], stream: str) -> None:
         """Split output into complete lines and carriage-return progress updates."""
         pending = b""
-        fd = pipe.fileno()
-        while chunk := os.read(fd, 65536):
+        for chunk in chunks:
             pending += chunk
             parts = re.split(rb"(\r\n|\n|\r)", pending)
             pending = parts.pop()
@@ -1650,7 +2237,6 @@ class Job:
                 self._lines.put((stream, line, end == b"\r"))
         if pending:
             self._lines.put((stream, pending.decode("utf-8", "replace"), False))
-        pipe.close()
 
     def _relay(self) -> None:
         """Batch lines into the log file and to listeners: every LOG_BATCH_S or
@@ -1713,14 +2299,14 @@ class Job:
         if isinstance(report, dict) and "n_processed" in report:
             self.emit(P.JOB_PROGRESS, {"event": "inference", **report})
 
-    def _poll_zmq(self, process, context, sub, pub) -> None:
+    def _poll_zmq(self, run, context, sub, pub) -> None:
         """Forward sleap-nn's progress; while a stop is wanted, repeat it until train_end."""
         import zmq
 
         first_stop = last_stop = None
         interrupted = False
         try:
-            while process.poll() is None or sub.poll(0):
+            while run.poll() is None or sub.poll(0):
                 if sub.poll(ZMQ_POLL_MS, zmq.POLLIN):
                     self._on_report(sub.recv_string())
                 if self.stop_requested.is_set() and not self.train_ended.is_set():
@@ -1774,11 +2360,8 @@ class Job:
         self._signal(signal.SIGTERM)
 
     def _signal(self, sig: int) -> None:
-        if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
+        if self.run is not None:
+            self.run.signal(sig)
 
     def finish_unrun(self, state: str, error: str, on_finished: Callable[["Job"], None]) -> None:
         """End a job that never ran (cancelled while queued)."""
@@ -1857,7 +2440,7 @@ RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's sp
 RESTARTED_ERROR = "worker restarted during the job"
 MAINTENANCE_MESSAGE = "this worker is in maintenance: it finishes its queue but takes no new jobs"
 LEDGER_LIMIT = 1000  # most jobs one listing returns, newest first
-_JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command", "steps"}
+_JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command", "steps", "slurm"}
 
 
 class Ledger:
@@ -1872,8 +2455,10 @@ class Ledger:
         spec TEXT NOT NULL, submitter TEXT, state TEXT NOT NULL, submitted_at REAL NOT NULL,
         started_at REAL, finished_at REAL, exit_code INTEGER, duration_s REAL, stopped_early INTEGER,
         outputs TEXT, warning TEXT, error TEXT, stderr_tail TEXT, log_path TEXT, job_dir TEXT,
-        command TEXT, pid INTEGER, steps TEXT)"""
-    ADDED_COLUMNS = {"steps": "TEXT"}  # columns newer than a ledger may be, added when it opens
+        command TEXT, pid INTEGER, steps TEXT, slurm TEXT)"""
+    # Columns newer than a ledger may be, added when it opens. slurm: the running step's
+    # SLURM job {job_id, step, state, reason, node, problem}.
+    ADDED_COLUMNS = {"steps": "TEXT", "slurm": "TEXT"}  # columns newer than a ledger may be, added when it opens
 
     def __init__(self, path: Path):
         import sqlite3
@@ -1967,8 +2552,10 @@ class Scheduler:
     def __init__(self, working_dir: Path, slots: int, executable: str,
                  on_change: Callable[[Optional[Job]], None], reservation_timeout: float = RESERVATION_TIMEOUT_S,
                  stop_grace: float = STOP_GRACE_S,
-                 plan: Optional[Callable[[Job], tuple[list[Step], list[str]]]] = None):
+                 plan: Optional[Callable[[Job], tuple[list[Step], list[str]]]] = None,
+                 executor: Optional[LocalExecutor | SlurmExecutor] = None):
         self.jobs_dir = working_dir / "jobs"
+        self.executor = executor or LocalExecutor()
         self.plan = plan or self.structured_plan
         self.stop_grace = stop_grace
         self.slots = slots
@@ -1987,13 +2574,17 @@ class Scheduler:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
+        self.executor.start()
         self._recover()
         self._thread.start()
 
     def _recover(self) -> None:
         """After a restart: a job that was running failed with it (its process group is
-        killed if it outlived the worker); pending jobs queue again in their order."""
+        killed if it outlived the worker), unless it runs in SLURM, which kept it: then
+        it is followed again. Pending jobs queue again in their order."""
         for record in self.ledger.select(state=P.RUNNING):
+            if self._follow_again(record):
+                continue
             kill_orphan(record)
             now = time.time()
             try:
@@ -2005,20 +2596,50 @@ class Scheduler:
                                duration_s=round(now - (record["started_at"] or now), 2))
             log.warning("job %s was running when the worker stopped; marked failed", record["job_id"])
         for record in self.ledger.select(state=P.PENDING, oldest_first=True):
-            job = Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"],
-                      self.executable, record["submitted_at"], self.stop_grace)
-            self.queue.append(job)
+            self.queue.append(self._job(record))
         if self.queue:
             log.info("%d queued job(s) from before the restart will run", len(self.queue))
 
+    def _job(self, record: dict) -> Job:
+        """The live Job of a ledger record."""
+        return Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"],
+                   self.executable, record["submitted_at"], self.stop_grace, self.executor)
+
+    def _follow_again(self, record: dict) -> bool:
+        """Follow a running job's SLURM job again; False when there is none to follow."""
+        slurm = record.get("slurm") or {}
+        if self.executor.name != "slurm" or "step" not in slurm:
+            return False
+        state_file = SlurmRun.files(Path(record["job_dir"]), slurm["step"])["state"]
+        try:
+            saved = json.loads(state_file.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: cannot follow SLURM job %s again (%s)", record["job_id"], slurm.get("job_id"), exc)
+            return False
+        job = self._job(record)
+        job.reattach = {"step": slurm["step"], "saved": saved}
+        job.results = [r for r in (record.get("steps") or []) if r.get("state") != "not run"][:slurm["step"]]
+        job.started_at = record.get("started_at")
+        self.running[job.job_id] = job
+        self._start(job)
+        log.info("job %s: following SLURM job %s again", job.job_id, saved["slurm_id"])
+        return True
+
     def stop(self, timeout: float = CANCEL_GRACE_S + 5) -> None:
         """Stop starting jobs, cancel the running ones and wait for their records; queued
-        jobs stay queued in the ledger for the next start."""
+        jobs stay queued in the ledger for the next start. SLURM jobs run on: the next
+        start follows them again."""
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        if self.executor.name == "slurm":
+            self.executor.stop()
+            with self._cond:
+                if self.running:
+                    log.info("%d job(s) keep running in SLURM; the next start follows them again", len(self.running))
+            return  # their threads may still write: the ledger closes with the process
         with self._cond:
             running = list(self.running.values())
         for job in running:
@@ -2038,7 +2659,8 @@ class Scheduler:
         with self._cond:
             if self.ledger.get(job_id) is not None:
                 return None, [P.spec_error("job_id", f"job {job_id} exists already", "DUPLICATE")]
-            job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable, stop_grace=self.stop_grace)
+            job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable, stop_grace=self.stop_grace,
+                      executor=self.executor)
             try:
                 job.dir.mkdir(parents=True, exist_ok=True)
                 for name, text in (files or {}).items():
@@ -2198,6 +2820,7 @@ class Scheduler:
             return [job.spec for job in [*self.queue, *self.running.values()]]
 
     def _start(self, job: Job) -> None:
+        job.on_slurm = self._slurm_changed
         try:
             job.start(self.plan, self._started, self._step_started, self._finished)
         except Exception as exc:  # a bug or a full disk must fail this job, not keep its slot taken forever
@@ -2209,9 +2832,15 @@ class Scheduler:
         self.on_change(job)
 
     def _step_started(self, job: Job) -> None:
-        """Each step's command and process group, so that a restarted worker can end it."""
-        self.ledger.update(job.job_id, started_at=job.started_at, command=job.command, pid=job.process.pid)
-        log.info("job %s from %s: %s started: %s", job.job_id, job.submitter, job.step.name, " ".join(job.command))
+        """Each step's command and process group or SLURM job, and the steps done before
+        it, so that a restarted worker can end it or follow it again."""
+        self.ledger.update(job.job_id, started_at=job.started_at, command=job.command, steps=job.results,
+                           **job.run.record)
+        log.info("job %s from %s: %s started: %s", job.job_id, job.submitter, job.step.name,
+                 " ".join(shlex.quote(word) for word in job.command))
+
+    def _slurm_changed(self, job: Job) -> None:
+        self.ledger.update(job.job_id, slurm=job.slurm)
 
     def _announce_positions(self) -> None:
         with self._cond:
@@ -2783,7 +3412,7 @@ class Worker:
                  advertise_gpu_memory: Optional[int] = None, maintenance: bool = False,
                  reservation_timeout: float = RESERVATION_TIMEOUT_S, embedded=None,
                  stop_grace: float = STOP_GRACE_S, follower_backlog: int = FOLLOWER_BACKLOG_BYTES,
-                 upload_cap: Optional[int] = None):
+                 upload_cap: Optional[int] = None, executor: Optional[LocalExecutor | SlurmExecutor] = None):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
@@ -2813,8 +3442,9 @@ class Worker:
             self.gpu_now = gpu_load(gpu_index)
             self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
                                                  daemon=True))
+        executor = executor or LocalExecutor()
         self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout, stop_grace,
-                                   self._plan_job)
+                                   self._plan_job, executor)
         facts = gpu_facts(gpu_index, probe_torch=advertise_gpu_memory is None)
         if advertise_gpu_memory is not None:
             facts["gpu_memory_mb"] = advertise_gpu_memory
@@ -2822,6 +3452,7 @@ class Worker:
             "tags": list(WORKER_TAGS),
             "properties": {
                 **facts,
+                **executor.describe(),
                 "sleap_nn_version": sleap_nn_version(),
                 "hostname": socket.gethostname(),
                 "worker_name": name,
@@ -3103,6 +3734,26 @@ def build_parser() -> argparse.ArgumentParser:
                              f"queued or running job needs are removed (default {UPLOAD_CACHE_GB:g})")
     parser.add_argument("--sleap-nn", metavar="PATH", default=None,
                         help="the sleap-nn executable to run (default: the one beside this Python, else on PATH)")
+    slurm = parser.add_argument_group("SLURM", "run each job as a SLURM batch job (on a login node with sbatch)")
+    slurm.add_argument("--slurm", action="store_true", help="submit jobs to SLURM instead of running them here")
+    slurm.add_argument("--slurm-partition", metavar="NAME", help="the partition to submit to (default: SLURM's)")
+    slurm.add_argument("--slurm-gres", metavar="GRES", help="generic resources per job, e.g. gpu:1")
+    slurm.add_argument("--slurm-time", metavar="LIMIT", help="time limit per job, e.g. 12:00:00")
+    slurm.add_argument("--slurm-cpus", type=_positive, metavar="N", help="CPUs per job")
+    slurm.add_argument("--slurm-mem", metavar="SIZE", help="memory per job, e.g. 32G")
+    slurm.add_argument("--slurm-option", action="append", default=[], metavar="OPTION",
+                       help="a raw sbatch option, e.g. --slurm-option=--qos=long (repeatable)")
+    slurm.add_argument("--slurm-max-jobs", type=_positive, default=8, metavar="N",
+                       help="jobs in SLURM at once, in place of --slots; more wait in this worker's queue "
+                            "(default 8)")
+    slurm.add_argument("--slurm-zmq-host", metavar="ADDRESS",
+                       help="this machine's address as compute nodes reach it, for live progress and "
+                            "stop-early (default: what its hostname resolves to)")
+    slurm.add_argument("--slurm-poll", type=float, default=SLURM_POLL_S, metavar="S",
+                       help=f"seconds between squeue calls (default {SLURM_POLL_S:g})")
+    slurm.add_argument("--slurm-patience", type=float, default=SLURM_PATIENCE_S, metavar="S",
+                       help="seconds SLURM may fail to answer about a job before the job is failed "
+                            f"(default {SLURM_PATIENCE_S:g})")
     parser.add_argument("--no-direct", action="store_true",
                         help="move file bytes only over the WebRTC data channel, never over a direct TCP "
                              f"connection to the client (env {P.ENV_NO_DIRECT}=1)")
@@ -3120,6 +3771,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     working_dir.mkdir(parents=True, exist_ok=True)
     mounts = args.mount or [Mount(working_dir, "working-dir")]
 
+    executor, slots = LocalExecutor(), args.slots
+    if args.slurm:
+        executor = SlurmExecutor(args.slurm_partition, args.slurm_gres, args.slurm_time, args.slurm_cpus,
+                                 args.slurm_mem, args.slurm_option, args.slurm_zmq_host, args.slurm_poll,
+                                 args.slurm_patience)
+        try:
+            notes = executor.check(working_dir / "jobs")
+        except SlurmError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        slots = args.slurm_max_jobs
+        for note in notes:
+            print(f"worker: SLURM: {note}", flush=True)
     embedded = None
     server_url = args.server or P.DEFAULT_SERVER_URL
     if not args.server and not _listening("127.0.0.1", P.DEFAULT_WS_PORT):
@@ -3141,9 +3805,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"  clients: source {env_file}  (or pass --room {room_id} --token {token})", flush=True)
 
     worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
-                    args.sleap_nn or sleap_nn_executable(), args.slots, args.advertise_gpu_memory, args.maintenance,
+                    args.sleap_nn or sleap_nn_executable(), slots, args.advertise_gpu_memory, args.maintenance,
                     args.reservation_timeout, embedded, args.stop_grace, args.follower_backlog * 2**20,
-                    int(args.upload_cache_gb * 1e9))
+                    int(args.upload_cache_gb * 1e9), executor)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -3159,4 +3823,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["slurm-step"]:  # inside a batch job: see batch_script
+        raise SystemExit(slurm_step(sys.argv[2:]))
     raise SystemExit(main())

@@ -84,13 +84,14 @@ def test_an_upload_killed_half_way_resumes_from_what_the_worker_kept(room):
     size = 24 * MB
     digest = random_file(big, size)
     part = worker_dir / "uploads" / f".{digest}.part"
-    uploader = room.start_client("upload", str(big))
+    # Over the data channel, slow enough to be cut at half (a direct path is in test_direct.py).
+    uploader = room.start_client("upload", "--no-direct", str(big))
     wait_until(lambda: part.exists() and part.stat().st_size >= size // 2, 60, "half the upload to arrive")
     uploader.kill()
     assert not (worker_dir / "uploads" / digest).exists()  # nothing under a final name
 
     # At once, while the worker may still hold the dead link's half-written part.
-    retry = room.client("upload", str(big))
+    retry = room.client("upload", "--no-direct", str(big))
     assert retry.returncode == 0, retry.stderr
     held, sent = map(int, re.search(r"the worker holds (\d+) of \d+ bytes.*\n(?:.*\n)*?big.bin: sent (\d+) bytes",
                                      retry.stderr).groups())
@@ -107,7 +108,7 @@ def test_sender_killed_mid_download_gives_a_clear_error_and_no_file(room):
     big = worker_dir / "big.bin"
     random_file(big, 24 * MB)
     down_dir = room.tmp / "down"
-    downloader = room.start_client("download", str(big), "--download", str(down_dir))
+    downloader = room.start_client("download", "--no-direct", str(big), "--download", str(down_dir))
     downloader.wait_for(r"download big.bin:\s+[1-9]\d\.\d%", timeout=60)
     worker.kill()
     assert downloader.popen.wait(timeout=20) == 1
