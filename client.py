@@ -129,7 +129,7 @@ def discover_workers(signaling: P.SignalingClient, job_type: Optional[str] = Non
     """The room's workers (for `job_type`, with at least `min_gpu_memory` MB). A server
     that cannot discover gives the worker named by SLEAP_RTC_WORKER_PEER_ID instead,
     marked "fallback"."""
-    tags = [P.JOB_TYPE_TAGS[job_type]] if job_type else None
+    tags = [P.JOB_TYPE_TAGS[job_type]] if job_type in P.JOB_TYPE_TAGS else None
     properties = {"gpu_memory_mb": {"$gte": min_gpu_memory}} if min_gpu_memory else None
     try:
         return signaling.discover(role="worker", tags=tags, properties=properties)
@@ -183,7 +183,7 @@ ANSWER_TIMEOUT_S = 5.0  # how long workers have to answer a job_request or jobs_
 # How long a worker may stay quiet over the link before a request counts as unanswered
 # (file bytes arriving count as an answer in progress).
 REPLY_TIMEOUT_S = 30.0
-SUMMARY_FIELDS = ("type", "config", "labels", "data_path", "max_epochs", "batch_size")
+SUMMARY_FIELDS = ("type", "config", "labels", "data_path", "max_epochs", "batch_size", "command")
 
 
 def ask_workers(signaling: P.SignalingClient, worker_ids: list[str], payload: dict, reply_type: str,
@@ -232,7 +232,7 @@ def choice_reason(ranked: list[dict]) -> str:
     return "as good as the others; first by peer id"
 
 
-def no_worker_fits(signaling: P.SignalingClient, job_type: str, min_gpu_memory: int) -> P.NoWorkersAvailableError:
+def no_worker_fits(signaling: P.SignalingClient, wanted: str, min_gpu_memory: int) -> P.NoWorkersAvailableError:
     """The error for an empty discovery, saying what the room has instead."""
     room = signaling.room_id
     everyone = signaling.discover(role="worker")
@@ -245,8 +245,12 @@ def no_worker_fits(signaling: P.SignalingClient, job_type: str, min_gpu_memory: 
         return P.NoWorkersAvailableError(
             f"no worker with >= {min_gpu_memory} MB GPU memory in room {room}; {len(everyone)} worker(s) "
             f"have less: {described}. Lower --min-gpu-memory or start a bigger worker.")
-    return P.NoWorkersAvailableError(f"no worker in room {room} runs {job_type} jobs "
-                                     f"(tag {P.JOB_TYPE_TAGS[job_type]}); workers there: {described}")
+    offers: dict[str, list[str]] = {}
+    for w in everyone:
+        for kind in P.offered(w["metadata"]):
+            offers.setdefault(kind, []).append(w["peer_id"])
+    listed = "; ".join(f"{kind} ({', '.join(sorted(ids))})" for kind, ids in sorted(offers.items()))
+    return P.NoWorkersAvailableError(f"no worker in room {room} offers {wanted}; the room offers: {listed}")
 
 
 def negotiate(signaling: P.SignalingClient, job_id: str, spec: dict, worker_id: Optional[str],
@@ -256,7 +260,9 @@ def negotiate(signaling: P.SignalingClient, job_id: str, spec: dict, worker_id: 
     Sends job_request to every fitting worker (or only `worker_id`), ranks those that
     accept with `rank_key`, prints the candidates and the choice, sends job_assignment.
     """
-    workers = discover_workers(signaling, spec["type"], min_gpu_memory)
+    wanted = P.capability(spec)
+    workers = [w for w in discover_workers(signaling, spec["type"], min_gpu_memory)
+               if w.get("fallback") or wanted in P.offered(w["metadata"])]
     if workers and workers[0].get("fallback"):
         print(f"the server cannot discover workers; using {P.ENV_WORKER_PEER_ID}={workers[0]['peer_id']}",
               file=sys.stderr)
@@ -266,12 +272,12 @@ def negotiate(signaling: P.SignalingClient, job_id: str, spec: dict, worker_id: 
         if not named:
             fitting = ", ".join(sorted(w["peer_id"] for w in workers)) or "none"
             raise P.NoWorkersAvailableError(
-                f"worker {worker_id} is not in room {signaling.room_id}, or cannot take {spec['type']} jobs"
+                f"worker {worker_id} is not in room {signaling.room_id}, or cannot take {wanted} jobs"
                 f"{f' with >= {min_gpu_memory} MB' if min_gpu_memory else ''} (workers that can: {fitting})")
         workers = named
     elif not workers:
-        raise no_worker_fits(signaling, spec["type"], min_gpu_memory)
-    request = {P.APP_MESSAGE_TYPE: P.APP_JOB_REQUEST, "job_id": job_id, "job_type": spec["type"],
+        raise no_worker_fits(signaling, wanted, min_gpu_memory)
+    request = {P.APP_MESSAGE_TYPE: P.APP_JOB_REQUEST, "job_id": job_id, "job_type": spec["type"], "capability": wanted,
                "requirements": {"min_gpu_memory_mb": min_gpu_memory},
                "config": {k: spec[k] for k in SUMMARY_FIELDS if k in spec}}
     replies = ask_workers(signaling, [w["peer_id"] for w in workers], request, P.APP_JOB_RESPONSE)
@@ -375,6 +381,10 @@ def cmd_workers(args) -> int:
         rows.append([w["peer_id"], p.get("worker_name", ""), p.get("status", "?"), p.get("gpu_model", "?"),
                      f"{p.get('gpu_memory_mb', 0)} MB", str(p.get("queue_length", 0)), runs_on])
     print_table(rows, ["ID", "NAME", "STATUS", "GPU", "MEMORY", "QUEUE", "RUNS JOBS"])
+    for w in sorted(workers, key=lambda w: w["peer_id"]):
+        refusing = w["metadata"].get("properties", {}).get("refusing")
+        if refusing:
+            print(f"{w['peer_id']} takes no new jobs: {refusing}")
     return 0
 
 
@@ -903,6 +913,8 @@ class JobMonitor:
             self.status("training done; inference follows", True)
         elif name == P.INFERENCE_JOB_START:
             self.status(f"job {self.job_id} started on {self.link.peer_id}: inference", True)
+        elif name == P.COMMAND_START:
+            self.status(f"job {self.job_id} started on {self.link.peer_id}: command {model}", True)
 
     def _log(self, payload: dict) -> None:
         for stream, line in payload.get("lines", []):
@@ -1099,6 +1111,15 @@ def cmd_track(args) -> int:
     return _submit_checked(args, spec, UPLOADABLE_FIELDS[P.TRACK] if args.upload else ())
 
 
+def cmd_run(args) -> int:
+    command = args.args[1:] if args.args[:1] == ["--"] else args.args
+    spec = {"type": P.COMMAND, "command": args.name, "args": command}
+    errors = P.check_spec(spec)
+    if errors:
+        raise UsageError("; ".join(e["message"] for e in errors))
+    return run_job(args, spec)
+
+
 def _submit_package(args, job_type: str) -> int:
     """A SLEAP training package: sent from this machine (--pkg-path), or used where it lies
     on the worker's shared storage (--worker-pkg-path)."""
@@ -1167,22 +1188,27 @@ def _when(timestamp: Optional[float]) -> str:
 
 
 def cmd_jobs(args) -> int:
+    if args.json and not args.sql:
+        raise UsageError("--json goes with --sql")
     signaling = connect(args)
     try:
         workers = [args.worker_id] if args.worker_id else sorted(w["peer_id"] for w in discover_workers(signaling))
         if not workers:
             print(f"no workers in room {args.room}", file=sys.stderr)
             return 1
-        query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6), "state": args.state}
+        query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6)}
+        query.update({"sql": args.sql} if args.sql else {"state": args.state})
         replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST)
     finally:
         signaling.close()
-    jobs = [(worker_id, job) for worker_id, reply in replies.items() for job in reply.get("jobs", [])]
     for worker_id in workers:
         if worker_id not in replies:
             print(f"warning: {worker_id} did not answer within {ANSWER_TIMEOUT_S:.0f} s", file=sys.stderr)
         elif replies[worker_id].get("error"):
             print(f"error from {worker_id}: {replies[worker_id]['error']}", file=sys.stderr)
+    if args.sql:
+        return _print_query(replies, args.json)
+    jobs = [(worker_id, job) for worker_id, reply in replies.items() for job in reply.get("jobs", [])]
     if not jobs:
         print(f"no {args.state + ' ' if args.state else ''}jobs on {len(replies)} worker(s) in room {args.room}")
         return 0 if replies else 1
@@ -1191,6 +1217,24 @@ def cmd_jobs(args) -> int:
             for worker_id, job in sorted(jobs, key=lambda pair: pair[1]["submitted_at"])]
     print_table(rows, ["JOB", "WORKER", "TYPE", "STATE", "SUBMITTED", "DURATION"])
     return 0
+
+
+def _print_query(replies: dict[str, dict], as_json: bool) -> int:
+    """Every worker's rows of a ledger query, with a WORKER column first, as a table or JSON."""
+    answered = {w: r for w, r in sorted(replies.items()) if "columns" in r}
+    columns = ["worker"] + list(dict.fromkeys(c for r in answered.values() for c in r["columns"]))
+    rows = [{"worker": w, **dict(zip(r["columns"], row))} for w, r in answered.items() for row in r["rows"]]
+    for worker_id, reply in answered.items():
+        if reply.get("truncated"):
+            print(f"warning: {worker_id} sent only the first {len(reply['rows'])} rows", file=sys.stderr)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    elif rows:
+        print_table([["" if row.get(c) is None else str(row.get(c)) for c in columns] for row in rows],
+                    [c.upper() for c in columns])
+    else:
+        print(f"no rows from {len(answered)} worker(s)")
+    return 0 if answered else 1
 
 
 def cmd_status(args) -> int:
@@ -1431,6 +1475,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print sleap-nn's output as it comes")
     p.set_defaults(run=cmd_track)
 
+    p = commands.add_parser("run", parents=[common],
+                            help="run a command the worker's admin allowed (worker --allow-command NAME=EXECUTABLE)")
+    p.add_argument("name", help="the allowed command's name, e.g. convert")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then its arguments, passed as they are (no shell); "
+                   "a path must lie in the worker's mounts or the job's directory")
+    p.add_argument("--worker-id", help="run on this worker (by default the best that offers the command)")
+    p.add_argument("--detach", action="store_true", help="return once the worker accepted the job")
+    p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
+    p.add_argument("--non-interactive", action="store_true", help="never prompt")
+    p.set_defaults(run=cmd_run, min_gpu_memory=0, verbose=True, download=".")
+
     job_holder = argparse.ArgumentParser(add_help=False)
     job_holder.add_argument("job_id", metavar="JOB")
     job_holder.add_argument("--worker-id", help="the worker holding the job (default: the one remembered "
@@ -1438,6 +1493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("jobs", parents=[common], help="list the jobs of every worker in the room")
     p.add_argument("--worker-id", help="only this worker's jobs")
     p.add_argument("--state", choices=P.JOB_STATES, help="only jobs in this state")
+    p.add_argument("--sql", metavar="SELECT", help="a read-only query over each worker's ledger (table jobs), "
+                   "rows merged; e.g. \"SELECT submitter, SUM(duration_s)/3600 AS hours FROM jobs GROUP BY submitter\"")
+    p.add_argument("--json", action="store_true", help="with --sql: the rows as JSON")
     p.set_defaults(run=cmd_jobs)
     p = commands.add_parser("status", parents=[common, job_holder], help="everything the worker recorded of a job")
     p.set_defaults(run=cmd_status)

@@ -361,7 +361,8 @@ TRAIN_JOB_END = "TRAIN_JOB_END"  # {job_id, name, stopped_early}
 TRAIN_JOB_ERROR = "TRAIN_JOB_ERROR"  # {job_id, name, exit_code}: the steps after it do not run
 INFERENCE_START = "INFERENCE_START"  # {job_id}: a package's training is done; inference follows
 INFERENCE_JOB_START = "INFERENCE_JOB_START"  # {job_id, name: "inference", command}
-STEP_MESSAGES = (TRAIN_JOB_START, TRAIN_JOB_END, TRAIN_JOB_ERROR, INFERENCE_START, INFERENCE_JOB_START)
+COMMAND_START = "COMMAND_START"  # {job_id, name: the allowed command's name, command}
+STEP_MESSAGES = (TRAIN_JOB_START, TRAIN_JOB_END, TRAIN_JOB_ERROR, INFERENCE_START, INFERENCE_JOB_START, COMMAND_START)
 
 _NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -370,18 +371,21 @@ _NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # ---------------------------------------------------------------------------------------
 
 APP_MESSAGE_TYPE = "app_message_type"
-# client -> worker {job_id, job_type, requirements: {min_gpu_memory_mb}, config: {a summary of the spec}}
+# client -> worker {job_id, job_type, capability (see `capability`), requirements: {min_gpu_memory_mb},
+#                   config: {a summary of the spec}}
 APP_JOB_REQUEST = "job_request"
 # worker -> client {job_id, accepted, reason, estimated_start_time_sec, estimated_duration_minutes,
 #                   queue_position (0: starts now), worker_info: {gpu_utilization, available_memory_mb}}
 APP_JOB_RESPONSE = "job_response"
 APP_JOB_ASSIGNMENT = "job_assignment"  # client -> worker {job_id}
 APP_JOB_ASSIGNED = "job_assigned"  # worker -> client {job_id, reserved, queue_position}
-APP_JOBS_QUERY = "jobs_query"  # client -> worker {request_id, job_id?, state?}
-APP_JOBS_LIST = "jobs_list"  # worker -> client {request_id, jobs: [record]}
+APP_JOBS_QUERY = "jobs_query"  # client -> worker {request_id, job_id?, state?} | {request_id, sql}
+# worker -> client {request_id, jobs: [record]} | {request_id, columns, rows, truncated, error?}
+APP_JOBS_LIST = "jobs_list"
 
 # Worker status in its metadata.
 AVAILABLE, RESERVED, BUSY, MAINTENANCE = "available", "reserved", "busy", "maintenance"
+LOW_DISK = "low_disk"  # too little free disk: no new jobs; metadata "refusing" says why
 # Job states: pending -> running -> completed | failed | cancelled.
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
 JOB_STATES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED)
@@ -426,14 +430,19 @@ def decode(text: str) -> Message:
 # here need nothing of the worker; the worker adds its own (paths, mounts, config).
 
 TRAIN, TRACK = "train", "track"
+# A command job runs one executable the worker's admin allowed by name (worker --allow-command).
+COMMAND = "command"
 JOB_TYPE_TAGS = {TRAIN: "training-worker", TRACK: "inference-worker"}  # the discovery tag for each
 SPEC_FIELDS: dict[str, dict[str, type]] = {
     TRAIN: {"config": str, "labels": str, "val_labels": str, "max_epochs": int, "batch_size": int,
             "learning_rate": float, "run_name": str, "resume": str, "gui": bool, "path_map": list},
     TRACK: {"data_path": str, "model_paths": list, "output": str, "batch_size": int, "peak_threshold": float,
             "frames": str, "only_suggested_frames": bool, "gui": bool, "path_map": list},
+    COMMAND: {"command": str, "args": list},
 }
-REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths")}
+REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths"), COMMAND: ("command",)}
+_COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_COMMAND_ARGS, MAX_ARG_CHARS = 1000, 4096
 # A SLEAP training package (a zip on the worker) says everything else itself.
 PACKAGE_FIELDS = {"package": str, "gui": bool}
 NUMBER_RANGES = {"max_epochs": (1, 10000), "batch_size": (1, 1024)}
@@ -475,11 +484,31 @@ def check_spec(spec: Any) -> list[dict]:
                                      "BAD_FORMAT"))
         elif name == "model_paths" and not all(isinstance(m, str) and m for m in value):
             errors.append(spec_error(name, "model_paths must be a list of paths", "BAD_TYPE"))
+        elif name == "command" and not _COMMAND_NAME_RE.match(value):
+            errors.append(spec_error(name, f"a command name is 1-64 letters, digits, '.', '_' or '-', not {echo(value)}",
+                                     "BAD_FORMAT"))
+        elif name == "args" and not (len(value) <= MAX_COMMAND_ARGS and all(
+                isinstance(a, str) and len(a) <= MAX_ARG_CHARS and "\x00" not in a for a in value)):
+            errors.append(spec_error(name, f"args must be at most {MAX_COMMAND_ARGS} strings of at most "
+                                     f"{MAX_ARG_CHARS} characters", "BAD_TYPE"))
         elif name == "path_map" and not (len(value) <= 100 and all(
                 isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p for p in pair)
                 for pair in value)):
             errors.append(spec_error(name, "path_map must be a list of [old prefix, new prefix] pairs", "BAD_TYPE"))
     return errors
+
+
+def capability(spec: dict) -> str:
+    """What a worker must offer (its `job_types`) to take a spec: "train", "track" or
+    "command:NAME"."""
+    return f"{COMMAND}:{spec.get('command')}" if spec.get("type") == COMMAND else str(spec.get("type"))
+
+
+def offered(metadata: dict) -> list[str]:
+    """The job types a worker's registration metadata says it accepts (train and track
+    for a worker from before `job_types`)."""
+    types = (metadata.get("properties") or {}).get("job_types")
+    return [t for t in types if isinstance(t, str)] if isinstance(types, list) else [TRAIN, TRACK]
 
 
 def _is_a(value: Any, kind: type) -> bool:

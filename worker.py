@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import importlib.metadata
 import json
@@ -38,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import protocol as P
 
@@ -1313,14 +1314,15 @@ def safe_run_name(name: str) -> str:
 class Step:
     """One sleap-nn run of a job: the training of one model, or one inference."""
 
-    kind: str  # P.TRAIN or P.TRACK
-    name: str  # the model's name, or "inference"
+    kind: str  # P.TRAIN, P.TRACK or P.COMMAND
+    name: str  # the model's name, "inference", or the command's name
     args: list[str]  # the command, less the progress ports a training gets when it starts
     cwd: Path
     ckpt_dir: Optional[Path] = None  # training: the model goes to ckpt_dir/run_name (or run_name-1, ...)
     run_name: str = ""
     max_epochs: Optional[int] = None  # training: as the config or spec says, for progress
     output: Optional[Path] = None  # inference: the predictions file
+    drop_env: list[str] = dataclasses.field(default_factory=list)  # variables the run does not get (secret-looking)
 
     def command(self, zmq_ports: Optional[tuple[int, int]]) -> list[str]:
         return self.args + zmq_overrides(zmq_ports)
@@ -1421,6 +1423,81 @@ def predicted_instances(path: Path) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------------------
+# Command jobs: executables the worker's admin allowed by name, never a shell
+# ---------------------------------------------------------------------------------------
+# A command job runs one allowed executable with the client's arguments, as an argument
+# list, in the job's directory. An argument that looks like a path (or the value of a
+# --option=value that does) must lie inside the mounts or the job's directory, and is
+# passed resolved. Environment variables whose names look secret are not passed on.
+
+SECRET_ENV_RE = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|PRIVATE|COOKIE|SESSION", re.IGNORECASE)
+# Files of a job's directory that are the worker's own, not a command's output.
+_OWN_FILE_RE = re.compile(r"^(job\.log|spec\.json|steps\.json|config\.yaml|step-\d+\..*|\..*)$")
+MAX_COMMAND_OUTPUTS = 100
+
+
+def parse_allowed_command(text: str) -> tuple[str, str]:
+    """NAME=EXECUTABLE from --allow-command: the name and the executable's absolute path."""
+    name, sep, executable = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise argparse.ArgumentTypeError(f"want NAME=EXECUTABLE (NAME: letters, digits, '.', '_', '-'), not {text!r}")
+    found = shutil.which(executable)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"{executable!r} is not an executable here (for command {name})")
+    return name, str(Path(found).resolve())
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or "/" in text or text in (".", "..")
+
+
+def validate_command(spec: dict, allowed: dict[str, str], mounts: list[Mount],
+                     job_dir: Path) -> tuple[list[dict], list[str]]:
+    """Errors of a command spec on this worker, and the argument list it will run."""
+    errors = P.check_spec(spec)
+    if errors:
+        return errors, []
+    name = spec["command"]
+    if name not in allowed:
+        offered = ", ".join(sorted(allowed)) or "none (its admin allows them with --allow-command NAME=EXECUTABLE)"
+        return [P.spec_error("command", f"{name!r} is not a command this worker allows; it allows: {offered}",
+                             "NOT_ALLOWED")], []
+    places = mounts + [Mount(job_dir, "job")]
+    command = [allowed[name]]
+    for index, arg in enumerate(spec.get("args") or []):
+        option, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        if not _looks_like_path(value):
+            command.append(arg)
+            continue
+        try:
+            resolved = str(resolve_in_mounts(value, places, job_dir))
+        except PathRefused as exc:
+            errors.append({**P.spec_error("args", f"argument {index + 1} ({P.echo(arg)}): {exc}", exc.code),
+                           "path": value[:MAX_PATH_CHARS]})
+            continue
+        command.append(f"{option}{sep}{resolved}")
+    return errors, command
+
+
+def command_step(spec: dict, job_dir: Path, allowed_env: set[str]) -> Step:
+    """The one step of an accepted command job."""
+    hidden = sorted(k for k in os.environ if SECRET_ENV_RE.search(k) and k not in allowed_env)
+    return Step(P.COMMAND, spec["command"], list(spec["_command"]), job_dir, drop_env=hidden)
+
+
+def command_outputs(job_dir: Path) -> list[dict]:
+    """The files a command left in its job's directory, with size and SHA-256."""
+    outputs = []
+    for path in sorted(job_dir.rglob("*")):
+        if len(outputs) >= MAX_COMMAND_OUTPUTS:
+            break
+        if path.is_file() and not path.is_symlink() and not (path.parent == job_dir and _OWN_FILE_RE.match(path.name)):
+            size, sha256 = P.file_digest(path)
+            outputs.append({"kind": "file", "path": str(path), "size": size, "sha256": sha256})
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------
 # Where steps run: children of this worker, or batch jobs on a SLURM cluster
 # ---------------------------------------------------------------------------------------
 # A Job runs each step through its executor, which gives back a run: its output as chunks
@@ -1458,11 +1535,12 @@ def _pipe_chunks(pipe) -> Iterator[bytes]:
 class LocalRun:
     """A step's sleap-nn as a child of this worker, in a process group of its own."""
 
-    def __init__(self, command: list[str], cwd: Path):
+    def __init__(self, command: list[str], cwd: Path, drop_env: list[str]):
         self.command = command
+        env = {k: v for k, v in os.environ.items() if k not in drop_env}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        stdin=subprocess.DEVNULL, cwd=cwd,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"},
+                                        start_new_session=True)
         self.record = {"pid": self.process.pid}  # for the ledger: what a restarted worker must end
 
     def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]:
@@ -1495,7 +1573,7 @@ class LocalExecutor:
     zmq_host = "127.0.0.1"
 
     def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> LocalRun:
-        return LocalRun(step.command(ports), step.cwd)
+        return LocalRun(step.command(ports), step.cwd, step.drop_env)
 
     def describe(self) -> dict:
         return {"executor": self.name}
@@ -1619,7 +1697,7 @@ class SlurmExecutor:
 
     def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> "SlurmRun":
         files = SlurmRun.files(job.dir, index)
-        script = batch_script(step.command(None), files["exit"], ports and (self.zmq_host, *ports))
+        script = batch_script(step.command(None), files["exit"], ports and (self.zmq_host, *ports), step.drop_env)
         files["script"].write_text(script, encoding="utf-8")
         for name in ("out", "err", "exit"):
             files[name].unlink(missing_ok=True)
@@ -1865,7 +1943,8 @@ class SlurmRun:
         return self._failure
 
 
-def batch_script(command: list[str], exit_file: Path, zmq: Optional[tuple[str, int, int]]) -> str:
+def batch_script(command: list[str], exit_file: Path, zmq: Optional[tuple[str, int, int]],
+                 drop_env: list[str]) -> str:
     """The batch script of one step: `worker.py slurm-step` around sleap-nn's argument list.
 
     Every word is passed through shlex.quote, so no path, name or value a client chose
@@ -1873,6 +1952,8 @@ def batch_script(command: list[str], exit_file: Path, zmq: Optional[tuple[str, i
     words = [sys.executable, str(Path(__file__).resolve()), "slurm-step", "--exit-file", str(exit_file)]
     if zmq:
         words += ["--zmq", f"{zmq[0]}:{zmq[1]}:{zmq[2]}"]
+    for name in drop_env:
+        words += ["--unset", name]
     words += ["--", *command]
     return ("#!/bin/sh\n# Written by sleap-rtc's worker.py: one step of one job. Every word below is quoted.\n"
             f"exec {' '.join(shlex.quote(w) for w in words)}\n")
@@ -1886,6 +1967,7 @@ def slurm_step(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="worker.py slurm-step")
     parser.add_argument("--exit-file", type=Path, required=True)
     parser.add_argument("--zmq", metavar="HOST:SUB_PORT:PUB_PORT", help="the worker's progress and control sockets")
+    parser.add_argument("--unset", action="append", default=[], metavar="NAME", help="a variable sleap-nn must not get")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -1906,7 +1988,8 @@ def slurm_step(argv: list[str]) -> int:
         remote_sub.connect(f"tcp://{host}:{worker_pub}")
         command = command + zmq_overrides(ports)
     try:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {k: v for k, v in os.environ.items() if k not in args.unset}
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env={**env, "PYTHONUNBUFFERED": "1"})
     except OSError as exc:
         print(f"sleap-rtc slurm-step: cannot start {command[0] if command else 'nothing'}: {exc}", file=sys.stderr)
         code = 127
@@ -2170,7 +2253,7 @@ class Job:
         self.train_ended.clear()
         on_step(self)
         if saved is None:
-            start = P.TRAIN_JOB_START if step.kind == P.TRAIN else P.INFERENCE_JOB_START
+            start = {P.TRAIN: P.TRAIN_JOB_START, P.TRACK: P.INFERENCE_JOB_START}.get(step.kind, P.COMMAND_START)
             self._lines.put(_Say(start, {"name": step.name, "command": run.command}))
         readers = [threading.Thread(target=P.guarded(self._read_chunks), args=(chunks, stream),
                                     name=f"job-{self.job_id}-{label}", daemon=True)
@@ -2205,7 +2288,8 @@ class Job:
                 self._lines.put(_Say(P.TRAIN_JOB_ERROR, {"name": step.name, "exit_code": self.exit_code}))
             self.stop_requested.clear()  # a stop ends this model; the next one trains in full
         if result["state"] == P.FAILED:
-            return failure or f"sleap-nn exited with code {self.exit_code}"
+            program = step.name if step.kind == P.COMMAND else "sleap-nn"
+            return failure or f"{program} exited with code {self.exit_code}"
         return None
 
     def slurm_note(self, slurm_id: str, state: Optional[SlurmState], text: Optional[str] = None) -> None:
@@ -2408,6 +2492,8 @@ class Job:
                 files = [{"name": f.name, **dict(zip(("size", "sha256"), P.file_digest(f)))}
                          for f in sorted(model_dir.iterdir()) if f.is_file()]
                 outputs.append({"kind": "model", "name": step.name, "path": str(model_dir), "files": files})
+            elif step.kind == P.COMMAND:
+                outputs += command_outputs(self.dir)
             elif step.output is not None and step.output.is_file():
                 size, sha256 = P.file_digest(step.output)
                 outputs.append({"kind": "predictions", "path": str(step.output), "size": size, "sha256": sha256})
@@ -2439,6 +2525,8 @@ LEDGER_FILE = "jobs.sqlite"
 RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's spec, by default
 RESTARTED_ERROR = "worker restarted during the job"
 MAINTENANCE_MESSAGE = "this worker is in maintenance: it finishes its queue but takes no new jobs"
+MIN_FREE_GB = 2.0  # below this much free space in its working dir, a worker takes no new jobs
+DISK_CHECK_S = 5.0
 LEDGER_LIMIT = 1000  # most jobs one listing returns, newest first
 _JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command", "steps", "slurm"}
 
@@ -2519,6 +2607,59 @@ class Ledger:
             record["stopped_early"] = bool(record["stopped_early"])
             records.append(record)
         return records
+
+
+# Ledger queries from clients (`client.py jobs --sql`): read-only, the jobs table only,
+# bounded in time, rows and reply size (a signaling frame holds at most 1 MiB).
+SQL_MAX_CHARS = 10_000
+SQL_TIME_S = 2.0
+SQL_ROW_LIMIT = 1000
+SQL_REPLY_BYTES = 512 * 1024
+SQL_AT_ONCE = 2  # queries running at once; more are answered "busy"
+
+
+def query_ledger(path: Path, sql: Any) -> dict:
+    """Run a client's query against the ledger: {columns, rows, truncated} or {error}.
+
+    The database is opened read-only, and an authorizer allows nothing but SELECT,
+    reading the jobs table (and the query's own CTEs), functions and recursion: writes,
+    ATTACH, PRAGMA, the schema and every other table are refused by SQLite itself. A
+    query that runs past SQL_TIME_S is interrupted."""
+    import sqlite3
+
+    if not isinstance(sql, str) or not sql.strip() or len(sql) > SQL_MAX_CHARS:
+        return {"error": f"sql must be one SELECT statement of at most {SQL_MAX_CHARS} characters"}
+    allowed = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+    deadline = time.monotonic() + SQL_TIME_S
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        # Every real table but jobs is off limits; any other name a query reads is its own CTE.
+        hidden = {row[0] for row in db.execute("SELECT name FROM sqlite_master")} - {"jobs"}
+        hidden |= {"sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"}
+
+        def authorize(action, table, _column, _database, _trigger):
+            if action in allowed or (action == sqlite3.SQLITE_READ and table not in hidden):
+                return sqlite3.SQLITE_OK
+            return sqlite3.SQLITE_DENY
+
+        db.set_authorizer(authorize)
+        db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        cursor = db.execute(sql)
+        columns = [d[0] for d in cursor.description or []]
+        rows = cursor.fetchmany(SQL_ROW_LIMIT + 1)
+    except sqlite3.OperationalError as exc:
+        if str(exc) == "interrupted":
+            return {"error": f"the query ran longer than {SQL_TIME_S:.0f} s and was stopped"}
+        return {"error": f"refused: {exc} (only SELECT on the jobs table)"}
+    except (sqlite3.Error, ValueError) as exc:  # several statements, bad syntax, a closed database
+        return {"error": f"refused: {exc}"}
+    finally:
+        db.close()
+    truncated = len(rows) > SQL_ROW_LIMIT
+    rows = [[v.hex() if isinstance(v, bytes) else v for v in row] for row in rows[:SQL_ROW_LIMIT]]
+    while rows and len(json.dumps(rows)) > SQL_REPLY_BYTES:
+        rows, truncated = rows[:len(rows) // 2], True
+    return {"columns": columns, "rows": rows, "truncated": truncated}
 
 
 def kill_orphan(record: dict) -> None:
@@ -3219,16 +3360,23 @@ class Session:
                 "job_id", "job_id must be 1-64 letters, digits, '-' or '_'", "BAD_FORMAT")]})
             return
         job_dir = self.worker.scheduler.jobs_dir / job_id
-        errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
-                                    self.worker.uploads.directory)
+        if isinstance(spec, dict) and spec.get("type") == P.COMMAND:
+            errors, command = validate_command(spec, self.worker.allowed_commands, self.worker.readable_mounts, job_dir)
+            plan = {"paths": {}, "command": command}
+        else:
+            errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
+                                        self.worker.uploads.directory)
+        low_disk = self.worker._disk_problem()
         if self.worker.maintenance:
             errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
+        elif low_disk:
+            errors = [P.spec_error("worker", low_disk, "LOW_DISK")]
         job = None
         if not errors:
             self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
             files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
             accepted = {**spec, "_resolved": plan["paths"],
-                        **{f"_{name}": plan[name] for name in ("package", "relabel") if name in plan}}
+                        **{f"_{name}": plan[name] for name in ("package", "relabel", "command") if name in plan}}
             job, errors = self.worker.scheduler.submit(job_id, accepted, self.peer_id, self._listener(job_id, True),
                                                        files)
         if errors:
@@ -3412,7 +3560,9 @@ class Worker:
                  advertise_gpu_memory: Optional[int] = None, maintenance: bool = False,
                  reservation_timeout: float = RESERVATION_TIMEOUT_S, embedded=None,
                  stop_grace: float = STOP_GRACE_S, follower_backlog: int = FOLLOWER_BACKLOG_BYTES,
-                 upload_cap: Optional[int] = None, executor: Optional[LocalExecutor | SlurmExecutor] = None):
+                 upload_cap: Optional[int] = None, executor: Optional[LocalExecutor | SlurmExecutor] = None,
+                 allowed_commands: Optional[dict[str, str]] = None, allowed_env: Optional[set[str]] = None,
+                 min_free_gb: float = MIN_FREE_GB):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
@@ -3421,6 +3571,12 @@ class Worker:
         # Besides the mounts, clients read what they uploaded and what their jobs made.
         self.readable_mounts = mounts + [Mount(working_dir / UPLOADS_DIR, "uploads"), Mount(working_dir / "jobs", "jobs")]
         self.uploads = UploadStore(working_dir / UPLOADS_DIR, upload_cap, self._needed_uploads)
+        self.allowed_commands = allowed_commands or {}  # name -> executable (--allow-command)
+        self.allowed_env = allowed_env or set()  # secret-looking variables commands may still see
+        self._queries = threading.BoundedSemaphore(SQL_AT_ONCE)  # ledger queries running now
+        self.min_free_bytes = int(min_free_gb * 1e9)
+        self.low_disk = self._disk_problem()  # why new jobs are refused for lack of space, or None
+        self.job_types = [P.TRAIN, P.TRACK] + [f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands)]
         self.embedded = embedded
         self.gpu_index = gpu_index
         self.maintenance = maintenance
@@ -3458,6 +3614,7 @@ class Worker:
                 "worker_name": name,
                 "max_concurrent_jobs": slots,
                 "supported_job_types": ["training", "inference"],
+                "job_types": self.job_types,
                 "mounts": [m.public() for m in mounts],
                 **self._status(),
             },
@@ -3515,6 +3672,9 @@ class Worker:
                      "slot reserved" if position == 0 else f"it will queue at position {position}")
             reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNED, "job_id": job_id, "reserved": position == 0,
                      "queue_position": position}
+        elif kind == P.APP_JOBS_QUERY and "sql" in payload:
+            self._query_ledger(sender, payload)
+            return
         elif kind == P.APP_JOBS_QUERY:
             reply = self._jobs_list(payload)
         else:
@@ -3525,6 +3685,26 @@ class Worker:
         except P.SignalingError as exc:
             log.info("could not answer %s: %s", sender, exc)
 
+    def _query_ledger(self, sender: str, query: dict) -> None:
+        """Answer a ledger query on a thread of its own ("ledger-query"), so that a slow one
+        never holds up the dispatcher; at most SQL_AT_ONCE run at a time."""
+        reply = {P.APP_MESSAGE_TYPE: P.APP_JOBS_LIST, "request_id": query.get("request_id")}
+        if not self._queries.acquire(blocking=False):
+            self.signaling.send_to_peer(sender, {**reply, "error": "busy with other queries; ask again"})
+            return
+
+        def run() -> None:
+            try:
+                answer = query_ledger(self.working_dir / LEDGER_FILE, query.get("sql"))
+                log.info("ledger query from %s: %s", sender, answer.get("error") or f"{len(answer['rows'])} rows")
+                self.signaling.send_to_peer(sender, {**reply, **answer})
+            except P.SignalingError as exc:
+                log.info("could not answer %s: %s", sender, exc)
+            finally:
+                self._queries.release()
+
+        threading.Thread(target=P.guarded(run), name="ledger-query", daemon=True).start()
+
     def _job_response(self, request: dict) -> dict:
         """Accept (with queue position and estimates) or refuse with a reason."""
         props = self.metadata["properties"]
@@ -3533,10 +3713,14 @@ class Worker:
         need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
         reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_RESPONSE, "job_id": str(request.get("job_id", "")),
                  "accepted": False, "worker_info": self._worker_info()}
+        low_disk = self._disk_problem()
         if self.maintenance:
             reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
-        elif job_type not in (P.TRAIN, P.TRACK):
-            reply.update(reason="incompatible", message=f"this worker does not run {job_type!r} jobs")
+        elif low_disk:
+            reply.update(reason="low_disk", message=low_disk)
+        elif (request.get("capability") or job_type) not in self.job_types:
+            reply.update(reason="incompatible", message=f"this worker does not offer "
+                         f"{P.echo(request.get('capability') or job_type)}; it offers {', '.join(self.job_types)}")
         elif not isinstance(need, (int, float)) or isinstance(need, bool):
             reply.update(reason="bad_request", message=f"min_gpu_memory_mb must be a number, not {need!r}")
         elif need > props["gpu_memory_mb"]:
@@ -3569,7 +3753,23 @@ class Worker:
 
     def _status(self) -> dict:
         status = self.scheduler.status()
-        return {**status, "status": P.MAINTENANCE} if self.maintenance else status
+        if self.maintenance:
+            return {**status, "status": P.MAINTENANCE}
+        if self.low_disk:
+            return {**status, "status": P.LOW_DISK, "refusing": self.low_disk}
+        return {**status, "refusing": None}
+
+    def _disk_problem(self) -> Optional[str]:
+        """Why this worker must take no new job for lack of disk space, or None."""
+        try:
+            free = shutil.disk_usage(self.working_dir).free
+        except OSError as exc:
+            return f"cannot tell the free space in {self.working_dir}: {exc}"
+        if free >= self.min_free_bytes:
+            return None
+        return (f"only {free / 1e9:.1f} GB free in {self.working_dir}; this worker keeps "
+                f"{self.min_free_bytes / 1e9:g} GB free (--min-free-gb). Its old jobs can be pruned "
+                "(`client.py prune`)")
 
     def _publish_status(self) -> None:
         with self._publish_lock:
@@ -3588,6 +3788,13 @@ class Worker:
         if "_resolved" not in job.spec:
             raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
                                 "submit it again")
+        if job.kind == P.COMMAND:  # its paths again, as they resolve now
+            asked = {k: v for k, v in job.spec.items() if not k.startswith("_")}  # as the client sent it
+            errors, command = validate_command(asked, self.allowed_commands, self.readable_mounts, job.dir)
+            if errors or command != job.spec["_command"]:
+                raise JobSetupError("; ".join(e["message"] for e in errors) or
+                                    "a path argument resolves elsewhere than when the job was accepted")
+            return [command_step(job.spec, job.dir, self.allowed_env)], []
         if "_package" not in job.spec:
             notes = []
             for relabel in job.spec.get("_relabel", []):  # before the recheck, which wants the copies to exist
@@ -3644,8 +3851,17 @@ class Worker:
         self._status_changed.set()
 
     def _publish_forever(self) -> None:
-        """Thread "status-publisher": send the latest status whenever it may have changed."""
+        """Thread "status-publisher": send the latest status whenever it may have changed,
+        and look at the free disk space every DISK_CHECK_S."""
+        checked = time.monotonic()
         while not self.stopping.is_set():
+            if time.monotonic() - checked >= DISK_CHECK_S:
+                checked = time.monotonic()
+                problem = self._disk_problem()
+                if problem != self.low_disk:
+                    self.low_disk = problem
+                    log.warning("%s", problem or "enough free disk space again; taking new jobs")
+                    self._status_changed.set()
             if self._status_changed.wait(0.5):
                 self._status_changed.clear()
                 self._publish_status()
@@ -3734,6 +3950,15 @@ def build_parser() -> argparse.ArgumentParser:
                              f"queued or running job needs are removed (default {UPLOAD_CACHE_GB:g})")
     parser.add_argument("--sleap-nn", metavar="PATH", default=None,
                         help="the sleap-nn executable to run (default: the one beside this Python, else on PATH)")
+    parser.add_argument("--min-free-gb", type=float, default=MIN_FREE_GB, metavar="GB",
+                        help=f"take no new jobs while less than this is free in the working dir "
+                             f"(default {MIN_FREE_GB:g})")
+    parser.add_argument("--allow-command", action="append", type=parse_allowed_command, default=[],
+                        metavar="NAME=EXECUTABLE",
+                        help="let clients run EXECUTABLE as `client.py run NAME -- ARGS` (repeatable; none by "
+                             "default), e.g. convert=sleap-io or smi=nvidia-smi")
+    parser.add_argument("--allow-env", action="append", default=[], metavar="NAME",
+                        help="pass this secret-looking environment variable to commands after all (repeatable)")
     slurm = parser.add_argument_group("SLURM", "run each job as a SLURM batch job (on a login node with sbatch)")
     slurm.add_argument("--slurm", action="store_true", help="submit jobs to SLURM instead of running them here")
     slurm.add_argument("--slurm-partition", metavar="NAME", help="the partition to submit to (default: SLURM's)")
@@ -3807,7 +4032,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
                     args.sleap_nn or sleap_nn_executable(), slots, args.advertise_gpu_memory, args.maintenance,
                     args.reservation_timeout, embedded, args.stop_grace, args.follower_backlog * 2**20,
-                    int(args.upload_cache_gb * 1e9), executor)
+                    int(args.upload_cache_gb * 1e9), executor, dict(args.allow_command), set(args.allow_env),
+                    args.min_free_gb)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)

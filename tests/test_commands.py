@@ -1,0 +1,137 @@
+"""Command jobs (`client.py run NAME -- ARGS`), routing by what each worker offers, and
+read-only SQL over every worker's ledger (`client.py jobs --sql`).
+
+Real signaling server, worker and client processes; the commands are the machine's own
+/bin/echo, /bin/ls and /usr/bin/env.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+
+import protocol as P
+from conftest import job_id_of, ledger
+
+SECRET = "hunter2-do-not-print"
+
+
+def test_a_worker_runs_only_the_commands_its_admin_allowed(room, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "labels.slp").write_text("x")
+    worker_dir = tmp_path / "w"
+    _, plain_id = room.start_worker("--mount", str(data))
+    # Without --allow-command a worker offers nothing to run.
+    refused = room.client("run", "--worker-id", plain_id, "echo", "--", "hi")
+    assert refused.returncode == 1
+    assert f"worker {plain_id} is not in room" in refused.stderr and "cannot take command:echo jobs" in refused.stderr
+
+    _, worker_id = room.start_worker("--mount", str(data), "--allow-command", "echo=/bin/echo",
+                                     "--allow-command", "ls=/bin/ls", "--allow-command", "env=/usr/bin/env",
+                                     working_dir=worker_dir, env={"LAB_SECRET_TOKEN": SECRET})
+    ok = room.client("run", "--non-interactive", "echo", "--", "hi", str(data / "labels.slp"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    job_id = job_id_of(ok.stdout)
+    assert f"hi {data / 'labels.slp'}" in ok.stdout  # the command's output, streamed
+    assert f"started on {worker_id}: command echo" in ok.stderr
+    record = ledger(worker_dir, job_id)
+    assert record["type"] == P.COMMAND and record["state"] == P.COMPLETED and record["exit_code"] == 0
+    assert f"hi {data / 'labels.slp'}" in Path(record["log_path"]).read_text()
+
+    # A failing command is failed, with what it said on stderr.
+    failing = room.client("run", "--non-interactive", "ls", "--", str(data / "missing.slp"))
+    assert failing.returncode != 0
+    record = ledger(worker_dir, job_id_of(failing.stdout))
+    assert record["state"] == P.FAILED and record["exit_code"] == 2 and record["error"] == "ls exited with code 2"
+    assert any("No such file or directory" in line for line in record["stderr_tail"])
+
+    # Not allowed by name, or a path outside the mounts: refused before anything runs.
+    rm = room.client("run", "rm", "--", "-rf", "/")
+    assert rm.returncode == 1
+    assert "no worker in room" in rm.stderr and "offers command:rm" in rm.stderr
+    assert f"command:echo ({worker_id})" in rm.stderr  # what the room offers instead
+    outside = room.client("run", "--non-interactive", "ls", "--", "/etc/passwd")
+    assert outside.returncode != 0
+    assert re.search(r"args: argument 1 \('/etc/passwd'\): .*outside the worker's mounts", outside.stderr), \
+        outside.stderr
+    climbing = room.client("run", "--non-interactive", "ls", "--", "--color=../../../etc")
+    assert climbing.returncode != 0 and "outside the worker's mounts" in climbing.stderr
+
+    # Secret-looking variables are not passed on.
+    env = room.client("run", "--non-interactive", "env")
+    assert env.returncode == 0, env.stderr
+    assert "PATH=" in env.stdout
+    assert SECRET not in env.stdout and room.token not in env.stdout
+    assert "LAB_SECRET_TOKEN" not in env.stdout and "SLEAP_RTC_TOKEN" not in env.stdout
+
+
+def test_a_command_job_goes_to_the_worker_that_offers_it(room, tmp_path):
+    _, plain = room.start_worker()
+    converter_dir = tmp_path / "converter"
+    _, converter = room.start_worker("--allow-command", "convert=/bin/echo", working_dir=converter_dir)
+    result = room.client("run", "--non-interactive", "convert", "--", "converted")
+    assert result.returncode == 0, result.stderr
+    assert f"chose {converter}" in result.stderr and plain not in result.stderr
+    assert ledger(converter_dir, job_id_of(result.stdout))["state"] == P.COMPLETED
+
+    nobody = room.client("run", "transcode", "--", "x")
+    assert nobody.returncode == 1
+    assert "no worker in room" in nobody.stderr and "offers command:transcode" in nobody.stderr
+    assert re.search(rf"train \((?=[^)]*{converter})(?=[^)]*{plain})", nobody.stderr), nobody.stderr
+    assert f"command:convert ({converter})" in nobody.stderr
+
+
+def test_sql_over_every_ledger_is_read_only_and_bounded(room, tmp_path):
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    ids = [room.start_worker("--allow-command", "echo=/bin/echo", working_dir=d)[1] for d in dirs]
+    jobs = {}
+    for worker_id in ids:
+        result = room.client("run", "--non-interactive", "--worker-id", worker_id, "echo", "--", worker_id)
+        assert result.returncode == 0, result.stderr
+        jobs[worker_id] = job_id_of(result.stdout)
+
+    def ledgers() -> list:
+        rows = []
+        for d in dirs:
+            with sqlite3.connect(d / "jobs.sqlite") as db:
+                rows.append((db.execute("SELECT * FROM jobs ORDER BY seq").fetchall(),
+                             db.execute("SELECT sql FROM sqlite_master").fetchall()))
+        return rows
+
+    before = ledgers()
+    merged = room.client("jobs", "--sql", "SELECT job_id, type, state, exit_code FROM jobs", "--json")
+    assert merged.returncode == 0, merged.stderr
+    rows = json.loads(merged.stdout)
+    assert sorted((r["worker"], r["job_id"]) for r in rows) == sorted(jobs.items())
+    assert all(r["type"] == "command" and r["state"] == "completed" and r["exit_code"] == 0 for r in rows)
+    table = room.client("jobs", "--sql", "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+    assert re.search(r"WORKER\s+STATE\s+N", table.stdout) and table.stdout.count("completed") == 2
+
+    for sql in ("DELETE FROM jobs", "UPDATE jobs SET state = 'failed'", "ATTACH DATABASE '/tmp/x.db' AS x",
+                "PRAGMA writable_schema = ON", "SELECT * FROM sqlite_master", "SELECT * FROM sqlite_sequence",
+                "SELECT 1; DELETE FROM jobs"):
+        refused = room.client("jobs", "--sql", sql)
+        assert refused.returncode == 1, (sql, refused.stdout)
+        assert refused.stderr.count("refused") == 2, (sql, refused.stderr)
+    forever = room.client("jobs", "--sql", "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+                                           "SELECT COUNT(*) FROM c")
+    assert forever.returncode == 1
+    assert forever.stderr.count("the query ran longer than 2 s and was stopped") == 2, forever.stderr
+    assert ledgers() == before
+
+
+def test_a_worker_short_of_disk_refuses_new_jobs_and_says_why(room, tmp_path):
+    worker_dir = tmp_path / "w"
+    _, worker_id = room.start_worker("--allow-command", "echo=/bin/echo", "--min-free-gb", "1000000",
+                                     working_dir=worker_dir)
+    workers = room.client("workers")
+    assert re.search(rf"{worker_id}\s+\S*\s+low_disk", workers.stdout), workers.stdout
+    assert f"{worker_id} takes no new jobs: only " in workers.stdout and "--min-free-gb" in workers.stdout
+    refused = room.client("run", "--non-interactive", "echo", "--", "hi")
+    assert refused.returncode == 1
+    assert f"{worker_id}: low_disk (only " in refused.stderr and "GB free in" in refused.stderr
+    with sqlite3.connect(worker_dir / "jobs.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0  # nothing was accepted
