@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -1120,6 +1121,34 @@ def cmd_run(args) -> int:
     return run_job(args, spec)
 
 
+def _duration(text: str) -> float:
+    """Seconds in "30d", "12h", "90m", "45s" or a plain number of days."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([dhms]?)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"want a duration like 30d, 12h or 90m, not {text!r}")
+    return float(match.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 86400}[match.group(2)]
+
+
+def cmd_prune(args) -> int:
+    """A prune job on the worker named, else on every worker in the room, one after the other."""
+    spec = {"type": P.PRUNE, "older_than_s": args.older_than, "keep_failed": args.keep_failed or None,
+            "dry_run": args.dry_run or None}
+    if args.worker_id:
+        return run_job(args, spec)
+    signaling = connect(args)
+    try:
+        workers = sorted(w["peer_id"] for w in discover_workers(signaling) if P.PRUNE in P.offered(w["metadata"]))
+    finally:
+        signaling.close()
+    if not workers:
+        raise P.NoWorkersAvailableError(f"no worker in room {args.room} can prune")
+    codes = []
+    for worker_id in workers:
+        args.worker_id = worker_id
+        codes.append(run_job(args, spec))
+    return max(codes)
+
+
 def _submit_package(args, job_type: str) -> int:
     """A SLEAP training package: sent from this machine (--pkg-path), or used where it lies
     on the worker's shared storage (--worker-pkg-path)."""
@@ -1272,6 +1301,10 @@ def cmd_status(args) -> int:
             print(f"{output['kind']:<10} {output['path']} (sha256 {output['sha256']})")
     if job.get("warning"):
         print(f"warning    {job['warning']}")
+    if job.get("pruned"):
+        when = _when(job["pruned"].get("at"))
+        print(f"pruned     {when} by job {job['pruned'].get('by')}: {job['pruned'].get('path')} is gone "
+              "(this record stays)")
     if job.get("error"):
         print(f"error      {job['error']}")
     for line in job.get("stderr_tail") or []:
@@ -1485,6 +1518,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
     p.add_argument("--non-interactive", action="store_true", help="never prompt")
     p.set_defaults(run=cmd_run, min_gpu_memory=0, verbose=True, download=".")
+
+    p = commands.add_parser("prune", parents=[common],
+                            help="remove the files of old finished jobs and unused uploads (the ledger keeps "
+                                 "every record)")
+    p.add_argument("--older-than", type=_duration, default=30 * 86400.0, metavar="AGE",
+                   help="jobs finished, and uploads last used, longer ago than this: 30d (default), 12h, 90m")
+    p.add_argument("--keep-failed", action="store_true", help="keep failed jobs' files whatever their age")
+    p.add_argument("--dry-run", action="store_true", help="only say what would go")
+    p.add_argument("--worker-id", help="prune this worker (default: every worker in the room, in turn)")
+    p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
+    p.set_defaults(run=cmd_prune, min_gpu_memory=0, verbose=True, download=".", detach=False,
+                   non_interactive=True)
 
     job_holder = argparse.ArgumentParser(add_help=False)
     job_holder.add_argument("job_id", metavar="JOB")

@@ -432,6 +432,8 @@ def decode(text: str) -> Message:
 TRAIN, TRACK = "train", "track"
 # A command job runs one executable the worker's admin allowed by name (worker --allow-command).
 COMMAND = "command"
+# A prune job removes the files of old finished jobs and unused uploads; the ledger keeps every record.
+PRUNE = "prune"
 JOB_TYPE_TAGS = {TRAIN: "training-worker", TRACK: "inference-worker"}  # the discovery tag for each
 SPEC_FIELDS: dict[str, dict[str, type]] = {
     TRAIN: {"config": str, "labels": str, "val_labels": str, "max_epochs": int, "batch_size": int,
@@ -439,8 +441,9 @@ SPEC_FIELDS: dict[str, dict[str, type]] = {
     TRACK: {"data_path": str, "model_paths": list, "output": str, "batch_size": int, "peak_threshold": float,
             "frames": str, "only_suggested_frames": bool, "gui": bool, "path_map": list},
     COMMAND: {"command": str, "args": list},
+    PRUNE: {"older_than_s": float, "keep_failed": bool, "dry_run": bool},
 }
-REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths"), COMMAND: ("command",)}
+REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths"), COMMAND: ("command",), PRUNE: ()}
 _COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_COMMAND_ARGS, MAX_ARG_CHARS = 1000, 4096
 # A SLEAP training package (a zip on the worker) says everything else itself.
@@ -475,6 +478,8 @@ def check_spec(spec: Any) -> list[dict]:
         elif name in NUMBER_RANGES and not NUMBER_RANGES[name][0] <= value <= NUMBER_RANGES[name][1]:
             low, high = NUMBER_RANGES[name]
             errors.append(spec_error(name, f"{name} must be between {low} and {high}, not {value}", "OUT_OF_RANGE"))
+        elif name == "older_than_s" and value < 0:
+            errors.append(spec_error(name, f"older_than_s must be >= 0, not {value}", "OUT_OF_RANGE"))
         elif name == "learning_rate" and not 0 < value <= 1:
             errors.append(spec_error(name, f"learning_rate must be > 0 and <= 1, not {value}", "OUT_OF_RANGE"))
         elif name == "peak_threshold" and not 0 <= value <= 1:

@@ -2238,8 +2238,8 @@ class Job:
             try:
                 if self.cancel_requested.is_set() and saved is None:
                     raise _CancelledBeforeStart()
-                run = self.executor.attach(self, index, saved) if saved else \
-                    self.executor.launch(self, index, step, ports)
+                executor = LocalExecutor() if step.kind == P.PRUNE else self.executor  # it works here
+                run = executor.attach(self, index, saved) if saved else executor.launch(self, index, step, ports)
             except (OSError, JobSetupError, _CancelledBeforeStart) as exc:
                 if context is not None:
                     sub.close()
@@ -2494,6 +2494,8 @@ class Job:
                 outputs.append({"kind": "model", "name": step.name, "path": str(model_dir), "files": files})
             elif step.kind == P.COMMAND:
                 outputs += command_outputs(self.dir)
+            elif step.kind != P.TRACK:
+                continue
             elif step.output is not None and step.output.is_file():
                 size, sha256 = P.file_digest(step.output)
                 outputs.append({"kind": "predictions", "path": str(step.output), "size": size, "sha256": sha256})
@@ -2528,7 +2530,7 @@ MAINTENANCE_MESSAGE = "this worker is in maintenance: it finishes its queue but 
 MIN_FREE_GB = 2.0  # below this much free space in its working dir, a worker takes no new jobs
 DISK_CHECK_S = 5.0
 LEDGER_LIMIT = 1000  # most jobs one listing returns, newest first
-_JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command", "steps", "slurm"}
+_JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command", "steps", "slurm", "pruned"}
 
 
 class Ledger:
@@ -2543,10 +2545,11 @@ class Ledger:
         spec TEXT NOT NULL, submitter TEXT, state TEXT NOT NULL, submitted_at REAL NOT NULL,
         started_at REAL, finished_at REAL, exit_code INTEGER, duration_s REAL, stopped_early INTEGER,
         outputs TEXT, warning TEXT, error TEXT, stderr_tail TEXT, log_path TEXT, job_dir TEXT,
-        command TEXT, pid INTEGER, steps TEXT, slurm TEXT)"""
+        command TEXT, pid INTEGER, steps TEXT, slurm TEXT, pruned TEXT)"""
     # Columns newer than a ledger may be, added when it opens. slurm: the running step's
     # SLURM job {job_id, step, state, reason, node, problem}.
-    ADDED_COLUMNS = {"steps": "TEXT", "slurm": "TEXT"}  # columns newer than a ledger may be, added when it opens
+    # pruned: {at, by (the prune job), path} once a prune removed the job's directory.
+    ADDED_COLUMNS = {"steps": "TEXT", "slurm": "TEXT", "pruned": "TEXT"}  # columns newer than a ledger may be, added when it opens
 
     def __init__(self, path: Path):
         import sqlite3
@@ -2839,13 +2842,15 @@ class Scheduler:
         return position
 
     def position(self, job: Job) -> int:
-        """0 when the job runs or is about to, else its place in the queue from 1."""
+        """0 when the job runs or is about to (a prune always is), else its place in the queue from 1."""
         with self._cond:
-            return self._position(self.queue.index(job)) if job in self.queue else 0
+            return self._position(self.queue.index(job)) if job in self.queue and job.kind != P.PRUNE else 0
 
     def _free_slots(self) -> int:  # the caller holds _cond
-        """Slots neither running a job nor promised to one (queued jobs not counted)."""
-        return self.slots - len(self.running) - len(self.reservations)
+        """Slots neither running a job nor promised to one (queued jobs not counted). A
+        prune job needs no slot: a long training never holds up freeing the disk."""
+        busy = sum(job.kind != P.PRUNE for job in self.running.values())
+        return self.slots - busy - len(self.reservations)
 
     def _position(self, index: int) -> int:  # the caller holds _cond
         return max(0, index + 1 - max(0, self._free_slots()))
@@ -2935,8 +2940,12 @@ class Scheduler:
                 if deadline <= now:
                     del self.reservations[job_id]
                     expired.append(job_id)
-            while self.queue and self._free_slots() > 0:
-                job = self.queue.pop(0)
+            while True:
+                job = next((j for j in self.queue if j.kind == P.PRUNE), None) or \
+                    (self.queue[0] if self.queue and self._free_slots() > 0 else None)
+                if job is None:
+                    break
+                self.queue.remove(job)
                 self.running[job.job_id] = job
                 to_start.append(job)
             if not to_start and not expired:
@@ -2983,6 +2992,18 @@ class Scheduler:
     def _slurm_changed(self, job: Job) -> None:
         self.ledger.update(job.job_id, slurm=job.slurm)
 
+    def _note_pruned(self, job: Job) -> None:
+        """Say in each pruned job's record that its files are gone, and which prune took them."""
+        try:
+            removed = json.loads((job.dir / PRUNE_RESULT_FILE).read_text())["removed"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("prune job %s left no readable result: %s", job.job_id, exc)
+            return
+        for entry in removed:
+            if "job_id" in entry:
+                self.ledger.update(entry["job_id"], pruned={"at": job.finished_at, "by": job.job_id,
+                                                            "path": entry["path"]})
+
     def _announce_positions(self) -> None:
         with self._cond:
             waiting = [(job, self._position(i)) for i, job in enumerate(self.queue)]
@@ -2992,6 +3013,8 @@ class Scheduler:
     def _finished(self, job: Job) -> None:
         """Record the outcome first, so that whoever hears of it finds it in the ledger."""
         outcome = job.outcome
+        if job.kind == P.PRUNE and outcome["state"] == P.COMPLETED:
+            self._note_pruned(job)
         self.ledger.update(job.job_id, state=outcome["state"], finished_at=job.finished_at,
                            exit_code=outcome["exit_code"], duration_s=outcome["duration_s"],
                            stopped_early=int(outcome["stopped_early"]), outputs=outcome["outputs"],
@@ -3101,6 +3124,120 @@ class UploadStore:
 
     def _part(self, sha256: str) -> Path:
         return self.directory / f".{sha256}.part"
+
+
+# ---------------------------------------------------------------------------------------
+# Maintenance: pruning the files of old jobs and unused uploads
+# ---------------------------------------------------------------------------------------
+# A prune job is planned on its job's thread (what to remove, what to keep and why) and
+# run as `worker.py prune-step`, a child like any step, so that it is logged, can be
+# cancelled and leaves its record. Only directories under the worker's jobs and uploads
+# directories are ever removed; the ledger keeps every job's record and notes the prune.
+
+PRUNE_PLAN_FILE = "prune-plan.json"
+PRUNE_RESULT_FILE = "prune-result.json"
+PRUNE_DEFAULT_S = 30 * 86400.0
+PRUNE_EVERY_S = 86400.0  # worker --keep-days: how often it prunes on its own
+_FINAL_STATES = (P.COMPLETED, P.FAILED, P.CANCELLED)
+
+
+def _named_paths(spec: dict) -> list[str]:
+    """Every path an accepted spec names on this worker."""
+    named = [spec.get("_package", {}).get("path"), *spec.get("_command", [])[1:]]
+    for value in spec.get("_resolved", {}).values():
+        named += value if isinstance(value, list) else [value]
+    return [text for text in named if isinstance(text, str) and text.startswith("/")]
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def prune_plan(records: list[dict], jobs_dir: Path, uploads_dir: Path, needed_uploads: set[str],
+               spec: dict, own_job_id: str) -> dict:
+    """What a prune job removes: the directories of jobs finished before the cutoff
+    (failed ones too unless `keep_failed`), except those whose files a later job names,
+    and uploads unused since the cutoff that no queued or running job needs."""
+    cutoff = time.time() - spec.get("older_than_s", PRUNE_DEFAULT_S)
+    jobs_dir = jobs_dir.resolve()
+    users = [(r["submitted_at"], r["job_id"], Path(p)) for r in records for p in _named_paths(r["spec"])]
+    plan: dict = {"jobs": [], "uploads": [], "kept": [], "dry_run": bool(spec.get("dry_run"))}
+    for record in records:
+        if (record["job_id"] == own_job_id or record["state"] not in _FINAL_STATES or record.get("pruned")
+                or (record["finished_at"] or cutoff) >= cutoff):
+            continue
+        if spec.get("keep_failed") and record["state"] == P.FAILED:
+            plan["kept"].append({"job_id": record["job_id"], "why": "it failed (--keep-failed)"})
+            continue
+        job_dir = Path(record["job_dir"])
+        if not job_dir.is_dir() or job_dir.resolve().parent != jobs_dir:
+            continue
+        user = next(((job_id, path) for when, job_id, path in users if when > record["submitted_at"]
+                     and job_id != record["job_id"] and path.is_relative_to(job_dir)), None)
+        if user is not None:
+            plan["kept"].append({"job_id": record["job_id"], "why": f"job {user[0]} uses {user[1]}"})
+            continue
+        plan["jobs"].append({"job_id": record["job_id"], "path": str(job_dir), "bytes": _tree_bytes(job_dir)})
+    for content in sorted(uploads_dir.iterdir()) if uploads_dir.is_dir() else []:
+        if not (content.is_dir() and _SHA256_RE.match(content.name)) or content.stat().st_mtime >= cutoff:
+            continue
+        if content.name in needed_uploads:
+            plan["kept"].append({"upload": content.name, "why": "a queued or running job needs it"})
+            continue
+        plan["uploads"].append({"sha256": content.name, "path": str(content), "bytes": _tree_bytes(content)})
+    return plan
+
+
+def prune_step(argv: list[str]) -> int:
+    """`worker.py prune-step`: carry out a prune plan, saying what goes and what stays."""
+    parser = argparse.ArgumentParser(prog="worker.py prune-step")
+    parser.add_argument("plan", type=Path)
+    parser.add_argument("result", type=Path)
+    parser.add_argument("--root", action="append", type=Path, required=True, help="nothing outside is removed")
+    args = parser.parse_args(argv)
+    plan = json.loads(args.plan.read_text())
+    roots = [root.resolve() for root in args.root]
+    dry = plan["dry_run"]
+    for kept in plan["kept"]:
+        print(f"kept {'job ' + kept['job_id'] if 'job_id' in kept else 'upload ' + kept['upload']}: {kept['why']}")
+    removed, freed = [], 0
+    for entry in plan["jobs"] + plan["uploads"]:
+        path = Path(entry["path"])
+        what = f"job {entry['job_id']}" if "job_id" in entry else f"upload {entry['sha256'][:12]}"
+        if path.is_symlink() or path.resolve().parent not in roots:
+            print(f"skipped {what}: {path} is not a directory of its own under {' or '.join(map(str, roots))}")
+            continue
+        if not path.is_dir():
+            print(f"skipped {what}: {path} is gone already")
+            continue
+        if not dry:
+            shutil.rmtree(path)
+            removed.append(entry)
+        freed += entry["bytes"]
+        print(f"{'would remove' if dry else 'removed'} {what}: {path} ({entry['bytes'] / 1e6:.1f} MB)", flush=True)
+    count = len(plan["jobs"]) if dry else sum("job_id" in e for e in removed)
+    uploads = len(plan["uploads"]) if dry else sum("sha256" in e for e in removed)
+    print(f"{'dry run: would free' if dry else 'freed'} {freed / 1e6:.1f} MB: {count} job director"
+          f"{'y' if count == 1 else 'ies'}, {uploads} upload(s); {len(plan['kept'])} kept")
+    temporary = args.result.with_name(args.result.name + ".tmp")
+    temporary.write_text(json.dumps({"removed": removed}))
+    os.replace(temporary, args.result)
+    return 0
+
+
+def pruned_note(pruned: dict) -> str:
+    return (f"on {time.strftime('%Y-%m-%d %H:%M', time.localtime(pruned['at']))} by job {pruned['by']} "
+            "(the ledger keeps the record)")
+
+
+def prune_step_of(job: "Job", plan: dict, roots: list[Path]) -> Step:
+    """The step that carries out `plan`, written into the job's directory."""
+    (job.dir / PRUNE_PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    args = [sys.executable, str(Path(__file__).resolve()), "prune-step", str(job.dir / PRUNE_PLAN_FILE),
+            str(job.dir / PRUNE_RESULT_FILE)]
+    for root in roots:
+        args += ["--root", str(root)]
+    return Step(P.PRUNE, "prune", args, job.dir)
 
 
 # ---------------------------------------------------------------------------------------
@@ -3363,10 +3500,12 @@ class Session:
         if isinstance(spec, dict) and spec.get("type") == P.COMMAND:
             errors, command = validate_command(spec, self.worker.allowed_commands, self.worker.readable_mounts, job_dir)
             plan = {"paths": {}, "command": command}
+        elif isinstance(spec, dict) and spec.get("type") == P.PRUNE:  # no paths: it plans when it starts
+            errors, plan = P.check_spec(spec), {"paths": {}}
         else:
             errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
                                         self.worker.uploads.directory)
-        low_disk = self.worker._disk_problem()
+        low_disk = self.worker._disk_problem() if isinstance(spec, dict) and spec.get("type") != P.PRUNE else None
         if self.worker.maintenance:
             errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
         elif low_disk:
@@ -3409,6 +3548,10 @@ class Session:
             self.send(P.JOB_ATTACHED, {"job_id": job_id, "error": f"no job {job_id} on this worker"})
             return
         log_path = Path(record["log_path"])
+        if record.get("pruned") and not log_path.is_file():
+            self.send(P.JOB_ATTACHED, {"job_id": job_id, "error": f"job {job_id} is {record['state']}; its log and "
+                                       f"files were pruned {pruned_note(record['pruned'])}"})
+            return
         if job is None:  # it ended before this worker process started
             size = log_path.stat().st_size if log_path.is_file() else 0
             self.outbox.put(_replay(job_id, log_path, size))
@@ -3434,13 +3577,15 @@ class Session:
             reply["error"] = f"no job {job_id} on this worker"
         elif record["state"] != P.COMPLETED:
             reply["error"] = f"job {job_id} is {record['state']}; only a completed job has results"
+        elif record.get("pruned"):
+            reply["error"] = f"the files of job {job_id} were pruned {pruned_note(record['pruned'])}"
         if "error" in reply:
             self.send(P.JOB_FETCHED, reply)
             return
         paths = []
         allowed = self.worker.mounts + [Mount(Path(record["job_dir"]), "job")]
         for output in record["outputs"] or []:
-            named = [Path(output["path"])] if output["kind"] == "predictions" else \
+            named = [Path(output["path"])] if output["kind"] in ("predictions", "file") else \
                 [Path(output["path"]) / f["name"] for f in output.get("files", [])]
             for path in named:
                 try:  # checked when served: a file replaced by a link since the job ended is not followed out
@@ -3562,7 +3707,7 @@ class Worker:
                  stop_grace: float = STOP_GRACE_S, follower_backlog: int = FOLLOWER_BACKLOG_BYTES,
                  upload_cap: Optional[int] = None, executor: Optional[LocalExecutor | SlurmExecutor] = None,
                  allowed_commands: Optional[dict[str, str]] = None, allowed_env: Optional[set[str]] = None,
-                 min_free_gb: float = MIN_FREE_GB):
+                 min_free_gb: float = MIN_FREE_GB, keep_days: Optional[float] = None):
         self.server_url = server_url
         self.room_id = room_id
         self.working_dir = working_dir
@@ -3576,7 +3721,7 @@ class Worker:
         self._queries = threading.BoundedSemaphore(SQL_AT_ONCE)  # ledger queries running now
         self.min_free_bytes = int(min_free_gb * 1e9)
         self.low_disk = self._disk_problem()  # why new jobs are refused for lack of space, or None
-        self.job_types = [P.TRAIN, P.TRACK] + [f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands)]
+        self.job_types = [P.TRAIN, P.TRACK, P.PRUNE] + [f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands)]
         self.embedded = embedded
         self.gpu_index = gpu_index
         self.maintenance = maintenance
@@ -3594,6 +3739,9 @@ class Worker:
         self.gpu_now: tuple[Optional[int], Optional[int]] = (None, None)
         self._threads = [threading.Thread(target=P.guarded(self._publish_forever), name="status-publisher",
                                          daemon=True)]
+        self.keep_days = keep_days
+        if keep_days is not None:
+            self._threads.append(threading.Thread(target=P.guarded(self._prune_forever), name="pruner", daemon=True))
         if shutil.which("nvidia-smi"):
             self.gpu_now = gpu_load(gpu_index)
             self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
@@ -3713,7 +3861,7 @@ class Worker:
         need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
         reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_RESPONSE, "job_id": str(request.get("job_id", "")),
                  "accepted": False, "worker_info": self._worker_info()}
-        low_disk = self._disk_problem()
+        low_disk = self._disk_problem() if job_type != P.PRUNE else None  # a prune is what frees the disk
         if self.maintenance:
             reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
         elif low_disk:
@@ -3788,6 +3936,10 @@ class Worker:
         if "_resolved" not in job.spec:
             raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
                                 "submit it again")
+        if job.kind == P.PRUNE:
+            plan = prune_plan(self.scheduler.ledger.select(limit=-1), self.scheduler.jobs_dir, self.uploads.directory,
+                              self._needed_uploads(), job.spec, job.job_id)
+            return [prune_step_of(job, plan, [self.scheduler.jobs_dir, self.uploads.directory])], []
         if job.kind == P.COMMAND:  # its paths again, as they resolve now
             asked = {k: v for k, v in job.spec.items() if not k.startswith("_")}  # as the client sent it
             errors, command = validate_command(asked, self.allowed_commands, self.readable_mounts, job.dir)
@@ -3838,11 +3990,8 @@ class Worker:
         """The hashes in the upload store that queued or running jobs name."""
         needed = set()
         for spec in self.scheduler.live_specs():
-            named = [spec.get("_package", {}).get("path")]
-            for value in spec.get("_resolved", {}).values():
-                named += value if isinstance(value, list) else [value]
-            for text in named:
-                if isinstance(text, str) and Path(text).is_relative_to(self.uploads.directory):
+            for text in _named_paths(spec):
+                if Path(text).is_relative_to(self.uploads.directory):
                     needed.add(Path(text).relative_to(self.uploads.directory).parts[0])
         return needed
 
@@ -3865,6 +4014,16 @@ class Worker:
             if self._status_changed.wait(0.5):
                 self._status_changed.clear()
                 self._publish_status()
+
+    def _prune_forever(self) -> None:
+        """Thread "pruner" (worker --keep-days): submit a prune job at start and every day after."""
+        spec = {"type": P.PRUNE, "older_than_s": self.keep_days * 86400.0, "_resolved": {}}
+        while not self.stopping.is_set():
+            job_id = P.new_job_id()
+            _, errors = self.scheduler.submit(job_id, spec, "worker --keep-days", lambda name, payload: None)
+            log.info("prune job %s (--keep-days %g)%s", job_id, self.keep_days,
+                     f" not submitted: {errors[0]['message']}" if errors else " submitted")
+            self.stopping.wait(PRUNE_EVERY_S)
 
     def _sample_gpu_forever(self) -> None:
         """Thread "gpu-sampler" (only where nvidia-smi exists): keep the GPU load fresh, so
@@ -3953,6 +4112,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-free-gb", type=float, default=MIN_FREE_GB, metavar="GB",
                         help=f"take no new jobs while less than this is free in the working dir "
                              f"(default {MIN_FREE_GB:g})")
+    parser.add_argument("--keep-days", type=float, metavar="N",
+                        help="prune on its own, at start and daily: the files of jobs finished more than N days "
+                             "ago and uploads unused as long (the ledger keeps every record)")
     parser.add_argument("--allow-command", action="append", type=parse_allowed_command, default=[],
                         metavar="NAME=EXECUTABLE",
                         help="let clients run EXECUTABLE as `client.py run NAME -- ARGS` (repeatable; none by "
@@ -4033,7 +4195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     args.sleap_nn or sleap_nn_executable(), slots, args.advertise_gpu_memory, args.maintenance,
                     args.reservation_timeout, embedded, args.stop_grace, args.follower_backlog * 2**20,
                     int(args.upload_cache_gb * 1e9), executor, dict(args.allow_command), set(args.allow_env),
-                    args.min_free_gb)
+                    args.min_free_gb, args.keep_days)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -4051,4 +4213,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["slurm-step"]:  # inside a batch job: see batch_script
         raise SystemExit(slurm_step(sys.argv[2:]))
+    if sys.argv[1:2] == ["prune-step"]:  # a prune job's step: see prune_step_of
+        raise SystemExit(prune_step(sys.argv[2:]))
     raise SystemExit(main())
