@@ -1129,6 +1129,33 @@ def _duration(text: str) -> float:
     return float(match.group(1)) * {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 86400}[match.group(2)]
 
 
+def cmd_files(args) -> int:
+    """`files ls`: the worker's upload store; `files rm SHA...`: a prune job for those uploads."""
+    if args.action == "rm":
+        if not args.sha256:
+            raise UsageError("files rm needs the SHA-256 (or its first 6+ digits) of each upload to remove")
+        spec = {"type": P.PRUNE, "uploads": args.sha256, "dry_run": args.dry_run or None}
+        errors = P.check_spec(spec)
+        if errors:
+            raise UsageError(errors[0]["message"])
+        return run_job(args, spec)
+    if args.sha256:
+        raise UsageError("files ls takes no arguments")
+
+    def work(link: P.Link) -> int:
+        files = ask(link, P.STORE_LIST, {}, P.STORE_LISTING, "upload store listing").get("files", [])
+        if not files:
+            print(f"the upload store of {link.peer_id} is empty")
+            return 0
+        rows = [[f["sha256"][:12], _size(f["size"]), _when(f["last_use"]), ", ".join(f["names"]),
+                 ", ".join(f["jobs"]) + (" (needed now)" if f["needed"] else "") or "-"] for f in files]
+        print_table(rows, ["SHA256", "SIZE", "LAST USE", "NAMES", "JOBS"])
+        print(f"{len(files)} upload(s), {_size(sum(f['size'] for f in files))}")
+        return 0
+
+    return with_link(args, work)
+
+
 def cmd_prune(args) -> int:
     """A prune job on the worker named, else on every worker in the room, one after the other."""
     spec = {"type": P.PRUNE, "older_than_s": args.older_than, "keep_failed": args.keep_failed or None,
@@ -1518,6 +1545,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
     p.add_argument("--non-interactive", action="store_true", help="never prompt")
     p.set_defaults(run=cmd_run, min_gpu_memory=0, verbose=True, download=".")
+
+    p = commands.add_parser("files", parents=[common],
+                            help="the worker's upload store: `files ls`, or `files rm SHA256...` (a prune job)")
+    p.add_argument("action", choices=["ls", "rm"])
+    p.add_argument("sha256", nargs="*", help="rm: the uploads to remove, by SHA-256 or its first 6+ digits")
+    p.add_argument("--dry-run", action="store_true", help="rm: only say what would go")
+    p.add_argument("--worker-id", help="the worker (default: the first available)")
+    p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
+    p.set_defaults(run=cmd_files, min_gpu_memory=0, verbose=True, download=".", detach=False, non_interactive=True)
 
     p = commands.add_parser("prune", parents=[common],
                             help="remove the files of old finished jobs and unused uploads (the ledger keeps "

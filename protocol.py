@@ -333,6 +333,9 @@ FS_LIST = "FS_LIST"  # {request_id, path? (none: the mounts), offset?, nearest? 
 FS_LISTING = "FS_LISTING"  # {request_id, path, entries: [{name, kind, size, mtime}], total, offset, mounts?, error?}
 FS_SEARCH = "FS_SEARCH"  # {request_id, name (a file name or glob), size?}
 FS_FOUND = "FS_FOUND"  # {request_id, candidates: [{path, size, mtime, score}], complete, scanned, error?}
+# The upload store, as `client.py files ls` shows it.
+STORE_LIST = "STORE_LIST"  # {request_id}
+STORE_LISTING = "STORE_LISTING"  # {request_id, files: [{sha256, size, names, last_use, jobs, needed}]}
 LINK_ERROR = "ERROR"  # {message, ...}
 
 # Jobs. Every payload carries "job_id".
@@ -441,7 +444,7 @@ SPEC_FIELDS: dict[str, dict[str, type]] = {
     TRACK: {"data_path": str, "model_paths": list, "output": str, "batch_size": int, "peak_threshold": float,
             "frames": str, "only_suggested_frames": bool, "gui": bool, "path_map": list},
     COMMAND: {"command": str, "args": list},
-    PRUNE: {"older_than_s": float, "keep_failed": bool, "dry_run": bool},
+    PRUNE: {"older_than_s": float, "keep_failed": bool, "dry_run": bool, "uploads": list},
 }
 REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths"), COMMAND: ("command",), PRUNE: ()}
 _COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -478,6 +481,10 @@ def check_spec(spec: Any) -> list[dict]:
         elif name in NUMBER_RANGES and not NUMBER_RANGES[name][0] <= value <= NUMBER_RANGES[name][1]:
             low, high = NUMBER_RANGES[name]
             errors.append(spec_error(name, f"{name} must be between {low} and {high}, not {value}", "OUT_OF_RANGE"))
+        elif name == "uploads" and not (len(value) <= 1000 and all(
+                isinstance(u, str) and re.fullmatch(r"[0-9a-f]{6,64}", u) for u in value)):
+            errors.append(spec_error(name, "uploads must be SHA-256 digests (or their first 6+ hex digits)",
+                                     "BAD_FORMAT"))
         elif name == "older_than_s" and value < 0:
             errors.append(spec_error(name, f"older_than_s must be >= 0, not {value}", "OUT_OF_RANGE"))
         elif name == "learning_rate" and not 0 < value <= 1:

@@ -3157,11 +3157,26 @@ def prune_plan(records: list[dict], jobs_dir: Path, uploads_dir: Path, needed_up
                spec: dict, own_job_id: str) -> dict:
     """What a prune job removes: the directories of jobs finished before the cutoff
     (failed ones too unless `keep_failed`), except those whose files a later job names,
-    and uploads unused since the cutoff that no queued or running job needs."""
+    and uploads unused since the cutoff that no queued or running job needs. With
+    `uploads` (hashes or their first digits: `client.py files rm`) only those uploads,
+    whatever their age, and no job."""
     cutoff = time.time() - spec.get("older_than_s", PRUNE_DEFAULT_S)
+    chosen = spec.get("uploads")
     jobs_dir = jobs_dir.resolve()
     users = [(r["submitted_at"], r["job_id"], Path(p)) for r in records for p in _named_paths(r["spec"])]
     plan: dict = {"jobs": [], "uploads": [], "kept": [], "dry_run": bool(spec.get("dry_run"))}
+    held = sorted(c for c in uploads_dir.iterdir() if c.is_dir() and _SHA256_RE.match(c.name)) \
+        if uploads_dir.is_dir() else []
+    if chosen is not None:
+        picked = set()
+        for prefix in chosen:
+            matches = [c for c in held if c.name.startswith(prefix)]
+            if len(matches) == 1:
+                picked.add(matches[0])
+            else:
+                plan["kept"].append({"upload": prefix, "why": "no such upload" if not matches else
+                                     f"{len(matches)} uploads start with it; give more digits"})
+        held, cutoff, records = sorted(picked), float("inf"), []
     for record in records:
         if (record["job_id"] == own_job_id or record["state"] not in _FINAL_STATES or record.get("pruned")
                 or (record["finished_at"] or cutoff) >= cutoff):
@@ -3178,8 +3193,8 @@ def prune_plan(records: list[dict], jobs_dir: Path, uploads_dir: Path, needed_up
             plan["kept"].append({"job_id": record["job_id"], "why": f"job {user[0]} uses {user[1]}"})
             continue
         plan["jobs"].append({"job_id": record["job_id"], "path": str(job_dir), "bytes": _tree_bytes(job_dir)})
-    for content in sorted(uploads_dir.iterdir()) if uploads_dir.is_dir() else []:
-        if not (content.is_dir() and _SHA256_RE.match(content.name)) or content.stat().st_mtime >= cutoff:
+    for content in held:
+        if content.stat().st_mtime >= cutoff:
             continue
         if content.name in needed_uploads:
             plan["kept"].append({"upload": content.name, "why": "a queued or running job needs it"})
@@ -3223,6 +3238,24 @@ def prune_step(argv: list[str]) -> int:
     temporary.write_text(json.dumps({"removed": removed}))
     os.replace(temporary, args.result)
     return 0
+
+
+def store_listing(uploads_dir: Path, records: list[dict], needed: set[str]) -> list[dict]:
+    """The upload store's contents: each hash with its size, names, last use, the jobs
+    that named it and whether a queued or running job needs it."""
+    users: dict[str, list[str]] = {}
+    for record in records:
+        for text in _named_paths(record["spec"]):
+            if Path(text).is_relative_to(uploads_dir):
+                users.setdefault(Path(text).relative_to(uploads_dir).parts[0], []).append(record["job_id"])
+    files = []
+    for content in sorted(uploads_dir.iterdir()) if uploads_dir.is_dir() else []:
+        if content.is_dir() and _SHA256_RE.match(content.name):
+            names = sorted(f.name for f in content.iterdir() if f.is_file())
+            size = max((f.stat().st_size for f in content.iterdir() if f.is_file()), default=0)
+            files.append({"sha256": content.name, "size": size, "names": names, "last_use": content.stat().st_mtime,
+                          "jobs": sorted(set(users.get(content.name, []))), "needed": content.name in needed})
+    return files
 
 
 def pruned_note(pruned: dict) -> str:
@@ -3444,6 +3477,10 @@ class Session:
             self.send(P.UPLOAD_STATUS, self.worker.uploads.status(item.payload))
         elif item.name in (P.FS_LIST, P.FS_SEARCH):
             self._files(item.name, item.payload)
+        elif item.name == P.STORE_LIST:
+            files = store_listing(self.worker.uploads.directory, self.worker.scheduler.ledger.select(limit=-1),
+                                  self.worker._needed_uploads())
+            self.send(P.STORE_LISTING, {"request_id": str(item.payload.get("request_id", ""))[:64], "files": files})
         elif item.name == P.FILE_REQUEST:
             self._send_requested_file(item.payload)
         elif item.name == P.JOB_SUBMIT:

@@ -117,3 +117,28 @@ def test_keep_days_prunes_on_its_own_at_start(room, tmp_path):
                              "the worker's own prune to complete")
     assert ledger(worker_dir, old)["pruned"]["by"] == prune_id
     assert not (worker_dir / "jobs" / old).exists()
+
+
+def test_files_lists_the_upload_store_and_rm_removes_by_hash(room, tmp_path):
+    worker_dir = tmp_path / "w"
+    room.start_worker("--allow-command", "echo=/bin/echo", working_dir=worker_dir)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(os.urandom(3000))
+    b.write_bytes(os.urandom(5000))
+    for path in (a, b):
+        assert room.client("upload", str(path)).returncode == 0
+    stored_a = worker_dir / "uploads" / sha256(a) / "a.bin"
+    user = job_id_of(room.client("run", "--non-interactive", "echo", "--", str(stored_a)).stdout)
+
+    listing = room.client("files", "ls")
+    assert listing.returncode == 0, listing.stderr
+    assert re.search(rf"{sha256(a)[:12]}\s+3\.0 kB\s+.*a\.bin\s+{user}", listing.stdout), listing.stdout
+    assert re.search(rf"{sha256(b)[:12]}\s+5\.0 kB\s+.*b\.bin\s+-", listing.stdout), listing.stdout
+    assert "2 upload(s)" in listing.stdout
+
+    removed = room.client("files", "rm", sha256(b)[:8], "000000")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert f"removed upload {sha256(b)[:12]}" in removed.stdout
+    assert "kept upload 000000: no such upload" in removed.stdout
+    assert not (worker_dir / "uploads" / sha256(b)).exists() and stored_a.is_file()
+    assert "1 upload(s)" in room.client("files", "ls").stdout
