@@ -986,6 +986,8 @@ class JobMonitor:
                 print(f"{output['kind']} next to the package: {output['relative']}")
             if output["kind"] == "model":
                 print(f"model on the worker: {output['path']}")
+            elif output["kind"] == "replica":
+                print(f"{output['of']} on {output['worker']}: {output['path']} (job {output['replica_job']} there)")
             elif output["kind"] == "predictions":
                 local = next((f for f in self.files if f.sha256 == output["sha256"]), None)
                 print(f"predictions: {local.path} (sha256 {output['sha256']}, checked, "
@@ -1156,6 +1158,19 @@ def cmd_files(args) -> int:
     return with_link(args, work)
 
 
+def cmd_replicate(args) -> int:
+    """A replicate job on the worker holding JOB: its results go to --to, which keeps them as a job of its own."""
+    signaling = connect(args)
+    try:
+        holder, record = locate_job(signaling, args.job_id)
+    finally:
+        signaling.close()
+    if holder == args.to:
+        raise UsageError(f"job {args.job_id} is on {holder} already")
+    args.worker_id = holder
+    return run_job(args, {"type": P.REPLICATE, "source_job": args.job_id, "to": args.to})
+
+
 def cmd_prune(args) -> int:
     """A prune job on the worker named, else on every worker in the room, one after the other."""
     spec = {"type": P.PRUNE, "older_than_s": args.older_than, "keep_failed": args.keep_failed or None,
@@ -1324,6 +1339,8 @@ def cmd_status(args) -> int:
     for output in job.get("outputs") or []:
         if output["kind"] == "model":
             print(f"model      {output['path']} ({len(output.get('files', []))} files)")
+        elif output["kind"] == "replica":
+            print(f"replica    {output['of']} on {output['worker']}: {output['path']} (job {output['replica_job']})")
         else:
             print(f"{output['kind']:<10} {output['path']} (sha256 {output['sha256']})")
     if job.get("warning"):
@@ -1380,6 +1397,8 @@ def cmd_fetch(args) -> int:
                 f"it has no results to fetch. See `python client.py logs {args.job_id}`")
         expected = {}
         for output in record.get("outputs") or []:
+            if output["kind"] == "replica":  # files on another worker: fetch that worker's job
+                continue
             files = output.get("files") or [{"name": Path(output["path"]).name, "sha256": output["sha256"]}]
             expected.update({f["sha256"]: f["name"] for f in files})
         received: list[P.FileReceived] = []
@@ -1554,6 +1573,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-id", help="the worker (default: the first available)")
     p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
     p.set_defaults(run=cmd_files, min_gpu_memory=0, verbose=True, download=".", detach=False, non_interactive=True)
+
+    p = commands.add_parser("replicate", parents=[common],
+                            help="copy a finished job's model or predictions to another worker in the room")
+    p.add_argument("job_id", metavar="JOB")
+    p.add_argument("--to", required=True, metavar="WORKER", help="the worker that gets them")
+    p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
+    p.set_defaults(run=cmd_replicate, min_gpu_memory=0, verbose=True, download=".", detach=False,
+                   non_interactive=True)
 
     p = commands.add_parser("prune", parents=[common],
                             help="remove the files of old finished jobs and unused uploads (the ledger keeps "

@@ -333,6 +333,13 @@ FS_LIST = "FS_LIST"  # {request_id, path? (none: the mounts), offset?, nearest? 
 FS_LISTING = "FS_LISTING"  # {request_id, path, entries: [{name, kind, size, mtime}], total, offset, mounts?, error?}
 FS_SEARCH = "FS_SEARCH"  # {request_id, name (a file name or glob), size?}
 FS_FOUND = "FS_FOUND"  # {request_id, candidates: [{path, size, mtime, score}], complete, scanned, error?}
+# A worker replicating a job's results to another, over a link of its own (the receiver
+# stages files named "INDEX-NAME", checks each SHA-256 against the manifest at the end,
+# and records a job of type replica).
+REPLICA_BEGIN = "REPLICA_BEGIN"  # {request_id, source: {worker, job_id}, outputs: [{kind, name, files: [{name, size, sha256}]}]}
+REPLICA_READY = "REPLICA_READY"  # {request_id, replica_id, error?}
+REPLICA_END = "REPLICA_END"  # {replica_id}
+REPLICA_DONE = "REPLICA_DONE"  # {replica_id, outputs: [{kind, name, path, files}], error?}
 # The upload store, as `client.py files ls` shows it.
 STORE_LIST = "STORE_LIST"  # {request_id}
 STORE_LISTING = "STORE_LISTING"  # {request_id, files: [{sha256, size, names, last_use, jobs, needed}]}
@@ -437,6 +444,9 @@ TRAIN, TRACK = "train", "track"
 COMMAND = "command"
 # A prune job removes the files of old finished jobs and unused uploads; the ledger keeps every record.
 PRUNE = "prune"
+# A replicate job copies a finished job's model or predictions to another worker, which
+# records them as a job of type REPLICA (see REPLICA_BEGIN).
+REPLICATE, REPLICA = "replicate", "replica"
 JOB_TYPE_TAGS = {TRAIN: "training-worker", TRACK: "inference-worker"}  # the discovery tag for each
 SPEC_FIELDS: dict[str, dict[str, type]] = {
     TRAIN: {"config": str, "labels": str, "val_labels": str, "max_epochs": int, "batch_size": int,
@@ -445,8 +455,10 @@ SPEC_FIELDS: dict[str, dict[str, type]] = {
             "frames": str, "only_suggested_frames": bool, "gui": bool, "path_map": list},
     COMMAND: {"command": str, "args": list},
     PRUNE: {"older_than_s": float, "keep_failed": bool, "dry_run": bool, "uploads": list},
+    REPLICATE: {"source_job": str, "to": str},
 }
-REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths"), COMMAND: ("command",), PRUNE: ()}
+REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths"), COMMAND: ("command",), PRUNE: (),
+                   REPLICATE: ("source_job", "to")}
 _COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_COMMAND_ARGS, MAX_ARG_CHARS = 1000, 4096
 # A SLEAP training package (a zip on the worker) says everything else itself.

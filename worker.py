@@ -4,10 +4,15 @@
                      [--working-dir DIR] [--gpu N] [--slots N] [--advertise-gpu-memory MB]
                      [--sleap-nn PATH] [--reservation-timeout S] [--stop-grace S]
                      [--follower-backlog MB] [--upload-cache-gb GB] [--maintenance]
+                     [--min-free-gb GB] [--keep-days N] [--allow-command NAME=EXECUTABLE]...
+                     [--allow-env NAME]... [--no-direct] [--slurm [--slurm-partition P ...]]
 
 Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite, with
 its log under WORKING_DIR/jobs/JOB/, across restarts. What clients upload is kept by
-content in WORKING_DIR/uploads/ (SLEAP training packages among it).
+content in WORKING_DIR/uploads/ (SLEAP training packages among it). Besides train and
+track, a worker runs prune and replicate jobs, and the commands its admin allowed; with
+--slurm, every step is a SLURM batch job. `worker.py slurm-step`, `prune-step` and
+`replicate-step` are the worker's own steps, started by it, not by hand.
 
 With no --server and nothing listening on ws://127.0.0.1:8080, the worker starts the
 signaling server in-process (signaling.py beside this file), creates a room and prints
@@ -1275,6 +1280,8 @@ def unpack_package(path: Path, destination: Path) -> None:
 # Jobs: the sleap-nn command and the run
 # ---------------------------------------------------------------------------------------
 
+# Jobs that take no slot: a long training never holds up freeing the disk or copying results.
+UNSLOTTED = (P.PRUNE, P.REPLICATE)
 ZMQ_PUBLISH_PORT = 9001  # sleap-nn publishes progress here; the worker binds a SUB
 ZMQ_CONTROL_PORT = 9000  # the worker binds a PUB here; sleap-nn subscribes for "stop"
 LOG_BATCH_S = 0.05
@@ -1323,6 +1330,7 @@ class Step:
     max_epochs: Optional[int] = None  # training: as the config or spec says, for progress
     output: Optional[Path] = None  # inference: the predictions file
     drop_env: list[str] = dataclasses.field(default_factory=list)  # variables the run does not get (secret-looking)
+    env: dict = dataclasses.field(default_factory=dict)  # variables it gets besides (a replicate step's credentials)
 
     def command(self, zmq_ports: Optional[tuple[int, int]]) -> list[str]:
         return self.args + zmq_overrides(zmq_ports)
@@ -1535,9 +1543,9 @@ def _pipe_chunks(pipe) -> Iterator[bytes]:
 class LocalRun:
     """A step's sleap-nn as a child of this worker, in a process group of its own."""
 
-    def __init__(self, command: list[str], cwd: Path, drop_env: list[str]):
+    def __init__(self, command: list[str], cwd: Path, drop_env: list[str], extra_env: dict):
         self.command = command
-        env = {k: v for k, v in os.environ.items() if k not in drop_env}
+        env = {**{k: v for k, v in os.environ.items() if k not in drop_env}, **extra_env}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"},
                                         start_new_session=True)
@@ -1573,7 +1581,7 @@ class LocalExecutor:
     zmq_host = "127.0.0.1"
 
     def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> LocalRun:
-        return LocalRun(step.command(ports), step.cwd, step.drop_env)
+        return LocalRun(step.command(ports), step.cwd, step.drop_env, step.env)
 
     def describe(self) -> dict:
         return {"executor": self.name}
@@ -1818,10 +1826,8 @@ class SlurmRun:
         # Guards pos (bytes of each output file read so far) and the state file that keeps it.
         self._pos_lock = threading.Lock()
         self.pos = {"o": int(pos.get("o", 0)), "e": int(pos.get("e", 0))}
-        self._saved_at = 0.0
-        self._saved_pos: dict = {}
         job.slurm = {"job_id": slurm_id, "step": index}
-        self._save(force=True)
+        self._save()
         slurm.watch(slurm_id)
 
     @property
@@ -1835,14 +1841,9 @@ class SlurmRun:
                 "err": job_dir / f"step-{index}.err", "exit": job_dir / f"step-{index}.exit",
                 "state": job_dir / f"step-{index}.slurm.json"}
 
-    def _save(self, force: bool = False) -> None:
-        """Keep what a restarted worker needs to follow this run again (at most twice a
-        second unless forced, and only when something changed)."""
+    def _save(self) -> None:
+        """Keep what a restarted worker needs to follow this run again."""
         with self._pos_lock:
-            now = time.monotonic()
-            if not force and (now - self._saved_at < 0.5 or self.pos == self._saved_pos):
-                return
-            self._saved_at, self._saved_pos = now, dict(self.pos)
             state = {"slurm_id": self.slurm_id, "command": self.command, "ports": self.ports, "pos": dict(self.pos)}
             temporary = self.paths["state"].with_suffix(".tmp")
             temporary.write_text(json.dumps(state))
@@ -1864,17 +1865,17 @@ class SlurmRun:
             except FileNotFoundError:
                 chunk = b""
             if chunk:
+                quiet_since = None
                 with self._pos_lock:
                     self.pos[stream] += len(chunk)
                 yield chunk
+                # The consumer has queued the chunk's lines: a restart now resumes after them
+                # (a crash in the next ~50 ms, before the relay writes them, would lose them).
+                self._save()
             elif ended and time.monotonic() - (quiet_since := quiet_since or time.monotonic()) >= FOLLOW_SETTLE_S:
-                self._save(force=True)
                 return
             else:
                 time.sleep(FOLLOW_POLL_S)
-            if chunk:
-                quiet_since = None
-            self._save()
 
     def poll(self) -> Optional[int]:
         """The exit code once SLURM says the job ended (-1 when it has none), else None."""
@@ -2207,8 +2208,8 @@ class Job:
     def _save_steps(self) -> None:
         """Keep the planned steps in the job's directory: a restarted worker follows the
         job's SLURM jobs again with exactly these, without planning (or unpacking) anew."""
-        steps = [{**step.__dict__, **{k: str(v) for k, v in step.__dict__.items() if isinstance(v, Path)}}
-                 for step in self.steps]
+        steps = [{**step.__dict__, **{k: str(v) for k, v in step.__dict__.items() if isinstance(v, Path)}, "env": {}}
+                 for step in self.steps]  # env: a replicate step's credentials stay out of files
         (self.dir / "steps.json").write_text(json.dumps(steps, indent=1))
 
     def _load_steps(self) -> tuple[list[Step], list[str]]:
@@ -2238,7 +2239,7 @@ class Job:
             try:
                 if self.cancel_requested.is_set() and saved is None:
                     raise _CancelledBeforeStart()
-                executor = LocalExecutor() if step.kind == P.PRUNE else self.executor  # it works here
+                executor = LocalExecutor() if step.kind in UNSLOTTED else self.executor  # they work here
                 run = executor.attach(self, index, saved) if saved else executor.launch(self, index, step, ports)
             except (OSError, JobSetupError, _CancelledBeforeStart) as exc:
                 if context is not None:
@@ -2494,6 +2495,10 @@ class Job:
                 outputs.append({"kind": "model", "name": step.name, "path": str(model_dir), "files": files})
             elif step.kind == P.COMMAND:
                 outputs += command_outputs(self.dir)
+            elif step.kind == P.REPLICATE and (self.dir / REPLICA_RESULT_FILE).is_file():
+                sent = json.loads((self.dir / REPLICA_RESULT_FILE).read_text())
+                outputs += [{"kind": "replica", "of": o["kind"], "worker": sent["worker"], "path": o["path"],
+                             "replica_job": sent["replica_id"]} for o in sent["outputs"]]
             elif step.kind != P.TRACK:
                 continue
             elif step.output is not None and step.output.is_file():
@@ -2842,14 +2847,14 @@ class Scheduler:
         return position
 
     def position(self, job: Job) -> int:
-        """0 when the job runs or is about to (a prune always is), else its place in the queue from 1."""
+        """0 when the job runs or is about to (an UNSLOTTED one always is), else its place in the queue from 1."""
         with self._cond:
-            return self._position(self.queue.index(job)) if job in self.queue and job.kind != P.PRUNE else 0
+            return self._position(self.queue.index(job)) if job in self.queue and job.kind not in UNSLOTTED else 0
 
     def _free_slots(self) -> int:  # the caller holds _cond
         """Slots neither running a job nor promised to one (queued jobs not counted). A
-        prune job needs no slot: a long training never holds up freeing the disk."""
-        busy = sum(job.kind != P.PRUNE for job in self.running.values())
+        job of an UNSLOTTED type needs none."""
+        busy = sum(job.kind not in UNSLOTTED for job in self.running.values())
         return self.slots - busy - len(self.reservations)
 
     def _position(self, index: int) -> int:  # the caller holds _cond
@@ -2941,7 +2946,7 @@ class Scheduler:
                     del self.reservations[job_id]
                     expired.append(job_id)
             while True:
-                job = next((j for j in self.queue if j.kind == P.PRUNE), None) or \
+                job = next((j for j in self.queue if j.kind in UNSLOTTED), None) or \
                     (self.queue[0] if self.queue and self._free_slots() > 0 else None)
                 if job is None:
                     break
@@ -3226,7 +3231,11 @@ def prune_step(argv: list[str]) -> int:
             print(f"skipped {what}: {path} is gone already")
             continue
         if not dry:
-            shutil.rmtree(path)
+            try:
+                shutil.rmtree(path)
+            except OSError as exc:  # say so and go on: the ledger notes only what did go
+                print(f"could not remove {what}: {path}: {exc}", flush=True)
+                continue
             removed.append(entry)
         freed += entry["bytes"]
         print(f"{'would remove' if dry else 'removed'} {what}: {path} ({entry['bytes'] / 1e6:.1f} MB)", flush=True)
@@ -3271,6 +3280,110 @@ def prune_step_of(job: "Job", plan: dict, roots: list[Path]) -> Step:
     for root in roots:
         args += ["--root", str(root)]
     return Step(P.PRUNE, "prune", args, job.dir)
+
+
+# ---------------------------------------------------------------------------------------
+# Replicas: a finished job's results copied to another worker in the room
+# ---------------------------------------------------------------------------------------
+# The sending worker runs `worker.py replicate-step` as its replicate job's step: a peer
+# of its own in the room that opens a link to the receiving worker and sends each file
+# (SHA-256 checked on arrival, and against the manifest at the end). The receiver keeps
+# them in a new job directory and records a job of type replica; both ledgers hold it.
+
+REPLICA_MANIFEST_FILE = "replica-manifest.json"
+REPLICA_RESULT_FILE = "replica-result.json"
+MAX_REPLICA_FILES = 1000
+# The room credentials a replicate step gets from its worker, in its environment (never in ps).
+_CREDENTIAL_ENV = (P.ENV_SERVER, P.ENV_ROOM, P.ENV_TOKEN)
+
+
+def replica_manifest(record: dict) -> list[dict]:
+    """The outputs of a finished job as a replica sends them: kind, name and each file
+    with its path here, size and SHA-256."""
+    outputs = []
+    for output in record.get("outputs") or []:
+        if output["kind"] == "model":
+            files = [{"name": f["name"], "size": f["size"], "sha256": f["sha256"],
+                      "path": str(Path(output["path"]) / f["name"])} for f in output.get("files", [])]
+            outputs.append({"kind": "model", "name": Path(output["path"]).name, "files": files})
+        elif output["kind"] == "predictions":
+            outputs.append({"kind": "predictions", "name": Path(output["path"]).name,
+                            "files": [{"name": Path(output["path"]).name, "size": output["size"],
+                                       "sha256": output["sha256"], "path": output["path"]}]})
+    return outputs
+
+
+def replicate_step(argv: list[str]) -> int:
+    """`worker.py replicate-step`: send a manifest's files to another worker as a replica."""
+    parser = argparse.ArgumentParser(prog="worker.py replicate-step")
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("result", type=Path)
+    parser.add_argument("--to", required=True, help="the receiving worker's peer id")
+    parser.add_argument("--peer-id", required=True, help="this step's own peer id in the room")
+    args = parser.parse_args(argv)
+    manifest = json.loads(args.manifest.read_text())
+    server, room, token = (os.environ[name] for name in _CREDENTIAL_ENV)
+    signaling = P.SignalingClient(server, room, token, args.peer_id, "client")
+    link = None
+    try:
+        signaling.connect()
+        link = P.open_link(signaling, args.to, args.manifest.parent)
+        request_id = secrets.token_hex(4)
+        public = [{**o, "files": [{k: f[k] for k in ("name", "size", "sha256")} for f in o["files"]]}
+                  for o in manifest["outputs"]]
+        link.send(P.REPLICA_BEGIN, {"request_id": request_id, "source": manifest["source"], "outputs": public})
+        ready = link.expect(lambda m: isinstance(m, P.Message) and m.name == P.REPLICA_READY
+                            and m.payload.get("request_id") == request_id, 30, "REPLICA_READY").payload
+        if ready.get("error"):
+            print(f"{args.to} refused the replica: {ready['error']}", file=sys.stderr)
+            return 1
+        for index, output in enumerate(manifest["outputs"]):
+            for f in output["files"]:
+                started = time.monotonic()
+                ack = link.send_file(Path(f["path"]), name=f"{index}-{f['name']}", digest=(f["size"], f["sha256"]))
+                seconds = max(1e-6, time.monotonic() - started)
+                print(f"sent {f['path']} ({f['size']} bytes, sha256 {f['sha256'][:12]}) over {ack['via']}: "
+                      f"{f['size'] / seconds / 1e6:.1f} MB/s", flush=True)
+        link.send(P.REPLICA_END, {"replica_id": ready["replica_id"]})
+        done = link.expect(lambda m: isinstance(m, P.Message) and m.name == P.REPLICA_DONE, 120,
+                           "REPLICA_DONE").payload
+    except (P.SleapRTCError, OSError) as exc:
+        print(f"replicating to {args.to} failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if link is not None:
+            link.close()
+        signaling.close()
+    if done.get("error"):
+        print(f"{args.to} did not keep the replica: {done['error']}", file=sys.stderr)
+        return 1
+    result = {"worker": args.to, "replica_id": done["replica_id"], "outputs": done["outputs"]}
+    args.result.write_text(json.dumps(result))
+    for output in done["outputs"]:
+        print(f"{output['kind']} on {args.to}: {output['path']} (job {done['replica_id']} there)")
+    return 0
+
+
+def check_replica_manifest(outputs: Any) -> Optional[str]:
+    """What is wrong with a REPLICA_BEGIN's outputs, or None."""
+    if not isinstance(outputs, list) or not outputs or len(outputs) > 100:
+        return "outputs must be a list of 1-100 outputs"
+    count = 0
+    for output in outputs:
+        if not isinstance(output, dict) or output.get("kind") not in ("model", "predictions") \
+                or not isinstance(output.get("files"), list) or not output["files"]:
+            return "each output needs kind (model or predictions) and files"
+        for f in output["files"]:
+            count += 1
+            if not isinstance(f, dict) or not _SHA256_RE.match(str(f.get("sha256"))) \
+                    or not P._is_a(f.get("size"), int) or f["size"] < 0:
+                return "each file needs a name, a size and a SHA-256"
+            try:
+                P.safe_file_name(str(f.get("name", "")))
+                P.safe_file_name(str(output.get("name", "")))
+            except P.TransferError as exc:
+                return str(exc)
+    return None if count <= MAX_REPLICA_FILES else f"at most {MAX_REPLICA_FILES} files"
 
 
 # ---------------------------------------------------------------------------------------
@@ -3404,6 +3517,7 @@ class Session:
         # Guards _following: job id -> this session's listener on that job.
         self._following_lock = threading.Lock()
         self._following: dict[str, Callable[[str, dict], None]] = {}
+        self._replica: Optional[dict] = None  # a replica arriving from another worker (session thread only)
         self.thread = threading.Thread(target=P.guarded(self._run), name=f"session-{self.peer_id}", daemon=True)
         self.writer = threading.Thread(target=P.guarded(self._write), name=f"session-{self.peer_id}-out", daemon=True)
 
@@ -3435,6 +3549,8 @@ class Session:
         except P.LinkClosed as exc:
             log.info("link with %s ended: %s", self.peer_id, exc)
         finally:
+            if self._replica is not None:
+                self._end_replica(self._replica, "the sending worker's link ended before the replica was whole", [])
             with self._following_lock:
                 followed = list(self._following)
             for job_id in followed:
@@ -3477,6 +3593,10 @@ class Session:
             self.send(P.UPLOAD_STATUS, self.worker.uploads.status(item.payload))
         elif item.name in (P.FS_LIST, P.FS_SEARCH):
             self._files(item.name, item.payload)
+        elif item.name == P.REPLICA_BEGIN:
+            self._replica_begin(item.payload)
+        elif item.name == P.REPLICA_END:
+            self._replica_end(item.payload)
         elif item.name == P.STORE_LIST:
             files = store_listing(self.worker.uploads.directory, self.worker.scheduler.ledger.select(limit=-1),
                                   self.worker._needed_uploads())
@@ -3539,6 +3659,8 @@ class Session:
             plan = {"paths": {}, "command": command}
         elif isinstance(spec, dict) and spec.get("type") == P.PRUNE:  # no paths: it plans when it starts
             errors, plan = P.check_spec(spec), {"paths": {}}
+        elif isinstance(spec, dict) and spec.get("type") == P.REPLICATE:
+            errors, plan = P.check_spec(spec) or self._replicable(spec), {"paths": {}}
         else:
             errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
                                         self.worker.uploads.directory)
@@ -3567,6 +3689,85 @@ class Session:
                  "starts now" if position == 0 else f"queued at position {position}")
         self.outbox.release(job_id, [(P.JOB_ACCEPTED, {"job_id": job_id, "job_dir": str(job.dir),
                                                        "queue_position": position})])
+
+    def _replicable(self, spec: dict) -> list[dict]:
+        """Why a replicate spec cannot run here ([] when it can)."""
+        record = self.worker.scheduler.ledger.get(spec["source_job"])
+        if record is None:
+            return [P.spec_error("source_job", f"no job {spec['source_job']} on this worker", "NOT_FOUND")]
+        if record["state"] != P.COMPLETED or record.get("pruned") or not replica_manifest(record):
+            why = "its files were pruned" if record.get("pruned") else \
+                f"it is {record['state']}" if record["state"] != P.COMPLETED else "it made no model or predictions"
+            return [P.spec_error("source_job", f"job {spec['source_job']} has nothing to replicate: {why}",
+                                 "NOTHING_TO_REPLICATE")]
+        if spec["to"] == self.worker.peer_id:
+            return [P.spec_error("to", "a job's results are on this worker already", "SAME_WORKER")]
+        return []
+
+    # -- replicas arriving from another worker ---------------------------------------------
+
+    def _replica_begin(self, payload: dict) -> None:
+        """Another worker starts sending a replica: a new job directory takes its files."""
+        reply = {"request_id": str(payload.get("request_id", ""))[:64]}
+        problem = check_replica_manifest(payload.get("outputs")) or self.worker._disk_problem()
+        if self._replica is not None:
+            problem = "a replica is arriving on this link already"
+        if problem:
+            self.send(P.REPLICA_READY, {**reply, "error": problem})
+            return
+        source = payload.get("source") if isinstance(payload.get("source"), dict) else {}
+        spec = {"type": P.REPLICA, "source": {"worker": str(source.get("worker"))[:100],
+                                              "job_id": str(source.get("job_id"))[:64]}}
+        job_id = P.new_job_id()
+        job = Job(job_id, spec, self.worker.scheduler.jobs_dir / job_id, self.peer_id, "")
+        staging = job.dir / ".incoming"
+        staging.mkdir(parents=True)
+        job.state = P.RUNNING
+        self.worker.scheduler.ledger.add(job)
+        self.worker.scheduler.ledger.update(job_id, started_at=time.time())
+        self._replica = {"job": job, "outputs": payload["outputs"], "staging": staging, "started": time.time()}
+        self.link.receive_dir = staging
+        log.info("replica %s of %s arriving from %s", job_id, spec["source"], self.peer_id)
+        self.send(P.REPLICA_READY, {**reply, "replica_id": job_id})
+
+    def _replica_end(self, payload: dict) -> None:
+        """Every file of the replica was sent: check each against the manifest, keep them, record the job."""
+        replica = self._replica
+        if replica is None or payload.get("replica_id") != replica["job"].job_id:
+            self.send(P.REPLICA_DONE, {"replica_id": str(payload.get("replica_id"))[:64],
+                                       "error": "no such replica is arriving on this link", "outputs": []})
+            return
+        self._replica, self.link.receive_dir = None, None
+        job, outputs, problem = replica["job"], [], None
+        for index, output in enumerate(replica["outputs"]):
+            name = P.safe_file_name(str(output.get("name")))
+            target = job.dir / "models" / name if output["kind"] == "model" else job.dir
+            target.mkdir(parents=True, exist_ok=True)
+            files = []
+            for f in output["files"]:
+                staged = replica["staging"] / f"{index}-{P.safe_file_name(f['name'])}"
+                if not staged.is_file() or P.file_digest(staged) != (f["size"], f["sha256"]):
+                    problem = f"{f['name']} did not arrive as the manifest says (missing, or another size or SHA-256)"
+                    break
+                os.replace(staged, target / P.safe_file_name(f["name"]))
+                files.append({"name": f["name"], "size": f["size"], "sha256": f["sha256"]})
+            if problem:
+                break
+            outputs.append({"kind": "model", "name": name, "path": str(target), "files": files}
+                           if output["kind"] == "model" else
+                           {"kind": "predictions", "path": str(target / files[0]["name"]), "size": files[0]["size"],
+                            "sha256": files[0]["sha256"]})
+        self._end_replica(replica, problem, outputs)
+        self.send(P.REPLICA_DONE, {"replica_id": job.job_id, "outputs": outputs, **({"error": problem} if problem else {})})
+
+    def _end_replica(self, replica: dict, problem: Optional[str], outputs: list) -> None:
+        shutil.rmtree(replica["staging"], ignore_errors=True)
+        now = time.time()
+        self.worker.scheduler.ledger.update(replica["job"].job_id, state=P.FAILED if problem else P.COMPLETED,
+                                            finished_at=now, duration_s=round(now - replica["started"], 2),
+                                            outputs=outputs, error=problem)
+        log.info("replica %s from %s: %s", replica["job"].job_id, self.peer_id, problem or "kept")
+        self.worker._job_changed(None)
 
     def _control(self, name: str, payload: dict) -> None:
         job_id = str(payload.get("job_id", ""))[:64]
@@ -3747,6 +3948,7 @@ class Worker:
                  min_free_gb: float = MIN_FREE_GB, keep_days: Optional[float] = None):
         self.server_url = server_url
         self.room_id = room_id
+        self.token = token  # for the replicate steps it starts, which join the room themselves
         self.working_dir = working_dir
         self.name = name
         self.mounts = mounts
@@ -3758,7 +3960,8 @@ class Worker:
         self._queries = threading.BoundedSemaphore(SQL_AT_ONCE)  # ledger queries running now
         self.min_free_bytes = int(min_free_gb * 1e9)
         self.low_disk = self._disk_problem()  # why new jobs are refused for lack of space, or None
-        self.job_types = [P.TRAIN, P.TRACK, P.PRUNE] + [f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands)]
+        self.job_types = [P.TRAIN, P.TRACK, P.PRUNE, P.REPLICATE] + \
+            [f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands)]
         self.embedded = embedded
         self.gpu_index = gpu_index
         self.maintenance = maintenance
@@ -3967,12 +4170,36 @@ class Worker:
             except P.SignalingError as exc:  # kept locally; sent again on re-registration
                 log.warning("could not publish status %s: %s", status["status"], exc)
 
+    def _replicate_step(self, job: Job) -> Step:
+        """The step of a replicate job: its manifest written (each file checked to be in the
+        mounts or job directories still), and `worker.py replicate-step` with the room's
+        credentials in its environment."""
+        record = self.scheduler.ledger.get(job.spec["source_job"])
+        outputs = replica_manifest(record) if record and record["state"] == P.COMPLETED else []
+        if not outputs or record.get("pruned"):
+            raise JobSetupError(f"job {job.spec['source_job']} has nothing to replicate any more")
+        for output in outputs:
+            for f in output["files"]:
+                try:
+                    resolve_in_mounts(f["path"], self.readable_mounts)
+                except PathRefused as exc:
+                    raise JobSetupError(f"{f['path']} is not sent: {exc}") from None
+        manifest = {"source": {"worker": self.peer_id, "job_id": job.spec["source_job"]}, "outputs": outputs}
+        (job.dir / REPLICA_MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        args = [sys.executable, str(Path(__file__).resolve()), "replicate-step", str(job.dir / REPLICA_MANIFEST_FILE),
+                str(job.dir / REPLICA_RESULT_FILE), "--to", job.spec["to"],
+                "--peer-id", f"{self.peer_id}-replicate-{job.job_id[-6:]}"]
+        credentials = dict(zip(_CREDENTIAL_ENV, (self.server_url, self.room_id, self.token)))
+        return Step(P.REPLICATE, f"replicate to {job.spec['to']}", args, job.dir, env=credentials)
+
     def _plan_job(self, job: Job) -> tuple[list[Step], list[str]]:
         """A starting job's steps, from paths checked again (a package is read again, and
         unpacked); JobSetupError says why it cannot run. Runs on the job's thread."""
         if "_resolved" not in job.spec:
             raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
                                 "submit it again")
+        if job.kind == P.REPLICATE:
+            return [self._replicate_step(job)], []
         if job.kind == P.PRUNE:
             plan = prune_plan(self.scheduler.ledger.select(limit=-1), self.scheduler.jobs_dir, self.uploads.directory,
                               self._needed_uploads(), job.spec, job.job_id)
@@ -4252,4 +4479,6 @@ if __name__ == "__main__":
         raise SystemExit(slurm_step(sys.argv[2:]))
     if sys.argv[1:2] == ["prune-step"]:  # a prune job's step: see prune_step_of
         raise SystemExit(prune_step(sys.argv[2:]))
+    if sys.argv[1:2] == ["replicate-step"]:  # a replicate job's step: see Worker._replicate_step
+        raise SystemExit(replicate_step(sys.argv[2:]))
     raise SystemExit(main())

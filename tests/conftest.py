@@ -76,7 +76,7 @@ def ledger(working_dir: Path, job_id: str) -> dict:
         db.row_factory = sqlite3.Row
         row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     record = dict(row) if row else {}
-    for column in ("outputs", "steps", "slurm", "stderr_tail", "pruned"):
+    for column in ("outputs", "steps", "slurm", "stderr_tail", "pruned", "spec"):
         if record.get(column):
             record[column] = json.loads(record[column])
     return record

@@ -277,9 +277,7 @@ def test_laptop_video_paths_are_named_mapped_and_trained_on_a_copy(room, lab):
         f"{mount}/ana/data/day1/mouse.mp4", f"{mount}/ana/data/day2/mouse.mp4"]
     record = ledger(worker_dir, job_id)
     assert record["state"] == P.COMPLETED
-    import json
-
-    spec = json.loads(record["spec"])
+    spec = record["spec"]
     assert spec["path_map"] == [[LAPTOP, f"{mount}/ana/data"]] and spec["_relabel"][0]["copy"] == str(copy)
 
 
