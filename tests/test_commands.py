@@ -12,6 +12,8 @@ import re
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 import protocol as P
 from conftest import job_id_of, ledger
 
@@ -84,6 +86,7 @@ def test_a_command_job_goes_to_the_worker_that_offers_it(room, tmp_path):
     assert f"command:convert ({converter})" in nobody.stderr
 
 
+@pytest.mark.slow
 def test_sql_over_every_ledger_is_read_only_and_bounded(room, tmp_path):
     dirs = [tmp_path / "a", tmp_path / "b"]
     ids = [room.start_worker("--allow-command", "echo=/bin/echo", working_dir=d)[1] for d in dirs]

@@ -30,6 +30,7 @@ def random_file(path: Path, size: int) -> Path:
 # -- process tests ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_50_mb_upload_and_download_take_the_direct_path(room):
     worker_dir = room.tmp / "w"
     room.start_worker(working_dir=worker_dir)

@@ -100,6 +100,7 @@ def test_a_failing_run_is_failed_with_its_stderr_tail(room, cluster, project, tm
     assert "bad config key" in record["stderr_tail"]
 
 
+@pytest.mark.slow
 def test_cancel_scancels_the_batch_job(room, cluster, project, tmp_path):
     exe = stand_in(tmp_path, "sleap-nn", "import time\nprint('working', flush=True)\ntime.sleep(600)\n")
     worker_dir = tmp_path / "w"
@@ -173,6 +174,7 @@ def test_a_restarted_worker_follows_its_slurm_jobs_again(room, cluster, project,
         assert ledger(worker_dir, job_id)["exit_code"] == 0
 
 
+@pytest.mark.slow
 def test_a_pending_job_shows_slurms_reason_and_cancels_from_the_queue(room, cluster, project, tmp_path):
     exe = stand_in(tmp_path, "sleap-nn", "print('never')\n")
     worker_dir = tmp_path / "w"
