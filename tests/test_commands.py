@@ -30,6 +30,17 @@ def test_a_worker_runs_only_the_commands_its_admin_allowed(room, tmp_path):
     refused = room.client("run", "--worker-id", plain_id, "echo", "--", "hi")
     assert refused.returncode == 1
     assert f"worker {plain_id} is not in room" in refused.stderr and "cannot take command:echo jobs" in refused.stderr
+    # A client that skips negotiation and submits anyway is refused by the worker itself.
+    signaling = room.signaling_client("bypasser")
+    try:
+        link = P.open_link(signaling, plain_id, tmp_path)
+        link.send(P.JOB_SUBMIT, {"job_id": "bypass-1", "spec": {"type": P.COMMAND, "command": "echo", "args": ["hi"]}})
+        rejected = link.expect(lambda m: m.name == P.JOB_REJECTED, 15, "the rejection").payload
+        link.close()
+    finally:
+        signaling.close()
+    assert rejected["errors"][0]["code"] == "NOT_ALLOWED"
+    assert "'echo' is not a command this worker allows; it allows: none" in rejected["errors"][0]["message"]
 
     _, worker_id = room.start_worker("--mount", str(data), "--allow-command", "echo=/bin/echo",
                                      "--allow-command", "ls=/bin/ls", "--allow-command", "env=/usr/bin/env",
