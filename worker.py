@@ -1516,10 +1516,9 @@ def command_outputs(job_dir: Path) -> list[dict]:
 SLURM_POLL_S = 2.0  # how often one squeue call asks about every job the worker follows
 SLURM_COMMAND_TIMEOUT_S = 15.0
 SLURM_PATIENCE_S = 600.0  # SLURM silent this long about a job: the job fails rather than wait forever
-# SLURM states after which a job will not run again, and the word our ledger uses for each.
-SLURM_FINAL = {"COMPLETED": P.COMPLETED, "CANCELLED": P.CANCELLED, "FAILED": P.FAILED, "TIMEOUT": P.FAILED,
-               "OUT_OF_MEMORY": P.FAILED, "NODE_FAIL": P.FAILED, "PREEMPTED": P.FAILED, "BOOT_FAIL": P.FAILED,
-               "DEADLINE": P.FAILED, "REVOKED": P.FAILED, "SPECIAL_EXIT": P.FAILED}
+# SLURM states after which a job will not run again; all but these two are failures.
+SLURM_FINAL = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+               "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
 # Filesystems a compute node can share with the login node.
 SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "cifs", "smb3", "panfs", "wekafs",
                       "glusterfs", "ocfs2", "9p", "virtiofs"}
@@ -1529,6 +1528,14 @@ FOLLOW_POLL_S = 0.2  # how often a SLURM step's output files are read for new by
 # for up to EXIT_FILE_WAIT_S.
 FOLLOW_SETTLE_S = 1.0
 EXIT_FILE_WAIT_S = 30.0
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary name, so that a reader on this or another
+    node (or a restarted worker) sees the old file or the new one, never half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def _pipe_chunks(pipe) -> Iterator[bytes]:
@@ -1845,9 +1852,7 @@ class SlurmRun:
         """Keep what a restarted worker needs to follow this run again."""
         with self._pos_lock:
             state = {"slurm_id": self.slurm_id, "command": self.command, "ports": self.ports, "pos": dict(self.pos)}
-            temporary = self.paths["state"].with_suffix(".tmp")
-            temporary.write_text(json.dumps(state))
-            os.replace(temporary, self.paths["state"])
+            write_whole(self.paths["state"], json.dumps(state))
 
     def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]:
         return [("o", "stdout", self._follow("out", "o")), ("e", "stderr", self._follow("err", "e"))]
@@ -1912,7 +1917,7 @@ class SlurmRun:
                              f"code in {exit_file}: is the job directory shared with the compute nodes?")
         elif state.state == "CANCELLED" and not self.job.cancel_requested.is_set():
             self._failure = f"SLURM job {self.slurm_id} was cancelled outside sleap-rtc ({state.reason or 'scancel'})"
-        elif SLURM_FINAL[state.state] == P.FAILED and code is None:
+        elif state.state not in ("COMPLETED", "CANCELLED") and code is None:
             why = f" ({state.reason})" if state.reason and state.reason != state.state else ""
             self._failure = f"SLURM ended job {self.slurm_id} on {state.node or 'its node'}: {state.state}{why}"
         return code if code is not None else state.exit_code
@@ -2010,9 +2015,7 @@ def slurm_step(argv: list[str]) -> int:
         for sock in (local_sub, local_pub, remote_pub, remote_sub):
             sock.close()
         context.term()
-    temporary = args.exit_file.with_name(args.exit_file.name + ".tmp")
-    temporary.write_text(f"{code}\n")
-    os.replace(temporary, args.exit_file)
+    write_whole(args.exit_file, f"{code}\n")
     return code
 
 
@@ -3243,9 +3246,7 @@ def prune_step(argv: list[str]) -> int:
     uploads = len(plan["uploads"]) if dry else sum("sha256" in e for e in removed)
     print(f"{'dry run: would free' if dry else 'freed'} {freed / 1e6:.1f} MB: {count} job director"
           f"{'y' if count == 1 else 'ies'}, {uploads} upload(s); {len(plan['kept'])} kept")
-    temporary = args.result.with_name(args.result.name + ".tmp")
-    temporary.write_text(json.dumps({"removed": removed}))
-    os.replace(temporary, args.result)
+    write_whole(args.result, json.dumps({"removed": removed}))
     return 0
 
 

@@ -86,7 +86,7 @@ def test_a_job_runs_through_sbatch_with_its_log_streamed(room, cluster, project,
     assert re.search(rf"slurm\s+job {slurm_id} on {cluster.node}: COMPLETED", status.stdout), status.stdout
     # Discovery says where jobs run.
     workers = room.client("workers")
-    assert "slurm" in workers.stdout
+    assert re.search(rf"{worker_id}\s.*slurm \(\(default\), 8 at once\)", workers.stdout), workers.stdout
 
 
 def test_a_failing_run_is_failed_with_its_stderr_tail(room, cluster, project, tmp_path):
