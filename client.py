@@ -1,6 +1,6 @@
 """The sleap-rtc client: the researcher's command line.
 
-    python client.py login
+    python client.py login    [--sleap-rtc-credentials]   (the latter: for sleap-rtc 0.0.7 installs)
     python client.py rooms create
     python client.py workers  [--min-gpu-memory MB]
     python client.py ping     [--worker-id W] [--count N]
@@ -45,6 +45,8 @@ import protocol as P
 # ---------------------------------------------------------------------------------------
 
 CLIENT_ROLE = "client"
+# Shared with a sleap-rtc 0.0.7 install: our entries are keyed by server URL, its own
+# (jwt, user, tokens, room_secrets, ...) by name, and each side keeps the other's.
 CREDENTIALS_FILE = Path("~/.sleap-rtc/credentials.json")
 
 
@@ -106,11 +108,14 @@ def load_credentials() -> dict:
 
 
 def save_credentials(credentials: dict) -> Path:
+    """Write the credentials file, readable by its owner only, whole or not at all."""
     path = CREDENTIALS_FILE.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(credentials, f, indent=2)
+    os.replace(tmp, path)
     return path
 
 
@@ -348,9 +353,40 @@ def cmd_login(args) -> int:
         raise P.SignalingError(P.INVALID_TOKEN, f"sign-in at {base} failed: {body.get('error', status)}")
     credentials = load_credentials()
     credentials[base] = {"id_token": body["id_token"], "username": body["username"]}
+    if args.sleap_rtc_credentials:
+        add_upstream_credentials(credentials, args, base, body["id_token"], body["username"])
     path = save_credentials(credentials)
     print(f"signed in as {body['username']} at {base}; id token saved in {path}")
+    if args.sleap_rtc_credentials:
+        print(f"sleap-rtc 0.0.7 reads the same file; point it at this server:\n"
+              f"  export SLEAP_RTC_SIGNALING_WS={args.server.rstrip('/')}\n  export SLEAP_RTC_SIGNALING_HTTP={base}")
+        if args.room and args.token:
+            print(f"joined room {args.room} as {body['username']}: sleap-rtc train --room {args.room} --worker-id W ...\n"
+                  f"a sleap-rtc worker for the room: sleap-rtc worker --room {args.room} "
+                  f"--account-key {credentials['tokens'][args.room]['api_key']}")
+        else:
+            print("no room joined (pass --room and --token to join one); or use the worker's --session-string")
     return 0
+
+
+def add_upstream_credentials(upstream: dict, args, base: str, id_token: str, username: str) -> None:
+    """Add what an unmodified sleap-rtc 0.0.7 install reads from the credentials file:
+    the sign-in as its jwt and user and, with --room and --token, membership of the room
+    (so that `--room R` alone lets it in), a worker key for `sleap-rtc worker` and the
+    room secret its peer authentication uses."""
+    upstream.update(jwt=id_token, user={"id": username, "username": username})
+    if args.room and args.token:
+        room = {"room_id": args.room, "token": args.token}
+        status, joined = P.http_call("POST", base + "/join-room", room, bearer=id_token)
+        if status != 200:
+            raise P.SignalingError(P.INVALID_TOKEN, f"joining room {args.room} failed: {joined.get('error', status)}")
+        status, issued = P.http_call("POST", base + "/create-api-key", room)
+        if status != 200:
+            raise P.SignalingError(P.INVALID_TOKEN, f"a worker key for room {args.room} was refused: "
+                                   f"{issued.get('error', status)}")
+        upstream["default_room"] = args.room
+        upstream.setdefault("tokens", {})[args.room] = {"api_key": issued["api_key"], "worker_name": ""}
+        upstream.setdefault("room_secrets", {})[args.room] = P.upstream_room_secret(args.token)
 
 
 def cmd_rooms_create(args) -> int:
@@ -1461,6 +1497,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("login", parents=[common], help="sign in anonymously and keep the id token")
+    p.add_argument("--sleap-rtc-credentials", action="store_true",
+                   help="also write ~/.sleap-rtc/credentials.json for a sleap-rtc 0.0.7 install (with --room and "
+                        "--token: join that room and issue a worker key)")
     p.set_defaults(run=cmd_login)
 
     rooms = commands.add_parser("rooms", help="manage rooms")

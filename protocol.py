@@ -21,6 +21,7 @@ comes with it, are imported, so the client never needs torch or sleap-nn.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -174,6 +175,8 @@ PEER_LEFT = "peer_left"
 PING = "ping"
 PONG = "pong"
 ERROR = "error"
+# Tells a peer its counterpart is done with it: sleap-rtc 0.0.7 clients exit on it.
+QUIT = "quit"
 
 # Requests a peer makes of the server, and the reply type of each.
 REQUEST_REPLIES = {DISCOVER_PEERS: PEER_LIST, UPDATE_METADATA: METADATA_UPDATED, PING: PONG}
@@ -194,19 +197,23 @@ MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
 RATE_LIMITED = "RATE_LIMITED"
 ROOM_FULL = "ROOM_FULL"
 ALREADY_REGISTERED = "ALREADY_REGISTERED"
+NOT_A_MEMBER = "NOT_A_MEMBER"
 # Client-side only: the connection is down and being re-established.
 DISCONNECTED = "DISCONNECTED"
 
 # Required fields of each client->server frame and their types. Optional fields are
 # checked where they are used.
 FRAME_FIELDS: dict[str, dict[str, type]] = {
-    REGISTER: {"peer_id": str, "room_id": str, "token": str},
+    # Plus one credential: the room's `token`, or (sleap-rtc 0.0.7) a `jwt` from this
+    # server's sign-in or a worker `api_key` the room issued; see check_frame.
+    REGISTER: {"peer_id": str, "room_id": str},
     DISCOVER_PEERS: {"from_peer_id": str},
     UPDATE_METADATA: {"peer_id": str, "metadata": dict},
     PEER_MESSAGE: {"from_peer_id": str, "to_peer_id": str, "payload": object},
     OFFER: {"sender": str, "target": str, "sdp": str},
     ANSWER: {"sender": str, "target": str, "sdp": str},
     CANDIDATE: {"sender": str, "target": str, "candidate": object},
+    QUIT: {"sender": str, "target": str},
     PING: {},
     PONG: {},
 }
@@ -219,8 +226,12 @@ SENDER_FIELD = {
     OFFER: "sender",
     ANSWER: "sender",
     CANDIDATE: "sender",
+    QUIT: "sender",
 }
-TARGET_FIELD = {PEER_MESSAGE: "to_peer_id", OFFER: "target", ANSWER: "target", CANDIDATE: "target"}
+TARGET_FIELD = {PEER_MESSAGE: "to_peer_id", OFFER: "target", ANSWER: "target", CANDIDATE: "target",
+                QUIT: "target"}
+# The credentials a register frame may carry; an empty or null one counts as absent.
+REGISTER_CREDENTIALS = ("token", "jwt", "api_key")
 
 _PEER_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
@@ -239,6 +250,11 @@ def check_frame(frame: dict) -> Optional[str]:
             return "field 'role' must be a str"
         if "id_token" in frame and not isinstance(frame["id_token"], str):
             return "field 'id_token' must be a str"
+        for name in REGISTER_CREDENTIALS:
+            if frame.get(name) not in (None, "") and not isinstance(frame[name], str):
+                return f"field '{name}' must be a str"
+        if not any(frame.get(name) for name in REGISTER_CREDENTIALS):
+            return "'register' needs the room's 'token' (or, from sleap-rtc 0.0.7, a 'jwt' or 'api_key')"
     if "metadata" in frame:
         return check_metadata(frame["metadata"])
     return None
@@ -277,7 +293,8 @@ ECHO_CHARS = 64
 
 
 def error_frame(code: str, message: str, in_reply_to: Optional[str] = None) -> dict:
-    frame = {"type": ERROR, "code": code, "message": message[:1000]}
+    # sleap-rtc 0.0.7 prints `reason`; ours read `code` and `message`.
+    frame = {"type": ERROR, "code": code, "message": message[:1000], "reason": message[:1000]}
     if in_reply_to:
         frame["in_reply_to"] = in_reply_to[:ECHO_CHARS]
     return frame
@@ -568,6 +585,188 @@ def file_digest(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# The sleap-rtc 0.0.7 dialect: links opened by unmodified upstream clients
+# ---------------------------------------------------------------------------------------
+# The upstream CLI and Python API open a data channel labelled below and speak bare text:
+# `NAME::{client job id}::{spec}` and `NAME::{json}` frames, training output as bare lines
+# (`CR::` before a carriage-return update), files as FILE_META, binary chunks and
+# END_OF_FILE. They send binary KEEP_ALIVE every 15 s and no heartbeat, so such a link
+# lives as long as its WebRTC connection. This section is the whole codec; the worker's
+# adapter (UpstreamAdapter in worker.py) maps it onto our own jobs.
+
+UPSTREAM_CHANNEL_LABELS = frozenset({"my-data-channel", "training", "inference", "pathcheck"})
+UPSTREAM_KEEP_ALIVE = b"KEEP_ALIVE"
+UP_SEP = "::"
+UP_AUTH_CHALLENGE, UP_AUTH_RESPONSE = "AUTH_CHALLENGE", "AUTH_RESPONSE"
+UP_AUTH_SUCCESS, UP_AUTH_FAILURE = "AUTH_SUCCESS", "AUTH_FAILURE"
+UP_JOB_SUBMIT, UP_JOB_ACCEPTED, UP_JOB_REJECTED = "JOB_SUBMIT", "JOB_ACCEPTED", "JOB_REJECTED"
+UP_JOB_PROGRESS, UP_PROGRESS_REPORT = "JOB_PROGRESS", "PROGRESS_REPORT"
+UP_JOB_COMPLETE, UP_JOB_FAILED = "JOB_COMPLETE", "JOB_FAILED"
+UP_FILE_META, UP_END_OF_FILE = "FILE_META", "END_OF_FILE"
+UP_CONTROL_COMMAND, UP_JOB_STOP, UP_JOB_CANCEL, UP_ZMQ_CTRL = "CONTROL_COMMAND", "JOB_STOP", "JOB_CANCEL", "ZMQ_CTRL"
+UP_CR = "CR::"
+UP_SESSION_PREFIX = "sleap-session:"
+# Upstream spec field -> ours. config_path(s), config_content(s), path_mappings and
+# model_types are mapped by parse_upstream_submit itself.
+_UP_TRAIN_FIELDS = {"labels_path": "labels", "val_labels_path": "val_labels", "max_epochs": "max_epochs",
+                    "batch_size": "batch_size", "learning_rate": "learning_rate", "run_name": "run_name",
+                    "resume_ckpt_path": "resume"}
+_UP_TRACK_FIELDS = {"data_path": "data_path", "model_paths": "model_paths", "output_path": "output",
+                    "batch_size": "batch_size", "peak_threshold": "peak_threshold", "frames": "frames",
+                    "only_suggested_frames": "only_suggested_frames"}
+MAX_UPSTREAM_MODELS = 8
+
+
+@dataclass
+class UpstreamSubmit:
+    """A JOB_SUBMIT in our terms: one spec per model (a multi-model train runs them in
+    order as one job), config texts sent inline (`contents[i]` for specs[i], or None), and
+    every problem found before any worker check."""
+
+    client_id: str
+    specs: list[dict]
+    contents: list[Optional[str]]
+    errors: list[dict]
+
+
+def upstream_session_string(room_id: str, token: str, peer_id: str) -> str:
+    """What `sleap-rtc train --session-string` takes to reach this worker."""
+    data = json.dumps({"r": room_id, "t": token, "p": peer_id}, separators=(",", ":")).encode()
+    return UP_SESSION_PREFIX + base64.urlsafe_b64encode(data).decode()
+
+
+def upstream_room_secret(token: str) -> str:
+    """The room's PSK for upstream AUTH_RESPONSE HMACs: derived from the room token, so
+    only its holders know it (`client.py login --sleap-rtc-credentials` stores it)."""
+    digest = hmac.new(token.encode(), b"sleap-rtc 0.0.7 room secret", hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def upstream_auth_ok(secret: str, nonce: str, response: str) -> bool:
+    """Whether `response` is upstream's HMAC-SHA256 of the nonce under the room secret
+    (both URL-safe base64, padding optional)."""
+    def unb64(text: str) -> bytes:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+    try:
+        digest = hmac.new(unb64(secret), unb64(nonce), hashlib.sha256).digest()
+    except ValueError:
+        return False
+    given = response.strip().rstrip("=")
+    return given.isascii() and hmac.compare_digest(base64.urlsafe_b64encode(digest).decode().rstrip("="), given)
+
+
+def parse_upstream_submit(text: str) -> UpstreamSubmit:
+    """`JOB_SUBMIT::{client job id}::{spec json}` with upstream field names, as our specs."""
+    _, _, rest = text.partition(UP_SEP)
+    client_id, _, body = rest.partition(UP_SEP)
+    client_id = client_id[:64] or "unknown"
+    submit = UpstreamSubmit(client_id, [], [], [])
+    try:
+        spec = json.loads(body) if body else None
+    except ValueError as exc:
+        spec = None
+        submit.errors.append(spec_error("spec", f"the job spec is not JSON: {str(exc)[:200]}", "BAD_FORMAT"))
+    if not isinstance(spec, dict) or too_deep(spec):
+        if not submit.errors:
+            submit.errors.append(spec_error("spec", "JOB_SUBMIT needs a job spec object after the job id",
+                                            "BAD_FORMAT"))
+        return submit
+    kind = spec.get("type")
+    if kind == TRACK:
+        ours = {"type": TRACK, **{ours: spec[up] for up, ours in _UP_TRACK_FIELDS.items()
+                                  if spec.get(up) not in (None, False, "", [])}}
+        submit.specs, submit.contents = [ours], [None]
+        submit.errors = check_spec(ours)
+        return submit
+    if kind != TRAIN:
+        submit.errors.append(spec_error("type", f"type must be train or track, not {echo(kind)}", "BAD_TYPE"))
+        return submit
+    mappings = spec.get("path_mappings") or {}
+    if not isinstance(mappings, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                                 for k, v in mappings.items()):
+        submit.errors.append(spec_error("path_mappings", "path_mappings must map paths to paths", "BAD_TYPE"))
+        return submit
+    configs = spec.get("config_paths") or ([spec["config_path"]] if spec.get("config_path") else [])
+    contents = spec.get("config_contents") or ([spec["config_content"]] if spec.get("config_content") else [])
+    if not isinstance(configs, list) or not isinstance(contents, list) or \
+            not all(isinstance(c, str) and c for c in configs + contents):
+        submit.errors.append(spec_error("config_paths", "config_paths and config_contents must be lists of text",
+                                        "BAD_TYPE"))
+        return submit
+    if not configs and not contents:
+        submit.errors.append(spec_error("config_paths", "give config_path(s) or config_content(s)", "MISSING"))
+        return submit
+    models = [(c, None) for c in configs] + [(None, text) for text in contents]
+    if len(models) > MAX_UPSTREAM_MODELS:
+        submit.errors.append(spec_error("config_paths", f"at most {MAX_UPSTREAM_MODELS} models in one job",
+                                        "OUT_OF_RANGE"))
+        return submit
+    model_types = spec.get("model_types") if isinstance(spec.get("model_types"), list) else []
+    base = {ours: spec[up] for up, ours in _UP_TRAIN_FIELDS.items() if spec.get(up) is not None}
+    for field in ("labels", "val_labels"):  # upstream maps these two by exact path
+        if base.get(field) in mappings:
+            base[field] = mappings[base[field]]
+    video_map = [[old, new] for old, new in mappings.items() if new not in (base.get("labels"), base.get("val_labels"))]
+    if video_map:
+        base["path_map"] = video_map
+    for index, (config, text) in enumerate(models):
+        ours = {"type": TRAIN, **base, "config": config or f"config-{index}.yaml"}
+        if "run_name" not in base and index < len(model_types) and isinstance(model_types[index], str):
+            ours["run_name"] = model_types[index]
+        elif len(models) > 1:  # one run directory per model, whatever the configs are called
+            ours["run_name"] = f"{base.get('run_name') or Path(ours['config']).stem}-{index}"
+        submit.specs.append(ours)
+        submit.contents.append(text)
+        submit.errors += [e for e in check_spec(ours) if e not in submit.errors]
+    return submit
+
+
+def upstream_rejected(client_id: str, errors: list[dict]) -> str:
+    return f"{UP_JOB_REJECTED}{UP_SEP}{client_id}{UP_SEP}" + json.dumps(
+        {"errors": [{"field": e.get("field"), "message": e.get("message"), "code": e.get("code")} for e in errors]})
+
+
+def upstream_json(name: str, payload: dict) -> str:
+    return f"{name}{UP_SEP}{json.dumps(payload)}"
+
+
+def upstream_file_meta(name: str, size: int) -> str:
+    """FILE_META::{name}:{size}:{hint}; upstream splits on ':' and keeps the file under
+    `name` in its output directory, so the name holds no ':' or path."""
+    return f"{UP_FILE_META}{UP_SEP}{safe_file_name(name).replace(':', '_')}:{size}:predictions"
+
+
+def upstream_log(lines: list, progress: Optional[str]) -> list[str]:
+    """A JOB_LOG batch as upstream frames: the lines in one frame (each ending in a
+    newline, stderr ones marked), then the latest carriage-return update as CR::."""
+    frames = []
+    text = "".join(("[stderr] " if stream == "e" else "") + line + "\n" for stream, line in lines)
+    if text:
+        frames.append(text)
+    if progress is not None:
+        frames.append(UP_CR + progress)
+    return frames
+
+
+def upstream_control(text: str) -> Optional[str]:
+    """The action (ZMQ_CTRL: stop early, JOB_CANCEL: cancel) an upstream control frame
+    asks for, or None when `text` is not one."""
+    if text == UP_JOB_STOP or text == f"{UP_ZMQ_CTRL}{UP_SEP}STOP":
+        return ZMQ_CTRL
+    if text == UP_JOB_CANCEL or text == f"{UP_ZMQ_CTRL}{UP_SEP}CANCEL":
+        return JOB_CANCEL
+    if text.startswith(UP_CONTROL_COMMAND + UP_SEP):
+        try:
+            command = json.loads(text[len(UP_CONTROL_COMMAND) + 2:])
+        except ValueError:
+            return None
+        command = command.get("command") if isinstance(command, dict) else None
+        return {"stop": ZMQ_CTRL, "cancel": JOB_CANCEL}.get(command)
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1462,6 +1661,11 @@ class Link:
     SCTP queue is above SEND_HIGH_WATER. A peer silent for PEER_TIMEOUT_S closes the link.
     File bytes take a direct TCP connection when both sides allow it and one reaches the
     other, and the data channel otherwise.
+
+    A channel with an upstream label (UPSTREAM_CHANNEL_LABELS) makes an `upstream` link:
+    no heartbeats and no silence rule (its WebRTC connection decides when it ends), binary
+    KEEP_ALIVE dropped, and every text frame put into `inbox` as the str it is; the owner
+    answers with `send_raw`.
     """
 
     def __init__(self, peer_id: str, pc, receive_dir: Optional[Path], store=None):
@@ -1472,6 +1676,7 @@ class Link:
         # Called as (bytes_received, total) while a file arrives.
         self.on_receive_progress: Optional[Callable[[int, int], None]] = None
         self.inbox: "queue.Queue[Any]" = queue.Queue()
+        self.upstream = False  # set from the channel's label when it arrives
         self.close_reason = ""
         self._pc = pc
         self._loop = aio_loop()
@@ -1500,6 +1705,7 @@ class Link:
     def _attach(self, channel) -> None:
         """Wire a data channel's events (runs on the loop)."""
         self._channel = channel
+        self.upstream = channel.label in UPSTREAM_CHANNEL_LABELS
         channel.bufferedAmountLowThreshold = SEND_LOW_WATER
 
         @channel.on("open")
@@ -1509,6 +1715,10 @@ class Link:
         @channel.on("message")
         def _on_message(data):
             self._last_rx = time.monotonic()
+            if self.upstream:
+                if data != UPSTREAM_KEEP_ALIVE:
+                    self._raw.put(data)
+                return
             if isinstance(data, str):
                 if data == HEARTBEAT:
                     return
@@ -1538,7 +1748,8 @@ class Link:
             return
         self._last_rx = time.monotonic()
         self._opened.set()
-        asyncio.ensure_future(self._heartbeat())
+        if not self.upstream:
+            asyncio.ensure_future(self._heartbeat())
 
     async def _heartbeat(self) -> None:
         while not self._closed.is_set():
@@ -1610,6 +1821,21 @@ class Link:
     def send(self, name: str, payload: Optional[dict] = None) -> None:
         """Send one text message; blocks while the link is congested; raises LinkClosed."""
         self._send(encode(name, payload))
+
+    def send_raw(self, data) -> None:
+        """Send a frame as it is (text or bytes): the upstream dialect's way to write."""
+        self._send(data)
+
+    def drain(self, timeout: float) -> None:
+        """Wait until what was sent has left the data channel's queue (or `timeout` passed)."""
+        async def buffered() -> int:
+            return self._channel.bufferedAmount if self._channel is not None else 0
+
+        deadline = time.monotonic() + timeout
+        while not self._closed.is_set() and time.monotonic() < deadline:
+            if on_loop(buffered(), timeout=5) == 0:
+                return
+            time.sleep(0.05)
 
     def recv(self, timeout: Optional[float] = None) -> Any:
         """Next Message / FileReceived / TransferFailed; None on timeout; LinkClosed at the end."""
@@ -1789,7 +2015,7 @@ class Link:
 
     def close(self, timeout: float = CLOSE_ACK_TIMEOUT_S) -> None:
         """Close after the peer acknowledged everything sent so far (or after `timeout`)."""
-        if not self._closed.is_set() and self._opened.is_set():
+        if not self._closed.is_set() and self._opened.is_set() and not self.upstream:
             try:
                 self._send(BYE, timeout=timeout)
                 self._bye_acked.wait(timeout)
@@ -1828,6 +2054,13 @@ class Link:
                                                   f"({self.close_reason})"))
                 self.inbox.put(_CLOSED)
                 return
+            if self.upstream:
+                if isinstance(item, str):
+                    self.inbox.put(item)
+                else:
+                    log.info("link %s: a %d-byte binary frame dropped (a sleap-rtc 0.0.7 client uploads "
+                             "nothing to this worker)", self.peer_id, len(item))
+                continue
             if isinstance(item, bytes):
                 if incoming is None:
                     log.warning("link %s: binary frame outside a transfer, dropped", self.peer_id)

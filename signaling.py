@@ -6,6 +6,12 @@ peers of one room. Frames are JSON text over WebSocket (`websockets.sync.server`
 thread per connection); an HTTP API on its own port (stdlib `ThreadingHTTPServer`) signs
 users in, creates and deletes rooms and reports health and metrics.
 
+A peer enters a room with the room's token. Unmodified sleap-rtc 0.0.7 programs enter
+without it: a client with the JWT this server's sign-in issued, when its user created the
+room or joined it once with the token (POST /join-room), and a worker with a key the
+room issued (POST /create-api-key). Error frames carry `reason` for them besides `code`
+and `message`, and POST /delete-peer answers their exit.
+
     python signaling.py [--host 127.0.0.1] [--port 8080] [--http-port 8001]
                         [--ice-server URL ...] [--state-file rooms.json] [--room-ttl S]
                         [--max-rooms-per-user N] [--max-rooms-per-address N]
@@ -71,6 +77,7 @@ class Peer:
     metadata: dict
     connected_at: str
     conn: Any  # websockets.sync.server.ServerConnection
+    user: str = ""  # the signed-in user, when it registered with a jwt
 
     def public(self) -> dict:
         return {"peer_id": self.peer_id, "role": self.role, "metadata": self.metadata,
@@ -85,11 +92,20 @@ class Room:
     owner: str = ""  # the user who created it
     address: str = ""  # the address it was created from
     empty_since: Optional[float] = field(default_factory=time.time)  # None while peers are in it
+    # Users who presented the room's token once (POST /join-room): with the owner, the
+    # users whose jwt alone lets them register (sleap-rtc 0.0.7 clients).
+    members: set[str] = field(default_factory=set)
+    # SHA-256 of each worker key issued for the room (POST /create-api-key); never the keys.
+    api_keys: set[str] = field(default_factory=set)
     peers: dict[str, Peer] = field(default_factory=dict)
 
     def saved(self) -> dict:
         return {"token": self.token, "created_at": self.created_at, "owner": self.owner, "address": self.address,
-                "empty_since": self.empty_since if self.empty_since is not None else time.time()}
+                "empty_since": self.empty_since if self.empty_since is not None else time.time(),
+                "members": sorted(self.members), "api_keys": sorted(self.api_keys)}
+
+    def admits(self, user: str) -> bool:
+        return bool(user) and (user == self.owner or user in self.members)
 
 
 class _RateLimiter:
@@ -113,6 +129,18 @@ class _RateLimiter:
 def _same(secret: str, offered: str) -> bool:
     """Constant-time comparison that takes any text (compare_digest refuses non-ASCII str)."""
     return hmac.compare_digest(secret.encode("utf-8"), offered.encode("utf-8", "replace"))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
 
 
 def _now_iso() -> str:
@@ -272,7 +300,8 @@ class SignalingServer:
         self._secret = bytes.fromhex(state["secret"])
         for room_id, room in state.get("rooms", {}).items():
             self.rooms[room_id] = Room(room_id, room["token"], room["created_at"], room.get("owner", ""),
-                                       room.get("address", ""), room.get("empty_since", time.time()))
+                                       room.get("address", ""), room.get("empty_since", time.time()),
+                                       set(room.get("members", [])), set(room.get("api_keys", [])))
         self._expire_rooms()
 
     def _save_state(self) -> None:
@@ -306,24 +335,59 @@ class SignalingServer:
         return room
 
     def issue_id_token(self) -> tuple[str, str]:
+        """A new anonymous user and its id_token: a standard JWT (HS256, signed with this
+        server's secret) with `sub`, `username` and `exp`, which sleap-rtc 0.0.7 reads too."""
         username = "anon-" + secrets.token_hex(4)
-        claims = {"sub": username, "exp": int(time.time()) + ID_TOKEN_LIFETIME_S}
-        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
-        return f"{body}.{self._sign(body)}", username
+        now = int(time.time())
+        header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        claims = _b64(json.dumps({"sub": username, "username": username, "iat": now,
+                                  "exp": now + ID_TOKEN_LIFETIME_S}).encode())
+        return f"{header}.{claims}.{self._sign(f'{header}.{claims}')}", username
 
     def check_id_token(self, id_token: str) -> Optional[str]:
-        """The username in a valid id_token, or None."""
-        body, _, signature = id_token.partition(".")
-        if not _same(self._sign(body), signature):
+        """The username in an id_token this server signed and that has not expired, or None."""
+        parts = id_token.split(".")
+        if len(parts) != 3 or not _same(self._sign(f"{parts[0]}.{parts[1]}"), parts[2]):
             return None
         try:
-            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            header, claims = json.loads(_unb64(parts[0])), json.loads(_unb64(parts[1]))
         except ValueError:
             return None
-        return claims.get("sub") if claims.get("exp", 0) > time.time() else None
+        if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
+            return None
+        exp, user = claims.get("exp"), claims.get("sub")
+        if not isinstance(exp, (int, float)) or exp <= time.time() or not isinstance(user, str):
+            return None
+        return user
 
     def _sign(self, body: str) -> str:
-        return hmac.new(self._secret, body.encode(), hashlib.sha256).hexdigest()
+        return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
+
+    def join_room(self, user: str, room_id: str, token: str) -> None:
+        """Let `user` register in the room with its jwt alone from now on; raises
+        LookupError / PermissionError."""
+        with self._lock:
+            room = self._room_for(room_id, token)
+            room.members.add(user)
+            self._save_state()
+
+    def create_api_key(self, room_id: str, token: str) -> str:
+        """A new worker key for the room (sleap-rtc 0.0.7 workers register with it); only
+        its SHA-256 is kept."""
+        key = "slp_" + secrets.token_hex(24)
+        with self._lock:
+            self._room_for(room_id, token).api_keys.add(_key_digest(key))
+            self._save_state()
+        return key
+
+    def _room_for(self, room_id: str, token: str) -> Room:
+        """The room, when `token` is its token (caller holds _lock)."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise LookupError(f"no room {P.echo(room_id)} on this server")
+        if not _same(room.token, token):
+            raise PermissionError(f"wrong token for room {room_id}")
+        return room
 
     def delete(self, room_id: Optional[str], peer_id: Optional[str], token: str) -> dict:
         """Disconnect one peer or a whole room; raises PermissionError / LookupError."""
@@ -351,6 +415,23 @@ class SignalingServer:
             # answer must not, so each close runs in a short-lived thread of its own.
             threading.Thread(target=victim.conn.close, name=f"signaling-evict-{victim.peer_id}", daemon=True).start()
         return {"deleted_peers": [v.peer_id for v in victims], "room_deleted": not peer_id}
+
+    def delete_peer(self, peer_id: str, user: Optional[str], token: str) -> dict:
+        """sleap-rtc 0.0.7's POST /delete-peer: disconnect a peer when the caller is the
+        user it registered as, or holds its room's token. Every client calls it on exit,
+        usually after its connection closed, so an absent peer is an answer, not an error."""
+        with self._lock:
+            peer = self.peers.get(peer_id)
+            if peer is None:
+                return {"deleted": False, "reason": f"no peer {P.echo(peer_id)} is connected"}
+            allowed = (user is not None and user == peer.user) or \
+                (bool(token) and _same(self.rooms[peer.room_id].token, token))
+        if not allowed:
+            raise PermissionError(f"only the user {peer_id} signed in as, or a holder of its room's token, "
+                                  "may delete it")
+        self._remove_peer(peer)
+        threading.Thread(target=peer.conn.close, name=f"signaling-evict-{peer_id}", daemon=True).start()
+        return {"deleted": True, "peer_id": peer_id}
 
     def metrics(self) -> dict:
         with self._lock:
@@ -458,15 +539,37 @@ class SignalingServer:
         return kind, self._forward(peer, frame)
 
     def _register(self, frame: dict, conn) -> Any:
+        """A new Peer, or the error frame saying why not. The room's token admits anyone;
+        without it (sleap-rtc 0.0.7) a jwt this server signed admits the room's owner and
+        members, and an api_key admits a worker the room issued it to."""
         kind = P.REGISTER
         if "id_token" in frame and self.check_id_token(frame["id_token"]) is None:
             return P.error_frame(P.INVALID_TOKEN, "id_token is invalid or expired; sign in again", kind)
+        user = ""
+        if not frame.get("token") and frame.get("jwt"):
+            user = self.check_id_token(frame["jwt"]) or ""
+            if not user:
+                return P.error_frame(P.INVALID_TOKEN, "the jwt was not signed by this server or has expired; run "
+                                     "`python client.py login --sleap-rtc-credentials` again", kind)
         with self._lock:
             room = self.rooms.get(frame["room_id"])
             if room is None:
                 return P.error_frame(P.ROOM_NOT_FOUND, f"no room {P.echo(frame['room_id'])} on this server", kind)
-            if not _same(room.token, frame["token"]):
-                return P.error_frame(P.INVALID_TOKEN, f"wrong token for room {room.room_id}", kind)
+            if frame.get("token"):
+                if not _same(room.token, frame["token"]):
+                    return P.error_frame(P.INVALID_TOKEN, f"wrong token for room {room.room_id}", kind)
+            elif user:
+                if not room.admits(user):
+                    return P.error_frame(P.NOT_A_MEMBER, f"user {user} has not joined room {room.room_id}: "
+                                         "join it once with the room's token (`python client.py login "
+                                         "--sleap-rtc-credentials --room ROOM --token TOKEN`)", kind)
+            elif frame.get("api_key"):
+                if _key_digest(frame["api_key"]) not in room.api_keys:
+                    return P.error_frame(P.INVALID_TOKEN, f"the api_key is not a worker key of room {room.room_id} "
+                                         "(`python client.py login --sleap-rtc-credentials` issues one)", kind)
+            else:
+                return P.error_frame(P.INVALID_TOKEN, "register with the room's token, a jwt from this server's "
+                                     "sign-in, or a worker api_key", kind)
             if frame["peer_id"] in self.peers:
                 return P.error_frame(P.PEER_ID_TAKEN, f"peer id {frame['peer_id']!r} is connected already", kind)
             if len(room.peers) >= self.limits.max_peers_per_room:
@@ -475,7 +578,7 @@ class SignalingServer:
             metadata = P.merge_metadata({"tags": [], "properties": {}}, frame.get("metadata") or {})
             if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
                 return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes", kind)
-            peer = Peer(frame["peer_id"], room.room_id, frame.get("role", "peer"), metadata, _now_iso(), conn)
+            peer = Peer(frame["peer_id"], room.room_id, frame.get("role", "peer"), metadata, _now_iso(), conn, user)
             room.peers[peer.peer_id] = peer
             room.empty_since = None
             self.peers[peer.peer_id] = peer
@@ -487,6 +590,7 @@ class SignalingServer:
             return [p for p in room.peers.values() if p is not peer] if room else []
 
     def _registered_auth(self, peer: Peer) -> dict:
+        # No room token here: a peer that entered with a jwt or worker key does not learn it.
         return {"type": P.REGISTERED_AUTH, "room_id": peer.room_id, "peer_id": peer.peer_id,
                 "peer_list": [p.public() for p in self._others(peer)], "ice_servers": self.ice_servers}
 
@@ -582,6 +686,11 @@ def _make_http_handler(server: SignalingServer):
                 return None, f"the body nests deeper than {P.MAX_FRAME_DEPTH} levels"
             return body, ""
 
+        def _user(self) -> Optional[str]:
+            """The user of a valid `Authorization: Bearer <id_token>` header, or None."""
+            auth = self.headers.get("Authorization", "")
+            return server.check_id_token(auth[7:].strip()) if auth.startswith("Bearer ") else None
+
         def do_GET(self):
             if self.path == "/health":
                 self._reply(200, {"status": "healthy", "timestamp": _now_iso(), "version": P.VERSION})
@@ -617,6 +726,34 @@ def _make_http_handler(server: SignalingServer):
                         self._reply(429, {"error": str(exc)})
                         return
                     self._reply(200, {"room_id": room.room_id, "token": room.token})
+            elif self.path in ("/join-room", "/create-api-key"):
+                room_id, token = body.get("room_id"), body.get("token")
+                user = self._user()
+                if not isinstance(room_id, str) or not isinstance(token, str):
+                    self._reply(400, {"error": "send {room_id, token}: the room and its token"})
+                elif self.path == "/join-room" and user is None:
+                    self._reply(401, {"error": "send 'Authorization: Bearer <id_token>' (POST /anonymous-signin)"})
+                else:
+                    try:
+                        if self.path == "/join-room":
+                            server.join_room(user, room_id, token)
+                            self._reply(200, {"room_id": room_id, "user": user})
+                        else:
+                            self._reply(200, {"room_id": room_id, "api_key": server.create_api_key(room_id, token)})
+                    except PermissionError as exc:
+                        self._reply(403, {"error": str(exc)})
+                    except LookupError as exc:
+                        self._reply(404, {"error": str(exc)})
+            elif self.path == "/delete-peer":
+                peer_id, token = body.get("peer_id"), body.get("token", "")
+                if not isinstance(peer_id, str) or not isinstance(token, str):
+                    self._reply(400, {"error": "send {peer_id} with 'Authorization: Bearer <id_token>', "
+                                               "or {peer_id, token}"})
+                    return
+                try:
+                    self._reply(200, server.delete_peer(peer_id, self._user(), token))
+                except PermissionError as exc:
+                    self._reply(403, {"error": str(exc)})
             elif self.path == "/delete-peers-and-room":
                 room_id, peer_id, token = body.get("room_id"), body.get("peer_id"), body.get("token")
                 if not isinstance(token, str) or not (isinstance(room_id, str) or isinstance(peer_id, str)):
