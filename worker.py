@@ -5,14 +5,16 @@
                      [--sleap-nn PATH] [--reservation-timeout S] [--stop-grace S]
                      [--follower-backlog MB] [--upload-cache-gb GB] [--maintenance]
                      [--min-free-gb GB] [--keep-days N] [--allow-command NAME=EXECUTABLE]...
-                     [--allow-env NAME]... [--no-direct] [--slurm [--slurm-partition P ...]]
+                     [--allow-env NAME]... [--no-direct] [--require-room-secret]
+                     [--slurm [--slurm-partition P ...]]
 
 Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite, with
 its log under WORKING_DIR/jobs/JOB/, across restarts. What clients upload is kept by
 content in WORKING_DIR/uploads/ (SLEAP training packages among it). Besides train and
 track, a worker runs prune and replicate jobs, and the commands its admin allowed; with
 --slurm, every step is a SLURM batch job. `worker.py slurm-step`, `prune-step` and
-`replicate-step` are the worker's own steps, started by it, not by hand.
+`replicate-step` are the worker's own steps, started by it, not by hand. Unmodified
+sleap-rtc 0.0.7 clients (CLI and Python API) are served too, in their own dialect.
 
 With no --server and nothing listening on ws://127.0.0.1:8080, the worker starts the
 signaling server in-process (signaling.py beside this file), creates a room and prints
@@ -23,6 +25,7 @@ next to an installed sleap-nn.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import dataclasses
 import glob
@@ -1349,17 +1352,18 @@ class JobSetupError(Exception):
     the message says why. Nothing was started."""
 
 
-def train_step(executable: str, spec: dict, job_dir: Path) -> Step:
+def train_step(executable: str, spec: dict, job_dir: Path, config_file: str = CONFIG_FILE) -> Step:
     """The sleap-nn training of a structured job.
 
-    It runs the config copy in the job's directory, and every path the config or spec
-    names is passed as the real path resolved at acceptance (`spec["_resolved"]`)."""
+    It runs the config copy in the job's directory (`config_file`), and every path the
+    config or spec names is passed as the real path resolved at acceptance
+    (`spec["_resolved"]`)."""
     paths = spec["_resolved"]
     model = Path(spec["config"]).stem
     run_name = safe_run_name(spec.get("run_name") or f"{model}-{job_dir.name}")
     # sleap-nn resolves a relative ckpt_dir against its working directory, the job's.
     ckpt_dir = Path(paths.get("trainer_config.ckpt_dir") or job_dir / "models")
-    args = [executable, "train", "--config-dir", str(job_dir), "--config-name", Path(CONFIG_FILE).stem]
+    args = [executable, "train", "--config-dir", str(job_dir), "--config-name", Path(config_file).stem]
     overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": _hydra_value(str(ckpt_dir)),
                  "trainer_config.run_name": _hydra_value(run_name)}
     for key, value in paths.items():
@@ -1375,6 +1379,13 @@ def train_step(executable: str, spec: dict, job_dir: Path) -> Step:
     # "++" sets a key whether or not the YAML has it.
     args += [f"++{key}={value}" for key, value in overrides.items()]
     return Step(P.TRAIN, model, args, job_dir, ckpt_dir, run_name, spec.get("max_epochs"))
+
+
+def job_stages(spec: dict) -> list[dict]:
+    """A structured spec as the specs of its models: itself, then one per entry of
+    `_more` (the further models of a sleap-rtc 0.0.7 multi-model train, each with its own
+    config, run name, resolved paths and `_config_file`)."""
+    return [spec, *({**spec, **more} for more in spec.get("_more", []))]
 
 
 def track_step(executable: str, spec: dict, job_dir: Path) -> Step:
@@ -2968,9 +2979,13 @@ class Scheduler:
         self.on_change(None)
 
     def structured_plan(self, job: Job) -> tuple[list[Step], list[str]]:
-        """The one step of a train or track spec, paths as resolved at acceptance."""
-        step = train_step if job.kind == P.TRAIN else track_step
-        return [step(self.executable, job.spec, job.dir)], []
+        """The steps of a train or track spec, paths as resolved at acceptance: one, or
+        for a multi-model train (a sleap-rtc 0.0.7 client's, see job_stages) one per
+        model, in order."""
+        if job.kind != P.TRAIN:
+            return [track_step(self.executable, job.spec, job.dir)], []
+        return [train_step(self.executable, stage, job.dir, stage.get("_config_file", CONFIG_FILE))
+                for stage in job_stages(job.spec)], []
 
     def live_specs(self) -> list[dict]:
         """The specs of the queued and running jobs."""
@@ -3152,8 +3167,9 @@ _FINAL_STATES = (P.COMPLETED, P.FAILED, P.CANCELLED)
 def _named_paths(spec: dict) -> list[str]:
     """Every path an accepted spec names on this worker."""
     named = [spec.get("_package", {}).get("path"), *spec.get("_command", [])[1:]]
-    for value in spec.get("_resolved", {}).values():
-        named += value if isinstance(value, list) else [value]
+    for stage in job_stages(spec):
+        for value in stage.get("_resolved", {}).values():
+            named += value if isinstance(value, list) else [value]
     return [text for text in named if isinstance(text, str) and text.startswith("/")]
 
 
@@ -3504,7 +3520,8 @@ class Session:
     requests and answers them by queueing into `outbox`; "session-PEER-out" is the only
     thread that writes to the link: it sends what the outbox holds and, at the end,
     closes the link. Jobs this session follows only queue into the outbox, so a slow or
-    stopped client delays nobody but itself.
+    stopped client delays nobody but itself. A link a sleap-rtc 0.0.7 client opened gets
+    an UpstreamAdapter, which reads its frames and writes our messages in its dialect.
     """
 
     def __init__(self, worker: "Worker", offer: dict, replaces: Optional["Session"] = None):
@@ -3519,6 +3536,7 @@ class Session:
         self._following_lock = threading.Lock()
         self._following: dict[str, Callable[[str, dict], None]] = {}
         self._replica: Optional[dict] = None  # a replica arriving from another worker (session thread only)
+        self.upstream: Optional[UpstreamAdapter] = None  # set before the writer starts, for an upstream link
         self.thread = threading.Thread(target=P.guarded(self._run), name=f"session-{self.peer_id}", daemon=True)
         self.writer = threading.Thread(target=P.guarded(self._write), name=f"session-{self.peer_id}-out", daemon=True)
 
@@ -3536,7 +3554,9 @@ class Session:
             log.warning("link with %s failed to open: %s", self.peer_id, exc)
             self.worker.session_ended(self)
             return
-        log.info("link open with %s", self.peer_id)
+        if self.link.upstream:
+            self.upstream = UpstreamAdapter(self)
+        log.info("link open with %s%s", self.peer_id, " (a sleap-rtc 0.0.7 client)" if self.upstream else "")
         self.writer.start()
         try:
             while not self.worker.stopping.is_set() and not self.ending.is_set():
@@ -3569,6 +3589,8 @@ class Session:
                     continue
                 if callable(item):
                     item(self.link)
+                elif self.upstream is not None:
+                    self.upstream.deliver(self.link, *item)
                 else:
                     self.link.send(*item)
         except P.LinkClosed:
@@ -3583,7 +3605,9 @@ class Session:
         self.outbox.put((name, payload))
 
     def _handle(self, item) -> None:
-        if isinstance(item, P.FileReceived):
+        if self.upstream is not None:
+            self.upstream.handle(item)
+        elif isinstance(item, P.FileReceived):
             log.info("received %s from %s (%d bytes, sha256 %s)", item.path, self.peer_id, item.size, item.sha256[:12])
             self.worker.uploads.settle()
         elif isinstance(item, P.TransferFailed):
@@ -3629,8 +3653,9 @@ class Session:
                 size = sum(len(line) + 8 for _, line in payload["lines"]) + 32
             elif name == P.JOB_COMPLETE and submitted:
                 predictions = [Path(o["path"]) for o in payload.get("outputs", []) if o["kind"] == "predictions"]
-                if predictions:
-                    item = _send_files_then(predictions, (name, payload))  # the outcome goes unchanged
+                if predictions:  # the outcome goes unchanged
+                    send_then = self.upstream.files_then if self.upstream is not None else _send_files_then
+                    item = send_then(predictions, (name, payload))
             if not self.outbox.put(item, job_id, size):
                 self._unfollow(job_id)
 
@@ -3665,7 +3690,17 @@ class Session:
         else:
             errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
                                         self.worker.uploads.directory)
-        low_disk = self.worker._disk_problem() if isinstance(spec, dict) and spec.get("type") != P.PRUNE else None
+        files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
+        accepted = {**spec, "_resolved": plan.get("paths", {}),
+                    **{f"_{name}": plan[name] for name in ("package", "relabel", "command") if name in plan}} \
+            if isinstance(spec, dict) else {}
+        self.admit(job_id, errors, accepted, files)
+
+    def admit(self, job_id: str, errors: list[dict], accepted: dict, files: dict[str, str]) -> bool:
+        """Queue a checked job (`accepted`: the spec with what validation resolved, `files`
+        to write into its directory) and answer JOB_ACCEPTED, or answer JOB_REJECTED with
+        `errors` or the worker's own reason (maintenance, low disk)."""
+        low_disk = self.worker._disk_problem() if accepted and accepted.get("type") != P.PRUNE else None
         if self.worker.maintenance:
             errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
         elif low_disk:
@@ -3673,9 +3708,6 @@ class Session:
         job = None
         if not errors:
             self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
-            files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
-            accepted = {**spec, "_resolved": plan["paths"],
-                        **{f"_{name}": plan[name] for name in ("package", "relabel", "command") if name in plan}}
             job, errors = self.worker.scheduler.submit(job_id, accepted, self.peer_id, self._listener(job_id, True),
                                                        files)
         if errors:
@@ -3684,12 +3716,13 @@ class Session:
             self.outbox.release(job_id, [])
             log.info("rejected job %s from %s: %s", job_id, self.peer_id, "; ".join(e["message"] for e in errors))
             self.send(P.JOB_REJECTED, {"job_id": job_id, "errors": errors})
-            return
+            return False
         position = self.worker.scheduler.position(job)
         log.info("accepted job %s from %s: %s", job_id, self.peer_id,
                  "starts now" if position == 0 else f"queued at position {position}")
         self.outbox.release(job_id, [(P.JOB_ACCEPTED, {"job_id": job_id, "job_dir": str(job.dir),
                                                        "queue_position": position})])
+        return True
 
     def _replicable(self, spec: dict) -> list[dict]:
         """Why a replicate spec cannot run here ([] when it can)."""
@@ -3926,6 +3959,241 @@ def _describe(item) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# sleap-rtc 0.0.7 clients: their dialect over the same scheduler and ledger
+# ---------------------------------------------------------------------------------------
+# An unmodified sleap-rtc 0.0.7 CLI or Python API opens an upstream link (see the dialect
+# section of protocol.py). Its session gets an UpstreamAdapter: the reader hands it each
+# text frame, it turns JOB_SUBMIT into our specs, checks them with validate_job and admits
+# the job through the session like any other; the writer hands it our messages and it
+# writes them as upstream frames. The job runs on if the client goes away.
+
+# JOB_SUBMITs kept while the client has not answered AUTH_CHALLENGE.
+MAX_HELD_SUBMITS = 8
+# After a job's last frame, the client gets `quit` over signaling (sleap-rtc 0.0.7's CLI
+# waits for it to exit) once the data channel has drained, plus this margin.
+UPSTREAM_QUIT_MARGIN_S = 0.5
+
+
+class UpstreamAdapter:
+    """Serves one sleap-rtc 0.0.7 client's link for its Session.
+
+    `handle` runs on the session's reader thread, `deliver` and `files_then`'s actions on
+    its writer; they share only `_jobs`.
+    """
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.worker = session.worker
+        self.nonce = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+        self.authenticated = False
+        self.held: list[str] = []  # reader thread only
+        # Guards _jobs (our job id -> what the client knows of it: its own id, type, model
+        # count, models finished, when the current one started) and each job's "ended";
+        # "done" and "started" change on the writer thread only.
+        self._lock = threading.Lock()
+        self._jobs: dict[str, dict] = {}
+        self._say(f"{P.UP_AUTH_CHALLENGE}{P.UP_SEP}{self.nonce}")  # the first frame the client reads
+
+    # -- reader side ----------------------------------------------------------------------
+
+    def _say(self, *frames) -> None:
+        self.session.outbox.put(lambda link: [link.send_raw(frame) for frame in frames])
+
+    def handle(self, text) -> None:
+        if not isinstance(text, str):
+            return
+        if text.startswith(P.UP_AUTH_RESPONSE + P.UP_SEP):
+            self._authenticate(text[len(P.UP_AUTH_RESPONSE) + len(P.UP_SEP):])
+        elif text.startswith(P.UP_JOB_SUBMIT + P.UP_SEP):
+            if self.authenticated:
+                self._submit(text)
+            elif len(self.held) < MAX_HELD_SUBMITS:
+                self.held.append(text)  # the client submits as its channel opens, before it answers
+            else:
+                self._say(P.upstream_rejected(P.parse_upstream_submit(text).client_id, [P.spec_error(
+                    "auth", "answer AUTH_CHALLENGE before submitting more jobs", "NOT_AUTHENTICATED")]))
+        elif (action := P.upstream_control(text)) is not None:
+            self._control(action)
+        else:
+            name = text.split(P.UP_SEP, 1)[0][:40]
+            log.info("%s (sleap-rtc 0.0.7) sent %s, which this worker does not serve", self.session.peer_id, name)
+            self._say(f"this worker does not serve {name}: it takes JOB_SUBMIT, CONTROL_COMMAND, JOB_STOP and "
+                      "JOB_CANCEL from sleap-rtc 0.0.7 clients\n")
+
+    def _authenticate(self, response: str) -> None:
+        """AUTH_RESPONSE::missing passes unless the worker wants the room secret (entering
+        the room took its token or membership already); an HMAC passes when it is the
+        room secret's."""
+        if response == "missing":
+            ok = not self.worker.require_room_secret
+            reason = "this worker requires the room secret (client.py login --sleap-rtc-credentials stores it)"
+        else:
+            ok = P.upstream_auth_ok(P.upstream_room_secret(self.worker.token), self.nonce, response)
+            reason = "the response is not the room secret's HMAC of the challenge"
+        if not ok:  # said, then the link is closed and the client told to go
+            log.warning("%s (sleap-rtc 0.0.7) failed authentication: %s", self.session.peer_id, reason)
+            self._say(f"{P.UP_AUTH_FAILURE}{P.UP_SEP}{reason}",
+                      *(P.upstream_rejected(P.parse_upstream_submit(t).client_id, [P.spec_error(
+                          "auth", f"authentication failed: {reason}", "NOT_AUTHENTICATED")]) for t in self.held))
+            self.held.clear()
+            self.session.outbox.put(self._quit)
+            self.session.end()
+            return
+        self.authenticated = True
+        self._say(P.UP_AUTH_SUCCESS)
+        held, self.held = self.held, []
+        for text in held:
+            self._submit(text)
+
+    def _submit(self, text: str) -> None:
+        submit = P.parse_upstream_submit(text)
+        job_id = f"job_{secrets.token_hex(4)}"
+        job_dir = self.worker.scheduler.jobs_dir / job_id
+        kind = submit.specs[0]["type"] if submit.specs else P.TRAIN
+        with self._lock:
+            self._jobs[job_id] = {"client_id": submit.client_id, "kind": kind, "models": len(submit.specs),
+                                  "done": 0, "started": time.time(), "ended": False}
+        errors, plans, made_dir = list(submit.errors), [], False
+        if not errors:
+            for index, (spec, content) in enumerate(zip(submit.specs, submit.contents)):
+                if content is not None:  # a config sent inline is read from the job's directory
+                    job_dir.mkdir(parents=True, exist_ok=True)
+                    spec["config"] = str(job_dir / f"sent-{spec['config']}")
+                    Path(spec["config"]).write_text(content, encoding="utf-8")
+                    made_dir = True
+                if spec.get("output") and not Path(spec["output"]).is_absolute():
+                    job_dir.mkdir(parents=True, exist_ok=True)  # upstream's default is a bare file name
+                    spec["output"] = str(job_dir / spec["output"])
+                    made_dir = True
+                problems, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
+                                              self.worker.uploads.directory)
+                model = f"model {index + 1}: " if len(submit.specs) > 1 else ""
+                errors += [{**e, "message": model + e["message"]} for e in problems]
+                plans.append(plan)
+        accepted, files = {}, {}
+        if not errors:
+            relabels = {r["copy"]: r for plan in plans for r in plan.get("relabel", [])}
+            accepted = {**submit.specs[0], "_resolved": plans[0]["paths"], "_upstream": submit.client_id,
+                        **({"_relabel": list(relabels.values())} if relabels else {})}
+            files = {CONFIG_FILE: plans[0]["config_text"]} if kind == P.TRAIN else {}
+            more = []
+            for index, (spec, plan) in enumerate(zip(submit.specs[1:], plans[1:]), start=1):
+                config_file = f"config-{index}.yaml"
+                files[config_file] = plan["config_text"]
+                more.append({"config": spec["config"], "run_name": spec.get("run_name"), "_resolved": plan["paths"],
+                             "_config_file": config_file})
+            if more:
+                accepted["_more"] = more
+        if not self.session.admit(job_id, errors, accepted, files) and made_dir:
+            shutil.rmtree(job_dir, ignore_errors=True)  # nothing of a refused job stays behind
+
+    def _control(self, action: str) -> None:
+        """Stop early or cancel this client's latest job that has not ended."""
+        with self._lock:
+            live = [job_id for job_id, job in self._jobs.items() if not job["ended"]]
+        if not live:
+            self._say("no job of this connection is running on this worker\n")
+            return
+        self.session._control(action, {"job_id": live[-1]})
+
+    # -- writer side ----------------------------------------------------------------------
+
+    def deliver(self, link: P.Link, name: str, payload: dict) -> None:
+        """Write one of our messages as the frames a sleap-rtc 0.0.7 client understands;
+        after a job's last frame, tell the client it may go."""
+        job_id = str(payload.get("job_id", ""))
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            if name in (P.LINK_ERROR, P.JOB_DETACHED):
+                link.send_raw(f"{payload.get('message') or payload.get('reason')}\n")
+            return
+        frames, final = [], name in (P.JOB_COMPLETE, P.JOB_FAILED, P.JOB_REJECTED)
+        if name == P.JOB_ACCEPTED:
+            frames.append(f"{P.UP_JOB_ACCEPTED}{P.UP_SEP}{job_id}")
+            if payload.get("queue_position"):
+                frames.append(f"job {job_id} queued at position {payload['queue_position']} on this worker\n")
+        elif name == P.JOB_REJECTED:
+            frames.append(P.upstream_rejected(job["client_id"], payload["errors"]))
+        elif name == P.JOB_LOG:
+            frames += P.upstream_log(payload["lines"], payload["progress"])
+        elif name == P.PROGRESS_REPORT:
+            frames.append(f"{P.UP_PROGRESS_REPORT}{P.UP_SEP}{payload['report']}")
+        elif name == P.JOB_PROGRESS and payload.get("event") == "epoch_end":
+            frames.append(P.upstream_json(P.UP_JOB_PROGRESS, {k: payload.get(k) for k in ("epoch", "loss", "val_loss")}))
+        elif name == P.JOB_PROGRESS and payload.get("event") == "queued":
+            frames.append(f"job {job_id} is at position {payload['queue_position']} in the queue\n")
+        elif name == P.TRAIN_JOB_START:
+            job["started"] = time.time()
+            if job["models"] > 1:
+                frames.append(f"Training model {job['done'] + 1}/{job['models']}: {payload.get('name')}\n")
+        elif name == P.TRAIN_JOB_END and job["done"] + 1 < job["models"]:  # the last one ends with the job
+            frames.append(P.upstream_json(P.UP_JOB_COMPLETE, self._completion(job_id, job, payload, None)))
+            job["done"] += 1
+        elif name == P.JOB_CONTROL:
+            frames.append(f"{payload.get('message')}\n")
+        elif name == P.JOB_DETACHED:
+            frames.append(f"{payload.get('reason')}\n")
+        elif name == P.JOB_COMPLETE:
+            if payload.get("warning"):
+                frames.append(f"warning: {payload['warning']}\n")
+            outputs = payload.get("outputs") or []
+            output = outputs[-1]["path"] if outputs else None
+            frames.append(P.upstream_json(P.UP_JOB_COMPLETE, self._completion(job_id, job, payload, output)))
+        elif name == P.JOB_FAILED:
+            frames.append(P.upstream_json(P.UP_JOB_FAILED, {
+                "job_id": self._model_job_id(job_id, job), "job_type": job["kind"], "exit_code": payload.get("exit_code"),
+                "duration_seconds": int(payload.get("duration_s") or 0),
+                "message": payload.get("error") or f"the job ended {payload.get('state')}"}))
+        for frame in frames:
+            link.send_raw(frame)
+        if final:
+            with self._lock:
+                job["ended"] = True
+                live = any(not j["ended"] for j in self._jobs.values())
+            if not live and name != P.JOB_REJECTED:  # a rejected client may correct the paths and resubmit
+                self._quit(link)
+
+    @staticmethod
+    def _model_job_id(job_id: str, job: dict) -> str:
+        """Upstream numbers the models of a multi-model job as JOB_0, JOB_1, ..."""
+        return f"{job_id}_{job['done']}" if job["models"] > 1 else job_id
+
+    def _completion(self, job_id: str, job: dict, payload: dict, output: Optional[str]) -> dict:
+        return {"job_id": self._model_job_id(job_id, job), "job_type": job["kind"],
+                "duration_seconds": int(time.time() - job["started"]), "success": True,
+                "stopped_early": bool(payload.get("stopped_early")), "output_path": output}
+
+    def _quit(self, link: P.Link) -> None:
+        link.drain(timeout=10)
+        time.sleep(UPSTREAM_QUIT_MARGIN_S)
+        try:
+            self.worker.signaling.send({"type": P.QUIT, "sender": self.worker.peer_id, "target": link.peer_id})
+        except P.SleapRTCError as exc:
+            log.info("could not tell %s its job is over: %s", link.peer_id, exc)
+
+    def files_then(self, paths: list[Path], then: tuple[str, dict]) -> Callable[[P.Link], None]:
+        """A writer action: each file as FILE_META, binary chunks and END_OF_FILE (upstream
+        keeps them in its output directory), then the message `then`."""
+
+        def action(link: P.Link) -> None:
+            for path in paths:
+                try:
+                    with open(path, "rb") as f:
+                        link.send_raw(P.upstream_file_meta(path.name, os.fstat(f.fileno()).st_size))
+                        while chunk := f.read(P.CHUNK_BYTES):
+                            link.send_raw(chunk)
+                    link.send_raw(P.UP_END_OF_FILE)
+                    log.info("sent %s to %s (sleap-rtc 0.0.7)", path, link.peer_id)
+                except OSError as exc:
+                    log.warning("sending %s to %s failed: %s", path, link.peer_id, exc)
+                    link.send_raw(f"{path.name} could not be sent: {exc}\n")
+            self.deliver(link, *then)
+
+        return action
+
+
+# ---------------------------------------------------------------------------------------
 # The worker
 # ---------------------------------------------------------------------------------------
 
@@ -3946,10 +4214,14 @@ class Worker:
                  stop_grace: float = STOP_GRACE_S, follower_backlog: int = FOLLOWER_BACKLOG_BYTES,
                  upload_cap: Optional[int] = None, executor: Optional[LocalExecutor | SlurmExecutor] = None,
                  allowed_commands: Optional[dict[str, str]] = None, allowed_env: Optional[set[str]] = None,
-                 min_free_gb: float = MIN_FREE_GB, keep_days: Optional[float] = None):
+                 min_free_gb: float = MIN_FREE_GB, keep_days: Optional[float] = None,
+                 require_room_secret: bool = False):
         self.server_url = server_url
         self.room_id = room_id
         self.token = token  # for the replicate steps it starts, which join the room themselves
+        # sleap-rtc 0.0.7 clients must answer AUTH_CHALLENGE with the room secret's HMAC
+        # (without it, AUTH_RESPONSE::missing passes: the room let them in already).
+        self.require_room_secret = require_room_secret
         self.working_dir = working_dir
         self.name = name
         self.mounts = mounts
@@ -4018,7 +4290,9 @@ class Worker:
             thread.start()
         props = self.metadata["properties"]
         print(f"worker: registered as {self.peer_id} in room {self.room_id} "
-              f"({props['gpu_model']}, {props['gpu_memory_mb']} MB)", flush=True)
+              f"({props['gpu_model']}, {props['gpu_memory_mb']} MB)\n"
+              f"worker: sleap-rtc 0.0.7 clients: --session-string "
+              f"{P.upstream_session_string(self.room_id, self.token, self.peer_id)}", flush=True)
         while not self.stopping.is_set():
             frame = self.signaling.next(timeout=0.5)
             if frame is None:
@@ -4224,9 +4498,10 @@ class Worker:
                 maps = ", ".join(f"{old}={new}" for old, new in relabel["map"])
                 notes.append(f"{relabel['source']}: videos mapped with {maps}; sleap-nn reads the copy "
                              f"{relabel['copy']} (the original is unchanged)")
-            problem = recheck_paths(job.spec["_resolved"], self.readable_mounts, self.mounts, job.dir)
-            if problem:
-                raise JobSetupError(problem)
+            for stage in job_stages(job.spec):
+                problem = recheck_paths(stage["_resolved"], self.readable_mounts, self.mounts, job.dir)
+                if problem:
+                    raise JobSetupError(problem)
             steps, _ = self.scheduler.structured_plan(job)
             return steps, notes
         package = job.spec["_package"]
@@ -4386,6 +4661,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "default), e.g. convert=sleap-io or smi=nvidia-smi")
     parser.add_argument("--allow-env", action="append", default=[], metavar="NAME",
                         help="pass this secret-looking environment variable to commands after all (repeatable)")
+    parser.add_argument("--require-room-secret", action="store_true",
+                        help="sleap-rtc 0.0.7 clients must prove the room secret (their AUTH_RESPONSE); by "
+                             "default one that has none is served, since entering the room took its token")
     slurm = parser.add_argument_group("SLURM", "run each job as a SLURM batch job (on a login node with sbatch)")
     slurm.add_argument("--slurm", action="store_true", help="submit jobs to SLURM instead of running them here")
     slurm.add_argument("--slurm-partition", metavar="NAME", help="the partition to submit to (default: SLURM's)")
@@ -4460,7 +4738,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     args.sleap_nn or sleap_nn_executable(), slots, args.advertise_gpu_memory, args.maintenance,
                     args.reservation_timeout, embedded, args.stop_grace, args.follower_backlog * 2**20,
                     int(args.upload_cache_gb * 1e9), executor, dict(args.allow_command), set(args.allow_env),
-                    args.min_free_gb, args.keep_days)
+                    args.min_free_gb, args.keep_days, args.require_room_secret)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
