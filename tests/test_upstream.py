@@ -1,0 +1,340 @@
+"""Unmodified sleap-rtc 0.0.7 programs (its CLI, Python API and worker) against our
+signaling server and worker: real processes, loopback WebRTC, the real sleap-nn."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, ROOT, ledger, sha256, wait_until
+from tiny_data import make_project
+from upstream_world import SLEAP_RTC, LoopbackStun, upstream_env
+
+import protocol as P
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("project"), frames=16, epochs=2, steps=4)
+
+
+@pytest.fixture
+def lab(world, project):
+    """Our server (handing out a loopback STUN server), a room and one of our workers
+    whose mount holds the tiny project, plus what upstream programs need to reach them."""
+    assert SLEAP_RTC.exists(), "sleap-rtc 0.0.7 is not installed: pip install -r requirements-dev.txt"
+    world.stun = LoopbackStun()
+    world.start_server("--ice-server", world.stun.url)
+    world.create_room()
+    world.worker_dir = world.tmp / "w"
+    world.worker, world.worker_id = world.start_worker("--mount", f"{project['config'].parent}:data",
+                                                       working_dir=world.worker_dir)
+    world.session_string = re.search(r"--session-string (\S+)", world.worker.output()).group(1)
+    world.project = project
+    yield world
+    world.stun.close()
+
+
+def login(lab, name: str, *room: str) -> dict:
+    """`client.py login --sleap-rtc-credentials` in a HOME of its own: that HOME's
+    environment for upstream programs."""
+    home = lab.tmp / name
+    home.mkdir()
+    result = subprocess.run([PY, str(ROOT / "client.py"), "login", "--sleap-rtc-credentials", *room],
+                            env={**lab.peer_env(), "HOME": str(home)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return upstream_env(lab, home)
+
+
+def upstream(env: dict, *args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """An upstream CLI command to its end. It asks to confirm the job's paths whatever
+    its flags say; the answer `s` (submit) waits on its standard input."""
+    return subprocess.run([str(SLEAP_RTC), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, input="s\n")
+
+
+def jobs_of(working_dir: Path) -> list[dict]:
+    with sqlite3.connect(working_dir / "jobs.sqlite") as db:
+        ids = [row[0] for row in db.execute("SELECT job_id FROM jobs ORDER BY submitted_at")]
+    return [ledger(working_dir, job_id) for job_id in ids]
+
+
+@pytest.mark.slow
+def test_session_string_train_then_track_with_the_upstream_cli(lab, tmp_path):
+    env = login(lab, "laptop")
+    out = tmp_path / "cli"
+    out.mkdir()
+    result = upstream(env, "train", "--session-string", lab.session_string, "--config", str(lab.project["config"]),
+                      "--labels", str(lab.project["labels"]), "--max-epochs", "2", "--non-interactive", cwd=out)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    assert "Completed Successfully" in text, text
+    [job] = jobs_of(lab.worker_dir)
+    assert job["state"] == P.COMPLETED and job["submitter"].startswith("anon-"), job
+    model = Path(job["outputs"][0]["path"])
+    assert (model / "best.ckpt").is_file()
+    assert lab.stun.requests > 0  # the CLI gathered through the loopback STUN server our server handed out
+    assert "sitecustomize: ICE servers" not in text  # and was handed no other
+
+    result = upstream(env, "track", "--session-string", lab.session_string, "--data-path", str(lab.project["labels"]),
+                      "--model-paths", str(model), cwd=out)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    track = jobs_of(lab.worker_dir)[-1]
+    assert track["state"] == P.COMPLETED, track
+    predictions = Path(track["outputs"][0]["path"])
+    received = out / predictions.name
+    assert received.is_file(), text
+    assert sha256(received) == sha256(predictions)
+
+
+@pytest.mark.slow
+def test_room_and_worker_id_with_two_models_and_the_room_secret(lab, tmp_path):
+    strict_dir = lab.tmp / "strict"
+    strict_worker, strict = lab.start_worker("--mount", f"{lab.project['config'].parent}:data", "--require-room-secret",
+                                 working_dir=strict_dir)
+    env = login(lab, "laptop", "--room", lab.room_id, "--token", lab.token)  # stores the room secret too
+    second = lab.project["config"].with_name("second.yaml")
+    second.write_text(lab.project["config"].read_text())
+    result = upstream(env, "train", "--room", lab.room_id, "--worker-id", strict, "--config",
+                      str(lab.project["config"]), "--config", str(second), "--max-epochs", "1", "--non-interactive",
+                      cwd=tmp_path)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    assert "P2P authentication successful" in text and "Training model 2/2" in text, text
+    [job] = jobs_of(strict_dir)
+    assert job["state"] == P.COMPLETED, job
+    assert [step["name"] for step in job["steps"]] == ["config", "second"]
+    models = [Path(o["path"]) for o in job["outputs"]]
+    assert len(models) == 2 and all((m / "best.ckpt").is_file() for m in models)
+    # Our own client lists the job like any other.
+    listed = lab.client("jobs")
+    assert job["job_id"] in listed.stdout, listed.stdout + listed.stderr
+    # Without the room secret, that worker refuses the job and lets the client go.
+    session = re.search(r"--session-string (\S+)", strict_worker.output()).group(1)
+    result = upstream(login(lab, "stranger"), "train", "--session-string", session, "--config",
+                      str(lab.project["config"]), "--non-interactive", cwd=tmp_path, timeout=60)
+    text = result.stdout + result.stderr
+    assert "authentication failed: this worker requires the room secret" in text, text
+    assert len(jobs_of(strict_dir)) == 1
+
+
+API_TRAINING = """
+import json, sys
+from sleap_rtc import api
+
+room, worker, config = sys.argv[1:4]
+reports, send, stopped = [], [], []
+
+def on_raw_progress(payload):
+    reports.append(json.loads(payload))
+    ended = [r for r in reports if r.get("event") == "epoch_end"]
+    if len(ended) >= 2 and send and not stopped:
+        send[0]('CONTROL_COMMAND::{"command": "stop"}')
+        stopped.append(len(ended))
+
+result = api.run_training(config_path=config, room_id=room, worker_id=worker, max_epochs=500,
+                          on_raw_progress=on_raw_progress, on_channel_ready=send.append, timeout=300)
+print(json.dumps({"success": result.success, "job_id": result.job_id, "model_path": result.model_path,
+                  "events": [r.get("event") for r in reports], "stopped_after": stopped}))
+"""
+
+
+@pytest.mark.slow
+def test_python_api_trains_with_raw_progress_and_stops_early(lab, tmp_path):
+    env = login(lab, "gui", "--room", lab.room_id, "--token", lab.token)
+    result = subprocess.run([PY, "-c", API_TRAINING, lab.room_id, lab.worker_id, str(lab.project["config"])],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["success"] is True
+    assert outcome["events"][0] == "train_begin" and "epoch_end" in outcome["events"]
+    assert outcome["stopped_after"] == [2]
+    job = ledger(lab.worker_dir, outcome["job_id"])
+    assert job["state"] == P.COMPLETED and job["stopped_early"] == 1, job
+    epochs = [e for e in outcome["events"] if e == "epoch_end"]
+    assert len(epochs) < 10  # far short of the 500 asked for
+    assert Path(outcome["model_path"], "best.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_upstream_worker_registers_with_a_room_key_and_a_wrong_key_is_refused(lab):
+    from conftest import Proc
+
+    env = login(lab, "gpu-box", "--room", lab.room_id, "--token", lab.token)
+    credentials = json.loads((Path(env["HOME"]) / ".sleap-rtc" / "credentials.json").read_text())
+    key = credentials["tokens"][lab.room_id]["api_key"]
+
+    def start(name: str, account_key: str) -> Proc:
+        proc = Proc([str(SLEAP_RTC), "worker", "--room", lab.room_id, "--account-key", account_key],
+                    lab.tmp / f"{name}.log", env, lab.tmp)
+        lab.procs.append(proc)
+        return proc
+
+    good = start("upstream-worker", key)
+    wait_until(lambda: "worker-" + key[4:12] in lab.client("workers").stdout, 60, "the upstream worker listed")
+    bad = start("upstream-worker-bad", "slp_" + "0" * 48)
+    bad.wait_for(r"is not a worker key of room", timeout=60)
+    listed = lab.client("workers").stdout
+    assert "worker-" + key[4:12] in listed and "worker-00000000" not in listed, listed
+    assert good.popen.poll() is None, good.output()
+
+
+# -- the signaling server admits upstream registrations, and refuses the rest -------------
+
+
+def sign_in(room) -> tuple[str, str]:
+    status, body = P.http_call("POST", room.http_url + "/anonymous-signin", {})
+    assert status == 200
+    return body["id_token"], body["username"]
+
+
+def test_id_token_is_a_standard_signed_jwt(room):
+    import jwt as pyjwt  # what sleap-rtc 0.0.7 reads it with
+
+    id_token, username = sign_in(room)
+    claims = pyjwt.decode(id_token, options={"verify_signature": False})
+    assert claims["sub"] == claims["username"] == username and claims["exp"] > time.time() + 86400
+    assert pyjwt.get_unverified_header(id_token)["alg"] == "HS256"
+
+
+def test_jwt_registration_needs_a_member_and_a_jwt_this_server_signed(room, raw):
+    import jwt as pyjwt
+
+    id_token, username = sign_in(room)
+
+    def register(peer_id: str, **credentials) -> dict:
+        return raw().ask({"type": "register", "peer_id": peer_id, "room_id": room.room_id, "role": "client",
+                          **credentials})
+
+    refused = register("a", jwt=id_token, token="")  # the upstream CLI sends an empty token with --room
+    assert refused["code"] == P.NOT_A_MEMBER and refused["reason"] == refused["message"]
+    assert "has not joined room" in refused["reason"]
+    # Joining takes the room's token once.
+    status, body = P.http_call("POST", room.http_url + "/join-room", {"room_id": room.room_id, "token": "wrong"},
+                               bearer=id_token)
+    assert status == 403 and "wrong token" in body["error"]
+    status, _ = P.http_call("POST", room.http_url + "/join-room", {"room_id": room.room_id, "token": room.token})
+    assert status == 401  # and a signed-in user
+    status, _ = P.http_call("POST", room.http_url + "/join-room", {"room_id": room.room_id, "token": room.token},
+                            bearer=id_token)
+    assert status == 200
+    registered = register("b", jwt=id_token)
+    assert registered["type"] == P.REGISTERED_AUTH and "token" not in registered
+    # A jwt with changed claims, one signed with another key, one with alg none, one expired.
+    header, claims, signature = id_token.split(".")
+    other = pyjwt.decode(id_token, options={"verify_signature": False})
+    forged = ".".join([header, pyjwt.encode({**other, "sub": "someone-else"}, "k" * 32).split(".")[1], signature])
+    for bad in (forged, pyjwt.encode(other, "not-the-server-key" * 2, algorithm="HS256"),
+                pyjwt.encode(other, None, algorithm="none"), "x.y.z", "nonsense"):
+        refused = register("c", jwt=bad)
+        assert refused["code"] == P.INVALID_TOKEN and "not signed by this server" in refused["reason"], bad
+    refused = register("d")
+    assert refused["code"] == P.INVALID_MESSAGE and "needs the room's 'token'" in refused["reason"]
+
+
+def test_an_expired_jwt_is_refused():
+    from signaling import SignalingServer, _b64
+
+    server = SignalingServer()
+    good, username = server.issue_id_token()
+    assert server.check_id_token(good) == username
+    header = good.split(".")[0]
+    claims = _b64(json.dumps({"sub": username, "exp": int(time.time()) - 1}).encode())
+    assert server.check_id_token(f"{header}.{claims}.{server._sign(f'{header}.{claims}')}") is None
+
+
+def test_room_creator_enters_with_its_jwt_and_workers_with_a_room_key(world, raw):
+    world.start_server()
+    id_token, username = sign_in(world)
+    room = P.create_room(world.http_url, id_token)
+    world.room_id, world.token = room["room_id"], room["token"]
+    frame = {"type": "register", "room_id": room["room_id"]}
+    assert raw().ask({**frame, "peer_id": "owner", "jwt": id_token})["type"] == P.REGISTERED_AUTH
+    status, body = P.http_call("POST", world.http_url + "/create-api-key", {"room_id": room["room_id"], "token": "no"})
+    assert status == 403
+    status, body = P.http_call("POST", world.http_url + "/create-api-key",
+                               {"room_id": room["room_id"], "token": room["token"]})
+    assert status == 200 and body["api_key"].startswith("slp_")
+    worker = {**frame, "role": "worker", "is_admin": True}
+    assert raw().ask({**worker, "peer_id": "w1", "api_key": body["api_key"]})["type"] == P.REGISTERED_AUTH
+    refused = raw().ask({**worker, "peer_id": "w2", "api_key": "slp_" + "0" * 48})
+    assert refused["code"] == P.INVALID_TOKEN and "not a worker key of room" in refused["reason"]
+    refused = raw().ask({**worker, "peer_id": "w3", "api_key": room["token"][:-1]})
+    assert refused["code"] == P.INVALID_TOKEN
+
+
+def test_delete_peer_removes_only_what_the_caller_may(room, raw):
+    id_token, username = sign_in(room)
+    P.http_call("POST", room.http_url + "/join-room", {"room_id": room.room_id, "token": room.token}, bearer=id_token)
+    peer = raw()
+    peer.register(username, room.room_id, room.token)  # entered with the token: no user of its own
+    other = raw()
+    assert other.ask({"type": "register", "peer_id": "mine", "room_id": room.room_id, "jwt": id_token})["type"] \
+        == P.REGISTERED_AUTH
+    delete = room.http_url + "/delete-peer"
+    status, body = P.http_call("POST", delete, {"peer_id": username})
+    assert status == 403 and "may delete it" in body["error"]
+    status, body = P.http_call("POST", delete, {"peer_id": username}, bearer=id_token)
+    assert status == 403  # the user is not that peer's
+    status, body = P.http_call("POST", delete, {"peer_id": "mine"}, bearer=id_token)
+    assert status == 200 and body["deleted"] is True
+    status, body = P.http_call("POST", delete, {"peer_id": username, "token": room.token})
+    assert status == 200 and body["deleted"] is True
+    status, body = P.http_call("POST", delete, {"peer_id": "gone"})
+    assert status == 200 and body["deleted"] is False and "no peer" in body["reason"]
+
+
+# -- the codec ----------------------------------------------------------------------------
+
+
+def test_upstream_specs_map_onto_ours():
+    from sleap_rtc.jobs.spec import TrackJobSpec, TrainJobSpec  # the real upstream classes
+
+    spec = TrainJobSpec(config_paths=["/d/a.yaml", "/d/b.yaml"], labels_path="C:/lab/l.slp", max_epochs=3,
+                        resume_ckpt_path="/d/m/best.ckpt", model_types=["centroid", "centered_instance"],
+                        path_mappings={"C:/lab/l.slp": "/d/l.slp", "C:/lab/v.mp4": "/d/v.mp4"})
+    submit = P.parse_upstream_submit(f"JOB_SUBMIT::c1::{spec.to_json()}")
+    assert submit.client_id == "c1" and submit.errors == []
+    assert [s["config"] for s in submit.specs] == ["/d/a.yaml", "/d/b.yaml"]
+    assert [s["run_name"] for s in submit.specs] == ["centroid", "centered_instance"]
+    assert submit.specs[0]["labels"] == "/d/l.slp" and submit.specs[0]["resume"] == "/d/m/best.ckpt"
+    assert submit.specs[0]["path_map"] == [["C:/lab/v.mp4", "/d/v.mp4"]]
+    inline = P.parse_upstream_submit(f"JOB_SUBMIT::c2::{TrainJobSpec(config_content='a: 1').to_json()}")
+    assert inline.contents == ["a: 1"] and inline.errors == []
+    track = TrackJobSpec(data_path="/d/v.mp4", model_paths=["/d/m"], output_path="p.slp", peak_threshold=0.3)
+    assert P.parse_upstream_submit(f"JOB_SUBMIT::c3::{track.to_json()}").specs == [
+        {"type": "track", "data_path": "/d/v.mp4", "model_paths": ["/d/m"], "output": "p.slp", "peak_threshold": 0.3}]
+    for text, field in (("JOB_SUBMIT::c4::{nope", "spec"), ("JOB_SUBMIT::c5", "spec"),
+                        ('JOB_SUBMIT::c6::{"type": "rm -rf"}', "type"),
+                        ('JOB_SUBMIT::c7::{"type": "train", "config_path": "/a.yaml", "max_epochs": "many"}',
+                         "max_epochs"),
+                        ('JOB_SUBMIT::c8::{"type": "train"}', "config_paths")):
+        assert [e["field"] for e in P.parse_upstream_submit(text).errors] == [field], text
+
+
+def test_session_string_room_secret_and_controls_match_upstream():
+    import base64
+
+    from sleap_rtc.auth.psk import compute_hmac, generate_nonce
+
+    text = P.upstream_session_string("r1", "tok", "w1")
+    assert text.startswith("sleap-session:")
+    assert json.loads(base64.urlsafe_b64decode(text[len("sleap-session:"):])) == {"r": "r1", "t": "tok", "p": "w1"}
+    secret, nonce = P.upstream_room_secret("tok"), generate_nonce()
+    assert P.upstream_auth_ok(secret, nonce, compute_hmac(secret, nonce))
+    assert not P.upstream_auth_ok(secret, nonce, compute_hmac(P.upstream_room_secret("other"), nonce))
+    assert not P.upstream_auth_ok(secret, nonce, "missing") and not P.upstream_auth_ok(secret, nonce, "é")
+    assert P.upstream_control('CONTROL_COMMAND::{"command": "stop"}') == P.ZMQ_CTRL
+    assert P.upstream_control("JOB_STOP") == P.upstream_control("ZMQ_CTRL::STOP") == P.ZMQ_CTRL
+    assert P.upstream_control("JOB_CANCEL") == P.JOB_CANCEL
+    assert P.upstream_control("CONTROL_COMMAND::[1]") is None and P.upstream_control("JOB_STOPPED") is None
+    assert P.upstream_log([["o", "a"], ["e", "b"]], "50%") == ["a\n[stderr] b\n", "CR::50%"]
+    assert P.upstream_file_meta("x:y.slp", 5) == "FILE_META::x_y.slp:5:predictions"
