@@ -26,3 +26,4 @@ bench: install
 	$(PY) bench/jobs.py
 	$(PY) bench/queue.py
 	$(PY) bench/slurm.py
+	$(PY) bench/upstream.py
