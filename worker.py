@@ -4151,7 +4151,7 @@ class UpstreamAdapter:
             with self._lock:
                 job["ended"] = True
                 live = any(not j["ended"] for j in self._jobs.values())
-            if not live and name != P.JOB_REJECTED:  # a rejected client may correct the paths and resubmit
+            if not live:  # upstream's path correction needs its file browser, which is not served here
                 self._quit(link)
 
     @staticmethod

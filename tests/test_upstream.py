@@ -94,6 +94,13 @@ def test_session_string_train_then_track_with_the_upstream_cli(lab, tmp_path):
     assert received.is_file(), text
     assert sha256(received) == sha256(predictions)
 
+    # A job the worker refuses: the CLI hears why, and is let go.
+    result = upstream(env, "train", "--session-string", lab.session_string, "--config", str(lab.project["config"]),
+                      "--labels", "/etc/passwd", "--non-interactive", cwd=out, timeout=60)
+    text = result.stdout + result.stderr
+    assert "'field': 'labels'" in text and "/etc/passwd" in text and "outside" in text, text
+    assert len(jobs_of(lab.worker_dir)) == 2
+
 
 @pytest.mark.slow
 def test_room_and_worker_id_with_two_models_and_the_room_secret(lab, tmp_path):
