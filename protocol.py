@@ -5,14 +5,15 @@ Read top to bottom:
 1. constants and environment variables;
 2. errors;
 3. signaling frames (v2 API): type names, error codes, field checks, metadata merging;
-4. data-channel messages: `NAME` or `NAME::{json}` text frames;
-5. the HTTP API beside the signaling server;
-6. `SignalingClient`: one websocket-client connection, one reader thread, reconnects;
-7. the asyncio loop thread that owns every aiortc object of this process;
-8. direct transfers: file bytes over an AES-256-GCM TCP connection beside the link,
+4. data-channel messages: `NAME` or `NAME::{json}` text frames, and job specs;
+5. the sleap-rtc 0.0.7 dialect: the codec for links unmodified upstream clients open;
+6. the HTTP API beside the signaling server;
+7. `SignalingClient`: one websocket-client connection, one reader thread, reconnects;
+8. the asyncio loop thread that owns every aiortc object of this process;
+9. direct transfers: file bytes over an AES-256-GCM TCP connection beside the link,
    when the two machines can reach each other;
-9. `Link`: a WebRTC data channel driven from plain threads, with heartbeats,
-   backpressure, acknowledged close and checked file transfers (direct when it can).
+10. `Link`: a WebRTC data channel driven from plain threads, with heartbeats,
+    backpressure, acknowledged close and checked file transfers (direct when it can).
 
 Only the standard library, websocket-client and (lazily) aiortc and cryptography, which
 comes with it, are imported, so the client never needs torch or sleap-nn.
