@@ -607,8 +607,13 @@ UP_JOB_SUBMIT, UP_JOB_ACCEPTED, UP_JOB_REJECTED = "JOB_SUBMIT", "JOB_ACCEPTED", 
 UP_JOB_PROGRESS, UP_PROGRESS_REPORT = "JOB_PROGRESS", "PROGRESS_REPORT"
 UP_JOB_COMPLETE, UP_JOB_FAILED = "JOB_COMPLETE", "JOB_FAILED"
 UP_FILE_META, UP_END_OF_FILE = "FILE_META", "END_OF_FILE"
+# Upstream's worker runs inference after training and the SLEAP GUI waits for its end.
+UP_INFERENCE_SKIPPED = "INFERENCE_SKIPPED"
 UP_CONTROL_COMMAND, UP_JOB_STOP, UP_JOB_CANCEL, UP_ZMQ_CTRL = "CONTROL_COMMAND", "JOB_STOP", "JOB_CANCEL", "ZMQ_CTRL"
 UP_CR = "CR::"
+# An AUTH_RESPONSE of this many characters is an HMAC-SHA256 (URL-safe base64, unpadded);
+# a longer one is an Ed25519 signature, made with a key only upstream's own server knows.
+UP_HMAC_CHARS = 43
 UP_SESSION_PREFIX = "sleap-session:"
 # Upstream spec field -> ours. config_path(s), config_content(s), path_mappings and
 # model_types are mapped by parse_upstream_submit itself.

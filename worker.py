@@ -3997,13 +3997,18 @@ class UpstreamAdapter:
     # -- reader side ----------------------------------------------------------------------
 
     def _say(self, *frames) -> None:
-        self.session.outbox.put(lambda link: [link.send_raw(frame) for frame in frames])
+        def action(link: P.Link) -> None:
+            for frame in frames:
+                link.send_raw(frame)
+
+        self.session.outbox.put(action)
 
     def handle(self, text) -> None:
         if not isinstance(text, str):
             return
         if text.startswith(P.UP_AUTH_RESPONSE + P.UP_SEP):
-            self._authenticate(text[len(P.UP_AUTH_RESPONSE) + len(P.UP_SEP):])
+            if not self.authenticated:  # one answer per challenge
+                self._authenticate(text[len(P.UP_AUTH_RESPONSE) + len(P.UP_SEP):])
         elif text.startswith(P.UP_JOB_SUBMIT + P.UP_SEP):
             if self.authenticated:
                 self._submit(text)
@@ -4021,10 +4026,10 @@ class UpstreamAdapter:
                       "JOB_CANCEL from sleap-rtc 0.0.7 clients\n")
 
     def _authenticate(self, response: str) -> None:
-        """AUTH_RESPONSE::missing passes unless the worker wants the room secret (entering
-        the room took its token or membership already); an HMAC passes when it is the
-        room secret's."""
-        if response == "missing":
+        """An HMAC passes when it is the room secret's. Any other answer (`missing`, or an
+        Ed25519 signature this worker has no key to check) passes unless the worker wants
+        the room secret: entering the room took its token or membership already."""
+        if len(response.rstrip("=")) != P.UP_HMAC_CHARS:
             ok = not self.worker.require_room_secret
             reason = "this worker requires the room secret (client.py login --sleap-rtc-credentials stores it)"
         else:
@@ -4145,6 +4150,9 @@ class UpstreamAdapter:
                 "job_id": self._model_job_id(job_id, job), "job_type": job["kind"], "exit_code": payload.get("exit_code"),
                 "duration_seconds": int(payload.get("duration_s") or 0),
                 "message": payload.get("error") or f"the job ended {payload.get('state')}"}))
+        if name in (P.JOB_COMPLETE, P.JOB_FAILED) and job["kind"] == P.TRAIN:
+            frames.append(P.upstream_json(P.UP_INFERENCE_SKIPPED, {
+                "reason": "this worker runs no inference after training; submit a track job with the model"}))
         for frame in frames:
             link.send_raw(frame)
         if final:

@@ -7,7 +7,6 @@ import json
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -83,10 +82,19 @@ def test_session_string_train_then_track_with_the_upstream_cli(lab, tmp_path):
     assert lab.stun.requests > 0  # the CLI gathered through the loopback STUN server our server handed out
     assert "sitecustomize: ICE servers" not in text  # and was handed no other
 
+    # A laptop that signed in to upstream's own service before holds a key pair and
+    # answers the challenge with an Ed25519 signature, which is not the room secret's HMAC.
+    from sleap_rtc.auth.keypair import generate_keypair, private_key_to_b64
+
+    credentials_file = Path(env["HOME"]) / ".sleap-rtc" / "credentials.json"
+    credentials = json.loads(credentials_file.read_text())
+    credentials["private_key"] = private_key_to_b64(generate_keypair()[0])
+    credentials_file.write_text(json.dumps(credentials))
     result = upstream(env, "track", "--session-string", lab.session_string, "--data-path", str(lab.project["labels"]),
                       "--model-paths", str(model), cwd=out)
     text = result.stdout + result.stderr
     assert result.returncode == 0, text
+    assert "Sent Ed25519 AUTH_RESPONSE" in text, text
     track = jobs_of(lab.worker_dir)[-1]
     assert track["state"] == P.COMPLETED, track
     predictions = Path(track["outputs"][0]["path"])
@@ -137,7 +145,8 @@ API_TRAINING = """
 import json, sys
 from sleap_rtc import api
 
-room, worker, config = sys.argv[1:4]
+room, worker, config, labels = sys.argv[1:5]
+listed = [w.id for w in api.list_workers(room)]
 reports, send, stopped = [], [], []
 
 def on_raw_progress(payload):
@@ -147,28 +156,37 @@ def on_raw_progress(payload):
         send[0]('CONTROL_COMMAND::{"command": "stop"}')
         stopped.append(len(ended))
 
+inference = []  # the SLEAP GUI passes this, and then waits for the end of inference after training
 result = api.run_training(config_path=config, room_id=room, worker_id=worker, max_epochs=500,
-                          on_raw_progress=on_raw_progress, on_channel_ready=send.append, timeout=300)
-print(json.dumps({"success": result.success, "job_id": result.job_id, "model_path": result.model_path,
-                  "events": [r.get("event") for r in reports], "stopped_after": stopped}))
+                          on_raw_progress=on_raw_progress, on_channel_ready=send.append, timeout=300,
+                          on_inference_message=lambda kind, data: inference.append(kind))
+predicted = api.run_inference(data_path=labels, model_paths=[result.model_path], room_id=room, worker_id=worker)
+print(json.dumps({"listed": listed, "success": result.success, "job_id": result.job_id,
+                  "model_path": result.model_path, "events": [r.get("event") for r in reports],
+                  "stopped_after": stopped, "inference": inference, "predictions": predicted.predictions_path,
+                  "predicted": predicted.success}))
 """
 
 
 @pytest.mark.slow
-def test_python_api_trains_with_raw_progress_and_stops_early(lab, tmp_path):
+def test_python_api_lists_trains_stops_early_and_tracks(lab, tmp_path):
     env = login(lab, "gui", "--room", lab.room_id, "--token", lab.token)
-    result = subprocess.run([PY, "-c", API_TRAINING, lab.room_id, lab.worker_id, str(lab.project["config"])],
+    result = subprocess.run([PY, "-c", API_TRAINING, lab.room_id, lab.worker_id, str(lab.project["config"]),
+                             str(lab.project["labels"])],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["listed"] == [lab.worker_id]
     assert outcome["success"] is True
     assert outcome["events"][0] == "train_begin" and "epoch_end" in outcome["events"]
-    assert outcome["stopped_after"] == [2]
+    assert outcome["stopped_after"] == [2] and outcome["inference"] == ["INFERENCE_SKIPPED"]
     job = ledger(lab.worker_dir, outcome["job_id"])
     assert job["state"] == P.COMPLETED and job["stopped_early"] == 1, job
     epochs = [e for e in outcome["events"] if e == "epoch_end"]
     assert len(epochs) < 10  # far short of the 500 asked for
     assert Path(outcome["model_path"], "best.ckpt").is_file()
+    assert outcome["predicted"] is True and Path(outcome["predictions"]).is_file()
+    assert jobs_of(lab.worker_dir)[-1]["outputs"][0]["path"] == outcome["predictions"]
 
 
 @pytest.mark.slow
