@@ -622,7 +622,7 @@ _UP_TRAIN_FIELDS = {"labels_path": "labels", "val_labels_path": "val_labels", "m
                     "resume_ckpt_path": "resume"}
 _UP_TRACK_FIELDS = {"data_path": "data_path", "model_paths": "model_paths", "output_path": "output",
                     "batch_size": "batch_size", "peak_threshold": "peak_threshold", "frames": "frames",
-                    "only_suggested_frames": "only_suggested_frames"}
+                    "frame_filter": "frames", "only_suggested_frames": "only_suggested_frames"}
 MAX_UPSTREAM_MODELS = 8
 
 

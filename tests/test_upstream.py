@@ -337,6 +337,9 @@ def test_upstream_specs_map_onto_ours():
     track = TrackJobSpec(data_path="/d/v.mp4", model_paths=["/d/m"], output_path="p.slp", peak_threshold=0.3)
     assert P.parse_upstream_submit(f"JOB_SUBMIT::c3::{track.to_json()}").specs == [
         {"type": "track", "data_path": "/d/v.mp4", "model_paths": ["/d/m"], "output": "p.slp", "peak_threshold": 0.3}]
+    renamed = P.parse_upstream_submit('JOB_SUBMIT::c9::{"type": "track", "data_path": "/d/v.mp4", '
+                                      '"model_paths": ["/d/m"], "frame_filter": "0-10"}')
+    assert renamed.specs[0]["frames"] == "0-10" and renamed.errors == []
     for text, field in (("JOB_SUBMIT::c4::{nope", "spec"), ("JOB_SUBMIT::c5", "spec"),
                         ('JOB_SUBMIT::c6::{"type": "rm -rf"}', "type"),
                         ('JOB_SUBMIT::c7::{"type": "train", "config_path": "/a.yaml", "max_epochs": "many"}',
