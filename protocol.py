@@ -577,6 +577,16 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
+def b64url(data: bytes) -> str:
+    """URL-safe base64 without padding, as JWTs and sleap-rtc 0.0.7's nonces and HMACs use."""
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def unb64url(text: str) -> bytes:
+    """The bytes of b64url text (padding optional); raises ValueError on anything else."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 def file_digest(path: Path) -> tuple[int, str]:
     """Size and SHA-256 hex digest of a file."""
     digest = hashlib.sha256()
@@ -647,28 +657,24 @@ def upstream_session_string(room_id: str, token: str, peer_id: str) -> str:
 def upstream_room_secret(token: str) -> str:
     """The room's PSK for upstream AUTH_RESPONSE HMACs: derived from the room token, so
     only its holders know it (`client.py login --sleap-rtc-credentials` stores it)."""
-    digest = hmac.new(token.encode(), b"sleap-rtc 0.0.7 room secret", hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    return b64url(hmac.new(token.encode(), b"sleap-rtc 0.0.7 room secret", hashlib.sha256).digest())
 
 
 def upstream_auth_ok(secret: str, nonce: str, response: str) -> bool:
     """Whether `response` is upstream's HMAC-SHA256 of the nonce under the room secret
     (both URL-safe base64, padding optional)."""
-    def unb64(text: str) -> bytes:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
     try:
-        digest = hmac.new(unb64(secret), unb64(nonce), hashlib.sha256).digest()
+        digest = hmac.new(unb64url(secret), unb64url(nonce), hashlib.sha256).digest()
     except ValueError:
         return False
     given = response.strip().rstrip("=")
-    return given.isascii() and hmac.compare_digest(base64.urlsafe_b64encode(digest).decode().rstrip("="), given)
+    return given.isascii() and hmac.compare_digest(b64url(digest), given)
 
 
 def parse_upstream_submit(text: str) -> UpstreamSubmit:
     """`JOB_SUBMIT::{client job id}::{spec json}` with upstream field names, as our specs."""
-    _, _, rest = text.partition(UP_SEP)
-    client_id, _, body = rest.partition(UP_SEP)
+    _, rest = upstream_split(text)
+    client_id, body = upstream_split(rest)
     client_id = client_id[:64] or "unknown"
     submit = UpstreamSubmit(client_id, [], [], [])
     try:
@@ -731,13 +737,37 @@ def parse_upstream_submit(text: str) -> UpstreamSubmit:
     return submit
 
 
+def upstream_frame(name: str, *fields: str) -> str:
+    """`NAME::field::...`, the shape of every upstream text frame."""
+    return UP_SEP.join((name, *fields))
+
+
+def upstream_split(text: str) -> tuple[str, str]:
+    """An upstream text frame's name and the rest after its first separator."""
+    name, _, rest = text.partition(UP_SEP)
+    return name, rest
+
+
 def upstream_rejected(client_id: str, errors: list[dict]) -> str:
-    return f"{UP_JOB_REJECTED}{UP_SEP}{client_id}{UP_SEP}" + json.dumps(
-        {"errors": [{"field": e.get("field"), "message": e.get("message"), "code": e.get("code")} for e in errors]})
+    return upstream_frame(UP_JOB_REJECTED, client_id, json.dumps(
+        {"errors": [{"field": e.get("field"), "message": e.get("message"), "code": e.get("code")} for e in errors]}))
 
 
-def upstream_json(name: str, payload: dict) -> str:
-    return f"{name}{UP_SEP}{json.dumps(payload)}"
+def upstream_epoch(epoch: Optional[int], loss: Optional[float], val_loss: Optional[float]) -> str:
+    return upstream_frame(UP_JOB_PROGRESS, json.dumps({"epoch": epoch, "loss": loss, "val_loss": val_loss}))
+
+
+def upstream_complete(job_id: str, job_type: str, duration_s: float, stopped_early: bool,
+                      output_path: Optional[str]) -> str:
+    return upstream_frame(UP_JOB_COMPLETE, json.dumps({
+        "job_id": job_id, "job_type": job_type, "duration_seconds": int(duration_s), "success": True,
+        "stopped_early": stopped_early, "output_path": output_path}))
+
+
+def upstream_failed(job_id: str, job_type: str, exit_code: Optional[int], duration_s: float, message: str) -> str:
+    return upstream_frame(UP_JOB_FAILED, json.dumps({
+        "job_id": job_id, "job_type": job_type, "exit_code": exit_code, "duration_seconds": int(duration_s),
+        "message": message}))
 
 
 def upstream_file_meta(name: str, size: int) -> str:

@@ -20,7 +20,6 @@ and `message`, and POST /delete-peer answers their exit.
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import hmac
 import json
@@ -129,14 +128,6 @@ class _RateLimiter:
 def _same(secret: str, offered: str) -> bool:
     """Constant-time comparison that takes any text (compare_digest refuses non-ASCII str)."""
     return hmac.compare_digest(secret.encode("utf-8"), offered.encode("utf-8", "replace"))
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def _key_digest(key: str) -> str:
@@ -339,8 +330,8 @@ class SignalingServer:
         server's secret) with `sub`, `username` and `exp`, which sleap-rtc 0.0.7 reads too."""
         username = "anon-" + secrets.token_hex(4)
         now = int(time.time())
-        header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-        claims = _b64(json.dumps({"sub": username, "username": username, "iat": now,
+        header = P.b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        claims = P.b64url(json.dumps({"sub": username, "username": username, "iat": now,
                                   "exp": now + ID_TOKEN_LIFETIME_S}).encode())
         return f"{header}.{claims}.{self._sign(f'{header}.{claims}')}", username
 
@@ -350,7 +341,7 @@ class SignalingServer:
         if len(parts) != 3 or not _same(self._sign(f"{parts[0]}.{parts[1]}"), parts[2]):
             return None
         try:
-            header, claims = json.loads(_unb64(parts[0])), json.loads(_unb64(parts[1]))
+            header, claims = json.loads(P.unb64url(parts[0])), json.loads(P.unb64url(parts[1]))
         except ValueError:
             return None
         if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
@@ -361,7 +352,7 @@ class SignalingServer:
         return user
 
     def _sign(self, body: str) -> str:
-        return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
+        return P.b64url(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
 
     def join_room(self, user: str, room_id: str, token: str) -> None:
         """Let `user` register in the room with its jwt alone from now on; raises

@@ -25,7 +25,6 @@ next to an installed sleap-nn.
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import dataclasses
 import glob
@@ -3984,7 +3983,7 @@ class UpstreamAdapter:
     def __init__(self, session: Session):
         self.session = session
         self.worker = session.worker
-        self.nonce = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+        self.nonce = P.b64url(secrets.token_bytes(32))
         self.authenticated = False
         self.held: list[str] = []  # reader thread only
         # Guards _jobs (our job id -> what the client knows of it: its own id, type, model
@@ -3992,7 +3991,7 @@ class UpstreamAdapter:
         # "done" and "started" change on the writer thread only.
         self._lock = threading.Lock()
         self._jobs: dict[str, dict] = {}
-        self._say(f"{P.UP_AUTH_CHALLENGE}{P.UP_SEP}{self.nonce}")  # the first frame the client reads
+        self._say(P.upstream_frame(P.UP_AUTH_CHALLENGE, self.nonce))  # the first frame the client reads
 
     # -- reader side ----------------------------------------------------------------------
 
@@ -4006,10 +4005,11 @@ class UpstreamAdapter:
     def handle(self, text) -> None:
         if not isinstance(text, str):
             return
-        if text.startswith(P.UP_AUTH_RESPONSE + P.UP_SEP):
+        name, rest = P.upstream_split(text)
+        if name == P.UP_AUTH_RESPONSE:
             if not self.authenticated:  # one answer per challenge
-                self._authenticate(text[len(P.UP_AUTH_RESPONSE) + len(P.UP_SEP):])
-        elif text.startswith(P.UP_JOB_SUBMIT + P.UP_SEP):
+                self._authenticate(rest)
+        elif name == P.UP_JOB_SUBMIT:
             if self.authenticated:
                 self._submit(text)
             elif len(self.held) < MAX_HELD_SUBMITS:
@@ -4020,7 +4020,7 @@ class UpstreamAdapter:
         elif (action := P.upstream_control(text)) is not None:
             self._control(action)
         else:
-            name = text.split(P.UP_SEP, 1)[0][:40]
+            name = name[:40]
             log.info("%s (sleap-rtc 0.0.7) sent %s, which this worker does not serve", self.session.peer_id, name)
             self._say(f"this worker does not serve {name}: it takes JOB_SUBMIT, CONTROL_COMMAND, JOB_STOP and "
                       "JOB_CANCEL from sleap-rtc 0.0.7 clients\n")
@@ -4037,7 +4037,7 @@ class UpstreamAdapter:
             reason = "the response is not the room secret's HMAC of the challenge"
         if not ok:  # said, then the link is closed and the client told to go
             log.warning("%s (sleap-rtc 0.0.7) failed authentication: %s", self.session.peer_id, reason)
-            self._say(f"{P.UP_AUTH_FAILURE}{P.UP_SEP}{reason}",
+            self._say(P.upstream_frame(P.UP_AUTH_FAILURE, reason),
                       *(P.upstream_rejected(P.parse_upstream_submit(t).client_id, [P.spec_error(
                           "auth", f"authentication failed: {reason}", "NOT_AUTHENTICATED")]) for t in self.held))
             self.held.clear()
@@ -4115,7 +4115,7 @@ class UpstreamAdapter:
             return
         frames, final = [], name in (P.JOB_COMPLETE, P.JOB_FAILED, P.JOB_REJECTED)
         if name == P.JOB_ACCEPTED:
-            frames.append(f"{P.UP_JOB_ACCEPTED}{P.UP_SEP}{job_id}")
+            frames.append(P.upstream_frame(P.UP_JOB_ACCEPTED, job_id))
             if payload.get("queue_position"):
                 frames.append(f"job {job_id} queued at position {payload['queue_position']} on this worker\n")
         elif name == P.JOB_REJECTED:
@@ -4123,9 +4123,9 @@ class UpstreamAdapter:
         elif name == P.JOB_LOG:
             frames += P.upstream_log(payload["lines"], payload["progress"])
         elif name == P.PROGRESS_REPORT:
-            frames.append(f"{P.UP_PROGRESS_REPORT}{P.UP_SEP}{payload['report']}")
+            frames.append(P.upstream_frame(P.UP_PROGRESS_REPORT, payload["report"]))
         elif name == P.JOB_PROGRESS and payload.get("event") == "epoch_end":
-            frames.append(P.upstream_json(P.UP_JOB_PROGRESS, {k: payload.get(k) for k in ("epoch", "loss", "val_loss")}))
+            frames.append(P.upstream_epoch(payload.get("epoch"), payload.get("loss"), payload.get("val_loss")))
         elif name == P.JOB_PROGRESS and payload.get("event") == "queued":
             frames.append(f"job {job_id} is at position {payload['queue_position']} in the queue\n")
         elif name == P.TRAIN_JOB_START:
@@ -4133,7 +4133,7 @@ class UpstreamAdapter:
             if job["models"] > 1:
                 frames.append(f"Training model {job['done'] + 1}/{job['models']}: {payload.get('name')}\n")
         elif name == P.TRAIN_JOB_END and job["done"] + 1 < job["models"]:  # the last one ends with the job
-            frames.append(P.upstream_json(P.UP_JOB_COMPLETE, self._completion(job_id, job, payload, None)))
+            frames.append(self._completion(job_id, job, payload, None))
             job["done"] += 1
         elif name == P.JOB_CONTROL:
             frames.append(f"{payload.get('message')}\n")
@@ -4144,15 +4144,14 @@ class UpstreamAdapter:
                 frames.append(f"warning: {payload['warning']}\n")
             outputs = payload.get("outputs") or []
             output = outputs[-1]["path"] if outputs else None
-            frames.append(P.upstream_json(P.UP_JOB_COMPLETE, self._completion(job_id, job, payload, output)))
+            frames.append(self._completion(job_id, job, payload, output))
         elif name == P.JOB_FAILED:
-            frames.append(P.upstream_json(P.UP_JOB_FAILED, {
-                "job_id": self._model_job_id(job_id, job), "job_type": job["kind"], "exit_code": payload.get("exit_code"),
-                "duration_seconds": int(payload.get("duration_s") or 0),
-                "message": payload.get("error") or f"the job ended {payload.get('state')}"}))
-        if name in (P.JOB_COMPLETE, P.JOB_FAILED) and job["kind"] == P.TRAIN:
-            frames.append(P.upstream_json(P.UP_INFERENCE_SKIPPED, {
-                "reason": "this worker runs no inference after training; submit a track job with the model"}))
+            frames.append(P.upstream_failed(self._model_job_id(job_id, job), job["kind"], payload.get("exit_code"),
+                                            payload.get("duration_s") or 0,
+                                            payload.get("error") or f"the job ended {payload.get('state')}"))
+        if name in (P.JOB_COMPLETE, P.JOB_FAILED) and job["kind"] == P.TRAIN:  # the GUI waits for its end
+            frames.append(P.upstream_frame(P.UP_INFERENCE_SKIPPED, json.dumps(
+                {"reason": "this worker runs no inference after training; submit a track job with the model"})))
         for frame in frames:
             link.send_raw(frame)
         if final:
@@ -4167,10 +4166,10 @@ class UpstreamAdapter:
         """Upstream numbers the models of a multi-model job as JOB_0, JOB_1, ..."""
         return f"{job_id}_{job['done']}" if job["models"] > 1 else job_id
 
-    def _completion(self, job_id: str, job: dict, payload: dict, output: Optional[str]) -> dict:
-        return {"job_id": self._model_job_id(job_id, job), "job_type": job["kind"],
-                "duration_seconds": int(time.time() - job["started"]), "success": True,
-                "stopped_early": bool(payload.get("stopped_early")), "output_path": output}
+    def _completion(self, job_id: str, job: dict, payload: dict, output: Optional[str]) -> str:
+        """JOB_COMPLETE for the model that just ended (each model of a multi-model job has one)."""
+        return P.upstream_complete(self._model_job_id(job_id, job), job["kind"], time.time() - job["started"],
+                                   bool(payload.get("stopped_early")), output)
 
     def _quit(self, link: P.Link) -> None:
         link.drain(timeout=10)

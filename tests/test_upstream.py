@@ -266,13 +266,13 @@ def test_jwt_registration_needs_a_member_and_a_jwt_this_server_signed(room, raw)
 
 
 def test_an_expired_jwt_is_refused():
-    from signaling import SignalingServer, _b64
+    from signaling import SignalingServer
 
     server = SignalingServer()
     good, username = server.issue_id_token()
     assert server.check_id_token(good) == username
     header = good.split(".")[0]
-    claims = _b64(json.dumps({"sub": username, "exp": int(time.time()) - 1}).encode())
+    claims = P.b64url(json.dumps({"sub": username, "exp": int(time.time()) - 1}).encode())
     assert server.check_id_token(f"{header}.{claims}.{server._sign(f'{header}.{claims}')}") is None
 
 
