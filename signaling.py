@@ -401,10 +401,7 @@ class SignalingServer:
                 del self.rooms[room.room_id]
                 self._save_state()
         for victim in victims:
-            self._remove_peer(victim)
-            # The close handshake waits up to CLOSE_TIMEOUT_S for the peer; the HTTP
-            # answer must not, so each close runs in a short-lived thread of its own.
-            threading.Thread(target=victim.conn.close, name=f"signaling-evict-{victim.peer_id}", daemon=True).start()
+            self._evict(victim)
         return {"deleted_peers": [v.peer_id for v in victims], "room_deleted": not peer_id}
 
     def delete_peer(self, peer_id: str, user: Optional[str], token: str) -> dict:
@@ -420,9 +417,15 @@ class SignalingServer:
         if not allowed:
             raise PermissionError(f"only the user {peer_id} signed in as, or a holder of its room's token, "
                                   "may delete it")
-        self._remove_peer(peer)
-        threading.Thread(target=peer.conn.close, name=f"signaling-evict-{peer_id}", daemon=True).start()
+        self._evict(peer)
         return {"deleted": True, "peer_id": peer_id}
+
+    def _evict(self, peer: Peer) -> None:
+        """Take a peer out of its room and close its connection. The close handshake waits
+        up to CLOSE_TIMEOUT_S for the peer; the HTTP answer must not, so the close runs in
+        a short-lived thread of its own ("signaling-evict-PEER", ended by the close)."""
+        self._remove_peer(peer)
+        threading.Thread(target=peer.conn.close, name=f"signaling-evict-{peer.peer_id}", daemon=True).start()
 
     def metrics(self) -> dict:
         with self._lock:
