@@ -79,6 +79,7 @@ def test_session_string_train_then_track_with_the_upstream_cli(lab, tmp_path):
     assert job["state"] == P.COMPLETED and job["submitter"].startswith("anon-"), job
     model = Path(job["outputs"][0]["path"])
     assert (model / "best.ckpt").is_file()
+    assert "sitecustomize: WebRTC host candidates on 127.0.0.1 only" in text
     assert lab.stun.requests > 0  # the CLI gathered through the loopback STUN server our server handed out
     assert "sitecustomize: ICE servers" not in text  # and was handed no other
 
@@ -176,6 +177,8 @@ def test_python_api_lists_trains_stops_early_and_tracks(lab, tmp_path):
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    # The API asks aiortc for its default, Google's STUN server; the test's guard took it away.
+    assert "sitecustomize: ICE servers default (Google STUN) not used" in result.stderr, result.stderr
     assert outcome["listed"] == [lab.worker_id]
     assert outcome["success"] is True
     assert outcome["events"][0] == "train_begin" and "epoch_end" in outcome["events"]

@@ -3,7 +3,8 @@
 Our own processes offer only SLEAP_RTC_ICE_HOSTS as host candidates; upstream ones get
 the same here: host candidates on 127.0.0.1 only, and no STUN or TURN server but one on
 127.0.0.1 (aiortc's default is Google's STUN server, which the Python API always uses).
-Every server taken away is said on stderr.
+It says on stderr that it is in force, and every server it takes away, so that tests can
+see both.
 """
 
 import sys
@@ -29,6 +30,7 @@ def _loopback_only() -> None:
         gatherer_init(self, servers, *args, **kwargs)
 
     rtcicetransport.RTCIceGatherer.__init__ = loopback_gatherer
+    print("sitecustomize: WebRTC host candidates on 127.0.0.1 only", file=sys.stderr)
 
 
 _loopback_only()
