@@ -171,13 +171,16 @@ PEER_MESSAGE = "peer_message"
 OFFER = "offer"
 ANSWER = "answer"
 CANDIDATE = "candidate"
-PEER_JOINED = "peer_joined"
-PEER_LEFT = "peer_left"
 PING = "ping"
 PONG = "pong"
 ERROR = "error"
-# Tells a peer its counterpart is done with it: sleap-rtc 0.0.7 clients exit on it.
+# Tells a peer its counterpart is done with it: sleap-rtc 0.0.7 clients exit on it. The
+# server forwards it only between the two ends of a link (an offer one way, its answer back).
 QUIT = "quit"
+# Stamped by the server on the offers and peer messages it forwards from a peer that
+# registered as a signed-in user (id_token or jwt): who sent it, as the server vouches.
+# A value the sender put there itself is removed.
+FROM_USER = "from_user"
 
 # Requests a peer makes of the server, and the reply type of each.
 REQUEST_REPLIES = {DISCOVER_PEERS: PEER_LIST, UPDATE_METADATA: METADATA_UPDATED, PING: PONG}
@@ -188,8 +191,7 @@ INVALID_MESSAGE = "INVALID_MESSAGE"
 UNKNOWN_MESSAGE_TYPE = "UNKNOWN_MESSAGE_TYPE"
 NOT_IN_ROOM = "NOT_IN_ROOM"
 ROOM_NOT_FOUND = "ROOM_NOT_FOUND"
-PEER_NOT_FOUND = "PEER_NOT_FOUND"
-PEER_NOT_IN_ROOM = "PEER_NOT_IN_ROOM"
+PEER_NOT_FOUND = "PEER_NOT_FOUND"  # no peer of that id in the sender's room (ids are unique per room)
 DELIVERY_FAILED = "DELIVERY_FAILED"
 INVALID_TOKEN = "INVALID_TOKEN"
 PEER_ID_TAKEN = "PEER_ID_TAKEN"
@@ -199,6 +201,7 @@ RATE_LIMITED = "RATE_LIMITED"
 ROOM_FULL = "ROOM_FULL"
 ALREADY_REGISTERED = "ALREADY_REGISTERED"
 NOT_A_MEMBER = "NOT_A_MEMBER"
+NOT_LINKED = "NOT_LINKED"  # a quit to a peer the sender has no link with
 # Client-side only: the connection is down and being re-established.
 DISCONNECTED = "DISCONNECTED"
 
@@ -233,6 +236,11 @@ TARGET_FIELD = {PEER_MESSAGE: "to_peer_id", OFFER: "target", ANSWER: "target", C
                 QUIT: "target"}
 # The credentials a register frame may carry; an empty or null one counts as absent.
 REGISTER_CREDENTIALS = ("token", "jwt", "api_key")
+# A register frame may carry `peer_key` (a secret of up to this many characters): the
+# first registration of a peer id with a key claims that id in its room, and from then
+# on only the same key registers it, replacing a connection that still holds it (a
+# worker that restarted). A peer that never sends a key claims nothing.
+MAX_PEER_KEY_CHARS = 256
 
 _PEER_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
@@ -256,6 +264,9 @@ def check_frame(frame: dict) -> Optional[str]:
                 return f"field '{name}' must be a str"
         if not any(frame.get(name) for name in REGISTER_CREDENTIALS):
             return "'register' needs the room's 'token' (or, from sleap-rtc 0.0.7, a 'jwt' or 'api_key')"
+        key = frame.get("peer_key")
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_PEER_KEY_CHARS):
+            return f"field 'peer_key' must be a str of 1-{MAX_PEER_KEY_CHARS} characters"
     if "metadata" in frame:
         return check_metadata(frame["metadata"])
     return None
@@ -880,6 +891,7 @@ class SignalingClient:
     def __init__(
         self, url: str, room_id: str, token: str, peer_id: str, role: str = "peer",
         metadata: Optional[dict] = None, id_token: Optional[str] = None, reconnect: bool = True,
+        peer_key: Optional[str] = None,
     ):
         self.url = url
         self.room_id = room_id
@@ -888,6 +900,7 @@ class SignalingClient:
         self.role = role
         self.metadata = metadata or {}
         self.id_token = id_token
+        self.peer_key = peer_key  # claims peer_id in the room (see MAX_PEER_KEY_CHARS)
         self.reconnect = reconnect
         self.ice_servers: list[dict] = []
         self._ws = None
@@ -935,7 +948,10 @@ class SignalingClient:
         import websocket  # websocket-client
 
         try:
-            ws = websocket.create_connection(self.url, timeout=timeout, enable_multithread=True)
+            # skip_utf8_validation: websocket-client's own check is pure Python (some 8 ms for a
+            # 50 KB peer list); decoding the text checks the same, in C.
+            ws = websocket.create_connection(self.url, timeout=timeout, enable_multithread=True,
+                                             skip_utf8_validation=True)
         except Exception as exc:
             raise SignalingError(DISCONNECTED, f"cannot connect to the signaling server {self.url}: {exc}") from None
         frame = {
@@ -944,6 +960,8 @@ class SignalingClient:
         }
         if self.id_token:
             frame["id_token"] = self.id_token
+        if self.peer_key:
+            frame["peer_key"] = self.peer_key
         try:
             ws.send(json.dumps(frame))
             deadline = time.monotonic() + timeout

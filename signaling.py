@@ -2,9 +2,10 @@
 
 It never interprets job payloads: it registers peers into rooms, answers discovery,
 merges metadata and forwards peer messages and WebRTC offers/answers/candidates between
-peers of one room. Frames are JSON text over WebSocket (`websockets.sync.server`, a
-thread per connection); an HTTP API on its own port (stdlib `ThreadingHTTPServer`) signs
-users in, creates and deletes rooms and reports health and metrics.
+peers of one room. Frames are JSON text over WebSocket (websockets' sans-I/O protocol,
+with one thread that reads every socket and one that writes to them); an HTTP API on its
+own port (stdlib `ThreadingHTTPServer`) signs users in, creates and deletes rooms and
+reports health and metrics.
 
 A peer enters a room with the room's token. Unmodified sleap-rtc 0.0.7 programs enter
 without it: a client with the JWT this server's sign-in issued, when its user created the
@@ -12,28 +13,47 @@ room or joined it once with the token (POST /join-room), and a worker with a key
 room issued (POST /create-api-key). Error frames carry `reason` for them besides `code`
 and `message`, and POST /delete-peer answers their exit.
 
+Reading order:
+1. constants and the data model (Limits, Peer, Room);
+2. discovery filters;
+3. connections: `_Writer`, the one thread that writes to (and closes) every socket,
+   `Connection`, and `_Reader`, the one thread that accepts and reads them;
+4. the server: lifecycle, rooms and state, connections and frames;
+5. the HTTP API;
+6. the command line.
+
     python signaling.py [--host 127.0.0.1] [--port 8080] [--http-port 8001]
                         [--ice-server URL ...] [--state-file rooms.json] [--room-ttl S]
-                        [--max-rooms-per-user N] [--max-rooms-per-address N]
+                        [--max-rooms-per-user N] [--max-rooms-per-address N] [--outbox-mb MB]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
+import resource
 import secrets
+import selectors
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from websockets.frames import CloseCode, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 import protocol as P
 
@@ -48,8 +68,24 @@ ID_TOKEN_LIFETIME_S = 30 * 24 * 3600
 # MAX_FRAME_BYTES and this get a MESSAGE_TOO_LARGE error and the connection stays up.
 HARD_FRAME_LIMIT = 16 * P.MAX_FRAME_BYTES
 CLOSE_TIMEOUT_S = 2.0
-# A peer's metadata is copied into every discovery answer and join notice: keep it small.
+# A peer's metadata is copied into every discovery answer: keep it small.
 MAX_METADATA_BYTES = 64 * 1024
+# A peer with more than this waiting to be sent to it (four of the largest frames) has
+# stopped reading, or reads far slower than its room talks to it: it is closed as too
+# slow, and nobody else waits for it.
+OUTBOX_LIMIT_BYTES = 4 * P.MAX_FRAME_BYTES
+# A connection that has not registered this long after it opened is closed.
+REGISTER_WITHIN_S = 30.0
+# Peer ids claimed with a peer_key, per room; a room past it claims no more.
+MAX_CLAIMS_PER_ROOM = 1000
+# Targets of a peer's recent offers remembered for linking its answers (and quit) to them.
+MAX_OFFERS_REMEMBERED = 256
+# While stopping, how long the close frames get to reach peers that still read.
+STOP_FLUSH_S = 0.5
+READ_BYTES = 64 * 1024  # taken from one socket at a time
+ACCEPT_PAUSE_S = 1.0  # out of file descriptors: accept nothing for this long
+_PING_TEXT = json.dumps({"type": P.PING})
+_WS_LOG = logging.getLogger("websockets.server")
 
 
 @dataclass
@@ -66,21 +102,43 @@ class Limits:
     # Token bucket per connection: sustained frames per second and burst size.
     rate_per_s: float = 200.0
     rate_burst: int = 400
+    outbox_bytes: int = OUTBOX_LIMIT_BYTES
+    # A connection that leaves a protocol ping unanswered this long is closed as gone (a
+    # laptop that went to sleep with its connection open).
+    silence_s: float = P.SERVER_SILENCE_S
 
 
-@dataclass
 class Peer:
-    peer_id: str
-    room_id: str
-    role: str
-    metadata: dict
-    connected_at: str
-    conn: Any  # websockets.sync.server.ServerConnection
-    user: str = ""  # the signed-in user, when it registered with a jwt
+    """A registered connection. Its public JSON (what discovery and registered_auth
+    show) is built once per metadata change; every answer joins these strings."""
+
+    def __init__(self, peer_id: str, room_id: str, role: str, metadata: dict, conn: Any, user: str = ""):
+        self.peer_id = peer_id
+        self.room_id = room_id
+        self.role = role
+        self.connected_at = _now_iso()
+        self.conn = conn  # a _Connection
+        self.user = user  # the signed-in user, when it registered with an id_token or jwt
+        self.offered_to: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.linked: set[str] = set()  # peers it has a link with: an offer one way, its answer back
+        self.metadata = metadata
+
+    @property
+    def metadata(self) -> dict:
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, metadata: dict) -> None:
+        text = json.dumps(metadata)
+        self._metadata = metadata
+        self.metadata_bytes = len(text)
+        self.tags = frozenset(metadata.get("tags", []))
+        self.properties = metadata.get("properties", {})
+        self.public_json = (f'{{"peer_id": {json.dumps(self.peer_id)}, "role": {json.dumps(self.role)}, '
+                            f'"metadata": {text}, "connected_at": "{self.connected_at}"}}')
 
     def public(self) -> dict:
-        return {"peer_id": self.peer_id, "role": self.role, "metadata": self.metadata,
-                "connected_at": self.connected_at}
+        return json.loads(self.public_json)
 
 
 @dataclass
@@ -88,7 +146,7 @@ class Room:
     room_id: str
     token: str
     created_at: str
-    owner: str = ""  # the user who created it
+    owner: str = ""  # the user who created it: the only one who may delete it
     address: str = ""  # the address it was created from
     empty_since: Optional[float] = field(default_factory=time.time)  # None while peers are in it
     # Users who presented the room's token once (POST /join-room): with the owner, the
@@ -96,15 +154,54 @@ class Room:
     members: set[str] = field(default_factory=set)
     # SHA-256 of each worker key issued for the room (POST /create-api-key); never the keys.
     api_keys: set[str] = field(default_factory=set)
+    # Peer ids claimed with a peer_key: id -> SHA-256 of the key.
+    claims: dict[str, str] = field(default_factory=dict)
     peers: dict[str, Peer] = field(default_factory=dict)
+    # The same peers by role, so that discovery of workers looks at workers only.
+    by_role: dict[str, dict[str, Peer]] = field(default_factory=dict)
+    # Every peer's public JSON joined, for registered_auth; None when it must be built anew.
+    _listing: Optional[str] = None
 
     def saved(self) -> dict:
         return {"token": self.token, "created_at": self.created_at, "owner": self.owner, "address": self.address,
                 "empty_since": self.empty_since if self.empty_since is not None else time.time(),
-                "members": sorted(self.members), "api_keys": sorted(self.api_keys)}
+                "members": sorted(self.members), "api_keys": sorted(self.api_keys), "claims": self.claims}
 
     def admits(self, user: str) -> bool:
         return bool(user) and (user == self.owner or user in self.members)
+
+    def listing(self) -> str:
+        """The public JSON of every peer, joined into the inside of a JSON list."""
+        if self._listing is None:
+            self._listing = ", ".join(p.public_json for p in self.peers.values())
+        return self._listing
+
+    def changed(self) -> None:
+        """A peer's metadata changed: the listing is built anew when next needed."""
+        self._listing = None
+
+    def add(self, peer: Peer) -> None:
+        self.peers[peer.peer_id] = peer
+        self.by_role.setdefault(peer.role, {})[peer.peer_id] = peer
+        self.empty_since = None
+        if self._listing is not None:  # a join extends the listing, never rebuilds it
+            self._listing = f"{self._listing}, {peer.public_json}" if self._listing else peer.public_json
+
+    def discard(self, peer: Peer) -> bool:
+        """Take `peer` out (not a newer peer of the same id); whether it was in."""
+        if self.peers.get(peer.peer_id) is not peer:
+            return False
+        del self.peers[peer.peer_id]
+        del self.by_role[peer.role][peer.peer_id]
+        if not self.by_role[peer.role]:
+            del self.by_role[peer.role]
+        for other in peer.linked:
+            if other in self.peers:
+                self.peers[other].linked.discard(peer.peer_id)
+        self._listing = None
+        if not self.peers:
+            self.empty_since = time.time()
+        return True
 
 
 class _RateLimiter:
@@ -165,26 +262,454 @@ def check_filters(filters: Any) -> Optional[str]:
     return None
 
 
-def matches(peer: Peer, filters: dict) -> bool:
-    """Whether a peer passes role, all-tags and property filters (a missing property never does)."""
-    if "role" in filters and peer.role != filters["role"]:
-        return False
-    tags = set(peer.metadata.get("tags", []))
-    if not set(filters.get("tags", [])) <= tags:
-        return False
-    properties = peer.metadata.get("properties", {})
-    for key, condition in filters.get("properties", {}).items():
-        if key not in properties:
+def matcher(filters: dict) -> Callable[[Peer], bool]:
+    """Whether a peer passes role, all-tags and property filters (a missing property never
+    does), as a function: the filters are read once, not once per peer."""
+    role = filters.get("role")
+    tags = frozenset(filters.get("tags", ()))
+    conditions = [(key, _COMPARISONS[op], operand)
+                  for key, condition in filters.get("properties", {}).items()
+                  for op, operand in (condition.items() if isinstance(condition, dict) else [("$eq", condition)])]
+
+    def matches(peer: Peer) -> bool:
+        if role is not None and peer.role != role:
             return False
-        value = properties[key]
-        conditions = condition.items() if isinstance(condition, dict) else [("$eq", condition)]
-        for op, operand in conditions:
+        if tags and not tags <= peer.tags:
+            return False
+        properties = peer.properties
+        for key, compare, operand in conditions:
+            if key not in properties:
+                return False
             try:
-                if not _COMPARISONS[op](value, operand):
+                if not compare(properties[key], operand):
                     return False
             except TypeError:  # e.g. "A100" >= 8000
                 return False
-    return True
+        return True
+
+    return matches
+
+
+# ---------------------------------------------------------------------------------------
+# Connections: one reader and one writer thread for every socket
+# ---------------------------------------------------------------------------------------
+# The WebSocket protocol is websockets' sans-I/O ServerProtocol; the I/O is ours, in two
+# threads for the whole server. "signaling-reader" accepts connections, reads whatever
+# each socket has, feeds it to the connection's protocol and hands every whole message to
+# the server, which answers by queueing. "signaling-writer" is the only thread that writes
+# to a socket: every byte a protocol produces (frames, pongs, the close handshake) goes
+# into its connection's outbox, and the writer sends what each socket takes without
+# blocking. A peer that stops reading holds up only its own outbox; one whose outbox
+# passes its limit is closed as too slow. No thread is started per connection.
+
+
+class _Outbox:
+    """The bytes waiting for one connection's socket (guarded by the writer's lock)."""
+
+    def __init__(self, conn: "Connection"):
+        self.conn = conn
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.offset = 0  # bytes of chunks[0] already sent
+        self.size = 0  # bytes waiting
+        self.close_by: Optional[float] = None  # close the socket once empty, or at this time (monotonic)
+        self.gone = False  # the reader let go: close the socket now, whatever waits
+        self.too_slow = False  # cut: the reader sees the socket closed and lets go
+        self.watched = False  # registered for writability (writer thread only)
+
+
+class _Writer:
+    """Thread "signaling-writer", owned and stopped by the server: the only thread that
+    writes to any peer's socket, and the one that closes it. `put` (any thread) queues
+    bytes and never blocks."""
+
+    BATCH_BYTES = 256 * 1024  # queued frames joined into one send
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        # Guards _boxes, _waiting, _dirty, every _Outbox and _stopping; the selector
+        # belongs to the writer thread alone.
+        self._lock = threading.Lock()
+        self._boxes: dict[Connection, _Outbox] = {}
+        self._waiting = 0  # bytes in all boxes
+        self._dirty: set[Connection] = set()  # connections whose box the writer must look at
+        self._closing: dict[Connection, float] = {}  # connections to close by then (monotonic)
+        self._stopping = False
+        self._idle = threading.Condition(self._lock)  # notified when nothing waits
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._run, name="signaling-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close every socket and end the thread."""
+        with self._lock:
+            self._stopping = True
+        self._wake()
+        self._thread.join(timeout=5)
+
+    def open(self, conn: "Connection") -> None:
+        with self._lock:
+            self._boxes[conn] = _Outbox(conn)
+
+    def put(self, conn: "Connection", data: bytes) -> bool:
+        """Queue bytes for `conn`; False when it is closing or has just been found too slow."""
+        with self._lock:
+            box = self._boxes.get(conn)
+            if box is None or box.gone or box.too_slow:
+                return False
+            if data:  # websockets' b"" (end the stream) is left to close(): the socket closes then
+                box.chunks.append(data)
+                box.size += len(data)
+                self._waiting += len(data)
+                box.too_slow = box.size > self.limit
+            self._mark(conn)
+        return not box.too_slow
+
+    def accepting(self, conn: "Connection") -> bool:
+        with self._lock:
+            box = self._boxes.get(conn)
+            return box is not None and not box.gone and not box.too_slow
+
+    def close(self, conn: "Connection", now: bool) -> None:
+        """The reader is done with `conn`: close its socket once what waits is sent (for at
+        most CLOSE_TIMEOUT_S), or `now`. Only the writer closes sockets, after the reader
+        let go of them, so a descriptor is never reused under either."""
+        with self._lock:
+            box = self._boxes.get(conn)
+            if box is None:
+                return
+            if now:
+                box.gone = True
+            elif box.close_by is None:
+                box.close_by = self._closing[conn] = time.monotonic() + CLOSE_TIMEOUT_S
+            self._mark(conn)
+
+    def flush(self, timeout: float) -> None:
+        """Wait until nothing waits to be sent, or `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._waiting and time.monotonic() < deadline:
+                self._idle.wait(max(0.0, deadline - time.monotonic()))
+
+    def _mark(self, conn: "Connection") -> None:  # the caller holds _lock
+        if not self._dirty:
+            self._wake()
+        self._dirty.add(conn)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # full: a wake-up is pending anyway; closed: stopping
+            pass
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    first = min(self._closing.values(), default=None)
+                timeout = None if first is None else max(0.0, first - time.monotonic())
+                ready = []
+                for key, _ in self._selector.select(timeout):
+                    if key.fileobj is self._wake_r:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    else:
+                        ready.append(key.data)
+                with self._lock:
+                    dirty, self._dirty = self._dirty, set()
+                    stopping = self._stopping
+                    overdue = [conn for conn, by in self._closing.items() if by <= time.monotonic()]
+                for conn in dirty.union(ready, overdue):
+                    self._service(conn)
+                with self._lock:
+                    if not self._waiting:
+                        self._idle.notify_all()
+                if stopping:
+                    break
+        except Exception:  # a bug here would silence every peer: say so loudly
+            log.exception("signaling: the writer failed")
+        finally:
+            with self._lock:
+                boxes = list(self._boxes.values())
+                self._boxes.clear()
+            for box in boxes:
+                box.conn.sock.close()
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _service(self, conn: "Connection") -> None:
+        """Send what `conn`'s socket takes now; close it once the reader let go of it and
+        it is sent (or overdue); cut it when it is too slow."""
+        with self._lock:
+            box = self._boxes.get(conn)
+            if box is None:
+                return
+            overdue = box.close_by is not None and (not box.chunks or box.close_by <= time.monotonic())
+            if box.gone or overdue:
+                del self._boxes[conn]
+                self._closing.pop(conn, None)
+            if box.gone or overdue or box.too_slow:
+                self._waiting -= box.size
+                box.chunks.clear()
+                box.size = 0
+        if box.watched and (box.gone or overdue or box.too_slow):
+            self._selector.unregister(conn.sock)
+            box.watched = False
+        if box.gone or overdue:
+            conn.sock.close()
+            return
+        if box.too_slow:  # the reader sees the socket shut down, lets go, and it is closed above
+            log.warning("closed %s: too slow (more than %d bytes waiting for it)", conn, self.limit)
+            _shutdown(conn.sock)
+            return
+        while True:
+            with self._lock:
+                if not box.chunks:
+                    break
+                pieces = [memoryview(box.chunks[0])[box.offset:]]
+                taken = len(pieces[0])
+                for chunk in itertools.islice(box.chunks, 1, None):
+                    if taken + len(chunk) > self.BATCH_BYTES:
+                        break
+                    pieces.append(chunk)
+                    taken += len(chunk)
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            try:
+                sent = conn.sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # reset or shut down: the reader sees it too and lets go
+                with self._lock:
+                    self._waiting -= box.size
+                    box.chunks.clear()
+                    box.size = 0
+                break
+            with self._lock:
+                box.size -= sent
+                self._waiting -= sent
+                left = sent
+                while left:
+                    rest = len(box.chunks[0]) - box.offset
+                    if left < rest:
+                        box.offset += left
+                        break
+                    box.chunks.popleft()
+                    box.offset, left = 0, left - rest
+            if sent < taken:  # the socket is full: wait until it takes more
+                break
+        with self._lock:
+            waiting, closing = bool(box.chunks), box.close_by is not None
+        if waiting != box.watched:
+            if waiting:
+                self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+            else:
+                self._selector.unregister(conn.sock)
+            box.watched = waiting
+        if closing and not waiting:
+            self._service(conn)  # all sent: close it
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """End a connection from any thread; its descriptor stays until the writer closes it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # not connected any more, or closed
+        pass
+
+
+class Connection:
+    """One client connection: its socket, websockets' protocol for it, and its peer once
+    registered. The reader feeds the protocol; any thread may queue frames through it."""
+
+    def __init__(self, sock: socket.socket, address: str, writer: _Writer):
+        self.sock = sock
+        self.address = address
+        self.opened = time.monotonic()
+        self.peer: Optional[Peer] = None  # set by the reader at registration
+        self.fragments: list[bytes] = []  # of a fragmented message (reader only)
+        self.first_opcode: Optional[Opcode] = None  # of a fragmented message (reader only)
+        self.limiter: Optional[_RateLimiter] = None  # used by the reader only
+        self._writer = writer
+        # Guards protocol (websockets' state machine, not thread-safe) and _probe.
+        self.lock = threading.Lock()
+        self.protocol = ServerProtocol(max_size=HARD_FRAME_LIMIT, logger=_WS_LOG)
+        self._probe: Optional[tuple[float, bool]] = None  # the protocol ping in flight: (sent, answered)
+
+    def __str__(self) -> str:
+        peer = self.peer
+        return f"{peer.peer_id} (room {peer.room_id})" if peer is not None else self.address
+
+    def flush(self) -> None:  # the caller holds lock
+        for data in self.protocol.data_to_send():
+            self._writer.put(self, data)
+
+    def enqueue(self, text: str) -> bool:
+        """Queue one text frame; False when the connection is closing or too slow."""
+        with self.lock:
+            if self.protocol.state is not State.OPEN:
+                return False
+            self.protocol.send_text(text.encode())
+            self.flush()
+        return self._writer.accepting(self)
+
+    def probe(self) -> float:
+        """Queue a protocol ping unless one is in flight; how long the one in flight has
+        waited for its pong (0 when none was)."""
+        now = time.monotonic()
+        with self.lock:
+            if self.protocol.state is not State.OPEN:
+                return 0.0
+            if self._probe is not None and not self._probe[1]:
+                return now - self._probe[0]
+            self._probe = (now, False)
+            self.protocol.send_ping(b"probe")
+            self.flush()
+        return 0.0
+
+    def answered(self) -> None:
+        with self.lock:
+            if self._probe is not None:
+                self._probe = (self._probe[0], True)
+
+    def abort(self, why: str) -> None:
+        """Cut the connection from any thread; the reader sees it closed and lets go."""
+        log.info("closed %s: %s", self, why)
+        _shutdown(self.sock)
+
+
+class _Reader:
+    """Thread "signaling-reader", owned and stopped by the server: accepts connections,
+    reads every socket, and calls `on_open(conn)`, `on_message(conn, text | bytes)` for
+    each whole message and `on_close(conn)` once a connection is done. Never blocks on a
+    peer."""
+
+    def __init__(self, listener: socket.socket, writer: _Writer, on_open: Callable, on_message: Callable,
+                 on_close: Callable):
+        self.listener = listener
+        self._writer = writer
+        self._on_open, self._on_message, self._on_close = on_open, on_message, on_close
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stopping = threading.Event()
+        self._selector = selectors.DefaultSelector()  # the reader thread's alone
+        self._resume_accepting: Optional[float] = None  # while out of descriptors (reader thread only)
+        self._thread = threading.Thread(target=self._run, name="signaling-reader", daemon=True)
+
+    def start(self) -> None:
+        self.listener.setblocking(False)
+        self._selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.wake()
+        self._thread.join(timeout=5)
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if self._resume_accepting is not None and time.monotonic() >= self._resume_accepting:
+                    self._selector.register(self.listener, selectors.EVENT_READ, "accept")
+                    self._resume_accepting = None
+                timeout = None if self._resume_accepting is None else \
+                    max(0.0, self._resume_accepting - time.monotonic())
+                for key, _ in self._selector.select(timeout):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self._read(key.data)
+        except Exception:  # a bug here would deafen the server: say so loudly
+            log.exception("signaling: the reader failed")
+        finally:
+            self._selector.close()
+            self.listener.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: pause, or the listener would wake us forever
+                log.warning("cannot accept connections for %.0f s: %s (raise `ulimit -n`)", ACCEPT_PAUSE_S, exc)
+                self._selector.unregister(self.listener)
+                self._resume_accepting = time.monotonic() + ACCEPT_PAUSE_S
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock, "%s:%s" % address[:2], self._writer)
+            self._writer.open(conn)
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+            self._on_open(conn)
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:  # reset, or cut by another thread (abort, too slow)
+            data = b""
+        with conn.lock:
+            if data:
+                conn.protocol.receive_data(data)
+            else:
+                conn.protocol.receive_eof()
+            events = conn.protocol.events_received()
+            conn.flush()
+        for event in events:
+            if isinstance(event, Request):
+                with conn.lock:
+                    conn.protocol.send_response(conn.protocol.accept(event))
+                    conn.flush()
+            elif event.opcode is Opcode.PONG:
+                conn.answered()
+            elif event.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+                if not conn.fragments:
+                    conn.first_opcode = event.opcode
+                conn.fragments.append(event.data)
+                if event.fin:
+                    whole, conn.fragments = b"".join(conn.fragments), []
+                    self._deliver(conn, whole, conn.first_opcode is Opcode.BINARY)
+        if not data or conn.protocol.state is State.CLOSED or conn.protocol.close_expected():
+            self._selector.unregister(conn.sock)
+            self._on_close(conn)
+            self._writer.close(conn, now=not data)
+
+    def _deliver(self, conn: Connection, whole: bytes, binary: bool) -> None:
+        if binary:
+            self._on_message(conn, whole)
+            return
+        try:
+            text = whole.decode("utf-8")
+        except UnicodeDecodeError:
+            self._on_message(conn, whole)  # answered like a binary frame: not part of the API
+            return
+        self._on_message(conn, text)
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,8 +720,10 @@ def matches(peer: Peer, filters: dict) -> bool:
 class SignalingServer:
     """Rooms and peers in memory (rooms also in `state_file` when given), served on two ports.
 
-    Threads, all stopped by `stop()`: "signaling-ws" (websockets' accept loop, which starts
-    one thread per connection), "signaling-http" and "signaling-pinger".
+    Threads, all stopped by `stop()`: "signaling-reader" and "signaling-writer" (every
+    socket; see above), "signaling-http" and "signaling-pinger". The reader only queues:
+    answers, forwarded frames and pings all go through the writer, so no thread ever
+    waits on a peer.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = P.DEFAULT_WS_PORT,
@@ -211,49 +738,69 @@ class SignalingServer:
         self.limits = limits or Limits()
         self.ping_interval = ping_interval
         self.started = time.time()
-        # Guards rooms, peers, the counters below and writes of the state file.
+        # Guards rooms (and their peers), _connections, the counters below and writes of
+        # the state file. Never held while waiting for anything.
         self._lock = threading.Lock()
         self.rooms: dict[str, Room] = {}
-        self.peers: dict[str, Peer] = {}
+        self._connections: set[Connection] = set()
         self.total_connections = 0
-        self.active_connections = 0
         self.total_messages = 0
         self.rooms_created = 0
         self._secret = secrets.token_bytes(32)
         self._load_state()
         self._stopping = threading.Event()
-        self._ws_server = None
+        self._writer = _Writer(self.limits.outbox_bytes)
+        self._reader: Optional[_Reader] = None
         self._http_server: Optional[ThreadingHTTPServer] = None
-        self._threads: list[threading.Thread] = []
+        self._pinger = threading.Thread(target=self._ping_forever, name="signaling-pinger", daemon=True)
+        self._http_thread: Optional[threading.Thread] = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> "SignalingServer":
-        from websockets.sync.server import serve
-
-        self._ws_server = serve(self._serve_connection, self.host, self.port, max_size=HARD_FRAME_LIMIT,
-                                compression=None, close_timeout=CLOSE_TIMEOUT_S)
-        self.port = self._ws_server.socket.getsockname()[1]
-        self._http_server = _HTTPServer((self.host, self.http_port), _make_http_handler(self))
+        # A peer is a file descriptor: take as many as the process may have.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        listener = socket.create_server((self.host, self.port), backlog=1024)
+        self.port = listener.getsockname()[1]
+        try:
+            self._http_server = _HTTPServer((self.host, self.http_port), _make_http_handler(self))
+        except OSError:
+            listener.close()
+            raise
         self._http_server.daemon_threads = True
         self.http_port = self._http_server.server_address[1]
-        for name, target in (("signaling-ws", self._ws_server.serve_forever),
-                             ("signaling-http", self._http_server.serve_forever),
-                             ("signaling-pinger", self._ping_forever)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._writer.start()
+        self._reader = _Reader(listener, self._writer, self._opened, self._on_message, self._closed)
+        self._reader.start()
+        self._http_thread = threading.Thread(target=self._http_server.serve_forever, name="signaling-http",
+                                             daemon=True)
+        self._http_thread.start()
+        self._pinger.start()
         return self
 
     def stop(self) -> None:
+        """Say goodbye (close frame 1001) to every peer, give the writer STOP_FLUSH_S to
+        deliver it to those that read, then cut every connection: a stalled peer delays
+        the stop by no more than that."""
         self._stopping.set()
         if self._http_server:
             self._http_server.shutdown()
             self._http_server.server_close()
-        if self._ws_server:
-            self._ws_server.shutdown()  # closes every connection too
-        for thread in self._threads:
-            thread.join(timeout=5)
+        if self._reader is not None:
+            self._reader.stop()  # no more reading or accepting; the sockets stay for the writer
+            with self._lock:
+                connections = list(self._connections)
+            for conn in connections:
+                with conn.lock:
+                    if conn.protocol.state is State.OPEN:
+                        conn.protocol.send_close(CloseCode.GOING_AWAY, "server stopping")
+                        conn.flush()
+            self._writer.flush(STOP_FLUSH_S)
+        self._writer.stop()  # closes every socket
+        if self._pinger.is_alive():
+            self._pinger.join(timeout=5)
 
     @property
     def ws_url(self) -> str:
@@ -264,13 +811,24 @@ class SignalingServer:
         return f"http://{self.host}:{self.http_port}"
 
     def _ping_forever(self) -> None:
-        """Ping every peer, and delete rooms that stayed empty past their time."""
+        """Every ping_interval: ping each peer (a `ping` frame our clients answer, and a
+        protocol ping every WebSocket library answers), close connections that left a
+        protocol ping unanswered for silence_s or never registered, and delete rooms that
+        stayed empty past their time. Only queues: never waits on a peer."""
         while not self._stopping.wait(self.ping_interval):
             with self._lock:
-                peers = list(self.peers.values())
+                connections = list(self._connections)
                 if self._expire_rooms():
                     self._save_state()
-            self._broadcast(peers, {"type": P.PING})
+            now = time.monotonic()
+            for conn in connections:
+                registered = conn.peer is not None
+                if not registered and now - conn.opened > REGISTER_WITHIN_S:
+                    conn.abort(f"did not register within {REGISTER_WITHIN_S:.0f} s")
+                elif (waited := conn.probe()) > self.limits.silence_s:
+                    conn.abort(f"no answer to a ping for {waited:.0f} s")
+                elif registered:
+                    conn.enqueue(_PING_TEXT)
 
     def _expire_rooms(self) -> list[str]:
         """Delete rooms empty for longer than the TTL (caller holds _lock or owns the server)."""
@@ -292,7 +850,8 @@ class SignalingServer:
         for room_id, room in state.get("rooms", {}).items():
             self.rooms[room_id] = Room(room_id, room["token"], room["created_at"], room.get("owner", ""),
                                        room.get("address", ""), room.get("empty_since", time.time()),
-                                       set(room.get("members", [])), set(room.get("api_keys", [])))
+                                       set(room.get("members", [])), set(room.get("api_keys", [])),
+                                       dict(room.get("claims", {})))
         self._expire_rooms()
 
     def _save_state(self) -> None:
@@ -332,7 +891,7 @@ class SignalingServer:
         now = int(time.time())
         header = P.b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
         claims = P.b64url(json.dumps({"sub": username, "username": username, "iat": now,
-                                  "exp": now + ID_TOKEN_LIFETIME_S}).encode())
+                                      "exp": now + ID_TOKEN_LIFETIME_S}).encode())
         return f"{header}.{claims}.{self._sign(f'{header}.{claims}')}", username
 
     def check_id_token(self, id_token: str) -> Optional[str]:
@@ -380,171 +939,158 @@ class SignalingServer:
             raise PermissionError(f"wrong token for room {room_id}")
         return room
 
-    def delete(self, room_id: Optional[str], peer_id: Optional[str], token: str) -> dict:
-        """Disconnect one peer or a whole room; raises PermissionError / LookupError."""
+    def delete(self, room_id: str, peer_id: Optional[str], user: Optional[str]) -> dict:
+        """Disconnect one peer of a room, or delete the room with everyone in it. Only the
+        room's creator may (its id_token): the token makes members, not owners. Raises
+        PermissionError / LookupError."""
         with self._lock:
-            if peer_id:
-                peer = self.peers.get(peer_id)
-                if peer is None:
-                    raise LookupError(f"no peer {peer_id}")
-                room = self.rooms[peer.room_id]
-            else:
-                room = self.rooms.get(room_id or "")
-                if room is None:
-                    raise LookupError(f"no room {room_id}")
-            if not _same(room.token, token):
-                raise PermissionError("wrong room token")
-            if peer_id:
+            room = self.rooms.get(room_id)
+            if room is None:
+                raise LookupError(f"no room {P.echo(room_id)} on this server")
+            if user is None or not room.owner or user != room.owner:
+                raise PermissionError(f"only the creator of room {room_id} may delete it or remove its peers "
+                                      "(send 'Authorization: Bearer <id_token>' of the user who created it)")
+            if peer_id is not None:
+                if peer_id not in room.peers:
+                    raise LookupError(f"no peer {P.echo(peer_id)} in room {room_id}")
                 victims = [room.peers[peer_id]]
             else:
                 victims = list(room.peers.values())
                 del self.rooms[room.room_id]
                 self._save_state()
         for victim in victims:
-            self._evict(victim)
-        return {"deleted_peers": [v.peer_id for v in victims], "room_deleted": not peer_id}
+            self._evict(victim, "removed by the room's creator")
+        return {"deleted_peers": [v.peer_id for v in victims], "room_deleted": peer_id is None}
 
-    def delete_peer(self, peer_id: str, user: Optional[str], token: str) -> dict:
-        """sleap-rtc 0.0.7's POST /delete-peer: disconnect a peer when the caller is the
-        user it registered as, or holds its room's token. Every client calls it on exit,
-        usually after its connection closed, so an absent peer is an answer, not an error."""
+    def delete_peer(self, peer_id: str, user: Optional[str]) -> dict:
+        """sleap-rtc 0.0.7's POST /delete-peer: disconnect the peer `peer_id` that `user`
+        registered as (or, for a room's creator, any peer of that id in their room).
+        Every client calls it on exit, usually after its connection closed, so an absent
+        peer is an answer, not an error."""
+        if user is None:
+            raise PermissionError("send 'Authorization: Bearer <id_token>' of the user the peer registered as")
         with self._lock:
-            peer = self.peers.get(peer_id)
-            if peer is None:
-                return {"deleted": False, "reason": f"no peer {P.echo(peer_id)} is connected"}
-            allowed = (user is not None and user == peer.user) or \
-                (bool(token) and _same(self.rooms[peer.room_id].token, token))
-        if not allowed:
-            raise PermissionError(f"only the user {peer_id} signed in as, or a holder of its room's token, "
-                                  "may delete it")
-        self._evict(peer)
+            present = [room.peers[peer_id] for room in self.rooms.values() if peer_id in room.peers]
+            mine = [p for p in present if p.user == user or self.rooms[p.room_id].owner == user]
+        if not present:
+            return {"deleted": False, "reason": f"no peer {P.echo(peer_id)} is connected"}
+        if not mine:
+            raise PermissionError(f"only the user {peer_id} signed in as, or its room's creator, may delete it")
+        for peer in mine:
+            self._evict(peer, "deleted by its user")
         return {"deleted": True, "peer_id": peer_id}
 
-    def _evict(self, peer: Peer) -> None:
-        """Take a peer out of its room and close its connection. The close handshake waits
-        up to CLOSE_TIMEOUT_S for the peer; the HTTP answer must not, so the close runs in
-        a short-lived thread of its own ("signaling-evict-PEER", ended by the close)."""
+    def _evict(self, peer: Peer, why: str) -> None:
+        """Take a peer out of its room and cut its connection (without the close handshake,
+        which would wait for the peer)."""
         self._remove_peer(peer)
-        threading.Thread(target=peer.conn.close, name=f"signaling-evict-{peer.peer_id}", daemon=True).start()
+        peer.conn.abort(why)
 
     def metrics(self) -> dict:
         with self._lock:
             by_role: dict[str, int] = {}
-            for peer in self.peers.values():
-                by_role[peer.role] = by_role.get(peer.role, 0) + 1
-            return {"active_rooms": len(self.rooms), "active_connections": self.active_connections,
+            for room in self.rooms.values():
+                for role, peers in room.by_role.items():
+                    by_role[role] = by_role.get(role, 0) + len(peers)
+            return {"active_rooms": len(self.rooms), "active_connections": len(self._connections),
                     "peers_by_role": by_role, "total_connections": self.total_connections,
                     "total_messages": self.total_messages, "rooms_created": self.rooms_created,
                     "uptime_s": round(time.time() - self.started, 1)}
 
-    # -- WebSocket connections ----------------------------------------------------------
+    # -- connections and frames ---------------------------------------------------------
 
-    def _send(self, conn, frame: dict) -> bool:
-        return self._send_text(conn, json.dumps(frame))
-
-    def _send_text(self, conn, text: str) -> bool:
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            conn.send(text)
-            return True
-        except (ConnectionClosed, OSError):  # closed or closing: the peer's own thread cleans up
-            return False
-
-    def _broadcast(self, peers: list[Peer], frame: dict) -> None:
-        text = json.dumps(frame)
-        for peer in peers:
-            self._send_text(peer.conn, text)
-
-    def _serve_connection(self, conn) -> None:
-        from websockets.exceptions import ConnectionClosed
-
+    def _opened(self, conn: Connection) -> None:
+        conn.limiter = _RateLimiter(self.limits.rate_per_s, self.limits.rate_burst)
         with self._lock:
             self.total_connections += 1
-            self.active_connections += 1
-        peer: Optional[Peer] = None
-        limiter = _RateLimiter(self.limits.rate_per_s, self.limits.rate_burst)
-        try:
-            for text in conn:
-                with self._lock:
-                    self.total_messages += 1
-                _, reply = self._handle_frame(text, conn, peer, limiter)
-                if isinstance(reply, Peer):
-                    peer = reply  # from here on, however the connection ends, the peer is removed
-                    self._send(conn, self._registered_auth(peer))
-                    self._broadcast(self._others(peer), {"type": P.PEER_JOINED, **peer.public()})
-                elif reply is not None:
-                    self._send(conn, reply)
-        except ConnectionClosed as exc:  # a dropped connection ends here
-            log.debug("connection ended: %s", exc)
-        except Exception:  # a bug must end only this connection, and say where it is
-            log.exception("connection of %s ended by an error", peer.peer_id if peer else "an unregistered peer")
-        finally:
-            with self._lock:
-                self.active_connections -= 1
-            if peer is not None:
-                self._remove_peer(peer)
+            self._connections.add(conn)
 
-    def _handle_frame(self, text, conn, peer: Optional[Peer], limiter: _RateLimiter) -> tuple[Optional[str], Any]:
-        """Answer one frame: returns (frame type, reply frame | newly registered Peer | None)."""
+    def _on_message(self, conn: Connection, text) -> None:
+        """Answer or forward one whole message, by queueing (the reader's thread)."""
+        with self._lock:
+            self.total_messages += 1
+        try:
+            reply = self._handle_frame(text, conn, conn.peer, conn.limiter)
+        except Exception:  # a bug must cost this frame only, and say where it is
+            log.exception("a frame from %s failed", conn)
+            reply = P.error_frame("INTERNAL_ERROR", "the server failed on this frame; see its log")
+        if isinstance(reply, tuple):
+            conn.peer, welcome = reply  # from here on, however the connection ends, the peer is removed
+            conn.enqueue(welcome)
+        elif reply is not None:
+            conn.enqueue(reply if isinstance(reply, str) else json.dumps(reply))
+
+    def _closed(self, conn: Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+        if conn.peer is not None:
+            self._remove_peer(conn.peer)
+
+    def _handle_frame(self, text, conn, peer: Optional[Peer], limiter: _RateLimiter) -> Any:
+        """Answer one frame: a reply frame (a dict, or its text), (a newly registered Peer,
+        its registered_auth text), or None."""
         if not limiter.allow():
-            return None, P.error_frame(P.RATE_LIMITED, f"more than {self.limits.rate_per_s:g} frames/s; slow down")
+            return P.error_frame(P.RATE_LIMITED, f"more than {self.limits.rate_per_s:g} frames/s; slow down")
         if isinstance(text, bytes):
-            return None, P.error_frame(P.INVALID_MESSAGE, "binary frames are not part of the API; send JSON text")
+            return P.error_frame(P.INVALID_MESSAGE, "binary frames are not part of the API; send JSON text")
         size = len(text) if len(text) * 4 <= self.limits.max_frame_bytes else len(text.encode("utf-8", "replace"))
         if size > self.limits.max_frame_bytes:
-            return None, P.error_frame(P.MESSAGE_TOO_LARGE,
-                                       f"frame of {size} bytes exceeds the {self.limits.max_frame_bytes} byte limit")
+            return P.error_frame(P.MESSAGE_TOO_LARGE,
+                                 f"frame of {size} bytes exceeds the {self.limits.max_frame_bytes} byte limit")
         try:
             frame = json.loads(text)
         except RecursionError:
-            return None, P.error_frame(P.INVALID_JSON, f"frame nests deeper than {P.MAX_FRAME_DEPTH} levels")
+            return P.error_frame(P.INVALID_JSON, f"frame nests deeper than {P.MAX_FRAME_DEPTH} levels")
         except ValueError as exc:
-            return None, P.error_frame(P.INVALID_JSON, f"frame is not valid JSON: {str(exc)[:200]}")
+            return P.error_frame(P.INVALID_JSON, f"frame is not valid JSON: {str(exc)[:200]}")
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-            return None, P.error_frame(P.INVALID_MESSAGE, "a frame is a JSON object with a string 'type'")
+            return P.error_frame(P.INVALID_MESSAGE, "a frame is a JSON object with a string 'type'")
         if P.too_deep(frame):
-            return None, P.error_frame(P.INVALID_MESSAGE, f"frame nests deeper than {P.MAX_FRAME_DEPTH} levels")
+            return P.error_frame(P.INVALID_MESSAGE, f"frame nests deeper than {P.MAX_FRAME_DEPTH} levels")
         kind = frame["type"]
         if kind not in P.FRAME_FIELDS:
-            return kind, P.error_frame(P.UNKNOWN_MESSAGE_TYPE, f"unknown message type {P.echo(kind)}", kind)
+            return P.error_frame(P.UNKNOWN_MESSAGE_TYPE, f"unknown message type {P.echo(kind)}", kind)
         problem = P.check_frame(frame)
         if problem:
-            return kind, P.error_frame(P.INVALID_MESSAGE, problem, kind)
+            return P.error_frame(P.INVALID_MESSAGE, problem, kind)
         if kind == P.PING:
-            return kind, {"type": P.PONG, "timestamp": time.time()}
+            return {"type": P.PONG, "timestamp": time.time()}
         if kind == P.PONG:
-            return kind, None
+            return None
         if kind == P.REGISTER:
             if peer is not None:
-                return kind, P.error_frame(P.ALREADY_REGISTERED, f"this connection is already {peer.peer_id}", kind)
-            return kind, self._register(frame, conn)
+                return P.error_frame(P.ALREADY_REGISTERED, f"this connection is already {peer.peer_id}", kind)
+            return self._register(frame, conn)
         if peer is None:
-            return kind, P.error_frame(P.NOT_IN_ROOM, f"register before sending {kind}", kind)
+            return P.error_frame(P.NOT_IN_ROOM, f"register before sending {kind}", kind)
         sender = frame[P.SENDER_FIELD[kind]]
         if sender != peer.peer_id:
             field = P.SENDER_FIELD[kind]
-            return kind, P.error_frame(P.SPOOFED_SENDER, f"{field} {P.echo(sender)} is not this connection's peer id",
-                                       kind)
+            return P.error_frame(P.SPOOFED_SENDER, f"{field} {P.echo(sender)} is not this connection's peer id", kind)
         if kind == P.DISCOVER_PEERS:
-            return kind, self._discover(peer, frame.get("filters", {}))
+            return self._discover(peer, frame.get("filters", {}))
         if kind == P.UPDATE_METADATA:
-            return kind, self._update_metadata(peer, frame["metadata"])
-        return kind, self._forward(peer, frame)
+            return self._update_metadata(peer, frame["metadata"])
+        return self._forward(peer, frame)
 
     def _register(self, frame: dict, conn) -> Any:
-        """A new Peer, or the error frame saying why not. The room's token admits anyone;
+        """(a new Peer, its registered_auth text), or the error frame saying why not. The room's token admits anyone;
         without it (sleap-rtc 0.0.7) a jwt this server signed admits the room's owner and
-        members, and an api_key admits a worker the room issued it to."""
+        members, and an api_key admits a worker the room issued it to. A peer id is unique
+        in its room; one claimed with a peer_key takes that key, and with it replaces a
+        connection that still holds the id."""
         kind = P.REGISTER
-        if "id_token" in frame and self.check_id_token(frame["id_token"]) is None:
-            return P.error_frame(P.INVALID_TOKEN, "id_token is invalid or expired; sign in again", kind)
         user = ""
+        if "id_token" in frame:
+            user = self.check_id_token(frame["id_token"]) or ""
+            if not user:
+                return P.error_frame(P.INVALID_TOKEN, "id_token is invalid or expired; sign in again", kind)
         if not frame.get("token") and frame.get("jwt"):
             user = self.check_id_token(frame["jwt"]) or ""
             if not user:
                 return P.error_frame(P.INVALID_TOKEN, "the jwt was not signed by this server or has expired; run "
                                      "`python client.py login --sleap-rtc-credentials` again", kind)
+        peer_id, key = frame["peer_id"], frame.get("peer_key")
         with self._lock:
             room = self.rooms.get(frame["room_id"])
             if room is None:
@@ -552,64 +1098,68 @@ class SignalingServer:
             if frame.get("token"):
                 if not _same(room.token, frame["token"]):
                     return P.error_frame(P.INVALID_TOKEN, f"wrong token for room {room.room_id}", kind)
-            elif user:
+            elif frame.get("jwt"):
                 if not room.admits(user):
                     return P.error_frame(P.NOT_A_MEMBER, f"user {user} has not joined room {room.room_id}: "
                                          "join it once with the room's token (`python client.py login "
                                          "--sleap-rtc-credentials --room ROOM --token TOKEN`)", kind)
-            elif frame.get("api_key"):
-                if _key_digest(frame["api_key"]) not in room.api_keys:
-                    return P.error_frame(P.INVALID_TOKEN, f"the api_key is not a worker key of room {room.room_id} "
-                                         "(`python client.py login --sleap-rtc-credentials` issues one)", kind)
-            else:
-                return P.error_frame(P.INVALID_TOKEN, "register with the room's token, a jwt from this server's "
-                                     "sign-in, or a worker api_key", kind)
-            if frame["peer_id"] in self.peers:
-                return P.error_frame(P.PEER_ID_TAKEN, f"peer id {frame['peer_id']!r} is connected already", kind)
-            if len(room.peers) >= self.limits.max_peers_per_room:
+            elif _key_digest(frame["api_key"]) not in room.api_keys:
+                return P.error_frame(P.INVALID_TOKEN, f"the api_key is not a worker key of room {room.room_id} "
+                                     "(`python client.py login --sleap-rtc-credentials` issues one)", kind)
+            claim = room.claims.get(peer_id)
+            if claim is not None and (key is None or not _same(claim, _key_digest(key))):
+                return P.error_frame(P.PEER_ID_TAKEN, f"peer id {peer_id!r} is claimed in room {room.room_id} by "
+                                     "another peer (it registered with a key); choose another id", kind)
+            stale = room.peers.get(peer_id)
+            if stale is not None and claim is None:
+                return P.error_frame(P.PEER_ID_TAKEN, f"peer id {peer_id!r} is connected already", kind)
+            if stale is None and len(room.peers) >= self.limits.max_peers_per_room:
                 return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds its maximum of "
                                      f"{self.limits.max_peers_per_room} peers", kind)
+            if key is not None and claim is None:
+                if len(room.claims) >= MAX_CLAIMS_PER_ROOM:
+                    return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds {MAX_CLAIMS_PER_ROOM} claimed "
+                                         "peer ids; register without a peer_key", kind)
+                room.claims[peer_id] = _key_digest(key)
+                self._save_state()
             metadata = P.merge_metadata({"tags": [], "properties": {}}, frame.get("metadata") or {})
-            if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+            peer = Peer(peer_id, room.room_id, frame.get("role", "peer"), metadata, conn, user)
+            if peer.metadata_bytes > MAX_METADATA_BYTES:
                 return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes", kind)
-            peer = Peer(frame["peer_id"], room.room_id, frame.get("role", "peer"), metadata, _now_iso(), conn, user)
-            room.peers[peer.peer_id] = peer
-            room.empty_since = None
-            self.peers[peer.peer_id] = peer
-        return peer
-
-    def _others(self, peer: Peer) -> list[Peer]:
-        with self._lock:
-            room = self.rooms.get(peer.room_id)
-            return [p for p in room.peers.values() if p is not peer] if room else []
-
-    def _registered_auth(self, peer: Peer) -> dict:
-        # No room token here: a peer that entered with a jwt or worker key does not learn it.
-        return {"type": P.REGISTERED_AUTH, "room_id": peer.room_id, "peer_id": peer.peer_id,
-                "peer_list": [p.public() for p in self._others(peer)], "ice_servers": self.ice_servers}
+            if stale is not None:
+                room.discard(stale)
+            # No room token here: a peer that entered with a jwt or worker key does not learn it.
+            welcome = (f'{{"type": "{P.REGISTERED_AUTH}", "room_id": {json.dumps(room.room_id)}, '
+                       f'"peer_id": {json.dumps(peer_id)}, "peer_list": [{room.listing()}], '
+                       f'"ice_servers": {json.dumps(self.ice_servers)}}}')
+            room.add(peer)
+        if stale is not None:  # the key's holder is back (a restarted worker): its old connection goes
+            stale.conn.abort(f"{peer_id} registered again from a new connection")
+        return peer, welcome
 
     def _remove_peer(self, peer: Peer) -> None:
         with self._lock:
-            if self.peers.get(peer.peer_id) is not peer:
-                return
-            del self.peers[peer.peer_id]
             room = self.rooms.get(peer.room_id)
-            others = []
             if room is not None:
-                room.peers.pop(peer.peer_id, None)
-                others = list(room.peers.values())
-                if not others:
-                    room.empty_since = time.time()
-        self._broadcast(others, {"type": P.PEER_LEFT, "peer_id": peer.peer_id})
+                room.discard(peer)
 
-    def _discover(self, peer: Peer, filters: Any) -> dict:
+    def _discover(self, peer: Peer, filters: Any) -> Any:
+        """The peer_list answer, as text: it joins the peers' prepared JSON."""
         problem = check_filters(filters)
         if problem:
             return P.error_frame(P.INVALID_MESSAGE, problem, P.DISCOVER_PEERS)
         with self._lock:
-            found = [p.public() for p in self.rooms[peer.room_id].peers.values()
-                     if p is not peer and matches(p, filters)]
-        return {"type": P.PEER_LIST, "to_peer_id": peer.peer_id, "count": len(found), "peers": found}
+            room = self.rooms.get(peer.room_id)
+            if room is None:
+                candidates = []
+            elif "role" in filters:
+                candidates = room.by_role.get(filters["role"], {}).values()
+            else:
+                candidates = room.peers.values()
+            matches = matcher(filters)
+            found = [p.public_json for p in candidates if p is not peer and matches(p)]
+        return (f'{{"type": "{P.PEER_LIST}", "to_peer_id": {json.dumps(peer.peer_id)}, '
+                f'"count": {len(found)}, "peers": [{", ".join(found)}]}}')
 
     def _update_metadata(self, peer: Peer, update: dict) -> dict:
         with self._lock:
@@ -618,18 +1168,40 @@ class SignalingServer:
                 return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes",
                                      P.UPDATE_METADATA)
             peer.metadata = merged
+            room = self.rooms.get(peer.room_id)
+            if room is not None:
+                room.changed()
         return {"type": P.METADATA_UPDATED, "peer_id": peer.peer_id, "metadata": merged}
 
     def _forward(self, peer: Peer, frame: dict) -> Optional[dict]:
+        """Queue a frame for its target in the sender's room. Offers and answers link the
+        two peers; quit passes only over such a link. Offers and peer messages carry the
+        sender's signed-in user, as this server knows it."""
         kind = frame["type"]
         target_id = frame[P.TARGET_FIELD[kind]]
         with self._lock:
-            target = self.peers.get(target_id)
+            room = self.rooms.get(peer.room_id)
+            target = room.peers.get(target_id) if room is not None else None
+            if target is not None:
+                if kind == P.OFFER:
+                    peer.offered_to[target_id] = None
+                    peer.offered_to.move_to_end(target_id)
+                    if len(peer.offered_to) > MAX_OFFERS_REMEMBERED:
+                        peer.offered_to.popitem(last=False)
+                elif kind == P.ANSWER and peer.peer_id in target.offered_to:
+                    peer.linked.add(target_id)
+                    target.linked.add(peer.peer_id)
+            linked = target_id in peer.linked
         if target is None:
-            return P.error_frame(P.PEER_NOT_FOUND, f"no peer {P.echo(target_id)} is connected", kind)
-        if target.room_id != peer.room_id:
-            return P.error_frame(P.PEER_NOT_IN_ROOM, f"peer {P.echo(target_id)} is not in room {peer.room_id}", kind)
-        if not self._send(target.conn, frame):
+            return P.error_frame(P.PEER_NOT_FOUND, f"no peer {P.echo(target_id)} in room {peer.room_id}", kind)
+        if kind == P.QUIT and not linked:
+            return P.error_frame(P.NOT_LINKED, f"{P.echo(target_id)} has no link with {peer.peer_id}: quit goes "
+                                 "only to the other end of a link", kind)
+        if kind in (P.OFFER, P.PEER_MESSAGE):
+            frame.pop(P.FROM_USER, None)  # only this server says who a user is
+            if peer.user:
+                frame[P.FROM_USER] = peer.user
+        if not target.conn.enqueue(json.dumps(frame)):
             return P.error_frame(P.DELIVERY_FAILED, f"peer {P.echo(target_id)} could not be reached", kind)
         return None
 
@@ -739,22 +1311,22 @@ def _make_http_handler(server: SignalingServer):
                     except LookupError as exc:
                         self._reply(404, {"error": str(exc)})
             elif self.path == "/delete-peer":
-                peer_id, token = body.get("peer_id"), body.get("token", "")
-                if not isinstance(peer_id, str) or not isinstance(token, str):
-                    self._reply(400, {"error": "send {peer_id} with 'Authorization: Bearer <id_token>', "
-                                               "or {peer_id, token}"})
+                peer_id = body.get("peer_id")
+                if not isinstance(peer_id, str):
+                    self._reply(400, {"error": "send {peer_id} with 'Authorization: Bearer <id_token>'"})
                     return
                 try:
-                    self._reply(200, server.delete_peer(peer_id, self._user(), token))
+                    self._reply(200, server.delete_peer(peer_id, self._user()))
                 except PermissionError as exc:
                     self._reply(403, {"error": str(exc)})
             elif self.path == "/delete-peers-and-room":
-                room_id, peer_id, token = body.get("room_id"), body.get("peer_id"), body.get("token")
-                if not isinstance(token, str) or not (isinstance(room_id, str) or isinstance(peer_id, str)):
-                    self._reply(400, {"error": "send {room_id, token} or {peer_id, token}"})
+                room_id, peer_id = body.get("room_id"), body.get("peer_id")
+                if not isinstance(room_id, str) or not isinstance(peer_id, (str, type(None))):
+                    self._reply(400, {"error": "send {room_id} (and peer_id to remove one peer) with "
+                                               "'Authorization: Bearer <id_token>' of the room's creator"})
                     return
                 try:
-                    self._reply(200, server.delete(room_id, peer_id, token))
+                    self._reply(200, server.delete(room_id, peer_id, self._user()))
                 except PermissionError as exc:
                     self._reply(403, {"error": str(exc)})
                 except LookupError as exc:
@@ -812,14 +1384,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--http-timeout", type=float, default=Limits.http_timeout_s, metavar="S",
                         help="drop an HTTP request that sends nothing for S seconds (default 10)")
     parser.add_argument("--rate", type=float, default=Limits.rate_per_s, help="frames per second per connection")
+    parser.add_argument("--outbox-mb", type=float, default=OUTBOX_LIMIT_BYTES / 2**20, metavar="MB",
+                        help="a peer with more than this waiting to be sent to it is closed as too slow "
+                             f"(default {OUTBOX_LIMIT_BYTES / 2**20:g})")
     parser.add_argument("--ping-interval", type=float, default=P.SERVER_PING_INTERVAL_S, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
+    if not args.verbose:  # a line per connection opened and closed: too many for a busy server's log
+        logging.getLogger("websockets").setLevel(logging.WARNING)
     limits = Limits(max_peers_per_room=args.max_peers_per_room, max_rooms=args.max_rooms,
                     max_rooms_per_user=args.max_rooms_per_user, max_rooms_per_address=args.max_rooms_per_address,
                     room_ttl_s=args.room_ttl, http_timeout_s=args.http_timeout,
-                    rate_per_s=args.rate, rate_burst=max(1, int(args.rate * 2)))
+                    rate_per_s=args.rate, rate_burst=max(1, int(args.rate * 2)),
+                    outbox_bytes=int(args.outbox_mb * 2**20))
     server = SignalingServer(args.host, args.port, args.http_port, args.ice_server, args.state_file, limits,
                              args.ping_interval)
     try:

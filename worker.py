@@ -4312,8 +4312,6 @@ class Worker:
                     self._on_peer_message(frame)
                 except Exception:  # one peer's odd message must not stop the worker serving the rest
                     log.exception("could not handle a peer message from %s", frame.get("from_peer_id"))
-            elif kind == P.PEER_LEFT:
-                log.info("peer %s left the room", frame.get("peer_id"))
             elif kind == P.ERROR:
                 log.warning("signaling error: %s %s", frame.get("code"), frame.get("message"))
 

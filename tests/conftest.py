@@ -137,6 +137,7 @@ class Env:
         self.server: Proc | None = None
         self.ws_port = self.http_port = 0
         self.room_id = self.token = ""
+        self.owner_id_token = ""  # the id_token of the room's creator: it may delete the room
 
     # -- signaling server ---------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class Env:
 
     def create_room(self) -> tuple[str, str]:
         room = P.create_room(self.http_url)
-        self.room_id, self.token = room["room_id"], room["token"]
+        self.room_id, self.token, self.owner_id_token = room["room_id"], room["token"], room["id_token"]
         return self.room_id, self.token
 
     def peer_env(self) -> dict:
@@ -276,7 +277,7 @@ class RawPeer:
         return json.loads(self.ws.recv())
 
     def recv_type(self, kind: str, timeout: float = 5) -> dict:
-        """The next frame of type `kind`, skipping others (peer_joined and the like)."""
+        """The next frame of type `kind`, skipping others (pings and the like)."""
         deadline = time.monotonic() + timeout
         while True:
             frame = self.recv(max(0.1, deadline - time.monotonic()))

@@ -28,7 +28,9 @@ def test_deep_metadata_is_refused_and_the_room_keeps_working(room, raw):
                   '"metadata": {"tags": [], "properties": %s{}%s}}' % (room.room_id, room.token, '{"n": ' * 986,
                                                                          "}" * 986))
     reply = attacker.recv()
-    assert reply["type"] == P.ERROR and reply["code"] == P.INVALID_MESSAGE and "deeper" in reply["message"]
+    # Refused whether json gives up at this depth (INVALID_JSON) or the depth check does.
+    assert reply["type"] == P.ERROR and reply["code"] in (P.INVALID_JSON, P.INVALID_MESSAGE)
+    assert "deeper" in reply["message"]
     assert attacker.ask({"type": "ping"})["type"] == "pong"  # the connection stays up
     for name in ("alice", "bob"):  # later members register and see each other
         assert raw().register(name, room.room_id, room.token)["type"] == P.REGISTERED_AUTH
@@ -202,3 +204,55 @@ def test_fuzz_every_frame_gets_an_error_and_memory_stays_bounded(world):
     assert {p["peer_id"] for p in found["peers"]} == {f"fuzzer-{i}" for i in range(8)}
     for peer in peers + [other, fresh]:
         peer.close()
+
+
+class StalledPeer(RawPeer):
+    """A member that registered and then never reads again (a laptop asleep with its
+    connection open), with a small receive buffer so that it fills quickly."""
+
+    def __init__(self, url: str):
+        import websocket
+
+        self.ws = websocket.create_connection(url, timeout=5, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+
+
+def test_a_stalled_peer_delays_nobody_is_evicted_and_the_server_still_stops_at_once(world):
+    world.start_server("--ping-interval", "0.3", "--rate", "100000", "--outbox-mb", "1")
+    world.create_room()
+    stalled, asleep = StalledPeer(world.ws_url), StalledPeer(world.ws_url)
+    assert stalled.register("stalled", world.room_id, world.token)["type"] == P.REGISTERED_AUTH
+    assert asleep.register("asleep", world.room_id, world.token)["type"] == P.REGISTERED_AUTH
+    listener, flooder = RawPeer(world.ws_url), RawPeer(world.ws_url)
+    listener.register("listener", world.room_id, world.token)
+    flooder.register("flooder", world.room_id, world.token)
+    payload = {"pad": "x" * 100_000}
+    # A little for the one asleep (its buffers fill, its outbox does not), a flood for the other.
+    for target, count in (("asleep", 5), ("stalled", 200)):
+        for _ in range(count):
+            flooder.send({"type": "peer_message", "from_peer_id": "flooder", "to_peer_id": target,
+                          "payload": payload})
+    flooder.send({"type": "ping"})
+    flooder.recv_type("pong", timeout=10)  # the flooder's own thread was never held up
+
+    newcomer = RawPeer(world.ws_url)
+    began = time.monotonic()
+    assert newcomer.register("newcomer", world.room_id, world.token)["type"] == P.REGISTERED_AUTH
+    found = newcomer.ask({"type": "discover_peers", "from_peer_id": "newcomer", "filters": {}}, "peer_list")
+    assert time.monotonic() - began < 1.0, "a newcomer must be answered at once"
+    assert "listener" in {p["peer_id"] for p in found["peers"]}
+    assert listener.recv_type("ping", timeout=3) == {"type": "ping"}  # keep-alives still reach the others
+
+    def present() -> set:
+        reply = newcomer.ask({"type": "discover_peers", "from_peer_id": "newcomer", "filters": {}}, "peer_list")
+        return {p["peer_id"] for p in reply["peers"]}
+
+    wait_until(lambda: "stalled" not in present(), 10, "the stalled peer to be evicted")
+    assert "asleep" in present()
+    world.server.wait_for(r"closed stalled \(room \S+\): too slow", timeout=5)
+
+    began = time.monotonic()
+    world.server.popen.terminate()
+    world.server.popen.wait(timeout=10)
+    assert time.monotonic() - began < 2.0, "SIGTERM must stop the server within 2 s, a sleeping peer or not"
+    for peer in (stalled, asleep, listener, flooder, newcomer):
+        peer.ws.shutdown()

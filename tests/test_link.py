@@ -145,7 +145,7 @@ def test_ctrl_c_deregisters_the_worker(room):
         worker.popen.send_signal(signal.SIGINT)
         assert worker.popen.wait(timeout=15) == 0
         assert "worker: stopped" in worker.output()
-        assert watcher.next(lambda f: f.get("type") == "peer_left", timeout=5)["peer_id"] == worker_id
+        wait_until(lambda: watcher.discover(role="worker") == [], 5, "the worker to leave the room")
     finally:
         watcher.close()
 

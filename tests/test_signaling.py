@@ -19,7 +19,6 @@ def register_pair(raw, room):
     a, b = raw(), raw()
     assert a.register("alice", room.room_id, room.token)["type"] == "registered_auth"
     assert b.register("bob", room.room_id, room.token)["type"] == "registered_auth"
-    a.recv_type("peer_joined")
     return a, b
 
 
@@ -60,16 +59,22 @@ def test_create_room_needs_a_valid_id_token(room):
     assert status == 200 and created["room_id"] and created["token"]
 
 
-def test_delete_peer_and_room(room, raw):
+def test_only_the_rooms_creator_removes_peers_or_deletes_the_room(room, raw):
     a, b = register_pair(raw, room)
     url = room.http_url + "/delete-peers-and-room"
-    assert P.http_call("POST", url, {"peer_id": "bob", "token": "wrong"})[0] == 403
-    assert P.http_call("POST", url, {"peer_id": "nobody", "token": room.token})[0] == 404
-    assert P.http_call("POST", url, {"token": room.token})[0] == 400
-    status, body = P.http_call("POST", url, {"peer_id": "bob", "token": room.token})
+    _, member = P.http_call("POST", room.http_url + "/anonymous-signin", {})
+    # The room's token makes a member, not an owner: neither it nor another user's sign-in deletes.
+    for bearer in (None, member["id_token"]):
+        status, body = P.http_call("POST", url, {"room_id": room.room_id, "token": room.token}, bearer=bearer)
+        assert status == 403 and "only the creator" in body["error"], body
+    owner = room.owner_id_token
+    assert P.http_call("POST", url, {"room_id": room.room_id, "peer_id": "nobody"}, bearer=owner)[0] == 404
+    assert P.http_call("POST", url, {"peer_id": "bob"}, bearer=owner)[0] == 400
+    status, body = P.http_call("POST", url, {"room_id": room.room_id, "peer_id": "bob"}, bearer=owner)
     assert status == 200 and body["deleted_peers"] == ["bob"]
-    assert a.recv_type("peer_left") == {"type": "peer_left", "peer_id": "bob"}
-    status, body = P.http_call("POST", url, {"room_id": room.room_id, "token": room.token})
+    wait_until(lambda: [p["peer_id"] for p in a.ask({"type": "discover_peers", "from_peer_id": "alice"},
+                                                    "peer_list")["peers"]] == [], 5, "bob to leave")
+    status, body = P.http_call("POST", url, {"room_id": room.room_id}, bearer=owner)
     assert status == 200 and body["room_deleted"] and body["deleted_peers"] == ["alice"]
     again = raw()
     reply = again.register("carol", room.room_id, room.token)
@@ -79,7 +84,7 @@ def test_delete_peer_and_room(room, raw):
 # -- registration --------------------------------------------------------------------------
 
 
-def test_register_answers_registered_auth_and_announces(room, raw):
+def test_register_answers_registered_auth_and_sends_no_notices(room, raw):
     a = raw()
     reply = a.register("alice", room.room_id, room.token, role="worker",
                        metadata={"tags": ["gpu"], "properties": {"gpu_memory_mb": 8000}})
@@ -90,8 +95,9 @@ def test_register_answers_registered_auth_and_announces(room, raw):
     assert [p["peer_id"] for p in reply["peer_list"]] == ["alice"]
     assert reply["peer_list"][0]["metadata"]["properties"] == {"gpu_memory_mb": 8000}
     assert reply["peer_list"][0]["role"] == "worker" and reply["peer_list"][0]["connected_at"]
-    joined = a.recv_type("peer_joined")
-    assert joined["peer_id"] == "bob" and joined["role"] == "peer"
+    # peer_joined / peer_left are not part of the v2 API: alice's next frame is the answer to her ping.
+    b.close()
+    assert a.ask({"type": "ping"})["type"] == "pong"
 
 
 @pytest.mark.parametrize("frame, code", [
@@ -133,6 +139,37 @@ def test_peer_id_taken_and_double_register(room, raw):
     a.register("alice", room.room_id, room.token)
     assert a.register("alice2", room.room_id, room.token)["code"] == P.ALREADY_REGISTERED
     assert raw().register("alice", room.room_id, room.token)["code"] == P.PEER_ID_TAKEN
+
+
+def test_peer_ids_are_unique_per_room_and_a_claimed_id_comes_back_only_with_its_key(room, raw):
+    """A stranger with a room of its own cannot take, or even see, a worker's id; a
+    worker that registered with a key gets its id back after a restart, even while its
+    old connection lingers, and nobody without the key takes it in between."""
+    other_room, other_token = second_room(room)
+    worker = raw()
+    frame = {"type": "register", "peer_id": "gpu-1", "room_id": room.room_id, "token": room.token,
+             "role": "worker", "peer_key": "k" * 40}
+    assert worker.ask(frame)["type"] == "registered_auth"
+    stranger = raw()
+    assert stranger.register("gpu-1", other_room, other_token)["type"] == "registered_auth"  # its own room's gpu-1
+    member = raw()
+    assert member.register("gpu-1", room.room_id, room.token)["code"] == P.PEER_ID_TAKEN  # no key
+    wrong = raw()
+    assert wrong.ask({**frame, "peer_key": "guess"})["code"] == P.PEER_ID_TAKEN
+    restarted = raw()  # the old connection is still open: the key's holder replaces it
+    assert restarted.ask(frame)["type"] == "registered_auth"
+    with pytest.raises(Exception):
+        worker.recv(timeout=3)  # cut off
+    lister = raw()
+    lister.register("lister", room.room_id, room.token)
+    found = lister.ask({"type": "discover_peers", "from_peer_id": "lister", "filters": {}}, "peer_list")["peers"]
+    assert [p["peer_id"] for p in found] == ["gpu-1"]
+    restarted.close()
+    wait_until(lambda: lister.ask({"type": "discover_peers", "from_peer_id": "lister", "filters": {}},
+                                  "peer_list")["count"] == 0, 5, "the worker to leave")
+    squatter = raw()  # the worker is away: its id stays its own
+    assert squatter.register("gpu-1", room.room_id, room.token)["code"] == P.PEER_ID_TAKEN
+    assert raw().ask(frame)["type"] == "registered_auth"
 
 
 def test_valid_id_token_is_accepted(room, raw):
@@ -225,7 +262,7 @@ def test_a_peer_cannot_speak_as_another_or_reach_another_room(room, raw):
         reply = a.ask(frame)
         assert reply["code"] == P.SPOOFED_SENDER and reply["in_reply_to"] == frame["type"]
     reply = a.ask({"type": "peer_message", "from_peer_id": "alice", "to_peer_id": "stranger", "payload": {}})
-    assert reply["code"] == P.PEER_NOT_IN_ROOM
+    assert reply["code"] == P.PEER_NOT_FOUND and room.room_id in reply["message"]  # not "it is elsewhere"
     reply = a.ask({"type": "candidate", "sender": "alice", "target": "ghost", "candidate": {}})
     assert reply["code"] == P.PEER_NOT_FOUND
     # Nothing leaked: the stranger and bob received none of it.
@@ -237,19 +274,18 @@ def test_a_peer_cannot_speak_as_another_or_reach_another_room(room, raw):
 
 def test_delivery_failed_when_the_target_connection_is_gone():
     """The one error a live server cannot be made to produce on demand: the target's
-    socket fails between lookup and send."""
+    connection closes between lookup and queueing."""
     server = signaling.SignalingServer()
 
     class DeadConnection:
-        def send(self, text):
-            raise ConnectionResetError("gone")
+        def enqueue(self, text):
+            return False
 
     room = signaling.Room("r", "t", "now")
     server.rooms["r"] = room
-    alice = signaling.Peer("alice", "r", "peer", {}, "now", DeadConnection())
-    bob = signaling.Peer("bob", "r", "peer", {}, "now", DeadConnection())
-    for peer in (alice, bob):
-        room.peers[peer.peer_id] = server.peers[peer.peer_id] = peer
+    alice = signaling.Peer("alice", "r", "peer", {}, DeadConnection())
+    room.add(alice)
+    room.add(signaling.Peer("bob", "r", "peer", {}, DeadConnection()))
     reply = server._forward(alice, {"type": "peer_message", "from_peer_id": "alice", "to_peer_id": "bob",
                                     "payload": {}})
     assert reply["code"] == P.DELIVERY_FAILED
@@ -298,15 +334,13 @@ def test_limits_answer_with_clear_errors(world):
 # -- presence -----------------------------------------------------------------------------
 
 
-def test_peer_left_when_a_worker_is_killed(room):
+def test_a_killed_worker_leaves_the_room(room):
     watcher = room.signaling_client("watcher")
     try:
         proc, worker_id = room.start_worker()
         assert [w["peer_id"] for w in watcher.discover(role="worker")] == [worker_id]
         proc.kill()
-        left = watcher.next(lambda f: f.get("type") == "peer_left", timeout=10)
-        assert left == {"type": "peer_left", "peer_id": worker_id}
-        assert watcher.discover(role="worker") == []
+        wait_until(lambda: watcher.discover(role="worker") == [], 10, "the worker to leave the room")
     finally:
         watcher.close()
 
@@ -343,7 +377,7 @@ def test_reconnects_close_the_socket_they_replace(room):
         before = _open_sockets()
         for round_ in range(1, 6):  # the server evicts the peer; the client reconnects and registers again
             status, _ = P.http_call("POST", room.http_url + "/delete-peers-and-room",
-                                    {"peer_id": "leaky", "token": room.token})
+                                    {"room_id": room.room_id, "peer_id": "leaky"}, bearer=room.owner_id_token)
             assert status == 200
             wait_until(lambda: client.reconnects == round_ and client.connected, 15, f"reconnect {round_}")
         time.sleep(0.2)

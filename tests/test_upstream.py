@@ -308,15 +308,15 @@ def test_delete_peer_removes_only_what_the_caller_may(room, raw):
     assert other.ask({"type": "register", "peer_id": "mine", "room_id": room.room_id, "jwt": id_token})["type"] \
         == P.REGISTERED_AUTH
     delete = room.http_url + "/delete-peer"
-    status, body = P.http_call("POST", delete, {"peer_id": username})
-    assert status == 403 and "may delete it" in body["error"]
+    status, body = P.http_call("POST", delete, {"peer_id": username, "token": room.token})
+    assert status == 403 and "Bearer" in body["error"]  # the room's token makes a member, not an owner
     status, body = P.http_call("POST", delete, {"peer_id": username}, bearer=id_token)
-    assert status == 403  # the user is not that peer's
+    assert status == 403 and "may delete it" in body["error"]  # the user is not that peer's
     status, body = P.http_call("POST", delete, {"peer_id": "mine"}, bearer=id_token)
     assert status == 200 and body["deleted"] is True
-    status, body = P.http_call("POST", delete, {"peer_id": username, "token": room.token})
-    assert status == 200 and body["deleted"] is True
-    status, body = P.http_call("POST", delete, {"peer_id": "gone"})
+    status, body = P.http_call("POST", delete, {"peer_id": username}, bearer=room.owner_id_token)
+    assert status == 200 and body["deleted"] is True  # the room's creator may
+    status, body = P.http_call("POST", delete, {"peer_id": "gone"}, bearer=id_token)
     assert status == 200 and body["deleted"] is False and "no peer" in body["reason"]
 
 
