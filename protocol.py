@@ -1248,6 +1248,38 @@ _FRAME_DATA = b"D"
 _FRAME_END = b"E"  # payload: the byte count the stream ends at, 8 bytes big-endian
 _MAX_SEALED_FRAME = CHUNK_BYTES + 64
 _MAX_HINTS = 8
+# A peer's hints are dialed only at addresses it also offered as ICE candidates on the
+# link, and a link starts at most DIRECT_RACES_BURST direct races at once, refilled at
+# DIRECT_RACES_PER_S; past that, the bytes take the data channel. A member cannot turn
+# the other side into a port scanner.
+DIRECT_RACES_BURST = 8
+DIRECT_RACES_PER_S = 0.5
+
+
+class TokenBucket:
+    """A rate limit: `allow()` takes a token when one is left; `rate` come back per second."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+        self._lock = threading.Lock()  # guards tokens and stamp
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens < 1:
+                return False
+            self.tokens -= 1
+            return True
+
+
+def sdp_addresses(sdp: str) -> set[str]:
+    """The addresses a peer offered as ICE candidates in its SDP (its a=candidate lines)."""
+    return {parts[4] for line in sdp.splitlines() if line.startswith("a=candidate:")
+            and len(parts := line.split()) > 5}
 
 
 def direct_enabled() -> bool:
@@ -1275,8 +1307,9 @@ def _direct_listen() -> tuple[list[socket.socket], list[list]]:
     return listeners, hints
 
 
-def _check_hints(hints: Any) -> list[tuple[str, int]]:
-    """A peer's hints as (IPv4 address, port) pairs; names are never resolved for a peer."""
+def _check_hints(hints: Any, offered: set[str]) -> list[tuple[str, int]]:
+    """A peer's hints as (IPv4 address, port) pairs, less those at an address it did not
+    offer as an ICE candidate (`offered`); names are never resolved for a peer."""
     if not isinstance(hints, list) or len(hints) > _MAX_HINTS:
         raise TransferError(f"hints must be a list of at most {_MAX_HINTS} [address, port] pairs")
     checked = []
@@ -1288,7 +1321,10 @@ def _check_hints(hints: Any) -> list[tuple[str, int]]:
             raise TransferError(f"bad hint {echo(hint)}: want [IPv4 address, port]") from None
         if not _is_a(port, int) or not 0 < port < 65536:
             raise TransferError(f"bad hint {echo(hint)}: the port must be 1-65535")
-        checked.append((str(address), port))
+        if str(address) in offered:
+            checked.append((str(address), port))
+        else:
+            log.warning("direct transfer: not dialing %s, which the peer did not offer as an ICE candidate", address)
     return checked
 
 
@@ -1469,10 +1505,11 @@ class _DirectSender:
     def offer(self) -> dict:
         return {"key": self.key.hex(), "token": self.token.hex(), "hints": self.hints}
 
-    def connect(self, reply: dict, stop: threading.Event) -> Optional[tuple[socket.socket, str]]:
-        """Race for a connection with the receiver, whose FILE_DIRECT is `reply`."""
+    def connect(self, reply: dict, stop: threading.Event, offered: set[str]) -> Optional[tuple[socket.socket, str]]:
+        """Race for a connection with the receiver, whose FILE_DIRECT is `reply` and whose
+        ICE candidates were at `offered`."""
         try:
-            hints = _check_hints(reply.get("hints", []))
+            hints = _check_hints(reply.get("hints", []), offered)
         except TransferError as exc:
             log.warning("direct transfer %s: %s", self.transfer_id, exc)
             hints = []
@@ -1497,7 +1534,7 @@ class _DirectReceiver:
         self.incoming = incoming
         self.key = _secret(offer, "key")
         self.token = _secret(offer, "token")
-        self.peer_hints = _check_hints(offer.get("hints", []))
+        self.peer_hints = _check_hints(offer.get("hints", []), link.remote_addresses)
         self.listeners, self.hints = _direct_listen()
         self._stop = threading.Event()
         # Guards sock, so that `stop` can shut down a connection the thread is reading.
@@ -1607,6 +1644,7 @@ class Incoming:
         self.digest = hashlib.sha256()
         self.refused: Optional[str] = None
         self.finished = False
+        self.closed = False  # finished, discarded, suspended or released: nothing more is written
         self.via = "data channel"  # the path the bytes took, for the receiver to report
         self.started = time.monotonic()
         # Guards file and released: `release` comes from another link's receive thread.
@@ -1657,12 +1695,13 @@ class Incoming:
                 raise TransferError(f"{self.name}: SHA-256 mismatch (file corrupted in transit)")
             final = self.final()
             os.replace(self.part, final)
-            self.finished = True
+            self.finished = self.closed = True
             return final
 
     def discard(self) -> None:
         """The transfer failed: nothing of it is kept."""
         with self._lock:
+            self.closed = True
             if self.file is not None:
                 self.file.close()
             if self.part is not None and not self.released:
@@ -1674,6 +1713,7 @@ class Incoming:
             self.discard()
             return
         with self._lock:
+            self.closed = True
             if self.file is not None:
                 self.file.close()
 
@@ -1681,6 +1721,7 @@ class Incoming:
         """Give the part up to a newer transfer of the same content; later writes fail with `reason`."""
         with self._lock:
             self.released = reason
+            self.closed = True
             if self.file is not None:
                 self.file.close()
 
@@ -1740,6 +1781,10 @@ class Link:
         self._bye_acked = threading.Event()
         self._raw: "queue.Queue[Any]" = queue.Queue()
         self.last_activity = time.monotonic()  # when the receive thread last took a frame
+        # The addresses the peer offered as ICE candidates: the only ones its direct-path
+        # hints may send this side to (set once the peer's SDP is known).
+        self.remote_addresses: set[str] = set()
+        self._direct_races = TokenBucket(DIRECT_RACES_PER_S, DIRECT_RACES_BURST)
         self._low = asyncio.Event()  # loop-side: SCTP queue drained to SEND_LOW_WATER
         self._last_rx = time.monotonic()  # loop-side only
         # Guards _acks (outgoing transfers waiting for the receiver's FILE_ACK), _replies
@@ -1947,7 +1992,7 @@ class Link:
         direct: Optional[_DirectSender] = None
         via = "data channel"
         with self._file_send_lock:
-            if direct_enabled():
+            if direct_enabled() and self._direct_races.allow():
                 direct = _DirectSender(transfer_id)
             with self._acks_lock:
                 self._acks[transfer_id] = (event, result)
@@ -2010,7 +2055,7 @@ class Link:
             return "data channel", None
         if reply.payload.get("off"):
             return f"data channel (the receiver: {str(reply.payload['off'])[:200]})", offset
-        won = direct.connect(reply.payload, self._closed)
+        won = direct.connect(reply.payload, self._closed, self.remote_addresses)
         if won is None:
             return "data channel (no direct connection)", self._channel_from(tid, refused)
         sock, address = won
@@ -2213,6 +2258,8 @@ class Link:
         direct = None
         if not direct_enabled():
             reply["off"] = "direct transfers are turned off on this side"
+        elif not self._direct_races.allow():
+            reply["off"] = "too many direct transfers on this link just now; this one takes the data channel"
         elif not isinstance(offer, dict):
             reply["off"] = "the direct offer must be an object"
         else:
@@ -2229,9 +2276,10 @@ class Link:
     def _end_incoming(self, incoming: Incoming, aborted: bool, reason: str) -> None:
         if incoming.refused:
             return
-        if aborted:
-            incoming.discard()
-            self.inbox.put(TransferFailed(incoming.name, f"{incoming.name}: the sender aborted ({reason})"))
+        if aborted:  # what an upload into the store holds stays for its sender to resume
+            incoming.suspend()
+            kept = "; what arrived is kept for resuming" if incoming.resumable else ""
+            self.inbox.put(TransferFailed(incoming.name, f"{incoming.name}: the sender aborted ({reason}){kept}"))
             return
         try:
             final = incoming.finish()
@@ -2301,6 +2349,7 @@ def open_link(signaling: SignalingClient, target: str, receive_dir: Path,
         link.close()
         why = f"{reply['code']}: {reply['message']}" if reply else f"no answer within {timeout:.0f} s"
         raise LinkClosed(f"could not open a link to {target}: {why}")
+    link.remote_addresses = sdp_addresses(reply["sdp"])
     on_loop(link._pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type="answer")), timeout)
     link.wait_open(timeout)
     return link
@@ -2314,6 +2363,7 @@ def accept_link(signaling: SignalingClient, offer_frame: dict, receive_dir: Opti
 
     peer = offer_frame["sender"]
     link = _new_link(peer, signaling.ice_servers, receive_dir, store)
+    link.remote_addresses = sdp_addresses(offer_frame["sdp"])
 
     async def answer() -> str:
         link._pc.on("datachannel", link._attach)

@@ -238,8 +238,17 @@ def test_a_direct_connection_cut_mid_transfer_goes_on_over_the_data_channel(pair
 
 
 def test_hints_from_a_peer_are_addresses_never_names():
-    assert P._check_hints([["10.0.0.5", 4000]]) == [("10.0.0.5", 4000)]
+    offered = {"10.0.0.5"}
+    assert P._check_hints([["10.0.0.5", 4000]], offered) == [("10.0.0.5", 4000)]
+    assert P._check_hints([["10.0.0.6", 4000], ["10.0.0.5", 22]], offered) == [("10.0.0.5", 22)]  # not an ICE candidate
     for bad in ("x", [["example.org", 80]], [["10.0.0.5", 0]], [["10.0.0.5", "80"]], [["10.0.0.5"]],
                 [["10.0.0.5", 1]] * 9, [["::1", 80]]):
         with pytest.raises(P.TransferError):
-            P._check_hints(bad)
+            P._check_hints(bad, offered)
+
+
+def test_the_addresses_a_peer_offered_to_ice_are_read_from_its_sdp():
+    sdp = ("v=0\r\na=candidate:1 1 udp 2130706431 10.1.2.3 50000 typ host\r\n"
+           "a=candidate:2 1 udp 1694498815 198.51.100.7 40000 typ srflx raddr 10.1.2.3 rport 50000\r\n"
+           "a=candidate:broken\r\na=end-of-candidates\r\n")
+    assert P.sdp_addresses(sdp) == {"10.1.2.3", "198.51.100.7"}
