@@ -204,24 +204,6 @@ class Room:
         return True
 
 
-class _RateLimiter:
-    """A token bucket; used only by its connection's own thread."""
-
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 def _same(secret: str, offered: str) -> bool:
     """Constant-time comparison that takes any text (compare_digest refuses non-ASCII str)."""
     return hmac.compare_digest(secret.encode("utf-8"), offered.encode("utf-8", "replace"))
@@ -303,6 +285,32 @@ def matcher(filters: dict) -> Callable[[Peer], bool]:
 # passes its limit is closed as too slow. No thread is started per connection.
 
 
+class _Waker:
+    """A socket pair that wakes a thread waiting in select() from any other thread."""
+
+    def __init__(self):
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def wake(self) -> None:
+        try:
+            self._writer.send(b"x")
+        except OSError:  # full: a wake-up is pending anyway; closed: stopping
+            pass
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self._writer.close()
+
+
 class _Outbox:
     """The bytes waiting for one connection's socket (guarded by the writer's lock)."""
 
@@ -335,11 +343,9 @@ class _Writer:
         self._closing: dict[Connection, float] = {}  # connections to close by then (monotonic)
         self._stopping = False
         self._idle = threading.Condition(self._lock)  # notified when nothing waits
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = _Waker()
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._selector.register(self._waker.reader, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._run, name="signaling-writer", daemon=True)
 
     def start(self) -> None:
@@ -349,7 +355,7 @@ class _Writer:
         """Close every socket and end the thread."""
         with self._lock:
             self._stopping = True
-        self._wake()
+        self._waker.wake()
         self._thread.join(timeout=5)
 
     def open(self, conn: "Connection") -> None:
@@ -398,14 +404,8 @@ class _Writer:
 
     def _mark(self, conn: "Connection") -> None:  # the caller holds _lock
         if not self._dirty:
-            self._wake()
+            self._waker.wake()
         self._dirty.add(conn)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:  # full: a wake-up is pending anyway; closed: stopping
-            pass
 
     def _run(self) -> None:
         try:
@@ -415,12 +415,8 @@ class _Writer:
                 timeout = None if first is None else max(0.0, first - time.monotonic())
                 ready = []
                 for key, _ in self._selector.select(timeout):
-                    if key.fileobj is self._wake_r:
-                        try:
-                            while self._wake_r.recv(4096):
-                                pass
-                        except BlockingIOError:
-                            pass
+                    if key.fileobj is self._waker.reader:
+                        self._waker.drain()
                     else:
                         ready.append(key.data)
                 with self._lock:
@@ -443,8 +439,7 @@ class _Writer:
             for box in boxes:
                 box.conn.sock.close()
             self._selector.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._waker.close()
 
     def _service(self, conn: "Connection") -> None:
         """Send what `conn`'s socket takes now; close it once the reader let go of it and
@@ -537,7 +532,7 @@ class Connection:
         self.peer: Optional[Peer] = None  # set by the reader at registration
         self.fragments: list[bytes] = []  # of a fragmented message (reader only)
         self.first_opcode: Optional[Opcode] = None  # of a fragmented message (reader only)
-        self.limiter: Optional[_RateLimiter] = None  # used by the reader only
+        self.limiter: Optional[P.TokenBucket] = None  # frames per second it may send
         self._writer = writer
         # Guards protocol (websockets' state machine, not thread-safe) and _probe.
         self.lock = threading.Lock()
@@ -597,9 +592,7 @@ class _Reader:
         self.listener = listener
         self._writer = writer
         self._on_open, self._on_message, self._on_close = on_open, on_message, on_close
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = _Waker()
         self._stopping = threading.Event()
         self._selector = selectors.DefaultSelector()  # the reader thread's alone
         self._resume_accepting: Optional[float] = None  # while out of descriptors (reader thread only)
@@ -608,19 +601,13 @@ class _Reader:
     def start(self) -> None:
         self.listener.setblocking(False)
         self._selector.register(self.listener, selectors.EVENT_READ, "accept")
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._selector.register(self._waker.reader, selectors.EVENT_READ, "wake")
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self.wake()
+        self._waker.wake()
         self._thread.join(timeout=5)
-
-    def wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
 
     def _run(self) -> None:
         try:
@@ -634,11 +621,7 @@ class _Reader:
                     if key.data == "accept":
                         self._accept()
                     elif key.data == "wake":
-                        try:
-                            while self._wake_r.recv(4096):
-                                pass
-                        except BlockingIOError:
-                            pass
+                        self._waker.drain()
                     else:
                         self._read(key.data)
         except Exception:  # a bug here would deafen the server: say so loudly
@@ -646,8 +629,7 @@ class _Reader:
         finally:
             self._selector.close()
             self.listener.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._waker.close()
 
     def _accept(self) -> None:
         while True:
@@ -1000,7 +982,7 @@ class SignalingServer:
     # -- connections and frames ---------------------------------------------------------
 
     def _opened(self, conn: Connection) -> None:
-        conn.limiter = _RateLimiter(self.limits.rate_per_s, self.limits.rate_burst)
+        conn.limiter = P.TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
         with self._lock:
             self.total_connections += 1
             self._connections.add(conn)
@@ -1026,7 +1008,7 @@ class SignalingServer:
         if conn.peer is not None:
             self._remove_peer(conn.peer)
 
-    def _handle_frame(self, text, conn, peer: Optional[Peer], limiter: _RateLimiter) -> Any:
+    def _handle_frame(self, text, conn, peer: Optional[Peer], limiter: P.TokenBucket) -> Any:
         """Answer one frame: a reply frame (a dict, or its text), (a newly registered Peer,
         its registered_auth text), or None."""
         if not limiter.allow():

@@ -217,19 +217,17 @@ def main() -> None:
         if hard < need:
             print(f"note: at most {hard} descriptors may be open; --big-peers {args.big_peers} needs about {need}")
 
+    unlimited = ("--max-peers-per-room", str(max(args.peers, args.big_peers) + 10), "--rate", "1000000",
+                 "--max-rooms-per-address", "100000", "--max-rooms-per-user", "100000", "--max-rooms", "100000")
     runs, big = [], []
     for run in range(args.runs):
-        with BenchWorld("--max-peers-per-room", str(max(args.peers, args.big_peers) + 10), "--rate", "1000000",
-                        "--max-rooms-per-address", "100000", "--max-rooms-per-user", "100000",
-                        "--max-rooms", "100000") as world:
+        with BenchWorld(*unlimited) as world:
             runs.append(one_room(args, world))
             print(f"run {run + 1}: {args.peers} peers registered at {runs[-1]['rate']:,.0f}/s; discover p50 "
                   f"{runs[-1]['discover']:.2f} ms, ping p50 {runs[-1]['ping']:.2f} ms; "
                   f"{runs[-1]['messages']:,.0f} peer_message/s", flush=True)
         if args.big_peers:
-            with BenchWorld("--max-peers-per-room", str(args.big_peers), "--rate", "1000000",
-                            "--max-rooms-per-address", "100000", "--max-rooms-per-user", "100000",
-                            "--max-rooms", "100000") as world:
+            with BenchWorld(*unlimited) as world:
                 big.append(many_rooms(args, world))
                 print(f"run {run + 1}: {args.big_peers} peers in {args.big_rooms} rooms registered at "
                       f"{big[-1]['rate']:,.0f}/s, held with {big[-1]['per_peer_kb']:.1f} KB each "
