@@ -1,7 +1,7 @@
 """The sleap-rtc client: the researcher's command line.
 
     python client.py login    [--sleap-rtc-credentials]   (the latter: for sleap-rtc 0.0.7 installs)
-    python client.py rooms create
+    python client.py rooms create | rooms delete ROOM
     python client.py workers  [--min-gpu-memory MB]
     python client.py ping     [--worker-id W] [--count N]
     python client.py upload   FILE [--worker-id W]
@@ -18,8 +18,10 @@ in a job are paths on the worker, or, with --upload, files here sent first. The 
 can leave (--detach, Ctrl+C, a closed laptop) and reattach later with the job id alone.
 
 Every command takes --server, --room and --token, or the environment variables
-SLEAP_RTC_SERVER, SLEAP_RTC_ROOM and SLEAP_RTC_TOKEN. Needs only this file, protocol.py
-and the transport dependencies (no torch, no sleap-nn).
+SLEAP_RTC_SERVER, SLEAP_RTC_ROOM and SLEAP_RTC_TOKEN. On first use the client signs in
+anonymously and keeps its id token in ~/.sleap-rtc/credentials.json: the jobs you submit
+are yours, and only you (or a worker's admin) may stop, cancel or prune them. Needs only
+this file, protocol.py and the transport dependencies (no torch, no sleap-nn).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import protocol as P
+
+log = logging.getLogger("sleap_rtc.client")
 
 # ---------------------------------------------------------------------------------------
 # Constants
@@ -111,7 +115,7 @@ def save_credentials(credentials: dict) -> Path:
     """Write the credentials file, readable by its owner only, whole or not at all."""
     path = CREDENTIALS_FILE.expanduser()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # two clients may write at once
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(credentials, f, indent=2)
@@ -119,15 +123,55 @@ def save_credentials(credentials: dict) -> Path:
     return path
 
 
+def signed_in(args, again: bool = False) -> Optional[str]:
+    """This user's id token for the server, made on first use (an anonymous sign-in kept in
+    the credentials file): the server tells workers who sent each job by it, and only its
+    holder (or a worker's admin) may stop, cancel or prune that job later. `again` signs
+    in anew (the server no longer knows the saved one). None when the HTTP API cannot be
+    reached: the client goes on anonymously."""
+    import fcntl
+
+    base = P.http_base_url(args.server, args.http)
+    saved = load_credentials().get(base, {}).get("id_token")
+    if saved and not again:
+        return saved
+    path = CREDENTIALS_FILE.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # clients started together sign in once, as one user
+        credentials = load_credentials()
+        current = credentials.get(base, {}).get("id_token")
+        if current and current != saved:
+            return current  # another client just signed in
+        try:
+            status, body = P.http_call("POST", base + "/anonymous-signin", {})
+        except P.SignalingError as exc:
+            log.info("no sign-in at %s (%s); going on anonymously", base, exc)
+            return None
+        if status != 200:
+            return None
+        credentials[base] = {**credentials.get(base, {}), "id_token": body["id_token"], "username": body["username"]}
+        save_credentials(credentials)
+        return body["id_token"]
+
+
 def connect(args) -> P.SignalingClient:
-    """Register in the room as a fresh client peer."""
+    """Register in the room as a fresh client peer, signed in as this user."""
     if not args.room or not args.token:
         raise UsageError(f"say which room: --room R --token T (or set {P.ENV_ROOM} and {P.ENV_TOKEN}); "
                          "`python client.py rooms create` makes one")
-    signaling = P.SignalingClient(args.server, args.room, args.token, f"client-{secrets.token_hex(4)}",
-                                  CLIENT_ROLE, {"tags": ["sleap-rtc"], "properties": {}})
-    signaling.connect()
-    return signaling
+    id_token = signed_in(args)
+    for attempt in range(2):
+        signaling = P.SignalingClient(args.server, args.room, args.token, f"client-{secrets.token_hex(4)}",
+                                      CLIENT_ROLE, {"tags": ["sleap-rtc"], "properties": {}}, id_token=id_token)
+        try:
+            signaling.connect()
+            return signaling
+        except P.SignalingError as exc:
+            if attempt or exc.code != P.INVALID_TOKEN or "id_token" not in exc.message:
+                raise
+            id_token = signed_in(args, again=True)  # e.g. the server restarted without its state file
+    raise AssertionError("unreachable")
 
 
 def discover_workers(signaling: P.SignalingClient, job_type: Optional[str] = None,
@@ -391,11 +435,21 @@ def add_upstream_credentials(upstream: dict, args, base: str, id_token: str, use
 
 def cmd_rooms_create(args) -> int:
     base = P.http_base_url(args.server, args.http)
-    saved = load_credentials().get(base, {}).get("id_token")
-    room = P.create_room(base, saved)
+    room = P.create_room(base, signed_in(args))
     print(f"room:  {room['room_id']}\ntoken: {room['token']}\n\n"
           f"export {P.ENV_SERVER}={args.server}\nexport {P.ENV_ROOM}={room['room_id']}\n"
-          f"export {P.ENV_TOKEN}={room['token']}")
+          f"export {P.ENV_TOKEN}={room['token']}\n\n"
+          "you created it: only you (this sign-in) may delete it, with `python client.py rooms delete ROOM`")
+    return 0
+
+
+def cmd_rooms_delete(args) -> int:
+    base = P.http_base_url(args.server, args.http)
+    status, body = P.http_call("POST", base + "/delete-peers-and-room", {"room_id": args.room_id},
+                               bearer=signed_in(args))
+    if status != 200:
+        raise P.SleapRTCError(f"room {args.room_id} was not deleted: {body.get('error', status)}")
+    print(f"deleted room {args.room_id}; {len(body['deleted_peers'])} peer(s) were in it")
     return 0
 
 
@@ -1185,10 +1239,13 @@ def cmd_files(args) -> int:
         if not files:
             print(f"the upload store of {link.peer_id} is empty")
             return 0
-        rows = [[f["sha256"][:12], _size(f["size"]), _when(f["last_use"]), ", ".join(f["names"]),
+        rows = [[f["sha256"][:12], _size(f["size"]), _when(f["last_use"]),
+                 "(cut off)" if f.get("partial") else ", ".join(f["names"]),
                  ", ".join(f["jobs"]) + (" (needed now)" if f["needed"] else "") or "-"] for f in files]
         print_table(rows, ["SHA256", "SIZE", "LAST USE", "NAMES", "JOBS"])
-        print(f"{len(files)} upload(s), {_size(sum(f['size'] for f in files))}")
+        partial = sum(bool(f.get("partial")) for f in files)
+        print(f"{len(files) - partial} upload(s), {partial} cut off (resumable, removed after a day unused), "
+              f"{_size(sum(f['size'] for f in files))} in all")
         return 0
 
     return with_link(args, work)
@@ -1506,6 +1563,10 @@ def build_parser() -> argparse.ArgumentParser:
     rooms_commands = rooms.add_subparsers(dest="rooms_command", required=True, metavar="ACTION")
     p = rooms_commands.add_parser("create", parents=[common], help="create a room and print its id and token")
     p.set_defaults(run=cmd_rooms_create)
+    p = rooms_commands.add_parser("delete", parents=[common],
+                                  help="delete a room you created (everyone in it is disconnected)")
+    p.add_argument("room_id", metavar="ROOM")
+    p.set_defaults(run=cmd_rooms_delete)
 
     p = commands.add_parser("workers", parents=[common], help="list the workers in the room")
     p.add_argument("--min-gpu-memory", type=int, default=0, metavar="MB", help="only workers with this much")

@@ -6,7 +6,7 @@
                      [--follower-backlog MB] [--upload-cache-gb GB] [--maintenance]
                      [--min-free-gb GB] [--keep-days N] [--allow-command NAME=EXECUTABLE]...
                      [--allow-env NAME]... [--no-direct] [--require-room-secret]
-                     [--slurm [--slurm-partition P ...]]
+                     [--admin USER]... [--run-as USER] [--slurm [--slurm-partition P ...]]
 
 Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite, with
 its log under WORKING_DIR/jobs/JOB/, across restarts. What clients upload is kept by
@@ -61,18 +61,41 @@ WORKER_TAGS = ["sleap-rtc", *P.JOB_TYPE_TAGS.values()]
 DEFAULT_WORKING_DIR = "sleap-rtc-worker"
 EMBEDDED_STATE_FILE = "signaling-state.json"
 ROOM_ENV_FILE = "room.env"
+WORKER_ID_FILE = "worker-id"
+WORKER_KEY_FILE = "worker-key"
 UPLOADS_DIR = "uploads"
+JOBS_DIR = "jobs"
 
 
 @dataclass(frozen=True)
 class Mount:
-    """A directory tree clients may name paths in; `label` is what discovery shows."""
+    """A directory tree clients may name paths in, less `exclude` (the worker's own files
+    where they lie inside it); `label` is what discovery shows."""
 
     path: Path
     label: str
+    exclude: tuple[Path, ...] = ()
 
     def public(self) -> dict:
         return {"path": str(self.path), "label": self.label}
+
+    def contains(self, resolved: Path) -> bool:
+        return (resolved == self.path or resolved.is_relative_to(self.path)) and \
+            not any(resolved == e or resolved.is_relative_to(e) for e in self.exclude)
+
+    def without(self, private: list[Path]) -> "Mount":
+        return dataclasses.replace(self, exclude=tuple(p for p in private if p.is_relative_to(self.path)))
+
+
+def private_paths(working_dir: Path) -> list[Path]:
+    """What of a worker's working directory no client may name through a mount that holds
+    it: the ledger, the room's token, the embedded server's state (every room's token),
+    the worker's key, and its jobs and uploads (readable through mounts of their own,
+    never writable)."""
+    names = [JOBS_DIR, UPLOADS_DIR, ROOM_ENV_FILE, WORKER_ID_FILE, WORKER_KEY_FILE, EMBEDDED_STATE_FILE,
+             EMBEDDED_STATE_FILE + ".tmp", LEDGER_FILE, LEDGER_FILE + "-wal", LEDGER_FILE + "-shm",
+             LEDGER_FILE + "-journal"]
+    return [working_dir / name for name in names]
 
 
 def parse_mount(text: str) -> Mount:
@@ -116,7 +139,7 @@ def resolve_in_mounts(path: str, mounts: list[Mount], base: Optional[Path] = Non
         resolved = candidate.resolve()
     except (OSError, RuntimeError, ValueError) as exc:  # ~nosuchuser, too many links, name too long
         raise PathRefused(f"{shown} is not a usable path on the worker: {exc}") from None
-    if not any(resolved == m.path or resolved.is_relative_to(m.path) for m in mounts):
+    if not any(m.contains(resolved) for m in mounts):
         raise PathRefused(f"Access denied: {shown} is outside the worker's mounts", "ACCESS_DENIED")
     return resolved
 
@@ -180,15 +203,19 @@ def sleap_nn_executable() -> str:
     return str(beside) if beside.exists() else (shutil.which("sleap-nn") or "sleap-nn")
 
 
-def worker_peer_id(working_dir: Path, name: str) -> str:
-    """A peer id kept in the working directory, so a restarted worker is the same peer."""
-    id_file = working_dir / "worker-id"
-    if id_file.exists():
-        return id_file.read_text().strip()
-    safe = re.sub(r"[^A-Za-z0-9._-]", "-", name)[:60]
-    peer_id = f"worker-{safe}-{secrets.token_hex(3)}"
-    id_file.write_text(peer_id + "\n")
-    return peer_id
+def worker_peer_id(working_dir: Path, name: str) -> tuple[str, str]:
+    """A peer id and its key, kept in the working directory: a restarted worker is the same
+    peer, and the key claims the id in its room (nobody else registers it, and the worker
+    takes it back from a connection of its own that still lingers)."""
+    id_file, key_file = working_dir / WORKER_ID_FILE, working_dir / WORKER_KEY_FILE
+    if not id_file.exists():
+        safe = re.sub(r"[^A-Za-z0-9._-]", "-", name)[:60]
+        id_file.write_text(f"worker-{safe}-{secrets.token_hex(3)}\n")
+    if not key_file.exists():
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return id_file.read_text().strip(), key_file.read_text().strip()
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,10 +274,14 @@ _RESOLVER_RE = re.compile(r"\$\{\s*[A-Za-z_][\w.-]*\s*:")
 
 
 def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path,
-                 store_dir: Optional[Path] = None) -> tuple[list[dict], dict]:
+                 store_dir: Optional[Path] = None,
+                 trusted: Callable[[], set[str]] = set) -> tuple[list[dict], dict]:
     """All problems of a spec on this worker, one per field, and what the run will use.
 
     A package job is checked by `validate_package` (`store_dir` holds uploads).
+    Every checkpoint it names must be data (see check_checkpoint; `trusted` gives the
+    SHA-256 of the models this worker trained itself); plan["checkpoints"] keeps the
+    identity of each, to recheck when the job starts.
 
     Every path, from the spec or inside the config, is resolved once, here: reads must
     exist inside `mounts`, writes must fall inside `write_mounts` or the job's directory.
@@ -262,7 +293,7 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
     if errors and errors[0]["field"] == "type":
         return errors, {}
     if "package" in spec:
-        return (errors, {}) if errors else validate_package(spec, mounts, write_mounts, job_dir, store_dir)
+        return (errors, {}) if errors else validate_package(spec, mounts, write_mounts, job_dir, store_dir, trusted)
     bad = {e["field"] for e in errors}
     writable = write_mounts + [Mount(job_dir, "job")]
     plan: dict = {"paths": {}}
@@ -293,6 +324,7 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
                 errors.append(P.spec_error("output", f"directory {Path(plan['paths']['output']).parent} does not "
                                            "exist on the worker", "NOT_FOUND"))
         _check_labels(spec, plan, fields, errors, mounts, write_mounts, job_dir)
+        _check_checkpoints(plan, fields, errors, trusted)
         return errors, plan
     for field, (key, as_list) in SPEC_CONFIG_KEYS.items():
         if spec.get(field) and field not in bad:
@@ -314,6 +346,7 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
         if key not in plan["paths"] and value not in (None, "", [], "."):  # "." is ckpt_dir's default: the job's
             take("config", key, value, writes=key in CONFIG_WRITES, in_config=True)
     _check_labels(spec, plan, fields, errors, mounts, write_mounts, job_dir)
+    _check_checkpoints(plan, fields, errors, trusted)
     return errors, plan
 
 
@@ -417,6 +450,36 @@ def _config_problem(config: dict) -> Optional[str]:
         elif isinstance(node, str) and _RESOLVER_RE.search(node):
             return (f"{node[:80]!r} calls an OmegaConf resolver; resolvers (oc.env and the like) can read the "
                     "worker's environment and are refused. Plain ${a.b} references are fine")
+    return internet_problem(config)
+
+
+def internet_problem(settings: dict) -> Optional[str]:
+    """What in sleap-nn settings (a config, or a package's overrides as {dotted key:
+    value}) would have the job reach the internet, or None: no job does on a member's
+    say-so. Weights & Biases uploads the run; an ImageNet-pretrained ConvNeXt or Swin
+    backbone downloads its weights from torchvision; an external HuggingFace backbone
+    downloads model, weights and possibly code."""
+    def value(key: str):
+        return settings[key] if key in settings else _config_value(settings, key)
+
+    if value("trainer_config.use_wandb") not in (None, False, "false", "False", 0):
+        return ("trainer_config.use_wandb: true would upload the run to Weights & Biases; this worker runs no job "
+                "that reaches the internet (set it to false; the worker streams loss and logs to you)")
+    backbones = value("model_config.backbone_config")
+    for name, backbone in (backbones.items() if isinstance(backbones, dict) else []):
+        key = f"model_config.backbone_config.{name}"
+        if name == "pretrained" and backbone is not None:
+            return (f"{key}: an external HuggingFace backbone is downloaded from the internet, which no job on this "
+                    "worker does (use a unet, convnext or swint backbone)")
+        if isinstance(backbone, dict) and backbone.get("pre_trained_weights") not in (None, "", "null"):
+            return (f"{key}.pre_trained_weights: {P.echo(backbone['pre_trained_weights'])} is downloaded from the "
+                    "internet, which no job on this worker does (set it to null, or start from a checkpoint with "
+                    "model_config.pretrained_backbone_weights)")
+    for key, setting in settings.items():  # a package's overrides
+        if key.startswith("model_config.backbone_config.") and (
+                (key.endswith(".pre_trained_weights") and setting not in (None, "", "null"))
+                or key.split(".")[2] == "pretrained"):
+            return f"{key}: downloads from the internet, which no job on this worker does"
     return None
 
 
@@ -445,6 +508,136 @@ def recheck_paths(paths: dict, mounts: list[Mount], write_mounts: list[Mount], j
 
 
 # ---------------------------------------------------------------------------------------
+# Checkpoints: data, never code
+# ---------------------------------------------------------------------------------------
+# sleap-nn loads checkpoints with torch.load(weights_only=False): it unpickles them, so a
+# file a member names as one (resume, pretrained weights, a track job's model) could run
+# code as the worker. One is accepted only if it is a model this worker trained itself
+# (its SHA-256 is in the ledger), or if torch loads it with weights_only=True in a child
+# process bounded in time and memory (`worker.py probe-checkpoint`); sleap-nn's own
+# checkpoints need no extra allowed globals. And every sleap-nn step runs with
+# TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 besides (SLEAP_NN_ENV), under which sleap-nn 0.3.5
+# trains, resumes, starts from pretrained weights and tracks.
+
+# Config keys whose file sleap-nn unpickles; with a track job's model_paths.
+CHECKPOINT_KEYS = ("trainer_config.resume_ckpt_path", "model_config.pretrained_backbone_weights",
+                   "model_config.pretrained_head_weights")
+MAX_MODEL_CHECKPOINTS = 16  # *.ckpt files looked at in one model directory
+CHECKPOINT_PROBE_S = 120.0
+CHECKPOINT_PROBE_MEMORY = 6 * 2**30  # address space for torch itself; plus three times the file's size
+# What every sleap-nn step runs with: torch refuses to unpickle anything but weights, and
+# nothing in sleap-nn reaches the internet.
+SLEAP_NN_ENV = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1"}
+
+
+def checkpoint_files(path: str) -> list[Path]:
+    """The files sleap-nn may unpickle for a path: itself, or the checkpoints of a model
+    directory (a track job's model_paths)."""
+    if not Path(path).is_dir():
+        return [Path(path)]
+    found = sorted(Path(path).glob("*.ckpt"))
+    if len(found) > MAX_MODEL_CHECKPOINTS:
+        raise PathRefused(f"{path} holds {len(found)} checkpoints; a model directory has one or two", "BAD_MODEL")
+    return found
+
+
+def file_identity(path: Path) -> list[int]:
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
+def check_checkpoint(path: Path, trusted: set[str]) -> tuple[Optional[dict], Optional[str]]:
+    """({identity, sha256} of a checkpoint that is data, None), or (None, why it is refused)."""
+    identity = file_identity(path)
+    _, sha256 = P.file_digest(path)
+    if sha256 in trusted:
+        return {"identity": identity, "sha256": sha256}, None
+    why = probe_checkpoint(path)
+    if why:
+        return None, (f"{path} is refused: checkpoints are unpickled, so this worker takes only models it trained "
+                      f"itself and files torch loads as plain weights, and torch refuses this one ({why})")
+    return {"identity": identity, "sha256": sha256}, None
+
+
+def probe_checkpoint(path: Path) -> Optional[str]:
+    """Why torch will not load `path` as weights only (None when it does), asked of a
+    child with CHECKPOINT_PROBE_S and an address-space limit, without the worker's secrets."""
+    limit = CHECKPOINT_PROBE_MEMORY + 3 * path.stat().st_size
+    env = {k: v for k, v in os.environ.items() if k not in hidden_env(set())}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", **SLEAP_NN_ENV)
+    try:
+        probe = subprocess.run([sys.executable, str(Path(__file__).resolve()), "probe-checkpoint", str(limit),
+                                str(path)], capture_output=True, text=True, timeout=CHECKPOINT_PROBE_S, env=env,
+                               stdin=subprocess.DEVNULL, cwd=path.parent)
+    except subprocess.TimeoutExpired:
+        return f"loading it took longer than {CHECKPOINT_PROBE_S:.0f} s"
+    except OSError as exc:
+        return f"the worker could not start its checker: {exc}"
+    if probe.returncode == 0:
+        return None
+    lines = [line for line in probe.stderr.splitlines() if line.strip()]
+    return (lines[-1] if lines else f"the checker exited with {probe.returncode}")[:300]
+
+
+def probe_checkpoint_step(argv: list[str]) -> int:
+    """`worker.py probe-checkpoint LIMIT PATH`: exit 0 when torch loads PATH with
+    weights_only=True within LIMIT bytes of address space, else say why on stderr."""
+    import resource
+
+    limit, path = int(argv[0]), argv[1]
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        import torch
+
+        torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        print(f"it needs more than {limit // 2**20} MB to load", file=sys.stderr)
+        return 1
+    except Exception as exc:  # torch raises many types on a file it will not load; each means no
+        print(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_checkpoints(plan: dict, fields: dict, errors: list, trusted: Callable[[], set[str]]) -> None:
+    """A field error for each checkpoint in plan["paths"] that is not data; the identity
+    of each that is, in plan["checkpoints"]."""
+    known: Optional[set[str]] = None
+    for key in (*CHECKPOINT_KEYS, "model_paths"):
+        values = plan["paths"].get(key)
+        for path in values if isinstance(values, list) else [values] if values else []:
+            try:
+                files = checkpoint_files(path)
+            except PathRefused as exc:
+                errors.append({**P.spec_error(fields[key], f"{key}: {exc}", exc.code), "key": key})
+                continue
+            for file in files:
+                known = trusted() if known is None else known
+                checked, why = check_checkpoint(file, known)
+                if why:
+                    message = f"{key}: {why}" if fields[key] == "config" else why
+                    errors.append({**P.spec_error(fields[key], message, "UNSAFE_CHECKPOINT"), "key": key})
+                else:
+                    plan.setdefault("checkpoints", {})[str(file)] = checked
+
+
+def recheck_checkpoints(checkpoints: dict, trusted: Callable[[], set[str]]) -> Optional[str]:
+    """When a job starts: why one of its checkpoints must not be used (changed since it
+    was accepted, and no longer data), or None."""
+    for path, checked in checkpoints.items():
+        try:
+            if file_identity(Path(path)) == checked["identity"]:
+                continue
+            _, why = check_checkpoint(Path(path), trusted())
+        except OSError as exc:
+            return f"{path}: {exc.strerror} (it changed after the job was accepted)"
+        if why:
+            return f"{why} (it changed after the job was accepted)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
 # Looking at the worker's files: listings and a bounded search, inside the mounts only
 # ---------------------------------------------------------------------------------------
 
@@ -458,7 +651,7 @@ _GLOB_CHARS = re.compile(r"[*?\[\]]")
 
 
 def _inside(path: Path, mounts: list[Mount]) -> bool:
-    return any(path == m.path or path.is_relative_to(m.path) for m in mounts)
+    return any(m.contains(path) for m in mounts)
 
 
 def list_directory(path: Optional[str], mounts: list[Mount], offset: int = 0, nearest: bool = False) -> dict:
@@ -475,8 +668,8 @@ def list_directory(path: Optional[str], mounts: list[Mount], offset: int = 0, ne
         with os.scandir(directory) as scan:
             for entry in scan:
                 try:
-                    if entry.is_symlink() and not _inside(Path(entry.path).resolve(), mounts):
-                        continue
+                    if not _inside(Path(entry.path).resolve() if entry.is_symlink() else Path(entry.path), mounts):
+                        continue  # a link leading out, or the worker's own files
                     info = entry.stat()
                     kind = "dir" if entry.is_dir() else "file"
                 except OSError:  # vanished, or a dangling link
@@ -521,7 +714,7 @@ def _walk_files(mounts: list[Mount], deadline: float, depth: int = SEARCH_DEPTH)
         except OSError:
             continue
         for entry in entries:
-            if entry.is_symlink():
+            if entry.is_symlink() or not _inside(Path(entry.path), mounts):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 if level < depth:
@@ -763,6 +956,7 @@ class PackagePlan:
     steps: list["Step"]
     configs: dict[str, str]
     notes: list[str]
+    checkpoints: list[str] = dataclasses.field(default_factory=list)  # files sleap-nn will unpickle (see CHECKPOINT_KEYS)
 
 
 def package_dir_for(package: Path, job_id: str, uploaded: bool, job_dir: Path) -> Path:
@@ -1041,6 +1235,9 @@ class _PackageReader:
             if any(_RESOLVER_RE.search(v) or "${" in v for v in (value if isinstance(value, list) else [value])):
                 raise PackageRefused(f"{where}: the override {key} uses an interpolation or resolver "
                                      "(${...}); write the value out")
+        problem = internet_problem(overrides)
+        if problem:
+            raise PackageRefused(f"{where}: {problem}")
         model = Path(name_in_package).stem
         paths = {}
         try:
@@ -1051,6 +1248,8 @@ class _PackageReader:
                 resolved = [self.path(v, f"{where}: {key}", writes=key in CONFIG_WRITES)
                             for v in (value if isinstance(value, list) else [value])]
                 paths[key] = resolved if isinstance(value, list) else resolved[0]
+                if key in CHECKPOINT_KEYS:
+                    self.plan.checkpoints += resolved
             ckpt = paths.pop("trainer_config.ckpt_dir", str(self.unpack_dir))
         except PathRefused as exc:
             raise PackageRefused(str(exc)) from None
@@ -1090,6 +1289,7 @@ class _PackageReader:
             if not models:
                 raise PackageRefused(f"{where}: no --model_paths")
             models = [self.path(m, f"{where}: model") for m in models]
+            self.plan.checkpoints += models
             output = self.path(options.get("output") or f"{Path(data).name}.predictions.slp", f"{where}: output",
                                writes=True)
         except PathRefused as exc:
@@ -1213,7 +1413,7 @@ def plan_package(path: Path, job_type: str, unpack_dir: Path, mounts: list[Mount
 
 
 def validate_package(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path,
-                     store_dir: Optional[Path]) -> tuple[list[dict], dict]:
+                     store_dir: Optional[Path], trusted: Callable[[], set[str]] = set) -> tuple[list[dict], dict]:
     """The errors of a package job, and its plan: {"paths": {}, "package": {path, dir,
     uploaded}}. The package must lie inside the mounts; an uploaded one is unpacked in
     the job's directory, one on shared storage next to itself, which must be writable.
@@ -1235,13 +1435,34 @@ def validate_package(spec: dict, mounts: list[Mount], write_mounts: list[Mount],
                                  "--pkg-path instead", "ACCESS_DENIED")], {}
     if path.exists():
         try:
-            plan_package(path, spec["type"], unpack_dir, mounts, write_mounts, "sleap-nn", job_dir / "configs",
-                         spec.get("gui", True))
+            planned = plan_package(path, spec["type"], unpack_dir, mounts, write_mounts, "sleap-nn",
+                                   job_dir / "configs", spec.get("gui", True))
         except PackageRefused as exc:
             return [P.spec_error("package", str(exc), "BAD_PACKAGE")], {}
         except FileNotFoundError:
             pass  # gone since: the job fails when it would start, as for a package missing now
+        else:  # checkpoints on shared storage now; those inside the package once it is unpacked
+            problem = package_checkpoint_problem([c for c in planned.checkpoints if not
+                                                  Path(c).is_relative_to(unpack_dir)], trusted)
+            if problem:
+                return [P.spec_error("package", problem, "UNSAFE_CHECKPOINT")], {}
     return [], {"paths": {}, "package": {"path": str(path), "dir": str(unpack_dir), "uploaded": uploaded}}
+
+
+def package_checkpoint_problem(paths: list[str], trusted: Callable[[], set[str]]) -> Optional[str]:
+    """Why one of a package's checkpoints is refused (see check_checkpoint), or None."""
+    known = None
+    for path in paths:
+        try:
+            files = checkpoint_files(path)
+        except PathRefused as exc:
+            return str(exc)
+        for file in files:
+            known = trusted() if known is None else known
+            _, why = check_checkpoint(file, known) if file.exists() else (None, None)
+            if why:
+                return why
+    return None
 
 
 def unpack_package(path: Path, destination: Path) -> None:
@@ -1444,13 +1665,21 @@ def predicted_instances(path: Path) -> Optional[int]:
 # Command jobs: executables the worker's admin allowed by name, never a shell
 # ---------------------------------------------------------------------------------------
 # A command job runs one allowed executable with the client's arguments, as an argument
-# list, in the job's directory. An argument that looks like a path (or the value of a
-# --option=value that does) must lie inside the mounts or the job's directory, and is
-# passed resolved. Environment variables whose names look secret are not passed on.
+# list, in the job's directory. Every place a path may start inside an argument is
+# checked: the word itself, a --option=VALUE, what follows any '=' or ':', and in an
+# option word every character after the dashes up to its first '/' (getopt takes the
+# value of a short option glued to it: -o/x, -xfVALUE). Each must lie inside the mounts
+# or the job's own directory, where the command may read and write; the word itself (or
+# an option's =VALUE) is passed resolved. A file in the upload store or another job's
+# directory, which no command may write, is read through a copy in the job's directory.
+# Environment variables whose names or values look secret are not passed on.
 
 SECRET_ENV_RE = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|PRIVATE|COOKIE|SESSION", re.IGNORECASE)
+# A value with credentials in it: scheme://user:password@host (a database URL and the like).
+SECRET_VALUE_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")
 # Files of a job's directory that are the worker's own, not a command's output.
 _OWN_FILE_RE = re.compile(r"^(job\.log|spec\.json|steps\.json|config\.yaml|step-\d+\..*|\..*)$")
+COMMAND_INPUTS_DIR = "inputs"  # copies of the uploads and other jobs' files a command reads
 MAX_COMMAND_OUTPUTS = 100
 
 
@@ -1469,38 +1698,77 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith(("/", "./", "../", "~")) or "/" in text or text in (".", "..")
 
 
-def validate_command(spec: dict, allowed: dict[str, str], mounts: list[Mount],
-                     job_dir: Path) -> tuple[list[dict], list[str]]:
-    """Errors of a command spec on this worker, and the argument list it will run."""
+def _path_starts(word: str) -> list[str]:
+    """Every tail of an argument word where a program may read a path, but the word itself."""
+    starts = {i + 1 for i, c in enumerate(word) if c in "=:"}
+    if word.startswith("-"):
+        dashes = len(word) - len(word.lstrip("-"))
+        last = word.index("/") if "/" in word else len(word) - 1
+        starts |= set(range(dashes, last + 1))
+    return [word[i:] for i in sorted(starts) if 0 < i < len(word)]
+
+
+def validate_command(spec: dict, allowed: dict[str, str], mounts: list[Mount], stores: list[Mount],
+                     job_dir: Path) -> tuple[list[dict], list[str], list[dict]]:
+    """Errors of a command spec on this worker, the argument list it will run, and the
+    files it reads through copies ({source, copy}): those in `stores` (the upload store
+    and the jobs' directories), which are read-only to commands."""
     errors = P.check_spec(spec)
     if errors:
-        return errors, []
+        return errors, [], []
     name = spec["command"]
     if name not in allowed:
         offered = ", ".join(sorted(allowed)) or "none (its admin allows them with --allow-command NAME=EXECUTABLE)"
         return [P.spec_error("command", f"{name!r} is not a command this worker allows; it allows: {offered}",
-                             "NOT_ALLOWED")], []
+                             "NOT_ALLOWED")], [], []
     places = mounts + [Mount(job_dir, "job")]
-    command = [allowed[name]]
+    command, inputs = [allowed[name]], []
     for index, arg in enumerate(spec.get("args") or []):
+        where = f"argument {index + 1} ({P.echo(arg)})"
         option, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
-        if not _looks_like_path(value):
-            command.append(arg)
-            continue
         try:
-            resolved = str(resolve_in_mounts(value, places, job_dir))
+            if not _looks_like_path(value):
+                command.append(arg)
+            else:
+                try:
+                    resolved = resolve_in_mounts(value, places, job_dir)
+                except PathRefused as refused:
+                    try:
+                        source = resolve_in_mounts(value, stores, job_dir)
+                    except PathRefused:
+                        raise refused from None
+                    if not source.is_file():
+                        raise PathRefused(f"{source} is in the upload store or another job's directory, which "
+                                          "commands only read, through a copy of a file (not of a directory)",
+                                          "ACCESS_DENIED") from None
+                    resolved = job_dir / COMMAND_INPUTS_DIR / f"{index + 1}-{source.name}"
+                    inputs.append({"source": str(source), "copy": str(resolved)})
+                command.append(f"{option}{sep}{resolved}")
+            for tail in _path_starts(arg):
+                if tail != value and _looks_like_path(tail):
+                    try:
+                        resolve_in_mounts(tail, places, job_dir)
+                    except PathRefused as exc:
+                        raise PathRefused(f"the program may read {P.echo(tail)} in it as a path, and {exc}; give "
+                                          "a path as an argument of its own (or --option=PATH)", exc.code) from None
         except PathRefused as exc:
-            errors.append({**P.spec_error("args", f"argument {index + 1} ({P.echo(arg)}): {exc}", exc.code),
-                           "path": value[:MAX_PATH_CHARS]})
-            continue
-        command.append(f"{option}{sep}{resolved}")
-    return errors, command
+            errors.append({**P.spec_error("args", f"{where}: {exc}", exc.code), "path": value[:MAX_PATH_CHARS]})
+    return errors, command, inputs
 
 
-def command_step(spec: dict, job_dir: Path, allowed_env: set[str]) -> Step:
-    """The one step of an accepted command job."""
-    hidden = sorted(k for k in os.environ if SECRET_ENV_RE.search(k) and k not in allowed_env)
-    return Step(P.COMMAND, spec["command"], list(spec["_command"]), job_dir, drop_env=hidden)
+def hidden_env(allowed_env: set[str]) -> list[str]:
+    """The variables of the worker's environment a member's job does not get: those whose
+    names or values look secret, unless the admin named them (--allow-env)."""
+    return sorted(k for k, v in os.environ.items()
+                  if (SECRET_ENV_RE.search(k) or SECRET_VALUE_RE.search(v)) and k not in allowed_env)
+
+
+def command_step(spec: dict, job_dir: Path) -> Step:
+    """The one step of an accepted command job; its input copies are made here."""
+    for entry in spec.get("_inputs", []):
+        Path(entry["copy"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(entry["source"], entry["copy"])
+    return Step(P.COMMAND, spec["command"], list(spec["_command"]), job_dir)
 
 
 def command_outputs(job_dir: Path) -> list[dict]:
@@ -1509,6 +1777,8 @@ def command_outputs(job_dir: Path) -> list[dict]:
     for path in sorted(job_dir.rglob("*")):
         if len(outputs) >= MAX_COMMAND_OUTPUTS:
             break
+        if path.is_relative_to(job_dir / COMMAND_INPUTS_DIR):
+            continue
         if path.is_file() and not path.is_symlink() and not (path.parent == job_dir and _OWN_FILE_RE.match(path.name)):
             size, sha256 = P.file_digest(path)
             outputs.append({"kind": "file", "path": str(path), "size": size, "sha256": sha256})
@@ -1558,14 +1828,20 @@ def _pipe_chunks(pipe) -> Iterator[bytes]:
 
 
 class LocalRun:
-    """A step's sleap-nn as a child of this worker, in a process group of its own."""
+    """A step's sleap-nn as a child of this worker, in a process group of its own (as the
+    user `run_as`, uid and gid, when the worker runs as root with --run-as)."""
 
-    def __init__(self, command: list[str], cwd: Path, drop_env: list[str], extra_env: dict):
+    def __init__(self, command: list[str], cwd: Path, drop_env: list[str], extra_env: dict,
+                 run_as: Optional[tuple[int, int]] = None):
         self.command = command
         env = {**{k: v for k, v in os.environ.items() if k not in drop_env}, **extra_env}
+        identity: dict = {}
+        if run_as is not None:
+            identity = {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+            env["HOME"] = str(cwd)  # caches land in the job's directory, not root's home
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"},
-                                        start_new_session=True)
+                                        start_new_session=True, **identity)
         self.record = {"pid": self.process.pid}  # for the ledger: what a restarted worker must end
 
     def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]:
@@ -1592,13 +1868,20 @@ class LocalRun:
 
 
 class LocalExecutor:
-    """Steps run as children of the worker; a restart of the worker ends them."""
+    """Steps run as children of the worker; a restart of the worker ends them. With
+    `run_as` (uid, gid), they run as that user, who gets the job's directory."""
 
     name = "local"
     zmq_host = "127.0.0.1"
 
+    def __init__(self, run_as: Optional[tuple[int, int]] = None):
+        self.run_as = run_as
+
     def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> LocalRun:
-        return LocalRun(step.command(ports), step.cwd, step.drop_env, step.env)
+        if self.run_as is not None:
+            for path in [job.dir, *job.dir.rglob("*")]:
+                os.chown(path, *self.run_as, follow_symlinks=False)
+        return LocalRun(step.command(ports), step.cwd, step.drop_env, step.env, self.run_as)
 
     def describe(self) -> dict:
         return {"executor": self.name}
@@ -2005,7 +2288,8 @@ def slurm_step(argv: list[str]) -> int:
         command = command + zmq_overrides(ports)
     try:
         env = {k: v for k, v in os.environ.items() if k not in args.unset}
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env={**env, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                   env={**env, **SLEAP_NN_ENV, "PYTHONUNBUFFERED": "1"})
     except OSError as exc:
         print(f"sleap-rtc slurm-step: cannot start {command[0] if command else 'nothing'}: {exc}", file=sys.stderr)
         code = 127
@@ -2079,11 +2363,12 @@ class Job:
 
     def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
                  submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S,
-                 executor: Optional[LocalExecutor | SlurmExecutor] = None):
+                 executor: Optional[LocalExecutor | SlurmExecutor] = None, owner: str = ""):
         self.job_id = job_id
         self.spec = spec
         self.dir = job_dir
-        self.submitter = submitter
+        self.submitter = submitter  # the peer id it came from
+        self.owner = owner  # the signed-in user behind that peer ("" if none)
         self.executable = executable
         self.log_path = job_dir / "job.log"
         self.state = P.PENDING
@@ -2563,11 +2848,12 @@ class Ledger:
         spec TEXT NOT NULL, submitter TEXT, state TEXT NOT NULL, submitted_at REAL NOT NULL,
         started_at REAL, finished_at REAL, exit_code INTEGER, duration_s REAL, stopped_early INTEGER,
         outputs TEXT, warning TEXT, error TEXT, stderr_tail TEXT, log_path TEXT, job_dir TEXT,
-        command TEXT, pid INTEGER, steps TEXT, slurm TEXT, pruned TEXT)"""
+        command TEXT, pid INTEGER, steps TEXT, slurm TEXT, pruned TEXT, owner TEXT)"""
     # Columns newer than a ledger may be, added when it opens. slurm: the running step's
     # SLURM job {job_id, step, state, reason, node, problem}.
     # pruned: {at, by (the prune job), path} once a prune removed the job's directory.
-    ADDED_COLUMNS = {"steps": "TEXT", "slurm": "TEXT", "pruned": "TEXT"}  # columns newer than a ledger may be, added when it opens
+    # owner: the signed-in user who submitted the job, as the signaling server vouched ("" if none).
+    ADDED_COLUMNS = {"steps": "TEXT", "slurm": "TEXT", "pruned": "TEXT", "owner": "TEXT"}
 
     def __init__(self, path: Path):
         import sqlite3
@@ -2575,6 +2861,8 @@ class Ledger:
         self.path = path
         # Guards the connection, which the session, scheduler and job threads all use.
         self._lock = threading.Lock()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # the owner's alone; its WAL files follow
+        os.chmod(path, 0o600)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         with self._lock:
@@ -2586,10 +2874,10 @@ class Ledger:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def add(self, job: Job) -> None:
-        self._write("INSERT INTO jobs (job_id, type, spec, submitter, state, submitted_at, log_path, job_dir) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job.job_id, job.kind, json.dumps(job.spec), job.submitter, job.state, job.submitted_at,
-                     str(job.log_path), str(job.dir)))
+        self._write("INSERT INTO jobs (job_id, type, spec, submitter, owner, state, submitted_at, log_path, job_dir) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.job_id, job.kind, json.dumps(job.spec), job.submitter, job.owner, job.state,
+                     job.submitted_at, str(job.log_path), str(job.dir)))
 
     def update(self, job_id: str, **fields) -> None:
         assignments = ", ".join(f"{name} = ?" for name in fields)
@@ -2604,6 +2892,14 @@ class Ledger:
         where, args = ("WHERE state = ?", (state,)) if state else ("", ())
         order = "ASC" if oldest_first else "DESC"
         return self._read(f"SELECT * FROM jobs {where} ORDER BY seq {order} LIMIT ?", (*args, limit))
+
+    def model_digests(self) -> set[str]:
+        """The SHA-256 of every model file this worker's own trainings made: checkpoints it
+        may load as they are (a replica from another worker is not among them)."""
+        rows = self._read("SELECT * FROM jobs WHERE type = ? AND state = ? AND outputs IS NOT NULL",
+                          (P.TRAIN, P.COMPLETED))
+        return {f["sha256"] for row in rows for o in row["outputs"] or [] if o.get("kind") == "model"
+                for f in o.get("files", [])}
 
     def recent_durations(self, job_type: str, count: int = 10) -> list[float]:
         rows = self._read("SELECT * FROM jobs WHERE type = ? AND state = ? AND duration_s IS NOT NULL "
@@ -2631,55 +2927,87 @@ class Ledger:
 
 
 # Ledger queries from clients (`client.py jobs --sql`): read-only, the jobs table only,
-# bounded in time, rows and reply size (a signaling frame holds at most 1 MiB).
+# bounded in time, rows and reply size (a signaling frame holds at most 1 MiB), and in
+# memory: no value longer than SQL_VALUE_BYTES, at most SQL_COLUMNS columns, only the
+# functions listed, sorts and temporary tables spilled to disk past a small cache, and
+# rows read one at a time until the reply budget is spent. A worker answering the worst
+# of them grows by a few MB (tests/test_member_limits.py measures it).
 SQL_MAX_CHARS = 10_000
 SQL_TIME_S = 2.0
 SQL_ROW_LIMIT = 1000
 SQL_REPLY_BYTES = 512 * 1024
+SQL_VALUE_BYTES = 64 * 1024
+SQL_COLUMNS = 64
+SQL_CACHE_KB = 4096  # SQLite's page cache for one query; sorts past it go to temporary files
 SQL_AT_ONCE = 2  # queries running at once; more are answered "busy"
+# Functions a query may call: arithmetic, text, dates, JSON and aggregates. Not zeroblob,
+# randomblob, fts3_tokenizer (a pointer), load_extension or anything else.
+SQL_FUNCTIONS = frozenset({
+    "abs", "avg", "char", "coalesce", "count", "date", "datetime", "format", "glob", "group_concat", "hex", "ifnull",
+    "iif", "instr", "json", "json_array", "json_array_length", "json_extract", "json_group_array",
+    "json_group_object", "json_object", "json_type", "json_valid", "julianday", "length", "like", "lower", "ltrim",
+    "max", "min", "nullif", "printf", "quote", "replace", "round", "rtrim", "strftime", "substr", "substring", "sum",
+    "time", "total", "trim", "typeof", "unicode", "unixepoch", "upper", "->", "->>", "row_number", "rank",
+    "dense_rank", "lag", "lead", "first_value", "last_value", "ntile", "percent_rank", "cume_dist"})
 
 
 def query_ledger(path: Path, sql: Any) -> dict:
     """Run a client's query against the ledger: {columns, rows, truncated} or {error}.
 
     The database is opened read-only, and an authorizer allows nothing but SELECT,
-    reading the jobs table (and the query's own CTEs), functions and recursion: writes,
-    ATTACH, PRAGMA, the schema and every other table are refused by SQLite itself. A
-    query that runs past SQL_TIME_S is interrupted."""
+    reading the jobs table (and the query's own CTEs), the listed functions and
+    recursion: writes, ATTACH, PRAGMA, the schema and every other table are refused by
+    SQLite itself. A query that runs past SQL_TIME_S is interrupted."""
     import sqlite3
 
     if not isinstance(sql, str) or not sql.strip() or len(sql) > SQL_MAX_CHARS:
         return {"error": f"sql must be one SELECT statement of at most {SQL_MAX_CHARS} characters"}
-    allowed = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+    allowed = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_RECURSIVE}
     deadline = time.monotonic() + SQL_TIME_S
     db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    rows, budget, truncated, refused = [], SQL_REPLY_BYTES, False, []
     try:
+        db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SQL_VALUE_BYTES)
+        db.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, SQL_COLUMNS)
+        db.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, SQL_MAX_CHARS * 4)
+        db.execute(f"PRAGMA cache_size = -{SQL_CACHE_KB}")
+        db.execute("PRAGMA temp_store = FILE")
         # Every real table but jobs is off limits; any other name a query reads is its own CTE.
         hidden = {row[0] for row in db.execute("SELECT name FROM sqlite_master")} - {"jobs"}
         hidden |= {"sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"}
 
-        def authorize(action, table, _column, _database, _trigger):
+        def authorize(action, table, name, _database, _trigger):
             if action in allowed or (action == sqlite3.SQLITE_READ and table not in hidden):
                 return sqlite3.SQLITE_OK
+            if action == sqlite3.SQLITE_FUNCTION and str(name).lower() in SQL_FUNCTIONS:
+                return sqlite3.SQLITE_OK
+            if action == sqlite3.SQLITE_FUNCTION:
+                refused.append(str(name))
             return sqlite3.SQLITE_DENY
 
         db.set_authorizer(authorize)
         db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
         cursor = db.execute(sql)
         columns = [d[0] for d in cursor.description or []]
-        rows = cursor.fetchmany(SQL_ROW_LIMIT + 1)
+        while (row := cursor.fetchone()) is not None:
+            row = [v.hex() if isinstance(v, bytes) else v for v in row]
+            budget -= len(json.dumps(row)) + 2
+            if budget < 0 or len(rows) == SQL_ROW_LIMIT:
+                truncated = True
+                break
+            rows.append(row)
     except sqlite3.OperationalError as exc:
         if str(exc) == "interrupted":
             return {"error": f"the query ran longer than {SQL_TIME_S:.0f} s and was stopped"}
+        if refused:
+            return {"error": f"refused: {refused[0][:40]}() is not one of the functions a query may call (count, "
+                             "sum, min, max, json_extract, strftime and the other arithmetic, text, date, JSON and "
+                             "window functions)"}
         return {"error": f"refused: {exc} (only SELECT on the jobs table)"}
-    except (sqlite3.Error, ValueError) as exc:  # several statements, bad syntax, a closed database
+    except (sqlite3.Error, ValueError, OverflowError, MemoryError) as exc:  # several statements, a value too big, ...
         return {"error": f"refused: {exc}"}
     finally:
         db.close()
-    truncated = len(rows) > SQL_ROW_LIMIT
-    rows = [[v.hex() if isinstance(v, bytes) else v for v in row] for row in rows[:SQL_ROW_LIMIT]]
-    while rows and len(json.dumps(rows)) > SQL_REPLY_BYTES:
-        rows, truncated = rows[:len(rows) // 2], True
     return {"columns": columns, "rows": rows, "truncated": truncated}
 
 
@@ -2716,7 +3044,7 @@ class Scheduler:
                  stop_grace: float = STOP_GRACE_S,
                  plan: Optional[Callable[[Job], tuple[list[Step], list[str]]]] = None,
                  executor: Optional[LocalExecutor | SlurmExecutor] = None):
-        self.jobs_dir = working_dir / "jobs"
+        self.jobs_dir = working_dir / JOBS_DIR
         self.executor = executor or LocalExecutor()
         self.plan = plan or self.structured_plan
         self.stop_grace = stop_grace
@@ -2765,7 +3093,7 @@ class Scheduler:
     def _job(self, record: dict) -> Job:
         """The live Job of a ledger record."""
         return Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"],
-                   self.executable, record["submitted_at"], self.stop_grace, self.executor)
+                   self.executable, record["submitted_at"], self.stop_grace, self.executor, record.get("owner") or "")
 
     def _follow_again(self, record: dict) -> bool:
         """Follow a running job's SLURM job again; False when there is none to follow."""
@@ -2815,14 +3143,14 @@ class Scheduler:
     # -- submitting and asking ----------------------------------------------------------
 
     def submit(self, job_id: str, spec: dict, submitter: str, listener,
-               files: Optional[dict[str, str]] = None) -> tuple[Optional[Job], list[dict]]:
+               files: Optional[dict[str, str]] = None, owner: str = "") -> tuple[Optional[Job], list[dict]]:
         """Queue a job (it starts at once when a slot is free), or say why not. `files`
         (name: text) are written into the job's directory first."""
         with self._cond:
             if self.ledger.get(job_id) is not None:
                 return None, [P.spec_error("job_id", f"job {job_id} exists already", "DUPLICATE")]
             job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable, stop_grace=self.stop_grace,
-                      executor=self.executor)
+                      executor=self.executor, owner=owner)
             try:
                 job.dir.mkdir(parents=True, exist_ok=True)
                 for name, text in (files or {}).items():
@@ -3056,6 +3384,20 @@ class Scheduler:
 
 UPLOAD_CACHE_GB = 50.0
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Beside an upload's names: who sent it, and the file's identity when its hash was last
+# checked. Hidden, so never a name a client sees.
+UPLOAD_META_FILE = ".meta.json"
+PART_TTL_S = 86400.0  # a cut-off upload nobody resumed for this long is removed
+
+
+class UploadsFrom:
+    """The upload store as one member's link writes into it: each upload knows its sender."""
+
+    def __init__(self, store: "UploadStore", sender: str):
+        self.store, self.sender = store, sender
+
+    def incoming(self, transfer_id: str, name: str, size: int, sha256: str, offset: int) -> P.Incoming:
+        return self.store.incoming(transfer_id, name, size, sha256, offset, self.sender)
 
 
 class UploadStore:
@@ -3064,21 +3406,95 @@ class UploadStore:
 
     An upload arrives through DIRECTORY/.<sha256>.part and is renamed only once its hash
     checks; a cut-off one keeps its part, and the next attempt resumes from the bytes
-    held. Past `cap` bytes, the least recently used content that no queued or running
-    job needs (`needed()` gives those hashes) is removed.
+    held. What is stored is read-only to jobs (mode 0444, and no job may name it for a
+    write); a hit is trusted only while the file's identity (size, mtime, inode) is what
+    it was when its hash was checked, else it is hashed again, and removed if it no
+    longer matches its name. Parts count toward `cap` and expire after PART_TTL_S. Past
+    `cap` bytes, the least recently used content (or part) that no queued or running job
+    needs (`needed()` gives those hashes) is removed. No upload starts that would leave
+    less than `min_free` bytes free.
     """
 
-    def __init__(self, directory: Path, cap: Optional[int], needed: Callable[[], set[str]]):
+    def __init__(self, directory: Path, cap: Optional[int], needed: Callable[[], set[str]], min_free: int = 0):
         self.directory = directory
         self.cap = cap
         self.needed = needed
+        self.min_free = min_free
         directory.mkdir(parents=True, exist_ok=True)
-        # Guards _active, the upload in progress of each hash: the link that started it
-        # may still be open when its client reconnects and resumes on a new one.
+        # Guards _active (hash -> (the upload in progress, its sender)) and every read-modify-
+        # write of a meta file. The link that started an upload may still be open when its
+        # sender reconnects and resumes on a new one.
         self._lock = threading.Lock()
-        self._active: dict[str, P.Incoming] = {}
+        self._active: dict[str, tuple[P.Incoming, str]] = {}
 
-    def status(self, payload: dict) -> dict:
+    # -- what is held ---------------------------------------------------------------------
+
+    def contents(self) -> list[Path]:
+        """The directory of each stored content, by hash."""
+        return sorted(c for c in self.directory.iterdir() if c.is_dir() and _SHA256_RE.match(c.name))
+
+    @staticmethod
+    def names(content: Path) -> list[Path]:
+        """The names (hard links to the same bytes) a content is known by."""
+        return sorted(f for f in content.iterdir() if f.is_file() and not f.name.startswith("."))
+
+    def _meta(self, content: Path) -> dict:
+        try:
+            meta = json.loads((content / UPLOAD_META_FILE).read_text())
+            return meta if isinstance(meta, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def uploaders(self, sha256: str) -> set[str]:
+        return set(self._meta(self.directory / sha256).get("uploaders", []))
+
+    def stored(self, path: Path, sender: str) -> None:
+        """An upload arrived at `path` (its hash checked on the way in): read-only from now
+        on, its identity and sender noted."""
+        with self._lock:
+            if path.is_file():
+                path.chmod(0o444)
+                self._note(path.parent, path, sender)
+
+    def _note(self, content: Path, held: Path, sender: Optional[str]) -> None:  # the caller holds _lock
+        meta = self._meta(content)
+        info = held.stat()
+        meta["identity"] = [info.st_size, info.st_mtime_ns, info.st_ino]
+        if sender:
+            meta["uploaders"] = sorted(set(meta.get("uploaders", [])) | {sender})
+        write_whole(content / UPLOAD_META_FILE, json.dumps(meta))
+
+    def held(self, sha256: str, sender: Optional[str] = None) -> Optional[Path]:
+        """One name of a stored content whose bytes still hash to `sha256`, or None: a file
+        whose identity changed since its hash was checked is hashed again, and a content
+        that no longer matches its name is removed."""
+        content = self.directory / sha256
+        with self._lock:
+            names = self.names(content) if content.is_dir() else []
+            if not names:
+                return None
+            info = names[0].stat()
+            if self._meta(content).get("identity") != [info.st_size, info.st_mtime_ns, info.st_ino]:
+                if P.file_digest(names[0])[1] != sha256:
+                    log.warning("upload store: %s no longer holds the bytes its name says (changed on disk); "
+                                "removed", content)
+                    shutil.rmtree(content, ignore_errors=True)
+                    return None
+                names[0].chmod(0o444)
+            self._note(content, names[0], sender)
+        return names[0]
+
+    def verify(self, path: str) -> Optional[str]:
+        """Why a path a job names inside the store must not be used (its content changed
+        since it was stored), or None (also for any path outside the store)."""
+        relative = Path(path).relative_to(self.directory) if Path(path).is_relative_to(self.directory) else None
+        if relative is None or not _SHA256_RE.match(relative.parts[0]):
+            return None
+        if self.held(relative.parts[0]) is None:
+            return f"{path}: the upload store no longer holds those bytes (changed on disk); upload it again"
+        return None
+
+    def status(self, payload: dict, sender: str) -> dict:
         """The answer to UPLOAD_QUERY: the content's path when held, else the bytes of it held."""
         sha256, size, name = payload.get("sha256"), payload.get("size"), payload.get("name")
         reply = {"sha256": str(sha256)[:64]}
@@ -3088,61 +3504,124 @@ class UploadStore:
             name = P.safe_file_name(str(name))
         except P.TransferError as exc:
             return {**reply, "error": str(exc)}
-        content = self.directory / sha256
-        held = next((f for f in content.iterdir() if f.is_file()), None) if content.is_dir() else None
+        held = self.held(sha256, sender)
         if held is not None and held.stat().st_size == size:
-            named = content / name
+            named = held.parent / name
             if not named.exists():
                 os.link(held, named)  # the same bytes under the name this client knows them by
-            os.utime(content)  # recently used
+            os.utime(held.parent)  # recently used
             return {**reply, "have": True, "path": str(named)}
         part = self._part(sha256)
         return {**reply, "have": False, "offset": min(part.stat().st_size, size) if part.exists() else 0}
 
-    def incoming(self, transfer_id: str, name: str, size: int, sha256: str, offset: int) -> P.Incoming:
-        """The receiving end of an upload (called by a link's receive thread)."""
+    # -- arriving -------------------------------------------------------------------------
+
+    def incoming(self, transfer_id: str, name: str, size: int, sha256: str, offset: int,
+                 sender: str) -> P.Incoming:
+        """The receiving end of an upload (called by a link's receive thread); raises
+        TransferError. An upload of content another member is sending now, a fresh start
+        over a part that holds bytes, or a resume from any byte but the last one held,
+        is refused: one member cannot truncate or delete what another sends."""
         content = self.directory / sha256
+        part = self._part(sha256)
 
         def final() -> Path:
             content.mkdir(exist_ok=True)
             return content / name
 
-        incoming = P.Incoming(transfer_id, name, size, sha256, self._part(sha256), final, offset, resumable=True)
+        free = shutil.disk_usage(self.directory).free
+        if free - (size - offset) < self.min_free:
+            raise P.TransferError(f"the worker keeps {self.min_free / 1e9:g} GB free (--min-free-gb); this upload "
+                                  f"would leave {max(0, free - size + offset) / 1e9:.1f} GB")
         with self._lock:
             previous = self._active.get(sha256)
+            if previous is not None and not previous[0].closed and previous[1] != sender:
+                raise P.TransferError("another member is uploading the same content now; try again once it ends "
+                                      "(the worker keeps what arrives)")
+            held = part.stat().st_size if part.exists() else 0
+            if offset != held and not (previous is not None and not previous[0].closed):
+                raise P.TransferError(f"the worker holds {held} bytes of this upload: send from byte {held} "
+                                      "(client.py upload resumes on its own)")
+            incoming = P.Incoming(transfer_id, name, size, sha256, part, final, offset, resumable=True)
             # Finished uploads need no tracking: keep the map to what may still be written.
-            self._active = {sha: held for sha, held in self._active.items() if not held.finished}
-            self._active[sha256] = incoming
-        if previous is not None and not previous.finished:
-            previous.release("superseded by a newer upload of the same content")
+            self._active = {sha: held for sha, held in self._active.items() if not held[0].closed}
+            self._active[sha256] = (incoming, sender)
+        self.settle()  # the new upload may push the store past its cap: make room first
+        if previous is not None and not previous[0].closed:
+            previous[0].release("superseded by a newer upload of the same content from the same member")
         return incoming
 
+    # -- keeping the store bounded ----------------------------------------------------------
+
+    def stale_parts(self, cutoff: float) -> list[tuple[Path, int]]:
+        """Cut-off uploads not written to since `cutoff` that no link is writing now."""
+        with self._lock:
+            active = {sha for sha, (incoming, _) in self._active.items() if not incoming.closed}
+        parts = []
+        for part in self.directory.glob(".*.part"):
+            sha = part.name[1:-len(".part")]
+            try:
+                info = part.stat()
+            except OSError:
+                continue
+            if _SHA256_RE.match(sha) and sha not in active and info.st_mtime < cutoff:
+                parts.append((part, info.st_size))
+        return parts
+
     def settle(self) -> list[str]:
-        """Keep the store under its cap; the hashes removed."""
+        """Remove cut-off uploads nobody resumed for PART_TTL_S, then keep the store under
+        its cap, parts counted; the hashes removed."""
+        removed = []
+        for part, _ in self.stale_parts(time.time() - PART_TTL_S):
+            part.unlink(missing_ok=True)
+            removed.append(part.name[1:65])
+            log.info("upload store: removed the cut-off upload %s (nobody resumed it for %.0f h)", part.name,
+                     PART_TTL_S / 3600)
         if self.cap is None:
-            return []
+            return removed
         needed = self.needed()
         entries = []
-        for content in self.directory.iterdir():
-            if content.is_dir() and _SHA256_RE.match(content.name):
-                # Every name in it is a hard link to the same bytes.
-                size = max((f.stat().st_size for f in content.iterdir() if f.is_file()), default=0)
-                entries.append((content.stat().st_mtime, content, size))
+        for content in self.contents():
+            names = self.names(content)  # every name is a hard link to the same bytes
+            entries.append((content.stat().st_mtime, content, names[0].stat().st_size if names else 0))
+        entries += [(part.stat().st_mtime, part, size) for part, size in self.stale_parts(float("inf"))]
         total = sum(size for _, _, size in entries)
-        removed = []
-        with self._lock:
-            active = {sha for sha, incoming in self._active.items() if not incoming.finished}
-        for _, content, size in sorted(entries, key=lambda e: e[0]):
+        for _, path, size in sorted(entries, key=lambda e: e[0]):
             if total <= self.cap:
                 break
-            if content.name in needed or content.name in active:
+            sha = path.name[1:65] if path.is_file() else path.name
+            if sha in needed:
                 continue
-            shutil.rmtree(content, ignore_errors=True)
+            if path.is_file():
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
             total -= size
-            removed.append(content.name)
+            removed.append(sha)
             log.info("upload store: removed %s (%d bytes, least recently used) to stay under %d bytes",
-                     content.name, size, self.cap)
+                     path.name, size, self.cap)
         return removed
+
+    def listing(self, records: list[dict], needed: set[str]) -> list[dict]:
+        """What `files ls` shows: each content with its size, names, senders, last use, the
+        jobs that named it and whether a queued or running job needs it; then each cut-off
+        upload (`partial`) with the bytes held."""
+        jobs: dict[str, list[str]] = {}
+        for record in records:
+            for text in _named_paths(record["spec"]):
+                if Path(text).is_relative_to(self.directory):
+                    jobs.setdefault(Path(text).relative_to(self.directory).parts[0], []).append(record["job_id"])
+        files = []
+        for content in self.contents():
+            names = self.names(content)
+            files.append({"sha256": content.name, "size": names[0].stat().st_size if names else 0,
+                          "names": [n.name for n in names], "uploaders": sorted(self.uploaders(content.name)),
+                          "last_use": content.stat().st_mtime, "jobs": sorted(set(jobs.get(content.name, []))),
+                          "needed": content.name in needed})
+        for part, size in self.stale_parts(float("inf")):
+            files.append({"sha256": part.name[1:65], "size": size, "names": [], "uploaders": [], "partial": True,
+                          "last_use": part.stat().st_mtime, "jobs": [], "needed": False})
+        return files
 
     def _part(self, sha256: str) -> Path:
         return self.directory / f".{sha256}.part"
@@ -3165,7 +3644,8 @@ _FINAL_STATES = (P.COMPLETED, P.FAILED, P.CANCELLED)
 
 def _named_paths(spec: dict) -> list[str]:
     """Every path an accepted spec names on this worker."""
-    named = [spec.get("_package", {}).get("path"), *spec.get("_command", [])[1:]]
+    named = [spec.get("_package", {}).get("path"), *spec.get("_command", [])[1:],
+             *(i["source"] for i in spec.get("_inputs", []))]
     for stage in job_stages(spec):
         for value in stage.get("_resolved", {}).values():
             named += value if isinstance(value, list) else [value]
@@ -3176,20 +3656,26 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def prune_plan(records: list[dict], jobs_dir: Path, uploads_dir: Path, needed_uploads: set[str],
+def prune_plan(records: list[dict], jobs_dir: Path, store: "UploadStore", needed_uploads: set[str],
                spec: dict, own_job_id: str) -> dict:
     """What a prune job removes: the directories of jobs finished before the cutoff
     (failed ones too unless `keep_failed`), except those whose files a later job names,
     and uploads unused since the cutoff that no queued or running job needs. With
     `uploads` (hashes or their first digits: `client.py files rm`) only those uploads,
-    whatever their age, and no job."""
+    whatever their age, and no job.
+
+    Its `_scope` (set by the worker, never by the client) says whose: {"all": True} for
+    the worker's admins and its own --keep-days, which also take cut-off uploads (.part)
+    unused since the cutoff; {"owner": USER} for a member, who removes only USER's jobs
+    and the uploads only USER sent."""
     cutoff = time.time() - spec.get("older_than_s", PRUNE_DEFAULT_S)
     chosen = spec.get("uploads")
+    scope = spec.get("_scope") or {}
+    everything, owner = bool(scope.get("all")), scope.get("owner")
     jobs_dir = jobs_dir.resolve()
     users = [(r["submitted_at"], r["job_id"], Path(p)) for r in records for p in _named_paths(r["spec"])]
     plan: dict = {"jobs": [], "uploads": [], "kept": [], "dry_run": bool(spec.get("dry_run"))}
-    held = sorted(c for c in uploads_dir.iterdir() if c.is_dir() and _SHA256_RE.match(c.name)) \
-        if uploads_dir.is_dir() else []
+    held = store.contents()
     if chosen is not None:
         picked = set()
         for prefix in chosen:
@@ -3202,7 +3688,7 @@ def prune_plan(records: list[dict], jobs_dir: Path, uploads_dir: Path, needed_up
         held, cutoff, records = sorted(picked), float("inf"), []
     for record in records:
         if (record["job_id"] == own_job_id or record["state"] not in _FINAL_STATES or record.get("pruned")
-                or (record["finished_at"] or cutoff) >= cutoff):
+                or (record["finished_at"] or cutoff) >= cutoff or not (everything or record.get("owner") == owner)):
             continue
         if spec.get("keep_failed") and record["state"] == P.FAILED:
             plan["kept"].append({"job_id": record["job_id"], "why": "it failed (--keep-failed)"})
@@ -3222,7 +3708,15 @@ def prune_plan(records: list[dict], jobs_dir: Path, uploads_dir: Path, needed_up
         if content.name in needed_uploads:
             plan["kept"].append({"upload": content.name, "why": "a queued or running job needs it"})
             continue
+        if not everything and store.uploaders(content.name) != {owner}:
+            if chosen is not None:
+                plan["kept"].append({"upload": content.name, "why": "other members sent it too; only this "
+                                     "worker's admins (worker.py --admin USER) remove it"})
+            continue
         plan["uploads"].append({"sha256": content.name, "path": str(content), "bytes": _tree_bytes(content)})
+    if everything and chosen is None:
+        for part, size in store.stale_parts(cutoff):
+            plan["uploads"].append({"sha256": part.name[1:65], "path": str(part), "bytes": size, "part": True})
     return plan
 
 
@@ -3241,16 +3735,17 @@ def prune_step(argv: list[str]) -> int:
     removed, freed = [], 0
     for entry in plan["jobs"] + plan["uploads"]:
         path = Path(entry["path"])
-        what = f"job {entry['job_id']}" if "job_id" in entry else f"upload {entry['sha256'][:12]}"
+        what = f"job {entry['job_id']}" if "job_id" in entry else \
+            f"{'cut-off upload' if entry.get('part') else 'upload'} {entry['sha256'][:12]}"
         if path.is_symlink() or path.resolve().parent not in roots:
             print(f"skipped {what}: {path} is not a directory of its own under {' or '.join(map(str, roots))}")
             continue
-        if not path.is_dir():
+        if not (path.is_file() if entry.get("part") else path.is_dir()):
             print(f"skipped {what}: {path} is gone already")
             continue
         if not dry:
             try:
-                shutil.rmtree(path)
+                path.unlink() if entry.get("part") else shutil.rmtree(path)
             except OSError as exc:  # say so and go on: the ledger notes only what did go
                 print(f"could not remove {what}: {path}: {exc}", flush=True)
                 continue
@@ -3263,24 +3758,6 @@ def prune_step(argv: list[str]) -> int:
           f"{'y' if count == 1 else 'ies'}, {uploads} upload(s); {len(plan['kept'])} kept")
     write_whole(args.result, json.dumps({"removed": removed}))
     return 0
-
-
-def store_listing(uploads_dir: Path, records: list[dict], needed: set[str]) -> list[dict]:
-    """The upload store's contents: each hash with its size, names, last use, the jobs
-    that named it and whether a queued or running job needs it."""
-    users: dict[str, list[str]] = {}
-    for record in records:
-        for text in _named_paths(record["spec"]):
-            if Path(text).is_relative_to(uploads_dir):
-                users.setdefault(Path(text).relative_to(uploads_dir).parts[0], []).append(record["job_id"])
-    files = []
-    for content in sorted(uploads_dir.iterdir()) if uploads_dir.is_dir() else []:
-        if content.is_dir() and _SHA256_RE.match(content.name):
-            names = sorted(f.name for f in content.iterdir() if f.is_file())
-            size = max((f.stat().st_size for f in content.iterdir() if f.is_file()), default=0)
-            files.append({"sha256": content.name, "size": size, "names": names, "last_use": content.stat().st_mtime,
-                          "jobs": sorted(set(users.get(content.name, []))), "needed": content.name in needed})
-    return files
 
 
 def pruned_note(pruned: dict) -> str:
@@ -3527,6 +4004,10 @@ class Session:
         self.worker = worker
         self.offer = offer
         self.peer_id = offer["sender"]
+        # The signed-in user behind the peer, as the signaling server vouched ("" if none):
+        # who owns the jobs this session submits, and whether it is one of the worker's admins.
+        self.user = offer.get(P.FROM_USER) or ""
+        self.admin = bool(self.user) and self.user in worker.admins
         self.replaces = replaces
         self.link: Optional[P.Link] = None
         self.outbox = Outbox(worker.follower_backlog)
@@ -3548,7 +4029,8 @@ class Session:
             self.replaces.end()
             self.replaces.thread.join(timeout=SESSION_JOIN_S)
         try:
-            self.link = P.accept_link(self.worker.signaling, self.offer, None, self.worker.uploads)
+            self.link = P.accept_link(self.worker.signaling, self.offer, None,
+                                      UploadsFrom(self.worker.uploads, self.user or self.peer_id))
         except (P.SleapRTCError, OSError) as exc:
             log.warning("link with %s failed to open: %s", self.peer_id, exc)
             self.worker.session_ended(self)
@@ -3608,13 +4090,15 @@ class Session:
             self.upstream.handle(item)
         elif isinstance(item, P.FileReceived):
             log.info("received %s from %s (%d bytes, sha256 %s)", item.path, self.peer_id, item.size, item.sha256[:12])
+            self.worker.uploads.stored(item.path, self.user or self.peer_id)
             self.worker.uploads.settle()
         elif isinstance(item, P.TransferFailed):
             log.warning("upload from %s failed: %s", self.peer_id, item.error)
+            self.worker.uploads.settle()  # what it left counts toward the store's cap
         elif item.name == P.LINK_PING:
             self.send(P.LINK_PONG, item.payload)
         elif item.name == P.UPLOAD_QUERY:
-            self.send(P.UPLOAD_STATUS, self.worker.uploads.status(item.payload))
+            self.send(P.UPLOAD_STATUS, self.worker.uploads.status(item.payload, self.user or self.peer_id))
         elif item.name in (P.FS_LIST, P.FS_SEARCH):
             self._files(item.name, item.payload)
         elif item.name == P.REPLICA_BEGIN:
@@ -3622,8 +4106,8 @@ class Session:
         elif item.name == P.REPLICA_END:
             self._replica_end(item.payload)
         elif item.name == P.STORE_LIST:
-            files = store_listing(self.worker.uploads.directory, self.worker.scheduler.ledger.select(limit=-1),
-                                  self.worker._needed_uploads())
+            files = self.worker.uploads.listing(self.worker.scheduler.ledger.select(limit=-1),
+                                                self.worker._needed_uploads())
             self.send(P.STORE_LISTING, {"request_id": str(item.payload.get("request_id", ""))[:64], "files": files})
         elif item.name == P.FILE_REQUEST:
             self._send_requested_file(item.payload)
@@ -3680,18 +4164,21 @@ class Session:
             return
         job_dir = self.worker.scheduler.jobs_dir / job_id
         if isinstance(spec, dict) and spec.get("type") == P.COMMAND:
-            errors, command = validate_command(spec, self.worker.allowed_commands, self.worker.readable_mounts, job_dir)
-            plan = {"paths": {}, "command": command}
+            errors, command, inputs = validate_command(spec, self.worker.allowed_commands, self.worker.mounts,
+                                                       self.worker.stores, job_dir)
+            plan = {"paths": {}, "command": command, **({"inputs": inputs} if inputs else {})}
         elif isinstance(spec, dict) and spec.get("type") == P.PRUNE:  # no paths: it plans when it starts
-            errors, plan = P.check_spec(spec), {"paths": {}}
+            errors, plan = P.check_spec(spec) or self._may_prune(), {"paths": {}, "scope": self._prune_scope()}
         elif isinstance(spec, dict) and spec.get("type") == P.REPLICATE:
             errors, plan = P.check_spec(spec) or self._replicable(spec), {"paths": {}}
         else:
             errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
-                                        self.worker.uploads.directory)
+                                        self.worker.uploads.directory, self.worker.scheduler.ledger.model_digests)
         files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
         accepted = {**spec, "_resolved": plan.get("paths", {}),
-                    **{f"_{name}": plan[name] for name in ("package", "relabel", "command") if name in plan}} \
+                    **{f"_{name}": plan[name] for name in ("package", "relabel", "command", "scope", "checkpoints",
+                                                            "inputs")
+                       if name in plan}} \
             if isinstance(spec, dict) else {}
         self.admit(job_id, errors, accepted, files)
 
@@ -3700,15 +4187,18 @@ class Session:
         to write into its directory) and answer JOB_ACCEPTED, or answer JOB_REJECTED with
         `errors` or the worker's own reason (maintenance, low disk)."""
         low_disk = self.worker._disk_problem() if accepted and accepted.get("type") != P.PRUNE else None
+        changed = self.worker._store_problem(accepted) if accepted and not errors else None
         if self.worker.maintenance:
             errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
         elif low_disk:
             errors = [P.spec_error("worker", low_disk, "LOW_DISK")]
+        elif changed:
+            errors = [P.spec_error("upload", changed, "UPLOAD_CHANGED")]
         job = None
         if not errors:
             self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
             job, errors = self.worker.scheduler.submit(job_id, accepted, self.peer_id, self._listener(job_id, True),
-                                                       files)
+                                                       files, owner=self.user)
         if errors:
             self.worker.scheduler.release(job_id)  # a rejected job gives back the slot kept for it
             self._unfollow(job_id)
@@ -3802,9 +4292,36 @@ class Session:
         log.info("replica %s from %s: %s", replica["job"].job_id, self.peer_id, problem or "kept")
         self.worker._job_changed(None)
 
+    # -- who may change what ---------------------------------------------------------------
+
+    def _not_yours(self, record: dict) -> Optional[str]:
+        """Why this session may not stop, cancel or prune a job, or None: the member who
+        submitted it (the same sign-in, or this very peer) and the worker's admins may."""
+        if self.admin or record["submitter"] == self.peer_id or (self.user and record.get("owner") == self.user):
+            return None
+        return (f"job {record['job_id']} is {record.get('owner') or record['submitter']}'s: only the member who "
+                "submitted it, or one of this worker's admins (worker.py --admin USER), may change it")
+
+    def _may_prune(self) -> list[dict]:
+        if self.user or self.admin:
+            return []
+        return [P.spec_error("worker", "a prune removes only its sender's jobs, and this link carries no sign-in "
+                             "(client.py signs in on its own)", "NOT_SIGNED_IN")]
+
+    def _prune_scope(self) -> dict:
+        """What a prune from this session may remove: everything for an admin, else the
+        sender's own jobs and the uploads only it sent."""
+        return {"all": True} if self.admin else {"owner": self.user}
+
     def _control(self, name: str, payload: dict) -> None:
         job_id = str(payload.get("job_id", ""))[:64]
         action = "stop" if name == P.ZMQ_CTRL else "cancel"
+        record = self.worker.scheduler.ledger.get(job_id)
+        refusal = self._not_yours(record) if record is not None else None
+        if refusal:
+            log.info("%s of job %s by %s refused: not theirs", action, job_id, self.peer_id)
+            self.send(P.JOB_CONTROL, {"job_id": job_id, "action": action, "ok": False, "message": refusal})
+            return
         ok, message = self.worker.scheduler.control(job_id, action)
         log.info("%s of job %s by %s: %s", action, job_id, self.peer_id, message)
         self.send(P.JOB_CONTROL, {"job_id": job_id, "action": action, "ok": ok, "message": message})
@@ -4071,15 +4588,18 @@ class UpstreamAdapter:
                     spec["output"] = str(job_dir / spec["output"])
                     made_dir = True
                 problems, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
-                                              self.worker.uploads.directory)
+                                              self.worker.uploads.directory,
+                                              self.worker.scheduler.ledger.model_digests)
                 model = f"model {index + 1}: " if len(submit.specs) > 1 else ""
                 errors += [{**e, "message": model + e["message"]} for e in problems]
                 plans.append(plan)
         accepted, files = {}, {}
         if not errors:
             relabels = {r["copy"]: r for plan in plans for r in plan.get("relabel", [])}
+            checkpoints = {path: c for plan in plans for path, c in plan.get("checkpoints", {}).items()}
             accepted = {**submit.specs[0], "_resolved": plans[0]["paths"], "_upstream": submit.client_id,
-                        **({"_relabel": list(relabels.values())} if relabels else {})}
+                        **({"_relabel": list(relabels.values())} if relabels else {}),
+                        **({"_checkpoints": checkpoints} if checkpoints else {})}
             files = {CONFIG_FILE: plans[0]["config_text"]} if kind == P.TRAIN else {}
             more = []
             for index, (spec, plan) in enumerate(zip(submit.specs[1:], plans[1:]), start=1):
@@ -4222,23 +4742,27 @@ class Worker:
                  upload_cap: Optional[int] = None, executor: Optional[LocalExecutor | SlurmExecutor] = None,
                  allowed_commands: Optional[dict[str, str]] = None, allowed_env: Optional[set[str]] = None,
                  min_free_gb: float = MIN_FREE_GB, keep_days: Optional[float] = None,
-                 require_room_secret: bool = False):
+                 require_room_secret: bool = False, admins: Optional[set[str]] = None):
         self.server_url = server_url
         self.room_id = room_id
         self.token = token  # for the replicate steps it starts, which join the room themselves
         # sleap-rtc 0.0.7 clients must answer AUTH_CHALLENGE with the room secret's HMAC
         # (without it, AUTH_RESPONSE::missing passes: the room let them in already).
         self.require_room_secret = require_room_secret
+        # Signed-in users (--admin) who may stop, cancel and prune every member's jobs.
+        self.admins = admins or set()
         self.working_dir = working_dir
         self.name = name
-        self.mounts = mounts
+        # Where jobs may write: the admin's mounts, less the worker's own files in them.
+        self.mounts = [m.without(private_paths(working_dir)) for m in mounts]
         # Besides the mounts, clients read what they uploaded and what their jobs made.
-        self.readable_mounts = mounts + [Mount(working_dir / UPLOADS_DIR, "uploads"), Mount(working_dir / "jobs", "jobs")]
-        self.uploads = UploadStore(working_dir / UPLOADS_DIR, upload_cap, self._needed_uploads)
+        self.stores = [Mount(working_dir / UPLOADS_DIR, "uploads"), Mount(working_dir / JOBS_DIR, "jobs")]
+        self.readable_mounts = self.mounts + self.stores
         self.allowed_commands = allowed_commands or {}  # name -> executable (--allow-command)
         self.allowed_env = allowed_env or set()  # secret-looking variables commands may still see
         self._queries = threading.BoundedSemaphore(SQL_AT_ONCE)  # ledger queries running now
         self.min_free_bytes = int(min_free_gb * 1e9)
+        self.uploads = UploadStore(working_dir / UPLOADS_DIR, upload_cap, self._needed_uploads, self.min_free_bytes)
         self.low_disk = self._disk_problem()  # why new jobs are refused for lack of space, or None
         self.job_types = [P.TRAIN, P.TRACK, P.PRUNE, P.REPLICATE] + \
             [f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands)]
@@ -4246,7 +4770,7 @@ class Worker:
         self.gpu_index = gpu_index
         self.maintenance = maintenance
         self.follower_backlog = follower_backlog
-        self.peer_id = worker_peer_id(working_dir, name)
+        self.peer_id, peer_key = worker_peer_id(working_dir, name)
         self.stopping = threading.Event()
         # Guards sessions, the live client links by peer id.
         self._sessions_lock = threading.Lock()
@@ -4287,7 +4811,8 @@ class Worker:
                 **self._status(),
             },
         }
-        self.signaling = P.SignalingClient(server_url, room_id, token, self.peer_id, WORKER_ROLE, self.metadata)
+        self.signaling = P.SignalingClient(server_url, room_id, token, self.peer_id, WORKER_ROLE, self.metadata,
+                                           peer_key=peer_key)
 
     def serve(self) -> None:
         self.scheduler.start()
@@ -4474,23 +4999,49 @@ class Worker:
 
     def _plan_job(self, job: Job) -> tuple[list[Step], list[str]]:
         """A starting job's steps, from paths checked again (a package is read again, and
-        unpacked); JobSetupError says why it cannot run. Runs on the job's thread."""
+        unpacked); JobSetupError says why it cannot run. Runs on the job's thread.
+
+        A member's steps run without the worker's secrets (hidden_env); its sleap-nn steps
+        with SLEAP_NN_ENV."""
         if "_resolved" not in job.spec:
             raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
                                 "submit it again")
+        problem = self._store_problem(job.spec) or recheck_checkpoints(job.spec.get("_checkpoints", {}),
+                                                                       self.scheduler.ledger.model_digests)
+        if problem:
+            raise JobSetupError(problem)
+        steps, notes = self._steps_of(job)
+        if job.kind not in UNSLOTTED:
+            hidden = hidden_env(self.allowed_env)
+            for step in steps:
+                step.drop_env = hidden
+                if step.kind in (P.TRAIN, P.TRACK):
+                    step.env.update(SLEAP_NN_ENV)
+        return steps, notes
+
+    def _store_problem(self, spec: dict) -> Optional[str]:
+        """Why a path the job names in the upload store must not be used (its bytes changed
+        since they were stored), or None."""
+        for path in _named_paths(spec):
+            problem = self.uploads.verify(path)
+            if problem:
+                return problem
+        return None
+
+    def _steps_of(self, job: Job) -> tuple[list[Step], list[str]]:
         if job.kind == P.REPLICATE:
             return [self._replicate_step(job)], []
         if job.kind == P.PRUNE:
-            plan = prune_plan(self.scheduler.ledger.select(limit=-1), self.scheduler.jobs_dir, self.uploads.directory,
+            plan = prune_plan(self.scheduler.ledger.select(limit=-1), self.scheduler.jobs_dir, self.uploads,
                               self._needed_uploads(), job.spec, job.job_id)
             return [prune_step_of(job, plan, [self.scheduler.jobs_dir, self.uploads.directory])], []
         if job.kind == P.COMMAND:  # its paths again, as they resolve now
             asked = {k: v for k, v in job.spec.items() if not k.startswith("_")}  # as the client sent it
-            errors, command = validate_command(asked, self.allowed_commands, self.readable_mounts, job.dir)
-            if errors or command != job.spec["_command"]:
+            errors, command, inputs = validate_command(asked, self.allowed_commands, self.mounts, self.stores, job.dir)
+            if errors or command != job.spec["_command"] or inputs != job.spec.get("_inputs", []):
                 raise JobSetupError("; ".join(e["message"] for e in errors) or
                                     "a path argument resolves elsewhere than when the job was accepted")
-            return [command_step(job.spec, job.dir, self.allowed_env)], []
+            return [command_step(job.spec, job.dir)], []
         if "_package" not in job.spec:
             notes = []
             for relabel in job.spec.get("_relabel", []):  # before the recheck, which wants the copies to exist
@@ -4526,6 +5077,9 @@ class Worker:
             raise JobSetupError(str(exc)) from None
         except PackageRefused as exc:
             raise JobSetupError(f"package: {exc}") from None
+        problem = package_checkpoint_problem(plan.checkpoints, self.scheduler.ledger.model_digests)
+        if problem:
+            raise JobSetupError(f"package: {problem}")
         (job.dir / "configs").mkdir(exist_ok=True)
         for model, text in plan.configs.items():
             (job.dir / "configs" / f"{model}.yaml").write_text(text, encoding="utf-8")
@@ -4562,7 +5116,7 @@ class Worker:
 
     def _prune_forever(self) -> None:
         """Thread "pruner" (worker --keep-days): submit a prune job at start and every day after."""
-        spec = {"type": P.PRUNE, "older_than_s": self.keep_days * 86400.0, "_resolved": {}}
+        spec = {"type": P.PRUNE, "older_than_s": self.keep_days * 86400.0, "_resolved": {}, "_scope": {"all": True}}
         while not self.stopping.is_set():
             job_id = P.new_job_id()
             _, errors = self.scheduler.submit(job_id, spec, "worker --keep-days", lambda name, payload: None)
@@ -4666,6 +5220,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "default), e.g. convert=sleap-io or smi=nvidia-smi")
     parser.add_argument("--allow-env", action="append", default=[], metavar="NAME",
                         help="pass this secret-looking environment variable to commands after all (repeatable)")
+    parser.add_argument("--admin", action="append", default=[], metavar="USER",
+                        help="a signed-in user (as `client.py login` prints it) who may stop, cancel and prune "
+                             "every member's jobs and remove any upload (repeatable); others change only their own")
+    parser.add_argument("--run-as", metavar="USER",
+                        help="when the worker runs as root: run every job as USER, who cannot read the worker's "
+                             "own files (room.env, the ledger, the embedded server's state)")
     parser.add_argument("--require-room-secret", action="store_true",
                         help="sleap-rtc 0.0.7 clients must prove the room secret (their AUTH_RESPONSE); by "
                              "default one that has none is served, since entering the room took its token")
@@ -4706,7 +5266,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     working_dir.mkdir(parents=True, exist_ok=True)
     mounts = args.mount or [Mount(working_dir, "working-dir")]
 
-    executor, slots = LocalExecutor(), args.slots
+    run_as = None
+    if args.run_as:
+        if os.geteuid() != 0:
+            print("error: --run-as needs a worker running as root; otherwise run the worker as that user",
+                  file=sys.stderr)
+            return 2
+        if args.slurm:
+            print("error: --run-as is for jobs run here; SLURM runs jobs as the user who submits them",
+                  file=sys.stderr)
+            return 2
+        import pwd
+
+        try:
+            entry = pwd.getpwnam(args.run_as)
+        except KeyError:
+            print(f"error: --run-as {args.run_as}: no such user here", file=sys.stderr)
+            return 2
+        run_as = (entry.pw_uid, entry.pw_gid)
+    elif os.geteuid() == 0 and not args.slurm:
+        print("worker: warning: running as root, so jobs run as root too and could read room.env and the ledger; "
+              "give them a user of their own with --run-as USER (see SECURITY.md)", flush=True)
+    executor, slots = LocalExecutor(run_as), args.slots
     if args.slurm:
         executor = SlurmExecutor(args.slurm_partition, args.slurm_gres, args.slurm_time, args.slurm_cpus,
                                  args.slurm_mem, args.slurm_option, args.slurm_zmq_host, args.slurm_poll,
@@ -4743,7 +5324,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     args.sleap_nn or sleap_nn_executable(), slots, args.advertise_gpu_memory, args.maintenance,
                     args.reservation_timeout, embedded, args.stop_grace, args.follower_backlog * 2**20,
                     int(args.upload_cache_gb * 1e9), executor, dict(args.allow_command), set(args.allow_env),
-                    args.min_free_gb, args.keep_days, args.require_room_secret)
+                    args.min_free_gb, args.keep_days, args.require_room_secret, set(args.admin))
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -4765,4 +5346,6 @@ if __name__ == "__main__":
         raise SystemExit(prune_step(sys.argv[2:]))
     if sys.argv[1:2] == ["replicate-step"]:  # a replicate job's step: see Worker._replicate_step
         raise SystemExit(replicate_step(sys.argv[2:]))
+    if sys.argv[1:2] == ["probe-checkpoint"]:  # the worker asking whether a member's checkpoint is data
+        raise SystemExit(probe_checkpoint_step(sys.argv[2:]))
     raise SystemExit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import protocol as P
-from conftest import job_id_of, ledger, sha256, stand_in, state_of, wait_until
+from conftest import job_id_of, ledger, sha256, stand_in, state_of, wait_until, weights_checkpoint
 from tiny_data import make_project
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ if args[0] == "train":
     model = pathlib.Path(over["trainer_config.ckpt_dir"].strip("'")) / run
     model.mkdir(parents=True, exist_ok=True)
     (model / "training_config.yaml").write_text("model: tiny")
-    (model / "best.ckpt").write_bytes(b"weights")
+    (model / "best.ckpt").write_bytes({checkpoint!r})
     while run == "hold" and not os.path.exists({gate!r}):
         time.sleep(0.05)
 else:
@@ -39,7 +39,7 @@ else:
 def test_prune_removes_old_files_keeps_what_is_needed_and_records_it(room, tmp_path):
     project = make_project(tmp_path / "project", frames=8, epochs=1, steps=1)
     gate = tmp_path / "gate"
-    exe = stand_in(tmp_path, "sleap-nn", STAND_IN.format(gate=str(gate)))
+    exe = stand_in(tmp_path, "sleap-nn", STAND_IN.format(gate=str(gate), checkpoint=weights_checkpoint()))
     worker_dir = tmp_path / "w"
     room.start_worker("--mount", str(project["config"].parent), "--sleap-nn", str(exe), working_dir=worker_dir)
     jobs = worker_dir / "jobs"

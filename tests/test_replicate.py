@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import protocol as P
-from conftest import job_id_of, ledger, sha256, stand_in, state_of, wait_until
+from conftest import job_id_of, ledger, sha256, stand_in, state_of, wait_until, weights_checkpoint
 from test_prune import STAND_IN
 from tiny_data import make_project
 
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 def test_a_model_trained_on_one_worker_runs_inference_on_another(room, tmp_path):
     project = make_project(tmp_path / "project", frames=8, epochs=1, steps=1)
-    exe = stand_in(tmp_path, "sleap-nn", STAND_IN.format(gate=str(tmp_path / "never")))
+    exe = stand_in(tmp_path, "sleap-nn", STAND_IN.format(gate=str(tmp_path / "never"),
+                                                         checkpoint=weights_checkpoint()))
     common = ("--mount", str(project["config"].parent), "--sleap-nn", str(exe))
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     _, a = room.start_worker(*common, working_dir=a_dir)
