@@ -1309,7 +1309,8 @@ def _direct_listen() -> tuple[list[socket.socket], list[list]]:
 
 def _check_hints(hints: Any, offered: set[str]) -> list[tuple[str, int]]:
     """A peer's hints as (IPv4 address, port) pairs, less those at an address it did not
-    offer as an ICE candidate (`offered`); names are never resolved for a peer."""
+    offer as an ICE candidate (`offered`) and, unless this side offers them itself, those
+    at loopback, link-local or multicast addresses; names are never resolved for a peer."""
     if not isinstance(hints, list) or len(hints) > _MAX_HINTS:
         raise TransferError(f"hints must be a list of at most {_MAX_HINTS} [address, port] pairs")
     checked = []
@@ -1321,10 +1322,15 @@ def _check_hints(hints: Any, offered: set[str]) -> list[tuple[str, int]]:
             raise TransferError(f"bad hint {echo(hint)}: want [IPv4 address, port]") from None
         if not _is_a(port, int) or not 0 < port < 65536:
             raise TransferError(f"bad hint {echo(hint)}: the port must be 1-65535")
-        if str(address) in offered:
-            checked.append((str(address), port))
-        else:
+        special = address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified
+        if str(address) not in offered:
             log.warning("direct transfer: not dialing %s, which the peer did not offer as an ICE candidate", address)
+        elif special and str(address) not in _ice_hosts():
+            # A peer writes its own SDP: it may offer this machine's own services as
+            # "candidates". A real peer offers loopback only where this side does too (tests).
+            log.warning("direct transfer: not dialing %s, a loopback, link-local or multicast address", address)
+        else:
+            checked.append((str(address), port))
     return checked
 
 
@@ -1726,6 +1732,16 @@ class Incoming:
                 self.file.close()
 
 
+def check_opened(f, path: Path) -> None:
+    """Raise TransferError when the file `f` opened is not the real path `path` the caller
+    checked earlier: a file checked once and sent later (a download waits in the sender's
+    queue) must not be swapped for a link to another file in between. Linux only (it asks
+    /proc); elsewhere it trusts the path."""
+    where = Path(f"/proc/self/fd/{f.fileno()}")
+    if where.exists() and os.path.realpath(where) != str(path):
+        raise TransferError(f"{path} changed after it was checked (it now leads to {os.path.realpath(where)})")
+
+
 def _free_name(path: Path) -> Path:
     """`path`, or `stem.1.ext`, `stem.2.ext`, ... when it exists: never overwrite a user's file."""
     candidate, n = path, 0
@@ -1974,13 +1990,15 @@ class Link:
 
     def send_file(self, path: Path, name: Optional[str] = None,
                   progress: Optional[Callable[[int, int], None]] = None, store: bool = False, offset: int = 0,
-                  digest: Optional[tuple[int, str]] = None) -> dict:
+                  digest: Optional[tuple[int, str]] = None, exact: bool = False) -> dict:
         """Send a file and wait until the receiver checked size and SHA-256.
 
         With `store` the file goes into the receiver's upload store, from byte `offset`
         on (the receiver holds the bytes before it). `digest` is the file's (size,
-        SHA-256) when the caller has it already. The bytes take a direct TCP connection
-        when one opens, and the data channel otherwise or from where a direct one broke.
+        SHA-256) when the caller has it already. With `exact`, `path` is a real path the
+        caller checked, and a file that no longer is it is not sent (see check_opened).
+        The bytes take a direct TCP connection when one opens, and the data channel
+        otherwise or from where a direct one broke.
         Returns the receiver's FILE_ACK payload (with `saved_as`, and `path` in the
         store) plus `via`, the path taken; raises TransferError or LinkClosed.
         """
@@ -2006,6 +2024,8 @@ class Link:
                 self.send(FILE_BEGIN, begin)
                 channel_from: Optional[int] = offset
                 with open(path, "rb") as f:
+                    if exact:
+                        check_opened(f, path)
                     if direct is not None:
                         via, channel_from = self._send_direct(direct, f, offset, size, progress, event)
                     if channel_from is not None:

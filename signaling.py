@@ -76,8 +76,8 @@ MAX_METADATA_BYTES = 64 * 1024
 OUTBOX_LIMIT_BYTES = 4 * P.MAX_FRAME_BYTES
 # A connection that has not registered this long after it opened is closed.
 REGISTER_WITHIN_S = 30.0
-# Peer ids claimed with a peer_key, per room; a room past it claims no more.
-MAX_CLAIMS_PER_ROOM = 1000
+# Peer ids claimed with a peer_key, per room (workers claim theirs); a room past it claims no more.
+MAX_CLAIMS_PER_ROOM = 100
 # Targets of a peer's recent offers remembered for linking its answers (and quit) to them.
 MAX_OFFERS_REMEMBERED = 256
 # While stopping, how long the close frames get to reach peers that still read.
@@ -161,6 +161,7 @@ class Room:
     by_role: dict[str, dict[str, Peer]] = field(default_factory=dict)
     # Every peer's public JSON joined, for registered_auth; None when it must be built anew.
     _listing: Optional[str] = None
+    listing_bytes: int = 0  # the size of that listing, kept as peers come, go and change
 
     def saved(self) -> dict:
         return {"token": self.token, "created_at": self.created_at, "owner": self.owner, "address": self.address,
@@ -183,6 +184,7 @@ class Room:
     def add(self, peer: Peer) -> None:
         self.peers[peer.peer_id] = peer
         self.by_role.setdefault(peer.role, {})[peer.peer_id] = peer
+        self.listing_bytes += len(peer.public_json) + 2
         self.empty_since = None
         if self._listing is not None:  # a join extends the listing, never rebuilds it
             self._listing = f"{self._listing}, {peer.public_json}" if self._listing else peer.public_json
@@ -193,6 +195,7 @@ class Room:
             return False
         del self.peers[peer.peer_id]
         del self.by_role[peer.role][peer.peer_id]
+        self.listing_bytes -= len(peer.public_json) + 2
         if not self.by_role[peer.role]:
             del self.by_role[peer.role]
         for other in peer.linked:
@@ -455,7 +458,7 @@ class _Writer:
             if box.gone or overdue or box.too_slow:
                 self._waiting -= box.size
                 box.chunks.clear()
-                box.size = 0
+                box.size = box.offset = 0
         if box.watched and (box.gone or overdue or box.too_slow):
             self._selector.unregister(conn.sock)
             box.watched = False
@@ -486,7 +489,7 @@ class _Writer:
                 with self._lock:
                     self._waiting -= box.size
                     box.chunks.clear()
-                    box.size = 0
+                    box.size = box.offset = 0
                 break
             with self._lock:
                 box.size -= sent
@@ -671,6 +674,8 @@ class _Reader:
             elif event.opcode is Opcode.PONG:
                 conn.answered()
             elif event.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+                if not self._writer.accepting(conn):
+                    break  # being cut (too slow): the rest of what it sent is not worth answering
                 if not conn.fragments:
                     conn.first_opcode = event.opcode
                 conn.fragments.append(event.data)
@@ -725,6 +730,7 @@ class SignalingServer:
         self._lock = threading.Lock()
         self.rooms: dict[str, Room] = {}
         self._connections: set[Connection] = set()
+        self._state_changed = False  # a claim the state file does not hold yet
         self.total_connections = 0
         self.total_messages = 0
         self.rooms_created = 0
@@ -783,6 +789,9 @@ class SignalingServer:
         self._writer.stop()  # closes every socket
         if self._pinger.is_alive():
             self._pinger.join(timeout=5)
+        with self._lock:
+            if self._state_changed:
+                self._save_state()
 
     @property
     def ws_url(self) -> str:
@@ -800,8 +809,9 @@ class SignalingServer:
         while not self._stopping.wait(self.ping_interval):
             with self._lock:
                 connections = list(self._connections)
-                if self._expire_rooms():
+                if self._expire_rooms() or self._state_changed:
                     self._save_state()
+                    self._state_changed = False
             now = time.monotonic()
             for conn in connections:
                 registered = conn.peer is not None
@@ -1103,11 +1113,14 @@ class SignalingServer:
                     return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds {MAX_CLAIMS_PER_ROOM} claimed "
                                          "peer ids; register without a peer_key", kind)
                 room.claims[peer_id] = _key_digest(key)
-                self._save_state()
+                self._state_changed = True  # the pinger saves it: not the reader's to write files
             metadata = P.merge_metadata({"tags": [], "properties": {}}, frame.get("metadata") or {})
             peer = Peer(peer_id, room.room_id, frame.get("role", "peer"), metadata, conn, user)
             if peer.metadata_bytes > MAX_METADATA_BYTES:
                 return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes", kind)
+            if room.listing_bytes + len(peer.public_json) > self.limits.outbox_bytes // 2:
+                return P.error_frame(P.ROOM_FULL, f"room {room.room_id}'s peer list would pass "
+                                     f"{self.limits.outbox_bytes // 2} bytes; make metadata smaller", kind)
             if stale is not None:
                 room.discard(stale)
             # No room token here: a peer that entered with a jwt or worker key does not learn it.
@@ -1146,12 +1159,20 @@ class SignalingServer:
     def _update_metadata(self, peer: Peer, update: dict) -> dict:
         with self._lock:
             merged = P.merge_metadata(peer.metadata, update)
-            if len(json.dumps(merged)) > MAX_METADATA_BYTES:
+            size = len(json.dumps(merged))
+            room = self.rooms.get(peer.room_id)
+            if size > MAX_METADATA_BYTES:
                 return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes",
                                      P.UPDATE_METADATA)
-            peer.metadata = merged
-            room = self.rooms.get(peer.room_id)
+            if room is not None and room.listing_bytes + size - peer.metadata_bytes > self.limits.outbox_bytes // 2:
+                return P.error_frame(P.MESSAGE_TOO_LARGE, f"room {room.room_id}'s peer list would pass "
+                                     f"{self.limits.outbox_bytes // 2} bytes; make metadata smaller",
+                                     P.UPDATE_METADATA)
             if room is not None:
+                room.listing_bytes -= len(peer.public_json)
+            peer.metadata = merged
+            if room is not None:
+                room.listing_bytes += len(peer.public_json)
                 room.changed()
         return {"type": P.METADATA_UPDATED, "peer_id": peer.peer_id, "metadata": merged}
 

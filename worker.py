@@ -622,12 +622,16 @@ def _check_checkpoints(plan: dict, fields: dict, errors: list, trusted: Callable
                     plan.setdefault("checkpoints", {})[str(file)] = checked
 
 
-def recheck_checkpoints(checkpoints: dict, trusted: Callable[[], set[str]]) -> Optional[str]:
+def recheck_checkpoints(checkpoints: dict, models: list[str], trusted: Callable[[], set[str]]) -> Optional[str]:
     """When a job starts: why one of its checkpoints must not be used (changed since it
-    was accepted, and no longer data), or None."""
-    for path, checked in checkpoints.items():
+    was accepted, or new in one of its `models` directories, and not data), or None."""
+    try:
+        found = [str(f) for model in models for f in checkpoint_files(model)]
+    except PathRefused as exc:
+        return str(exc)
+    for path in dict.fromkeys([*checkpoints, *found]):
         try:
-            if file_identity(Path(path)) == checked["identity"]:
+            if path in checkpoints and file_identity(Path(path)) == checkpoints[path]["identity"]:
                 continue
             _, why = check_checkpoint(Path(path), trusted())
         except OSError as exc:
@@ -1699,8 +1703,10 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _path_starts(word: str) -> list[str]:
-    """Every tail of an argument word where a program may read a path, but the word itself."""
-    starts = {i + 1 for i, c in enumerate(word) if c in "=:"}
+    """Every tail of an argument word where a program may read a path, but the word itself:
+    after a separator (=, :, a list's comma or semicolon, white space), and in an option
+    word anywhere a glued value may start."""
+    starts = {i + 1 for i, c in enumerate(word) if c in "=:,; \t\n"}
     if word.startswith("-"):
         dashes = len(word) - len(word.lstrip("-"))
         last = word.index("/") if "/" in word else len(word) - 1
@@ -1878,7 +1884,9 @@ class LocalExecutor:
         self.run_as = run_as
 
     def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> LocalRun:
-        if self.run_as is not None:
+        if self.run_as is not None and index == 0:
+            # Once, before the user ran anything here: what lies in the directory now is
+            # the worker's own (no link the user could have planted is followed).
             for path in [job.dir, *job.dir.rglob("*")]:
                 os.chown(path, *self.run_as, follow_symlinks=False)
         return LocalRun(step.command(ports), step.cwd, step.drop_env, step.env, self.run_as)
@@ -3390,6 +3398,11 @@ UPLOAD_META_FILE = ".meta.json"
 PART_TTL_S = 86400.0  # a cut-off upload nobody resumed for this long is removed
 
 
+def uploader(user: str) -> str:
+    """How the upload store names a signed-in user among the senders of an upload."""
+    return f"user:{user}"
+
+
 class UploadsFrom:
     """The upload store as one member's link writes into it: each upload knows its sender."""
 
@@ -3426,6 +3439,9 @@ class UploadStore:
         # sender reconnects and resumes on a new one.
         self._lock = threading.Lock()
         self._active: dict[str, tuple[P.Incoming, str]] = {}
+        # Guarded by _lock too: who last wrote to each cut-off upload, so that only it resumes
+        # it (forgotten on restart: then the first to resume takes it over).
+        self._writers: dict[str, str] = {}
 
     # -- what is held ---------------------------------------------------------------------
 
@@ -3521,7 +3537,8 @@ class UploadStore:
         """The receiving end of an upload (called by a link's receive thread); raises
         TransferError. An upload of content another member is sending now, a fresh start
         over a part that holds bytes, or a resume from any byte but the last one held,
-        is refused: one member cannot truncate or delete what another sends."""
+        is refused, and so is any attempt by another member on a part that holds bytes: one
+        member cannot truncate or delete what another sends."""
         content = self.directory / sha256
         part = self._part(sha256)
 
@@ -3539,9 +3556,13 @@ class UploadStore:
                 raise P.TransferError("another member is uploading the same content now; try again once it ends "
                                       "(the worker keeps what arrives)")
             held = part.stat().st_size if part.exists() else 0
+            if held and self._writers.get(sha256, sender) != sender:
+                raise P.TransferError("another member's upload of the same content was cut off here; only it "
+                                      f"resumes it (or it goes after {PART_TTL_S / 3600:.0f} h unused)")
             if offset != held and not (previous is not None and not previous[0].closed):
                 raise P.TransferError(f"the worker holds {held} bytes of this upload: send from byte {held} "
                                       "(client.py upload resumes on its own)")
+            self._writers[sha256] = sender
             incoming = P.Incoming(transfer_id, name, size, sha256, part, final, offset, resumable=True)
             # Finished uploads need no tracking: keep the map to what may still be written.
             self._active = {sha: held for sha, held in self._active.items() if not held[0].closed}
@@ -3708,7 +3729,7 @@ def prune_plan(records: list[dict], jobs_dir: Path, store: "UploadStore", needed
         if content.name in needed_uploads:
             plan["kept"].append({"upload": content.name, "why": "a queued or running job needs it"})
             continue
-        if not everything and store.uploaders(content.name) != {owner}:
+        if not everything and store.uploaders(content.name) != {uploader(owner)}:
             if chosen is not None:
                 plan["kept"].append({"upload": content.name, "why": "other members sent it too; only this "
                                      "worker's admins (worker.py --admin USER) remove it"})
@@ -4008,6 +4029,9 @@ class Session:
         # who owns the jobs this session submits, and whether it is one of the worker's admins.
         self.user = offer.get(P.FROM_USER) or ""
         self.admin = bool(self.user) and self.user in worker.admins
+        # Who sends this session's uploads, as the store keeps it: users and peer ids apart,
+        # so that a peer named like a user is not taken for that user.
+        self.sender = uploader(self.user) if self.user else f"peer:{self.peer_id}"
         self.replaces = replaces
         self.link: Optional[P.Link] = None
         self.outbox = Outbox(worker.follower_backlog)
@@ -4030,7 +4054,7 @@ class Session:
             self.replaces.thread.join(timeout=SESSION_JOIN_S)
         try:
             self.link = P.accept_link(self.worker.signaling, self.offer, None,
-                                      UploadsFrom(self.worker.uploads, self.user or self.peer_id))
+                                      UploadsFrom(self.worker.uploads, self.sender))
         except (P.SleapRTCError, OSError) as exc:
             log.warning("link with %s failed to open: %s", self.peer_id, exc)
             self.worker.session_ended(self)
@@ -4090,7 +4114,7 @@ class Session:
             self.upstream.handle(item)
         elif isinstance(item, P.FileReceived):
             log.info("received %s from %s (%d bytes, sha256 %s)", item.path, self.peer_id, item.size, item.sha256[:12])
-            self.worker.uploads.stored(item.path, self.user or self.peer_id)
+            self.worker.uploads.stored(item.path, self.sender)
             self.worker.uploads.settle()
         elif isinstance(item, P.TransferFailed):
             log.warning("upload from %s failed: %s", self.peer_id, item.error)
@@ -4098,7 +4122,7 @@ class Session:
         elif item.name == P.LINK_PING:
             self.send(P.LINK_PONG, item.payload)
         elif item.name == P.UPLOAD_QUERY:
-            self.send(P.UPLOAD_STATUS, self.worker.uploads.status(item.payload, self.user or self.peer_id))
+            self.send(P.UPLOAD_STATUS, self.worker.uploads.status(item.payload, self.sender))
         elif item.name in (P.FS_LIST, P.FS_SEARCH):
             self._files(item.name, item.payload)
         elif item.name == P.REPLICA_BEGIN:
@@ -4295,9 +4319,12 @@ class Session:
     # -- who may change what ---------------------------------------------------------------
 
     def _not_yours(self, record: dict) -> Optional[str]:
-        """Why this session may not stop, cancel or prune a job, or None: the member who
-        submitted it (the same sign-in, or this very peer) and the worker's admins may."""
-        if self.admin or record["submitter"] == self.peer_id or (self.user and record.get("owner") == self.user):
+        """Why this session may not stop, cancel or prune a job, or None: its owner (the
+        signed-in user who submitted it) and the worker's admins may; a job with no owner,
+        only the very peer that sent it (a peer id alone proves nothing later: anyone may
+        register one that is free)."""
+        owner = record.get("owner")
+        if self.admin or (self.user and owner == self.user) or (not owner and record["submitter"] == self.peer_id):
             return None
         return (f"job {record['job_id']} is {record.get('owner') or record['submitter']}'s: only the member who "
                 "submitted it, or one of this worker's admins (worker.py --admin USER), may change it")
@@ -4427,7 +4454,7 @@ def _send_files_then(paths: list[Path], then: Optional[tuple[str, dict]] = None,
         sent, error = [], None
         for path in paths:
             try:
-                link.send_file(path)
+                link.send_file(path, exact=True)  # a job may swap its files for links in the meantime
             except (OSError, P.TransferError) as exc:
                 log.warning("sending %s to %s failed: %s", path, link.peer_id, exc)
                 error = f"{path} could not be sent: {exc}"
@@ -4707,12 +4734,13 @@ class UpstreamAdapter:
             for path in paths:
                 try:
                     with open(path, "rb") as f:
+                        P.check_opened(f, path)
                         link.send_raw(P.upstream_file_meta(path.name, os.fstat(f.fileno()).st_size))
                         while chunk := f.read(P.CHUNK_BYTES):
                             link.send_raw(chunk)
                     link.send_raw(P.UP_END_OF_FILE)
                     log.info("sent %s to %s (sleap-rtc 0.0.7)", path, link.peer_id)
-                except OSError as exc:
+                except (OSError, P.TransferError) as exc:
                     log.warning("sending %s to %s failed: %s", path, link.peer_id, exc)
                     link.send_raw(f"{path.name} could not be sent: {exc}\n")
             self.deliver(link, *then)
@@ -5006,8 +5034,9 @@ class Worker:
         if "_resolved" not in job.spec:
             raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
                                 "submit it again")
-        problem = self._store_problem(job.spec) or recheck_checkpoints(job.spec.get("_checkpoints", {}),
-                                                                       self.scheduler.ledger.model_digests)
+        models = [m for stage in job_stages(job.spec) for m in stage.get("_resolved", {}).get("model_paths", [])]
+        problem = self._store_problem(job.spec) or recheck_checkpoints(
+            job.spec.get("_checkpoints", {}), models, self.scheduler.ledger.model_digests)
         if problem:
             raise JobSetupError(problem)
         steps, notes = self._steps_of(job)

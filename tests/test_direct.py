@@ -247,6 +247,14 @@ def test_hints_from_a_peer_are_addresses_never_names():
             P._check_hints(bad, offered)
 
 
+def test_a_peer_cannot_offer_this_machines_own_services_as_candidates(monkeypatch):
+    monkeypatch.setenv(P.ENV_ICE_HOSTS, "127.0.0.1")  # this side offers loopback itself (tests do)
+    assert P._check_hints([["127.0.0.1", 6379]], {"127.0.0.1"}) == [("127.0.0.1", 6379)]
+    monkeypatch.delenv(P.ENV_ICE_HOSTS)  # as in the field: aioice never offers loopback
+    for special in ("127.0.0.1", "169.254.1.1", "224.0.0.1", "0.0.0.0"):
+        assert P._check_hints([[special, 6379]], {special}) == []
+
+
 def test_the_addresses_a_peer_offered_to_ice_are_read_from_its_sdp():
     sdp = ("v=0\r\na=candidate:1 1 udp 2130706431 10.1.2.3 50000 typ host\r\n"
            "a=candidate:2 1 udp 1694498815 198.51.100.7 40000 typ srflx raddr 10.1.2.3 rport 50000\r\n"

@@ -256,3 +256,23 @@ def test_a_stalled_peer_delays_nobody_is_evicted_and_the_server_still_stops_at_o
     assert time.monotonic() - began < 2.0, "SIGTERM must stop the server within 2 s, a sleeping peer or not"
     for peer in (stalled, asleep, listener, flooder, newcomer):
         peer.ws.shutdown()
+
+
+def test_a_room_cannot_grow_a_peer_list_bigger_than_an_outbox(world):
+    """Fat metadata on many peers would make every newcomer's registered_auth (and every
+    discover_peers answer) too big to send, and cut everyone joining as too slow."""
+    world.start_server("--outbox-mb", "0.25", "--rate", "100000")  # peer lists of at most 128 KiB
+    world.create_room()
+    fat = {"tags": [], "properties": {"pad": "x" * 50_000}}
+    peers = [RawPeer(world.ws_url) for _ in range(3)]
+    try:
+        assert peers[0].register("a", world.room_id, world.token, metadata=fat)["type"] == P.REGISTERED_AUTH
+        assert peers[1].register("b", world.room_id, world.token, metadata=fat)["type"] == P.REGISTERED_AUTH
+        refused = peers[2].register("c", world.room_id, world.token, metadata=fat)
+        assert refused["code"] == P.ROOM_FULL and "peer list would pass" in refused["message"]
+        assert peers[2].register("c", world.room_id, world.token)["type"] == P.REGISTERED_AUTH  # small is fine
+        grow = peers[2].ask({"type": "update_metadata", "peer_id": "c", "metadata": fat})
+        assert grow["code"] == P.MESSAGE_TOO_LARGE and "peer list would pass" in grow["message"]
+    finally:
+        for peer in peers:
+            peer.close()

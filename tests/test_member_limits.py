@@ -193,6 +193,8 @@ def test_paths_glued_to_options_are_checked_and_commands_write_only_where_allowe
         ["tar", "--", "-cf", f"{mount}/loot.tar", "-C..", "."],  # the jobs directory, above the job's own
         ["tar", "--", "-x", f"-f{mount}/any.tar", f"--directory={worker_dir}/uploads"],
         ["sort", "--", f"of=/{pwned}", str(mount / "in.txt")],
+        ["cat", "--", f"a,{secret_dir}/secret.txt"],  # a list a program may split
+        ["cat", "--", f"x {secret_dir}/secret.txt"],
     ]
     for argv in attacks:
         result = room.client("run", "--non-interactive", *argv)
@@ -329,6 +331,19 @@ def test_abandoned_uploads_are_listed_counted_and_pruned(room, tmp_path):
     mine = room.client("prune", "--older-than", "0s")
     assert mine.returncode == 0, mine.stderr
     assert parts() == sorted(hashes[1:])
+    # Another member cannot resume (and so spoil, then lose) one it did not start.
+    other = P.SignalingClient(room.ws_url, room.room_id, room.token, "spoiler", "client",
+                              id_token=sign_in(room)["id_token"])
+    other.connect()
+    link = P.open_link(other, worker_id, tmp_path)
+    try:
+        link.send(P.FILE_BEGIN, {"transfer_id": "x", "name": "junk1.bin", "size": 2 * MB, "sha256": hashes[1],
+                                 "store": True, "offset": MB})
+        worker.wait_for(r"upload from spoiler failed: refused: another member's upload of the same content was "
+                        r"cut off here", timeout=15)
+    finally:
+        link.close()
+        other.close()
     # A cut-off upload nobody resumed for a day goes when the store next settles.
     day_old = worker_dir / "uploads" / f".{hashes[1]}.part"
     os.utime(day_old, (time.time() - 25 * 3600,) * 2)
@@ -419,8 +434,8 @@ def test_only_the_submitter_or_an_admin_stops_cancels_or_prunes_a_job(room, tmp_
     (data / "config.yaml").write_text("trainer_config:\n  max_epochs: 1\n")
     signin = sign_in(room)
     worker_dir = tmp_path / "w"
-    room.start_worker("--mount", str(data), "--sleap-nn", str(sleeper), "--slots", "2", "--admin", signin["username"],
-                      "--allow-command", "echo=/bin/echo", working_dir=worker_dir)
+    _, worker_id = room.start_worker("--mount", str(data), "--sleap-nn", str(sleeper), "--slots", "2", "--admin",
+                                     signin["username"], "--allow-command", "echo=/bin/echo", working_dir=worker_dir)
     job_id = room.submit(data / "config.yaml")
     wait_until(lambda: state_of(worker_dir, job_id) == P.RUNNING, 30, "the job to run")
     finished = job_id_of(room.client("run", "--non-interactive", "echo", "--", "done").stdout)
@@ -429,6 +444,18 @@ def test_only_the_submitter_or_an_admin_stops_cancels_or_prunes_a_job(room, tmp_
     for action in ("stop", "cancel"):
         refused = client_as(other, action, job_id)
         assert refused.returncode == 1 and "only the member who submitted it" in refused.stdout, refused.stdout
+    # Nor does taking the submitter's peer id, once its client is gone, make it the owner.
+    impostor = P.SignalingClient(room.ws_url, room.room_id, room.token, ledger(worker_dir, job_id)["submitter"],
+                                 "client")
+    impostor.connect()
+    link = P.open_link(impostor, worker_id, tmp_path)
+    try:
+        link.send(P.JOB_CANCEL, {"job_id": job_id})
+        answer = link.expect(lambda m: isinstance(m, P.Message) and m.name == P.JOB_CONTROL, 15, "the refusal")
+        assert answer.payload["ok"] is False and "only the member who submitted it" in answer.payload["message"]
+    finally:
+        link.close()
+        impostor.close()
     assert state_of(worker_dir, job_id) == P.RUNNING
     pruned = client_as(other, "prune", "--older-than", "0s")
     assert pruned.returncode == 0, pruned.stderr
