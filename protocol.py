@@ -202,6 +202,7 @@ ROOM_FULL = "ROOM_FULL"
 ALREADY_REGISTERED = "ALREADY_REGISTERED"
 NOT_A_MEMBER = "NOT_A_MEMBER"
 NOT_LINKED = "NOT_LINKED"  # a quit to a peer the sender has no link with
+INTERNAL_ERROR = "INTERNAL_ERROR"  # the server failed on the frame (a bug; its log says where)
 # Client-side only: the connection is down and being re-established.
 DISCONNECTED = "DISCONNECTED"
 
@@ -312,6 +313,28 @@ def error_frame(code: str, message: str, in_reply_to: Optional[str] = None) -> d
     return frame
 
 
+# The server's answers that list peers, built from each peer's JSON prepared once (so
+# that an answer among thousands of peers is a string join, not an encoding).
+
+
+def peer_json(peer_id: str, role: str, metadata_json: str, connected_at: str) -> str:
+    """One entry of a peer list: {peer_id, role, metadata, connected_at}."""
+    return (f'{{"peer_id": {json.dumps(peer_id)}, "role": {json.dumps(role)}, "metadata": {metadata_json}, '
+            f'"connected_at": {json.dumps(connected_at)}}}')
+
+
+def registered_auth_json(room_id: str, peer_id: str, peers: str, ice_servers: list[dict]) -> str:
+    """registered_auth {room_id, peer_id, peer_list, ice_servers}; `peers` joins peer_json entries."""
+    return (f'{{"type": "{REGISTERED_AUTH}", "room_id": {json.dumps(room_id)}, "peer_id": {json.dumps(peer_id)}, '
+            f'"peer_list": [{peers}], "ice_servers": {json.dumps(ice_servers)}}}')
+
+
+def peer_list_json(to_peer_id: str, peers: list[str]) -> str:
+    """peer_list {to_peer_id, count, peers}, from peer_json entries."""
+    return (f'{{"type": "{PEER_LIST}", "to_peer_id": {json.dumps(to_peer_id)}, "count": {len(peers)}, '
+            f'"peers": [{", ".join(peers)}]}}')
+
+
 def too_deep(value: Any, limit: int = MAX_FRAME_DEPTH) -> bool:
     """Whether objects and lists nest deeper than `limit` (checked without recursion)."""
     stack = [(value, 1)]
@@ -371,7 +394,8 @@ REPLICA_END = "REPLICA_END"  # {replica_id}
 REPLICA_DONE = "REPLICA_DONE"  # {replica_id, outputs: [{kind, name, path, files}], error?}
 # The upload store, as `client.py files ls` shows it.
 STORE_LIST = "STORE_LIST"  # {request_id}
-STORE_LISTING = "STORE_LISTING"  # {request_id, files: [{sha256, size, names, last_use, jobs, needed}]}
+# {request_id, files: [{sha256, size, names, uploaders, last_use, jobs, needed, partial? (a cut-off upload)}]}
+STORE_LISTING = "STORE_LISTING"
 LINK_ERROR = "ERROR"  # {message, ...}
 
 # Jobs. Every payload carries "job_id".

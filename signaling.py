@@ -117,7 +117,7 @@ class Peer:
         self.room_id = room_id
         self.role = role
         self.connected_at = _now_iso()
-        self.conn = conn  # a _Connection
+        self.conn = conn  # its Connection
         self.user = user  # the signed-in user, when it registered with an id_token or jwt
         self.offered_to: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.linked: set[str] = set()  # peers it has a link with: an offer one way, its answer back
@@ -134,11 +134,7 @@ class Peer:
         self.metadata_bytes = len(text)
         self.tags = frozenset(metadata.get("tags", []))
         self.properties = metadata.get("properties", {})
-        self.public_json = (f'{{"peer_id": {json.dumps(self.peer_id)}, "role": {json.dumps(self.role)}, '
-                            f'"metadata": {text}, "connected_at": "{self.connected_at}"}}')
-
-    def public(self) -> dict:
-        return json.loads(self.public_json)
+        self.public_json = P.peer_json(self.peer_id, self.role, text, self.connected_at)
 
 
 @dataclass
@@ -177,8 +173,11 @@ class Room:
             self._listing = ", ".join(p.public_json for p in self.peers.values())
         return self._listing
 
-    def changed(self) -> None:
-        """A peer's metadata changed: the listing is built anew when next needed."""
+    def update(self, peer: Peer, metadata: dict) -> None:
+        """Give a peer of the room new metadata; the listing is built anew when next needed."""
+        self.listing_bytes -= len(peer.public_json)
+        peer.metadata = metadata
+        self.listing_bytes += len(peer.public_json)
         self._listing = None
 
     def add(self, peer: Peer) -> None:
@@ -688,15 +687,14 @@ class _Reader:
             self._writer.close(conn, now=not data)
 
     def _deliver(self, conn: Connection, whole: bytes, binary: bool) -> None:
-        if binary:
-            self._on_message(conn, whole)
-            return
-        try:
-            text = whole.decode("utf-8")
-        except UnicodeDecodeError:
-            self._on_message(conn, whole)  # answered like a binary frame: not part of the API
-            return
-        self._on_message(conn, text)
+        """A text message as str; binary ones, and text that is not UTF-8, as the bytes
+        (which the server answers: not part of the API)."""
+        if not binary:
+            try:
+                whole = whole.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        self._on_message(conn, whole)
 
 
 # ---------------------------------------------------------------------------------------
@@ -787,8 +785,9 @@ class SignalingServer:
                         conn.flush()
             self._writer.flush(STOP_FLUSH_S)
         self._writer.stop()  # closes every socket
-        if self._pinger.is_alive():
-            self._pinger.join(timeout=5)
+        for thread in (self._pinger, self._http_thread):
+            if thread is not None and thread.is_alive():
+                thread.join(timeout=5)
         with self._lock:
             if self._state_changed:
                 self._save_state()
@@ -1002,10 +1001,10 @@ class SignalingServer:
         with self._lock:
             self.total_messages += 1
         try:
-            reply = self._handle_frame(text, conn, conn.peer, conn.limiter)
+            reply = self._handle_frame(text, conn)
         except Exception:  # a bug must cost this frame only, and say where it is
             log.exception("a frame from %s failed", conn)
-            reply = P.error_frame("INTERNAL_ERROR", "the server failed on this frame; see its log")
+            reply = P.error_frame(P.INTERNAL_ERROR, "the server failed on this frame; see its log")
         if isinstance(reply, tuple):
             conn.peer, welcome = reply  # from here on, however the connection ends, the peer is removed
             conn.enqueue(welcome)
@@ -1018,10 +1017,11 @@ class SignalingServer:
         if conn.peer is not None:
             self._remove_peer(conn.peer)
 
-    def _handle_frame(self, text, conn, peer: Optional[Peer], limiter: P.TokenBucket) -> Any:
+    def _handle_frame(self, text, conn: Connection) -> Any:
         """Answer one frame: a reply frame (a dict, or its text), (a newly registered Peer,
         its registered_auth text), or None."""
-        if not limiter.allow():
+        peer = conn.peer
+        if not conn.limiter.allow():
             return P.error_frame(P.RATE_LIMITED, f"more than {self.limits.rate_per_s:g} frames/s; slow down")
         if isinstance(text, bytes):
             return P.error_frame(P.INVALID_MESSAGE, "binary frames are not part of the API; send JSON text")
@@ -1065,12 +1065,12 @@ class SignalingServer:
             return self._update_metadata(peer, frame["metadata"])
         return self._forward(peer, frame)
 
-    def _register(self, frame: dict, conn) -> Any:
-        """(a new Peer, its registered_auth text), or the error frame saying why not. The room's token admits anyone;
-        without it (sleap-rtc 0.0.7) a jwt this server signed admits the room's owner and
-        members, and an api_key admits a worker the room issued it to. A peer id is unique
-        in its room; one claimed with a peer_key takes that key, and with it replaces a
-        connection that still holds the id."""
+    def _register(self, frame: dict, conn: Connection) -> Any:
+        """(a new Peer, its registered_auth text), or the error frame saying why not. The
+        room's token admits anyone; without it (sleap-rtc 0.0.7) a jwt this server signed
+        admits the room's owner and members, and an api_key admits a worker the room issued
+        it to. A peer id is unique in its room; one claimed with a peer_key takes that key,
+        and with it replaces a connection that still holds the id."""
         kind = P.REGISTER
         user = ""
         if "id_token" in frame:
@@ -1124,9 +1124,7 @@ class SignalingServer:
             if stale is not None:
                 room.discard(stale)
             # No room token here: a peer that entered with a jwt or worker key does not learn it.
-            welcome = (f'{{"type": "{P.REGISTERED_AUTH}", "room_id": {json.dumps(room.room_id)}, '
-                       f'"peer_id": {json.dumps(peer_id)}, "peer_list": [{room.listing()}], '
-                       f'"ice_servers": {json.dumps(self.ice_servers)}}}')
+            welcome = P.registered_auth_json(room.room_id, peer_id, room.listing(), self.ice_servers)
             room.add(peer)
         if stale is not None:  # the key's holder is back (a restarted worker): its old connection goes
             stale.conn.abort(f"{peer_id} registered again from a new connection")
@@ -1153,8 +1151,7 @@ class SignalingServer:
                 candidates = room.peers.values()
             matches = matcher(filters)
             found = [p.public_json for p in candidates if p is not peer and matches(p)]
-        return (f'{{"type": "{P.PEER_LIST}", "to_peer_id": {json.dumps(peer.peer_id)}, '
-                f'"count": {len(found)}, "peers": [{", ".join(found)}]}}')
+        return P.peer_list_json(peer.peer_id, found)
 
     def _update_metadata(self, peer: Peer, update: dict) -> dict:
         with self._lock:
@@ -1169,11 +1166,9 @@ class SignalingServer:
                                      f"{self.limits.outbox_bytes // 2} bytes; make metadata smaller",
                                      P.UPDATE_METADATA)
             if room is not None:
-                room.listing_bytes -= len(peer.public_json)
-            peer.metadata = merged
-            if room is not None:
-                room.listing_bytes += len(peer.public_json)
-                room.changed()
+                room.update(peer, merged)
+            else:
+                peer.metadata = merged
         return {"type": P.METADATA_UPDATED, "peer_id": peer.peer_id, "metadata": merged}
 
     def _forward(self, peer: Peer, frame: dict) -> Optional[dict]:
