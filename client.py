@@ -123,6 +123,14 @@ def save_credentials(credentials: dict) -> Path:
     return path
 
 
+def sign_in(base: str) -> dict:
+    """A new anonymous sign-in at the HTTP API `base`: {id_token, username}."""
+    status, body = P.http_call("POST", base + "/anonymous-signin", {})
+    if status != 200:
+        raise P.SignalingError(P.INVALID_TOKEN, f"sign-in at {base} failed: {body.get('error', status)}")
+    return body
+
+
 def signed_in(args, again: bool = False) -> Optional[str]:
     """This user's id token for the server, made on first use (an anonymous sign-in kept in
     the credentials file): the server tells workers who sent each job by it, and only its
@@ -144,11 +152,9 @@ def signed_in(args, again: bool = False) -> Optional[str]:
         if current and current != saved:
             return current  # another client just signed in
         try:
-            status, body = P.http_call("POST", base + "/anonymous-signin", {})
+            body = sign_in(base)
         except P.SignalingError as exc:
             log.info("no sign-in at %s (%s); going on anonymously", base, exc)
-            return None
-        if status != 200:
             return None
         credentials[base] = {**credentials.get(base, {}), "id_token": body["id_token"], "username": body["username"]}
         save_credentials(credentials)
@@ -160,18 +166,19 @@ def connect(args) -> P.SignalingClient:
     if not args.room or not args.token:
         raise UsageError(f"say which room: --room R --token T (or set {P.ENV_ROOM} and {P.ENV_TOKEN}); "
                          "`python client.py rooms create` makes one")
-    id_token = signed_in(args)
-    for attempt in range(2):
+
+    def register(id_token: Optional[str]) -> P.SignalingClient:
         signaling = P.SignalingClient(args.server, args.room, args.token, f"client-{secrets.token_hex(4)}",
                                       CLIENT_ROLE, {"tags": ["sleap-rtc"], "properties": {}}, id_token=id_token)
-        try:
-            signaling.connect()
-            return signaling
-        except P.SignalingError as exc:
-            if attempt or exc.code != P.INVALID_TOKEN or "id_token" not in exc.message:
-                raise
-            id_token = signed_in(args, again=True)  # e.g. the server restarted without its state file
-    raise AssertionError("unreachable")
+        signaling.connect()
+        return signaling
+
+    try:
+        return register(signed_in(args))
+    except P.SignalingError as exc:
+        if exc.code != P.INVALID_TOKEN or "id_token" not in exc.message:
+            raise
+        return register(signed_in(args, again=True))  # e.g. the server restarted without its state file
 
 
 def discover_workers(signaling: P.SignalingClient, job_type: Optional[str] = None,
@@ -392,9 +399,7 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
 
 def cmd_login(args) -> int:
     base = P.http_base_url(args.server, args.http)
-    status, body = P.http_call("POST", base + "/anonymous-signin", {})
-    if status != 200:
-        raise P.SignalingError(P.INVALID_TOKEN, f"sign-in at {base} failed: {body.get('error', status)}")
+    body = sign_in(base)
     credentials = load_credentials()
     credentials[base] = {"id_token": body["id_token"], "username": body["username"]}
     if args.sleap_rtc_credentials:

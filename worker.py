@@ -564,7 +564,8 @@ def probe_checkpoint(path: Path) -> Optional[str]:
     """Why torch will not load `path` as weights only (None when it does), asked of a
     child with CHECKPOINT_PROBE_S and an address-space limit, without the worker's secrets."""
     limit = CHECKPOINT_PROBE_MEMORY + 3 * path.stat().st_size
-    env = {k: v for k, v in os.environ.items() if k not in hidden_env(set())}
+    hidden = set(hidden_env(set()))
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", **SLEAP_NN_ENV)
     try:
         probe = subprocess.run([sys.executable, str(Path(__file__).resolve()), "probe-checkpoint", str(limit),
@@ -4343,7 +4344,7 @@ class Session:
     def _control(self, name: str, payload: dict) -> None:
         job_id = str(payload.get("job_id", ""))[:64]
         action = "stop" if name == P.ZMQ_CTRL else "cancel"
-        record = self.worker.scheduler.ledger.get(job_id)
+        record = self.worker.scheduler.record(job_id)
         refusal = self._not_yours(record) if record is not None else None
         if refusal:
             log.info("%s of job %s by %s refused: not theirs", action, job_id, self.peer_id)
