@@ -418,12 +418,14 @@ def cmd_login(args) -> int:
     return 0
 
 
-def add_upstream_credentials(upstream: dict, args, base: str, id_token: str, username: str) -> None:
+def add_upstream_credentials(credentials: dict, args, base: str, id_token: str, username: str) -> None:
     """Add what an unmodified sleap-rtc 0.0.7 install reads from the credentials file:
     the sign-in as its jwt and user and, with --room and --token, membership of the room
     (so that `--room R` alone lets it in), a worker key for `sleap-rtc worker` and the
     room secret its peer authentication uses."""
-    upstream.update(jwt=id_token, user={"id": username, "username": username})
+    import upstream  # the dialect's file, beside this one in a full checkout
+
+    credentials.update(jwt=id_token, user={"id": username, "username": username})
     if args.room and args.token:
         room = {"room_id": args.room, "token": args.token}
         status, joined = P.http_call("POST", base + "/join-room", room, bearer=id_token)
@@ -433,9 +435,9 @@ def add_upstream_credentials(upstream: dict, args, base: str, id_token: str, use
         if status != 200:
             raise P.SignalingError(P.INVALID_TOKEN, f"a worker key for room {args.room} was refused: "
                                    f"{issued.get('error', status)}")
-        upstream["default_room"] = args.room
-        upstream.setdefault("tokens", {})[args.room] = {"api_key": issued["api_key"], "worker_name": ""}
-        upstream.setdefault("room_secrets", {})[args.room] = P.upstream_room_secret(args.token)
+        credentials["default_room"] = args.room
+        credentials.setdefault("tokens", {})[args.room] = {"api_key": issued["api_key"], "worker_name": ""}
+        credentials.setdefault("room_secrets", {})[args.room] = upstream.upstream_room_secret(args.token)
 
 
 def cmd_rooms_create(args) -> int:

@@ -6,7 +6,8 @@ Read top to bottom:
 2. errors;
 3. signaling frames (v2 API): type names, error codes, field checks, metadata merging;
 4. data-channel messages: `NAME` or `NAME::{json}` text frames, and job specs;
-5. the sleap-rtc 0.0.7 dialect: the codec for links unmodified upstream clients open;
+5. links of unmodified sleap-rtc 0.0.7 clients: their channel labels (the dialect itself
+   is upstream.py);
 6. the HTTP API beside the signaling server;
 7. `SignalingClient`: one websocket-client connection, one reader thread, reconnects;
 8. the asyncio loop thread that owns every aiortc object of this process;
@@ -500,6 +501,8 @@ PRUNE = "prune"
 # A replicate job copies a finished job's model or predictions to another worker, which
 # records them as a job of type REPLICA (see REPLICA_BEGIN).
 REPLICATE, REPLICA = "replicate", "replica"
+# A SLEAP training package (train or track) needs the worker's packages.py: its own job type.
+PACKAGE = "package"
 JOB_TYPE_TAGS = {TRAIN: "training-worker", TRACK: "inference-worker"}  # the discovery tag for each
 SPEC_FIELDS: dict[str, dict[str, type]] = {
     TRAIN: {"config": str, "labels": str, "val_labels": str, "max_epochs": int, "batch_size": int,
@@ -576,9 +579,11 @@ def check_spec(spec: Any) -> list[dict]:
 
 
 def capability(spec: dict) -> str:
-    """What a worker must offer (its `job_types`) to take a spec: "train", "track" or
-    "command:NAME"."""
-    return f"{COMMAND}:{spec.get('command')}" if spec.get("type") == COMMAND else str(spec.get("type"))
+    """What a worker must offer (its `job_types`) to take a spec: "train", "track",
+    "package" or "command:NAME"."""
+    if spec.get("type") == COMMAND:
+        return f"{COMMAND}:{spec.get('command')}"
+    return PACKAGE if "package" in spec else str(spec.get("type"))
 
 
 def offered(metadata: dict) -> list[str]:
@@ -634,210 +639,13 @@ def file_digest(path: Path) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------------------------------
-# The sleap-rtc 0.0.7 dialect: links opened by unmodified upstream clients
+# Links opened by unmodified sleap-rtc 0.0.7 clients
 # ---------------------------------------------------------------------------------------
-# The upstream CLI and Python API open a data channel labelled below and speak bare text:
-# `NAME::{client job id}::{spec}` and `NAME::{json}` frames, training output as bare lines
-# (`CR::` before a carriage-return update), files as FILE_META, binary chunks and
-# END_OF_FILE. They send binary KEEP_ALIVE every 15 s and no heartbeat, so such a link
-# lives as long as its WebRTC connection. This section is the whole codec; the worker's
-# adapter (UpstreamAdapter in worker.py) maps it onto our own jobs.
+# Their channel labels make a Link `upstream`: it passes their bare text frames through and
+# ignores their binary KEEP_ALIVE. The dialect itself lives in upstream.py.
 
 UPSTREAM_CHANNEL_LABELS = frozenset({"my-data-channel", "training", "inference", "pathcheck"})
 UPSTREAM_KEEP_ALIVE = b"KEEP_ALIVE"
-UP_SEP = "::"
-UP_AUTH_CHALLENGE, UP_AUTH_RESPONSE = "AUTH_CHALLENGE", "AUTH_RESPONSE"
-UP_AUTH_SUCCESS, UP_AUTH_FAILURE = "AUTH_SUCCESS", "AUTH_FAILURE"
-UP_JOB_SUBMIT, UP_JOB_ACCEPTED, UP_JOB_REJECTED = "JOB_SUBMIT", "JOB_ACCEPTED", "JOB_REJECTED"
-UP_JOB_PROGRESS, UP_PROGRESS_REPORT = "JOB_PROGRESS", "PROGRESS_REPORT"
-UP_JOB_COMPLETE, UP_JOB_FAILED = "JOB_COMPLETE", "JOB_FAILED"
-UP_FILE_META, UP_END_OF_FILE = "FILE_META", "END_OF_FILE"
-# Upstream's worker runs inference after training and the SLEAP GUI waits for its end.
-UP_INFERENCE_SKIPPED = "INFERENCE_SKIPPED"
-UP_CONTROL_COMMAND, UP_JOB_STOP, UP_JOB_CANCEL, UP_ZMQ_CTRL = "CONTROL_COMMAND", "JOB_STOP", "JOB_CANCEL", "ZMQ_CTRL"
-UP_CR = "CR::"
-# An AUTH_RESPONSE of this many characters is an HMAC-SHA256 (URL-safe base64, unpadded);
-# a longer one is an Ed25519 signature, made with a key only upstream's own server knows.
-UP_HMAC_CHARS = 43
-UP_SESSION_PREFIX = "sleap-session:"
-# Upstream spec field -> ours. config_path(s), config_content(s), path_mappings and
-# model_types are mapped by parse_upstream_submit itself.
-_UP_TRAIN_FIELDS = {"labels_path": "labels", "val_labels_path": "val_labels", "max_epochs": "max_epochs",
-                    "batch_size": "batch_size", "learning_rate": "learning_rate", "run_name": "run_name",
-                    "resume_ckpt_path": "resume"}
-_UP_TRACK_FIELDS = {"data_path": "data_path", "model_paths": "model_paths", "output_path": "output",
-                    "batch_size": "batch_size", "peak_threshold": "peak_threshold", "frames": "frames",
-                    "frame_filter": "frames", "only_suggested_frames": "only_suggested_frames"}
-MAX_UPSTREAM_MODELS = 8
-
-
-@dataclass
-class UpstreamSubmit:
-    """A JOB_SUBMIT in our terms: one spec per model (a multi-model train runs them in
-    order as one job), config texts sent inline (`contents[i]` for specs[i], or None), and
-    every problem found before any worker check."""
-
-    client_id: str
-    specs: list[dict]
-    contents: list[Optional[str]]
-    errors: list[dict]
-
-
-def upstream_session_string(room_id: str, token: str, peer_id: str) -> str:
-    """What `sleap-rtc train --session-string` takes to reach this worker."""
-    data = json.dumps({"r": room_id, "t": token, "p": peer_id}, separators=(",", ":")).encode()
-    return UP_SESSION_PREFIX + base64.urlsafe_b64encode(data).decode()
-
-
-def upstream_room_secret(token: str) -> str:
-    """The room's PSK for upstream AUTH_RESPONSE HMACs: derived from the room token, so
-    only its holders know it (`client.py login --sleap-rtc-credentials` stores it)."""
-    return b64url(hmac.new(token.encode(), b"sleap-rtc 0.0.7 room secret", hashlib.sha256).digest())
-
-
-def upstream_auth_ok(secret: str, nonce: str, response: str) -> bool:
-    """Whether `response` is upstream's HMAC-SHA256 of the nonce under the room secret
-    (both URL-safe base64, padding optional)."""
-    try:
-        digest = hmac.new(unb64url(secret), unb64url(nonce), hashlib.sha256).digest()
-    except ValueError:
-        return False
-    given = response.strip().rstrip("=")
-    return given.isascii() and hmac.compare_digest(b64url(digest), given)
-
-
-def parse_upstream_submit(text: str) -> UpstreamSubmit:
-    """`JOB_SUBMIT::{client job id}::{spec json}` with upstream field names, as our specs."""
-    _, rest = upstream_split(text)
-    client_id, body = upstream_split(rest)
-    client_id = client_id[:64] or "unknown"
-    submit = UpstreamSubmit(client_id, [], [], [])
-    try:
-        spec = json.loads(body) if body else None
-    except ValueError as exc:
-        spec = None
-        submit.errors.append(spec_error("spec", f"the job spec is not JSON: {str(exc)[:200]}", "BAD_FORMAT"))
-    if not isinstance(spec, dict) or too_deep(spec):
-        if not submit.errors:
-            submit.errors.append(spec_error("spec", "JOB_SUBMIT needs a job spec object after the job id",
-                                            "BAD_FORMAT"))
-        return submit
-    kind = spec.get("type")
-    if kind == TRACK:
-        ours = {"type": TRACK, **{ours: spec[up] for up, ours in _UP_TRACK_FIELDS.items()
-                                  if spec.get(up) not in (None, False, "", [])}}
-        submit.specs, submit.contents = [ours], [None]
-        submit.errors = check_spec(ours)
-        return submit
-    if kind != TRAIN:
-        submit.errors.append(spec_error("type", f"type must be train or track, not {echo(kind)}", "BAD_TYPE"))
-        return submit
-    mappings = spec.get("path_mappings") or {}
-    if not isinstance(mappings, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
-                                                 for k, v in mappings.items()):
-        submit.errors.append(spec_error("path_mappings", "path_mappings must map paths to paths", "BAD_TYPE"))
-        return submit
-    configs = spec.get("config_paths") or ([spec["config_path"]] if spec.get("config_path") else [])
-    contents = spec.get("config_contents") or ([spec["config_content"]] if spec.get("config_content") else [])
-    if not isinstance(configs, list) or not isinstance(contents, list) or \
-            not all(isinstance(c, str) and c for c in configs + contents):
-        submit.errors.append(spec_error("config_paths", "config_paths and config_contents must be lists of text",
-                                        "BAD_TYPE"))
-        return submit
-    if not configs and not contents:
-        submit.errors.append(spec_error("config_paths", "give config_path(s) or config_content(s)", "MISSING"))
-        return submit
-    models = [(c, None) for c in configs] + [(None, text) for text in contents]
-    if len(models) > MAX_UPSTREAM_MODELS:
-        submit.errors.append(spec_error("config_paths", f"at most {MAX_UPSTREAM_MODELS} models in one job",
-                                        "OUT_OF_RANGE"))
-        return submit
-    model_types = spec.get("model_types") if isinstance(spec.get("model_types"), list) else []
-    base = {ours: spec[up] for up, ours in _UP_TRAIN_FIELDS.items() if spec.get(up) is not None}
-    for field in ("labels", "val_labels"):  # upstream maps these two by exact path
-        if base.get(field) in mappings:
-            base[field] = mappings[base[field]]
-    video_map = [[old, new] for old, new in mappings.items() if new not in (base.get("labels"), base.get("val_labels"))]
-    if video_map:
-        base["path_map"] = video_map
-    for index, (config, text) in enumerate(models):
-        ours = {"type": TRAIN, **base, "config": config or f"config-{index}.yaml"}
-        if "run_name" not in base and index < len(model_types) and isinstance(model_types[index], str):
-            ours["run_name"] = model_types[index]
-        elif len(models) > 1:  # one run directory per model, whatever the configs are called
-            ours["run_name"] = f"{base.get('run_name') or Path(ours['config']).stem}-{index}"
-        submit.specs.append(ours)
-        submit.contents.append(text)
-        submit.errors += [e for e in check_spec(ours) if e not in submit.errors]
-    return submit
-
-
-def upstream_frame(name: str, *fields: str) -> str:
-    """`NAME::field::...`, the shape of every upstream text frame."""
-    return UP_SEP.join((name, *fields))
-
-
-def upstream_split(text: str) -> tuple[str, str]:
-    """An upstream text frame's name and the rest after its first separator."""
-    name, _, rest = text.partition(UP_SEP)
-    return name, rest
-
-
-def upstream_rejected(client_id: str, errors: list[dict]) -> str:
-    return upstream_frame(UP_JOB_REJECTED, client_id, json.dumps(
-        {"errors": [{"field": e.get("field"), "message": e.get("message"), "code": e.get("code")} for e in errors]}))
-
-
-def upstream_epoch(epoch: Optional[int], loss: Optional[float], val_loss: Optional[float]) -> str:
-    return upstream_frame(UP_JOB_PROGRESS, json.dumps({"epoch": epoch, "loss": loss, "val_loss": val_loss}))
-
-
-def upstream_complete(job_id: str, job_type: str, duration_s: float, stopped_early: bool,
-                      output_path: Optional[str]) -> str:
-    return upstream_frame(UP_JOB_COMPLETE, json.dumps({
-        "job_id": job_id, "job_type": job_type, "duration_seconds": int(duration_s), "success": True,
-        "stopped_early": stopped_early, "output_path": output_path}))
-
-
-def upstream_failed(job_id: str, job_type: str, exit_code: Optional[int], duration_s: float, message: str) -> str:
-    return upstream_frame(UP_JOB_FAILED, json.dumps({
-        "job_id": job_id, "job_type": job_type, "exit_code": exit_code, "duration_seconds": int(duration_s),
-        "message": message}))
-
-
-def upstream_file_meta(name: str, size: int) -> str:
-    """FILE_META::{name}:{size}:{hint}; upstream splits on ':' and keeps the file under
-    `name` in its output directory, so the name holds no ':' or path."""
-    return f"{UP_FILE_META}{UP_SEP}{safe_file_name(name).replace(':', '_')}:{size}:predictions"
-
-
-def upstream_log(lines: list, progress: Optional[str]) -> list[str]:
-    """A JOB_LOG batch as upstream frames: the lines in one frame (each ending in a
-    newline, stderr ones marked), then the latest carriage-return update as CR::."""
-    frames = []
-    text = "".join(("[stderr] " if stream == "e" else "") + line + "\n" for stream, line in lines)
-    if text:
-        frames.append(text)
-    if progress is not None:
-        frames.append(UP_CR + progress)
-    return frames
-
-
-def upstream_control(text: str) -> Optional[str]:
-    """The action (ZMQ_CTRL: stop early, JOB_CANCEL: cancel) an upstream control frame
-    asks for, or None when `text` is not one."""
-    if text == UP_JOB_STOP or text == f"{UP_ZMQ_CTRL}{UP_SEP}STOP":
-        return ZMQ_CTRL
-    if text == UP_JOB_CANCEL or text == f"{UP_ZMQ_CTRL}{UP_SEP}CANCEL":
-        return JOB_CANCEL
-    if text.startswith(UP_CONTROL_COMMAND + UP_SEP):
-        try:
-            command = json.loads(text[len(UP_CONTROL_COMMAND) + 2:])
-        except ValueError:
-            return None
-        command = command.get("command") if isinstance(command, dict) else None
-        return {"stop": ZMQ_CTRL, "cancel": JOB_CANCEL}.get(command)
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -2370,14 +2178,15 @@ def _new_link(peer_id: str, ice_servers: list[dict], receive_dir: Optional[Path]
 
 
 def open_link(signaling: SignalingClient, target: str, receive_dir: Path,
-              timeout: float = LINK_OPEN_TIMEOUT_S) -> Link:
-    """Offer a link to `target` through the signaling server and wait until it is open."""
+              timeout: float = LINK_OPEN_TIMEOUT_S, label: str = "sleap-rtc") -> Link:
+    """Offer a link to `target` through the signaling server and wait until it is open.
+    (An UPSTREAM_CHANNEL_LABELS `label` speaks as a sleap-rtc 0.0.7 client would.)"""
     from aiortc import RTCSessionDescription
 
     link = _new_link(target, signaling.ice_servers, receive_dir)
 
     async def offer() -> str:
-        link._attach(link._pc.createDataChannel("sleap-rtc"))
+        link._attach(link._pc.createDataChannel(label))
         await link._pc.setLocalDescription(await link._pc.createOffer())
         return link._pc.localDescription.sdp
 

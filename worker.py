@@ -28,6 +28,7 @@ import argparse
 import collections
 import dataclasses
 import glob
+import importlib
 import importlib.metadata
 import json
 import logging
@@ -46,7 +47,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import protocol as P
 
@@ -142,6 +143,39 @@ def resolve_in_mounts(path: str, mounts: list[Mount], base: Optional[Path] = Non
     if not any(m.contains(resolved) for m in mounts):
         raise PathRefused(f"Access denied: {shown} is outside the worker's mounts", "ACCESS_DENIED")
     return resolved
+
+
+# ---------------------------------------------------------------------------------------
+# Optional capabilities: role files of their own, beside this one
+# ---------------------------------------------------------------------------------------
+# worker.py and protocol.py alone run structured train and track jobs, commands, prune,
+# replicas and the ledger: the copy an HPC node needs. Each capability below is a file of
+# its own, imported the first time it is needed; a worker without it says so at start-up,
+# leaves it out of what it offers and refuses what needs it, naming the file.
+
+OPTIONAL_FILES = {P.PACKAGE: "packages.py", "slurm": "slurm.py", "upstream": "upstream.py"}
+OPTIONAL_SERVES = {P.PACKAGE: "SLEAP training packages", "slurm": "SLURM (--slurm)",
+                   "upstream": "sleap-rtc 0.0.7 clients"}
+_OPTIONAL_MODULES = {P.PACKAGE: "packages", "slurm": "slurm", "upstream": "upstream"}
+
+
+class CapabilityMissing(Exception):
+    """What was asked needs an optional role file this worker's directory lacks."""
+
+
+def capabilities() -> list[str]:
+    """The optional capabilities whose files lie beside this one."""
+    here = Path(__file__).resolve().parent
+    return [name for name, file in OPTIONAL_FILES.items() if (here / file).is_file()]
+
+
+def optional(name: str):
+    """The optional role file of capability `name`, imported (once); CapabilityMissing
+    names the file when it is not there."""
+    if name not in capabilities():
+        raise CapabilityMissing(f"this worker does not serve {OPTIONAL_SERVES[name]}: "
+                                f"{OPTIONAL_FILES[name]} is not beside its worker.py")
+    return importlib.import_module(_OPTIONAL_MODULES[name])
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,7 +304,7 @@ SPEC_CONFIG_KEYS = {"labels": ("data_config.train_labels_path", True),
                     "resume": ("trainer_config.resume_ckpt_path", False)}
 WRITES = set(CONFIG_WRITES) | {"output"}
 # ${name:...} is an OmegaConf resolver (oc.env reads the worker's environment); ${a.b} is not.
-_RESOLVER_RE = re.compile(r"\$\{\s*[A-Za-z_][\w.-]*\s*:")
+RESOLVER_RE = re.compile(r"\$\{\s*[A-Za-z_][\w.-]*\s*:")
 
 
 def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path,
@@ -293,7 +327,13 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
     if errors and errors[0]["field"] == "type":
         return errors, {}
     if "package" in spec:
-        return (errors, {}) if errors else validate_package(spec, mounts, write_mounts, job_dir, store_dir, trusted)
+        if errors:
+            return errors, {}
+        try:
+            packages = optional(P.PACKAGE)
+        except CapabilityMissing as exc:
+            return [P.spec_error("package", str(exc), "UNSUPPORTED")], {}
+        return packages.validate_package(spec, mounts, write_mounts, job_dir, store_dir, trusted)
     bad = {e["field"] for e in errors}
     writable = write_mounts + [Mount(job_dir, "job")]
     plan: dict = {"paths": {}}
@@ -305,7 +345,7 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
         resolved = []
         for text in value if isinstance(value, list) else [value]:
             try:
-                resolved.append(_resolve_path(text, writable if writes else mounts, job_dir if in_config else None,
+                resolved.append(resolve_path(text, writable if writes else mounts, job_dir if in_config else None,
                                               must_exist=not writes, in_config=in_config))
             except PathRefused as exc:
                 errors.append({**P.spec_error(field, f"{key}: {exc}" if in_config else str(exc), exc.code),
@@ -332,7 +372,7 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
     if "config" in bad:
         return errors, plan
     try:
-        config_path = Path(_resolve_path(spec["config"], mounts))
+        config_path = Path(resolve_path(spec["config"], mounts))
     except PathRefused as exc:
         errors.append({**P.spec_error("config", str(exc), exc.code), "path": spec["config"], "key": "config"})
         return errors, plan
@@ -342,7 +382,7 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
         return errors, plan
     plan["config_text"] = text
     for key in CONFIG_READS + CONFIG_WRITES:
-        value = _config_value(config, key)
+        value = config_value(config, key)
         if key not in plan["paths"] and value not in (None, "", [], "."):  # "." is ckpt_dir's default: the job's
             take("config", key, value, writes=key in CONFIG_WRITES, in_config=True)
     _check_labels(spec, plan, fields, errors, mounts, write_mounts, job_dir)
@@ -388,7 +428,7 @@ def _check_labels(spec: dict, plan: dict, fields: dict, errors: list, mounts: li
         plan["paths"][key] = used if isinstance(value, list) else used[0]
 
 
-def _resolve_path(text, mounts: list[Mount], base: Optional[Path] = None, must_exist: bool = True,
+def resolve_path(text, mounts: list[Mount], base: Optional[Path] = None, must_exist: bool = True,
                   in_config: bool = False) -> str:
     """A path from a peer, resolved inside `mounts` (a relative one against `base`);
     PathRefused says why not. A config's own value may not interpolate: OmegaConf would
@@ -410,10 +450,10 @@ def _read_config(path: Path) -> tuple[dict, str, Optional[str]]:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         return {}, "", f"{path} is not readable: {exc}"
-    return _parse_config(data, str(path))
+    return parse_config(data, str(path))
 
 
-def _parse_config(data: bytes, path: str) -> tuple[dict, str, Optional[str]]:
+def parse_config(data: bytes, path: str) -> tuple[dict, str, Optional[str]]:
     """The config in `data` (read from `path`), as `_read_config` answers."""
     import yaml
 
@@ -447,7 +487,7 @@ def _config_problem(config: dict) -> Optional[str]:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-        elif isinstance(node, str) and _RESOLVER_RE.search(node):
+        elif isinstance(node, str) and RESOLVER_RE.search(node):
             return (f"{node[:80]!r} calls an OmegaConf resolver; resolvers (oc.env and the like) can read the "
                     "worker's environment and are refused. Plain ${a.b} references are fine")
     return internet_problem(config)
@@ -460,7 +500,7 @@ def internet_problem(settings: dict) -> Optional[str]:
     backbone downloads its weights from torchvision; an external HuggingFace backbone
     downloads model, weights and possibly code."""
     def value(key: str):
-        return settings[key] if key in settings else _config_value(settings, key)
+        return settings[key] if key in settings else config_value(settings, key)
 
     if value("trainer_config.use_wandb") not in (None, False, "false", "False", 0):
         return ("trainer_config.use_wandb: true would upload the run to Weights & Biases; this worker runs no job "
@@ -483,7 +523,7 @@ def internet_problem(settings: dict) -> Optional[str]:
     return None
 
 
-def _config_value(config: dict, dotted: str):
+def config_value(config: dict, dotted: str):
     node = config
     for part in dotted.split("."):
         if not isinstance(node, dict):
@@ -499,7 +539,7 @@ def recheck_paths(paths: dict, mounts: list[Mount], write_mounts: list[Mount], j
     for key, value in paths.items():
         for text in value if isinstance(value, list) else [value]:
             try:
-                now = _resolve_path(text, writable if key in WRITES else mounts, must_exist=key not in WRITES)
+                now = resolve_path(text, writable if key in WRITES else mounts, must_exist=key not in WRITES)
             except PathRefused as exc:
                 return f"{key}: {exc} (it changed after the job was accepted)"
             if now != text:
@@ -902,609 +942,6 @@ def write_labels_copy(source: str, copy: str, rewrite: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Training packages: SLEAP's exported zips, read as hostile input and never run by a shell
-# ---------------------------------------------------------------------------------------
-
-PACKAGE_MAX_ENTRIES = 256
-PACKAGE_MAX_BYTES = 64 * 2**30  # unpacked; packages embed their frames, so they can be big
-PACKAGE_MAX_RATIO = 100  # unpacked / packed of an entry over 1 MiB; a zip bomb is past it (frames pack ~1:1)
-PACKAGE_TEXT_BYTES = 1024 * 1024  # most a script or jobs.yaml may hold
-JOBS_FILE = "jobs.yaml"
-TRAIN_SCRIPT = "train-script.sh"
-INFERENCE_SCRIPTS = ("inference-script.sh", "track-script.sh")  # SLEAP 1.6 writes the first, older ones the second
-WORKER_DEVICE = "auto"  # sleap-nn takes the worker's GPU when it has one; a package names the laptop's device
-# The commands a package script may hold (their first words); each runs as sleap-nn.
-_TRAIN_WORDS = (("sleap", "train"), ("sleap-nn", "train"), ("sleap-train",), ("sleap-nn-train",))
-_PREDICT_WORDS = (("sleap", "predict"), ("sleap-nn", "predict"), ("sleap", "track"), ("sleap-nn", "track"),
-                  ("sleap-track",), ("sleap-nn-track",))
-_OVERRIDE_RE = re.compile(r"^\+{0,2}((?:data_config|model_config|trainer_config)(?:\.\w+)+)=(.*)$", re.S)
-_SHELL_OPERATOR_RE = re.compile(r"^[();<>|&]+$")
-_PLAIN_VALUE_RE = re.compile(r"^(-?\d+(\.\d*)?([eE][-+]?\d+)?|true|false|null)$")
-# Options of an inference line: the option each sets, and its type (None: a switch).
-_PREDICT_OPTIONS = {"--data_path": ("data_path", str), "-i": ("data_path", str),
-                    "--model_paths": ("model_paths", list), "-m": ("model_paths", list),
-                    "--output_path": ("output", str), "--output": ("output", str), "-o": ("output", str),
-                    "--video_index": ("video_index", int), "--frames": ("frames", str),
-                    "--batch_size": ("batch_size", int), "-b": ("batch_size", int),
-                    "--peak_threshold": ("peak_threshold", float), "--max_instances": ("max_instances", int),
-                    "-n": ("max_instances", int), "--device": ("device", str), "-d": ("device", str),
-                    "--only_suggested_frames": ("only_suggested_frames", None),
-                    "--only_labeled_frames": ("only_labeled_frames", None),
-                    "--exclude_user_labeled": ("exclude_user_labeled", None),
-                    "--no_empty_frames": ("no_empty_frames", None),
-                    "--tracking": ("tracking", None), "-t": ("tracking", None), "--gui": ("gui", None)}
-# jobs.yaml's inference keys and the option each is.
-_JOBS_INFERENCE_KEYS = {"data_path": "data_path", "models": "model_paths", "output_path": "output",
-                        "only_suggested_frames": "only_suggested_frames",
-                        "only_labeled_frames": "only_labeled_frames", "exclude_user_labeled": "exclude_user_labeled",
-                        "video_index": "video_index", "frames": "frames", "tracking": "tracking"}
-
-
-class PackageRefused(Exception):
-    """A package the worker will not run; the message says why."""
-
-
-def _unreadable_zip_errors() -> tuple:
-    """What reading a damaged zip raises: bad CRCs and headers, damaged deflate data, short files."""
-    import zipfile
-    import zlib
-
-    return zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError
-
-
-@dataclass
-class PackagePlan:
-    """What a package runs, checked before anything is unpacked: its steps in order, the
-    checked text of each model's config, and what the worker decided in the package's
-    stead (written into the job's log)."""
-
-    steps: list["Step"]
-    configs: dict[str, str]
-    notes: list[str]
-    checkpoints: list[str] = dataclasses.field(default_factory=list)  # files sleap-nn will unpickle (see CHECKPOINT_KEYS)
-
-
-def package_dir_for(package: Path, job_id: str, uploaded: bool, job_dir: Path) -> Path:
-    """Where a package is unpacked: in the job's directory when it was uploaded, else
-    next to the package on shared storage (one directory per job, never reused)."""
-    return job_dir / "package" if uploaded else package.parent / f"{package.stem}-{job_id}"
-
-
-def open_package(path: Path):
-    """The zip file and its members by name, once every entry passed the checks of a
-    hostile archive; raises PackageRefused, FileNotFoundError."""
-    import stat
-    import zipfile
-
-    if not path.is_file():
-        raise FileNotFoundError(f"FileNotFoundError: package {path} does not exist on the worker")
-    try:
-        archive = zipfile.ZipFile(path)
-        entries = archive.infolist()
-    except _unreadable_zip_errors() as exc:  # UnicodeDecodeError (a bad UTF-8 name) is a ValueError
-        raise PackageRefused(f"{path.name} is not a readable zip file: {exc}") from None
-    try:
-        if len(entries) > PACKAGE_MAX_ENTRIES:
-            raise PackageRefused(f"{path.name} has {len(entries)} entries; a training package has a handful "
-                                 f"(at most {PACKAGE_MAX_ENTRIES} are accepted)")
-        members, total = {}, 0
-        for info in entries:
-            name = info.filename
-            shown = repr(name[:100])
-            mode = info.external_attr >> 16
-            if not info.flag_bits & 0x800 and not name.isascii():
-                raise PackageRefused(f"entry {shown} has a name that is not marked UTF-8")
-            if info.flag_bits & 0x1:
-                raise PackageRefused(f"entry {shown} is encrypted")
-            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-                raise PackageRefused(f"entry {shown} has an absolute name")
-            parts = name.rstrip("/").split("/")
-            if "\\" in name or any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in name):
-                raise PackageRefused(f"entry {shown} would land outside the package ('..', backslashes or "
-                                     "control characters in its name)")
-            if mode and stat.S_ISLNK(mode):
-                raise PackageRefused(f"entry {shown} is a symbolic link")
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise PackageRefused(f"entry {shown} is not a regular file (a device, pipe or socket)")
-            if info.is_dir():
-                continue
-            if info.file_size > 2**20 and info.file_size > PACKAGE_MAX_RATIO * max(1, info.compress_size):
-                raise PackageRefused(f"entry {shown} unpacks {info.compress_size} bytes into {info.file_size} "
-                                     f"(more than {PACKAGE_MAX_RATIO}:1): refused as a zip bomb")
-            total += info.file_size
-            if name in members:
-                raise PackageRefused(f"entry {shown} appears twice")
-            members[name] = info
-        if total > PACKAGE_MAX_BYTES:
-            raise PackageRefused(f"{path.name} unpacks to {total / 2**30:.1f} GiB, more than the "
-                                 f"{PACKAGE_MAX_BYTES // 2**30} GiB accepted")
-    except PackageRefused:
-        archive.close()
-        raise
-    return archive, members
-
-
-def _member_text(archive, info, limit: int = PACKAGE_TEXT_BYTES) -> str:
-    if info.file_size > limit:
-        raise PackageRefused(f"{info.filename} is {info.file_size} bytes; more than {limit // 1024} KiB")
-    try:
-        with archive.open(info) as f:
-            return f.read(limit + 1)[:limit].decode("utf-8")
-    except _unreadable_zip_errors() as exc:
-        raise PackageRefused(f"{info.filename} cannot be read from the package: {exc}") from None
-
-
-def script_commands(text: str, script: str) -> list[tuple[int, list[str]]]:
-    """The commands of a package script, as (line number, words): comments, blank lines
-    and backslash continuations handled as a shell would, quoting by shlex. Nothing is
-    executed; shell operators, substitutions and variables are refused with the line."""
-    import shlex
-
-    commands, pending, first = [], "", 0
-    for number, line in enumerate(text.splitlines(), 1):
-        if not pending:
-            first = number
-        if (len(line) - len(line.rstrip("\\"))) % 2 == 1:  # an odd number of backslashes continues the line
-            pending += line[:-1]
-            continue
-        full, pending = pending + line, ""
-        lexer = shlex.shlex(full, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        try:
-            words = list(lexer)
-        except ValueError as exc:
-            raise PackageRefused(f"{script} line {first}: {exc}") from None
-        if not words:
-            continue
-        for word in words:
-            if _SHELL_OPERATOR_RE.match(word):
-                raise PackageRefused(f"{script} line {first}: shell operator {word!r}; package scripts are read, "
-                                     "never run by a shell, so each line must be one sleap command")
-            if "$" in word and "${" not in word or "`" in word:
-                raise PackageRefused(f"{script} line {first}: {word[:80]!r} asks for shell expansion; package "
-                                     "scripts are read, never run by a shell")
-        commands.append((first, words))
-    if pending:
-        raise PackageRefused(f"{script} line {first}: the last line ends in a continuation")
-    return commands
-
-
-def _command_kind(words: list[str]) -> tuple[Optional[str], list[str]]:
-    """(P.TRAIN or P.TRACK, the arguments after the command), or (None, words)."""
-    for kind, forms in ((P.TRAIN, _TRAIN_WORDS), (P.TRACK, _PREDICT_WORDS)):
-        for form in forms:
-            if tuple(words[:len(form)]) == form:
-                return kind, words[len(form):]
-    return None, words
-
-
-def _unquote(value: str):
-    """A Hydra override's value as the package meant it: quotes taken off, [a,b] a list."""
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    if value.startswith("[") and value.endswith("]"):
-        return [_unquote(v) for v in value[1:-1].split(",") if v.strip()]
-    return value
-
-
-def _override_value(value) -> str:
-    """A checked override's value for the sleap-nn command line: numbers, booleans and
-    null as they are, everything else a literal string."""
-    if isinstance(value, list):
-        return f"[{','.join(_override_value(v) for v in value)}]"
-    return value if _PLAIN_VALUE_RE.match(value) else _hydra_value(value)
-
-
-def _train_arguments(args: list[str], where: str) -> tuple[str, dict]:
-    """The config (a package path) and the overrides of a training line."""
-    config_name = config_dir = config = None
-    overrides: dict = {}
-    i = 0
-    while i < len(args):
-        arg, i = args[i], i + 1
-        option, _, attached = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        if option in ("--config-name", "-cn", "--config-dir", "-cd", "--config", "-c"):
-            if not attached:
-                if i >= len(args):
-                    raise PackageRefused(f"{where}: {option} needs a value")
-                attached, i = args[i], i + 1
-            if option in ("--config-name", "-cn"):
-                config_name = attached
-            elif option in ("--config-dir", "-cd"):
-                config_dir = attached
-            else:
-                config = attached
-        elif match := _OVERRIDE_RE.match(arg):
-            overrides[match.group(1)] = _unquote(match.group(2))
-        elif arg.startswith("-"):
-            raise PackageRefused(f"{where}: {arg[:60]!r} is not an option the worker passes to sleap-nn train")
-        elif arg.endswith((".yaml", ".yml", ".json")) and config is None and config_name is None:
-            config = arg
-        elif arg.endswith(".slp"):
-            overrides.setdefault("data_config.train_labels_path", []).append(arg)
-        else:
-            raise PackageRefused(f"{where}: {arg[:60]!r} is neither an option of sleap-nn train nor a "
-                                 "key=value override")
-    if config_name is not None:
-        if not config_name.endswith((".yaml", ".yml", ".json")):
-            config_name += ".yaml"
-        config = f"{config_dir or '.'}/{config_name}"
-    if config is None:
-        raise PackageRefused(f"{where}: no config (--config-name NAME --config-dir DIR)")
-    return config, overrides
-
-
-def _predict_arguments(args: list[str], where: str) -> dict:
-    """The options of an inference line, by the names in _PREDICT_OPTIONS."""
-    options: dict = {}
-    i = 0
-    while i < len(args):
-        arg, i = args[i], i + 1
-        option, has_value, attached = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        if not arg.startswith("-"):
-            if "data_path" in options:
-                raise PackageRefused(f"{where}: {arg[:60]!r} is a second data path")
-            options["data_path"] = arg
-            continue
-        if option not in _PREDICT_OPTIONS:
-            raise PackageRefused(f"{where}: {option[:60]!r} is not an inference option this worker passes on")
-        name, kind = _PREDICT_OPTIONS[option]
-        if kind is None:
-            options[name] = True
-            continue
-        if not has_value:
-            if i >= len(args):
-                raise PackageRefused(f"{where}: {option} needs a value")
-            attached, i = args[i], i + 1
-        if kind is list:
-            options.setdefault(name, []).append(attached)
-            continue
-        try:
-            options[name] = kind(attached)
-        except ValueError:
-            raise PackageRefused(f"{where}: {option} takes a {kind.__name__}, not {attached[:40]!r}") from None
-    return options
-
-
-def sleap_frames(text: str) -> Optional[str]:
-    """SLEAP's --frames (a list "0,5,9", or a range "0-39" also written "0,-39") in
-    sleap-nn's syntax, or None when it is neither."""
-    text = str(text).replace(" ", "")
-    if "-" in text:
-        start, _, end = text.partition("-")
-        start = start.rstrip(",")
-        if start.isdigit() and end.isdigit() and int(end) >= int(start):
-            return f"{int(start)}-{int(end)}"
-        return None
-    return text if text and all(part.isdigit() for part in text.split(",")) else None
-
-
-class _PackageReader:
-    """Turns a package's jobs.yaml or scripts into checked steps, resolving every path:
-    a relative one inside the unpacked package (reads must be in the package or made by
-    an earlier step), an absolute one inside the worker's mounts."""
-
-    def __init__(self, archive, members: dict, unpack_dir: Path, mounts: list[Mount], write_mounts: list[Mount],
-                 executable: str, config_dir: Path, progress: bool):
-        self.archive = archive
-        self.members = members
-        self.unpack_dir = unpack_dir
-        self.mounts = mounts
-        self.writable = write_mounts + [Mount(unpack_dir, "package")]
-        self.executable = executable
-        self.config_dir = config_dir
-        self.progress = progress
-        self.produced: list[str] = []  # package paths of the models trained so far
-        self.plan = PackagePlan([], {}, [])
-
-    # -- paths ----------------------------------------------------------------------------
-
-    def path(self, text, what: str, writes: bool = False) -> str:
-        if not isinstance(text, str) or not text:
-            raise PathRefused(f"{what}: expected a path, not {P.echo(text)}")
-        if "${" in text:
-            raise PathRefused(f"{what}: {text[:80]} uses an interpolation; write the path out")
-        if text.startswith(("/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", text):
-            return _resolve_path(text, self.writable if writes else self.mounts, must_exist=not writes)
-        relative = os.path.normpath(text.replace("\\", "/"))
-        if relative == ".." or relative.startswith("../"):
-            raise PathRefused(f"{what}: {text[:80]} climbs out of the package", "ACCESS_DENIED")
-        if not writes and not self._known(relative):
-            raise PathRefused(f"{what}: {text[:80]} is not in the package", "NOT_FOUND")
-        return str(self.unpack_dir / relative) if relative != "." else str(self.unpack_dir)
-
-    def _known(self, relative: str) -> bool:
-        inside = relative + "/"
-        return any(name == relative or name.startswith(inside) for name in self.members) or any(
-            relative == made or relative.startswith(made + "/") for made in self.produced)
-
-    def labels(self) -> list[str]:
-        return sorted(name for name in self.members if name.endswith(".slp") and "/" not in name)
-
-    # -- training -------------------------------------------------------------------------
-
-    def train(self, config: str, overrides: dict, where: str) -> None:
-        name_in_package = os.path.normpath(config.replace("\\", "/"))
-        info = self.members.get(name_in_package)
-        if info is None:
-            raise PackageRefused(f"{where}: config {config} is not in the package")
-        if name_in_package.endswith(".json"):
-            raise PackageRefused(f"{where}: {config} is a SLEAP 1.x (TensorFlow) config; sleap-nn trains from "
-                                 "YAML configs (export the package from SLEAP 1.5 or later)")
-        text = _member_text(self.archive, info, MAX_CONFIG_BYTES)
-        settings, text, problem = _parse_config(text.encode("utf-8"), config)
-        if problem:
-            raise PackageRefused(f"{where}: {problem}")
-        for key, value in overrides.items():
-            if any(_RESOLVER_RE.search(v) or "${" in v for v in (value if isinstance(value, list) else [value])):
-                raise PackageRefused(f"{where}: the override {key} uses an interpolation or resolver "
-                                     "(${...}); write the value out")
-        problem = internet_problem(overrides)
-        if problem:
-            raise PackageRefused(f"{where}: {problem}")
-        model = Path(name_in_package).stem
-        paths = {}
-        try:
-            for key in CONFIG_READS + CONFIG_WRITES:
-                value = overrides.pop(key, _config_value(settings, key))
-                if value in (None, "", []) or (key in CONFIG_WRITES and value == "."):
-                    continue
-                resolved = [self.path(v, f"{where}: {key}", writes=key in CONFIG_WRITES)
-                            for v in (value if isinstance(value, list) else [value])]
-                paths[key] = resolved if isinstance(value, list) else resolved[0]
-                if key in CHECKPOINT_KEYS:
-                    self.plan.checkpoints += resolved
-            ckpt = paths.pop("trainer_config.ckpt_dir", str(self.unpack_dir))
-        except PathRefused as exc:
-            raise PackageRefused(str(exc)) from None
-        run_name = safe_run_name(str(overrides.pop("trainer_config.run_name", None)
-                                     or _config_value(settings, "trainer_config.run_name") or model))
-        accelerator = overrides.pop("trainer_config.trainer_accelerator", None) or \
-            _config_value(settings, "trainer_config.trainer_accelerator")
-        if accelerator not in (None, WORKER_DEVICE):
-            self.note(f"{model}: the package asks for trainer_accelerator {accelerator} (the exporting machine's); "
-                      f"this worker uses {WORKER_DEVICE}")
-        for key in [k for k in overrides if k.startswith("trainer_config.zmq.") or k == "trainer_config.save_ckpt"]:
-            self.note(f"{model}: the override {key} is the worker's to set; ignored")
-            del overrides[key]
-        settings_overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": _hydra_value(ckpt),
-                              "trainer_config.run_name": _hydra_value(run_name),
-                              "trainer_config.trainer_accelerator": WORKER_DEVICE,
-                              **{k: _override_value(v) for k, v in overrides.items()},
-                              **{k: _hydra_paths(v) for k, v in paths.items()}}
-        if model in self.plan.configs:
-            raise PackageRefused(f"{where}: the model {model} is trained twice")
-        self.plan.configs[model] = text
-        args = [self.executable, "train", "--config-dir", str(self.config_dir), "--config-name", model]
-        args += [f"++{key}={value}" for key, value in settings_overrides.items()]
-        epochs = overrides.get("trainer_config.max_epochs") or _config_value(settings, "trainer_config.max_epochs")
-        self.plan.steps.append(Step(P.TRAIN, model, args, self.unpack_dir, Path(ckpt), run_name,
-                                    int(epochs) if str(epochs).isdigit() else None))
-        made = Path(ckpt) / run_name
-        if made.is_relative_to(self.unpack_dir):
-            self.produced.append(str(made.relative_to(self.unpack_dir)))
-
-    # -- inference ------------------------------------------------------------------------
-
-    def inference(self, options: dict, where: str) -> None:
-        try:
-            data = self._data_path(options.get("data_path"), where)
-            models = options.get("model_paths") or []
-            if not models:
-                raise PackageRefused(f"{where}: no --model_paths")
-            models = [self.path(m, f"{where}: model") for m in models]
-            self.plan.checkpoints += models
-            output = self.path(options.get("output") or f"{Path(data).name}.predictions.slp", f"{where}: output",
-                               writes=True)
-        except PathRefused as exc:
-            raise PackageRefused(str(exc)) from None
-        if options.get("device") not in (None, WORKER_DEVICE):
-            self.note(f"inference: the package asks for device {options['device']} (the exporting machine's); "
-                      f"this worker uses {WORKER_DEVICE}")
-        args = [self.executable, "predict", "--data_path", data]
-        for model in models:
-            args += ["--model_paths", model]
-        args += ["--output_path", output, "--device", WORKER_DEVICE]
-        if options.get("frames") is not None:
-            frames = sleap_frames(options["frames"])
-            if frames is None:
-                raise PackageRefused(f"{where}: --frames {str(options['frames'])[:40]!r} is neither a list "
-                                     "(0,5,9) nor a range (0-39)")
-            if frames != str(options["frames"]):
-                self.note(f"inference: frames {options['frames']} (SLEAP's syntax) passed as {frames}")
-            args += ["--frames", frames]
-        for name in ("video_index", "batch_size", "max_instances", "peak_threshold"):
-            if options.get(name) is not None:
-                args += [f"--{name}", str(options[name])]
-        for name in ("only_suggested_frames", "only_labeled_frames", "exclude_user_labeled", "no_empty_frames",
-                     "tracking"):
-            if options.get(name):
-                args.append(f"--{name}")
-        if self.progress:
-            args.append("--gui")
-        self.plan.steps.append(Step(P.TRACK, "inference", args, self.unpack_dir, output=Path(output)))
-
-    def _data_path(self, text, where: str) -> str:
-        """The data to predict on. A path from the exporting machine that this worker does
-        not have becomes the package's own labels when the names match (synth.slp and
-        synth.pkg.slp)."""
-        if not isinstance(text, str) or not text:
-            raise PackageRefused(f"{where}: no --data_path")
-        try:
-            return self.path(text, f"{where}: data_path")
-        except PathRefused as exc:
-            name = re.split(r"[\\/]", text)[-1]
-            stem = name[:-len(".slp")] if name.endswith(".slp") else name
-            match = [m for m in self.labels() if m in (name, f"{stem}.pkg.slp")]
-            if not match:
-                raise PackageRefused(str(exc)) from None
-            self.note(f"inference: data_path {text[:200]} is not on this worker; using the package's {match[0]}")
-            return str(self.unpack_dir / match[0])
-
-    def note(self, text: str) -> None:
-        self.plan.notes.append(text)
-
-
-def plan_package(path: Path, job_type: str, unpack_dir: Path, mounts: list[Mount], write_mounts: list[Mount],
-                 executable: str, config_dir: Path, progress: bool) -> PackagePlan:
-    """Read a package without unpacking it and say what it will run: every model to
-    train (for a train job), then every inference, each checked like a structured job.
-    jobs.yaml describes the package when present, else its scripts do. Raises
-    PackageRefused or FileNotFoundError."""
-    import yaml
-
-    archive, members = open_package(path)
-    with archive:
-        reader = _PackageReader(archive, members, unpack_dir, mounts, write_mounts, executable, config_dir, progress)
-        if JOBS_FILE in members:
-            try:
-                jobs = yaml.safe_load(_member_text(archive, members[JOBS_FILE]))
-            except yaml.YAMLError as exc:
-                raise PackageRefused(f"{JOBS_FILE} is not readable YAML: {str(exc)[:200]}") from None
-            if not isinstance(jobs, dict):
-                raise PackageRefused(f"{JOBS_FILE} is not a mapping with training and inference lists")
-            training, inference = jobs.get("training") or [], jobs.get("inference") or []
-            if not isinstance(training, list) or not isinstance(inference, list):
-                raise PackageRefused(f"{JOBS_FILE}: training and inference must be lists")
-            for number, entry in enumerate(training if job_type == P.TRAIN else [], 1):
-                where = f"{JOBS_FILE} training {number}"
-                if not isinstance(entry, dict) or not isinstance(entry.get("cfg"), str):
-                    raise PackageRefused(f"{where}: needs cfg, the model's config in the package")
-                overrides: dict = {}
-                run_path = entry.get("run_path")
-                if isinstance(run_path, str) and run_path:
-                    folder, _, run_name = run_path.replace("\\", "/").rpartition("/")
-                    overrides["trainer_config.ckpt_dir"] = folder or "."
-                    overrides["trainer_config.run_name"] = run_name
-                if isinstance(entry.get("train_labels"), str):
-                    overrides["data_config.train_labels_path"] = [entry["train_labels"]]
-                reader.train(entry["cfg"], overrides, where)
-            for number, entry in enumerate(inference, 1):
-                where = f"{JOBS_FILE} inference {number}"
-                if not isinstance(entry, dict):
-                    raise PackageRefused(f"{where}: not a mapping")
-                options = {_JOBS_INFERENCE_KEYS[k]: v for k, v in entry.items() if k in _JOBS_INFERENCE_KEYS}
-                if isinstance(options.get("model_paths"), str):
-                    options["model_paths"] = [options["model_paths"]]
-                options["tracking"] = bool(options.get("tracking"))
-                ignored = sorted(set(entry) - set(_JOBS_INFERENCE_KEYS) - {"type"})
-                if ignored:
-                    reader.note(f"{where}: ignored {', '.join(map(str, ignored))}")
-                reader.inference(options, where)
-        else:
-            scripts = ([TRAIN_SCRIPT] if job_type == P.TRAIN else []) + list(INFERENCE_SCRIPTS)
-            for script in (s for s in scripts if s in members):
-                for number, words in script_commands(_member_text(archive, members[script]), script):
-                    kind, args = _command_kind(words)
-                    where = f"{script} line {number}"
-                    if kind is None or (kind == P.TRAIN) != (script == TRAIN_SCRIPT):
-                        shown = " ".join(words)[:80]
-                        raise PackageRefused(f"{where}: {shown!r} is not a sleap "
-                                             f"{'training' if script == TRAIN_SCRIPT else 'inference'} command; "
-                                             "package scripts are read, never run")
-                    if kind == P.TRAIN:
-                        reader.train(*_train_arguments(args, where), where)
-                    else:
-                        reader.inference(_predict_arguments(args, where), where)
-    plan = reader.plan
-    if job_type == P.TRAIN and not any(s.kind == P.TRAIN for s in plan.steps):
-        raise PackageRefused(f"{path.name} trains no model: it has neither {JOBS_FILE} with training entries "
-                             f"nor {TRAIN_SCRIPT}")
-    if not plan.steps:
-        raise PackageRefused(f"{path.name} runs no inference: it has neither {JOBS_FILE} with inference entries "
-                             f"nor {' or '.join(INFERENCE_SCRIPTS)}")
-    return plan
-
-
-def validate_package(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path,
-                     store_dir: Optional[Path], trusted: Callable[[], set[str]] = set) -> tuple[list[dict], dict]:
-    """The errors of a package job, and its plan: {"paths": {}, "package": {path, dir,
-    uploaded}}. The package must lie inside the mounts; an uploaded one is unpacked in
-    the job's directory, one on shared storage next to itself, which must be writable.
-    A package that exists is read and planned now, so that a bad one is refused before
-    anything is written; a missing one is accepted and fails when it would start, as
-    SLEAP's workers always did."""
-    try:
-        path = Path(_resolve_path(spec["package"], mounts, must_exist=False))
-    except PathRefused as exc:
-        return [P.spec_error("package", str(exc), exc.code)], {}
-    uploaded = store_dir is not None and path.is_relative_to(store_dir)
-    unpack_dir = package_dir_for(path, job_dir.name, uploaded, job_dir)
-    if not uploaded:
-        try:
-            resolve_in_mounts(str(path.parent), write_mounts)
-        except PathRefused:
-            return [P.spec_error("package", f"{path.parent} is not writable for this worker, and a package on "
-                                 "shared storage is unpacked next to itself; send it from your machine with "
-                                 "--pkg-path instead", "ACCESS_DENIED")], {}
-    if path.exists():
-        try:
-            planned = plan_package(path, spec["type"], unpack_dir, mounts, write_mounts, "sleap-nn",
-                                   job_dir / "configs", spec.get("gui", True))
-        except PackageRefused as exc:
-            return [P.spec_error("package", str(exc), "BAD_PACKAGE")], {}
-        except FileNotFoundError:
-            pass  # gone since: the job fails when it would start, as for a package missing now
-        else:  # checkpoints on shared storage now; those inside the package once it is unpacked
-            problem = package_checkpoint_problem([c for c in planned.checkpoints if not
-                                                  Path(c).is_relative_to(unpack_dir)], trusted)
-            if problem:
-                return [P.spec_error("package", problem, "UNSAFE_CHECKPOINT")], {}
-    return [], {"paths": {}, "package": {"path": str(path), "dir": str(unpack_dir), "uploaded": uploaded}}
-
-
-def package_checkpoint_problem(paths: list[str], trusted: Callable[[], set[str]]) -> Optional[str]:
-    """Why one of a package's checkpoints is refused (see check_checkpoint), or None."""
-    known = None
-    for path in paths:
-        try:
-            files = checkpoint_files(path)
-        except PathRefused as exc:
-            return str(exc)
-        for file in files:
-            known = trusted() if known is None else known
-            _, why = check_checkpoint(file, known) if file.exists() else (None, None)
-            if why:
-                return why
-    return None
-
-
-def unpack_package(path: Path, destination: Path) -> None:
-    """Unpack a package into `destination` (which must not exist yet), through a hidden
-    directory beside it renamed at the end: never half a package under its final name.
-    Every entry is checked again, and one that unpacks to more than its header says is
-    refused."""
-    if destination.exists():
-        raise PackageRefused(f"{destination} exists already")
-    archive, members = open_package(path)
-    partial = destination.with_name(f".{destination.name}.unpacking")
-    try:
-        with archive:
-            free = shutil.disk_usage(destination.parent).free
-            need = sum(info.file_size for info in members.values())
-            if need > free:
-                raise PackageRefused(f"unpacking needs {need} bytes; {free} are free in {destination.parent}")
-            for name, info in members.items():
-                target = partial / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                written = 0
-                with archive.open(info) as source, open(target, "wb") as sink:
-                    while chunk := source.read(1024 * 1024):
-                        written += len(chunk)
-                        if written > info.file_size:
-                            raise PackageRefused(f"entry {name[:100]!r} unpacks to more than its header says")
-                        sink.write(chunk)
-        os.rename(partial, destination)
-    except _unreadable_zip_errors() as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise PackageRefused(f"unpacking {path.name} failed: {exc}") from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------
 # Jobs: the sleap-nn command and the run
 # ---------------------------------------------------------------------------------------
 
@@ -1524,7 +961,7 @@ JOB_SUMMARY_FIELDS = ("job_id", "type", "state", "submitter", "submitted_at", "s
 _HYDRA_ESCAPED_RE = re.compile(r"(\\*)('|\$\{|$)")
 
 
-def _hydra_value(text: str) -> str:
+def hydra_value(text: str) -> str:
     """A string quoted for a Hydra override so that every character stays literal: '=', ','
     and spaces, quotes, and '${', which would otherwise be an interpolation. In Hydra's
     quoted strings a backslash is literal except before a quote, '${' or the end, where
@@ -1536,9 +973,9 @@ def _hydra_value(text: str) -> str:
     return "'" + _HYDRA_ESCAPED_RE.sub(escape, text) + "'"
 
 
-def _hydra_paths(value) -> str:
+def hydra_paths(value) -> str:
     """A resolved path, or a list of them, as a literal Hydra override value."""
-    return f"[{','.join(_hydra_value(v) for v in value)}]" if isinstance(value, list) else _hydra_value(value)
+    return f"[{','.join(hydra_value(v) for v in value)}]" if isinstance(value, list) else hydra_value(value)
 
 
 def safe_run_name(name: str) -> str:
@@ -1589,11 +1026,11 @@ def train_step(executable: str, spec: dict, job_dir: Path, config_file: str = CO
     # sleap-nn resolves a relative ckpt_dir against its working directory, the job's.
     ckpt_dir = Path(paths.get("trainer_config.ckpt_dir") or job_dir / "models")
     args = [executable, "train", "--config-dir", str(job_dir), "--config-name", Path(config_file).stem]
-    overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": _hydra_value(str(ckpt_dir)),
-                 "trainer_config.run_name": _hydra_value(run_name)}
+    overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": hydra_value(str(ckpt_dir)),
+                 "trainer_config.run_name": hydra_value(run_name)}
     for key, value in paths.items():
         if key != "trainer_config.ckpt_dir":
-            overrides[key] = _hydra_paths(value)
+            overrides[key] = hydra_paths(value)
     if spec.get("max_epochs"):
         overrides["trainer_config.max_epochs"] = str(spec["max_epochs"])
     if spec.get("batch_size"):
@@ -1793,28 +1230,19 @@ def command_outputs(job_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------
-# Where steps run: children of this worker, or batch jobs on a SLURM cluster
+# Where steps run: children of this worker (or batch jobs on a SLURM cluster, slurm.py)
 # ---------------------------------------------------------------------------------------
 # A Job runs each step through its executor, which gives back a run: its output as chunks
-# of bytes, poll/wait for the exit code, signals, and `failure()` when something other
-# than sleap-nn ended it. LocalExecutor starts sleap-nn as a child; SlurmExecutor submits
-# one batch job per step and follows its files.
+# of bytes, poll/wait for the exit code, signals, `failure()` when something other than
+# sleap-nn ended it, and `record`, what the ledger keeps of it. A run reports what changes
+# while it runs (a line for the log, columns for the ledger) through Job.run_changed.
+# LocalExecutor starts sleap-nn as a child; slurm.py's SlurmExecutor submits one batch job
+# per step and follows its files. An executor whose runs outlive the worker
+# (`outlives_worker`) has a restarted worker follow them again (`follow_again`, `attach`).
 
+# The defaults of --slurm-poll and --slurm-patience (see slurm.py).
 SLURM_POLL_S = 2.0  # how often one squeue call asks about every job the worker follows
-SLURM_COMMAND_TIMEOUT_S = 15.0
 SLURM_PATIENCE_S = 600.0  # SLURM silent this long about a job: the job fails rather than wait forever
-# SLURM states after which a job will not run again; all but these two are failures.
-SLURM_FINAL = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-               "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
-# Filesystems a compute node can share with the login node.
-SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "cifs", "smb3", "panfs", "wekafs",
-                      "glusterfs", "ocfs2", "9p", "virtiofs"}
-FOLLOW_POLL_S = 0.2  # how often a SLURM step's output files are read for new bytes
-# Shared filesystems show a file written on another node late: after the job ended, its
-# output is read until it has not grown for FOLLOW_SETTLE_S, and its exit file is waited
-# for up to EXIT_FILE_WAIT_S.
-FOLLOW_SETTLE_S = 1.0
-EXIT_FILE_WAIT_S = 30.0
 
 
 def write_whole(path: Path, text: str) -> None:
@@ -1832,6 +1260,34 @@ def _pipe_chunks(pipe) -> Iterator[bytes]:
             yield chunk
     finally:
         pipe.close()
+
+
+class Run(Protocol):
+    """A step running: what a Job reads, waits for and signals (LocalRun, slurm.SlurmRun)."""
+
+    command: list[str]
+    record: dict  # what the ledger keeps of it: what a restarted worker ends or follows again
+
+    def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]: ...  # (stream, label, chunks) of each
+    def poll(self) -> Optional[int]: ...
+    def wait(self, timeout: float) -> Optional[int]: ...
+    def signal(self, sig: int) -> None: ...
+    def failure(self) -> Optional[str]: ...  # why it ended, when sleap-nn did not end it itself
+
+
+class Executor(Protocol):
+    """Where a Job's steps run (LocalExecutor, slurm.SlurmExecutor)."""
+
+    name: str  # registration metadata's "executor"
+    zmq_host: str  # the address sleap-nn's progress reaches the worker at
+    outlives_worker: bool  # its runs go on when the worker stops; a restarted worker follows them
+
+    def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> Run: ...
+    def attach(self, job: "Job", index: int, saved: dict) -> Run: ...  # follow a run again
+    def follow_again(self, record: dict) -> Optional[dict]: ...  # {step, saved, note} of a record's live run
+    def describe(self) -> dict: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class LocalRun:
@@ -1880,6 +1336,7 @@ class LocalExecutor:
 
     name = "local"
     zmq_host = "127.0.0.1"
+    outlives_worker = False
 
     def __init__(self, run_as: Optional[tuple[int, int]] = None):
         self.run_as = run_as
@@ -1892,6 +1349,12 @@ class LocalExecutor:
                 os.chown(path, *self.run_as, follow_symlinks=False)
         return LocalRun(step.command(ports), step.cwd, step.drop_env, step.env, self.run_as)
 
+    def attach(self, job: "Job", index: int, saved: dict) -> LocalRun:
+        raise JobSetupError("a step of this worker's own ends with the worker; it cannot be followed again")
+
+    def follow_again(self, record: dict) -> Optional[dict]:
+        return None
+
     def describe(self) -> dict:
         return {"executor": self.name}
 
@@ -1900,451 +1363,6 @@ class LocalExecutor:
 
     def stop(self) -> None:
         pass
-
-
-class SlurmError(Exception):
-    """A SLURM command failed, timed out or is missing; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class SlurmState:
-    state: str  # SLURM's word: PENDING, RUNNING, COMPLETED, TIMEOUT, ...
-    reason: str = ""  # why it waits or ended (squeue's %r, scontrol's Reason)
-    node: str = ""
-    exit_code: Optional[int] = None  # from scontrol's ExitCode, when it has one
-
-    @property
-    def final(self) -> bool:
-        return self.state in SLURM_FINAL
-
-
-class SlurmExecutor:
-    """Steps run as SLURM batch jobs, one `sbatch --parsable` each, with the admin's options.
-
-    The batch script runs `worker.py slurm-step` on the node, which starts sleap-nn with
-    the step's argument list, relays its ZMQ progress and control between the node's
-    loopback and this worker, and writes sleap-nn's exit code to a file. Thread
-    "slurm-poller" asks squeue about every job the worker follows, once per poll, so
-    that many jobs cost one call; `stop()` ends it. Jobs outlive the worker: a restarted
-    worker follows them again (`attach`).
-    """
-
-    name = "slurm"
-
-    def __init__(self, partition: Optional[str] = None, gres: Optional[str] = None, time_limit: Optional[str] = None,
-                 cpus: Optional[int] = None, mem: Optional[str] = None, options: Optional[list[str]] = None,
-                 zmq_host: Optional[str] = None, poll_s: float = SLURM_POLL_S,
-                 patience_s: float = SLURM_PATIENCE_S):
-        self.partition = partition
-        self.options = [f"--partition={partition}"] if partition else []
-        self.options += [f"--gres={gres}"] if gres else []
-        self.options += [f"--time={time_limit}"] if time_limit else []
-        self.options += [f"--cpus-per-task={cpus}"] if cpus else []
-        self.options += [f"--mem={mem}"] if mem else []
-        self.options += list(options or [])
-        self.zmq_host = zmq_host or _own_address()
-        self.poll_s = poll_s
-        self.patience_s = patience_s
-        # Guards _watched (SLURM job ids being followed) and _states (the latest state of each).
-        self._lock = threading.Lock()
-        self._watched: set[str] = set()
-        self._states: dict[str, SlurmState] = {}
-        self._trouble = ""  # why the last poll failed, or ""; read by runs for their messages
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=P.guarded(self._poll_forever), name="slurm-poller", daemon=True)
-
-    # -- start-up -----------------------------------------------------------------------
-
-    def check(self, jobs_dir: Path) -> list[str]:
-        """Raise SlurmError when this worker cannot submit at all; notes for the admin."""
-        if shutil.which("sbatch") is None:
-            raise SlurmError("--slurm needs sbatch on the PATH (run the worker on a SLURM login node)")
-        if self.partition:
-            try:
-                out = self._call(["scontrol", "show", "partition", self.partition, "-o"])
-            except SlurmError as exc:
-                out = str(exc)
-            if f"PartitionName={self.partition}" not in out:
-                raise SlurmError(f"SLURM has no partition {self.partition!r} ({out.strip()[:200]})")
-        notes = []
-        fs = filesystem_type(jobs_dir)
-        if fs in SHARED_FILESYSTEMS:
-            notes.append(f"job directories are in {jobs_dir} ({fs}), which compute nodes can share")
-        else:
-            notes.append(f"job directories are in {jobs_dir} on a local filesystem ({fs}); batch jobs on other "
-                         "nodes cannot see it. Fine for a one-node cluster; else put --working-dir on shared storage")
-        if self.zmq_host.startswith("127."):
-            notes.append(f"live progress and stop-early use {self.zmq_host}, which only jobs on this machine "
-                         "reach; set --slurm-zmq-host to an address the compute nodes can reach")
-        return notes
-
-    def describe(self) -> dict:
-        """Registration metadata: the executor, the partition and what SLURM says of its GPUs."""
-        facts = {"executor": self.name, "slurm_partition": self.partition or "(default)"}
-        try:
-            nodes = re.search(r"\bNodes=(\S+)", self._call(["scontrol", "show", "partition", "-o"] +
-                                                             ([self.partition] if self.partition else [])))
-            gres = self._call(["scontrol", "show", "node", "-o"] + ([nodes.group(1)] if nodes else []))
-            gpus = sorted(set(re.findall(r"\bGres=gpu:([A-Za-z0-9_.-]+):\d", gres)))
-            if gpus:
-                facts["slurm_gpu_types"] = gpus
-                facts["gpu_model"] = ", ".join(gpus)
-        except SlurmError as exc:
-            log.warning("could not read the partition's nodes: %s", exc)
-        return facts
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    # -- SLURM commands -----------------------------------------------------------------
-
-    def _call(self, args: list[str], timeout: float = SLURM_COMMAND_TIMEOUT_S) -> str:
-        try:
-            result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except FileNotFoundError:
-            raise SlurmError(f"{args[0]} is not on the PATH") from None
-        except subprocess.TimeoutExpired:
-            raise SlurmError(f"{args[0]} did not answer within {timeout:.0f} s") from None
-        if result.returncode != 0:
-            raise SlurmError(f"{args[0]} failed: {(result.stderr or result.stdout).strip()[:500]}")
-        return result.stdout
-
-    def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> "SlurmRun":
-        files = SlurmRun.files(job.dir, index)
-        script = batch_script(step.command(None), files["exit"], ports and (self.zmq_host, *ports), step.drop_env)
-        files["script"].write_text(script, encoding="utf-8")
-        for name in ("out", "err", "exit"):
-            files[name].unlink(missing_ok=True)
-        args = ["sbatch", "--parsable", f"--job-name=sleap-rtc-{job.job_id}-{index}", f"--chdir={step.cwd}",
-                f"--output={files['out']}", f"--error={files['err']}", *self.options, str(files["script"])]
-        try:
-            slurm_id = self._call(args).strip().split(";")[0]
-        except SlurmError as exc:
-            raise JobSetupError(f"sbatch refused the job: {exc}") from None
-        if not slurm_id.isdigit():
-            raise JobSetupError(f"sbatch answered {slurm_id[:100]!r} instead of a job id")
-        return SlurmRun(self, job, index, slurm_id, step.command(None), ports, {"o": 0, "e": 0})
-
-    def attach(self, job: "Job", index: int, saved: dict) -> "SlurmRun":
-        """Follow again a step's batch job that a previous worker process submitted."""
-        return SlurmRun(self, job, index, str(saved["slurm_id"]), saved.get("command") or [],
-                        tuple(saved["ports"]) if saved.get("ports") else None, saved.get("pos") or {"o": 0, "e": 0})
-
-    def cancel(self, slurm_id: str, sig: Optional[int] = None) -> None:
-        args = ["scancel"] + ([f"--signal={signal.Signals(sig).name[3:]}", "--full"] if sig else []) + [slurm_id]
-        try:
-            self._call(args)
-        except SlurmError as exc:
-            log.warning("scancel of SLURM job %s: %s", slurm_id, exc)
-
-    # -- following jobs -----------------------------------------------------------------
-
-    def watch(self, slurm_id: str) -> None:
-        with self._lock:
-            self._watched.add(slurm_id)
-
-    def unwatch(self, slurm_id: str) -> None:
-        with self._lock:
-            self._watched.discard(slurm_id)
-            self._states.pop(slurm_id, None)
-
-    def state(self, slurm_id: str) -> tuple[Optional[SlurmState], str]:
-        """The latest known state of a followed job (None before the first poll), and why
-        the last poll failed ("" when it did not)."""
-        with self._lock:
-            return self._states.get(slurm_id), self._trouble
-
-    def _poll_forever(self) -> None:
-        while not self._stopping.wait(self.poll_s):
-            with self._lock:
-                watched = set(self._watched)
-            if not watched:
-                continue
-            try:
-                states = self._poll(watched)
-                trouble = ""
-            except SlurmError as exc:
-                states, trouble = {}, str(exc)
-                log.warning("SLURM: %s", exc)
-            with self._lock:
-                self._trouble = trouble
-                for slurm_id, state in states.items():
-                    if slurm_id in self._watched:
-                        self._states[slurm_id] = state
-
-    def _poll(self, watched: set[str]) -> dict[str, SlurmState]:
-        states = {}
-        try:
-            listing = self._call(["squeue", "-h", "-t", "all", "-j", ",".join(sorted(watched)), "-o", "%i|%T|%r|%N"])
-        except SlurmError as exc:
-            if "Invalid job id" not in str(exc):
-                raise
-            listing = ""  # SLURM forgot one of them: scontrol (or sacct, or its exit file) tells the end
-        for line in listing.splitlines():
-            fields = line.strip().split("|")
-            if len(fields) == 4 and fields[0] in watched:
-                states[fields[0]] = SlurmState(fields[1], "" if fields[2] == "None" else fields[2], fields[3])
-        for slurm_id in watched:
-            state = states.get(slurm_id)
-            if state is None or state.final:  # squeue has no exit code: scontrol (or sacct) knows it
-                states[slurm_id] = self._final(slurm_id) or state or SlurmState("UNKNOWN")
-        return states
-
-    def _final(self, slurm_id: str) -> Optional[SlurmState]:
-        try:
-            out = self._call(["scontrol", "show", "job", "-o", slurm_id])
-        except SlurmError:
-            out = ""
-        fields = dict(re.findall(r"(\w+)=(\S*)", out))
-        if "JobState" not in fields and shutil.which("sacct"):
-            try:
-                row = self._call(["sacct", "-n", "-P", "-X", "-j", slurm_id, "-o", "State,ExitCode,NodeList"])
-                state, code, node = (row.splitlines() or ["||"])[0].split("|")[:3]
-                fields = {"JobState": state.split()[0] if state else "", "ExitCode": code, "NodeList": node}
-            except (SlurmError, ValueError):
-                pass
-        if not fields.get("JobState"):
-            return None
-        code = fields.get("ExitCode", "")
-        exit_code = int(code.split(":")[0]) if re.fullmatch(r"\d+:\d+", code) else None
-        reason = fields.get("Reason", "")
-        return SlurmState(fields["JobState"], "" if reason == "None" else reason, fields.get("NodeList", ""),
-                          exit_code)
-
-
-class SlurmRun:
-    """One step running as a SLURM batch job: its files in the job's directory, its state
-    from the executor's poller. Output is followed from the files as they grow (and from
-    where a previous worker process had read them, after a restart)."""
-
-    def __init__(self, slurm: SlurmExecutor, job: "Job", index: int, slurm_id: str, command: list[str],
-                 ports: Optional[tuple[int, int]], pos: dict):
-        self.slurm = slurm
-        self.job = job
-        self.slurm_id = slurm_id
-        self.command = command
-        self.paths = self.files(job.dir, index)
-        self.ports = ports
-        self.last: Optional[SlurmState] = None
-        self.trouble_since: Optional[float] = None
-        self.exit_code: Optional[int] = None
-        self._failure: Optional[str] = None
-        # Guards pos (bytes of each output file read so far) and the state file that keeps it.
-        self._pos_lock = threading.Lock()
-        self.pos = {"o": int(pos.get("o", 0)), "e": int(pos.get("e", 0))}
-        job.slurm = {"job_id": slurm_id, "step": index}
-        self._save()
-        slurm.watch(slurm_id)
-
-    @property
-    def record(self) -> dict:
-        """For the ledger: the SLURM job a restarted worker follows again."""
-        return {"slurm": dict(self.job.slurm)}
-
-    @staticmethod
-    def files(job_dir: Path, index: int) -> dict[str, Path]:
-        return {"script": job_dir / f"step-{index}.sbatch", "out": job_dir / f"step-{index}.out",
-                "err": job_dir / f"step-{index}.err", "exit": job_dir / f"step-{index}.exit",
-                "state": job_dir / f"step-{index}.slurm.json"}
-
-    def _save(self) -> None:
-        """Keep what a restarted worker needs to follow this run again."""
-        with self._pos_lock:
-            state = {"slurm_id": self.slurm_id, "command": self.command, "ports": self.ports, "pos": dict(self.pos)}
-            write_whole(self.paths["state"], json.dumps(state))
-
-    def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]:
-        return [("o", "stdout", self._follow("out", "o")), ("e", "stderr", self._follow("err", "e"))]
-
-    def _follow(self, name: str, stream: str) -> Iterator[bytes]:
-        """New bytes of an output file until the job has ended and nothing more comes."""
-        path = self.paths[name]
-        quiet_since = None
-        while True:
-            ended = self.exit_code is not None or self._failure is not None
-            try:
-                with open(path, "rb") as f:
-                    f.seek(self.pos[stream])
-                    chunk = f.read(65536)
-            except FileNotFoundError:
-                chunk = b""
-            if chunk:
-                quiet_since = None
-                with self._pos_lock:
-                    self.pos[stream] += len(chunk)
-                yield chunk
-                # The consumer has queued the chunk's lines: a restart now resumes after them
-                # (a crash in the next ~50 ms, before the relay writes them, would lose them).
-                self._save()
-            elif ended and time.monotonic() - (quiet_since := quiet_since or time.monotonic()) >= FOLLOW_SETTLE_S:
-                return
-            else:
-                time.sleep(FOLLOW_POLL_S)
-
-    def poll(self) -> Optional[int]:
-        """The exit code once SLURM says the job ended (-1 when it has none), else None."""
-        if self.exit_code is not None or self._failure is not None:
-            return self.exit_code if self.exit_code is not None else -1
-        state, trouble = self.slurm.state(self.slurm_id)
-        self._note(state, trouble)
-        if self.trouble_since is not None and time.monotonic() - self.trouble_since > self.slurm.patience_s:
-            self._failure = (f"SLURM did not answer about job {self.slurm_id} for {self.slurm.patience_s:.0f} s "
-                             f"({trouble}); the job was cancelled if it still ran")
-            self.slurm.cancel(self.slurm_id)
-            self.slurm.unwatch(self.slurm_id)
-            return -1
-        if state is None or not state.final:
-            return None
-        self.exit_code = self._exit_code(state)
-        self.slurm.unwatch(self.slurm_id)
-        return self.exit_code if self.exit_code is not None else -1
-
-    def _exit_code(self, state: SlurmState) -> Optional[int]:
-        exit_file = self.paths["exit"]
-        deadline = time.monotonic() + (EXIT_FILE_WAIT_S if state.state == "COMPLETED" else 0)
-        while True:
-            try:
-                code = int(exit_file.read_text().strip())
-                break
-            except (OSError, ValueError):
-                code = None
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(0.5)
-        if state.state == "COMPLETED" and code is None:
-            self._failure = (f"SLURM job {self.slurm_id} completed on {state.node or 'its node'} but left no exit "
-                             f"code in {exit_file}: is the job directory shared with the compute nodes?")
-        elif state.state == "CANCELLED" and not self.job.cancel_requested.is_set():
-            self._failure = f"SLURM job {self.slurm_id} was cancelled outside sleap-rtc ({state.reason or 'scancel'})"
-        elif state.state not in ("COMPLETED", "CANCELLED") and code is None:
-            why = f" ({state.reason})" if state.reason and state.reason != state.state else ""
-            self._failure = f"SLURM ended job {self.slurm_id} on {state.node or 'its node'}: {state.state}{why}"
-        return code if code is not None else state.exit_code
-
-    def _note(self, state: Optional[SlurmState], trouble: str) -> None:
-        """Tell the job (log and ledger) when the SLURM state or a polling problem changes."""
-        self.trouble_since = (self.trouble_since or time.monotonic()) if trouble else None
-        if trouble != self.job.slurm_trouble:
-            self.job.slurm_trouble = trouble
-            self.job.slurm_note(self.slurm_id, self.last, f"cannot ask SLURM about job {self.slurm_id}: {trouble}"
-                                if trouble else "SLURM answers again")
-        if state is not None and state != self.last:
-            self.last = state
-            self.job.slurm_note(self.slurm_id, state)
-
-    def wait(self, timeout: float) -> Optional[int]:
-        deadline = time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        return code
-
-    def signal(self, sig: int) -> None:
-        if self.poll() is None:
-            self.slurm.cancel(self.slurm_id, None if sig == signal.SIGTERM else sig)
-
-    def failure(self) -> Optional[str]:
-        return self._failure
-
-
-def batch_script(command: list[str], exit_file: Path, zmq: Optional[tuple[str, int, int]],
-                 drop_env: list[str]) -> str:
-    """The batch script of one step: `worker.py slurm-step` around sleap-nn's argument list.
-
-    Every word is passed through shlex.quote, so no path, name or value a client chose
-    can be read by the shell as anything but one literal argument."""
-    words = [sys.executable, str(Path(__file__).resolve()), "slurm-step", "--exit-file", str(exit_file)]
-    if zmq:
-        words += ["--zmq", f"{zmq[0]}:{zmq[1]}:{zmq[2]}"]
-    for name in drop_env:
-        words += ["--unset", name]
-    words += ["--", *command]
-    return ("#!/bin/sh\n# Written by sleap-rtc's worker.py: one step of one job. Every word below is quoted.\n"
-            f"exec {' '.join(shlex.quote(w) for w in words)}\n")
-
-
-def slurm_step(argv: list[str]) -> int:
-    """`worker.py slurm-step`, inside a batch job: run sleap-nn, relay its ZMQ traffic
-    between this node's loopback and the worker, and write its exit code to a file."""
-    import zmq
-
-    parser = argparse.ArgumentParser(prog="worker.py slurm-step")
-    parser.add_argument("--exit-file", type=Path, required=True)
-    parser.add_argument("--zmq", metavar="HOST:SUB_PORT:PUB_PORT", help="the worker's progress and control sockets")
-    parser.add_argument("--unset", action="append", default=[], metavar="NAME", help="a variable sleap-nn must not get")
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    # scancel signals every process of the job: sleap-nn answers them; this relay waits for
-    # it. A handler, unlike SIG_IGN, is not inherited by sleap-nn.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    context = local_sub = local_pub = remote_pub = remote_sub = None
-    if args.zmq:
-        host, worker_sub, worker_pub = args.zmq.rsplit(":", 2)
-        context = zmq.Context()
-        local_sub, local_pub, ports = bind_zmq_pair(context)
-        remote_pub, remote_sub = context.socket(zmq.PUB), context.socket(zmq.SUB)
-        remote_sub.setsockopt_string(zmq.SUBSCRIBE, "")
-        for sock in (remote_pub, remote_sub):
-            sock.setsockopt(zmq.LINGER, 1000)
-        remote_pub.connect(f"tcp://{host}:{worker_sub}")
-        remote_sub.connect(f"tcp://{host}:{worker_pub}")
-        command = command + zmq_overrides(ports)
-    try:
-        env = {k: v for k, v in os.environ.items() if k not in args.unset}
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                   env={**env, **SLEAP_NN_ENV, "PYTHONUNBUFFERED": "1"})
-    except OSError as exc:
-        print(f"sleap-rtc slurm-step: cannot start {command[0] if command else 'nothing'}: {exc}", file=sys.stderr)
-        code = 127
-    else:
-        if context is not None:
-            poller = zmq.Poller()
-            poller.register(local_sub, zmq.POLLIN)
-            poller.register(remote_sub, zmq.POLLIN)
-            while True:
-                running = process.poll() is None
-                for sock, _ in poller.poll(100):
-                    (remote_pub if sock is local_sub else local_pub).send(sock.recv())
-                if not running:
-                    break
-        code = process.wait()
-    if context is not None:
-        for sock in (local_sub, local_pub, remote_pub, remote_sub):
-            sock.close()
-        context.term()
-    write_whole(args.exit_file, f"{code}\n")
-    return code
-
-
-def filesystem_type(path: Path) -> str:
-    """The type of the filesystem `path` is on, from /proc/mounts ("unknown" without it)."""
-    best, kind = "", "unknown"
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return kind
-    target = str(path.resolve())
-    for line in mounts:
-        fields = line.split()
-        if len(fields) > 2:
-            point = fields[1].replace("\\040", " ")
-            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                best, kind = point, fields[2]
-    return kind
-
-
-def _own_address() -> str:
-    """This machine's address as its name resolves, for batch jobs to reach."""
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 class _CancelledBeforeStart(Exception):
@@ -2372,7 +1390,7 @@ class Job:
 
     def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
                  submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S,
-                 executor: Optional[LocalExecutor | SlurmExecutor] = None, owner: str = ""):
+                 executor: Optional[Executor] = None, owner: str = ""):
         self.job_id = job_id
         self.spec = spec
         self.dir = job_dir
@@ -2396,13 +1414,13 @@ class Job:
         self.step: Optional[Step] = None  # the step running now
         self.command: list[str] = []
         self.executor = executor or LocalExecutor()
-        self.run: Optional[LocalRun | SlurmRun] = None  # the running step's process or batch job
-        # A SLURM job to follow again instead of submitting, after a worker restart:
-        # {"step": index, "saved": its step-N.slurm.json}; the steps before it are in `results`.
+        self.run: Optional[Run] = None  # the running step's process or batch job
+        # A run to follow again instead of starting, after a worker restart (see
+        # Executor.follow_again): {"step": index, "saved": ..., "note": ...}; the steps
+        # before it are in `results`.
         self.reattach: Optional[dict] = None
-        self.slurm: dict = {}  # the running step's SLURM job: job_id, step, state, reason, node
-        self.slurm_trouble = ""
-        self.on_slurm: Callable[["Job"], None] = lambda job: None
+        # Called with columns for the ledger when the running step's run reports a change.
+        self.on_record: Callable[["Job", dict], None] = lambda job, record: None
         self.stop_grace = stop_grace
         self._lines: "queue.Queue" = queue.Queue()
         # Guards _listeners, the callbacks (message name, payload) of attached clients.
@@ -2480,7 +1498,7 @@ class Job:
     def _run(self, plan, on_step, on_finished) -> None:
         try:
             self.steps, notes = self._load_steps() if self.reattach else plan(self)
-            if self.executor.name == "slurm" and not self.reattach:
+            if self.executor.outlives_worker and not self.reattach:
                 self._save_steps()
         except JobSetupError as exc:
             self._finish(P.FAILED, str(exc), on_finished)
@@ -2514,7 +1532,7 @@ class Job:
 
     def _save_steps(self) -> None:
         """Keep the planned steps in the job's directory: a restarted worker follows the
-        job's SLURM jobs again with exactly these, without planning (or unpacking) anew."""
+        job's runs again with exactly these, without planning (or unpacking) anew."""
         steps = [{**step.__dict__, **{k: str(v) for k, v in step.__dict__.items() if isinstance(v, Path)}, "env": {}}
                  for step in self.steps]  # env: a replicate step's credentials stay out of files
         (self.dir / "steps.json").write_text(json.dumps(steps, indent=1))
@@ -2526,7 +1544,7 @@ class Job:
             raise JobSetupError(f"cannot follow the job again: its steps.json is unreadable ({exc})") from None
         paths = {"cwd", "ckpt_dir", "output"}
         steps = [Step(**{k: Path(v) if k in paths and v is not None else v for k, v in s.items()}) for s in saved]
-        return steps, [f"the worker restarted; following SLURM job {self.reattach['saved']['slurm_id']} again"]
+        return steps, [f"the worker restarted; {self.reattach['note']}"]
 
     def _run_step(self, index: int, step: Step, on_step) -> Optional[str]:
         """Run one step to its end; why the job cannot go on, or None."""
@@ -2600,18 +1618,12 @@ class Job:
             return failure or f"{program} exited with code {self.exit_code}"
         return None
 
-    def slurm_note(self, slurm_id: str, state: Optional[SlurmState], text: Optional[str] = None) -> None:
-        """A SLURM job of this job changed state (or polling it failed): into the log and ledger."""
-        if state is not None:
-            self.slurm.update(job_id=slurm_id, state=state.state, reason=state.reason, node=state.node)
-        if text is None and state is not None:
-            where = f" on {state.node}" if state.node and state.state != "PENDING" else ""
-            why = f" ({state.reason})" if state.reason else ""
-            text = f"SLURM job {slurm_id}: {state.state}{where}{why}"
-        self.slurm["problem"] = self.slurm_trouble or None
-        if text:
-            self._say_line(text)
-        self.on_slurm(self)
+    def run_changed(self, note: Optional[str], record: dict) -> None:
+        """The running step's run changed (e.g. its SLURM state): `note` into the log,
+        `record` (ledger columns) to the ledger."""
+        if note:
+            self._say_line(note)
+        self.on_record(self, record)
 
     def _say_line(self, text: str) -> None:
         """A line from the worker itself into the job's log (stream "w")."""
@@ -3052,7 +2064,7 @@ class Scheduler:
                  on_change: Callable[[Optional[Job]], None], reservation_timeout: float = RESERVATION_TIMEOUT_S,
                  stop_grace: float = STOP_GRACE_S,
                  plan: Optional[Callable[[Job], tuple[list[Step], list[str]]]] = None,
-                 executor: Optional[LocalExecutor | SlurmExecutor] = None):
+                 executor: Optional[Executor] = None):
         self.jobs_dir = working_dir / JOBS_DIR
         self.executor = executor or LocalExecutor()
         self.plan = plan or self.structured_plan
@@ -3105,23 +2117,17 @@ class Scheduler:
                    self.executable, record["submitted_at"], self.stop_grace, self.executor, record.get("owner") or "")
 
     def _follow_again(self, record: dict) -> bool:
-        """Follow a running job's SLURM job again; False when there is none to follow."""
-        slurm = record.get("slurm") or {}
-        if self.executor.name != "slurm" or "step" not in slurm:
-            return False
-        state_file = SlurmRun.files(Path(record["job_dir"]), slurm["step"])["state"]
-        try:
-            saved = json.loads(state_file.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("job %s: cannot follow SLURM job %s again (%s)", record["job_id"], slurm.get("job_id"), exc)
+        """Follow a running job's run again (a SLURM job); False when there is none to follow."""
+        reattach = self.executor.follow_again(record)
+        if reattach is None:
             return False
         job = self._job(record)
-        job.reattach = {"step": slurm["step"], "saved": saved}
-        job.results = [r for r in (record.get("steps") or []) if r.get("state") != "not run"][:slurm["step"]]
+        job.reattach = reattach
+        job.results = [r for r in (record.get("steps") or []) if r.get("state") != "not run"][:reattach["step"]]
         job.started_at = record.get("started_at")
         self.running[job.job_id] = job
         self._start(job)
-        log.info("job %s: following SLURM job %s again", job.job_id, saved["slurm_id"])
+        log.info("job %s: %s", job.job_id, reattach["note"])
         return True
 
     def stop(self, timeout: float = CANCEL_GRACE_S + 5) -> None:
@@ -3133,7 +2139,7 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        if self.executor.name == "slurm":
+        if self.executor.outlives_worker:
             self.executor.stop()
             with self._cond:
                 if self.running:
@@ -3329,7 +2335,7 @@ class Scheduler:
             return [job.spec for job in [*self.queue, *self.running.values()]]
 
     def _start(self, job: Job) -> None:
-        job.on_slurm = self._slurm_changed
+        job.on_record = self._run_changed
         try:
             job.start(self.plan, self._started, self._step_started, self._finished)
         except Exception as exc:  # a bug or a full disk must fail this job, not keep its slot taken forever
@@ -3348,8 +2354,8 @@ class Scheduler:
         log.info("job %s from %s: %s started: %s", job.job_id, job.submitter, job.step.name,
                  " ".join(shlex.quote(word) for word in job.command))
 
-    def _slurm_changed(self, job: Job) -> None:
-        self.ledger.update(job.job_id, slurm=job.slurm)
+    def _run_changed(self, job: Job, record: dict) -> None:
+        self.ledger.update(job.job_id, **record)
 
     def _note_pruned(self, job: Job) -> None:
         """Say in each pruned job's record that its files are gone, and which prune took them."""
@@ -4041,7 +3047,7 @@ class Session:
         self._following_lock = threading.Lock()
         self._following: dict[str, Callable[[str, dict], None]] = {}
         self._replica: Optional[dict] = None  # a replica arriving from another worker (session thread only)
-        self.upstream: Optional[UpstreamAdapter] = None  # set before the writer starts, for an upstream link
+        self.upstream = None  # an UpstreamAdapter (upstream.py)  # set before the writer starts, for an upstream link
         self.thread = threading.Thread(target=P.guarded(self._run), name=f"session-{self.peer_id}", daemon=True)
         self.writer = threading.Thread(target=P.guarded(self._write), name=f"session-{self.peer_id}-out", daemon=True)
 
@@ -4061,7 +3067,14 @@ class Session:
             self.worker.session_ended(self)
             return
         if self.link.upstream:
-            self.upstream = UpstreamAdapter(self)
+            try:
+                self.upstream = optional("upstream").UpstreamAdapter(self)
+            except CapabilityMissing as exc:
+                log.warning("%s opened a sleap-rtc 0.0.7 link: %s", self.peer_id, exc)
+                self.link.send_raw(f"{exc}\n")
+                self.link.close()
+                self.worker.session_ended(self)
+                return
         log.info("link open with %s%s", self.peer_id, " (a sleap-rtc 0.0.7 client)" if self.upstream else "")
         self.writer.start()
         try:
@@ -4503,253 +3516,6 @@ def _describe(item) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# sleap-rtc 0.0.7 clients: their dialect over the same scheduler and ledger
-# ---------------------------------------------------------------------------------------
-# An unmodified sleap-rtc 0.0.7 CLI or Python API opens an upstream link (see the dialect
-# section of protocol.py). Its session gets an UpstreamAdapter: the reader hands it each
-# text frame, it turns JOB_SUBMIT into our specs, checks them with validate_job and admits
-# the job through the session like any other; the writer hands it our messages and it
-# writes them as upstream frames. The job runs on if the client goes away.
-
-# JOB_SUBMITs kept while the client has not answered AUTH_CHALLENGE.
-MAX_HELD_SUBMITS = 8
-# After a job's last frame, the client gets `quit` over signaling (sleap-rtc 0.0.7's CLI
-# waits for it to exit) once the data channel has drained, plus this margin.
-UPSTREAM_QUIT_MARGIN_S = 0.5
-
-
-class UpstreamAdapter:
-    """Serves one sleap-rtc 0.0.7 client's link for its Session.
-
-    `handle` runs on the session's reader thread, `deliver` and `files_then`'s actions on
-    its writer; they share only `_jobs`.
-    """
-
-    def __init__(self, session: Session):
-        self.session = session
-        self.worker = session.worker
-        self.nonce = P.b64url(secrets.token_bytes(32))
-        self.authenticated = False
-        self.held: list[str] = []  # reader thread only
-        # Guards _jobs (our job id -> what the client knows of it: its own id, type, model
-        # count, models finished, when the current one started) and each job's "ended";
-        # "done" and "started" change on the writer thread only.
-        self._lock = threading.Lock()
-        self._jobs: dict[str, dict] = {}
-        self._say(P.upstream_frame(P.UP_AUTH_CHALLENGE, self.nonce))  # the first frame the client reads
-
-    # -- reader side ----------------------------------------------------------------------
-
-    def _say(self, *frames) -> None:
-        def action(link: P.Link) -> None:
-            for frame in frames:
-                link.send_raw(frame)
-
-        self.session.outbox.put(action)
-
-    def handle(self, text) -> None:
-        if not isinstance(text, str):
-            return
-        name, rest = P.upstream_split(text)
-        if name == P.UP_AUTH_RESPONSE:
-            if not self.authenticated:  # one answer per challenge
-                self._authenticate(rest)
-        elif name == P.UP_JOB_SUBMIT:
-            if self.authenticated:
-                self._submit(text)
-            elif len(self.held) < MAX_HELD_SUBMITS:
-                self.held.append(text)  # the client submits as its channel opens, before it answers
-            else:
-                self._say(P.upstream_rejected(P.parse_upstream_submit(text).client_id, [P.spec_error(
-                    "auth", "answer AUTH_CHALLENGE before submitting more jobs", "NOT_AUTHENTICATED")]))
-        elif (action := P.upstream_control(text)) is not None:
-            self._control(action)
-        else:
-            name = name[:40]
-            log.info("%s (sleap-rtc 0.0.7) sent %s, which this worker does not serve", self.session.peer_id, name)
-            self._say(f"this worker does not serve {name}: it takes JOB_SUBMIT, CONTROL_COMMAND, JOB_STOP and "
-                      "JOB_CANCEL from sleap-rtc 0.0.7 clients\n")
-
-    def _authenticate(self, response: str) -> None:
-        """An HMAC passes when it is the room secret's. Any other answer (`missing`, or an
-        Ed25519 signature this worker has no key to check) passes unless the worker wants
-        the room secret: entering the room took its token or membership already."""
-        if len(response.rstrip("=")) != P.UP_HMAC_CHARS:
-            ok = not self.worker.require_room_secret
-            reason = "this worker requires the room secret (client.py login --sleap-rtc-credentials stores it)"
-        else:
-            ok = P.upstream_auth_ok(P.upstream_room_secret(self.worker.token), self.nonce, response)
-            reason = "the response is not the room secret's HMAC of the challenge"
-        if not ok:  # said, then the link is closed and the client told to go
-            log.warning("%s (sleap-rtc 0.0.7) failed authentication: %s", self.session.peer_id, reason)
-            self._say(P.upstream_frame(P.UP_AUTH_FAILURE, reason),
-                      *(P.upstream_rejected(P.parse_upstream_submit(t).client_id, [P.spec_error(
-                          "auth", f"authentication failed: {reason}", "NOT_AUTHENTICATED")]) for t in self.held))
-            self.held.clear()
-            self.session.outbox.put(self._quit)
-            self.session.end()
-            return
-        self.authenticated = True
-        self._say(P.UP_AUTH_SUCCESS)
-        held, self.held = self.held, []
-        for text in held:
-            self._submit(text)
-
-    def _submit(self, text: str) -> None:
-        submit = P.parse_upstream_submit(text)
-        job_id = f"job_{secrets.token_hex(4)}"
-        job_dir = self.worker.scheduler.jobs_dir / job_id
-        kind = submit.specs[0]["type"] if submit.specs else P.TRAIN
-        with self._lock:
-            self._jobs[job_id] = {"client_id": submit.client_id, "kind": kind, "models": len(submit.specs),
-                                  "done": 0, "started": time.time(), "ended": False}
-        errors, plans, made_dir = list(submit.errors), [], False
-        if not errors:
-            for index, (spec, content) in enumerate(zip(submit.specs, submit.contents)):
-                if content is not None:  # a config sent inline is read from the job's directory
-                    job_dir.mkdir(parents=True, exist_ok=True)
-                    spec["config"] = str(job_dir / f"sent-{spec['config']}")
-                    Path(spec["config"]).write_text(content, encoding="utf-8")
-                    made_dir = True
-                if spec.get("output") and not Path(spec["output"]).is_absolute():
-                    job_dir.mkdir(parents=True, exist_ok=True)  # upstream's default is a bare file name
-                    spec["output"] = str(job_dir / spec["output"])
-                    made_dir = True
-                problems, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
-                                              self.worker.uploads.directory,
-                                              self.worker.scheduler.ledger.model_digests)
-                model = f"model {index + 1}: " if len(submit.specs) > 1 else ""
-                errors += [{**e, "message": model + e["message"]} for e in problems]
-                plans.append(plan)
-        accepted, files = {}, {}
-        if not errors:
-            relabels = {r["copy"]: r for plan in plans for r in plan.get("relabel", [])}
-            checkpoints = {path: c for plan in plans for path, c in plan.get("checkpoints", {}).items()}
-            accepted = {**submit.specs[0], "_resolved": plans[0]["paths"], "_upstream": submit.client_id,
-                        **({"_relabel": list(relabels.values())} if relabels else {}),
-                        **({"_checkpoints": checkpoints} if checkpoints else {})}
-            files = {CONFIG_FILE: plans[0]["config_text"]} if kind == P.TRAIN else {}
-            more = []
-            for index, (spec, plan) in enumerate(zip(submit.specs[1:], plans[1:]), start=1):
-                config_file = f"config-{index}.yaml"
-                files[config_file] = plan["config_text"]
-                more.append({"config": spec["config"], "run_name": spec.get("run_name"), "_resolved": plan["paths"],
-                             "_config_file": config_file})
-            if more:
-                accepted["_more"] = more
-        if not self.session.admit(job_id, errors, accepted, files) and made_dir:
-            shutil.rmtree(job_dir, ignore_errors=True)  # nothing of a refused job stays behind
-
-    def _control(self, action: str) -> None:
-        """Stop early or cancel this client's latest job that has not ended."""
-        with self._lock:
-            live = [job_id for job_id, job in self._jobs.items() if not job["ended"]]
-        if not live:
-            self._say("no job of this connection is running on this worker\n")
-            return
-        self.session._control(action, {"job_id": live[-1]})
-
-    # -- writer side ----------------------------------------------------------------------
-
-    def deliver(self, link: P.Link, name: str, payload: dict) -> None:
-        """Write one of our messages as the frames a sleap-rtc 0.0.7 client understands;
-        after a job's last frame, tell the client it may go."""
-        job_id = str(payload.get("job_id", ""))
-        with self._lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            if name in (P.LINK_ERROR, P.JOB_DETACHED):
-                link.send_raw(f"{payload.get('message') or payload.get('reason')}\n")
-            return
-        frames, final = [], name in (P.JOB_COMPLETE, P.JOB_FAILED, P.JOB_REJECTED)
-        if name == P.JOB_ACCEPTED:
-            frames.append(P.upstream_frame(P.UP_JOB_ACCEPTED, job_id))
-            if payload.get("queue_position"):
-                frames.append(f"job {job_id} queued at position {payload['queue_position']} on this worker\n")
-        elif name == P.JOB_REJECTED:
-            frames.append(P.upstream_rejected(job["client_id"], payload["errors"]))
-        elif name == P.JOB_LOG:
-            frames += P.upstream_log(payload["lines"], payload["progress"])
-        elif name == P.PROGRESS_REPORT:
-            frames.append(P.upstream_frame(P.UP_PROGRESS_REPORT, payload["report"]))
-        elif name == P.JOB_PROGRESS and payload.get("event") == "epoch_end":
-            frames.append(P.upstream_epoch(payload.get("epoch"), payload.get("loss"), payload.get("val_loss")))
-        elif name == P.JOB_PROGRESS and payload.get("event") == "queued":
-            frames.append(f"job {job_id} is at position {payload['queue_position']} in the queue\n")
-        elif name == P.TRAIN_JOB_START:
-            job["started"] = time.time()
-            if job["models"] > 1:
-                frames.append(f"Training model {job['done'] + 1}/{job['models']}: {payload.get('name')}\n")
-        elif name == P.TRAIN_JOB_END and job["done"] + 1 < job["models"]:  # the last one ends with the job
-            frames.append(self._completion(job_id, job, payload, None))
-            job["done"] += 1
-        elif name == P.JOB_CONTROL:
-            frames.append(f"{payload.get('message')}\n")
-        elif name == P.JOB_DETACHED:
-            frames.append(f"{payload.get('reason')}\n")
-        elif name == P.JOB_COMPLETE:
-            if payload.get("warning"):
-                frames.append(f"warning: {payload['warning']}\n")
-            outputs = payload.get("outputs") or []
-            output = outputs[-1]["path"] if outputs else None
-            frames.append(self._completion(job_id, job, payload, output))
-        elif name == P.JOB_FAILED:
-            frames.append(P.upstream_failed(self._model_job_id(job_id, job), job["kind"], payload.get("exit_code"),
-                                            payload.get("duration_s") or 0,
-                                            payload.get("error") or f"the job ended {payload.get('state')}"))
-        if name in (P.JOB_COMPLETE, P.JOB_FAILED) and job["kind"] == P.TRAIN:  # the GUI waits for its end
-            frames.append(P.upstream_frame(P.UP_INFERENCE_SKIPPED, json.dumps(
-                {"reason": "this worker runs no inference after training; submit a track job with the model"})))
-        for frame in frames:
-            link.send_raw(frame)
-        if final:
-            with self._lock:
-                job["ended"] = True
-                live = any(not j["ended"] for j in self._jobs.values())
-            if not live:  # upstream's path correction needs its file browser, which is not served here
-                self._quit(link)
-
-    @staticmethod
-    def _model_job_id(job_id: str, job: dict) -> str:
-        """Upstream numbers the models of a multi-model job as JOB_0, JOB_1, ..."""
-        return f"{job_id}_{job['done']}" if job["models"] > 1 else job_id
-
-    def _completion(self, job_id: str, job: dict, payload: dict, output: Optional[str]) -> str:
-        """JOB_COMPLETE for the model that just ended (each model of a multi-model job has one)."""
-        return P.upstream_complete(self._model_job_id(job_id, job), job["kind"], time.time() - job["started"],
-                                   bool(payload.get("stopped_early")), output)
-
-    def _quit(self, link: P.Link) -> None:
-        link.drain(timeout=10)
-        time.sleep(UPSTREAM_QUIT_MARGIN_S)
-        try:
-            self.worker.signaling.send({"type": P.QUIT, "sender": self.worker.peer_id, "target": link.peer_id})
-        except P.SleapRTCError as exc:
-            log.info("could not tell %s its job is over: %s", link.peer_id, exc)
-
-    def files_then(self, paths: list[Path], then: tuple[str, dict]) -> Callable[[P.Link], None]:
-        """A writer action: each file as FILE_META, binary chunks and END_OF_FILE (upstream
-        keeps them in its output directory), then the message `then`."""
-
-        def action(link: P.Link) -> None:
-            for path in paths:
-                try:
-                    with open(path, "rb") as f:
-                        P.check_opened(f, path)
-                        link.send_raw(P.upstream_file_meta(path.name, os.fstat(f.fileno()).st_size))
-                        while chunk := f.read(P.CHUNK_BYTES):
-                            link.send_raw(chunk)
-                    link.send_raw(P.UP_END_OF_FILE)
-                    log.info("sent %s to %s (sleap-rtc 0.0.7)", path, link.peer_id)
-                except (OSError, P.TransferError) as exc:
-                    log.warning("sending %s to %s failed: %s", path, link.peer_id, exc)
-                    link.send_raw(f"{path.name} could not be sent: {exc}\n")
-            self.deliver(link, *then)
-
-        return action
-
-
-# ---------------------------------------------------------------------------------------
 # The worker
 # ---------------------------------------------------------------------------------------
 
@@ -4768,7 +3534,7 @@ class Worker:
                  advertise_gpu_memory: Optional[int] = None, maintenance: bool = False,
                  reservation_timeout: float = RESERVATION_TIMEOUT_S, embedded=None,
                  stop_grace: float = STOP_GRACE_S, follower_backlog: int = FOLLOWER_BACKLOG_BYTES,
-                 upload_cap: Optional[int] = None, executor: Optional[LocalExecutor | SlurmExecutor] = None,
+                 upload_cap: Optional[int] = None, executor: Optional[Executor] = None,
                  allowed_commands: Optional[dict[str, str]] = None, allowed_env: Optional[set[str]] = None,
                  min_free_gb: float = MIN_FREE_GB, keep_days: Optional[float] = None,
                  require_room_secret: bool = False, admins: Optional[set[str]] = None):
@@ -4793,7 +3559,8 @@ class Worker:
         self.min_free_bytes = int(min_free_gb * 1e9)
         self.uploads = UploadStore(working_dir / UPLOADS_DIR, upload_cap, self._needed_uploads, self.min_free_bytes)
         self.low_disk = self._disk_problem()  # why new jobs are refused for lack of space, or None
-        self.job_types = [P.TRAIN, P.TRACK, P.PRUNE, P.REPLICATE] + \
+        self.capabilities = capabilities()
+        self.job_types = [P.TRAIN, P.TRACK, P.PRUNE, P.REPLICATE] + [P.PACKAGE] * (P.PACKAGE in self.capabilities) + \
             [f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands)]
         self.embedded = embedded
         self.gpu_index = gpu_index
@@ -4836,6 +3603,7 @@ class Worker:
                 "max_concurrent_jobs": slots,
                 "supported_job_types": ["training", "inference"],
                 "job_types": self.job_types,
+                "capabilities": self.capabilities,
                 "mounts": [m.public() for m in mounts],
                 **self._status(),
             },
@@ -4850,10 +3618,16 @@ class Worker:
         for thread in self._threads:
             thread.start()
         props = self.metadata["properties"]
-        print(f"worker: registered as {self.peer_id} in room {self.room_id} "
-              f"({props['gpu_model']}, {props['gpu_memory_mb']} MB)\n"
-              f"worker: sleap-rtc 0.0.7 clients: --session-string "
-              f"{P.upstream_session_string(self.room_id, self.token, self.peer_id)}", flush=True)
+        lines = [f"worker: registered as {self.peer_id} in room {self.room_id} "
+                 f"({props['gpu_model']}, {props['gpu_memory_mb']} MB)"]
+        missing = [f"{OPTIONAL_SERVES[c]} (no {OPTIONAL_FILES[c]})" for c in OPTIONAL_FILES if c not in self.capabilities]
+        lines.append(f"worker: serves structured train and track jobs, prune, replicas"
+                     f"{''.join(f', {OPTIONAL_SERVES[c]}' for c in self.capabilities)}"
+                     f"{'; not ' + ', '.join(missing) if missing else ''}")
+        if "upstream" in self.capabilities:
+            session_string = optional("upstream").upstream_session_string(self.room_id, self.token, self.peer_id)
+            lines.append(f"worker: sleap-rtc 0.0.7 clients: --session-string {session_string}")
+        print("\n".join(lines), flush=True)
         while not self.stopping.is_set():
             frame = self.signaling.next(timeout=0.5)
             if frame is None:
@@ -5090,30 +3864,12 @@ class Worker:
                     raise JobSetupError(problem)
             steps, _ = self.scheduler.structured_plan(job)
             return steps, notes
-        package = job.spec["_package"]
-        path, unpack_dir = Path(package["path"]), Path(package["dir"])
         try:
-            if _resolve_path(str(path), self.readable_mounts, must_exist=False) != str(path):
-                raise PathRefused(f"{path} now leads elsewhere (a link changed after the job was accepted)")
-            if not package["uploaded"]:
-                resolve_in_mounts(str(unpack_dir.parent), self.mounts)
-        except PathRefused as exc:
-            raise JobSetupError(f"package: {exc}") from None
-        try:
-            plan = plan_package(path, job.kind, unpack_dir, self.readable_mounts, self.mounts,
-                                self.scheduler.executable, job.dir / "configs", job.spec.get("gui", True))
-            unpack_package(path, unpack_dir)
-        except FileNotFoundError as exc:
+            packages = optional(P.PACKAGE)
+        except CapabilityMissing as exc:
             raise JobSetupError(str(exc)) from None
-        except PackageRefused as exc:
-            raise JobSetupError(f"package: {exc}") from None
-        problem = package_checkpoint_problem(plan.checkpoints, self.scheduler.ledger.model_digests)
-        if problem:
-            raise JobSetupError(f"package: {problem}")
-        (job.dir / "configs").mkdir(exist_ok=True)
-        for model, text in plan.configs.items():
-            (job.dir / "configs" / f"{model}.yaml").write_text(text, encoding="utf-8")
-        return plan.steps, [f"unpacked {path.name} into {unpack_dir}", *plan.notes]
+        return packages.prepare(job, self.readable_mounts, self.mounts, self.scheduler.executable,
+                                self.scheduler.ledger.model_digests)
 
     def _needed_uploads(self) -> set[str]:
         """The hashes in the upload store that queued or running jobs name."""
@@ -5319,12 +4075,17 @@ def main(argv: Optional[list[str]] = None) -> int:
               "give them a user of their own with --run-as USER (see SECURITY.md)", flush=True)
     executor, slots = LocalExecutor(run_as), args.slots
     if args.slurm:
-        executor = SlurmExecutor(args.slurm_partition, args.slurm_gres, args.slurm_time, args.slurm_cpus,
+        try:
+            slurm = optional("slurm")
+        except CapabilityMissing as exc:
+            print(f"error: --slurm: {exc}", file=sys.stderr)
+            return 1
+        executor = slurm.SlurmExecutor(args.slurm_partition, args.slurm_gres, args.slurm_time, args.slurm_cpus,
                                  args.slurm_mem, args.slurm_option, args.slurm_zmq_host, args.slurm_poll,
                                  args.slurm_patience)
         try:
             notes = executor.check(working_dir / "jobs")
-        except SlurmError as exc:
+        except slurm.SlurmError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         slots = args.slurm_max_jobs
@@ -5370,8 +4131,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # The optional role files `import worker`: they get this running module, not a second copy.
+    sys.modules.setdefault("worker", sys.modules[__name__])
     if sys.argv[1:2] == ["slurm-step"]:  # inside a batch job: see batch_script
-        raise SystemExit(slurm_step(sys.argv[2:]))
+        raise SystemExit(optional("slurm").slurm_step(sys.argv[2:]))
     if sys.argv[1:2] == ["prune-step"]:  # a prune job's step: see prune_step_of
         raise SystemExit(prune_step(sys.argv[2:]))
     if sys.argv[1:2] == ["replicate-step"]:  # a replicate job's step: see Worker._replicate_step

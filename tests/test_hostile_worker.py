@@ -110,7 +110,7 @@ def test_hydra_overrides_keep_every_character_of_a_path_literal(tmp_path):
                  "/d/$${x}.slp", "/d/${a.b}.slp", "/d/ünï.slp", "/d/trailing\\", "/d/a\\${oc.env:SECRET}",
                  "/d/q\\'q", "/d/\\\\${x}"):
         config = OmegaConf.create({})
-        ConfigLoaderImpl._apply_overrides_to_config([parser.parse_override(f"++key={W._hydra_value(name)}")], config)
+        ConfigLoaderImpl._apply_overrides_to_config([parser.parse_override(f"++key={W.hydra_value(name)}")], config)
         assert OmegaConf.to_container(config, resolve=True)["key"] == name
 
 

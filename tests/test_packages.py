@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import packages
 import protocol as P
 import worker as W
 from conftest import ledger, sha256, stand_in
@@ -330,25 +331,25 @@ def test_the_upload_store_keeps_what_queued_jobs_need(tmp_path):
 
 def test_scripts_are_read_as_a_shell_would_split_them_and_never_more():
     text = "#!/bin/bash\n# comment\n\nsleap train --config-name a.yaml \\\n  --config-dir . 'x=\"a b\"' # tail\n"
-    assert W.script_commands(text, "train-script.sh") == [(4, ["sleap", "train", "--config-name", "a.yaml",
+    assert packages.script_commands(text, "train-script.sh") == [(4, ["sleap", "train", "--config-name", "a.yaml",
                                                                "--config-dir", ".", 'x="a b"'])]
     for line, reason in (("sleap train a.yaml; rm -rf /", "shell operator ';'"),
                          ("sleap train a.yaml && curl x", "shell operator '&&'"),
                          ("sleap train $(id).yaml", "shell expansion"), ("sleap train `id`", "shell expansion"),
                          ("sleap train $HOME/a.yaml", "shell expansion"), ("sleap train 'a.yaml", "No closing")):
-        with pytest.raises(W.PackageRefused, match=re.escape(reason)):
-            W.script_commands(f"\n{line}\n", "train-script.sh")
+        with pytest.raises(packages.PackageRefused, match=re.escape(reason)):
+            packages.script_commands(f"\n{line}\n", "train-script.sh")
 
 
 def test_sleap_frame_ranges_keep_their_meaning():
-    assert W.sleap_frames("0,-39") == "0-39" and W.sleap_frames("0-39") == "0-39"
-    assert W.sleap_frames("1,5,9") == "1,5,9"
-    assert W.sleap_frames("9-2") is None and W.sleap_frames("a,b") is None
+    assert packages.sleap_frames("0,-39") == "0-39" and packages.sleap_frames("0-39") == "0-39"
+    assert packages.sleap_frames("1,5,9") == "1,5,9"
+    assert packages.sleap_frames("9-2") is None and packages.sleap_frames("a,b") is None
 
 
-def plan(tmp_path: Path, entries: dict, job_type: str = P.TRAIN) -> W.PackagePlan:
+def plan(tmp_path: Path, entries: dict, job_type: str = P.TRAIN) -> packages.PackagePlan:
     mount = W.Mount(tmp_path, "t")
-    return W.plan_package(write_zip(tmp_path / "p.zip", entries), job_type, tmp_path / "unpacked", [mount], [mount],
+    return packages.plan_package(write_zip(tmp_path / "p.zip", entries), job_type, tmp_path / "unpacked", [mount], [mount],
                           "sleap-nn", tmp_path / "configs", True)
 
 
@@ -379,7 +380,7 @@ def test_a_top_down_inference_line_passes_both_models(tmp_path):
     args = steps[2].args
     assert [args[i + 1] for i, a in enumerate(args) if a == "--model_paths"] == [
         str(tmp_path / "unpacked" / "models" / "c"), str(tmp_path / "unpacked" / "models" / "ci")]
-    with pytest.raises(W.PackageRefused, match="models/c is not in the package"):
+    with pytest.raises(packages.PackageRefused, match="models/c is not in the package"):
         plan(tmp_path, entries, P.TRACK)  # a track job trains nothing: its models must come with it
     packed = {**entries, "models/c/best.ckpt": "w", "models/ci/best.ckpt": "w"}
     assert [s.name for s in plan(tmp_path, packed, P.TRACK).steps] == ["inference"]
@@ -400,37 +401,37 @@ def test_a_top_down_inference_line_passes_both_models(tmp_path):
     ({"a.yaml": "x: 1"}, "trains no model"),
 ])
 def test_package_contents_are_checked_like_any_job(tmp_path, entries, reason):
-    with pytest.raises(W.PackageRefused, match=re.escape(reason)):
+    with pytest.raises(packages.PackageRefused, match=re.escape(reason)):
         plan(tmp_path, entries)
 
 
 def test_zip_entries_that_are_not_plain_files_are_refused(tmp_path):
     cases = [({"dev": "x"}, {"dev": stat.S_IFCHR | 0o644}, "not a regular file"),
-             ({f"f{i}": "x" for i in range(W.PACKAGE_MAX_ENTRIES + 1)}, {}, "entries; a training package has"),
+             ({f"f{i}": "x" for i in range(packages.PACKAGE_MAX_ENTRIES + 1)}, {}, "entries; a training package has"),
              ({"a//b": "x"}, {}, "would land outside")]
     for entries, modes, reason in cases:
-        with pytest.raises(W.PackageRefused, match=re.escape(reason)):
-            W.open_package(write_zip(tmp_path / "p.zip", entries, modes))
+        with pytest.raises(packages.PackageRefused, match=re.escape(reason)):
+            packages.open_package(write_zip(tmp_path / "p.zip", entries, modes))
     raw = write_zip(tmp_path / "latin1.zip", {"cafe.yaml": "x"})  # renamed below to a name not flagged UTF-8
     raw.write_bytes(raw.read_bytes().replace(b"cafe", b"caf\xe9"))
-    with pytest.raises(W.PackageRefused, match="not marked UTF-8"):
-        W.open_package(raw)
+    with pytest.raises(packages.PackageRefused, match="not marked UTF-8"):
+        packages.open_package(raw)
     (tmp_path / "not.zip").write_text("not a zip")
-    with pytest.raises(W.PackageRefused, match="not a readable zip"):
-        W.open_package(tmp_path / "not.zip")
+    with pytest.raises(packages.PackageRefused, match="not a readable zip"):
+        packages.open_package(tmp_path / "not.zip")
 
 
 def test_unpacking_leaves_nothing_half_done(tmp_path):
     pkg = write_zip(tmp_path / "p.zip", {"a.yaml": "x: 1", "sub/b.txt": "b"})
-    W.unpack_package(pkg, tmp_path / "out")
+    packages.unpack_package(pkg, tmp_path / "out")
     assert (tmp_path / "out" / "sub" / "b.txt").read_text() == "b"
-    with pytest.raises(W.PackageRefused, match="exists already"):
-        W.unpack_package(pkg, tmp_path / "out")
+    with pytest.raises(packages.PackageRefused, match="exists already"):
+        packages.unpack_package(pkg, tmp_path / "out")
     broken = tmp_path / "broken.zip"  # the second entry's bytes are damaged after its header
     data = bytearray(write_zip(broken, {"a.yaml": "x: 1", "b.bin": bytes(range(256)) * 64}).read_bytes())
     start = data.index(b"b.bin") + 5
     data[start + 10:start + 60] = b"\xff" * 50
     broken.write_bytes(bytes(data))
-    with pytest.raises(W.PackageRefused, match="unpacking broken.zip failed"):
-        W.unpack_package(broken, tmp_path / "half")
+    with pytest.raises(packages.PackageRefused, match="unpacking broken.zip failed"):
+        packages.unpack_package(broken, tmp_path / "half")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.zip", "out", "p.zip"]

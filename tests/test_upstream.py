@@ -17,6 +17,7 @@ from tiny_data import make_project
 from upstream_world import SLEAP_RTC, LoopbackStun, upstream_env
 
 import protocol as P
+import upstream as U
 
 
 @pytest.fixture(scope="module")
@@ -329,18 +330,18 @@ def test_upstream_specs_map_onto_ours():
     spec = TrainJobSpec(config_paths=["/d/a.yaml", "/d/b.yaml"], labels_path="C:/lab/l.slp", max_epochs=3,
                         resume_ckpt_path="/d/m/best.ckpt", model_types=["centroid", "centered_instance"],
                         path_mappings={"C:/lab/l.slp": "/d/l.slp", "C:/lab/v.mp4": "/d/v.mp4"})
-    submit = P.parse_upstream_submit(f"JOB_SUBMIT::c1::{spec.to_json()}")
+    submit = U.parse_upstream_submit(f"JOB_SUBMIT::c1::{spec.to_json()}")
     assert submit.client_id == "c1" and submit.errors == []
     assert [s["config"] for s in submit.specs] == ["/d/a.yaml", "/d/b.yaml"]
     assert [s["run_name"] for s in submit.specs] == ["centroid", "centered_instance"]
     assert submit.specs[0]["labels"] == "/d/l.slp" and submit.specs[0]["resume"] == "/d/m/best.ckpt"
     assert submit.specs[0]["path_map"] == [["C:/lab/v.mp4", "/d/v.mp4"]]
-    inline = P.parse_upstream_submit(f"JOB_SUBMIT::c2::{TrainJobSpec(config_content='a: 1').to_json()}")
+    inline = U.parse_upstream_submit(f"JOB_SUBMIT::c2::{TrainJobSpec(config_content='a: 1').to_json()}")
     assert inline.contents == ["a: 1"] and inline.errors == []
     track = TrackJobSpec(data_path="/d/v.mp4", model_paths=["/d/m"], output_path="p.slp", peak_threshold=0.3)
-    assert P.parse_upstream_submit(f"JOB_SUBMIT::c3::{track.to_json()}").specs == [
+    assert U.parse_upstream_submit(f"JOB_SUBMIT::c3::{track.to_json()}").specs == [
         {"type": "track", "data_path": "/d/v.mp4", "model_paths": ["/d/m"], "output": "p.slp", "peak_threshold": 0.3}]
-    renamed = P.parse_upstream_submit('JOB_SUBMIT::c9::{"type": "track", "data_path": "/d/v.mp4", '
+    renamed = U.parse_upstream_submit('JOB_SUBMIT::c9::{"type": "track", "data_path": "/d/v.mp4", '
                                       '"model_paths": ["/d/m"], "frame_filter": "0-10"}')
     assert renamed.specs[0]["frames"] == "0-10" and renamed.errors == []
     for text, field in (("JOB_SUBMIT::c4::{nope", "spec"), ("JOB_SUBMIT::c5", "spec"),
@@ -348,7 +349,7 @@ def test_upstream_specs_map_onto_ours():
                         ('JOB_SUBMIT::c7::{"type": "train", "config_path": "/a.yaml", "max_epochs": "many"}',
                          "max_epochs"),
                         ('JOB_SUBMIT::c8::{"type": "train"}', "config_paths")):
-        assert [e["field"] for e in P.parse_upstream_submit(text).errors] == [field], text
+        assert [e["field"] for e in U.parse_upstream_submit(text).errors] == [field], text
 
 
 def test_session_string_room_secret_and_controls_match_upstream():
@@ -356,16 +357,16 @@ def test_session_string_room_secret_and_controls_match_upstream():
 
     from sleap_rtc.auth.psk import compute_hmac, generate_nonce
 
-    text = P.upstream_session_string("r1", "tok", "w1")
+    text = U.upstream_session_string("r1", "tok", "w1")
     assert text.startswith("sleap-session:")
     assert json.loads(base64.urlsafe_b64decode(text[len("sleap-session:"):])) == {"r": "r1", "t": "tok", "p": "w1"}
-    secret, nonce = P.upstream_room_secret("tok"), generate_nonce()
-    assert P.upstream_auth_ok(secret, nonce, compute_hmac(secret, nonce))
-    assert not P.upstream_auth_ok(secret, nonce, compute_hmac(P.upstream_room_secret("other"), nonce))
-    assert not P.upstream_auth_ok(secret, nonce, "missing") and not P.upstream_auth_ok(secret, nonce, "é")
-    assert P.upstream_control('CONTROL_COMMAND::{"command": "stop"}') == P.ZMQ_CTRL
-    assert P.upstream_control("JOB_STOP") == P.upstream_control("ZMQ_CTRL::STOP") == P.ZMQ_CTRL
-    assert P.upstream_control("JOB_CANCEL") == P.JOB_CANCEL
-    assert P.upstream_control("CONTROL_COMMAND::[1]") is None and P.upstream_control("JOB_STOPPED") is None
-    assert P.upstream_log([["o", "a"], ["e", "b"]], "50%") == ["a\n[stderr] b\n", "CR::50%"]
-    assert P.upstream_file_meta("x:y.slp", 5) == "FILE_META::x_y.slp:5:predictions"
+    secret, nonce = U.upstream_room_secret("tok"), generate_nonce()
+    assert U.upstream_auth_ok(secret, nonce, compute_hmac(secret, nonce))
+    assert not U.upstream_auth_ok(secret, nonce, compute_hmac(U.upstream_room_secret("other"), nonce))
+    assert not U.upstream_auth_ok(secret, nonce, "missing") and not U.upstream_auth_ok(secret, nonce, "é")
+    assert U.upstream_control('CONTROL_COMMAND::{"command": "stop"}') == P.ZMQ_CTRL
+    assert U.upstream_control("JOB_STOP") == U.upstream_control("ZMQ_CTRL::STOP") == P.ZMQ_CTRL
+    assert U.upstream_control("JOB_CANCEL") == P.JOB_CANCEL
+    assert U.upstream_control("CONTROL_COMMAND::[1]") is None and U.upstream_control("JOB_STOPPED") is None
+    assert U.upstream_log([["o", "a"], ["e", "b"]], "50%") == ["a\n[stderr] b\n", "CR::50%"]
+    assert U.upstream_file_meta("x:y.slp", 5) == "FILE_META::x_y.slp:5:predictions"
