@@ -283,20 +283,13 @@ class UpstreamAdapter:
         self.session.outbox.put(action)
 
     def handle(self, text) -> None:
+        """One frame from the client: by its name, else as a control frame, else refused."""
         if not isinstance(text, str):
             return
         name, rest = upstream_split(text)
-        if name == UP_AUTH_RESPONSE:
-            if not self.authenticated:  # one answer per challenge
-                self._authenticate(rest)
-        elif name == UP_JOB_SUBMIT:
-            if self.authenticated:
-                self._submit(text)
-            elif len(self.held) < MAX_HELD_SUBMITS:
-                self.held.append(text)  # the client submits as its channel opens, before it answers
-            else:
-                self._say(upstream_rejected(parse_upstream_submit(text).client_id, [P.spec_error(
-                    "auth", "answer AUTH_CHALLENGE before submitting more jobs", "NOT_AUTHENTICATED")]))
+        handler = {UP_AUTH_RESPONSE: self._on_auth_response, UP_JOB_SUBMIT: self._on_submit}.get(name)
+        if handler is not None:
+            handler(text, rest)
         elif (action := upstream_control(text)) is not None:
             self._control(action)
         else:
@@ -304,6 +297,19 @@ class UpstreamAdapter:
             log.info("%s (sleap-rtc 0.0.7) sent %s, which this worker does not serve", self.session.peer_id, name)
             self._say(f"this worker does not serve {name}: it takes JOB_SUBMIT, CONTROL_COMMAND, JOB_STOP and "
                       "JOB_CANCEL from sleap-rtc 0.0.7 clients\n")
+
+    def _on_auth_response(self, text: str, response: str) -> None:
+        if not self.authenticated:  # one answer per challenge
+            self._authenticate(response)
+
+    def _on_submit(self, text: str, rest: str) -> None:
+        if self.authenticated:
+            self._submit(text)
+        elif len(self.held) < MAX_HELD_SUBMITS:
+            self.held.append(text)  # the client submits as its channel opens, before it answers
+        else:
+            self._say(upstream_rejected(parse_upstream_submit(text).client_id, [P.spec_error(
+                "auth", "answer AUTH_CHALLENGE before submitting more jobs", "NOT_AUTHENTICATED")]))
 
     def _authenticate(self, response: str) -> None:
         """An HMAC passes when it is the room secret's. Any other answer (`missing`, or an
@@ -350,9 +356,7 @@ class UpstreamAdapter:
                     job_dir.mkdir(parents=True, exist_ok=True)  # upstream's default is a bare file name
                     spec["output"] = str(job_dir / spec["output"])
                     made_dir = True
-                problems, plan = W.validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
-                                              self.worker.uploads.directory,
-                                              self.worker.scheduler.ledger.model_digests)
+                problems, plan = self.worker.validate(spec, job_dir)
                 model = f"model {index + 1}: " if len(submit.specs) > 1 else ""
                 errors += [{**e, "message": model + e["message"]} for e in problems]
                 plans.append(plan)

@@ -148,15 +148,16 @@ def resolve_in_mounts(path: str, mounts: list[Mount], base: Optional[Path] = Non
 # ---------------------------------------------------------------------------------------
 # Optional capabilities: role files of their own, beside this one
 # ---------------------------------------------------------------------------------------
-# worker.py and protocol.py alone run structured train and track jobs, commands, prune,
-# replicas and the ledger: the copy an HPC node needs. Each capability below is a file of
+# worker.py and protocol.py alone run structured train and track jobs, commands, prune
+# and the ledger: the copy an HPC node needs. Each capability below is a file of
 # its own, imported the first time it is needed; a worker without it says so at start-up,
 # leaves it out of what it offers and refuses what needs it, naming the file.
 
-OPTIONAL_FILES = {P.PACKAGE: "packages.py", "slurm": "slurm.py", "upstream": "upstream.py"}
-OPTIONAL_SERVES = {P.PACKAGE: "SLEAP training packages", "slurm": "SLURM (--slurm)",
+OPTIONAL_FILES = {P.PACKAGE: "packages.py", P.REPLICATE: "replicas.py", "slurm": "slurm.py",
+                  "upstream": "upstream.py"}
+OPTIONAL_SERVES = {P.PACKAGE: "SLEAP training packages", P.REPLICATE: "replicas", "slurm": "SLURM (--slurm)",
                    "upstream": "sleap-rtc 0.0.7 clients"}
-_OPTIONAL_MODULES = {P.PACKAGE: "packages", "slurm": "slurm", "upstream": "upstream"}
+_OPTIONAL_MODULES = {P.PACKAGE: "packages", P.REPLICATE: "replicas", "slurm": "slurm", "upstream": "upstream"}
 
 
 class CapabilityMissing(Exception):
@@ -1377,27 +1378,180 @@ class _Say:
     payload: dict
 
 
+class JobLog:
+    """A job's output on its way into its log file and to the clients following it.
+
+    Threads queue lines and messages (`line`, `say`, `say_line`); the thread "job-ID-relay"
+    (`start` starts it, `end` ends it after the last item) takes them in order: lines are
+    batched into the file and to listeners every LOG_BATCH_S or LOG_BATCH_BYTES, and each
+    message follows the lines before it. `watch(stream, line)` sees each line on the relay
+    thread. A client attaching mid-run replays the file up to an offset and gets exactly
+    the batches after it (`attach`); once `close`d, no one attaches any more.
+    """
+
+    def __init__(self, job_id: str, path: Path, watch: Callable[[str, str], None] = lambda stream, line: None):
+        self.job_id = job_id
+        self.path = path
+        self._watch = watch
+        self._items: "queue.Queue" = queue.Queue()
+        self._relay: Optional[threading.Thread] = None
+        # Guards _listeners, the callbacks (message name, payload) of attached clients.
+        self._listeners_lock = threading.Lock()
+        self._listeners: list[Callable[[str, dict], None]] = []
+        # Guards _size (bytes of the file written so far), `closed`, and which listeners
+        # each batch goes to.
+        self._lock = threading.Lock()
+        self._size = 0
+        self.closed = False
+
+    # -- listeners ------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[str, dict], None]) -> None:
+        with self._listeners_lock:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[str, dict], None]) -> bool:
+        """Take a listener off; False when it was not on."""
+        with self._listeners_lock:
+            if listener not in self._listeners:
+                return False
+            self._listeners.remove(listener)
+            return True
+
+    def emit(self, name: str, payload: dict, listeners: Optional[list] = None) -> None:
+        """Hand a message to every listener (or to `listeners`, a snapshot) now. Listeners
+        only queue; one that raises is logged and dropped, and the others still get it."""
+        if listeners is None:
+            with self._listeners_lock:
+                listeners = list(self._listeners)
+        message = {"job_id": self.job_id, **payload}
+        for listener in listeners:
+            try:
+                listener(name, message)
+            except Exception:  # a listener's bug must not end the job's thread or reach other clients
+                log.exception("job %s: a listener failed on %s and was dropped", self.job_id, name)
+                self.unsubscribe(listener)
+
+    def attach(self, listener: Optional[Callable[[str, dict], None]]) -> tuple[int, bool]:
+        """Subscribe `listener` (when given) for what follows the file's first `offset` bytes.
+
+        Returns (offset, live): the caller replays the file up to `offset`, outside any
+        lock, and gets no line twice and none missed; live is False when the job has
+        finished already (nothing was subscribed).
+        """
+        with self._lock:
+            if self.closed:
+                return self._size, False
+            if listener is not None:
+                self.subscribe(listener)
+            return self._size, True
+
+    def close(self, then: Callable[[], None]) -> None:
+        """No one attaches from now on; `then` runs first, under the same lock (the job's
+        outcome is set there, so an attacher sees it either live or finished)."""
+        with self._lock:
+            then()
+            self.closed = True
+
+    # -- the relay ------------------------------------------------------------------------
+
+    def line(self, stream: str, text: str, is_progress: bool = False) -> None:
+        """A line of output ("o", "e"), or a carriage-return progress update."""
+        self._items.put((stream, text, is_progress))
+
+    def say_line(self, text: str) -> None:
+        """A line from the worker itself (stream "w")."""
+        self._items.put(("w", f"[sleap-rtc worker] {text}", False))
+
+    def say(self, name: str, payload: dict) -> None:
+        """A message for the listeners, after the lines queued before it."""
+        self._items.put(_Say(name, payload))
+
+    def start(self) -> None:
+        self._relay = threading.Thread(target=P.guarded(self._relay_forever), name=f"job-{self.job_id}-relay",
+                                       daemon=True)
+        self._relay.start()
+
+    def end(self) -> None:
+        """Relay what is queued, then stop the relay."""
+        self._items.put(None)
+        if self._relay is not None:
+            self._relay.join()
+
+    def _relay_forever(self) -> None:
+        """Batch lines into the file and to listeners: every LOG_BATCH_S or
+        LOG_BATCH_BYTES, and before each message, which follows its lines (and is noted
+        in the file). Ends at the None `end` puts last.
+
+        The batch is written and its listeners chosen under the lock; it is handed to
+        them after the lock is released."""
+        with open(self.path, "ab") as log_file:
+            with self._lock:
+                self._size = log_file.tell()
+            done = False
+            while not done:
+                batch, progress, size, say = [], None, 0, None
+                deadline = time.monotonic() + LOG_BATCH_S
+                while size < LOG_BATCH_BYTES:
+                    try:
+                        item = self._items.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        done = True
+                        break
+                    if isinstance(item, _Say):
+                        say = item
+                        name = item.payload.get("name")
+                        # "m": a marker in the file; the message itself follows it
+                        batch.append(["m", f"[sleap-rtc worker] {item.name}{f' {name}' if name else ''}"])
+                        break
+                    stream, line, is_progress = item
+                    if is_progress:
+                        progress = line
+                        continue
+                    batch.append([stream, line])
+                    size += len(line)
+                    self._watch(stream, line)
+                if batch or progress is not None:
+                    data = "".join(line + "\n" for _, line in batch).encode("utf-8", "replace")
+                    with self._lock:
+                        try:
+                            log_file.write(data)
+                            log_file.flush()
+                            self._size += len(data)
+                        except OSError as exc:  # e.g. a full disk: keep reading, or sleap-nn blocks on its pipe
+                            log.error("job %s: writing its log failed: %s", self.job_id, exc)
+                        with self._listeners_lock:
+                            listeners = list(self._listeners)
+                    self.emit(P.JOB_LOG, {"lines": batch, "progress": progress}, listeners)
+                if say is not None:
+                    self.emit(say.name, say.payload)
+
+
 class Job:
     """One job: its steps (sleap-nn runs, one after the other) and everything known about it.
 
     Threads, all ended by the process ending: "job-ID-run" has the steps planned (paths
     checked again, a package unpacked), runs them in order and reports the outcome; while
-    a step runs, "job-ID-stdout" / "job-ID-stderr" read its pipes into `_lines` and
-    "job-ID-zmq" (training with progress) forwards sleap-nn's events and sends stop;
-    "job-ID-relay" takes lines and messages from `_lines`, in order, into the log file
-    and to listeners.
+    a step runs, "job-ID-stdout" / "job-ID-stderr" read its output into `log` (a JobLog,
+    whose relay thread writes the file and tells the listeners) and "job-ID-zmq"
+    (training with progress) forwards sleap-nn's events and sends stop. `_set_state` is
+    the one place the job's state changes, in memory and in the ledger together.
     """
 
     def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
                  submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S,
-                 executor: Optional[Executor] = None, owner: str = ""):
+                 executor: Optional[Executor] = None, owner: str = "", ledger: Optional["Ledger"] = None):
         self.job_id = job_id
+        self.ledger = ledger  # where its state is recorded (None: nowhere, as in a unit test)
         self.spec = spec
         self.dir = job_dir
         self.submitter = submitter  # the peer id it came from
         self.owner = owner  # the signed-in user behind that peer ("" if none)
         self.executable = executable
         self.log_path = job_dir / "job.log"
+        self.log = JobLog(job_id, self.log_path, self._watch_line)
         self.state = P.PENDING
         self.submitted_at = submitted_at or time.time()
         self.started_at: Optional[float] = None
@@ -1422,15 +1576,6 @@ class Job:
         # Called with columns for the ledger when the running step's run reports a change.
         self.on_record: Callable[["Job", dict], None] = lambda job, record: None
         self.stop_grace = stop_grace
-        self._lines: "queue.Queue" = queue.Queue()
-        # Guards _listeners, the callbacks (message name, payload) of attached clients.
-        self._listeners_lock = threading.Lock()
-        self._listeners: list[Callable[[str, dict], None]] = []
-        # Guards _log_size (bytes of the log file written so far), `outcome` being set, and
-        # which listeners each log batch goes to: a client attaching mid-run replays the
-        # file up to _log_size and gets exactly the batches after it.
-        self._log_lock = threading.Lock()
-        self._log_size = 0
         # Guards `run` being started against `cancel_requested`: a cancel that comes
         # between the scheduler taking the job and a step starting is never lost.
         self._start_lock = threading.Lock()
@@ -1438,48 +1583,6 @@ class Job:
     @property
     def kind(self) -> str:
         return self.spec["type"]
-
-    # -- listeners ------------------------------------------------------------------------
-
-    def subscribe(self, listener: Callable[[str, dict], None]) -> None:
-        with self._listeners_lock:
-            self._listeners.append(listener)
-
-    def unsubscribe(self, listener: Callable[[str, dict], None]) -> bool:
-        """Take a listener off; False when it was not on."""
-        with self._listeners_lock:
-            if listener not in self._listeners:
-                return False
-            self._listeners.remove(listener)
-            return True
-
-    def emit(self, name: str, payload: dict, listeners: Optional[list] = None) -> None:
-        """Hand a message to every listener (or to `listeners`, a snapshot). Listeners only
-        queue; one that raises is logged and dropped, and the others still get the message."""
-        if listeners is None:
-            with self._listeners_lock:
-                listeners = list(self._listeners)
-        message = {"job_id": self.job_id, **payload}
-        for listener in listeners:
-            try:
-                listener(name, message)
-            except Exception:  # a listener's bug must not end the job's thread or reach other clients
-                log.exception("job %s: a listener failed on %s and was dropped", self.job_id, name)
-                self.unsubscribe(listener)
-
-    def attach(self, listener: Optional[Callable[[str, dict], None]]) -> tuple[int, bool]:
-        """Subscribe `listener` (when given) for what follows the log's first `offset` bytes.
-
-        Returns (offset, live): the caller replays the log file up to `offset`, outside any
-        lock, and gets no line twice and none missed; live is False when the job has
-        finished already (nothing was subscribed).
-        """
-        with self._log_lock:
-            if self.outcome is not None:
-                return self._log_size, False
-            if listener is not None:
-                self.subscribe(listener)
-            return self._log_size, True
 
     # -- running ------------------------------------------------------------------------
 
@@ -1490,7 +1593,7 @@ class Job:
         as each step's process starts, and `on_finished` once the outcome is known."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "spec.json").write_text(json.dumps(self.spec, indent=2))
-        self.state = P.RUNNING  # started_at waits for the first sleap-nn process
+        self._set_state(P.RUNNING)  # started_at waits for the first sleap-nn process
         on_started(self)
         threading.Thread(target=P.guarded(self._run), args=(plan, on_step, on_finished),
                          name=f"job-{self.job_id}-run", daemon=True).start()
@@ -1507,10 +1610,9 @@ class Job:
             log.exception("job %s: planning its steps failed", self.job_id)
             self._finish(P.FAILED, f"the worker could not prepare the job: {exc!r}", on_finished)
             return
-        relay = threading.Thread(target=P.guarded(self._relay), name=f"job-{self.job_id}-relay", daemon=True)
-        relay.start()
+        self.log.start()
         for note in notes:
-            self._say_line(note)
+            self.log.say_line(note)
         error = None
         try:
             for index, step in enumerate(self.steps):
@@ -1518,7 +1620,7 @@ class Job:
                     continue
                 first_inference = step.kind == P.TRACK and (index == 0 or self.steps[index - 1].kind != P.TRACK)
                 if first_inference and "package" in self.spec:
-                    self._lines.put(_Say(P.INFERENCE_START, {}))
+                    self.log.say(P.INFERENCE_START, {})
                 error = self._run_step(index, step, on_step)
                 if error or self.cancel_requested.is_set():
                     break
@@ -1526,8 +1628,7 @@ class Job:
             log.exception("job %s: running its steps failed", self.job_id)
             error = f"the worker failed while running the job: {exc!r}"
         finally:
-            self._lines.put(None)
-            relay.join()
+            self.log.end()
         self._finish(*self._verdict(error), on_finished)
 
     def _save_steps(self) -> None:
@@ -1558,7 +1659,7 @@ class Job:
             prefer = tuple(saved["ports"]) if saved and saved.get("ports") else None
             sub, pub, ports = bind_zmq_pair(context, self.executor.zmq_host, prefer)
             if prefer and ports != prefer:
-                self._say_line(f"the progress ports {prefer} are taken; live progress of this step is lost")
+                self.log.say_line(f"the progress ports {prefer} are taken; live progress of this step is lost")
         result = {"name": step.name, "kind": step.kind, "exit_code": None, "stopped_early": False}
         with self._start_lock:
             try:
@@ -1580,7 +1681,7 @@ class Job:
         on_step(self)
         if saved is None:
             start = {P.TRAIN: P.TRAIN_JOB_START, P.TRACK: P.INFERENCE_JOB_START}.get(step.kind, P.COMMAND_START)
-            self._lines.put(_Say(start, {"name": step.name, "command": run.command}))
+            self.log.say(start, {"name": step.name, "command": run.command})
         readers = [threading.Thread(target=P.guarded(self._read_chunks), args=(chunks, stream),
                                     name=f"job-{self.job_id}-{label}", daemon=True)
                    for stream, label, chunks in run.outputs()]
@@ -1609,9 +1710,9 @@ class Job:
         self.results.append(result)
         if step.kind == P.TRAIN:
             if result["state"] == P.COMPLETED:
-                self._lines.put(_Say(P.TRAIN_JOB_END, {"name": step.name, "stopped_early": result["stopped_early"]}))
+                self.log.say(P.TRAIN_JOB_END, {"name": step.name, "stopped_early": result["stopped_early"]})
             else:
-                self._lines.put(_Say(P.TRAIN_JOB_ERROR, {"name": step.name, "exit_code": self.exit_code}))
+                self.log.say(P.TRAIN_JOB_ERROR, {"name": step.name, "exit_code": self.exit_code})
             self.stop_requested.clear()  # a stop ends this model; the next one trains in full
         if result["state"] == P.FAILED:
             program = step.name if step.kind == P.COMMAND else "sleap-nn"
@@ -1622,12 +1723,8 @@ class Job:
         """The running step's run changed (e.g. its SLURM state): `note` into the log,
         `record` (ledger columns) to the ledger."""
         if note:
-            self._say_line(note)
+            self.log.say_line(note)
         self.on_record(self, record)
-
-    def _say_line(self, text: str) -> None:
-        """A line from the worker itself into the job's log (stream "w")."""
-        self._lines.put(("w", f"[sleap-rtc worker] {text}", False))
 
     def _read_chunks(self, chunks: Iterator[bytes], stream: str) -> None:
         """Split output into complete lines and carriage-return progress updates."""
@@ -1638,62 +1735,17 @@ class Job:
             pending = parts.pop()
             for text, end in zip(parts[0::2], parts[1::2]):
                 line = text.decode("utf-8", "replace")
-                self._lines.put((stream, line, end == b"\r"))
+                self.log.line(stream, line, end == b"\r")
         if pending:
-            self._lines.put((stream, pending.decode("utf-8", "replace"), False))
+            self.log.line(stream, pending.decode("utf-8", "replace"))
 
-    def _relay(self) -> None:
-        """Batch lines into the log file and to listeners: every LOG_BATCH_S or
-        LOG_BATCH_BYTES, and before each message, which follows its lines (and is noted
-        in the log). Ends at the None the run thread puts last.
-
-        The batch is written and its listeners chosen under the log lock; it is handed to
-        them after the lock is released."""
-        with open(self.log_path, "ab") as log_file:
-            with self._log_lock:
-                self._log_size = log_file.tell()
-            done = False
-            while not done:
-                batch, progress, size, say = [], None, 0, None
-                deadline = time.monotonic() + LOG_BATCH_S
-                while size < LOG_BATCH_BYTES:
-                    try:
-                        item = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        done = True
-                        break
-                    if isinstance(item, _Say):
-                        say = item
-                        name = item.payload.get("name")
-                        # "m": a marker in the log; the message itself follows it
-                        batch.append(["m", f"[sleap-rtc worker] {item.name}{f' {name}' if name else ''}"])
-                        break
-                    stream, line, is_progress = item
-                    if is_progress:
-                        progress = line
-                        continue
-                    batch.append([stream, line])
-                    size += len(line)
-                    if stream == "e":
-                        self.stderr_tail.append(line)
-                    if stream == "o" and self.step is not None and self.step.kind == P.TRACK and line.startswith("{"):
-                        self._inference_progress(line)
-                if batch or progress is not None:
-                    data = "".join(line + "\n" for _, line in batch).encode("utf-8", "replace")
-                    with self._log_lock:
-                        try:
-                            log_file.write(data)
-                            log_file.flush()
-                            self._log_size += len(data)
-                        except OSError as exc:  # e.g. a full disk: keep reading, or sleap-nn blocks on its pipe
-                            log.error("job %s: writing its log failed: %s", self.job_id, exc)
-                        with self._listeners_lock:
-                            listeners = list(self._listeners)
-                    self.emit(P.JOB_LOG, {"lines": batch, "progress": progress}, listeners)
-                if say is not None:
-                    self.emit(say.name, say.payload)
+    def _watch_line(self, stream: str, line: str) -> None:
+        """Each line on its way into the log: stderr's tail is kept for the outcome, and an
+        inference step's JSON progress lines become JOB_PROGRESS."""
+        if stream == "e":
+            self.stderr_tail.append(line)
+        if stream == "o" and self.step is not None and self.step.kind == P.TRACK and line.startswith("{"):
+            self._inference_progress(line)
 
     def _inference_progress(self, line: str) -> None:
         try:
@@ -1701,7 +1753,7 @@ class Job:
         except ValueError:
             return
         if isinstance(report, dict) and "n_processed" in report:
-            self.emit(P.JOB_PROGRESS, {"event": "inference", **report})
+            self.log.emit(P.JOB_PROGRESS, {"event": "inference", **report})
 
     def _poll_zmq(self, run, context, sub, pub) -> None:
         """Forward sleap-nn's progress; while a stop is wanted, repeat it until train_end."""
@@ -1729,7 +1781,7 @@ class Job:
             context.term()
 
     def _on_report(self, text: str) -> None:
-        self.emit(P.PROGRESS_REPORT, {"report": text})
+        self.log.emit(P.PROGRESS_REPORT, {"report": text})
         try:
             report = json.loads(text)
         except ValueError:
@@ -1739,7 +1791,7 @@ class Job:
         if event == "train_end":
             self.train_ended.set()
         if event in ("train_begin", "epoch_begin", "epoch_end", "train_end"):
-            self.emit(P.JOB_PROGRESS, {
+            self.log.emit(P.JOB_PROGRESS, {
                 "event": event, "epoch": report.get("epoch"), "model": self.step.name if self.step else None,
                 "max_epochs": self.step.max_epochs if self.step else None,
                 "loss": logs.get("train/loss", logs.get("loss")), "val_loss": logs.get("val/loss")})
@@ -1782,9 +1834,42 @@ class Job:
                    "outputs": outputs, "warning": "; ".join(warnings) or None, "error": error,
                    "stderr_tail": list(self.stderr_tail) if state != P.COMPLETED else [],
                    "log_path": str(self.log_path), "steps": steps}
-        with self._log_lock:
-            self.outcome, self.state = outcome, state
+        # Recorded first, so that whoever hears of the outcome finds it in the ledger.
+        self._set_state(state, finished_at=self.finished_at, exit_code=outcome["exit_code"],
+                        duration_s=outcome["duration_s"], stopped_early=int(outcome["stopped_early"]),
+                        outputs=outputs, warning=outcome["warning"], error=error,
+                        stderr_tail=outcome["stderr_tail"], steps=steps)
+        self.log.close(lambda: setattr(self, "outcome", outcome))
         on_finished(self)
+
+    def _set_state(self, state: str, **fields) -> None:
+        """The one place a job's state changes: here and in the ledger (with `fields`,
+        more of its columns), together."""
+        self.state = state
+        if self.ledger is not None:
+            self.ledger.update(self.job_id, state=state, **fields)
+
+    def lost(self, why: str) -> None:
+        """A job that was running when the worker stopped, and did not survive it: failed,
+        with a last line in its log."""
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as log_file:
+                log_file.write(f"[sleap-rtc worker] {why}; this run was lost\n")
+        except OSError:
+            pass
+        now = time.time()
+        self._set_state(P.FAILED, finished_at=now, error=why, duration_s=round(now - (self.started_at or now), 2))
+
+    def arriving(self) -> None:
+        """A replica's files start arriving from another worker (see ReplicaReceiver)."""
+        self.started_at = time.time()
+        self._set_state(P.RUNNING, started_at=self.started_at)
+
+    def arrived(self, problem: Optional[str], outputs: list[dict]) -> None:
+        """A replica's files were all checked (`problem` None) or were not."""
+        self.finished_at = time.time()
+        self._set_state(P.FAILED if problem else P.COMPLETED, finished_at=self.finished_at, outputs=outputs,
+                        error=problem, duration_s=round(self.finished_at - (self.started_at or self.finished_at), 2))
 
     def _verdict(self, error: Optional[str]) -> tuple[str, Optional[str]]:
         """State and error of the run; SIGTERM exits 0 in sleap-nn, so a cancel is known by our own flag."""
@@ -1814,10 +1899,8 @@ class Job:
                 outputs.append({"kind": "model", "name": step.name, "path": str(model_dir), "files": files})
             elif step.kind == P.COMMAND:
                 outputs += command_outputs(self.dir)
-            elif step.kind == P.REPLICATE and (self.dir / REPLICA_RESULT_FILE).is_file():
-                sent = json.loads((self.dir / REPLICA_RESULT_FILE).read_text())
-                outputs += [{"kind": "replica", "of": o["kind"], "worker": sent["worker"], "path": o["path"],
-                             "replica_job": sent["replica_id"]} for o in sent["outputs"]]
+            elif step.kind == P.REPLICATE:
+                outputs += optional(P.REPLICATE).replica_outputs(self.dir)
             elif step.kind != P.TRACK:
                 continue
             elif step.output is not None and step.output.is_file():
@@ -2097,14 +2180,7 @@ class Scheduler:
             if self._follow_again(record):
                 continue
             kill_orphan(record)
-            now = time.time()
-            try:
-                with open(record["log_path"], "a", encoding="utf-8") as log_file:
-                    log_file.write(f"[sleap-rtc worker] {RESTARTED_ERROR}; this run was lost\n")
-            except OSError:
-                pass
-            self.ledger.update(record["job_id"], state=P.FAILED, finished_at=now, error=RESTARTED_ERROR,
-                               duration_s=round(now - (record["started_at"] or now), 2))
+            self._job(record).lost(RESTARTED_ERROR)
             log.warning("job %s was running when the worker stopped; marked failed", record["job_id"])
         for record in self.ledger.select(state=P.PENDING, oldest_first=True):
             self.queue.append(self._job(record))
@@ -2113,8 +2189,10 @@ class Scheduler:
 
     def _job(self, record: dict) -> Job:
         """The live Job of a ledger record."""
-        return Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"],
-                   self.executable, record["submitted_at"], self.stop_grace, self.executor, record.get("owner") or "")
+        job = Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"], self.executable,
+                  record["submitted_at"], self.stop_grace, self.executor, record.get("owner") or "", self.ledger)
+        job.started_at = record.get("started_at")
+        return job
 
     def _follow_again(self, record: dict) -> bool:
         """Follow a running job's run again (a SLURM job); False when there is none to follow."""
@@ -2124,7 +2202,6 @@ class Scheduler:
         job = self._job(record)
         job.reattach = reattach
         job.results = [r for r in (record.get("steps") or []) if r.get("state") != "not run"][:reattach["step"]]
-        job.started_at = record.get("started_at")
         self.running[job.job_id] = job
         self._start(job)
         log.info("job %s: %s", job.job_id, reattach["note"])
@@ -2165,14 +2242,14 @@ class Scheduler:
             if self.ledger.get(job_id) is not None:
                 return None, [P.spec_error("job_id", f"job {job_id} exists already", "DUPLICATE")]
             job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable, stop_grace=self.stop_grace,
-                      executor=self.executor, owner=owner)
+                      executor=self.executor, owner=owner, ledger=self.ledger)
             try:
                 job.dir.mkdir(parents=True, exist_ok=True)
                 for name, text in (files or {}).items():
                     (job.dir / name).write_text(text, encoding="utf-8")
             except OSError as exc:
                 return None, [P.spec_error("worker", f"cannot write the job's directory: {exc}", "WORKER_ERROR")]
-            job.subscribe(listener)
+            job.log.subscribe(listener)
             self.ledger.add(job)
             if self.reservations.pop(job_id, None) is not None:
                 self.queue.insert(0, job)  # its slot was kept for it
@@ -2181,6 +2258,16 @@ class Scheduler:
             self._cond.notify_all()
         self.on_change(job)
         return job, []
+
+    def replica_job(self, spec: dict, submitter: str) -> Job:
+        """A job of type REPLICA, recorded as running: another worker's results arriving
+        into its directory's staging folder (see ReplicaReceiver). It takes no slot."""
+        job_id = P.new_job_id()
+        job = Job(job_id, spec, self.jobs_dir / job_id, submitter, "", ledger=self.ledger)
+        (job.dir / ".incoming").mkdir(parents=True)
+        self.ledger.add(job)
+        job.arriving()
+        return job
 
     def release(self, job_id: str) -> None:
         """Free the slot kept for a job that will not come (it was rejected)."""
@@ -2343,7 +2430,6 @@ class Scheduler:
             job.finish_unrun(P.FAILED, f"the worker could not start the job: {exc!r}", self._finished)
 
     def _started(self, job: Job) -> None:
-        self.ledger.update(job.job_id, state=P.RUNNING)
         self.on_change(job)
 
     def _step_started(self, job: Job) -> None:
@@ -2373,22 +2459,17 @@ class Scheduler:
         with self._cond:
             waiting = [(job, self._position(i)) for i, job in enumerate(self.queue)]
         for job, position in waiting:
-            job.emit(P.JOB_PROGRESS, {"event": "queued", "queue_position": position})
+            job.log.emit(P.JOB_PROGRESS, {"event": "queued", "queue_position": position})
 
     def _finished(self, job: Job) -> None:
-        """Record the outcome first, so that whoever hears of it finds it in the ledger."""
+        """The job recorded its outcome: note what a prune took, free its slot, tell its listeners."""
         outcome = job.outcome
         if job.kind == P.PRUNE and outcome["state"] == P.COMPLETED:
             self._note_pruned(job)
-        self.ledger.update(job.job_id, state=outcome["state"], finished_at=job.finished_at,
-                           exit_code=outcome["exit_code"], duration_s=outcome["duration_s"],
-                           stopped_early=int(outcome["stopped_early"]), outputs=outcome["outputs"],
-                           warning=outcome["warning"], error=outcome["error"], stderr_tail=outcome["stderr_tail"],
-                           steps=outcome["steps"])
         with self._cond:
             self.running.pop(job.job_id, None)
             self._cond.notify_all()
-        job.emit(P.JOB_COMPLETE if job.state == P.COMPLETED else P.JOB_FAILED, outcome)
+        job.log.emit(P.JOB_COMPLETE if job.state == P.COMPLETED else P.JOB_FAILED, outcome)
         log.info("job %s %s (exit code %s, %.1f s)", job.job_id, job.state, job.exit_code, outcome["duration_s"])
         self.on_change(job)
 
@@ -2398,7 +2479,7 @@ class Scheduler:
 # ---------------------------------------------------------------------------------------
 
 UPLOAD_CACHE_GB = 50.0
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Beside an upload's names: who sent it, and the file's identity when its hash was last
 # checked. Hidden, so never a name a client sees.
 UPLOAD_META_FILE = ".meta.json"
@@ -2454,7 +2535,7 @@ class UploadStore:
 
     def contents(self) -> list[Path]:
         """The directory of each stored content, by hash."""
-        return sorted(c for c in self.directory.iterdir() if c.is_dir() and _SHA256_RE.match(c.name))
+        return sorted(c for c in self.directory.iterdir() if c.is_dir() and SHA256_RE.match(c.name))
 
     @staticmethod
     def names(content: Path) -> list[Path]:
@@ -2511,7 +2592,7 @@ class UploadStore:
         """Why a path a job names inside the store must not be used (its content changed
         since it was stored), or None (also for any path outside the store)."""
         relative = Path(path).relative_to(self.directory) if Path(path).is_relative_to(self.directory) else None
-        if relative is None or not _SHA256_RE.match(relative.parts[0]):
+        if relative is None or not SHA256_RE.match(relative.parts[0]):
             return None
         if self.held(relative.parts[0]) is None:
             return f"{path}: the upload store no longer holds those bytes (changed on disk); upload it again"
@@ -2522,7 +2603,7 @@ class UploadStore:
         sha256, size, name = payload.get("sha256"), payload.get("size"), payload.get("name")
         reply = {"sha256": str(sha256)[:64]}
         try:
-            if not _SHA256_RE.match(str(sha256)) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            if not SHA256_RE.match(str(sha256)) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise P.TransferError("UPLOAD_QUERY needs sha256 (64 hex digits), size (bytes) and name")
             name = P.safe_file_name(str(name))
         except P.TransferError as exc:
@@ -2592,7 +2673,7 @@ class UploadStore:
                 info = part.stat()
             except OSError:
                 continue
-            if _SHA256_RE.match(sha) and sha not in active and info.st_mtime < cutoff:
+            if SHA256_RE.match(sha) and sha not in active and info.st_mtime < cutoff:
                 parts.append((part, info.st_size))
         return parts
 
@@ -2804,110 +2885,6 @@ def prune_step_of(job: "Job", plan: dict, roots: list[Path]) -> Step:
 
 
 # ---------------------------------------------------------------------------------------
-# Replicas: a finished job's results copied to another worker in the room
-# ---------------------------------------------------------------------------------------
-# The sending worker runs `worker.py replicate-step` as its replicate job's step: a peer
-# of its own in the room that opens a link to the receiving worker and sends each file
-# (SHA-256 checked on arrival, and against the manifest at the end). The receiver keeps
-# them in a new job directory and records a job of type replica; both ledgers hold it.
-
-REPLICA_MANIFEST_FILE = "replica-manifest.json"
-REPLICA_RESULT_FILE = "replica-result.json"
-MAX_REPLICA_FILES = 1000
-# The room credentials a replicate step gets from its worker, in its environment (never in ps).
-_CREDENTIAL_ENV = (P.ENV_SERVER, P.ENV_ROOM, P.ENV_TOKEN)
-
-
-def replica_manifest(record: dict) -> list[dict]:
-    """The outputs of a finished job as a replica sends them: kind, name and each file
-    with its path here, size and SHA-256."""
-    outputs = []
-    for output in record.get("outputs") or []:
-        if output["kind"] == "model":
-            files = [{"name": f["name"], "size": f["size"], "sha256": f["sha256"],
-                      "path": str(Path(output["path"]) / f["name"])} for f in output.get("files", [])]
-            outputs.append({"kind": "model", "name": Path(output["path"]).name, "files": files})
-        elif output["kind"] == "predictions":
-            outputs.append({"kind": "predictions", "name": Path(output["path"]).name,
-                            "files": [{"name": Path(output["path"]).name, "size": output["size"],
-                                       "sha256": output["sha256"], "path": output["path"]}]})
-    return outputs
-
-
-def replicate_step(argv: list[str]) -> int:
-    """`worker.py replicate-step`: send a manifest's files to another worker as a replica."""
-    parser = argparse.ArgumentParser(prog="worker.py replicate-step")
-    parser.add_argument("manifest", type=Path)
-    parser.add_argument("result", type=Path)
-    parser.add_argument("--to", required=True, help="the receiving worker's peer id")
-    parser.add_argument("--peer-id", required=True, help="this step's own peer id in the room")
-    args = parser.parse_args(argv)
-    manifest = json.loads(args.manifest.read_text())
-    server, room, token = (os.environ[name] for name in _CREDENTIAL_ENV)
-    signaling = P.SignalingClient(server, room, token, args.peer_id, "client")
-    link = None
-    try:
-        signaling.connect()
-        link = P.open_link(signaling, args.to, args.manifest.parent)
-        request_id = secrets.token_hex(4)
-        public = [{**o, "files": [{k: f[k] for k in ("name", "size", "sha256")} for f in o["files"]]}
-                  for o in manifest["outputs"]]
-        link.send(P.REPLICA_BEGIN, {"request_id": request_id, "source": manifest["source"], "outputs": public})
-        ready = link.expect(lambda m: isinstance(m, P.Message) and m.name == P.REPLICA_READY
-                            and m.payload.get("request_id") == request_id, 30, "REPLICA_READY").payload
-        if ready.get("error"):
-            print(f"{args.to} refused the replica: {ready['error']}", file=sys.stderr)
-            return 1
-        for index, output in enumerate(manifest["outputs"]):
-            for f in output["files"]:
-                started = time.monotonic()
-                ack = link.send_file(Path(f["path"]), name=f"{index}-{f['name']}", digest=(f["size"], f["sha256"]))
-                seconds = max(1e-6, time.monotonic() - started)
-                print(f"sent {f['path']} ({f['size']} bytes, sha256 {f['sha256'][:12]}) over {ack['via']}: "
-                      f"{f['size'] / seconds / 1e6:.1f} MB/s", flush=True)
-        link.send(P.REPLICA_END, {"replica_id": ready["replica_id"]})
-        done = link.expect(lambda m: isinstance(m, P.Message) and m.name == P.REPLICA_DONE, 120,
-                           "REPLICA_DONE").payload
-    except (P.SleapRTCError, OSError) as exc:
-        print(f"replicating to {args.to} failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if link is not None:
-            link.close()
-        signaling.close()
-    if done.get("error"):
-        print(f"{args.to} did not keep the replica: {done['error']}", file=sys.stderr)
-        return 1
-    result = {"worker": args.to, "replica_id": done["replica_id"], "outputs": done["outputs"]}
-    args.result.write_text(json.dumps(result))
-    for output in done["outputs"]:
-        print(f"{output['kind']} on {args.to}: {output['path']} (job {done['replica_id']} there)")
-    return 0
-
-
-def check_replica_manifest(outputs: Any) -> Optional[str]:
-    """What is wrong with a REPLICA_BEGIN's outputs, or None."""
-    if not isinstance(outputs, list) or not outputs or len(outputs) > 100:
-        return "outputs must be a list of 1-100 outputs"
-    count = 0
-    for output in outputs:
-        if not isinstance(output, dict) or output.get("kind") not in ("model", "predictions") \
-                or not isinstance(output.get("files"), list) or not output["files"]:
-            return "each output needs kind (model or predictions) and files"
-        for f in output["files"]:
-            count += 1
-            if not isinstance(f, dict) or not _SHA256_RE.match(str(f.get("sha256"))) \
-                    or not P._is_a(f.get("size"), int) or f["size"] < 0:
-                return "each file needs a name, a size and a SHA-256"
-            try:
-                P.safe_file_name(str(f.get("name", "")))
-                P.safe_file_name(str(output.get("name", "")))
-            except P.TransferError as exc:
-                return str(exc)
-    return None if count <= MAX_REPLICA_FILES else f"at most {MAX_REPLICA_FILES} files"
-
-
-# ---------------------------------------------------------------------------------------
 # Sessions: one per client link
 # ---------------------------------------------------------------------------------------
 
@@ -3046,7 +3023,9 @@ class Session:
         # Guards _following: job id -> this session's listener on that job.
         self._following_lock = threading.Lock()
         self._following: dict[str, Callable[[str, dict], None]] = {}
-        self._replica: Optional[dict] = None  # a replica arriving from another worker (session thread only)
+        # Replicas arriving from another worker (replicas.py), or None without that file.
+        self.replicas = optional(P.REPLICATE).ReplicaReceiver(self) if P.REPLICATE in worker.capabilities else None
+        self.handlers = self._handlers()
         self.upstream = None  # an UpstreamAdapter (upstream.py)  # set before the writer starts, for an upstream link
         self.thread = threading.Thread(target=P.guarded(self._run), name=f"session-{self.peer_id}", daemon=True)
         self.writer = threading.Thread(target=P.guarded(self._write), name=f"session-{self.peer_id}-out", daemon=True)
@@ -3089,8 +3068,8 @@ class Session:
         except P.LinkClosed as exc:
             log.info("link with %s ended: %s", self.peer_id, exc)
         finally:
-            if self._replica is not None:
-                self._end_replica(self._replica, "the sending worker's link ended before the replica was whole", [])
+            if self.replicas is not None:
+                self.replicas.abandon()
             with self._following_lock:
                 followed = list(self._following)
             for job_id in followed:
@@ -3123,7 +3102,34 @@ class Session:
     def send(self, name: str, payload: dict) -> None:
         self.outbox.put((name, payload))
 
-    def _handle(self, item) -> None:
+    def _handlers(self) -> dict[str, Callable[[dict], None]]:
+        """What the reader does with each message a client may send, by name."""
+        return {
+            P.LINK_PING: lambda payload: self.send(P.LINK_PONG, payload),
+            P.LINK_ERROR: lambda payload: log.warning("%s reports: %s", self.peer_id,
+                                                      str(payload.get("message"))[:500]),
+            P.UPLOAD_QUERY: lambda payload: self.send(P.UPLOAD_STATUS,
+                                                      self.worker.uploads.status(payload, self.sender)),
+            P.STORE_LIST: lambda payload: self.send(P.STORE_LISTING, {
+                "request_id": str(payload.get("request_id", ""))[:64], "files": self.worker.store_listing()}),
+            P.FILE_REQUEST: self._send_requested_file,
+            P.FS_LIST: lambda payload: self._files(P.FS_LIST, payload),
+            P.FS_SEARCH: lambda payload: self._files(P.FS_SEARCH, payload),
+            P.JOB_SUBMIT: self._submit,
+            P.ZMQ_CTRL: lambda payload: self._control(P.ZMQ_CTRL, payload),
+            P.JOB_CANCEL: lambda payload: self._control(P.JOB_CANCEL, payload),
+            P.JOB_ATTACH: self._attach,
+            P.JOB_FETCH: self._fetch,
+            P.REPLICA_BEGIN: self.replicas.begin if self.replicas else self._no_replicas,
+            P.REPLICA_END: self.replicas.end if self.replicas else self._no_replicas,
+        }
+
+    def _no_replicas(self, payload: dict) -> None:
+        self.send(P.REPLICA_READY, {"request_id": str(payload.get("request_id", ""))[:64],
+                                    "error": f"this worker does not serve {OPTIONAL_SERVES[P.REPLICATE]}: "
+                                             f"{OPTIONAL_FILES[P.REPLICATE]} is not beside its worker.py"})
+
+    def _handle(self, item: P.Received) -> None:
         if self.upstream is not None:
             self.upstream.handle(item)
         elif isinstance(item, P.FileReceived):
@@ -3133,34 +3139,10 @@ class Session:
         elif isinstance(item, P.TransferFailed):
             log.warning("upload from %s failed: %s", self.peer_id, item.error)
             self.worker.uploads.settle()  # what it left counts toward the store's cap
-        elif item.name == P.LINK_PING:
-            self.send(P.LINK_PONG, item.payload)
-        elif item.name == P.UPLOAD_QUERY:
-            self.send(P.UPLOAD_STATUS, self.worker.uploads.status(item.payload, self.sender))
-        elif item.name in (P.FS_LIST, P.FS_SEARCH):
-            self._files(item.name, item.payload)
-        elif item.name == P.REPLICA_BEGIN:
-            self._replica_begin(item.payload)
-        elif item.name == P.REPLICA_END:
-            self._replica_end(item.payload)
-        elif item.name == P.STORE_LIST:
-            files = self.worker.uploads.listing(self.worker.scheduler.ledger.select(limit=-1),
-                                                self.worker._needed_uploads())
-            self.send(P.STORE_LISTING, {"request_id": str(item.payload.get("request_id", ""))[:64], "files": files})
-        elif item.name == P.FILE_REQUEST:
-            self._send_requested_file(item.payload)
-        elif item.name == P.JOB_SUBMIT:
-            self._submit(item.payload)
-        elif item.name in (P.ZMQ_CTRL, P.JOB_CANCEL):
-            self._control(item.name, item.payload)
-        elif item.name == P.JOB_ATTACH:
-            self._attach(item.payload)
-        elif item.name == P.JOB_FETCH:
-            self._fetch(item.payload)
-        elif item.name == P.LINK_ERROR:
-            log.warning("%s reports: %s", self.peer_id, str(item.payload.get("message"))[:500])
+        elif isinstance(item, P.Message) and item.name in self.handlers:
+            self.handlers[item.name](item.payload)
         else:
-            self.send(P.LINK_ERROR, {"message": f"this worker does not understand {item.name[:40]}"})
+            self.send(P.LINK_ERROR, {"message": f"this worker does not understand {_describe(item)[:40]}"})
 
     # -- following jobs -------------------------------------------------------------------
 
@@ -3189,7 +3171,7 @@ class Session:
         with self._following_lock:
             listener = self._following.pop(job_id, None)
         job = self.worker.scheduler.get(job_id)
-        if listener is not None and job is not None and job.unsubscribe(listener):
+        if listener is not None and job is not None and job.log.unsubscribe(listener):
             log.info("client %s no longer follows job %s", self.peer_id, job_id)
 
     # -- requests -------------------------------------------------------------------------
@@ -3210,8 +3192,7 @@ class Session:
         elif isinstance(spec, dict) and spec.get("type") == P.REPLICATE:
             errors, plan = P.check_spec(spec) or self._replicable(spec), {"paths": {}}
         else:
-            errors, plan = validate_job(spec, self.worker.readable_mounts, self.worker.mounts, job_dir,
-                                        self.worker.uploads.directory, self.worker.scheduler.ledger.model_digests)
+            errors, plan = self.worker.validate(spec, job_dir)
         files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
         accepted = {**spec, "_resolved": plan.get("paths", {}),
                     **{f"_{name}": plan[name] for name in ("package", "relabel", "command", "scope", "checkpoints",
@@ -3224,8 +3205,8 @@ class Session:
         """Queue a checked job (`accepted`: the spec with what validation resolved, `files`
         to write into its directory) and answer JOB_ACCEPTED, or answer JOB_REJECTED with
         `errors` or the worker's own reason (maintenance, low disk)."""
-        low_disk = self.worker._disk_problem() if accepted and accepted.get("type") != P.PRUNE else None
-        changed = self.worker._store_problem(accepted) if accepted and not errors else None
+        low_disk = self.worker.disk_problem() if accepted and accepted.get("type") != P.PRUNE else None
+        changed = self.worker.store_problem(accepted) if accepted and not errors else None
         if self.worker.maintenance:
             errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
         elif low_disk:
@@ -3253,82 +3234,10 @@ class Session:
 
     def _replicable(self, spec: dict) -> list[dict]:
         """Why a replicate spec cannot run here ([] when it can)."""
-        record = self.worker.scheduler.ledger.get(spec["source_job"])
-        if record is None:
-            return [P.spec_error("source_job", f"no job {spec['source_job']} on this worker", "NOT_FOUND")]
-        if record["state"] != P.COMPLETED or record.get("pruned") or not replica_manifest(record):
-            why = "its files were pruned" if record.get("pruned") else \
-                f"it is {record['state']}" if record["state"] != P.COMPLETED else "it made no model or predictions"
-            return [P.spec_error("source_job", f"job {spec['source_job']} has nothing to replicate: {why}",
-                                 "NOTHING_TO_REPLICATE")]
-        if spec["to"] == self.worker.peer_id:
-            return [P.spec_error("to", "a job's results are on this worker already", "SAME_WORKER")]
-        return []
-
-    # -- replicas arriving from another worker ---------------------------------------------
-
-    def _replica_begin(self, payload: dict) -> None:
-        """Another worker starts sending a replica: a new job directory takes its files."""
-        reply = {"request_id": str(payload.get("request_id", ""))[:64]}
-        problem = check_replica_manifest(payload.get("outputs")) or self.worker._disk_problem()
-        if self._replica is not None:
-            problem = "a replica is arriving on this link already"
-        if problem:
-            self.send(P.REPLICA_READY, {**reply, "error": problem})
-            return
-        source = payload.get("source") if isinstance(payload.get("source"), dict) else {}
-        spec = {"type": P.REPLICA, "source": {"worker": str(source.get("worker"))[:100],
-                                              "job_id": str(source.get("job_id"))[:64]}}
-        job_id = P.new_job_id()
-        job = Job(job_id, spec, self.worker.scheduler.jobs_dir / job_id, self.peer_id, "")
-        staging = job.dir / ".incoming"
-        staging.mkdir(parents=True)
-        job.state = P.RUNNING
-        self.worker.scheduler.ledger.add(job)
-        self.worker.scheduler.ledger.update(job_id, started_at=time.time())
-        self._replica = {"job": job, "outputs": payload["outputs"], "staging": staging, "started": time.time()}
-        self.link.receive_dir = staging
-        log.info("replica %s of %s arriving from %s", job_id, spec["source"], self.peer_id)
-        self.send(P.REPLICA_READY, {**reply, "replica_id": job_id})
-
-    def _replica_end(self, payload: dict) -> None:
-        """Every file of the replica was sent: check each against the manifest, keep them, record the job."""
-        replica = self._replica
-        if replica is None or payload.get("replica_id") != replica["job"].job_id:
-            self.send(P.REPLICA_DONE, {"replica_id": str(payload.get("replica_id"))[:64],
-                                       "error": "no such replica is arriving on this link", "outputs": []})
-            return
-        self._replica, self.link.receive_dir = None, None
-        job, outputs, problem = replica["job"], [], None
-        for index, output in enumerate(replica["outputs"]):
-            name = P.safe_file_name(str(output.get("name")))
-            target = job.dir / "models" / name if output["kind"] == "model" else job.dir
-            target.mkdir(parents=True, exist_ok=True)
-            files = []
-            for f in output["files"]:
-                staged = replica["staging"] / f"{index}-{P.safe_file_name(f['name'])}"
-                if not staged.is_file() or P.file_digest(staged) != (f["size"], f["sha256"]):
-                    problem = f"{f['name']} did not arrive as the manifest says (missing, or another size or SHA-256)"
-                    break
-                os.replace(staged, target / P.safe_file_name(f["name"]))
-                files.append({"name": f["name"], "size": f["size"], "sha256": f["sha256"]})
-            if problem:
-                break
-            outputs.append({"kind": "model", "name": name, "path": str(target), "files": files}
-                           if output["kind"] == "model" else
-                           {"kind": "predictions", "path": str(target / files[0]["name"]), "size": files[0]["size"],
-                            "sha256": files[0]["sha256"]})
-        self._end_replica(replica, problem, outputs)
-        self.send(P.REPLICA_DONE, {"replica_id": job.job_id, "outputs": outputs, **({"error": problem} if problem else {})})
-
-    def _end_replica(self, replica: dict, problem: Optional[str], outputs: list) -> None:
-        shutil.rmtree(replica["staging"], ignore_errors=True)
-        now = time.time()
-        self.worker.scheduler.ledger.update(replica["job"].job_id, state=P.FAILED if problem else P.COMPLETED,
-                                            finished_at=now, duration_s=round(now - replica["started"], 2),
-                                            outputs=outputs, error=problem)
-        log.info("replica %s from %s: %s", replica["job"].job_id, self.peer_id, problem or "kept")
-        self.worker._job_changed(None)
+        try:
+            return optional(P.REPLICATE).replicable(self.worker, spec)
+        except CapabilityMissing as exc:
+            return [P.spec_error("type", str(exc), "UNSUPPORTED")]
 
     # -- who may change what ---------------------------------------------------------------
 
@@ -3389,7 +3298,7 @@ class Session:
         self._unfollow(job_id)  # attaching twice replays again, and follows once
         self.outbox.hold(job_id)  # live output waits behind the replay
         listener = self._listener(job_id, False) if payload.get("follow") else None
-        offset, live = job.attach(listener)
+        offset, live = job.log.attach(listener)
         following = live and listener is not None
         if listener is not None and not following:
             self._unfollow(job_id)
@@ -3520,6 +3429,35 @@ def _describe(item) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class WorkerConfig:
+    """What the worker's command line decides (see build_parser for each option)."""
+
+    server_url: str
+    room_id: str
+    token: str
+    working_dir: Path
+    name: str
+    mounts: list[Mount]
+    gpu_index: int
+    sleap_nn: str  # the sleap-nn executable
+    slots: int = 1
+    advertise_gpu_memory: Optional[int] = None  # MB; None: what torch says
+    maintenance: bool = False
+    reservation_timeout: float = RESERVATION_TIMEOUT_S
+    stop_grace: float = STOP_GRACE_S
+    follower_backlog: int = FOLLOWER_BACKLOG_BYTES
+    upload_cap: Optional[int] = None  # bytes
+    allowed_commands: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> executable
+    allowed_env: set[str] = dataclasses.field(default_factory=set)  # secret-looking variables commands still see
+    min_free_gb: float = MIN_FREE_GB
+    keep_days: Optional[float] = None  # prune finished jobs older than this, daily
+    # sleap-rtc 0.0.7 clients must answer AUTH_CHALLENGE with the room secret's HMAC
+    # (without it, AUTH_RESPONSE::missing passes: the room let them in already).
+    require_room_secret: bool = False
+    admins: set[str] = dataclasses.field(default_factory=set)  # users who may change every member's jobs
+
+
 class Worker:
     """Registers in a room and answers offers; owns its sessions and the embedded server.
 
@@ -3529,23 +3467,14 @@ class Worker:
     load fresh; `stop()` ends them all.
     """
 
-    def __init__(self, server_url: str, room_id: str, token: str, working_dir: Path, name: str,
-                 mounts: list[Mount], gpu_index: int, sleap_nn: str, slots: int = 1,
-                 advertise_gpu_memory: Optional[int] = None, maintenance: bool = False,
-                 reservation_timeout: float = RESERVATION_TIMEOUT_S, embedded=None,
-                 stop_grace: float = STOP_GRACE_S, follower_backlog: int = FOLLOWER_BACKLOG_BYTES,
-                 upload_cap: Optional[int] = None, executor: Optional[Executor] = None,
-                 allowed_commands: Optional[dict[str, str]] = None, allowed_env: Optional[set[str]] = None,
-                 min_free_gb: float = MIN_FREE_GB, keep_days: Optional[float] = None,
-                 require_room_secret: bool = False, admins: Optional[set[str]] = None):
-        self.server_url = server_url
-        self.room_id = room_id
-        self.token = token  # for the replicate steps it starts, which join the room themselves
-        # sleap-rtc 0.0.7 clients must answer AUTH_CHALLENGE with the room secret's HMAC
-        # (without it, AUTH_RESPONSE::missing passes: the room let them in already).
-        self.require_room_secret = require_room_secret
-        # Signed-in users (--admin) who may stop, cancel and prune every member's jobs.
-        self.admins = admins or set()
+    def __init__(self, config: WorkerConfig, executor: Optional[Executor] = None, embedded=None):
+        self.config = config
+        working_dir, mounts, name = config.working_dir, config.mounts, config.name
+        self.server_url = config.server_url
+        self.room_id = config.room_id
+        self.token = config.token  # for the replicate steps it starts, which join the room themselves
+        self.require_room_secret = config.require_room_secret
+        self.admins = config.admins
         self.working_dir = working_dir
         self.name = name
         # Where jobs may write: the admin's mounts, less the worker's own files in them.
@@ -3553,19 +3482,20 @@ class Worker:
         # Besides the mounts, clients read what they uploaded and what their jobs made.
         self.stores = [Mount(working_dir / UPLOADS_DIR, "uploads"), Mount(working_dir / JOBS_DIR, "jobs")]
         self.readable_mounts = self.mounts + self.stores
-        self.allowed_commands = allowed_commands or {}  # name -> executable (--allow-command)
-        self.allowed_env = allowed_env or set()  # secret-looking variables commands may still see
+        self.allowed_commands = config.allowed_commands
+        self.allowed_env = config.allowed_env
         self._queries = threading.BoundedSemaphore(SQL_AT_ONCE)  # ledger queries running now
-        self.min_free_bytes = int(min_free_gb * 1e9)
-        self.uploads = UploadStore(working_dir / UPLOADS_DIR, upload_cap, self._needed_uploads, self.min_free_bytes)
-        self.low_disk = self._disk_problem()  # why new jobs are refused for lack of space, or None
+        self.min_free_bytes = int(config.min_free_gb * 1e9)
+        self.uploads = UploadStore(working_dir / UPLOADS_DIR, config.upload_cap, self.needed_uploads,
+                                   self.min_free_bytes)
+        self.low_disk = self.disk_problem()  # why new jobs are refused for lack of space, or None
         self.capabilities = capabilities()
-        self.job_types = [P.TRAIN, P.TRACK, P.PRUNE, P.REPLICATE] + [P.PACKAGE] * (P.PACKAGE in self.capabilities) + \
+        self.job_types = [P.TRAIN, P.TRACK, P.PRUNE] + [c for c in (P.REPLICATE, P.PACKAGE) if c in self.capabilities] + \
             [f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands)]
         self.embedded = embedded
-        self.gpu_index = gpu_index
-        self.maintenance = maintenance
-        self.follower_backlog = follower_backlog
+        self.gpu_index = gpu_index = config.gpu_index
+        self.maintenance = config.maintenance
+        self.follower_backlog = config.follower_backlog
         self.peer_id, peer_key = worker_peer_id(working_dir, name)
         self.stopping = threading.Event()
         # Guards sessions, the live client links by peer id.
@@ -3579,19 +3509,19 @@ class Worker:
         self.gpu_now: tuple[Optional[int], Optional[int]] = (None, None)
         self._threads = [threading.Thread(target=P.guarded(self._publish_forever), name="status-publisher",
                                          daemon=True)]
-        self.keep_days = keep_days
-        if keep_days is not None:
+        self.keep_days = config.keep_days
+        if self.keep_days is not None:
             self._threads.append(threading.Thread(target=P.guarded(self._prune_forever), name="pruner", daemon=True))
         if shutil.which("nvidia-smi"):
             self.gpu_now = gpu_load(gpu_index)
             self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
                                                  daemon=True))
         executor = executor or LocalExecutor()
-        self.scheduler = Scheduler(working_dir, slots, sleap_nn, self._job_changed, reservation_timeout, stop_grace,
-                                   self._plan_job, executor)
-        facts = gpu_facts(gpu_index, probe_torch=advertise_gpu_memory is None)
-        if advertise_gpu_memory is not None:
-            facts["gpu_memory_mb"] = advertise_gpu_memory
+        self.scheduler = Scheduler(working_dir, config.slots, config.sleap_nn, self.job_changed,
+                                   config.reservation_timeout, config.stop_grace, self._plan_job, executor)
+        facts = gpu_facts(gpu_index, probe_torch=config.advertise_gpu_memory is None)
+        if config.advertise_gpu_memory is not None:
+            facts["gpu_memory_mb"] = config.advertise_gpu_memory
         self.metadata = {
             "tags": list(WORKER_TAGS),
             "properties": {
@@ -3600,7 +3530,7 @@ class Worker:
                 "sleap_nn_version": sleap_nn_version(),
                 "hostname": socket.gethostname(),
                 "worker_name": name,
-                "max_concurrent_jobs": slots,
+                "max_concurrent_jobs": config.slots,
                 "supported_job_types": ["training", "inference"],
                 "job_types": self.job_types,
                 "capabilities": self.capabilities,
@@ -3608,8 +3538,8 @@ class Worker:
                 **self._status(),
             },
         }
-        self.signaling = P.SignalingClient(server_url, room_id, token, self.peer_id, WORKER_ROLE, self.metadata,
-                                           peer_key=peer_key)
+        self.signaling = P.SignalingClient(config.server_url, config.room_id, config.token, self.peer_id, WORKER_ROLE,
+                                           self.metadata, peer_key=peer_key)
 
     def serve(self) -> None:
         self.scheduler.start()
@@ -3621,27 +3551,28 @@ class Worker:
         lines = [f"worker: registered as {self.peer_id} in room {self.room_id} "
                  f"({props['gpu_model']}, {props['gpu_memory_mb']} MB)"]
         missing = [f"{OPTIONAL_SERVES[c]} (no {OPTIONAL_FILES[c]})" for c in OPTIONAL_FILES if c not in self.capabilities]
-        lines.append(f"worker: serves structured train and track jobs, prune, replicas"
+        lines.append(f"worker: serves structured train and track jobs, commands, prune"
                      f"{''.join(f', {OPTIONAL_SERVES[c]}' for c in self.capabilities)}"
                      f"{'; not ' + ', '.join(missing) if missing else ''}")
         if "upstream" in self.capabilities:
             session_string = optional("upstream").upstream_session_string(self.room_id, self.token, self.peer_id)
             lines.append(f"worker: sleap-rtc 0.0.7 clients: --session-string {session_string}")
         print("\n".join(lines), flush=True)
+        handlers = {
+            P.OFFER: self._start_session,
+            P.PEER_MESSAGE: self._on_peer_message,
+            P.ERROR: lambda frame: log.warning("signaling error: %s %s", frame.get("code"), frame.get("message")),
+        }
         while not self.stopping.is_set():
             frame = self.signaling.next(timeout=0.5)
-            if frame is None:
+            handler = handlers.get(frame.get("type")) if frame is not None else None
+            if handler is None:
                 continue
-            kind = frame.get("type")
-            if kind == P.OFFER:
-                self._start_session(frame)
-            elif kind == P.PEER_MESSAGE:
-                try:
-                    self._on_peer_message(frame)
-                except Exception:  # one peer's odd message must not stop the worker serving the rest
-                    log.exception("could not handle a peer message from %s", frame.get("from_peer_id"))
-            elif kind == P.ERROR:
-                log.warning("signaling error: %s %s", frame.get("code"), frame.get("message"))
+            try:
+                handler(frame)
+            except Exception:  # one peer's odd frame must not stop the worker serving the rest
+                log.exception("could not handle a %s frame from %s", frame.get("type"),
+                              frame.get("sender") or frame.get("from_peer_id"))
 
     def _start_session(self, offer: dict) -> None:
         with self._sessions_lock:
@@ -3657,29 +3588,37 @@ class Worker:
     # -- choosing a worker and asking about jobs, over signaling --------------------------
 
     def _on_peer_message(self, frame: dict) -> None:
+        """Answer an app message over signaling; each handler gives the reply, or None
+        when it answers on its own."""
         payload, sender = frame.get("payload"), frame.get("from_peer_id")
         kind = payload.get(P.APP_MESSAGE_TYPE) if isinstance(payload, dict) else None
-        if kind == P.APP_JOB_REQUEST:
-            reply = self._job_response(payload)
-        elif kind == P.APP_JOB_ASSIGNMENT:
-            job_id = str(payload.get("job_id", ""))
-            position = self.scheduler.reserve(job_id)
-            log.info("assigned job %s by %s: %s", job_id, sender,
-                     "slot reserved" if position == 0 else f"it will queue at position {position}")
-            reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNED, "job_id": job_id, "reserved": position == 0,
-                     "queue_position": position}
-        elif kind == P.APP_JOBS_QUERY and "sql" in payload:
-            self._query_ledger(sender, payload)
-            return
-        elif kind == P.APP_JOBS_QUERY:
-            reply = self._jobs_list(payload)
-        else:
+        handler = {P.APP_JOB_REQUEST: self._job_response, P.APP_JOB_ASSIGNMENT: self._assign,
+                   P.APP_JOBS_QUERY: self._jobs_query}.get(kind)
+        if handler is None:
             log.debug("ignored a peer message from %s: %.200s", sender, payload)
+            return
+        reply = handler(sender, payload)
+        if reply is None:
             return
         try:
             self.signaling.send_to_peer(sender, reply)
         except P.SignalingError as exc:
             log.info("could not answer %s: %s", sender, exc)
+
+    def _assign(self, sender: str, payload: dict) -> dict:
+        """A client chose this worker for a job: keep a slot for it while its spec comes."""
+        job_id = str(payload.get("job_id", ""))
+        position = self.scheduler.reserve(job_id)
+        log.info("assigned job %s by %s: %s", job_id, sender,
+                 "slot reserved" if position == 0 else f"it will queue at position {position}")
+        return {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNED, "job_id": job_id, "reserved": position == 0,
+                "queue_position": position}
+
+    def _jobs_query(self, sender: str, payload: dict) -> Optional[dict]:
+        if "sql" in payload:
+            self._query_ledger(sender, payload)  # answers from a thread of its own
+            return None
+        return self._jobs_list(payload)
 
     def _query_ledger(self, sender: str, query: dict) -> None:
         """Answer a ledger query on a thread of its own ("ledger-query"), so that a slow one
@@ -3701,7 +3640,7 @@ class Worker:
 
         threading.Thread(target=P.guarded(run), name="ledger-query", daemon=True).start()
 
-    def _job_response(self, request: dict) -> dict:
+    def _job_response(self, sender: str, request: dict) -> dict:
         """Accept (with queue position and estimates) or refuse with a reason."""
         props = self.metadata["properties"]
         job_type = request.get("job_type")
@@ -3709,7 +3648,7 @@ class Worker:
         need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
         reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_RESPONSE, "job_id": str(request.get("job_id", "")),
                  "accepted": False, "worker_info": self._worker_info()}
-        low_disk = self._disk_problem() if job_type != P.PRUNE else None  # a prune is what frees the disk
+        low_disk = self.disk_problem() if job_type != P.PRUNE else None  # a prune is what frees the disk
         if self.maintenance:
             reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
         elif low_disk:
@@ -3755,7 +3694,7 @@ class Worker:
             return {**status, "status": P.LOW_DISK, "refusing": self.low_disk}
         return {**status, "refusing": None}
 
-    def _disk_problem(self) -> Optional[str]:
+    def disk_problem(self) -> Optional[str]:
         """Why this worker must take no new job for lack of disk space, or None."""
         try:
             free = shutil.disk_usage(self.working_dir).free
@@ -3778,28 +3717,6 @@ class Worker:
             except P.SignalingError as exc:  # kept locally; sent again on re-registration
                 log.warning("could not publish status %s: %s", status["status"], exc)
 
-    def _replicate_step(self, job: Job) -> Step:
-        """The step of a replicate job: its manifest written (each file checked to be in the
-        mounts or job directories still), and `worker.py replicate-step` with the room's
-        credentials in its environment."""
-        record = self.scheduler.ledger.get(job.spec["source_job"])
-        outputs = replica_manifest(record) if record and record["state"] == P.COMPLETED else []
-        if not outputs or record.get("pruned"):
-            raise JobSetupError(f"job {job.spec['source_job']} has nothing to replicate any more")
-        for output in outputs:
-            for f in output["files"]:
-                try:
-                    resolve_in_mounts(f["path"], self.readable_mounts)
-                except PathRefused as exc:
-                    raise JobSetupError(f"{f['path']} is not sent: {exc}") from None
-        manifest = {"source": {"worker": self.peer_id, "job_id": job.spec["source_job"]}, "outputs": outputs}
-        (job.dir / REPLICA_MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        args = [sys.executable, str(Path(__file__).resolve()), "replicate-step", str(job.dir / REPLICA_MANIFEST_FILE),
-                str(job.dir / REPLICA_RESULT_FILE), "--to", job.spec["to"],
-                "--peer-id", f"{self.peer_id}-replicate-{job.job_id[-6:]}"]
-        credentials = dict(zip(_CREDENTIAL_ENV, (self.server_url, self.room_id, self.token)))
-        return Step(P.REPLICATE, f"replicate to {job.spec['to']}", args, job.dir, env=credentials)
-
     def _plan_job(self, job: Job) -> tuple[list[Step], list[str]]:
         """A starting job's steps, from paths checked again (a package is read again, and
         unpacked); JobSetupError says why it cannot run. Runs on the job's thread.
@@ -3810,7 +3727,7 @@ class Worker:
             raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
                                 "submit it again")
         models = [m for stage in job_stages(job.spec) for m in stage.get("_resolved", {}).get("model_paths", [])]
-        problem = self._store_problem(job.spec) or recheck_checkpoints(
+        problem = self.store_problem(job.spec) or recheck_checkpoints(
             job.spec.get("_checkpoints", {}), models, self.scheduler.ledger.model_digests)
         if problem:
             raise JobSetupError(problem)
@@ -3823,7 +3740,16 @@ class Worker:
                     step.env.update(SLEAP_NN_ENV)
         return steps, notes
 
-    def _store_problem(self, spec: dict) -> Optional[str]:
+    def validate(self, spec: dict, job_dir: Path) -> tuple[list[dict], dict]:
+        """A train or track spec checked against this worker's mounts (see validate_job)."""
+        return validate_job(spec, self.readable_mounts, self.mounts, job_dir, self.uploads.directory,
+                            self.scheduler.ledger.model_digests)
+
+    def store_listing(self) -> list[dict]:
+        """The upload store as `client.py files ls` shows it."""
+        return self.uploads.listing(self.scheduler.ledger.select(limit=-1), self.needed_uploads())
+
+    def store_problem(self, spec: dict) -> Optional[str]:
         """Why a path the job names in the upload store must not be used (its bytes changed
         since they were stored), or None."""
         for path in _named_paths(spec):
@@ -3834,10 +3760,13 @@ class Worker:
 
     def _steps_of(self, job: Job) -> tuple[list[Step], list[str]]:
         if job.kind == P.REPLICATE:
-            return [self._replicate_step(job)], []
+            try:
+                return [optional(P.REPLICATE).replicate_step_of(self, job)], []
+            except CapabilityMissing as exc:
+                raise JobSetupError(str(exc)) from None
         if job.kind == P.PRUNE:
             plan = prune_plan(self.scheduler.ledger.select(limit=-1), self.scheduler.jobs_dir, self.uploads,
-                              self._needed_uploads(), job.spec, job.job_id)
+                              self.needed_uploads(), job.spec, job.job_id)
             return [prune_step_of(job, plan, [self.scheduler.jobs_dir, self.uploads.directory])], []
         if job.kind == P.COMMAND:  # its paths again, as they resolve now
             asked = {k: v for k, v in job.spec.items() if not k.startswith("_")}  # as the client sent it
@@ -3871,7 +3800,7 @@ class Worker:
         return packages.prepare(job, self.readable_mounts, self.mounts, self.scheduler.executable,
                                 self.scheduler.ledger.model_digests)
 
-    def _needed_uploads(self) -> set[str]:
+    def needed_uploads(self) -> set[str]:
         """The hashes in the upload store that queued or running jobs name."""
         needed = set()
         for spec in self.scheduler.live_specs():
@@ -3880,7 +3809,7 @@ class Worker:
                     needed.add(Path(text).relative_to(self.uploads.directory).parts[0])
         return needed
 
-    def _job_changed(self, job: Optional[Job]) -> None:
+    def job_changed(self, job: Optional[Job]) -> None:
         """Called by the scheduler and job threads: wake the status publisher, never wait for it."""
         self._status_changed.set()
 
@@ -3891,7 +3820,7 @@ class Worker:
         while not self.stopping.is_set():
             if time.monotonic() - checked >= DISK_CHECK_S:
                 checked = time.monotonic()
-                problem = self._disk_problem()
+                problem = self.disk_problem()
                 if problem != self.low_disk:
                     self.low_disk = problem
                     log.warning("%s", problem or "enough free disk space again; taking new jobs")
@@ -4111,11 +4040,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"worker: created room {room_id}\n  token: {token}\n"
               f"  clients: source {env_file}  (or pass --room {room_id} --token {token})", flush=True)
 
-    worker = Worker(server_url, room_id, token, working_dir, args.name, mounts, args.gpu,
-                    args.sleap_nn or sleap_nn_executable(), slots, args.advertise_gpu_memory, args.maintenance,
-                    args.reservation_timeout, embedded, args.stop_grace, args.follower_backlog * 2**20,
-                    int(args.upload_cache_gb * 1e9), executor, dict(args.allow_command), set(args.allow_env),
-                    args.min_free_gb, args.keep_days, args.require_room_secret, set(args.admin))
+    config = WorkerConfig(
+        server_url, room_id, token, working_dir, args.name, mounts, args.gpu, args.sleap_nn or sleap_nn_executable(),
+        slots=slots, advertise_gpu_memory=args.advertise_gpu_memory, maintenance=args.maintenance,
+        reservation_timeout=args.reservation_timeout, stop_grace=args.stop_grace,
+        follower_backlog=args.follower_backlog * 2**20, upload_cap=int(args.upload_cache_gb * 1e9),
+        allowed_commands=dict(args.allow_command), allowed_env=set(args.allow_env), min_free_gb=args.min_free_gb,
+        keep_days=args.keep_days, require_room_secret=args.require_room_secret, admins=set(args.admin))
+    worker = Worker(config, executor, embedded)
     stop = lambda *_: worker.stopping.set()  # noqa: E731
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -4137,8 +4069,8 @@ if __name__ == "__main__":
         raise SystemExit(optional("slurm").slurm_step(sys.argv[2:]))
     if sys.argv[1:2] == ["prune-step"]:  # a prune job's step: see prune_step_of
         raise SystemExit(prune_step(sys.argv[2:]))
-    if sys.argv[1:2] == ["replicate-step"]:  # a replicate job's step: see Worker._replicate_step
-        raise SystemExit(replicate_step(sys.argv[2:]))
+    if sys.argv[1:2] == ["replicate-step"]:  # a replicate job's step: see replicas.replicate_step_of
+        raise SystemExit(optional(P.REPLICATE).replicate_step(sys.argv[2:]))
     if sys.argv[1:2] == ["probe-checkpoint"]:  # the worker asking whether a member's checkpoint is data
         raise SystemExit(probe_checkpoint_step(sys.argv[2:]))
     raise SystemExit(main())

@@ -1,9 +1,10 @@
 """The two-file HPC copy: worker.py and protocol.py alone, next to sleap-nn.
 
-A worker copied without its optional role files (packages.py, slurm.py, upstream.py)
-still runs structured train and track jobs, commands, prune and the ledger. It says at
-start-up what it lacks, leaves "package" out of its job types, and refuses each missing
-capability with a reason naming the file. The full checkout offers all of them.
+A worker copied without its optional role files (packages.py, replicas.py, slurm.py,
+upstream.py) still runs structured train and track jobs, commands, prune and the ledger.
+It says at start-up what it lacks, leaves "package" and "replicate" out of its job types,
+and refuses each missing capability with a reason naming the file. The full checkout
+offers all of them.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ def job_types(room, peer_id: str) -> tuple[list, list]:
 def test_the_full_checkout_offers_every_capability(room, tmp_path):
     proc, worker_id = room.start_worker("--mount", str(tmp_path))
     line = proc.wait_for(r"worker: serves [^\n]*").group(0)
-    assert "SLEAP training packages, SLURM (--slurm), sleap-rtc 0.0.7 clients" in line and "; not" not in line
+    assert line == ("worker: serves structured train and track jobs, commands, prune, SLEAP training packages, "
+                    "replicas, SLURM (--slurm), sleap-rtc 0.0.7 clients")
     assert "--session-string sleap-session:" in proc.output()
     offered, capabilities = job_types(room, worker_id)
-    assert P.PACKAGE in offered and P.TRAIN in offered
-    assert capabilities == ["package", "slurm", "upstream"]
+    assert {P.TRAIN, P.TRACK, P.PRUNE, P.PACKAGE, P.REPLICATE} <= set(offered)
+    assert capabilities == ["package", "replicate", "slurm", "upstream"]
 
 
 def test_a_bare_copy_refuses_what_needs_a_missing_file_and_names_it(room, tmp_path):
@@ -64,11 +66,12 @@ def test_a_bare_copy_refuses_what_needs_a_missing_file_and_names_it(room, tmp_pa
     shutil.copy(PACKAGE, package)
     proc, worker_id = start_bare_worker(room, tmp_path, "--mount", str(data), "--allow-command", "echo=/bin/echo")
     line = proc.wait_for(r"worker: serves [^\n]*").group(0)
-    assert line.endswith("; not SLEAP training packages (no packages.py), SLURM (--slurm) (no slurm.py), "
-                         "sleap-rtc 0.0.7 clients (no upstream.py)")
+    assert line == ("worker: serves structured train and track jobs, commands, prune; not SLEAP training packages "
+                    "(no packages.py), replicas (no replicas.py), SLURM (--slurm) (no slurm.py), sleap-rtc 0.0.7 "
+                    "clients (no upstream.py)")
     assert "--session-string" not in proc.output()
     offered, capabilities = job_types(room, worker_id)
-    assert P.PACKAGE not in offered and {P.TRAIN, P.TRACK, P.PRUNE, "command:echo"} <= set(offered)
+    assert sorted(offered) == sorted([P.TRAIN, P.TRACK, P.PRUNE, "command:echo"])
     assert capabilities == []
 
     # The client looks for a worker that offers packages, and finds none.
@@ -81,6 +84,11 @@ def test_a_bare_copy_refuses_what_needs_a_missing_file_and_names_it(room, tmp_pa
         link = P.open_link(signaling, worker_id, tmp_path)
         link.send(P.JOB_SUBMIT, {"job_id": "pkg-1", "spec": {"type": P.TRAIN, "package": str(package)}})
         rejected = link.expect(lambda m: m.name == P.JOB_REJECTED, 15, "the rejection").payload
+        link.send(P.JOB_SUBMIT, {"job_id": "rep-1", "spec": {"type": P.REPLICATE, "source_job": "j", "to": "w"}})
+        no_replicate = link.expect(lambda m: m.name == P.JOB_REJECTED, 15, "the rejection").payload
+        # Another worker sending a replica hears why it cannot.
+        link.send(P.REPLICA_BEGIN, {"request_id": "r1", "source": {"worker": "w", "job_id": "j"}, "outputs": []})
+        no_replica = link.expect(lambda m: m.name == P.REPLICA_READY, 15, "the answer").payload
         link.close()
         # A sleap-rtc 0.0.7 client's link gets one line saying why, then the link ends.
         upstream = P.open_link(signaling, worker_id, tmp_path, label="training")
@@ -92,8 +100,12 @@ def test_a_bare_copy_refuses_what_needs_a_missing_file_and_names_it(room, tmp_pa
     assert rejected["errors"] == [{"field": "package", "code": "UNSUPPORTED", "message":
                                    "this worker does not serve SLEAP training packages: "
                                    "packages.py is not beside its worker.py"}]
+    assert no_replicate["errors"] == [{"field": "type", "code": "UNSUPPORTED", "message":
+                                       "this worker does not serve replicas: replicas.py is not beside its worker.py"}]
+    assert no_replica == {"request_id": "r1",
+                          "error": "this worker does not serve replicas: replicas.py is not beside its worker.py"}
     assert said == "this worker does not serve sleap-rtc 0.0.7 clients: upstream.py is not beside its worker.py\n"
-    assert ledger(tmp_path / "w", "pkg-1") == {}  # a refused job leaves no record
+    assert ledger(tmp_path / "w", "pkg-1") == ledger(tmp_path / "w", "rep-1") == {}  # refused: no record
 
     # --slurm without slurm.py: the worker does not start, and says why.
     refused = room.spawn("worker", [str(tmp_path / "hpc" / "worker.py"), "--working-dir", str(tmp_path / "w2"),
