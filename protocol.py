@@ -13,7 +13,8 @@ Read top to bottom:
 8. the asyncio loop thread that owns every aiortc object of this process;
 9. direct transfers: file bytes over an AES-256-GCM TCP connection beside the link,
    when the two machines can reach each other;
-10. `Link`: a WebRTC data channel driven from plain threads, with heartbeats,
+10. `Transfers`, the receiving end of a link's file transfers (no I/O of its own), and
+    `Link`: a WebRTC data channel driven from plain threads, with heartbeats,
     backpressure, acknowledged close and checked file transfers (direct when it can).
 
 Only the standard library, websocket-client and (lazily) aiortc and cryptography, which
@@ -1363,22 +1364,28 @@ class _DirectReceiver:
     """The receiving end of one transfer's direct path: thread "link-direct-PEER" races for
     the sender's connection, then writes what arrives on it into `incoming`.
 
-    The link's receive thread owns it: `stop` ends the thread (FILE_CHANNEL, FILE_END, a
-    new transfer or the end of the link) before that thread touches `incoming` again.
+    The link's Transfers owns it (and its receive thread calls it): `stop` ends the thread
+    (FILE_CHANNEL, FILE_END, a new transfer or the end of the link) before that thread
+    touches `incoming` again. The thread calls `on_data` after each chunk it writes, and
+    `on_failed(error)` when the stream fails its checks; a connection that merely breaks
+    calls nothing, since the sender goes on over the link (FILE_CHANNEL) or ends the transfer.
+    `offered` are the addresses the peer offered to ICE (see _check_hints).
     """
 
-    def __init__(self, link: "Link", incoming: "Incoming", offer: dict):
-        self.link = link
+    def __init__(self, peer_id: str, incoming: "Incoming", offer: dict, offered: set[str],
+                 on_data: Callable[[], None], on_failed: Callable[[str], None]):
+        self.peer_id = peer_id
         self.incoming = incoming
         self.key = _secret(offer, "key")
         self.token = _secret(offer, "token")
-        self.peer_hints = _check_hints(offer.get("hints", []), link.remote_addresses)
+        self.peer_hints = _check_hints(offer.get("hints", []), offered)
         self.listeners, self.hints = _direct_listen()
+        self.on_data, self.on_failed = on_data, on_failed
         self._stop = threading.Event()
         # Guards sock, so that `stop` can shut down a connection the thread is reading.
         self._lock = threading.Lock()
         self.sock: Optional[socket.socket] = None
-        self._thread = threading.Thread(target=guarded(self._run), name=f"link-direct-{link.peer_id}", daemon=True)
+        self._thread = threading.Thread(target=guarded(self._run), name=f"link-direct-{peer_id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -1418,18 +1425,13 @@ class _DirectReceiver:
                 if kind != _FRAME_DATA:
                     raise TransferError("an unknown frame on the direct connection")
                 incoming.write(data)
-                self.link.last_activity = time.monotonic()
-                if self.link.on_receive_progress:
-                    self.link.on_receive_progress(incoming.received, incoming.size)
+                self.on_data()
         except TransferError as exc:
             error = f"{incoming.name}: {exc}"
-            log.warning("link %s: %s", self.link.peer_id, error)
-            incoming.refused = error
-            incoming.discard()
-            self.link._ack(incoming.transfer_id, ok=False, error=error)
-            self.link.inbox.put(TransferFailed(incoming.name, error))
+            log.warning("link %s: %s", self.peer_id, error)
+            self.on_failed(error)
         except OSError as exc:  # the sender goes on over the link (FILE_CHANNEL) or ends the transfer
-            log.info("link %s: direct connection for %s broke: %s", self.link.peer_id, incoming.name, exc)
+            log.info("link %s: direct connection for %s broke: %s", self.peer_id, incoming.name, exc)
         finally:
             self.sock.close()
 
@@ -1457,6 +1459,11 @@ class TransferFailed:
 
     name: str
     error: str
+
+
+# What Link.recv returns and expect hands on: a decoded Message, a file event, or, on an
+# upstream link, a text frame as it came (their binary frames never reach the inbox).
+Received = Message | FileReceived | TransferFailed | str
 
 
 class Incoming:
@@ -1591,6 +1598,210 @@ def safe_file_name(name: str) -> str:
     return base
 
 
+class Transfers:
+    """The receiving end of a link's file transfers, with no socket or channel of its own.
+
+    The link's receive thread feeds it what the peer sends about files: FILE_BEGIN,
+    FILE_CHANNEL, FILE_END and FILE_ABORT (`begin`, `channel`, `end`, `abort`), the binary
+    frames between them (`chunk`), and `lost` when the link ends. One file arrives at a
+    time, as an Incoming; a second FILE_BEGIN supersedes the one still open. Whatever
+    the peer must hear (FILE_ACK with the verdict, FILE_DIRECT, FILE_OFFSET, ERROR) goes
+    to `send(name, payload)`, which must not block; FileReceived and TransferFailed go to
+    `deliver` (the link's inbox).
+
+    Files go to `receive_dir` (None: refused) or, announced with `store`, to `store`
+    (anything with `incoming(transfer_id, name, size, sha256, offset) -> Incoming`).
+    A FILE_BEGIN that offers a direct path is answered here too: `start_direct(incoming,
+    offer, on_data, on_failed)` builds the _DirectReceiver whose thread then writes that
+    file's bytes (None, or no token left in `races`: the bytes take the data channel).
+    """
+
+    def __init__(self, peer_id: str, receive_dir: Optional[Path], store, send: Callable[[str, dict], None],
+                 deliver: Callable[[Any], None], start_direct: Optional[Callable[..., _DirectReceiver]] = None,
+                 races: Optional[TokenBucket] = None):
+        self.peer_id = peer_id  # for the log
+        self.receive_dir = Path(receive_dir) if receive_dir is not None else None
+        self.store = store
+        # Called as (bytes_received, total) while a file arrives, from the direct thread too.
+        self.on_progress: Optional[Callable[[int, int], None]] = None
+        self._send, self._deliver = send, deliver
+        self._start_direct = start_direct
+        # Direct races this side may start; a link shares one bucket with its sending side.
+        self._races = races or TokenBucket(DIRECT_RACES_PER_S, DIRECT_RACES_BURST)
+        # The file arriving now and the direct path writing it, if any. Only the caller's one
+        # thread changes them; a direct thread writes into `incoming` until `stop` returns.
+        self.incoming: Optional[Incoming] = None
+        self._direct: Optional[_DirectReceiver] = None
+
+    def chunk(self, data: bytes) -> None:
+        """A binary frame: the next bytes of the file arriving."""
+        incoming = self.incoming
+        if incoming is None:
+            log.warning("link %s: binary frame outside a transfer, dropped", self.peer_id)
+            return
+        if incoming.refused:
+            return
+        try:
+            incoming.write(data)
+        except (TransferError, OSError) as exc:
+            incoming.refused = str(exc)
+            incoming.discard()
+            self._ack(incoming.transfer_id, ok=False, error=str(exc))
+            return
+        self.progress(incoming)
+
+    def begin(self, message: Message) -> None:
+        """FILE_BEGIN: a new file; one still arriving is superseded."""
+        self._stop_direct()
+        self.incoming = self._open(message.payload, self.incoming)
+        self._direct = self._offer_direct(self.incoming, message.payload.get("direct"))
+
+    def channel(self, message: Message) -> None:
+        """FILE_CHANNEL: the rest of the bytes comes over the link; say from which byte."""
+        incoming = self._current(message)
+        if incoming is None:
+            return
+        if incoming.via != "data channel":
+            incoming.via += f", then data channel from byte {incoming.received}"
+        if not incoming.refused:
+            self._send(FILE_OFFSET, {"transfer_id": incoming.transfer_id, "offset": incoming.received})
+
+    def end(self, message: Message) -> None:
+        """FILE_END: check the file, keep it under its final name, and give the verdict."""
+        incoming = self._current(message)
+        if incoming is None:
+            return
+        self.incoming = None
+        if incoming.refused:  # the verdict went out when it was refused
+            return
+        try:
+            final = incoming.finish()
+        except (TransferError, OSError) as exc:
+            incoming.discard()
+            self._ack(incoming.transfer_id, ok=False, error=str(exc))
+            self._deliver(TransferFailed(incoming.name, str(exc)))
+            return
+        stored = {"path": str(final)} if incoming.resumable else {}  # a path in the store; a client keeps its own
+        self._ack(incoming.transfer_id, ok=True, saved_as=final.name, **stored)
+        self._deliver(FileReceived(final, incoming.name, incoming.size, incoming.sha256, incoming.via,
+                                   time.monotonic() - incoming.started))
+
+    def abort(self, message: Message) -> None:
+        """FILE_ABORT: the sender gave up; what an upload into the store holds stays for it to resume."""
+        incoming = self._current(message)
+        if incoming is None:
+            return
+        self.incoming = None
+        if incoming.refused:
+            return
+        incoming.suspend()
+        kept = "; what arrived is kept for resuming" if incoming.resumable else ""
+        reason = str(message.payload.get("reason", ""))
+        self._deliver(TransferFailed(incoming.name, f"{incoming.name}: the sender aborted ({reason}){kept}"))
+
+    def lost(self, reason: str) -> None:
+        """The link ended (`reason`): a file still arriving fails; a resumable part stays."""
+        self._stop_direct()
+        incoming, self.incoming = self.incoming, None
+        if incoming is not None and not incoming.refused:
+            incoming.suspend()
+            kept = "; kept for resuming" if incoming.resumable else ""
+            self._deliver(TransferFailed(incoming.name, f"{incoming.name}: link lost after {incoming.received} "
+                                         f"of {incoming.size} bytes{kept} ({reason})"))
+
+    def progress(self, incoming: Incoming) -> None:
+        if self.on_progress:
+            self.on_progress(incoming.received, incoming.size)
+
+    def direct_failed(self, incoming: Incoming, error: str) -> None:
+        """The direct path's stream failed its checks (called from its thread): nothing is kept."""
+        incoming.refused = error
+        incoming.discard()
+        self._ack(incoming.transfer_id, ok=False, error=error)
+        self._deliver(TransferFailed(incoming.name, error))
+
+    def _current(self, message: Message) -> Optional[Incoming]:
+        """The file that `message` is about, its direct path stopped; None (and an ERROR
+        to the peer) when it names another transfer."""
+        incoming = self.incoming
+        if incoming is None or message.payload.get("transfer_id") != incoming.transfer_id:
+            self._reply_error(f"{message.name} for an unknown transfer")
+            return None
+        self._stop_direct()
+        return incoming
+
+    def _stop_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.stop()
+            self._direct = None
+
+    def _open(self, payload: dict, previous: Optional[Incoming]) -> Incoming:
+        """The Incoming a FILE_BEGIN announces, opened; a refused one (with `refused` set)
+        when it cannot be taken, after the verdict went to the peer and the inbox."""
+        if previous is not None and not previous.refused:
+            previous.suspend()
+            self._deliver(TransferFailed(previous.name, f"{previous.name}: superseded by a new transfer"))
+        transfer_id = str(payload.get("transfer_id", ""))
+        try:
+            size, sha256, offset = payload["size"], payload["sha256"], payload.get("offset", 0)
+            if not isinstance(size, int) or size < 0 or not re.fullmatch(r"[0-9a-f]{64}", str(sha256)):
+                raise TransferError("FILE_BEGIN needs a size (bytes) and a SHA-256 hex digest")
+            if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= size:
+                raise TransferError(f"offset must be a byte count from 0 to the size, not {echo(offset)}")
+            name = safe_file_name(str(payload.get("name", "")))
+            if payload.get("store"):
+                if self.store is None:
+                    raise TransferError("this side keeps no upload store")
+                incoming = self.store.incoming(transfer_id, name, size, sha256, offset)
+            elif offset or self.receive_dir is None:
+                raise TransferError("this side takes files only into its upload store (client.py upload)"
+                                    if self.receive_dir is None else "only an upload into the store resumes")
+            else:
+                directory = self.receive_dir
+                incoming = Incoming(transfer_id, name, size, sha256, directory / f".{name}.{transfer_id}.part",
+                                    lambda: _free_name(directory / name))
+            incoming.open()
+        except (KeyError, TransferError, OSError) as exc:
+            error = f"refused: {exc}"
+            self._ack(transfer_id, ok=False, error=error)
+            self._deliver(TransferFailed(str(payload.get("name", "?"))[:100], error))
+            refused = Incoming(transfer_id, "refused", 0, "", None, lambda: Path())
+            refused.refused = error
+            return refused
+        return incoming
+
+    def _offer_direct(self, incoming: Incoming, offer: Any) -> Optional[_DirectReceiver]:
+        """Answer a FILE_BEGIN's direct offer with FILE_DIRECT; the started direct path, if any."""
+        if offer is None or incoming.refused:
+            return None
+        reply: dict = {"transfer_id": incoming.transfer_id}
+        direct = None
+        if self._start_direct is None or not direct_enabled():
+            reply["off"] = "direct transfers are turned off on this side"
+        elif not self._races.allow():
+            reply["off"] = "too many direct transfers on this link just now; this one takes the data channel"
+        elif not isinstance(offer, dict):
+            reply["off"] = "the direct offer must be an object"
+        else:
+            try:
+                direct = self._start_direct(incoming, offer, lambda: self.progress(incoming),
+                                            lambda error: self.direct_failed(incoming, error))
+                reply["hints"] = direct.hints
+            except (TransferError, OSError) as exc:
+                reply["off"] = str(exc)
+        self._send(FILE_DIRECT, reply)
+        if direct is not None:
+            direct.start()
+        return direct
+
+    def _ack(self, transfer_id: str, **fields) -> None:
+        self._send(FILE_ACK, {"transfer_id": transfer_id, **fields})
+
+    def _reply_error(self, text: str) -> None:
+        log.warning("link %s: %s", self.peer_id, text)
+        self._send(LINK_ERROR, {"message": text[:500]})
+
+
 _CLOSED = object()
 
 
@@ -1599,11 +1810,13 @@ class Link:
 
     Objects of aiortc live on the loop thread. The loop's message handler answers
     heartbeats and close requests and hands everything else to this link's receive thread
-    ("link-rx-PEER", stopped by close), which writes incoming files and puts application
-    messages, FileReceived and TransferFailed events into `inbox`. `send` blocks while the
-    SCTP queue is above SEND_HIGH_WATER. A peer silent for PEER_TIMEOUT_S closes the link.
-    File bytes take a direct TCP connection when both sides allow it and one reaches the
-    other, and the data channel otherwise.
+    ("link-rx-PEER", stopped by close), which puts application messages into `inbox` and
+    hands what concerns incoming files to the link's Transfers (which puts FileReceived
+    and TransferFailed events into `inbox`). `send` blocks while the SCTP queue is above
+    SEND_HIGH_WATER. A peer silent for PEER_TIMEOUT_S closes the link. File bytes take a
+    direct TCP connection when both sides allow it and one reaches the other, and the
+    data channel otherwise. Once closed, recv, expect and send raise LinkClosed, from the
+    exception that closed the link when one did.
 
     A channel with an upstream label (UPSTREAM_CHANNEL_LABELS) makes an `upstream` link:
     no heartbeats and no silence rule (its WebRTC connection decides when it ends), binary
@@ -1613,14 +1826,10 @@ class Link:
 
     def __init__(self, peer_id: str, pc, receive_dir: Optional[Path], store=None):
         self.peer_id = peer_id
-        self.receive_dir = Path(receive_dir) if receive_dir is not None else None
-        # Takes uploads announced with `store` (the worker's UploadStore), or None.
-        self.store = store
-        # Called as (bytes_received, total) while a file arrives.
-        self.on_receive_progress: Optional[Callable[[int, int], None]] = None
-        self.inbox: "queue.Queue[Any]" = queue.Queue()
+        self.inbox: "queue.Queue[Received]" = queue.Queue()
         self.upstream = False  # set from the channel's label when it arrives
         self.close_reason = ""
+        self._close_cause: Optional[BaseException] = None  # the exception that closed the link, if one did
         self._pc = pc
         self._loop = aio_loop()
         self._channel = None
@@ -1637,15 +1846,43 @@ class Link:
         self._last_rx = time.monotonic()  # loop-side only
         # Guards _acks (outgoing transfers waiting for the receiver's FILE_ACK), _replies
         # (the receiver's FILE_DIRECT and FILE_OFFSET for them) and the one-way change to
-        # closed, so that no waiter is registered after the wake-up.
+        # closed (with close_reason and _close_cause), so that no waiter is registered
+        # after the wake-up.
         self._acks_lock = threading.Lock()
         self._acks: dict[str, tuple[threading.Event, dict]] = {}
-        self._replies: dict[str, "queue.Queue[Message]"] = {}
+        self._replies: dict[str, "queue.Queue[Any]"] = {}
         # One outgoing transfer at a time: binary frames belong to the current transfer.
         self._file_send_lock = threading.Lock()
+        # Incoming files; only the receive thread feeds it.
+        self._transfers = Transfers(peer_id, receive_dir, store, self._send_control, self.inbox.put,
+                                    self._direct_receiver, self._direct_races)
+        # What the receive thread does with each housekeeping message; the rest go to inbox.
+        self._handlers: dict[str, Callable[[Message], None]] = {
+            FILE_BEGIN: self._transfers.begin, FILE_CHANNEL: self._transfers.channel,
+            FILE_END: self._transfers.end, FILE_ABORT: self._transfers.abort,
+            FILE_ACK: self._on_file_ack, FILE_DIRECT: self._on_transfer_reply, FILE_OFFSET: self._on_transfer_reply,
+        }
         # _rx_loop logs its own failure and closes the link, so it needs no guarded().
         self._rx_thread = threading.Thread(target=self._rx_loop, name=f"link-rx-{peer_id}", daemon=True)
         self._rx_thread.start()
+
+    @property
+    def receive_dir(self) -> Optional[Path]:
+        """Where files the peer sends go (None: refused, but for uploads into the store)."""
+        return self._transfers.receive_dir
+
+    @receive_dir.setter
+    def receive_dir(self, directory: Optional[Path]) -> None:
+        self._transfers.receive_dir = directory
+
+    @property
+    def on_receive_progress(self) -> Optional[Callable[[int, int], None]]:
+        """Called as (bytes_received, total) while a file arrives."""
+        return self._transfers.on_progress
+
+    @on_receive_progress.setter
+    def on_receive_progress(self, callback: Optional[Callable[[int, int], None]]) -> None:
+        self._transfers.on_progress = callback
 
     # -- loop side ----------------------------------------------------------------------
 
@@ -1723,23 +1960,27 @@ class Link:
             self._low.clear()
             await self._low.wait()
         if self._closed.is_set() or self._channel.readyState != "open":
-            raise LinkClosed(self.close_reason or "the link is closed")
+            raise LinkClosed(self.close_reason or "the link is closed") from self._close_cause
         self._channel.send(data)
 
-    def _mark_closed(self, reason: str) -> None:
-        """Record why the link ended (first reason wins) and wake everything waiting on it."""
+    def _mark_closed(self, reason: str, cause: Optional[BaseException] = None) -> None:
+        """Record why the link ended (first reason wins), and the exception that ended it if
+        one did, and wake everything waiting on it."""
         with self._acks_lock:
             if self._closed.is_set():
                 return
-            self.close_reason = reason
+            self.close_reason, self._close_cause = reason, cause
             self._closed.set()
             waiters = list(self._acks.values())
+            replies = list(self._replies.values())
         self._raw.put(_CLOSED)
         self._loop.call_soon_threadsafe(self._low.set)
         for event, result in waiters:
             result.setdefault("ok", False)
             result.setdefault("error", reason)
             event.set()
+        for box in replies:
+            box.put(_CLOSED)
 
     # -- thread side --------------------------------------------------------------------
 
@@ -1757,7 +1998,7 @@ class Link:
 
     def _send(self, data, timeout: float = 120.0) -> None:
         if self._closed.is_set():
-            raise LinkClosed(self.close_reason)
+            raise LinkClosed(self.close_reason) from self._close_cause
         future = asyncio.run_coroutine_threadsafe(self._send_async(data), self._loop)
         try:
             future.result(timeout)
@@ -1784,19 +2025,19 @@ class Link:
                 return
             time.sleep(0.05)
 
-    def recv(self, timeout: Optional[float] = None) -> Any:
-        """Next Message / FileReceived / TransferFailed; None on timeout; LinkClosed at the end."""
+    def recv(self, timeout: Optional[float] = None) -> Optional[Received]:
+        """The next inbox item (see Received); None on timeout; LinkClosed at the end."""
         try:
             item = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
         if item is _CLOSED:
             self.inbox.put(_CLOSED)  # every later recv raises too
-            raise LinkClosed(self.close_reason)
+            raise LinkClosed(self.close_reason) from self._close_cause
         return item
 
-    def expect(self, accept: Callable[[Any], bool], timeout: Optional[float], what: str,
-               on_other: Optional[Callable[[Any], None]] = None) -> Any:
+    def expect(self, accept: Callable[[Received], bool], timeout: Optional[float], what: str,
+               on_other: Optional[Callable[[Received], None]] = None) -> Received:
         """The next inbox item that `accept` takes; the others go to `on_other` (or are dropped).
 
         Raises LinkClosed when the link ends, PeerError when the peer sends ERROR, and
@@ -1806,10 +2047,10 @@ class Link:
         """
         quiet_since = time.monotonic()
         while True:
-            item = self.recv(timeout=0.2)
-            if item is None:
+            item = self.recv(timeout=None if timeout is None else max(0.0, quiet_since + timeout - time.monotonic()))
+            if item is None:  # file bytes may have arrived meanwhile: they count as an answer
                 quiet_since = max(quiet_since, self.last_activity)
-                if timeout is not None and time.monotonic() - quiet_since > timeout:
+                if time.monotonic() - quiet_since > timeout:
                     raise LinkTimeout(f"no {what} from {self.peer_id} within {timeout:.0f} s")
                 continue
             quiet_since = time.monotonic()
@@ -1875,13 +2116,9 @@ class Link:
                         self.send(FILE_ABORT, {"transfer_id": transfer_id, "reason": "refused by the receiver"})
                 else:
                     self.send(FILE_END, {"transfer_id": transfer_id})
-                deadline = time.monotonic() + FILE_ACK_TIMEOUT_S
-                while not event.wait(0.2):
-                    if self._closed.is_set():
-                        break
-                    if time.monotonic() > deadline:
-                        result["error"] = f"{self.peer_id} did not confirm it within {FILE_ACK_TIMEOUT_S:.0f} s"
-                        break
+                # The verdict, or the link's end (_mark_closed sets the event with its reason).
+                if not event.wait(FILE_ACK_TIMEOUT_S) and not self._closed.is_set():
+                    result["error"] = f"{self.peer_id} did not confirm it within {FILE_ACK_TIMEOUT_S:.0f} s"
             except LinkClosed as exc:
                 raise TransferError(f"sending {name} failed: {exc}") from None
             finally:
@@ -1949,18 +2186,16 @@ class Link:
 
     def _transfer_reply(self, transfer_id: str, name: str, refused: threading.Event) -> Optional[Message]:
         """The receiver's `name` reply about a transfer; None when it refused the transfer instead."""
-        replies = self._replies[transfer_id]
+        replies = self._replies[transfer_id]  # FILE_ACK and the link's end wake it too
         deadline = time.monotonic() + FILE_ACK_TIMEOUT_S
         while not refused.is_set():
             if self._closed.is_set():
-                raise LinkClosed(self.close_reason)
+                raise LinkClosed(self.close_reason) from self._close_cause
             try:
-                reply = replies.get(timeout=0.2)
+                reply = replies.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise TransferError(f"{self.peer_id} sent no {name} within {FILE_ACK_TIMEOUT_S:.0f} s") from None
-                continue
-            if reply.name == name:
+                raise TransferError(f"{self.peer_id} sent no {name} within {FILE_ACK_TIMEOUT_S:.0f} s") from None
+            if reply is not _CLOSED and reply.name == name:
                 return reply
         return None
 
@@ -1983,26 +2218,17 @@ class Link:
     def _rx_loop(self) -> None:
         try:
             self._receive_forever()
-        except Exception:  # a bug must not leave the link looking open with nobody reading it
+        except Exception as exc:  # a bug must not leave the link looking open with nobody reading it
             log.exception("link %s: the receive thread failed", self.peer_id)
-            self._mark_closed("the receive thread failed; see the log")
+            self._mark_closed("the receive thread failed; see the log", exc)
             self.inbox.put(_CLOSED)
 
     def _receive_forever(self) -> None:
-        incoming: Optional[Incoming] = None
-        direct: Optional[_DirectReceiver] = None  # takes `incoming`'s bytes until stopped
         while True:
             item = self._raw.get()
             self.last_activity = time.monotonic()
             if item is _CLOSED:
-                if direct is not None:
-                    direct.stop()
-                if incoming is not None and not incoming.refused:
-                    incoming.suspend()
-                    kept = "; kept for resuming" if incoming.resumable else ""
-                    self.inbox.put(TransferFailed(incoming.name, f"{incoming.name}: link lost after "
-                                                  f"{incoming.received} of {incoming.size} bytes{kept} "
-                                                  f"({self.close_reason})"))
+                self._transfers.lost(self.close_reason)
                 self.inbox.put(_CLOSED)
                 return
             if self.upstream:
@@ -2013,146 +2239,48 @@ class Link:
                              "nothing to this worker)", self.peer_id, len(item))
                 continue
             if isinstance(item, bytes):
-                if incoming is None:
-                    log.warning("link %s: binary frame outside a transfer, dropped", self.peer_id)
-                    continue
-                if incoming.refused:
-                    continue
-                try:
-                    incoming.write(item)
-                except (TransferError, OSError) as exc:
-                    incoming.refused = str(exc)
-                    incoming.discard()
-                    self._ack(incoming.transfer_id, ok=False, error=str(exc))
-                    continue
-                if self.on_receive_progress:
-                    self.on_receive_progress(incoming.received, incoming.size)
+                self._transfers.chunk(item)
                 continue
             try:
                 message = decode(item)
             except ProtocolError as exc:
                 self._reply_error(f"malformed message: {exc}")
                 continue
-            if message.name == FILE_BEGIN:
-                if direct is not None:
-                    direct.stop()
-                incoming = self._begin_incoming(message.payload, incoming)
-                direct = self._offer_direct(incoming, message.payload.get("direct"))
-            elif message.name in (FILE_END, FILE_ABORT, FILE_CHANNEL):
-                if incoming is None or message.payload.get("transfer_id") != incoming.transfer_id:
-                    self._reply_error(f"{message.name} for an unknown transfer")
-                    continue
-                if direct is not None:
-                    direct.stop()
-                    direct = None
-                if message.name == FILE_CHANNEL:
-                    if incoming.via != "data channel":
-                        incoming.via += f", then data channel from byte {incoming.received}"
-                    if not incoming.refused:
-                        self._send_control(FILE_OFFSET, {"transfer_id": incoming.transfer_id,
-                                                         "offset": incoming.received})
-                    continue
-                self._end_incoming(incoming, aborted=message.name == FILE_ABORT,
-                                   reason=str(message.payload.get("reason", "")))
-                incoming = None
-            elif message.name == FILE_ACK:
-                with self._acks_lock:
-                    waiter = self._acks.get(str(message.payload.get("transfer_id")))
-                if waiter:
-                    waiter[1].update(message.payload)
-                    waiter[0].set()
-            elif message.name in (FILE_DIRECT, FILE_OFFSET):
-                with self._acks_lock:
-                    replies = self._replies.get(str(message.payload.get("transfer_id")))
-                if replies is not None:
-                    replies.put(message)
-            else:
-                self.inbox.put(message)
+            self._handlers.get(message.name, self.inbox.put)(message)
 
-    def _begin_incoming(self, payload: dict, previous: Optional[Incoming]) -> Incoming:
-        if previous is not None and not previous.refused:
-            previous.suspend()
-            self.inbox.put(TransferFailed(previous.name, f"{previous.name}: superseded by a new transfer"))
-        transfer_id = str(payload.get("transfer_id", ""))
-        try:
-            size, sha256, offset = payload["size"], payload["sha256"], payload.get("offset", 0)
-            if not isinstance(size, int) or size < 0 or not re.fullmatch(r"[0-9a-f]{64}", str(sha256)):
-                raise TransferError("FILE_BEGIN needs a size (bytes) and a SHA-256 hex digest")
-            if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= size:
-                raise TransferError(f"offset must be a byte count from 0 to the size, not {echo(offset)}")
-            name = safe_file_name(str(payload.get("name", "")))
-            if payload.get("store"):
-                if self.store is None:
-                    raise TransferError("this side keeps no upload store")
-                incoming = self.store.incoming(transfer_id, name, size, sha256, offset)
-            elif offset or self.receive_dir is None:
-                raise TransferError("this side takes files only into its upload store (client.py upload)"
-                                    if self.receive_dir is None else "only an upload into the store resumes")
-            else:
-                directory = self.receive_dir
-                incoming = Incoming(transfer_id, name, size, sha256, directory / f".{name}.{transfer_id}.part",
-                                    lambda: _free_name(directory / name))
-            incoming.open()
-        except (KeyError, TransferError, OSError) as exc:
-            error = f"refused: {exc}"
-            self._ack(transfer_id, ok=False, error=error)
-            self.inbox.put(TransferFailed(str(payload.get("name", "?"))[:100], error))
-            refused = Incoming(transfer_id, "refused", 0, "", None, lambda: Path())
-            refused.refused = error
-            return refused
-        return incoming
+    def _on_file_ack(self, message: Message) -> None:
+        """FILE_ACK: the receiver's verdict on a file this side sends."""
+        transfer_id = str(message.payload.get("transfer_id"))
+        with self._acks_lock:
+            waiter = self._acks.get(transfer_id)
+            replies = self._replies.get(transfer_id)
+        if waiter:
+            waiter[1].update(message.payload)
+            waiter[0].set()
+        if replies is not None:  # a sender waiting for FILE_DIRECT or FILE_OFFSET sees the verdict at once
+            replies.put(message)
 
-    def _offer_direct(self, incoming: Incoming, offer: Any) -> Optional[_DirectReceiver]:
-        """Answer a FILE_BEGIN's direct offer; the receiver racing for it, if any."""
-        if offer is None or incoming.refused:
-            return None
-        reply: dict = {"transfer_id": incoming.transfer_id}
-        direct = None
-        if not direct_enabled():
-            reply["off"] = "direct transfers are turned off on this side"
-        elif not self._direct_races.allow():
-            reply["off"] = "too many direct transfers on this link just now; this one takes the data channel"
-        elif not isinstance(offer, dict):
-            reply["off"] = "the direct offer must be an object"
-        else:
-            try:
-                direct = _DirectReceiver(self, incoming, offer)
-                reply["hints"] = direct.hints
-            except (TransferError, OSError) as exc:
-                reply["off"] = str(exc)
-        self._send_control(FILE_DIRECT, reply)
-        if direct is not None:
-            direct.start()
-        return direct
+    def _on_transfer_reply(self, message: Message) -> None:
+        """FILE_DIRECT or FILE_OFFSET: the receiver's answer to a file this side sends."""
+        with self._acks_lock:
+            replies = self._replies.get(str(message.payload.get("transfer_id")))
+        if replies is not None:
+            replies.put(message)
 
-    def _end_incoming(self, incoming: Incoming, aborted: bool, reason: str) -> None:
-        if incoming.refused:
-            return
-        if aborted:  # what an upload into the store holds stays for its sender to resume
-            incoming.suspend()
-            kept = "; what arrived is kept for resuming" if incoming.resumable else ""
-            self.inbox.put(TransferFailed(incoming.name, f"{incoming.name}: the sender aborted ({reason}){kept}"))
-            return
-        try:
-            final = incoming.finish()
-        except (TransferError, OSError) as exc:
-            incoming.discard()
-            self._ack(incoming.transfer_id, ok=False, error=str(exc))
-            self.inbox.put(TransferFailed(incoming.name, str(exc)))
-            return
-        stored = {"path": str(final)} if incoming.resumable else {}  # a path in the store; a client keeps its own
-        self._ack(incoming.transfer_id, ok=True, saved_as=final.name, **stored)
-        self.inbox.put(FileReceived(final, incoming.name, incoming.size, incoming.sha256, incoming.via,
-                                    time.monotonic() - incoming.started))
+    def _direct_receiver(self, incoming: Incoming, offer: dict, on_data: Callable[[], None],
+                         on_failed: Callable[[str], None]) -> _DirectReceiver:
+        """Transfers' way to open a direct path for `incoming`: its bytes count as activity on the link."""
+        def data() -> None:
+            self.last_activity = time.monotonic()
+            on_data()
+
+        return _DirectReceiver(self.peer_id, incoming, offer, self.remote_addresses, data, on_failed)
 
     def _send_control(self, name: str, payload: dict) -> None:
         """Queue a small reply on the loop without waiting: the receive thread never blocks
         on a congested peer."""
         if not self._closed.is_set():
             self._loop.call_soon_threadsafe(self._send_now, encode(name, payload))
-
-    def _ack(self, transfer_id: str, **fields) -> None:
-        self._send_control(FILE_ACK, {"transfer_id": transfer_id, **fields})
 
     def _reply_error(self, text: str) -> None:
         log.warning("link %s: %s", self.peer_id, text)
