@@ -91,7 +91,8 @@ class PackagePlan:
     steps: list["W.Step"]
     configs: dict[str, str]
     notes: list[str]
-    checkpoints: list[str] = dataclasses.field(default_factory=list)  # files sleap-nn will unpickle (see W.CHECKPOINT_KEYS)
+    # Files sleap-nn will unpickle (see worker.py's CHECKPOINT_KEYS).
+    checkpoints: list[str] = dataclasses.field(default_factory=list)
 
 
 def package_dir_for(package: Path, job_id: str, uploaded: bool, job_dir: Path) -> Path:

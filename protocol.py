@@ -5,7 +5,8 @@ Read top to bottom:
 1. constants and environment variables;
 2. errors;
 3. signaling frames (v2 API): type names, error codes, field checks, metadata merging;
-4. data-channel messages: `NAME` or `NAME::{json}` text frames, and job specs;
+4. data-channel messages: `NAME` or `NAME::{json}` text frames, a builder for each
+   application message (and readers), and job specs;
 5. links of unmodified sleap-rtc 0.0.7 clients: their channel labels (the dialect itself
    is upstream.py);
 6. the HTTP API beside the signaling server;
@@ -486,6 +487,155 @@ def decode(text: str) -> Message:
     if not isinstance(payload, dict):
         raise ProtocolError(f"{name}: payload must be a JSON object")
     return Message(name, payload)
+
+
+# ---------------------------------------------------------------------------------------
+# Message builders: the fields of each application message, in one place
+# ---------------------------------------------------------------------------------------
+# Each data-channel builder gives (NAME, payload), for `link.send(*...)`; each signaling
+# builder gives the `peer_message` payload. Readers take what a peer sent apart, with the
+# checks every receiver would otherwise repeat. The comments above each name say when it
+# is sent; these say what it holds.
+
+Outgoing = tuple[str, dict]
+
+
+def job_submit(job_id: str, spec: dict) -> Outgoing:
+    return JOB_SUBMIT, {"job_id": job_id, "spec": spec}
+
+
+def job_accepted(job_id: str, job_dir: str, queue_position: int) -> Outgoing:
+    return JOB_ACCEPTED, {"job_id": job_id, "job_dir": job_dir, "queue_position": queue_position}
+
+
+def job_rejected(job_id: str, errors: list[dict]) -> Outgoing:
+    return JOB_REJECTED, {"job_id": job_id, "errors": errors}
+
+
+def job_request_control(action: str, job_id: str) -> Outgoing:
+    """Stop early (ZMQ_CTRL) or cancel (JOB_CANCEL) a job."""
+    return action, {"job_id": job_id}
+
+
+def job_control(job_id: str, action: str, ok: bool, message: str) -> Outgoing:
+    """The answer to a stop or cancel: whether it was done, and what happened."""
+    return JOB_CONTROL, {"job_id": job_id, "action": action, "ok": ok, "message": message}
+
+
+def job_attach(job_id: str, follow: bool) -> Outgoing:
+    return JOB_ATTACH, {"job_id": job_id, "follow": follow}
+
+
+def job_attached(job_id: str, state: Optional[str] = None, following: bool = False,
+                 error: Optional[str] = None) -> Outgoing:
+    """After the replayed log: the job's state and whether live output follows, or why not."""
+    return JOB_ATTACHED, ({"job_id": job_id, "error": error} if error is not None else
+                          {"job_id": job_id, "state": state, "following": following})
+
+
+def job_fetch(job_id: str) -> Outgoing:
+    return JOB_FETCH, {"job_id": job_id}
+
+
+def job_log(job_id: str, lines: list, progress: Optional[str]) -> Outgoing:
+    """A batch of a job's output: [stream, line] pairs ("o", "e", "w", "m") and the latest
+    carriage-return update, if any."""
+    return JOB_LOG, {"job_id": job_id, "lines": lines, "progress": progress}
+
+
+def link_error(message: str, **more) -> Outgoing:
+    return LINK_ERROR, {"message": message, **more}
+
+
+def upload_query(sha256: str, size: int, name: str) -> Outgoing:
+    return UPLOAD_QUERY, {"sha256": sha256, "size": size, "name": name}
+
+
+def file_request(path: str) -> Outgoing:
+    return FILE_REQUEST, {"path": path}
+
+
+def store_listing(request_id: Any, files: list[dict]) -> Outgoing:
+    return STORE_LISTING, {"request_id": str(request_id or "")[:64], "files": files}
+
+
+def replica_begin(request_id: str, source: dict, outputs: list[dict]) -> Outgoing:
+    return REPLICA_BEGIN, {"request_id": request_id, "source": source, "outputs": outputs}
+
+
+def replica_ready(request_id: Any, replica_id: Optional[str] = None, error: Optional[str] = None) -> Outgoing:
+    """The receiving worker's answer: the replica job's id, or why it takes none."""
+    answer = {"request_id": str(request_id or "")[:64]}
+    return REPLICA_READY, {**answer, "error": error} if error is not None else {**answer, "replica_id": replica_id}
+
+
+def replica_end(replica_id: str) -> Outgoing:
+    return REPLICA_END, {"replica_id": replica_id}
+
+
+def replica_done(replica_id: Any, outputs: list[dict], error: Optional[str] = None) -> Outgoing:
+    return REPLICA_DONE, {"replica_id": str(replica_id)[:64], "outputs": outputs,
+                          **({"error": error} if error is not None else {})}
+
+
+def app_job_request(job_id: str, spec: dict, capability: str, min_gpu_memory_mb: int, summary: dict) -> dict:
+    """Would the worker take this job? (`summary`: the spec's fields worth showing.)"""
+    return {APP_MESSAGE_TYPE: APP_JOB_REQUEST, "job_id": job_id, "job_type": spec["type"],
+            "capability": capability, "requirements": {"min_gpu_memory_mb": min_gpu_memory_mb}, "config": summary}
+
+
+def app_job_response(job_id: Any, accepted: bool, worker_info: dict, **more) -> dict:
+    """A worker's answer to APP_JOB_REQUEST; `more`: reason and message when it will not
+    take the job, its estimates when it will."""
+    return {APP_MESSAGE_TYPE: APP_JOB_RESPONSE, "job_id": str(job_id or ""), "accepted": accepted,
+            "worker_info": worker_info, **more}
+
+
+def app_job_assignment(job_id: str) -> dict:
+    return {APP_MESSAGE_TYPE: APP_JOB_ASSIGNMENT, "job_id": job_id}
+
+
+def app_job_assigned(job_id: str, queue_position: int) -> dict:
+    return {APP_MESSAGE_TYPE: APP_JOB_ASSIGNED, "job_id": job_id, "reserved": queue_position == 0,
+            "queue_position": queue_position}
+
+
+def app_jobs_query(request_id: str, job_id: Optional[str] = None, state: Optional[str] = None,
+                   sql: Optional[str] = None) -> dict:
+    """One job's record (`job_id`), the records in a state, or a read-only SQL query."""
+    query = {APP_MESSAGE_TYPE: APP_JOBS_QUERY, "request_id": request_id}
+    if job_id is not None:
+        query["job_id"] = job_id
+    if sql is not None:
+        query["sql"] = sql
+    elif job_id is None:
+        query["state"] = state
+    return query
+
+
+def app_jobs_list(request_id: Any, **answer) -> dict:
+    """The answer to APP_JOBS_QUERY: `jobs`, or `columns` and `rows`, or `error`."""
+    return {APP_MESSAGE_TYPE: APP_JOBS_LIST, "request_id": request_id, **answer}
+
+
+def job_id_in(payload: dict) -> str:
+    """The job id a message names, as text of at most 64 characters ("" if none)."""
+    return str(payload.get("job_id", ""))[:64]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A JOB_SUBMIT as the worker reads it: the job id (checked) and the spec (unchecked)."""
+
+    job_id: str
+    spec: Any
+    problem: Optional[str]  # why the job id is unusable, or None
+
+    @classmethod
+    def read(cls, payload: dict) -> "Submitted":
+        job_id = payload.get("job_id")
+        problem = None if valid_job_id(job_id) else "job_id must be 1-64 letters, digits, '-' or '_'"
+        return cls(str(job_id)[:64], payload.get("spec"), problem)
 
 
 # ---------------------------------------------------------------------------------------

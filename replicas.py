@@ -73,7 +73,7 @@ def replicate_step(argv: list[str]) -> int:
         request_id = secrets.token_hex(4)
         public = [{**o, "files": [{k: f[k] for k in ("name", "size", "sha256")} for f in o["files"]]}
                   for o in manifest["outputs"]]
-        link.send(P.REPLICA_BEGIN, {"request_id": request_id, "source": manifest["source"], "outputs": public})
+        link.send(*P.replica_begin(request_id, manifest["source"], public))
         ready = link.expect(lambda m: isinstance(m, P.Message) and m.name == P.REPLICA_READY
                             and m.payload.get("request_id") == request_id, 30, "REPLICA_READY").payload
         if ready.get("error"):
@@ -86,7 +86,7 @@ def replicate_step(argv: list[str]) -> int:
                 seconds = max(1e-6, time.monotonic() - started)
                 print(f"sent {f['path']} ({f['size']} bytes, sha256 {f['sha256'][:12]}) over {ack['via']}: "
                       f"{f['size'] / seconds / 1e6:.1f} MB/s", flush=True)
-        link.send(P.REPLICA_END, {"replica_id": ready["replica_id"]})
+        link.send(*P.replica_end(ready["replica_id"]))
         done = link.expect(lambda m: isinstance(m, P.Message) and m.name == P.REPLICA_DONE, 120,
                            "REPLICA_DONE").payload
     except (P.SleapRTCError, OSError) as exc:
@@ -188,12 +188,11 @@ class ReplicaReceiver:
 
     def begin(self, payload: dict) -> None:
         """Another worker starts sending a replica: a new job directory takes its files."""
-        reply = {"request_id": str(payload.get("request_id", ""))[:64]}
         problem = check_replica_manifest(payload.get("outputs")) or self.worker.disk_problem()
         if self.arriving is not None:
             problem = "a replica is arriving on this link already"
         if problem:
-            self.session.send(P.REPLICA_READY, {**reply, "error": problem})
+            self.session.send(*P.replica_ready(payload.get("request_id"), error=problem))
             return
         source = payload.get("source") if isinstance(payload.get("source"), dict) else {}
         spec = {"type": P.REPLICA, "source": {"worker": str(source.get("worker"))[:100],
@@ -203,14 +202,14 @@ class ReplicaReceiver:
         self.arriving = {"job": job, "outputs": payload["outputs"], "staging": staging}
         self.session.link.receive_dir = staging
         log.info("replica %s of %s arriving from %s", job.job_id, spec["source"], self.session.peer_id)
-        self.session.send(P.REPLICA_READY, {**reply, "replica_id": job.job_id})
+        self.session.send(*P.replica_ready(payload.get("request_id"), job.job_id))
 
     def end(self, payload: dict) -> None:
         """Every file of the replica was sent: check each against the manifest, keep them, record the job."""
         replica = self.arriving
         if replica is None or payload.get("replica_id") != replica["job"].job_id:
-            self.session.send(P.REPLICA_DONE, {"replica_id": str(payload.get("replica_id"))[:64],
-                                               "error": "no such replica is arriving on this link", "outputs": []})
+            self.session.send(*P.replica_done(payload.get("replica_id"), [],
+                                              "no such replica is arriving on this link"))
             return
         self.arriving, self.session.link.receive_dir = None, None
         job, outputs, problem = replica["job"], [], None
@@ -233,8 +232,7 @@ class ReplicaReceiver:
                            {"kind": "predictions", "path": str(target / files[0]["name"]), "size": files[0]["size"],
                             "sha256": files[0]["sha256"]})
         self._finish(replica, problem, outputs)
-        self.session.send(P.REPLICA_DONE, {"replica_id": job.job_id, "outputs": outputs,
-                                           **({"error": problem} if problem else {})})
+        self.session.send(*P.replica_done(job.job_id, outputs, problem))
 
     def abandon(self) -> None:
         """The link ended: a replica still arriving fails, and its staged files go."""

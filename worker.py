@@ -18,8 +18,22 @@ sleap-rtc 0.0.7 clients (CLI and Python API) are served too, in their own dialec
 
 With no --server and nothing listening on ws://127.0.0.1:8080, the worker starts the
 signaling server in-process (signaling.py beside this file), creates a room and prints
-what a client needs. Needs only this file, protocol.py and their transport dependencies
-next to an installed sleap-nn.
+what a client needs.
+
+This file and protocol.py alone, next to an installed sleap-nn, are a whole worker.
+packages.py, replicas.py, slurm.py and upstream.py beside them add what their names say
+(see "Optional capabilities"). Read top to bottom, the sections follow a job's path:
+
+1. constants and the data model (mounts, paths refused);
+2. optional capabilities; what this machine offers; the embedded signaling server;
+3. `Worker`: registration, status, dispatching signaling frames, answering job requests;
+4. `Session`: one client link, its reader and its one writer (`Outbox`);
+5. `Ledger` and `Scheduler`: every job's record, slots and the queue;
+6. `Job` and `JobLog`: one job's steps, its output and its state;
+7. executors (`LocalExecutor`; slurm.py's), then each step's sleap-nn argument list;
+8. command jobs;
+9. validation at acceptance: paths and the config, checkpoints, videos, file listings;
+10. the upload store; pruning; the command line.
 """
 
 from __future__ import annotations
@@ -66,6 +80,15 @@ WORKER_ID_FILE = "worker-id"
 WORKER_KEY_FILE = "worker-key"
 UPLOADS_DIR = "uploads"
 JOBS_DIR = "jobs"
+CONFIG_FILE = "config.yaml"  # the validated copy of a training config, in the job's directory
+# Defaults of the worker's options (see build_parser).
+STOP_GRACE_S = 120.0  # after this long without train_end, a stop becomes SIGINT (once)
+CANCEL_GRACE_S = 10.0  # after SIGTERM, SIGKILL
+RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's spec, by default
+MIN_FREE_GB = 2.0  # below this much free space in its working dir, a worker takes no new jobs
+# A follower with more than this much of one job's output waiting for its link is detached
+# from that job (the job, its log and other followers are untouched).
+FOLLOWER_BACKLOG_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -288,1642 +311,976 @@ def write_room_env(working_dir: Path, server_url: str, room_id: str, token: str)
 
 
 # ---------------------------------------------------------------------------------------
-# Validating a job: every path and the config, once, at acceptance
+# The worker
 # ---------------------------------------------------------------------------------------
-
-MAX_CONFIG_BYTES = 1024 * 1024
-MAX_CONFIG_NODES = 100_000  # values in a config once YAML aliases are expanded
-CONFIG_FILE = "config.yaml"  # the validated copy of a training config, in the job's directory
-# Keys of a sleap-nn config that name what a run reads, and where it writes.
-CONFIG_READS = ("data_config.train_labels_path", "data_config.val_labels_path", "data_config.test_file_path",
-                "trainer_config.resume_ckpt_path", "model_config.pretrained_backbone_weights",
-                "model_config.pretrained_head_weights")
-CONFIG_WRITES = ("trainer_config.ckpt_dir", "data_config.cache_img_path")
-# Spec fields that replace a config key, and whether sleap-nn wants a list there.
-SPEC_CONFIG_KEYS = {"labels": ("data_config.train_labels_path", True),
-                    "val_labels": ("data_config.val_labels_path", True),
-                    "resume": ("trainer_config.resume_ckpt_path", False)}
-WRITES = set(CONFIG_WRITES) | {"output"}
-# ${name:...} is an OmegaConf resolver (oc.env reads the worker's environment); ${a.b} is not.
-RESOLVER_RE = re.compile(r"\$\{\s*[A-Za-z_][\w.-]*\s*:")
-
-
-def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path,
-                 store_dir: Optional[Path] = None,
-                 trusted: Callable[[], set[str]] = set) -> tuple[list[dict], dict]:
-    """All problems of a spec on this worker, one per field, and what the run will use.
-
-    A package job is checked by `validate_package` (`store_dir` holds uploads).
-    Every checkpoint it names must be data (see check_checkpoint; `trusted` gives the
-    SHA-256 of the models this worker trained itself); plan["checkpoints"] keeps the
-    identity of each, to recheck when the job starts.
-
-    Every path, from the spec or inside the config, is resolved once, here: reads must
-    exist inside `mounts`, writes must fall inside `write_mounts` or the job's directory.
-    The plan holds the resolved real paths (`paths`, by spec field or config key) and for
-    training the config's text (`config_text`: parsed once; resolvers, Hydra settings,
-    aliases that expand too far and files over MAX_CONFIG_BYTES are refused).
-    """
-    errors = P.check_spec(spec)
-    if errors and errors[0]["field"] == "type":
-        return errors, {}
-    if "package" in spec:
-        if errors:
-            return errors, {}
-        try:
-            packages = optional(P.PACKAGE)
-        except CapabilityMissing as exc:
-            return [P.spec_error("package", str(exc), "UNSUPPORTED")], {}
-        return packages.validate_package(spec, mounts, write_mounts, job_dir, store_dir, trusted)
-    bad = {e["field"] for e in errors}
-    writable = write_mounts + [Mount(job_dir, "job")]
-    plan: dict = {"paths": {}}
-    fields: dict[str, str] = {}  # plan key -> the spec field it came from
-
-    def take(field: str, key: str, value, writes: bool = False, in_config: bool = False) -> None:
-        """Resolve `value` (a path or a list of them) into plan["paths"][key], or add an
-        error for `field` that names the path and key, for the client to offer fixes."""
-        resolved = []
-        for text in value if isinstance(value, list) else [value]:
-            try:
-                resolved.append(resolve_path(text, writable if writes else mounts, job_dir if in_config else None,
-                                              must_exist=not writes, in_config=in_config))
-            except PathRefused as exc:
-                errors.append({**P.spec_error(field, f"{key}: {exc}" if in_config else str(exc), exc.code),
-                               "path": str(text)[:MAX_PATH_CHARS], "key": key})
-                return
-        plan["paths"][key] = resolved if isinstance(value, list) else resolved[0]
-        fields[key] = field
-
-    if spec["type"] == P.TRACK:
-        for field in ("data_path", "model_paths"):
-            if field not in bad:
-                take(field, field, spec[field])
-        if spec.get("output"):
-            take("output", "output", spec["output"], writes=True)
-            if "output" in plan["paths"] and not Path(plan["paths"]["output"]).parent.is_dir():
-                errors.append(P.spec_error("output", f"directory {Path(plan['paths']['output']).parent} does not "
-                                           "exist on the worker", "NOT_FOUND"))
-        _check_labels(spec, plan, fields, errors, mounts, write_mounts, job_dir)
-        _check_checkpoints(plan, fields, errors, trusted)
-        return errors, plan
-    for field, (key, as_list) in SPEC_CONFIG_KEYS.items():
-        if spec.get(field) and field not in bad:
-            take(field, key, [spec[field]] if as_list else spec[field])
-    if "config" in bad:
-        return errors, plan
-    try:
-        config_path = Path(resolve_path(spec["config"], mounts))
-    except PathRefused as exc:
-        errors.append({**P.spec_error("config", str(exc), exc.code), "path": spec["config"], "key": "config"})
-        return errors, plan
-    config, text, problem = _read_config(config_path)
-    if problem:
-        errors.append(P.spec_error("config", problem, "BAD_CONFIG"))
-        return errors, plan
-    plan["config_text"] = text
-    for key in CONFIG_READS + CONFIG_WRITES:
-        value = config_value(config, key)
-        if key not in plan["paths"] and value not in (None, "", [], "."):  # "." is ckpt_dir's default: the job's
-            take("config", key, value, writes=key in CONFIG_WRITES, in_config=True)
-    _check_labels(spec, plan, fields, errors, mounts, write_mounts, job_dir)
-    _check_checkpoints(plan, fields, errors, trusted)
-    return errors, plan
-
-
-def _check_labels(spec: dict, plan: dict, fields: dict, errors: list, mounts: list[Mount],
-                  write_mounts: list[Mount], job_dir: Path) -> None:
-    """Check the videos of every labels file the job reads (see check_videos), after the
-    spec's path_map. A labels file whose videos the map moved is run as a copy, written
-    when the job starts: next to the original when that directory is writable, else in
-    the job's directory (plan["relabel"])."""
-    path_map = spec.get("path_map") or []
-    for old, new in path_map:
-        try:
-            resolve_in_mounts(new, mounts)
-        except PathRefused as exc:
-            errors.append(P.spec_error("path_map", f"{old}={new}: {exc}", exc.code))
-    if any(e["field"] == "path_map" for e in errors):
-        return
-    for key in LABELS_KEYS:
-        value = plan["paths"].get(key)
-        if value is None or (key == "data_path" and not str(value).endswith(".slp")):
-            continue
-        used = []
-        for path in value if isinstance(value, list) else [value]:
-            problems, rewrite = check_videos(path, mounts, path_map, write_mounts)
-            for problem in problems:
-                message, code = problem.pop("message"), problem.pop("code")
-                errors.append({**P.spec_error(fields[key], message, code), **problem, "key": key})
-            if rewrite:
-                source = Path(path)
-                try:
-                    resolve_in_mounts(str(source.parent), write_mounts)
-                    copy = source.with_name(f"{source.stem}.resolved-{job_dir.name}.slp")
-                except PathRefused:
-                    copy = job_dir / f"{source.stem}.resolved.slp"
-                plan.setdefault("relabel", []).append({"key": key, "source": path, "copy": str(copy), "map": path_map,
-                                                       "videos": {str(i): n for i, n in rewrite.items()}})
-                path = str(copy)
-            used.append(path)
-        plan["paths"][key] = used if isinstance(value, list) else used[0]
-
-
-def resolve_path(text, mounts: list[Mount], base: Optional[Path] = None, must_exist: bool = True,
-                  in_config: bool = False) -> str:
-    """A path from a peer, resolved inside `mounts` (a relative one against `base`);
-    PathRefused says why not. A config's own value may not interpolate: OmegaConf would
-    read it differently from the worker."""
-    if not isinstance(text, str) or not text:
-        raise PathRefused(f"expected a path, not {P.echo(text)}")
-    if in_config and "${" in text:
-        raise PathRefused(f"{text[:80]} uses an interpolation; write the path out")
-    path = resolve_in_mounts(text, mounts, base)
-    if must_exist and not path.exists():
-        raise PathRefused(f"{path} does not exist on the worker", "NOT_FOUND")
-    return str(path)
-
-
-def _read_config(path: Path) -> tuple[dict, str, Optional[str]]:
-    """(config, its text, None), or (_, _, what is wrong with it)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        return {}, "", f"{path} is not readable: {exc}"
-    return parse_config(data, str(path))
-
-
-def parse_config(data: bytes, path: str) -> tuple[dict, str, Optional[str]]:
-    """The config in `data` (read from `path`), as `_read_config` answers."""
-    import yaml
-
-    if len(data) > MAX_CONFIG_BYTES:
-        return {}, "", f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a sleap-nn config is a few KiB"
-    try:
-        text = data.decode("utf-8")
-        config = yaml.safe_load(text)
-    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
-        return {}, "", f"{path} is not readable YAML: {str(exc)[:300]}"
-    if not isinstance(config, dict):
-        return {}, "", f"{path} is not a YAML mapping of sleap-nn settings"
-    problem = _config_problem(config)
-    return config, text, (f"{path}: {problem}" if problem else None)
-
-
-def _config_problem(config: dict) -> Optional[str]:
-    """What in a parsed config the worker refuses to hand to sleap-nn, or None."""
-    for key in ("defaults", "hydra"):
-        if key in config:
-            return f"the top-level key '{key}' changes how Hydra runs; it is the worker's to set"
-    nodes, stack = 0, [config]
-    while stack:
-        node = stack.pop()
-        nodes += 1
-        if nodes > MAX_CONFIG_NODES:
-            return (f"expands to more than {MAX_CONFIG_NODES} values (YAML aliases repeated inside each other?); "
-                    "a sleap-nn config has a few hundred")
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, str) and RESOLVER_RE.search(node):
-            return (f"{node[:80]!r} calls an OmegaConf resolver; resolvers (oc.env and the like) can read the "
-                    "worker's environment and are refused. Plain ${a.b} references are fine")
-    return internet_problem(config)
-
-
-def internet_problem(settings: dict) -> Optional[str]:
-    """What in sleap-nn settings (a config, or a package's overrides as {dotted key:
-    value}) would have the job reach the internet, or None: no job does on a member's
-    say-so. Weights & Biases uploads the run; an ImageNet-pretrained ConvNeXt or Swin
-    backbone downloads its weights from torchvision; an external HuggingFace backbone
-    downloads model, weights and possibly code."""
-    def value(key: str):
-        return settings[key] if key in settings else config_value(settings, key)
-
-    if value("trainer_config.use_wandb") not in (None, False, "false", "False", 0):
-        return ("trainer_config.use_wandb: true would upload the run to Weights & Biases; this worker runs no job "
-                "that reaches the internet (set it to false; the worker streams loss and logs to you)")
-    backbones = value("model_config.backbone_config")
-    for name, backbone in (backbones.items() if isinstance(backbones, dict) else []):
-        key = f"model_config.backbone_config.{name}"
-        if name == "pretrained" and backbone is not None:
-            return (f"{key}: an external HuggingFace backbone is downloaded from the internet, which no job on this "
-                    "worker does (use a unet, convnext or swint backbone)")
-        if isinstance(backbone, dict) and backbone.get("pre_trained_weights") not in (None, "", "null"):
-            return (f"{key}.pre_trained_weights: {P.echo(backbone['pre_trained_weights'])} is downloaded from the "
-                    "internet, which no job on this worker does (set it to null, or start from a checkpoint with "
-                    "model_config.pretrained_backbone_weights)")
-    for key, setting in settings.items():  # a package's overrides
-        if key.startswith("model_config.backbone_config.") and (
-                (key.endswith(".pre_trained_weights") and setting not in (None, "", "null"))
-                or key.split(".")[2] == "pretrained"):
-            return f"{key}: downloads from the internet, which no job on this worker does"
-    return None
-
-
-def config_value(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
-
-
-def recheck_paths(paths: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path) -> Optional[str]:
-    """Resolve a job's paths again when it starts: None when each still resolves to itself
-    inside the mounts (and each read still exists), else why the job must not run."""
-    writable = write_mounts + [Mount(job_dir, "job")]
-    for key, value in paths.items():
-        for text in value if isinstance(value, list) else [value]:
-            try:
-                now = resolve_path(text, writable if key in WRITES else mounts, must_exist=key not in WRITES)
-            except PathRefused as exc:
-                return f"{key}: {exc} (it changed after the job was accepted)"
-            if now != text:
-                return f"{key}: {text} now leads to {now} (a link changed after the job was accepted)"
-    return None
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints: data, never code
-# ---------------------------------------------------------------------------------------
-# sleap-nn loads checkpoints with torch.load(weights_only=False): it unpickles them, so a
-# file a member names as one (resume, pretrained weights, a track job's model) could run
-# code as the worker. One is accepted only if it is a model this worker trained itself
-# (its SHA-256 is in the ledger), or if torch loads it with weights_only=True in a child
-# process bounded in time and memory (`worker.py probe-checkpoint`); sleap-nn's own
-# checkpoints need no extra allowed globals. And every sleap-nn step runs with
-# TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 besides (SLEAP_NN_ENV), under which sleap-nn 0.3.5
-# trains, resumes, starts from pretrained weights and tracks.
-
-# Config keys whose file sleap-nn unpickles; with a track job's model_paths.
-CHECKPOINT_KEYS = ("trainer_config.resume_ckpt_path", "model_config.pretrained_backbone_weights",
-                   "model_config.pretrained_head_weights")
-MAX_MODEL_CHECKPOINTS = 16  # *.ckpt files looked at in one model directory
-CHECKPOINT_PROBE_S = 120.0
-CHECKPOINT_PROBE_MEMORY = 6 * 2**30  # address space for torch itself; plus three times the file's size
-# What every sleap-nn step runs with: torch refuses to unpickle anything but weights, and
-# nothing in sleap-nn reaches the internet.
-SLEAP_NN_ENV = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1"}
-
-
-def checkpoint_files(path: str) -> list[Path]:
-    """The files sleap-nn may unpickle for a path: itself, or the checkpoints of a model
-    directory (a track job's model_paths)."""
-    if not Path(path).is_dir():
-        return [Path(path)]
-    found = sorted(Path(path).glob("*.ckpt"))
-    if len(found) > MAX_MODEL_CHECKPOINTS:
-        raise PathRefused(f"{path} holds {len(found)} checkpoints; a model directory has one or two", "BAD_MODEL")
-    return found
-
-
-def file_identity(path: Path) -> list[int]:
-    info = path.stat()
-    return [info.st_size, info.st_mtime_ns, info.st_ino]
-
-
-def check_checkpoint(path: Path, trusted: set[str]) -> tuple[Optional[dict], Optional[str]]:
-    """({identity, sha256} of a checkpoint that is data, None), or (None, why it is refused)."""
-    identity = file_identity(path)
-    _, sha256 = P.file_digest(path)
-    if sha256 in trusted:
-        return {"identity": identity, "sha256": sha256}, None
-    why = probe_checkpoint(path)
-    if why:
-        return None, (f"{path} is refused: checkpoints are unpickled, so this worker takes only models it trained "
-                      f"itself and files torch loads as plain weights, and torch refuses this one ({why})")
-    return {"identity": identity, "sha256": sha256}, None
-
-
-def probe_checkpoint(path: Path) -> Optional[str]:
-    """Why torch will not load `path` as weights only (None when it does), asked of a
-    child with CHECKPOINT_PROBE_S and an address-space limit, without the worker's secrets."""
-    limit = CHECKPOINT_PROBE_MEMORY + 3 * path.stat().st_size
-    hidden = set(hidden_env(set()))
-    env = {k: v for k, v in os.environ.items() if k not in hidden}
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", **SLEAP_NN_ENV)
-    try:
-        probe = subprocess.run([sys.executable, str(Path(__file__).resolve()), "probe-checkpoint", str(limit),
-                                str(path)], capture_output=True, text=True, timeout=CHECKPOINT_PROBE_S, env=env,
-                               stdin=subprocess.DEVNULL, cwd=path.parent)
-    except subprocess.TimeoutExpired:
-        return f"loading it took longer than {CHECKPOINT_PROBE_S:.0f} s"
-    except OSError as exc:
-        return f"the worker could not start its checker: {exc}"
-    if probe.returncode == 0:
-        return None
-    lines = [line for line in probe.stderr.splitlines() if line.strip()]
-    return (lines[-1] if lines else f"the checker exited with {probe.returncode}")[:300]
-
-
-def probe_checkpoint_step(argv: list[str]) -> int:
-    """`worker.py probe-checkpoint LIMIT PATH`: exit 0 when torch loads PATH with
-    weights_only=True within LIMIT bytes of address space, else say why on stderr."""
-    import resource
-
-    limit, path = int(argv[0]), argv[1]
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:
-        import torch
-
-        torch.load(path, map_location="cpu", weights_only=True)
-    except MemoryError:
-        print(f"it needs more than {limit // 2**20} MB to load", file=sys.stderr)
-        return 1
-    except Exception as exc:  # torch raises many types on a file it will not load; each means no
-        print(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _check_checkpoints(plan: dict, fields: dict, errors: list, trusted: Callable[[], set[str]]) -> None:
-    """A field error for each checkpoint in plan["paths"] that is not data; the identity
-    of each that is, in plan["checkpoints"]."""
-    known: Optional[set[str]] = None
-    for key in (*CHECKPOINT_KEYS, "model_paths"):
-        values = plan["paths"].get(key)
-        for path in values if isinstance(values, list) else [values] if values else []:
-            try:
-                files = checkpoint_files(path)
-            except PathRefused as exc:
-                errors.append({**P.spec_error(fields[key], f"{key}: {exc}", exc.code), "key": key})
-                continue
-            for file in files:
-                known = trusted() if known is None else known
-                checked, why = check_checkpoint(file, known)
-                if why:
-                    message = f"{key}: {why}" if fields[key] == "config" else why
-                    errors.append({**P.spec_error(fields[key], message, "UNSAFE_CHECKPOINT"), "key": key})
-                else:
-                    plan.setdefault("checkpoints", {})[str(file)] = checked
-
-
-def recheck_checkpoints(checkpoints: dict, models: list[str], trusted: Callable[[], set[str]]) -> Optional[str]:
-    """When a job starts: why one of its checkpoints must not be used (changed since it
-    was accepted, or new in one of its `models` directories, and not data), or None."""
-    try:
-        found = [str(f) for model in models for f in checkpoint_files(model)]
-    except PathRefused as exc:
-        return str(exc)
-    for path in dict.fromkeys([*checkpoints, *found]):
-        try:
-            if path in checkpoints and file_identity(Path(path)) == checkpoints[path]["identity"]:
-                continue
-            _, why = check_checkpoint(Path(path), trusted())
-        except OSError as exc:
-            return f"{path}: {exc.strerror} (it changed after the job was accepted)"
-        if why:
-            return f"{why} (it changed after the job was accepted)"
-    return None
-
-
-# ---------------------------------------------------------------------------------------
-# Looking at the worker's files: listings and a bounded search, inside the mounts only
-# ---------------------------------------------------------------------------------------
-
-LIST_PAGE = 500  # entries in one FS_LISTING
-SEARCH_DEPTH = 5  # directories below a mount that a search descends
-SEARCH_SECONDS = 10.0
-SEARCH_RESULTS = 20
-SEARCH_MIN_CHARS = 3  # of a search pattern that are not wildcards
-SEARCH_MIN_SCORE = 0.75  # name similarity (0-1) below which a file is no candidate
-_GLOB_CHARS = re.compile(r"[*?\[\]]")
-
-
-def _inside(path: Path, mounts: list[Mount]) -> bool:
-    return any(m.contains(path) for m in mounts)
-
-
-def list_directory(path: Optional[str], mounts: list[Mount], offset: int = 0, nearest: bool = False) -> dict:
-    """One page of a directory inside the mounts (directories first, then files, by name),
-    or the mounts when no path is given. With `nearest`, the deepest existing directory
-    on the way to `path`. Entries that are links leading out of the mounts are left out."""
-    if not path:
-        return {"mounts": [m.public() for m in mounts], "entries": [], "total": 0, "offset": 0}
-    directory = _nearest_directory(path, mounts) if nearest else resolve_in_mounts(path, mounts)
-    if not directory.is_dir():
-        raise PathRefused(f"{directory} is not a directory on the worker", "NOT_FOUND")
-    entries = []
-    try:
-        with os.scandir(directory) as scan:
-            for entry in scan:
-                try:
-                    if not _inside(Path(entry.path).resolve() if entry.is_symlink() else Path(entry.path), mounts):
-                        continue  # a link leading out, or the worker's own files
-                    info = entry.stat()
-                    kind = "dir" if entry.is_dir() else "file"
-                except OSError:  # vanished, or a dangling link
-                    continue
-                entries.append({"name": entry.name, "kind": kind, "size": info.st_size if kind == "file" else None,
-                                "mtime": info.st_mtime})
-    except OSError as exc:
-        raise PathRefused(f"{directory} cannot be read: {exc.strerror}", "NOT_FOUND") from None
-    entries.sort(key=lambda e: (e["kind"] != "dir", e["name"].lower()))
-    offset = max(0, offset)
-    return {"path": str(directory), "entries": entries[offset:offset + LIST_PAGE], "total": len(entries),
-            "offset": offset}
-
-
-def _nearest_directory(path: str, mounts: list[Mount]) -> Path:
-    """The deepest existing directory inside a mount on the way to `path` (the first mount
-    when none is)."""
-    candidate = Path(path)
-    for folder in [candidate, *candidate.parents]:
-        try:
-            resolved = resolve_in_mounts(str(folder), mounts)
-        except PathRefused:
-            continue
-        if resolved.is_dir():
-            return resolved
-    return mounts[0].path
-
-
-def _walk_files(mounts: list[Mount], deadline: float, depth: int = SEARCH_DEPTH):
-    """(DirEntry, its path) of every file inside the mounts, breadth first, never through
-    a link, down to `depth`; stops at `deadline` (time.monotonic)."""
-    seen: set[Path] = set()
-    pending = collections.deque((m.path, 0) for m in mounts)
-    while pending and time.monotonic() < deadline:
-        directory, level = pending.popleft()
-        if directory in seen:
-            continue
-        seen.add(directory)
-        try:
-            with os.scandir(directory) as scan:
-                entries = list(scan)
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.is_symlink() or not _inside(Path(entry.path), mounts):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                if level < depth:
-                    pending.append((Path(entry.path), level + 1))
-            elif entry.is_file(follow_symlinks=False):
-                yield entry
-
-
-def search_files(pattern: str, mounts: list[Mount], size: Optional[int] = None,
-                 seconds: float = SEARCH_SECONDS, limit: int = SEARCH_RESULTS) -> dict:
-    """Files inside the mounts whose name is like `pattern` (a file name, or a glob):
-    ranked by name similarity, the same size (when given) and recency; bounded in depth,
-    time and results. Raises PathRefused for a pattern too broad to mean anything."""
-    import difflib
-    import fnmatch
-
-    name = re.split(r"[\\/]", str(pattern))[-1].lower()
-    if len(_GLOB_CHARS.sub("", name.rsplit(".", 1)[0] if "." in name else name)) < SEARCH_MIN_CHARS:
-        raise PathRefused(f"{str(pattern)[:80]!r} is too broad to search for; give at least {SEARCH_MIN_CHARS} "
-                          "characters of the file name before its extension", "TOO_BROAD")
-    globbed = bool(_GLOB_CHARS.search(name))
-    started = time.monotonic()
-    deadline = started + seconds
-    matcher = difflib.SequenceMatcher(b=name, autojunk=False)
-    found, scanned = [], 0
-    for entry in _walk_files(mounts, deadline):
-        scanned += 1
-        lowered = entry.name.lower()
-        if globbed:
-            score = 1.0 if fnmatch.fnmatchcase(lowered, name) else 0.0
-        else:
-            matcher.set_seq1(lowered)
-            # real_quick_ratio and quick_ratio are cheap upper bounds of ratio: most names stop there.
-            score = 1.0 if lowered == name else matcher.ratio() if (
-                matcher.real_quick_ratio() >= SEARCH_MIN_SCORE and matcher.quick_ratio() >= SEARCH_MIN_SCORE) else 0
-        if score < SEARCH_MIN_SCORE:
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        found.append({"path": entry.path, "size": info.st_size, "mtime": info.st_mtime, "score": round(score, 3)})
-    complete = time.monotonic() < deadline
-    newest = max((f["mtime"] for f in found), default=0)
-    for candidate in found:  # the same size is strong evidence; recency breaks near ties
-        rank = candidate["score"] + (0.5 if size is not None and candidate["size"] == size else 0)
-        candidate["rank"] = rank - min(0.1, (newest - candidate["mtime"]) / 86400 / 365)
-    found.sort(key=lambda c: -c.pop("rank"))
-    return {"candidates": found[:limit], "complete": complete, "scanned": scanned,
-            "seconds": round(time.monotonic() - started, 3)}
-
-
-# ---------------------------------------------------------------------------------------
-# Videos a labels file points at: checked at acceptance, mapped to this worker's paths
-# ---------------------------------------------------------------------------------------
-
-# The labels files of a job, by plan key.
-LABELS_KEYS = ("data_config.train_labels_path", "data_config.val_labels_path", "data_config.test_file_path",
-               "data_path")
-PROPOSED_CANDIDATES = 5
-
-
-def path_parts(path: str) -> list[str]:
-    """A path from any machine as its parts (backslashes and drive letters too)."""
-    return [part for part in re.split(r"[\\/]+", path) if part]
-
-
-def map_path(path: str, path_map: list) -> Optional[str]:
-    """`path` with the first matching [old prefix, new prefix] of `path_map` applied, or None."""
-    parts = path_parts(path)
-    for old, new in path_map:
-        prefix = path_parts(old)
-        if prefix and parts[:len(prefix)] == prefix:
-            return str(Path(new, *parts[len(prefix):]))
-    return None
-
-
-def _prefix_maps(old: str, new: str) -> list[tuple[str, str]]:
-    """Every pair of prefixes that turns `old` into `new`, keeping at least the file name:
-    /a/b/x.mp4 and /c/b/x.mp4 give (/a/b, /c/b) and (/a, /c)."""
-    a, b = path_parts(old), path_parts(new)
-    maps = []
-    for same in range(1, min(len(a), len(b))):
-        if a[-same] != b[-same]:
-            break
-        prefix = a[:len(a) - same]
-        text = "\\".join(prefix) if "\\" in old and "/" not in old else "/".join(prefix)
-        maps.append(("/" + text if old.startswith("/") else text, str(Path("/", *b[:len(b) - same]))))
-    return maps
-
-
-def check_videos(labels_path: str, mounts: list[Mount], path_map: list,
-                 search_mounts: Optional[list[Mount]] = None) -> tuple[list[dict], Optional[dict]]:
-    """Every video a labels file names must exist inside the mounts, after `path_map`.
-
-    Returns (problems, rewrite): a problem per missing video, with candidates found by
-    its file name in `search_mounts` (default: the mounts) and a proposed prefix
-    mapping; rewrite, when the mapping changed a
-    video, is {index: new file name(s)} for a copy of the labels. Embedded frames need
-    no video. Without sleap-io (a worker that cannot read labels) nothing is checked."""
-    try:
-        import sleap_io
-    except ImportError:
-        return [], None
-    try:
-        labels = sleap_io.load_slp(labels_path, open_videos=False)
-    except Exception as exc:  # sleap-io raises many types on a file it cannot read
-        return [{"message": f"{labels_path} is not a readable SLEAP labels file: {str(exc)[:200]}",
-                 "code": "BAD_LABELS"}], None
-    problems, rewrite = [], {}
-    for index, video in enumerate(labels.videos):
-        if (getattr(video, "backend_metadata", None) or {}).get("has_embedded_images"):
-            continue
-        names = video.filename if isinstance(video.filename, list) else [video.filename]
-        mapped = [map_path(str(n), path_map) for n in names]
-        missing = []
-        for original, new in zip(names, mapped):
-            try:
-                if not resolve_in_mounts(new or str(original), mounts).exists():
-                    missing.append(str(original))
-            except PathRefused as exc:
-                if new is not None:
-                    problems.append({"message": f"{labels_path}: video {index} maps to {new}, which is outside the "
-                                     f"worker's mounts ({exc})", "code": "ACCESS_DENIED", "path": str(original)})
-                    break
-                missing.append(str(original))
-        else:
-            if missing:
-                shown = missing[0] if len(names) == 1 else f"{len(missing)} of the {len(names)} images of {names[0]}"
-                problems.append({"message": f"{labels_path}: video {index} {shown} does not exist on the worker",
-                                 "code": "VIDEO_NOT_FOUND", "path": missing[0], "video": True})
-            elif any(mapped):
-                new_names = [m or str(n) for m, n in zip(mapped, names)]
-                rewrite[index] = new_names if isinstance(video.filename, list) else new_names[0]
-    missing_videos = [p for p in problems if p.get("video")]
-    if missing_videos:
-        _propose(missing_videos, mounts, search_mounts or mounts)
-    return problems, rewrite or None
-
-
-def _propose(problems: list[dict], mounts: list[Mount], search_mounts: list[Mount]) -> None:
-    """Candidates by file name for each missing video (one walk of `search_mounts`), and
-    the prefix mapping that resolves the most of them inside `mounts`."""
-    wanted = {path_parts(p["path"])[-1]: p for p in problems}
-    found: dict[str, list[str]] = {name: [] for name in wanted}
-    for entry in _walk_files(search_mounts, time.monotonic() + SEARCH_SECONDS):
-        if entry.name in found and len(found[entry.name]) < PROPOSED_CANDIDATES:
-            found[entry.name].append(entry.path)
-    mappings = {m for name, p in wanted.items() for c in found[name] for m in _prefix_maps(p["path"], c)}
-    best, resolved = None, 0
-    for old, new in sorted(mappings, key=lambda m: -len(path_parts(m[0]))):  # the most specific wins a tie
-        count = 0
-        for problem in problems:
-            target = map_path(problem["path"], [[old, new]])
-            try:
-                count += bool(target) and resolve_in_mounts(target, mounts).exists()
-            except PathRefused:
-                pass
-        if count > resolved:
-            best, resolved = (old, new), count
-    for name, problem in wanted.items():
-        problem["candidates"] = found[name]
-    for problem in problems:
-        problem.setdefault("candidates", [])
-        if best:
-            problem["proposal"] = {"old": best[0], "new": best[1], "resolves": resolved, "of": len(problems)}
-
-
-def write_labels_copy(source: str, copy: str, rewrite: dict) -> None:
-    """A copy of a labels file whose videos are renamed by `rewrite` (index: new name);
-    the original is only read. Written beside its final name, then renamed."""
-    import sleap_io
-
-    labels = sleap_io.load_slp(source, open_videos=False)
-    names = [rewrite.get(str(i), rewrite.get(i, video.filename)) for i, video in enumerate(labels.videos)]
-    labels.replace_filenames(new_filenames=names, open_videos=False)
-    partial = Path(copy).with_name(f".part-{Path(copy).name}")  # sleap-io picks the format by the .slp ending
-    labels.save(str(partial), embed=False)
-    os.replace(partial, copy)
-
-
-# ---------------------------------------------------------------------------------------
-# Jobs: the sleap-nn command and the run
-# ---------------------------------------------------------------------------------------
-
-# Jobs that take no slot: a long training never holds up freeing the disk or copying results.
-UNSLOTTED = (P.PRUNE, P.REPLICATE)
-ZMQ_PUBLISH_PORT = 9001  # sleap-nn publishes progress here; the worker binds a SUB
-ZMQ_CONTROL_PORT = 9000  # the worker binds a PUB here; sleap-nn subscribes for "stop"
-LOG_BATCH_S = 0.05
-LOG_BATCH_BYTES = 32 * 1024
-STDERR_TAIL_LINES = 40
-ZMQ_POLL_MS = 20  # also how late the poller sees sleap-nn exit, which holds the slot until then
-STOP_REPEAT_S = 0.5
-STOP_GRACE_S = 120.0  # after this long without train_end, a stop becomes SIGINT (once)
-CANCEL_GRACE_S = 10.0  # after SIGTERM, SIGKILL
-JOB_SUMMARY_FIELDS = ("job_id", "type", "state", "submitter", "submitted_at", "started_at", "finished_at",
-                      "duration_s", "exit_code")
-_HYDRA_ESCAPED_RE = re.compile(r"(\\*)('|\$\{|$)")
-
-
-def hydra_value(text: str) -> str:
-    """A string quoted for a Hydra override so that every character stays literal: '=', ','
-    and spaces, quotes, and '${', which would otherwise be an interpolation. In Hydra's
-    quoted strings a backslash is literal except before a quote, '${' or the end, where
-    backslashes are doubled and the quote or '${' escaped."""
-    def escape(match: re.Match) -> str:
-        backslashes, what = match.groups()
-        return backslashes * 2 + ("\\" + what if what else "")
-
-    return "'" + _HYDRA_ESCAPED_RE.sub(escape, text) + "'"
-
-
-def hydra_paths(value) -> str:
-    """A resolved path, or a list of them, as a literal Hydra override value."""
-    return f"[{','.join(hydra_value(v) for v in value)}]" if isinstance(value, list) else hydra_value(value)
-
-
-def safe_run_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]", "_", name)[:100] or "run"
 
 
 @dataclass
-class Step:
-    """One sleap-nn run of a job: the training of one model, or one inference."""
+class WorkerConfig:
+    """What the worker's command line decides (see build_parser for each option)."""
 
-    kind: str  # P.TRAIN, P.TRACK or P.COMMAND
-    name: str  # the model's name, "inference", or the command's name
-    args: list[str]  # the command, less the progress ports a training gets when it starts
-    cwd: Path
-    ckpt_dir: Optional[Path] = None  # training: the model goes to ckpt_dir/run_name (or run_name-1, ...)
-    run_name: str = ""
-    max_epochs: Optional[int] = None  # training: as the config or spec says, for progress
-    output: Optional[Path] = None  # inference: the predictions file
-    drop_env: list[str] = dataclasses.field(default_factory=list)  # variables the run does not get (secret-looking)
-    env: dict = dataclasses.field(default_factory=dict)  # variables it gets besides (a replicate step's credentials)
-
-    def command(self, zmq_ports: Optional[tuple[int, int]]) -> list[str]:
-        return self.args + zmq_overrides(zmq_ports)
-
-
-def zmq_overrides(ports: Optional[tuple[int, int]]) -> list[str]:
-    """The overrides that have a training publish progress to ports[0] and take control
-    from ports[1], both on 127.0.0.1 of the machine it runs on."""
-    if not ports:
-        return []
-    return [f"++trainer_config.zmq.publish_port={ports[0]}", f"++trainer_config.zmq.controller_port={ports[1]}"]
-
-
-class JobSetupError(Exception):
-    """A job cannot run as accepted (its paths changed, its package is missing or bad);
-    the message says why. Nothing was started."""
+    server_url: str
+    room_id: str
+    token: str
+    working_dir: Path
+    name: str
+    mounts: list[Mount]
+    gpu_index: int
+    sleap_nn: str  # the sleap-nn executable
+    slots: int = 1
+    advertise_gpu_memory: Optional[int] = None  # MB; None: what torch says
+    maintenance: bool = False
+    reservation_timeout: float = RESERVATION_TIMEOUT_S
+    stop_grace: float = STOP_GRACE_S
+    follower_backlog: int = FOLLOWER_BACKLOG_BYTES
+    upload_cap: Optional[int] = None  # bytes
+    allowed_commands: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> executable
+    allowed_env: set[str] = dataclasses.field(default_factory=set)  # secret-looking variables commands still see
+    min_free_gb: float = MIN_FREE_GB
+    keep_days: Optional[float] = None  # prune finished jobs older than this, daily
+    # sleap-rtc 0.0.7 clients must answer AUTH_CHALLENGE with the room secret's HMAC
+    # (without it, AUTH_RESPONSE::missing passes: the room let them in already).
+    require_room_secret: bool = False
+    admins: set[str] = dataclasses.field(default_factory=set)  # users who may change every member's jobs
 
 
-def train_step(executable: str, spec: dict, job_dir: Path, config_file: str = CONFIG_FILE) -> Step:
-    """The sleap-nn training of a structured job.
+class Worker:
+    """Registers in a room and answers offers; owns its sessions and the embedded server.
 
-    It runs the config copy in the job's directory (`config_file`), and every path the
-    config or spec names is passed as the real path resolved at acceptance
-    (`spec["_resolved"]`)."""
-    paths = spec["_resolved"]
-    model = Path(spec["config"]).stem
-    run_name = safe_run_name(spec.get("run_name") or f"{model}-{job_dir.name}")
-    # sleap-nn resolves a relative ckpt_dir against its working directory, the job's.
-    ckpt_dir = Path(paths.get("trainer_config.ckpt_dir") or job_dir / "models")
-    args = [executable, "train", "--config-dir", str(job_dir), "--config-name", Path(config_file).stem]
-    overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": hydra_value(str(ckpt_dir)),
-                 "trainer_config.run_name": hydra_value(run_name)}
-    for key, value in paths.items():
-        if key != "trainer_config.ckpt_dir":
-            overrides[key] = hydra_paths(value)
-    if spec.get("max_epochs"):
-        overrides["trainer_config.max_epochs"] = str(spec["max_epochs"])
-    if spec.get("batch_size"):
-        overrides["trainer_config.train_data_loader.batch_size"] = str(spec["batch_size"])
-        overrides["trainer_config.val_data_loader.batch_size"] = str(spec["batch_size"])
-    if spec.get("learning_rate"):
-        overrides["trainer_config.optimizer.lr"] = repr(float(spec["learning_rate"]))
-    # "++" sets a key whether or not the YAML has it.
-    args += [f"++{key}={value}" for key, value in overrides.items()]
-    return Step(P.TRAIN, model, args, job_dir, ckpt_dir, run_name, spec.get("max_epochs"))
+    The main thread runs `serve()`, which dispatches signaling frames and never waits on
+    a peer, until `stop()`. Each session has its own threads; "status-publisher" sends
+    status changes to the server and "gpu-sampler" (where nvidia-smi exists) keeps the GPU
+    load fresh; `stop()` ends them all.
+    """
 
+    def __init__(self, config: WorkerConfig, executor: Optional[Executor] = None, embedded=None):
+        self.config = config
+        working_dir, mounts, name = config.working_dir, config.mounts, config.name
+        self.server_url = config.server_url
+        self.room_id = config.room_id
+        self.token = config.token  # for the replicate steps it starts, which join the room themselves
+        self.require_room_secret = config.require_room_secret
+        self.admins = config.admins
+        self.working_dir = working_dir
+        self.name = name
+        # Where jobs may write: the admin's mounts, less the worker's own files in them.
+        self.mounts = [m.without(private_paths(working_dir)) for m in mounts]
+        # Besides the mounts, clients read what they uploaded and what their jobs made.
+        self.stores = [Mount(working_dir / UPLOADS_DIR, "uploads"), Mount(working_dir / JOBS_DIR, "jobs")]
+        self.readable_mounts = self.mounts + self.stores
+        self.allowed_commands = config.allowed_commands
+        self.allowed_env = config.allowed_env
+        self._queries = threading.BoundedSemaphore(SQL_AT_ONCE)  # ledger queries running now
+        self.min_free_bytes = int(config.min_free_gb * 1e9)
+        self.uploads = UploadStore(working_dir / UPLOADS_DIR, config.upload_cap, self.needed_uploads,
+                                   self.min_free_bytes)
+        self.low_disk = self.disk_problem()  # why new jobs are refused for lack of space, or None
+        self.capabilities = capabilities()
+        self.job_types = [P.TRAIN, P.TRACK, P.PRUNE, *(c for c in (P.REPLICATE, P.PACKAGE) if c in self.capabilities),
+                          *(f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands))]
+        self.embedded = embedded
+        self.gpu_index = gpu_index = config.gpu_index
+        self.maintenance = config.maintenance
+        self.follower_backlog = config.follower_backlog
+        self.peer_id, peer_key = worker_peer_id(working_dir, name)
+        self.stopping = threading.Event()
+        # Guards sessions, the live client links by peer id.
+        self._sessions_lock = threading.Lock()
+        self.sessions: dict[str, Session] = {}
+        # Guards _published, the status last sent to the server: updates go one at a time, in order.
+        self._publish_lock = threading.Lock()
+        self._published: Optional[dict] = None
+        self._status_changed = threading.Event()
+        # Utilization % and free MB, replaced whole by "gpu-sampler" and read by the dispatcher.
+        self.gpu_now: tuple[Optional[int], Optional[int]] = (None, None)
+        self._threads = [threading.Thread(target=P.guarded(self._publish_forever), name="status-publisher",
+                                         daemon=True)]
+        self.keep_days = config.keep_days
+        if self.keep_days is not None:
+            self._threads.append(threading.Thread(target=P.guarded(self._prune_forever), name="pruner", daemon=True))
+        if shutil.which("nvidia-smi"):
+            self.gpu_now = gpu_load(gpu_index)
+            self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
+                                                 daemon=True))
+        executor = executor or LocalExecutor()
+        self.scheduler = Scheduler(working_dir, config.slots, config.sleap_nn, self.job_changed,
+                                   config.reservation_timeout, config.stop_grace, self._plan_job, executor)
+        facts = gpu_facts(gpu_index, probe_torch=config.advertise_gpu_memory is None)
+        if config.advertise_gpu_memory is not None:
+            facts["gpu_memory_mb"] = config.advertise_gpu_memory
+        self.metadata = {
+            "tags": list(WORKER_TAGS),
+            "properties": {
+                **facts,
+                **executor.describe(),
+                "sleap_nn_version": sleap_nn_version(),
+                "hostname": socket.gethostname(),
+                "worker_name": name,
+                "max_concurrent_jobs": config.slots,
+                "supported_job_types": ["training", "inference"],
+                "job_types": self.job_types,
+                "capabilities": self.capabilities,
+                "mounts": [m.public() for m in mounts],
+                **self._status(),
+            },
+        }
+        self.signaling = P.SignalingClient(config.server_url, config.room_id, config.token, self.peer_id, WORKER_ROLE,
+                                           self.metadata, peer_key=peer_key)
 
-def job_stages(spec: dict) -> list[dict]:
-    """A structured spec as the specs of its models: itself, then one per entry of
-    `_more` (the further models of a sleap-rtc 0.0.7 multi-model train, each with its own
-    config, run name, resolved paths and `_config_file`)."""
-    return [spec, *({**spec, **more} for more in spec.get("_more", []))]
-
-
-def track_step(executable: str, spec: dict, job_dir: Path) -> Step:
-    """The sleap-nn inference of a structured job."""
-    paths = spec["_resolved"]
-    output = Path(paths["output"]) if paths.get("output") else \
-        job_dir / f"{Path(spec['data_path']).name.split('.')[0]}.predictions.slp"
-    args = [executable, "track", "--data_path", paths["data_path"]]
-    for model in paths["model_paths"]:
-        args += ["--model_paths", model]
-    args += ["--output_path", str(output)]
-    if spec.get("batch_size"):
-        args += ["--batch_size", str(spec["batch_size"])]
-    if spec.get("peak_threshold") is not None:
-        args += ["--peak_threshold", str(float(spec["peak_threshold"]))]
-    if spec.get("frames"):
-        args += ["--frames", spec["frames"]]
-    if spec.get("only_suggested_frames"):
-        args.append("--only_suggested_frames")
-    if spec.get("gui", True):
-        args.append("--gui")
-    return Step(P.TRACK, "inference", args, job_dir, output=output)
-
-
-def bind_zmq_pair(context, host: str = "127.0.0.1", prefer: Optional[tuple[int, int]] = None):
-    """A SUB for progress and a PUB for control on `host`: the `prefer`red ports (sleap-nn's
-    defaults unless given) when free, else any free pair, so two workers never collide."""
-    import zmq
-
-    sub, pub = context.socket(zmq.SUB), context.socket(zmq.PUB)
-    sub.setsockopt_string(zmq.SUBSCRIBE, "")
-    for sock in (sub, pub):
-        sock.setsockopt(zmq.LINGER, 0)
-    ports = []
-    for sock, default in zip((sub, pub), prefer or (ZMQ_PUBLISH_PORT, ZMQ_CONTROL_PORT)):
-        try:
-            sock.bind(f"tcp://{host}:{default}")
-            ports.append(default)
-        except zmq.ZMQError:
-            ports.append(sock.bind_to_random_port(f"tcp://{host}"))
-    return sub, pub, (ports[0], ports[1])
-
-
-def predicted_instances(path: Path) -> Optional[int]:
-    """How many predicted instances a predictions file holds (None when it cannot say)."""
-    try:
-        import sleap_io
-
-        labels = sleap_io.load_slp(str(path), open_videos=False)
-        return sum(len(frame.predicted_instances) for frame in labels.labeled_frames)
-    except Exception as exc:  # sleap-io raises many types on a file it cannot read; the count is only a hint
-        log.info("could not count the predictions in %s: %s", path, exc)
-        return None
-
-
-# ---------------------------------------------------------------------------------------
-# Command jobs: executables the worker's admin allowed by name, never a shell
-# ---------------------------------------------------------------------------------------
-# A command job runs one allowed executable with the client's arguments, as an argument
-# list, in the job's directory. Every place a path may start inside an argument is
-# checked: the word itself, a --option=VALUE, what follows any '=' or ':', and in an
-# option word every character after the dashes up to its first '/' (getopt takes the
-# value of a short option glued to it: -o/x, -xfVALUE). Each must lie inside the mounts
-# or the job's own directory, where the command may read and write; the word itself (or
-# an option's =VALUE) is passed resolved. A file in the upload store or another job's
-# directory, which no command may write, is read through a copy in the job's directory.
-# Environment variables whose names or values look secret are not passed on.
-
-SECRET_ENV_RE = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|PRIVATE|COOKIE|SESSION", re.IGNORECASE)
-# A value with credentials in it: scheme://user:password@host (a database URL and the like).
-SECRET_VALUE_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")
-# Files of a job's directory that are the worker's own, not a command's output.
-_OWN_FILE_RE = re.compile(r"^(job\.log|spec\.json|steps\.json|config\.yaml|step-\d+\..*|\..*)$")
-COMMAND_INPUTS_DIR = "inputs"  # copies of the uploads and other jobs' files a command reads
-MAX_COMMAND_OUTPUTS = 100
-
-
-def parse_allowed_command(text: str) -> tuple[str, str]:
-    """NAME=EXECUTABLE from --allow-command: the name and the executable's absolute path."""
-    name, sep, executable = text.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-        raise argparse.ArgumentTypeError(f"want NAME=EXECUTABLE (NAME: letters, digits, '.', '_', '-'), not {text!r}")
-    found = shutil.which(executable)
-    if found is None:
-        raise argparse.ArgumentTypeError(f"{executable!r} is not an executable here (for command {name})")
-    return name, str(Path(found).resolve())
-
-
-def _looks_like_path(text: str) -> bool:
-    return text.startswith(("/", "./", "../", "~")) or "/" in text or text in (".", "..")
-
-
-def _path_starts(word: str) -> list[str]:
-    """Every tail of an argument word where a program may read a path, but the word itself:
-    after a separator (=, :, a list's comma or semicolon, white space), and in an option
-    word anywhere a glued value may start."""
-    starts = {i + 1 for i, c in enumerate(word) if c in "=:,; \t\n"}
-    if word.startswith("-"):
-        dashes = len(word) - len(word.lstrip("-"))
-        last = word.index("/") if "/" in word else len(word) - 1
-        starts |= set(range(dashes, last + 1))
-    return [word[i:] for i in sorted(starts) if 0 < i < len(word)]
-
-
-def validate_command(spec: dict, allowed: dict[str, str], mounts: list[Mount], stores: list[Mount],
-                     job_dir: Path) -> tuple[list[dict], list[str], list[dict]]:
-    """Errors of a command spec on this worker, the argument list it will run, and the
-    files it reads through copies ({source, copy}): those in `stores` (the upload store
-    and the jobs' directories), which are read-only to commands."""
-    errors = P.check_spec(spec)
-    if errors:
-        return errors, [], []
-    name = spec["command"]
-    if name not in allowed:
-        offered = ", ".join(sorted(allowed)) or "none (its admin allows them with --allow-command NAME=EXECUTABLE)"
-        return [P.spec_error("command", f"{name!r} is not a command this worker allows; it allows: {offered}",
-                             "NOT_ALLOWED")], [], []
-    places = mounts + [Mount(job_dir, "job")]
-    command, inputs = [allowed[name]], []
-    for index, arg in enumerate(spec.get("args") or []):
-        where = f"argument {index + 1} ({P.echo(arg)})"
-        option, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
-        try:
-            if not _looks_like_path(value):
-                command.append(arg)
-            else:
-                try:
-                    resolved = resolve_in_mounts(value, places, job_dir)
-                except PathRefused as refused:
-                    try:
-                        source = resolve_in_mounts(value, stores, job_dir)
-                    except PathRefused:
-                        raise refused from None
-                    if not source.is_file():
-                        raise PathRefused(f"{source} is in the upload store or another job's directory, which "
-                                          "commands only read, through a copy of a file (not of a directory)",
-                                          "ACCESS_DENIED") from None
-                    resolved = job_dir / COMMAND_INPUTS_DIR / f"{index + 1}-{source.name}"
-                    inputs.append({"source": str(source), "copy": str(resolved)})
-                command.append(f"{option}{sep}{resolved}")
-            for tail in _path_starts(arg):
-                if tail != value and _looks_like_path(tail):
-                    try:
-                        resolve_in_mounts(tail, places, job_dir)
-                    except PathRefused as exc:
-                        raise PathRefused(f"the program may read {P.echo(tail)} in it as a path, and {exc}; give "
-                                          "a path as an argument of its own (or --option=PATH)", exc.code) from None
-        except PathRefused as exc:
-            errors.append({**P.spec_error("args", f"{where}: {exc}", exc.code), "path": value[:MAX_PATH_CHARS]})
-    return errors, command, inputs
-
-
-def hidden_env(allowed_env: set[str]) -> list[str]:
-    """The variables of the worker's environment a member's job does not get: those whose
-    names or values look secret, unless the admin named them (--allow-env)."""
-    return sorted(k for k, v in os.environ.items()
-                  if (SECRET_ENV_RE.search(k) or SECRET_VALUE_RE.search(v)) and k not in allowed_env)
-
-
-def command_step(spec: dict, job_dir: Path) -> Step:
-    """The one step of an accepted command job; its input copies are made here."""
-    for entry in spec.get("_inputs", []):
-        Path(entry["copy"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(entry["source"], entry["copy"])
-    return Step(P.COMMAND, spec["command"], list(spec["_command"]), job_dir)
-
-
-def command_outputs(job_dir: Path) -> list[dict]:
-    """The files a command left in its job's directory, with size and SHA-256."""
-    outputs = []
-    for path in sorted(job_dir.rglob("*")):
-        if len(outputs) >= MAX_COMMAND_OUTPUTS:
-            break
-        if path.is_relative_to(job_dir / COMMAND_INPUTS_DIR):
-            continue
-        if path.is_file() and not path.is_symlink() and not (path.parent == job_dir and _OWN_FILE_RE.match(path.name)):
-            size, sha256 = P.file_digest(path)
-            outputs.append({"kind": "file", "path": str(path), "size": size, "sha256": sha256})
-    return outputs
-
-
-# ---------------------------------------------------------------------------------------
-# Where steps run: children of this worker (or batch jobs on a SLURM cluster, slurm.py)
-# ---------------------------------------------------------------------------------------
-# A Job runs each step through its executor, which gives back a run: its output as chunks
-# of bytes, poll/wait for the exit code, signals, `failure()` when something other than
-# sleap-nn ended it, and `record`, what the ledger keeps of it. A run reports what changes
-# while it runs (a line for the log, columns for the ledger) through Job.run_changed.
-# LocalExecutor starts sleap-nn as a child; slurm.py's SlurmExecutor submits one batch job
-# per step and follows its files. An executor whose runs outlive the worker
-# (`outlives_worker`) has a restarted worker follow them again (`follow_again`, `attach`).
-
-# The defaults of --slurm-poll and --slurm-patience (see slurm.py).
-SLURM_POLL_S = 2.0  # how often one squeue call asks about every job the worker follows
-SLURM_PATIENCE_S = 600.0  # SLURM silent this long about a job: the job fails rather than wait forever
-
-
-def write_whole(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary name, so that a reader on this or another
-    node (or a restarted worker) sees the old file or the new one, never half of one."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def _pipe_chunks(pipe) -> Iterator[bytes]:
-    fd = pipe.fileno()
-    try:
-        while chunk := os.read(fd, 65536):
-            yield chunk
-    finally:
-        pipe.close()
-
-
-class Run(Protocol):
-    """A step running: what a Job reads, waits for and signals (LocalRun, slurm.SlurmRun)."""
-
-    command: list[str]
-    record: dict  # what the ledger keeps of it: what a restarted worker ends or follows again
-
-    def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]: ...  # (stream, label, chunks) of each
-    def poll(self) -> Optional[int]: ...
-    def wait(self, timeout: float) -> Optional[int]: ...
-    def signal(self, sig: int) -> None: ...
-    def failure(self) -> Optional[str]: ...  # why it ended, when sleap-nn did not end it itself
-
-
-class Executor(Protocol):
-    """Where a Job's steps run (LocalExecutor, slurm.SlurmExecutor)."""
-
-    name: str  # registration metadata's "executor"
-    zmq_host: str  # the address sleap-nn's progress reaches the worker at
-    outlives_worker: bool  # its runs go on when the worker stops; a restarted worker follows them
-
-    def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> Run: ...
-    def attach(self, job: "Job", index: int, saved: dict) -> Run: ...  # follow a run again
-    def follow_again(self, record: dict) -> Optional[dict]: ...  # {step, saved, note} of a record's live run
-    def describe(self) -> dict: ...
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-
-
-class LocalRun:
-    """A step's sleap-nn as a child of this worker, in a process group of its own (as the
-    user `run_as`, uid and gid, when the worker runs as root with --run-as)."""
-
-    def __init__(self, command: list[str], cwd: Path, drop_env: list[str], extra_env: dict,
-                 run_as: Optional[tuple[int, int]] = None):
-        self.command = command
-        env = {**{k: v for k, v in os.environ.items() if k not in drop_env}, **extra_env}
-        identity: dict = {}
-        if run_as is not None:
-            identity = {"user": run_as[0], "group": run_as[1], "extra_groups": []}
-            env["HOME"] = str(cwd)  # caches land in the job's directory, not root's home
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        stdin=subprocess.DEVNULL, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"},
-                                        start_new_session=True, **identity)
-        self.record = {"pid": self.process.pid}  # for the ledger: what a restarted worker must end
-
-    def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]:
-        return [("o", "stdout", _pipe_chunks(self.process.stdout)), ("e", "stderr", _pipe_chunks(self.process.stderr))]
-
-    def poll(self) -> Optional[int]:
-        return self.process.poll()
-
-    def wait(self, timeout: float) -> Optional[int]:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def signal(self, sig: int) -> None:
-        if self.process.poll() is None:
+    def serve(self) -> None:
+        self.scheduler.start()
+        self.signaling.connect()
+        self._publish_status()
+        for thread in self._threads:
+            thread.start()
+        props = self.metadata["properties"]
+        lines = [f"worker: registered as {self.peer_id} in room {self.room_id} "
+                 f"({props['gpu_model']}, {props['gpu_memory_mb']} MB)"]
+        missing = [f"{OPTIONAL_SERVES[c]} (no {OPTIONAL_FILES[c]})" for c in OPTIONAL_FILES
+                   if c not in self.capabilities]
+        lines.append(f"worker: serves structured train and track jobs, commands, prune"
+                     f"{''.join(f', {OPTIONAL_SERVES[c]}' for c in self.capabilities)}"
+                     f"{'; not ' + ', '.join(missing) if missing else ''}")
+        if "upstream" in self.capabilities:
+            session_string = optional("upstream").upstream_session_string(self.room_id, self.token, self.peer_id)
+            lines.append(f"worker: sleap-rtc 0.0.7 clients: --session-string {session_string}")
+        print("\n".join(lines), flush=True)
+        handlers = {
+            P.OFFER: self._start_session,
+            P.PEER_MESSAGE: self._on_peer_message,
+            P.ERROR: lambda frame: log.warning("signaling error: %s %s", frame.get("code"), frame.get("message")),
+        }
+        while not self.stopping.is_set():
+            frame = self.signaling.next(timeout=0.5)
+            handler = handlers.get(frame.get("type")) if frame is not None else None
+            if handler is None:
+                continue
             try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
+                handler(frame)
+            except Exception:  # one peer's odd frame must not stop the worker serving the rest
+                log.exception("could not handle a %s frame from %s", frame.get("type"),
+                              frame.get("sender") or frame.get("from_peer_id"))
 
-    def failure(self) -> Optional[str]:
+    def _start_session(self, offer: dict) -> None:
+        with self._sessions_lock:
+            session = Session(self, offer, replaces=self.sessions.get(offer["sender"]))
+            self.sessions[session.peer_id] = session
+        session.thread.start()
+
+    def session_ended(self, session: Session) -> None:
+        with self._sessions_lock:
+            if self.sessions.get(session.peer_id) is session:
+                del self.sessions[session.peer_id]
+
+    # -- choosing a worker and asking about jobs, over signaling --------------------------
+
+    def _on_peer_message(self, frame: dict) -> None:
+        """Answer an app message over signaling; each handler gives the reply, or None
+        when it answers on its own."""
+        payload, sender = frame.get("payload"), frame.get("from_peer_id")
+        kind = payload.get(P.APP_MESSAGE_TYPE) if isinstance(payload, dict) else None
+        handler = {P.APP_JOB_REQUEST: self._job_response, P.APP_JOB_ASSIGNMENT: self._assign,
+                   P.APP_JOBS_QUERY: self._jobs_query}.get(kind)
+        if handler is None:
+            log.debug("ignored a peer message from %s: %.200s", sender, payload)
+            return
+        reply = handler(sender, payload)
+        if reply is None:
+            return
+        try:
+            self.signaling.send_to_peer(sender, reply)
+        except P.SignalingError as exc:
+            log.info("could not answer %s: %s", sender, exc)
+
+    def _assign(self, sender: str, payload: dict) -> dict:
+        """A client chose this worker for a job: keep a slot for it while its spec comes."""
+        job_id = str(payload.get("job_id", ""))
+        position = self.scheduler.reserve(job_id)
+        log.info("assigned job %s by %s: %s", job_id, sender,
+                 "slot reserved" if position == 0 else f"it will queue at position {position}")
+        return P.app_job_assigned(job_id, position)
+
+    def _jobs_query(self, sender: str, payload: dict) -> Optional[dict]:
+        if "sql" in payload:
+            self._query_ledger(sender, payload)  # answers from a thread of its own
+            return None
+        return self._jobs_list(payload)
+
+    def _query_ledger(self, sender: str, query: dict) -> None:
+        """Answer a ledger query on a thread of its own ("ledger-query"), so that a slow one
+        never holds up the dispatcher; at most SQL_AT_ONCE run at a time."""
+        if not self._queries.acquire(blocking=False):
+            self.signaling.send_to_peer(sender, P.app_jobs_list(query.get("request_id"),
+                                                                error="busy with other queries; ask again"))
+            return
+
+        def run() -> None:
+            try:
+                answer = query_ledger(self.working_dir / LEDGER_FILE, query.get("sql"))
+                log.info("ledger query from %s: %s", sender, answer.get("error") or f"{len(answer['rows'])} rows")
+                self.signaling.send_to_peer(sender, P.app_jobs_list(query.get("request_id"), **answer))
+            except P.SignalingError as exc:
+                log.info("could not answer %s: %s", sender, exc)
+            finally:
+                self._queries.release()
+
+        threading.Thread(target=P.guarded(run), name="ledger-query", daemon=True).start()
+
+    def _job_response(self, sender: str, request: dict) -> dict:
+        """Accept (with queue position and estimates) or refuse with a reason."""
+        props = self.metadata["properties"]
+        job_type = request.get("job_type")
+        requirements = request.get("requirements")
+        need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
+        reply = P.app_job_response(request.get("job_id"), False, self._worker_info())
+        low_disk = self.disk_problem() if job_type != P.PRUNE else None  # a prune is what frees the disk
+        if self.maintenance:
+            reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
+        elif low_disk:
+            reply.update(reason="low_disk", message=low_disk)
+        elif (request.get("capability") or job_type) not in self.job_types:
+            reply.update(reason="incompatible", message=f"this worker does not offer "
+                         f"{P.echo(request.get('capability') or job_type)}; it offers {', '.join(self.job_types)}")
+        elif not isinstance(need, (int, float)) or isinstance(need, bool):
+            reply.update(reason="bad_request", message=f"min_gpu_memory_mb must be a number, not {need!r}")
+        elif need > props["gpu_memory_mb"]:
+            reply.update(reason="insufficient_gpu_memory",
+                         message=f"the job needs {need} MB of GPU memory; this worker has {props['gpu_memory_mb']} MB")
+        else:
+            reply.update(accepted=True, reason=None, **self.scheduler.estimate(job_type))
+        return reply
+
+    def _worker_info(self) -> dict:
+        utilization, free = self.gpu_now
+        advertised = self.metadata["properties"]["gpu_memory_mb"]
+        return {"gpu_utilization": utilization,
+                "available_memory_mb": advertised if free is None else min(free, advertised)}
+
+    def _jobs_list(self, query: dict) -> dict:
+        """One job's full record (`job_id`), or a summary of every job (optionally of one state)."""
+        reply = P.app_jobs_list(query.get("request_id"), jobs=[])
+        if query.get("job_id"):
+            record = self.scheduler.record(str(query["job_id"]))
+            reply["jobs"] = [record] if record else []
+        elif query.get("state") not in (None, *P.JOB_STATES):
+            reply["error"] = f"unknown state {query['state']!r}; one of {', '.join(P.JOB_STATES)}"
+        else:
+            reply["jobs"] = [{k: r[k] for k in JOB_SUMMARY_FIELDS}
+                             for r in self.scheduler.ledger.select(state=query.get("state"))]
+        return reply
+
+    # -- status -------------------------------------------------------------------------
+
+    def _status(self) -> dict:
+        status = self.scheduler.status()
+        if self.maintenance:
+            return {**status, "status": P.MAINTENANCE}
+        if self.low_disk:
+            return {**status, "status": P.LOW_DISK, "refusing": self.low_disk}
+        return {**status, "refusing": None}
+
+    def disk_problem(self) -> Optional[str]:
+        """Why this worker must take no new job for lack of disk space, or None."""
+        try:
+            free = shutil.disk_usage(self.working_dir).free
+        except OSError as exc:
+            return f"cannot tell the free space in {self.working_dir}: {exc}"
+        if free >= self.min_free_bytes:
+            return None
+        return (f"only {free / 1e9:.1f} GB free in {self.working_dir}; this worker keeps "
+                f"{self.min_free_bytes / 1e9:g} GB free (--min-free-gb). Its old jobs can be pruned "
+                "(`client.py prune`)")
+
+    def _publish_status(self) -> None:
+        with self._publish_lock:
+            status = self._status()
+            if status == self._published:
+                return
+            try:
+                self.signaling.update_metadata({"properties": status})
+                self._published = status
+            except P.SignalingError as exc:  # kept locally; sent again on re-registration
+                log.warning("could not publish status %s: %s", status["status"], exc)
+
+    def _plan_job(self, job: Job) -> tuple[list[Step], list[str]]:
+        """A starting job's steps, from paths checked again (a package is read again, and
+        unpacked); JobSetupError says why it cannot run. Runs on the job's thread.
+
+        A member's steps run without the worker's secrets (hidden_env); its sleap-nn steps
+        with SLEAP_NN_ENV."""
+        if "_resolved" not in job.spec:
+            raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
+                                "submit it again")
+        models = [m for stage in job_stages(job.spec) for m in stage.get("_resolved", {}).get("model_paths", [])]
+        problem = self.store_problem(job.spec) or recheck_checkpoints(
+            job.spec.get("_checkpoints", {}), models, self.scheduler.ledger.model_digests)
+        if problem:
+            raise JobSetupError(problem)
+        steps, notes = self._steps_of(job)
+        if job.kind not in UNSLOTTED:
+            hidden = hidden_env(self.allowed_env)
+            for step in steps:
+                step.drop_env = hidden
+                if step.kind in (P.TRAIN, P.TRACK):
+                    step.env.update(SLEAP_NN_ENV)
+        return steps, notes
+
+    def validate(self, spec: dict, job_dir: Path) -> tuple[list[dict], dict]:
+        """A train or track spec checked against this worker's mounts (see validate_job)."""
+        return validate_job(spec, self.readable_mounts, self.mounts, job_dir, self.uploads.directory,
+                            self.scheduler.ledger.model_digests)
+
+    def store_listing(self) -> list[dict]:
+        """The upload store as `client.py files ls` shows it."""
+        return self.uploads.listing(self.scheduler.ledger.select(limit=-1), self.needed_uploads())
+
+    def store_problem(self, spec: dict) -> Optional[str]:
+        """Why a path the job names in the upload store must not be used (its bytes changed
+        since they were stored), or None."""
+        for path in _named_paths(spec):
+            problem = self.uploads.verify(path)
+            if problem:
+                return problem
         return None
 
+    def _steps_of(self, job: Job) -> tuple[list[Step], list[str]]:
+        if job.kind == P.REPLICATE:
+            try:
+                return [optional(P.REPLICATE).replicate_step_of(self, job)], []
+            except CapabilityMissing as exc:
+                raise JobSetupError(str(exc)) from None
+        if job.kind == P.PRUNE:
+            plan = prune_plan(self.scheduler.ledger.select(limit=-1), self.scheduler.jobs_dir, self.uploads,
+                              self.needed_uploads(), job.spec, job.job_id)
+            return [prune_step_of(job, plan, [self.scheduler.jobs_dir, self.uploads.directory])], []
+        if job.kind == P.COMMAND:  # its paths again, as they resolve now
+            asked = {k: v for k, v in job.spec.items() if not k.startswith("_")}  # as the client sent it
+            errors, command, inputs = validate_command(asked, self.allowed_commands, self.mounts, self.stores, job.dir)
+            if errors or command != job.spec["_command"] or inputs != job.spec.get("_inputs", []):
+                raise JobSetupError("; ".join(e["message"] for e in errors) or
+                                    "a path argument resolves elsewhere than when the job was accepted")
+            return [command_step(job.spec, job.dir)], []
+        if "_package" not in job.spec:
+            notes = []
+            for relabel in job.spec.get("_relabel", []):  # before the recheck, which wants the copies to exist
+                try:
+                    Path(relabel["copy"]).parent.mkdir(parents=True, exist_ok=True)
+                    write_labels_copy(relabel["source"], relabel["copy"], relabel["videos"])
+                except Exception as exc:  # sleap-io raises many types on a file it cannot read or write
+                    raise JobSetupError(f"writing {relabel['copy']} with the mapped video paths failed: {exc}") \
+                        from None
+                maps = ", ".join(f"{old}={new}" for old, new in relabel["map"])
+                notes.append(f"{relabel['source']}: videos mapped with {maps}; sleap-nn reads the copy "
+                             f"{relabel['copy']} (the original is unchanged)")
+            for stage in job_stages(job.spec):
+                problem = recheck_paths(stage["_resolved"], self.readable_mounts, self.mounts, job.dir)
+                if problem:
+                    raise JobSetupError(problem)
+            steps, _ = self.scheduler.structured_plan(job)
+            return steps, notes
+        try:
+            packages = optional(P.PACKAGE)
+        except CapabilityMissing as exc:
+            raise JobSetupError(str(exc)) from None
+        return packages.prepare(job, self.readable_mounts, self.mounts, self.scheduler.executable,
+                                self.scheduler.ledger.model_digests)
 
-class LocalExecutor:
-    """Steps run as children of the worker; a restart of the worker ends them. With
-    `run_as` (uid, gid), they run as that user, who gets the job's directory."""
+    def needed_uploads(self) -> set[str]:
+        """The hashes in the upload store that queued or running jobs name."""
+        needed = set()
+        for spec in self.scheduler.live_specs():
+            for text in _named_paths(spec):
+                if Path(text).is_relative_to(self.uploads.directory):
+                    needed.add(Path(text).relative_to(self.uploads.directory).parts[0])
+        return needed
 
-    name = "local"
-    zmq_host = "127.0.0.1"
-    outlives_worker = False
+    def job_changed(self, job: Optional[Job]) -> None:
+        """Called by the scheduler and job threads: wake the status publisher, never wait for it."""
+        self._status_changed.set()
 
-    def __init__(self, run_as: Optional[tuple[int, int]] = None):
-        self.run_as = run_as
+    def _publish_forever(self) -> None:
+        """Thread "status-publisher": send the latest status whenever it may have changed,
+        and look at the free disk space every DISK_CHECK_S."""
+        checked = time.monotonic()
+        while not self.stopping.is_set():
+            if time.monotonic() - checked >= DISK_CHECK_S:
+                checked = time.monotonic()
+                problem = self.disk_problem()
+                if problem != self.low_disk:
+                    self.low_disk = problem
+                    log.warning("%s", problem or "enough free disk space again; taking new jobs")
+                    self._status_changed.set()
+            if self._status_changed.wait(0.5):
+                self._status_changed.clear()
+                self._publish_status()
 
-    def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> LocalRun:
-        if self.run_as is not None and index == 0:
-            # Once, before the user ran anything here: what lies in the directory now is
-            # the worker's own (no link the user could have planted is followed).
-            for path in [job.dir, *job.dir.rglob("*")]:
-                os.chown(path, *self.run_as, follow_symlinks=False)
-        return LocalRun(step.command(ports), step.cwd, step.drop_env, step.env, self.run_as)
+    def _prune_forever(self) -> None:
+        """Thread "pruner" (worker --keep-days): submit a prune job at start and every day after."""
+        spec = {"type": P.PRUNE, "older_than_s": self.keep_days * 86400.0, "_resolved": {}, "_scope": {"all": True}}
+        while not self.stopping.is_set():
+            job_id = P.new_job_id()
+            _, errors = self.scheduler.submit(job_id, spec, "worker --keep-days", lambda name, payload: None)
+            log.info("prune job %s (--keep-days %g)%s", job_id, self.keep_days,
+                     f" not submitted: {errors[0]['message']}" if errors else " submitted")
+            self.stopping.wait(PRUNE_EVERY_S)
 
-    def attach(self, job: "Job", index: int, saved: dict) -> LocalRun:
-        raise JobSetupError("a step of this worker's own ends with the worker; it cannot be followed again")
-
-    def follow_again(self, record: dict) -> Optional[dict]:
-        return None
-
-    def describe(self) -> dict:
-        return {"executor": self.name}
-
-    def start(self) -> None:
-        pass
+    def _sample_gpu_forever(self) -> None:
+        """Thread "gpu-sampler" (only where nvidia-smi exists): keep the GPU load fresh, so
+        that answering a job request never waits for nvidia-smi."""
+        while not self.stopping.wait(GPU_SAMPLE_S):
+            self.gpu_now = gpu_load(self.gpu_index)
 
     def stop(self) -> None:
-        pass
+        """Cancel running jobs (queued ones stay queued), close every link, deregister,
+        stop the embedded server."""
+        self.stopping.set()
+        self.scheduler.stop()
+        with self._sessions_lock:
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            session.thread.join(timeout=SESSION_JOIN_S)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=5)
+        self.signaling.close()
+        if self.embedded is not None:
+            self.embedded.stop()
 
 
-class _CancelledBeforeStart(Exception):
-    """Job.start found the job cancelled before sleap-nn was started."""
+# ---------------------------------------------------------------------------------------
+# Sessions: one per client link
+# ---------------------------------------------------------------------------------------
+
+# Waiting JOB_LOG batches of one job merge into messages of up to this size.
+COALESCE_BYTES = 192 * 1024
+SESSION_JOIN_S = P.CLOSE_ACK_TIMEOUT_S + 5
 
 
-@dataclass(frozen=True)
-class _Say:
-    """An item for the relay: a message to listeners, sent after the lines before it."""
+class Outbox:
+    """Everything one session sends, in order, for its writer thread to take.
 
-    name: str
-    payload: dict
-
-
-class JobLog:
-    """A job's output on its way into its log file and to the clients following it.
-
-    Threads queue lines and messages (`line`, `say`, `say_line`); the thread "job-ID-relay"
-    (`start` starts it, `end` ends it after the last item) takes them in order: lines are
-    batched into the file and to listeners every LOG_BATCH_S or LOG_BATCH_BYTES, and each
-    message follows the lines before it. `watch(stream, line)` sees each line on the relay
-    thread. A client attaching mid-run replays the file up to an offset and gets exactly
-    the batches after it (`attach`); once `close`d, no one attaches any more.
+    Producers (the session's reader thread, job threads) never block: `put` appends
+    under the lock and returns. Items are messages (name, payload) or actions, callables
+    that the writer runs with the link (file transfers, log replays). While a job is held
+    (`hold`), its items wait aside, so that JOB_ACCEPTED or a replay can go first. Waiting
+    JOB_LOG batches of one job merge; once more than FOLLOWER_BACKLOG_BYTES of one job
+    wait, that job's items are dropped for a single JOB_DETACHED, and `put` refuses the
+    job from then on.
     """
 
-    def __init__(self, job_id: str, path: Path, watch: Callable[[str, str], None] = lambda stream, line: None):
-        self.job_id = job_id
-        self.path = path
-        self._watch = watch
-        self._items: "queue.Queue" = queue.Queue()
-        self._relay: Optional[threading.Thread] = None
-        # Guards _listeners, the callbacks (message name, payload) of attached clients.
-        self._listeners_lock = threading.Lock()
-        self._listeners: list[Callable[[str, dict], None]] = []
-        # Guards _size (bytes of the file written so far), `closed`, and which listeners
-        # each batch goes to.
-        self._lock = threading.Lock()
-        self._size = 0
-        self.closed = False
+    def __init__(self, backlog_limit: int = FOLLOWER_BACKLOG_BYTES):
+        self.backlog_limit = backlog_limit
+        # Guards every field below; notified when an item arrives or the box closes.
+        self._cond = threading.Condition()
+        self._items: collections.deque = collections.deque()  # [job_id | None, item, size]
+        self._held: dict[str, list] = {}
+        self._backlog: dict[str, int] = {}  # job id -> bytes of its items waiting
+        self._dropped: set[str] = set()
+        self._closed = False
 
-    # -- listeners ------------------------------------------------------------------------
-
-    def subscribe(self, listener: Callable[[str, dict], None]) -> None:
-        with self._listeners_lock:
-            self._listeners.append(listener)
-
-    def unsubscribe(self, listener: Callable[[str, dict], None]) -> bool:
-        """Take a listener off; False when it was not on."""
-        with self._listeners_lock:
-            if listener not in self._listeners:
+    def put(self, item, job_id: Optional[str] = None, size: int = 0) -> bool:
+        """Queue a message (name, payload) or an action; False once the box is closed or
+        has dropped this job."""
+        with self._cond:
+            if self._closed or job_id in self._dropped:
                 return False
-            self._listeners.remove(listener)
+            if job_id is not None:
+                self._backlog[job_id] = self._backlog.get(job_id, 0) + size
+                if self._backlog[job_id] > self.backlog_limit:
+                    self._drop(job_id)
+                    return False
+            entry = [job_id, item, size]
+            target = self._held.get(job_id) if job_id is not None else None
+            if target is None:
+                target = self._items
+            if not (target and self._merged(target[-1], entry)):
+                target.append(entry)
+            self._cond.notify()
             return True
 
-    def emit(self, name: str, payload: dict, listeners: Optional[list] = None) -> None:
-        """Hand a message to every listener (or to `listeners`, a snapshot) now. Listeners
-        only queue; one that raises is logged and dropped, and the others still get it."""
-        if listeners is None:
-            with self._listeners_lock:
-                listeners = list(self._listeners)
-        message = {"job_id": self.job_id, **payload}
-        for listener in listeners:
-            try:
-                listener(name, message)
-            except Exception:  # a listener's bug must not end the job's thread or reach other clients
-                log.exception("job %s: a listener failed on %s and was dropped", self.job_id, name)
-                self.unsubscribe(listener)
+    @staticmethod
+    def _merged(last: list, entry: list) -> bool:
+        """Fold a JOB_LOG batch into the one waiting before it when both are the same job's."""
+        if last[0] != entry[0] or not (isinstance(last[1], tuple) and isinstance(entry[1], tuple)):
+            return False
+        (name, old), (new_name, new) = last[1], entry[1]
+        if name != P.JOB_LOG or new_name != P.JOB_LOG or last[2] + entry[2] > COALESCE_BYTES:
+            return False
+        last[1] = (P.JOB_LOG, {**old, "lines": old["lines"] + new["lines"],
+                               "progress": new["progress"] if new["progress"] is not None else old["progress"]})
+        last[2] += entry[2]
+        return True
 
-    def attach(self, listener: Optional[Callable[[str, dict], None]]) -> tuple[int, bool]:
-        """Subscribe `listener` (when given) for what follows the file's first `offset` bytes.
+    def _drop(self, job_id: str) -> None:  # the caller holds _cond
+        behind = self._backlog.pop(job_id, 0)
+        self._dropped.add(job_id)
+        self._items = collections.deque(e for e in self._items if e[0] != job_id)
+        self._held.pop(job_id, None)
+        reason = (f"this client fell {behind / 2**20:.1f} MB behind job {job_id}'s output, so the worker stopped "
+                  f"sending it here; the job runs on. Reattach with `python client.py logs {job_id} --follow`")
+        self._items.append([None, (P.JOB_DETACHED, {"job_id": job_id, "reason": reason}), 0])
+        self._cond.notify()
 
-        Returns (offset, live): the caller replays the file up to `offset`, outside any
-        lock, and gets no line twice and none missed; live is False when the job has
-        finished already (nothing was subscribed).
-        """
-        with self._lock:
-            if self.closed:
-                return self._size, False
-            if listener is not None:
-                self.subscribe(listener)
-            return self._size, True
+    def hold(self, job_id: str) -> None:
+        with self._cond:
+            self._held.setdefault(job_id, [])
 
-    def close(self, then: Callable[[], None]) -> None:
-        """No one attaches from now on; `then` runs first, under the same lock (the job's
-        outcome is set there, so an attacher sees it either live or finished)."""
-        with self._lock:
-            then()
-            self.closed = True
+    def release(self, job_id: str, first: list) -> None:
+        """Queue `first` (items of no job), then what waited for the held job."""
+        with self._cond:
+            held = self._held.pop(job_id, [])
+            self._items.extend([None, item, 0] for item in first)
+            self._items.extend(held)
+            self._cond.notify()
 
-    # -- the relay ------------------------------------------------------------------------
+    def take(self, timeout: float):
+        """The next item, None after `timeout`; raises LinkClosed once closed and empty."""
+        with self._cond:
+            if not self._items and not self._closed:
+                self._cond.wait(timeout)
+            if not self._items:
+                if self._closed:
+                    raise P.LinkClosed("the session ended")
+                return None
+            job_id, item, size = self._items.popleft()
+            if job_id in self._backlog:
+                self._backlog[job_id] -= size
+            return item
 
-    def line(self, stream: str, text: str, is_progress: bool = False) -> None:
-        """A line of output ("o", "e"), or a carriage-return progress update."""
-        self._items.put((stream, text, is_progress))
-
-    def say_line(self, text: str) -> None:
-        """A line from the worker itself (stream "w")."""
-        self._items.put(("w", f"[sleap-rtc worker] {text}", False))
-
-    def say(self, name: str, payload: dict) -> None:
-        """A message for the listeners, after the lines queued before it."""
-        self._items.put(_Say(name, payload))
-
-    def start(self) -> None:
-        self._relay = threading.Thread(target=P.guarded(self._relay_forever), name=f"job-{self.job_id}-relay",
-                                       daemon=True)
-        self._relay.start()
-
-    def end(self) -> None:
-        """Relay what is queued, then stop the relay."""
-        self._items.put(None)
-        if self._relay is not None:
-            self._relay.join()
-
-    def _relay_forever(self) -> None:
-        """Batch lines into the file and to listeners: every LOG_BATCH_S or
-        LOG_BATCH_BYTES, and before each message, which follows its lines (and is noted
-        in the file). Ends at the None `end` puts last.
-
-        The batch is written and its listeners chosen under the lock; it is handed to
-        them after the lock is released."""
-        with open(self.path, "ab") as log_file:
-            with self._lock:
-                self._size = log_file.tell()
-            done = False
-            while not done:
-                batch, progress, size, say = [], None, 0, None
-                deadline = time.monotonic() + LOG_BATCH_S
-                while size < LOG_BATCH_BYTES:
-                    try:
-                        item = self._items.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        done = True
-                        break
-                    if isinstance(item, _Say):
-                        say = item
-                        name = item.payload.get("name")
-                        # "m": a marker in the file; the message itself follows it
-                        batch.append(["m", f"[sleap-rtc worker] {item.name}{f' {name}' if name else ''}"])
-                        break
-                    stream, line, is_progress = item
-                    if is_progress:
-                        progress = line
-                        continue
-                    batch.append([stream, line])
-                    size += len(line)
-                    self._watch(stream, line)
-                if batch or progress is not None:
-                    data = "".join(line + "\n" for _, line in batch).encode("utf-8", "replace")
-                    with self._lock:
-                        try:
-                            log_file.write(data)
-                            log_file.flush()
-                            self._size += len(data)
-                        except OSError as exc:  # e.g. a full disk: keep reading, or sleap-nn blocks on its pipe
-                            log.error("job %s: writing its log failed: %s", self.job_id, exc)
-                        with self._listeners_lock:
-                            listeners = list(self._listeners)
-                    self.emit(P.JOB_LOG, {"lines": batch, "progress": progress}, listeners)
-                if say is not None:
-                    self.emit(say.name, say.payload)
+    def close(self) -> None:
+        """Take no more items; the writer sends what is queued, then ends."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
-class Job:
-    """One job: its steps (sleap-nn runs, one after the other) and everything known about it.
+class Session:
+    """One client's WebRTC link.
 
-    Threads, all ended by the process ending: "job-ID-run" has the steps planned (paths
-    checked again, a package unpacked), runs them in order and reports the outcome; while
-    a step runs, "job-ID-stdout" / "job-ID-stderr" read its output into `log` (a JobLog,
-    whose relay thread writes the file and tells the listeners) and "job-ID-zmq"
-    (training with progress) forwards sleap-nn's events and sends stop. `_set_state` is
-    the one place the job's state changes, in memory and in the ledger together.
+    Two threads, both ended when the link ends: "session-PEER" opens the link, reads
+    requests and answers them by queueing into `outbox`; "session-PEER-out" is the only
+    thread that writes to the link: it sends what the outbox holds and, at the end,
+    closes the link. Jobs this session follows only queue into the outbox, so a slow or
+    stopped client delays nobody but itself. A link a sleap-rtc 0.0.7 client opened gets
+    an UpstreamAdapter, which reads its frames and writes our messages in its dialect.
     """
 
-    def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
-                 submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S,
-                 executor: Optional[Executor] = None, owner: str = "", ledger: Optional["Ledger"] = None):
-        self.job_id = job_id
-        self.ledger = ledger  # where its state is recorded (None: nowhere, as in a unit test)
-        self.spec = spec
-        self.dir = job_dir
-        self.submitter = submitter  # the peer id it came from
-        self.owner = owner  # the signed-in user behind that peer ("" if none)
-        self.executable = executable
-        self.log_path = job_dir / "job.log"
-        self.log = JobLog(job_id, self.log_path, self._watch_line)
-        self.state = P.PENDING
-        self.submitted_at = submitted_at or time.time()
-        self.started_at: Optional[float] = None
-        self.finished_at: Optional[float] = None
-        self.exit_code: Optional[int] = None
-        self.stop_requested = threading.Event()
-        self.cancel_requested = threading.Event()
-        self.cancel_reason = ""
-        self.train_ended = threading.Event()
-        self.outcome: Optional[dict] = None
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        self.steps: list[Step] = []
-        self.results: list[dict] = []  # per step that ran: name, kind, state, exit_code, stopped_early
-        self.step: Optional[Step] = None  # the step running now
-        self.command: list[str] = []
-        self.executor = executor or LocalExecutor()
-        self.run: Optional[Run] = None  # the running step's process or batch job
-        # A run to follow again instead of starting, after a worker restart (see
-        # Executor.follow_again): {"step": index, "saved": ..., "note": ...}; the steps
-        # before it are in `results`.
-        self.reattach: Optional[dict] = None
-        # Called with columns for the ledger when the running step's run reports a change.
-        self.on_record: Callable[["Job", dict], None] = lambda job, record: None
-        self.stop_grace = stop_grace
-        # Guards `run` being started against `cancel_requested`: a cancel that comes
-        # between the scheduler taking the job and a step starting is never lost.
-        self._start_lock = threading.Lock()
+    def __init__(self, worker: "Worker", offer: dict, replaces: Optional["Session"] = None):
+        self.worker = worker
+        self.offer = offer
+        self.peer_id = offer["sender"]
+        # The signed-in user behind the peer, as the signaling server vouched ("" if none):
+        # who owns the jobs this session submits, and whether it is one of the worker's admins.
+        self.user = offer.get(P.FROM_USER) or ""
+        self.admin = bool(self.user) and self.user in worker.admins
+        # Who sends this session's uploads, as the store keeps it: users and peer ids apart,
+        # so that a peer named like a user is not taken for that user.
+        self.sender = uploader(self.user) if self.user else f"peer:{self.peer_id}"
+        self.replaces = replaces
+        self.link: Optional[P.Link] = None
+        self.outbox = Outbox(worker.follower_backlog)
+        self.ending = threading.Event()
+        # Guards _following: job id -> this session's listener on that job.
+        self._following_lock = threading.Lock()
+        self._following: dict[str, Callable[[str, dict], None]] = {}
+        # Replicas arriving from another worker (replicas.py), or None without that file.
+        self.replicas = optional(P.REPLICATE).ReplicaReceiver(self) if P.REPLICATE in worker.capabilities else None
+        self.handlers = self._handlers()
+        self.upstream = None  # an UpstreamAdapter (upstream.py)  # set before the writer starts, for an upstream link
+        self.thread = threading.Thread(target=P.guarded(self._run), name=f"session-{self.peer_id}", daemon=True)
+        self.writer = threading.Thread(target=P.guarded(self._write), name=f"session-{self.peer_id}-out", daemon=True)
 
-    @property
-    def kind(self) -> str:
-        return self.spec["type"]
+    def end(self) -> None:
+        """Ask the session to close its link and stop (it does so within half a second)."""
+        self.ending.set()
 
-    # -- running ------------------------------------------------------------------------
-
-    def start(self, plan: Callable[["Job"], tuple[list[Step], list[str]]], on_started: Callable[["Job"], None],
-              on_step: Callable[["Job"], None], on_finished: Callable[["Job"], None]) -> None:
-        """Start the job's thread. It has `plan(job)` give the steps (and notes for the
-        log; JobSetupError when the job cannot run), calls `on_started` once, `on_step`
-        as each step's process starts, and `on_finished` once the outcome is known."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "spec.json").write_text(json.dumps(self.spec, indent=2))
-        self._set_state(P.RUNNING)  # started_at waits for the first sleap-nn process
-        on_started(self)
-        threading.Thread(target=P.guarded(self._run), args=(plan, on_step, on_finished),
-                         name=f"job-{self.job_id}-run", daemon=True).start()
-
-    def _run(self, plan, on_step, on_finished) -> None:
+    def _run(self) -> None:
+        if self.replaces is not None:  # the client reconnected: its old link is stale
+            self.replaces.end()
+            self.replaces.thread.join(timeout=SESSION_JOIN_S)
         try:
-            self.steps, notes = self._load_steps() if self.reattach else plan(self)
-            if self.executor.outlives_worker and not self.reattach:
-                self._save_steps()
-        except JobSetupError as exc:
-            self._finish(P.FAILED, str(exc), on_finished)
+            self.link = P.accept_link(self.worker.signaling, self.offer, None,
+                                      UploadsFrom(self.worker.uploads, self.sender))
+        except (P.SleapRTCError, OSError) as exc:
+            log.warning("link with %s failed to open: %s", self.peer_id, exc)
+            self.worker.session_ended(self)
             return
-        except Exception as exc:  # a bug must fail this job, not keep its slot taken forever
-            log.exception("job %s: planning its steps failed", self.job_id)
-            self._finish(P.FAILED, f"the worker could not prepare the job: {exc!r}", on_finished)
-            return
-        self.log.start()
-        for note in notes:
-            self.log.say_line(note)
-        error = None
-        try:
-            for index, step in enumerate(self.steps):
-                if index < len(self.results):  # ran before the worker restarted
-                    continue
-                first_inference = step.kind == P.TRACK and (index == 0 or self.steps[index - 1].kind != P.TRACK)
-                if first_inference and "package" in self.spec:
-                    self.log.say(P.INFERENCE_START, {})
-                error = self._run_step(index, step, on_step)
-                if error or self.cancel_requested.is_set():
-                    break
-        except Exception as exc:  # a bug must fail this job and free its slot, not leave it running forever
-            log.exception("job %s: running its steps failed", self.job_id)
-            error = f"the worker failed while running the job: {exc!r}"
-        finally:
-            self.log.end()
-        self._finish(*self._verdict(error), on_finished)
-
-    def _save_steps(self) -> None:
-        """Keep the planned steps in the job's directory: a restarted worker follows the
-        job's runs again with exactly these, without planning (or unpacking) anew."""
-        steps = [{**step.__dict__, **{k: str(v) for k, v in step.__dict__.items() if isinstance(v, Path)}, "env": {}}
-                 for step in self.steps]  # env: a replicate step's credentials stay out of files
-        (self.dir / "steps.json").write_text(json.dumps(steps, indent=1))
-
-    def _load_steps(self) -> tuple[list[Step], list[str]]:
-        try:
-            saved = json.loads((self.dir / "steps.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise JobSetupError(f"cannot follow the job again: its steps.json is unreadable ({exc})") from None
-        paths = {"cwd", "ckpt_dir", "output"}
-        steps = [Step(**{k: Path(v) if k in paths and v is not None else v for k, v in s.items()}) for s in saved]
-        return steps, [f"the worker restarted; {self.reattach['note']}"]
-
-    def _run_step(self, index: int, step: Step, on_step) -> Optional[str]:
-        """Run one step to its end; why the job cannot go on, or None."""
-        import zmq
-
-        saved = self.reattach["saved"] if self.reattach and self.reattach["step"] == index else None
-        self.reattach = None
-        context = sub = pub = ports = None
-        if step.kind == P.TRAIN and self.spec.get("gui", True):
-            context = zmq.Context()
-            prefer = tuple(saved["ports"]) if saved and saved.get("ports") else None
-            sub, pub, ports = bind_zmq_pair(context, self.executor.zmq_host, prefer)
-            if prefer and ports != prefer:
-                self.log.say_line(f"the progress ports {prefer} are taken; live progress of this step is lost")
-        result = {"name": step.name, "kind": step.kind, "exit_code": None, "stopped_early": False}
-        with self._start_lock:
+        if self.link.upstream:
             try:
-                if self.cancel_requested.is_set() and saved is None:
-                    raise _CancelledBeforeStart()
-                executor = LocalExecutor() if step.kind in UNSLOTTED else self.executor  # they work here
-                run = executor.attach(self, index, saved) if saved else executor.launch(self, index, step, ports)
-            except (OSError, JobSetupError, _CancelledBeforeStart) as exc:
-                if context is not None:
-                    sub.close()
-                    pub.close()
-                    context.term()
-                if isinstance(exc, _CancelledBeforeStart):
-                    return None
-                return str(exc) if isinstance(exc, JobSetupError) else f"cannot start {step.args[0]}: {exc}"
-            self.run, self.step, self.command = run, step, run.command
-            self.started_at = self.started_at or time.time()
-        self.train_ended.clear()
-        on_step(self)
-        if saved is None:
-            start = {P.TRAIN: P.TRAIN_JOB_START, P.TRACK: P.INFERENCE_JOB_START}.get(step.kind, P.COMMAND_START)
-            self.log.say(start, {"name": step.name, "command": run.command})
-        readers = [threading.Thread(target=P.guarded(self._read_chunks), args=(chunks, stream),
-                                    name=f"job-{self.job_id}-{label}", daemon=True)
-                   for stream, label, chunks in run.outputs()]
-        if context is not None:
-            readers.append(threading.Thread(target=P.guarded(self._poll_zmq), args=(run, context, sub, pub),
-                                            name=f"job-{self.job_id}-zmq", daemon=True))
-        for thread in readers:
-            thread.start()
-        while True:
-            self.exit_code = run.wait(timeout=CANCEL_GRACE_S if self.cancel_requested.is_set() else 1)
-            if self.exit_code is not None:
-                break
-            if self.cancel_requested.is_set():
-                run.signal(signal.SIGKILL)
-        for thread in readers:
-            thread.join()
-        failure = run.failure()
-        result["exit_code"] = self.exit_code
-        if self.cancel_requested.is_set():
-            result["state"] = P.CANCELLED
-        elif self.exit_code != 0 or failure:
-            result["state"] = P.FAILED
-        else:
-            result["state"] = P.COMPLETED
-            result["stopped_early"] = step.kind == P.TRAIN and self.stop_requested.is_set()
-        self.results.append(result)
-        if step.kind == P.TRAIN:
-            if result["state"] == P.COMPLETED:
-                self.log.say(P.TRAIN_JOB_END, {"name": step.name, "stopped_early": result["stopped_early"]})
-            else:
-                self.log.say(P.TRAIN_JOB_ERROR, {"name": step.name, "exit_code": self.exit_code})
-            self.stop_requested.clear()  # a stop ends this model; the next one trains in full
-        if result["state"] == P.FAILED:
-            program = step.name if step.kind == P.COMMAND else "sleap-nn"
-            return failure or f"{program} exited with code {self.exit_code}"
-        return None
-
-    def run_changed(self, note: Optional[str], record: dict) -> None:
-        """The running step's run changed (e.g. its SLURM state): `note` into the log,
-        `record` (ledger columns) to the ledger."""
-        if note:
-            self.log.say_line(note)
-        self.on_record(self, record)
-
-    def _read_chunks(self, chunks: Iterator[bytes], stream: str) -> None:
-        """Split output into complete lines and carriage-return progress updates."""
-        pending = b""
-        for chunk in chunks:
-            pending += chunk
-            parts = re.split(rb"(\r\n|\n|\r)", pending)
-            pending = parts.pop()
-            for text, end in zip(parts[0::2], parts[1::2]):
-                line = text.decode("utf-8", "replace")
-                self.log.line(stream, line, end == b"\r")
-        if pending:
-            self.log.line(stream, pending.decode("utf-8", "replace"))
-
-    def _watch_line(self, stream: str, line: str) -> None:
-        """Each line on its way into the log: stderr's tail is kept for the outcome, and an
-        inference step's JSON progress lines become JOB_PROGRESS."""
-        if stream == "e":
-            self.stderr_tail.append(line)
-        if stream == "o" and self.step is not None and self.step.kind == P.TRACK and line.startswith("{"):
-            self._inference_progress(line)
-
-    def _inference_progress(self, line: str) -> None:
+                self.upstream = optional("upstream").UpstreamAdapter(self)
+            except CapabilityMissing as exc:
+                log.warning("%s opened a sleap-rtc 0.0.7 link: %s", self.peer_id, exc)
+                self.link.send_raw(f"{exc}\n")
+                self.link.close()
+                self.worker.session_ended(self)
+                return
+        log.info("link open with %s%s", self.peer_id, " (a sleap-rtc 0.0.7 client)" if self.upstream else "")
+        self.writer.start()
         try:
-            report = json.loads(line)
-        except ValueError:
-            return
-        if isinstance(report, dict) and "n_processed" in report:
-            self.log.emit(P.JOB_PROGRESS, {"event": "inference", **report})
-
-    def _poll_zmq(self, run, context, sub, pub) -> None:
-        """Forward sleap-nn's progress; while a stop is wanted, repeat it until train_end."""
-        import zmq
-
-        first_stop = last_stop = None
-        interrupted = False
-        try:
-            while run.poll() is None or sub.poll(0):
-                if sub.poll(ZMQ_POLL_MS, zmq.POLLIN):
-                    self._on_report(sub.recv_string())
-                if self.stop_requested.is_set() and not self.train_ended.is_set():
-                    now = time.monotonic()
-                    if last_stop is None or now - last_stop >= STOP_REPEAT_S:
-                        pub.send_string(json.dumps({"command": "stop"}))
-                        first_stop, last_stop = first_stop or now, now
-                    if not interrupted and now - first_stop > self.stop_grace:
-                        log.warning("job %s: no train_end %.0f s after stop; sending SIGINT", self.job_id,
-                                    self.stop_grace)
-                        self._signal(signal.SIGINT)
-                        interrupted = True
+            while not self.worker.stopping.is_set() and not self.ending.is_set():
+                item = self.link.recv(timeout=0.5)
+                if item is not None:
+                    try:
+                        self._handle(item)
+                    except Exception:  # one bad request must not end the client's session
+                        log.exception("session %s: could not handle %s", self.peer_id, _describe(item))
+                        self.send(*P.link_error(f"the worker failed on {_describe(item)}; see its log"))
+        except P.LinkClosed as exc:
+            log.info("link with %s ended: %s", self.peer_id, exc)
         finally:
-            sub.close()
-            pub.close()
-            context.term()
+            if self.replicas is not None:
+                self.replicas.abandon()
+            with self._following_lock:
+                followed = list(self._following)
+            for job_id in followed:
+                self._unfollow(job_id)
+            self.outbox.close()
+            self.writer.join(timeout=SESSION_JOIN_S)
+            self.worker.session_ended(self)
 
-    def _on_report(self, text: str) -> None:
-        self.log.emit(P.PROGRESS_REPORT, {"report": text})
+    def _write(self) -> None:
+        """Send what the outbox holds until it closes or the link ends, then close the link."""
         try:
-            report = json.loads(text)
-        except ValueError:
-            return
-        event = report.get("event")
-        logs = report.get("logs") or {}
-        if event == "train_end":
-            self.train_ended.set()
-        if event in ("train_begin", "epoch_begin", "epoch_end", "train_end"):
-            self.log.emit(P.JOB_PROGRESS, {
-                "event": event, "epoch": report.get("epoch"), "model": self.step.name if self.step else None,
-                "max_epochs": self.step.max_epochs if self.step else None,
-                "loss": logs.get("train/loss", logs.get("loss")), "val_loss": logs.get("val/loss")})
-
-    def request_stop(self) -> str:
-        step = self.step
-        training = step.kind == P.TRAIN if step is not None else self.kind == P.TRAIN
-        if not training or not self.spec.get("gui", True):
-            self.cancel()
-            return "this job has no progress channel now, so stop cancels it"
-        self.stop_requested.set()
-        if len(self.steps) > 1:
-            return (f"stop sent; model {step.name if step else 'the first'} ends after the current batch and "
-                    "keeps its weights, then the package goes on")
-        return "stop sent; training ends after the current batch and keeps its model"
-
-    def cancel(self, reason: str = "cancelled on request") -> None:
-        """Terminate the run; before sleap-nn has started, keep it from starting."""
-        with self._start_lock:
-            self.cancel_reason = reason
-            self.cancel_requested.set()
-        self._signal(signal.SIGTERM)
-
-    def _signal(self, sig: int) -> None:
-        if self.run is not None:
-            self.run.signal(sig)
-
-    def finish_unrun(self, state: str, error: str, on_finished: Callable[["Job"], None]) -> None:
-        """End a job that never ran (cancelled while queued)."""
-        self._finish(state, error, on_finished)
-
-    def _finish(self, state: str, error: Optional[str], on_finished: Callable[["Job"], None]) -> None:
-        self.finished_at = time.time()
-        outputs, warnings = self._outputs(state)
-        steps = self.results + [{"name": s.name, "kind": s.kind, "state": "not run"}
-                                for s in self.steps[len(self.results):]]
-        outcome = {"state": state, "exit_code": self.exit_code,
-                   "duration_s": round(self.finished_at - (self.started_at or self.finished_at), 2),
-                   "stopped_early": state == P.COMPLETED and any(r.get("stopped_early") for r in self.results),
-                   "outputs": outputs, "warning": "; ".join(warnings) or None, "error": error,
-                   "stderr_tail": list(self.stderr_tail) if state != P.COMPLETED else [],
-                   "log_path": str(self.log_path), "steps": steps}
-        # Recorded first, so that whoever hears of the outcome finds it in the ledger.
-        self._set_state(state, finished_at=self.finished_at, exit_code=outcome["exit_code"],
-                        duration_s=outcome["duration_s"], stopped_early=int(outcome["stopped_early"]),
-                        outputs=outputs, warning=outcome["warning"], error=error,
-                        stderr_tail=outcome["stderr_tail"], steps=steps)
-        self.log.close(lambda: setattr(self, "outcome", outcome))
-        on_finished(self)
-
-    def _set_state(self, state: str, **fields) -> None:
-        """The one place a job's state changes: here and in the ledger (with `fields`,
-        more of its columns), together."""
-        self.state = state
-        if self.ledger is not None:
-            self.ledger.update(self.job_id, state=state, **fields)
-
-    def lost(self, why: str) -> None:
-        """A job that was running when the worker stopped, and did not survive it: failed,
-        with a last line in its log."""
-        try:
-            with open(self.log_path, "a", encoding="utf-8") as log_file:
-                log_file.write(f"[sleap-rtc worker] {why}; this run was lost\n")
-        except OSError:
-            pass
-        now = time.time()
-        self._set_state(P.FAILED, finished_at=now, error=why, duration_s=round(now - (self.started_at or now), 2))
-
-    def arriving(self) -> None:
-        """A replica's files start arriving from another worker (see ReplicaReceiver)."""
-        self.started_at = time.time()
-        self._set_state(P.RUNNING, started_at=self.started_at)
-
-    def arrived(self, problem: Optional[str], outputs: list[dict]) -> None:
-        """A replica's files were all checked (`problem` None) or were not."""
-        self.finished_at = time.time()
-        self._set_state(P.FAILED if problem else P.COMPLETED, finished_at=self.finished_at, outputs=outputs,
-                        error=problem, duration_s=round(self.finished_at - (self.started_at or self.finished_at), 2))
-
-    def _verdict(self, error: Optional[str]) -> tuple[str, Optional[str]]:
-        """State and error of the run; SIGTERM exits 0 in sleap-nn, so a cancel is known by our own flag."""
-        if self.cancel_requested.is_set():
-            if not self.results:
-                return P.CANCELLED, f"{self.cancel_reason} before sleap-nn started; it never ran"
-            return P.CANCELLED, self.cancel_reason
-        if error and len(self.steps) > 1:
-            skipped = [s.name for s in self.steps[len(self.results):]]
-            return P.FAILED, (f"{self.results[-1]['name'] if self.results else self.steps[0].name}: {error}"
-                              + (f"; not run: {', '.join(skipped)}" if skipped else ""))
-        return (P.FAILED, error) if error else (P.COMPLETED, None)
-
-    def _outputs(self, state: str) -> tuple[list[dict], list[str]]:
-        """Each model directory (every file in it, with its SHA-256) and predictions file
-        the steps that ran made, and a warning for each completed step that made none."""
-        outputs, warnings = [], []
-        for step, result in zip(self.steps, self.results):
-            if step.kind == P.TRAIN:
-                model_dir = self._model_dir(step)
-                if model_dir is None:
-                    if result["state"] == P.COMPLETED:
-                        warnings.append(f"sleap-nn finished but no model appeared under {step.ckpt_dir}")
+            while True:
+                item = self.outbox.take(timeout=0.5)
+                if item is None:
                     continue
-                files = [{"name": f.name, **dict(zip(("size", "sha256"), P.file_digest(f)))}
-                         for f in sorted(model_dir.iterdir()) if f.is_file()]
-                outputs.append({"kind": "model", "name": step.name, "path": str(model_dir), "files": files})
-            elif step.kind == P.COMMAND:
-                outputs += command_outputs(self.dir)
-            elif step.kind == P.REPLICATE:
-                outputs += optional(P.REPLICATE).replica_outputs(self.dir)
-            elif step.kind != P.TRACK:
-                continue
-            elif step.output is not None and step.output.is_file():
-                size, sha256 = P.file_digest(step.output)
-                outputs.append({"kind": "predictions", "path": str(step.output), "size": size, "sha256": sha256})
-                if result["state"] == P.COMPLETED and predicted_instances(step.output) == 0:
-                    warnings.append(f"sleap-nn predicted no instance on any frame ({step.output})")
-            elif result["state"] == P.COMPLETED:
-                warnings.append(f"sleap-nn finished but wrote no predictions file ({step.output})")
-        package = self.spec.get("_package")
-        if package and not package.get("uploaded"):
-            base = Path(package["path"]).parent
-            for output in outputs:
-                output["relative"] = str(Path(output["path"]).relative_to(base))
-        return outputs, warnings
+                if callable(item):
+                    item(self.link)
+                elif self.upstream is not None:
+                    self.upstream.deliver(self.link, *item)
+                else:
+                    self.link.send(*item)
+        except P.LinkClosed:
+            pass  # the link or the session ended; the reader thread sees it too
+        except Exception:  # a bug here must still close the link, or the client waits for nothing
+            log.exception("session %s: the writer failed", self.peer_id)
+        finally:
+            self.ending.set()
+            self.link.close()
 
-    def _model_dir(self, step: Step) -> Optional[Path]:
-        """sleap-nn writes to RUN_NAME, or RUN_NAME-1, -2... when that already holds a model."""
-        if step.ckpt_dir is None or not step.ckpt_dir.is_dir():
+    def send(self, name: str, payload: dict) -> None:
+        self.outbox.put((name, payload))
+
+    def _handlers(self) -> dict[str, Callable[[dict], None]]:
+        """What the reader does with each message a client may send, by name."""
+        return {
+            P.LINK_PING: lambda payload: self.send(P.LINK_PONG, payload),
+            P.LINK_ERROR: lambda payload: log.warning("%s reports: %s", self.peer_id,
+                                                      str(payload.get("message"))[:500]),
+            P.UPLOAD_QUERY: lambda payload: self.send(P.UPLOAD_STATUS,
+                                                      self.worker.uploads.status(payload, self.sender)),
+            P.STORE_LIST: lambda payload: self.send(*P.store_listing(payload.get("request_id"),
+                                                                    self.worker.store_listing())),
+            P.FILE_REQUEST: self._send_requested_file,
+            P.FS_LIST: lambda payload: self._files(P.FS_LIST, payload),
+            P.FS_SEARCH: lambda payload: self._files(P.FS_SEARCH, payload),
+            P.JOB_SUBMIT: self._submit,
+            P.ZMQ_CTRL: lambda payload: self._control(P.ZMQ_CTRL, payload),
+            P.JOB_CANCEL: lambda payload: self._control(P.JOB_CANCEL, payload),
+            P.JOB_ATTACH: self._attach,
+            P.JOB_FETCH: self._fetch,
+            P.REPLICA_BEGIN: self.replicas.begin if self.replicas else self._no_replicas,
+            P.REPLICA_END: self.replicas.end if self.replicas else self._no_replicas,
+        }
+
+    def _no_replicas(self, payload: dict) -> None:
+        self.send(*P.replica_ready(payload.get("request_id"), error=f"this worker does not serve "
+                                   f"{OPTIONAL_SERVES[P.REPLICATE]}: {OPTIONAL_FILES[P.REPLICATE]} is not beside its "
+                                   "worker.py"))
+
+    def _handle(self, item: P.Received) -> None:
+        if self.upstream is not None:
+            self.upstream.handle(item)
+        elif isinstance(item, P.FileReceived):
+            log.info("received %s from %s (%d bytes, sha256 %s)", item.path, self.peer_id, item.size, item.sha256[:12])
+            self.worker.uploads.stored(item.path, self.sender)
+            self.worker.uploads.settle()
+        elif isinstance(item, P.TransferFailed):
+            log.warning("upload from %s failed: %s", self.peer_id, item.error)
+            self.worker.uploads.settle()  # what it left counts toward the store's cap
+        elif isinstance(item, P.Message) and item.name in self.handlers:
+            self.handlers[item.name](item.payload)
+        else:
+            self.send(*P.link_error(f"this worker does not understand {_describe(item)[:40]}"))
+
+    # -- following jobs -------------------------------------------------------------------
+
+    def _listener(self, job_id: str, submitted: bool) -> Callable[[str, dict], None]:
+        """The callback a job's threads call: it only queues. The submitter of a track job
+        gets the predictions before JOB_COMPLETE."""
+
+        def listener(name: str, payload: dict) -> None:
+            item, size = (name, payload), 0
+            if name == P.JOB_LOG:
+                size = sum(len(line) + 8 for _, line in payload["lines"]) + 32
+            elif name == P.JOB_COMPLETE and submitted:
+                predictions = [Path(o["path"]) for o in payload.get("outputs", []) if o["kind"] == "predictions"]
+                if predictions:  # the outcome goes unchanged
+                    send_then = self.upstream.files_then if self.upstream is not None else _send_files_then
+                    item = send_then(predictions, (name, payload))
+            if not self.outbox.put(item, job_id, size):
+                self._unfollow(job_id)
+
+        with self._following_lock:
+            self._following[job_id] = listener
+        return listener
+
+    def _unfollow(self, job_id: str) -> None:
+        """Forget this session's listener on a job, and take it off the job if it is on it."""
+        with self._following_lock:
+            listener = self._following.pop(job_id, None)
+        job = self.worker.scheduler.get(job_id)
+        if listener is not None and job is not None and job.log.unsubscribe(listener):
+            log.info("client %s no longer follows job %s", self.peer_id, job_id)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _submit(self, payload: dict) -> None:
+        submitted = P.Submitted.read(payload)
+        job_id, spec = submitted.job_id, submitted.spec
+        if submitted.problem:
+            self.send(*P.job_rejected(job_id, [P.spec_error("job_id", submitted.problem, "BAD_FORMAT")]))
+            return
+        job_dir = self.worker.scheduler.jobs_dir / job_id
+        if isinstance(spec, dict) and spec.get("type") == P.COMMAND:
+            errors, command, inputs = validate_command(spec, self.worker.allowed_commands, self.worker.mounts,
+                                                       self.worker.stores, job_dir)
+            plan = {"paths": {}, "command": command, **({"inputs": inputs} if inputs else {})}
+        elif isinstance(spec, dict) and spec.get("type") == P.PRUNE:  # no paths: it plans when it starts
+            errors, plan = P.check_spec(spec) or self._may_prune(), {"paths": {}, "scope": self._prune_scope()}
+        elif isinstance(spec, dict) and spec.get("type") == P.REPLICATE:
+            errors, plan = P.check_spec(spec) or self._replicable(spec), {"paths": {}}
+        else:
+            errors, plan = self.worker.validate(spec, job_dir)
+        files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
+        accepted = {**spec, "_resolved": plan.get("paths", {}),
+                    **{f"_{name}": plan[name] for name in ("package", "relabel", "command", "scope", "checkpoints",
+                                                            "inputs")
+                       if name in plan}} \
+            if isinstance(spec, dict) else {}
+        self.admit(job_id, errors, accepted, files)
+
+    def admit(self, job_id: str, errors: list[dict], accepted: dict, files: dict[str, str]) -> bool:
+        """Queue a checked job (`accepted`: the spec with what validation resolved, `files`
+        to write into its directory) and answer JOB_ACCEPTED, or answer JOB_REJECTED with
+        `errors` or the worker's own reason (maintenance, low disk)."""
+        low_disk = self.worker.disk_problem() if accepted and accepted.get("type") != P.PRUNE else None
+        changed = self.worker.store_problem(accepted) if accepted and not errors else None
+        if self.worker.maintenance:
+            errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
+        elif low_disk:
+            errors = [P.spec_error("worker", low_disk, "LOW_DISK")]
+        elif changed:
+            errors = [P.spec_error("upload", changed, "UPLOAD_CHANGED")]
+        job = None
+        if not errors:
+            self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
+            job, errors = self.worker.scheduler.submit(job_id, accepted, self.peer_id, self._listener(job_id, True),
+                                                       files, owner=self.user)
+        if errors:
+            self.worker.scheduler.release(job_id)  # a rejected job gives back the slot kept for it
+            self._unfollow(job_id)
+            self.outbox.release(job_id, [])
+            log.info("rejected job %s from %s: %s", job_id, self.peer_id, "; ".join(e["message"] for e in errors))
+            self.send(*P.job_rejected(job_id, errors))
+            return False
+        position = self.worker.scheduler.position(job)
+        log.info("accepted job %s from %s: %s", job_id, self.peer_id,
+                 "starts now" if position == 0 else f"queued at position {position}")
+        self.outbox.release(job_id, [P.job_accepted(job_id, str(job.dir), position)])
+        return True
+
+    def _replicable(self, spec: dict) -> list[dict]:
+        """Why a replicate spec cannot run here ([] when it can)."""
+        try:
+            return optional(P.REPLICATE).replicable(self.worker, spec)
+        except CapabilityMissing as exc:
+            return [P.spec_error("type", str(exc), "UNSUPPORTED")]
+
+    # -- who may change what ---------------------------------------------------------------
+
+    def _not_yours(self, record: dict) -> Optional[str]:
+        """Why this session may not stop, cancel or prune a job, or None: its owner (the
+        signed-in user who submitted it) and the worker's admins may; a job with no owner,
+        only the very peer that sent it (a peer id alone proves nothing later: anyone may
+        register one that is free)."""
+        owner = record.get("owner")
+        if self.admin or (self.user and owner == self.user) or (not owner and record["submitter"] == self.peer_id):
             return None
-        candidates = [d for d in step.ckpt_dir.glob(f"{glob.escape(step.run_name)}*")
-                      if (d / "training_config.yaml").exists() and d.stat().st_mtime >= (self.started_at or 0) - 1]
-        return max(candidates, key=lambda d: d.stat().st_mtime) if candidates else None
+        return (f"job {record['job_id']} is {record.get('owner') or record['submitter']}'s: only the member who "
+                "submitted it, or one of this worker's admins (worker.py --admin USER), may change it")
+
+    def _may_prune(self) -> list[dict]:
+        if self.user or self.admin:
+            return []
+        return [P.spec_error("worker", "a prune removes only its sender's jobs, and this link carries no sign-in "
+                             "(client.py signs in on its own)", "NOT_SIGNED_IN")]
+
+    def _prune_scope(self) -> dict:
+        """What a prune from this session may remove: everything for an admin, else the
+        sender's own jobs and the uploads only it sent."""
+        return {"all": True} if self.admin else {"owner": self.user}
+
+    def _control(self, name: str, payload: dict) -> None:
+        job_id = P.job_id_in(payload)
+        action = "stop" if name == P.ZMQ_CTRL else "cancel"
+        record = self.worker.scheduler.record(job_id)
+        refusal = self._not_yours(record) if record is not None else None
+        if refusal:
+            log.info("%s of job %s by %s refused: not theirs", action, job_id, self.peer_id)
+            self.send(*P.job_control(job_id, action, False, refusal))
+            return
+        ok, message = self.worker.scheduler.control(job_id, action)
+        log.info("%s of job %s by %s: %s", action, job_id, self.peer_id, message)
+        self.send(*P.job_control(job_id, action, ok, message))
+
+    def _attach(self, payload: dict) -> None:
+        """The job's log from its first line; with `follow`, then everything live until it ends."""
+        job_id = P.job_id_in(payload)
+        # The live job first: once it is gone, the ledger already holds its final state.
+        job = self.worker.scheduler.get(job_id)
+        record = self.worker.scheduler.record(job_id)
+        if record is None:
+            self.send(*P.job_attached(job_id, error=f"no job {job_id} on this worker"))
+            return
+        log_path = Path(record["log_path"])
+        if record.get("pruned") and not log_path.is_file():
+            self.send(*P.job_attached(job_id, error=f"job {job_id} is {record['state']}; its log and files were "
+                                                    f"pruned {pruned_note(record['pruned'])}"))
+            return
+        if job is None:  # it ended before this worker process started
+            size = log_path.stat().st_size if log_path.is_file() else 0
+            self.outbox.put(_replay(job_id, log_path, size))
+            self.send(*P.job_attached(job_id, record["state"]))
+            return
+        self._unfollow(job_id)  # attaching twice replays again, and follows once
+        self.outbox.hold(job_id)  # live output waits behind the replay
+        listener = self._listener(job_id, False) if payload.get("follow") else None
+        offset, live = job.log.attach(listener)
+        following = live and listener is not None
+        if listener is not None and not following:
+            self._unfollow(job_id)
+        state = job.outcome["state"] if job.outcome else job.state
+        self.outbox.release(job_id, [_replay(job_id, log_path, offset),
+                                     P.job_attached(job_id, state, following)])
+
+    def _fetch(self, payload: dict) -> None:
+        """Send a completed job's result files; JOB_FETCHED lists what was sent."""
+        job_id = P.job_id_in(payload)
+        record = self.worker.scheduler.record(job_id)
+        reply: dict = {"job_id": job_id, "files": []}
+        if record is None:
+            reply["error"] = f"no job {job_id} on this worker"
+        elif record["state"] != P.COMPLETED:
+            reply["error"] = f"job {job_id} is {record['state']}; only a completed job has results"
+        elif record.get("pruned"):
+            reply["error"] = f"the files of job {job_id} were pruned {pruned_note(record['pruned'])}"
+        if "error" in reply:
+            self.send(P.JOB_FETCHED, reply)
+            return
+        paths = []
+        allowed = self.worker.mounts + [Mount(Path(record["job_dir"]), "job")]
+        for output in record["outputs"] or []:
+            named = [Path(output["path"])] if output["kind"] in ("predictions", "file") else \
+                [Path(output["path"]) / f["name"] for f in output.get("files", [])]
+            for path in named:
+                try:  # checked when served: a file replaced by a link since the job ended is not followed out
+                    paths.append(resolve_in_mounts(str(path), allowed))
+                except PathRefused as exc:
+                    reply["error"] = f"{path} is not served: {exc}"
+        self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply), report=True))
+
+    def _files(self, name: str, payload: dict) -> None:
+        """A listing or a search of the worker's files, inside the mounts a client may read.
+        A search takes up to SEARCH_SECONDS of this session's thread: it delays only this client."""
+        reply: dict = {"request_id": str(payload.get("request_id", ""))[:64]}
+        mounts = self.worker.readable_mounts
+        try:
+            if name == P.FS_LIST:
+                offset = payload.get("offset") or 0
+                if not isinstance(offset, int) or isinstance(offset, bool):
+                    raise PathRefused(f"offset must be a whole number, not {P.echo(offset)}")
+                path = payload.get("path")
+                if path is not None and not isinstance(path, str):
+                    raise PathRefused(f"expected a path, not {P.echo(path)}")
+                reply.update(list_directory(path, mounts, offset, bool(payload.get("nearest"))))
+            else:
+                size = payload.get("size")
+                # The admin's mounts only: copies in job directories would crowd out the originals.
+                reply.update(search_files(str(payload.get("name", "")), self.worker.mounts,
+                                          size if isinstance(size, int) and not isinstance(size, bool) else None))
+        except PathRefused as exc:
+            reply.update(error=str(exc), code=exc.code)
+        self.send(P.FS_LISTING if name == P.FS_LIST else P.FS_FOUND, reply)
+
+    def _send_requested_file(self, payload: dict) -> None:
+        requested = str(payload.get("path", ""))
+        try:
+            path = resolve_in_mounts(requested, self.worker.readable_mounts)
+            if not path.is_file():
+                raise PathRefused(f"{requested} is not a file on the worker", "NOT_FOUND")
+        except PathRefused as exc:
+            self.send(*P.link_error(str(exc), path=requested[:200]))
+            return
+        self.outbox.put(_send_files_then([path]))
+
+
+def _send_files_then(paths: list[Path], then: Optional[tuple[str, dict]] = None,
+                     report: bool = False) -> Callable[[P.Link], None]:
+    """A writer action: send each file, then the message `then` (name, payload). A file
+    that cannot be sent ends the list; with `report` the payload gains `files` (those
+    sent) and, unless it has one already, `error`."""
+
+    def action(link: P.Link) -> None:
+        sent, error = [], None
+        for path in paths:
+            try:
+                link.send_file(path, exact=True)  # a job may swap its files for links in the meantime
+            except (OSError, P.TransferError) as exc:
+                log.warning("sending %s to %s failed: %s", path, link.peer_id, exc)
+                error = f"{path} could not be sent: {exc}"
+                break
+            sent.append(str(path))
+            log.info("sent %s to %s", path, link.peer_id)
+        if then is None:
+            return
+        name, payload = then
+        if report:
+            payload = {**payload, "files": sent}
+            if error and not payload.get("error"):
+                payload["error"] = error
+        link.send(name, payload)
+
+    return action
+
+
+def _replay(job_id: str, log_path: Path, size: int) -> Callable[[P.Link], None]:
+    """A writer action: send the first `size` bytes of a job's log, read as it is sent."""
+
+    def action(link: P.Link) -> None:
+        try:
+            log_file = open(log_path, "rb")
+        except OSError:
+            return  # not started yet: no log
+        with log_file:
+            left, pending = size, b""
+            while left > 0:
+                chunk = log_file.read(min(LOG_BATCH_BYTES, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                if complete:
+                    lines = [["o", line.decode("utf-8", "replace")] for line in complete]
+                    link.send(*P.job_log(job_id, lines, None))
+
+    return action
+
+
+def _describe(item) -> str:
+    return item.name[:40] if isinstance(item, P.Message) else type(item).__name__
 
 
 # ---------------------------------------------------------------------------------------
@@ -1931,10 +1288,8 @@ class Job:
 # ---------------------------------------------------------------------------------------
 
 LEDGER_FILE = "jobs.sqlite"
-RESERVATION_TIMEOUT_S = 30.0  # how long an assigned slot waits for its job's spec, by default
 RESTARTED_ERROR = "worker restarted during the job"
 MAINTENANCE_MESSAGE = "this worker is in maintenance: it finishes its queue but takes no new jobs"
-MIN_FREE_GB = 2.0  # below this much free space in its working dir, a worker takes no new jobs
 DISK_CHECK_S = 5.0
 LEDGER_LIMIT = 1000  # most jobs one listing returns, newest first
 _JSON_COLUMNS = {"spec", "outputs", "stderr_tail", "command", "steps", "slurm", "pruned"}
@@ -2475,6 +1830,1647 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------------------
+# Jobs: one job's run, its log and its state
+# ---------------------------------------------------------------------------------------
+
+
+class _CancelledBeforeStart(Exception):
+    """Job.start found the job cancelled before sleap-nn was started."""
+
+
+@dataclass(frozen=True)
+class _Say:
+    """An item for the relay: a message to listeners, sent after the lines before it."""
+
+    name: str
+    payload: dict
+
+
+class JobLog:
+    """A job's output on its way into its log file and to the clients following it.
+
+    Threads queue lines and messages (`line`, `say`, `say_line`); the thread "job-ID-relay"
+    (`start` starts it, `end` ends it after the last item) takes them in order: lines are
+    batched into the file and to listeners every LOG_BATCH_S or LOG_BATCH_BYTES, and each
+    message follows the lines before it. `watch(stream, line)` sees each line on the relay
+    thread. A client attaching mid-run replays the file up to an offset and gets exactly
+    the batches after it (`attach`); once `close`d, no one attaches any more.
+    """
+
+    def __init__(self, job_id: str, path: Path, watch: Callable[[str, str], None] = lambda stream, line: None):
+        self.job_id = job_id
+        self.path = path
+        self._watch = watch
+        self._items: "queue.Queue" = queue.Queue()
+        self._relay: Optional[threading.Thread] = None
+        # Guards _listeners, the callbacks (message name, payload) of attached clients.
+        self._listeners_lock = threading.Lock()
+        self._listeners: list[Callable[[str, dict], None]] = []
+        # Guards _size (bytes of the file written so far), `closed`, and which listeners
+        # each batch goes to.
+        self._lock = threading.Lock()
+        self._size = 0
+        self.closed = False
+
+    # -- listeners ------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[str, dict], None]) -> None:
+        with self._listeners_lock:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[str, dict], None]) -> bool:
+        """Take a listener off; False when it was not on."""
+        with self._listeners_lock:
+            if listener not in self._listeners:
+                return False
+            self._listeners.remove(listener)
+            return True
+
+    def emit(self, name: str, payload: dict, listeners: Optional[list] = None) -> None:
+        """Hand a message to every listener (or to `listeners`, a snapshot) now. Listeners
+        only queue; one that raises is logged and dropped, and the others still get it."""
+        if listeners is None:
+            with self._listeners_lock:
+                listeners = list(self._listeners)
+        message = {"job_id": self.job_id, **payload}
+        for listener in listeners:
+            try:
+                listener(name, message)
+            except Exception:  # a listener's bug must not end the job's thread or reach other clients
+                log.exception("job %s: a listener failed on %s and was dropped", self.job_id, name)
+                self.unsubscribe(listener)
+
+    def attach(self, listener: Optional[Callable[[str, dict], None]]) -> tuple[int, bool]:
+        """Subscribe `listener` (when given) for what follows the file's first `offset` bytes.
+
+        Returns (offset, live): the caller replays the file up to `offset`, outside any
+        lock, and gets no line twice and none missed; live is False when the job has
+        finished already (nothing was subscribed).
+        """
+        with self._lock:
+            if self.closed:
+                return self._size, False
+            if listener is not None:
+                self.subscribe(listener)
+            return self._size, True
+
+    def close(self, then: Callable[[], None]) -> None:
+        """No one attaches from now on; `then` runs first, under the same lock (the job's
+        outcome is set there, so an attacher sees it either live or finished)."""
+        with self._lock:
+            then()
+            self.closed = True
+
+    # -- the relay ------------------------------------------------------------------------
+
+    def line(self, stream: str, text: str, is_progress: bool = False) -> None:
+        """A line of output ("o", "e"), or a carriage-return progress update."""
+        self._items.put((stream, text, is_progress))
+
+    def say_line(self, text: str) -> None:
+        """A line from the worker itself (stream "w")."""
+        self._items.put(("w", f"[sleap-rtc worker] {text}", False))
+
+    def say(self, name: str, payload: dict) -> None:
+        """A message for the listeners, after the lines queued before it."""
+        self._items.put(_Say(name, payload))
+
+    def start(self) -> None:
+        self._relay = threading.Thread(target=P.guarded(self._relay_forever), name=f"job-{self.job_id}-relay",
+                                       daemon=True)
+        self._relay.start()
+
+    def end(self) -> None:
+        """Relay what is queued, then stop the relay."""
+        self._items.put(None)
+        if self._relay is not None:
+            self._relay.join()
+
+    def _relay_forever(self) -> None:
+        """Batch lines into the file and to listeners: every LOG_BATCH_S or
+        LOG_BATCH_BYTES, and before each message, which follows its lines (and is noted
+        in the file). Ends at the None `end` puts last.
+
+        The batch is written and its listeners chosen under the lock; it is handed to
+        them after the lock is released."""
+        with open(self.path, "ab") as log_file:
+            with self._lock:
+                self._size = log_file.tell()
+            done = False
+            while not done:
+                batch, progress, size, say = [], None, 0, None
+                deadline = time.monotonic() + LOG_BATCH_S
+                while size < LOG_BATCH_BYTES:
+                    try:
+                        item = self._items.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        done = True
+                        break
+                    if isinstance(item, _Say):
+                        say = item
+                        name = item.payload.get("name")
+                        # "m": a marker in the file; the message itself follows it
+                        batch.append(["m", f"[sleap-rtc worker] {item.name}{f' {name}' if name else ''}"])
+                        break
+                    stream, line, is_progress = item
+                    if is_progress:
+                        progress = line
+                        continue
+                    batch.append([stream, line])
+                    size += len(line)
+                    self._watch(stream, line)
+                if batch or progress is not None:
+                    data = "".join(line + "\n" for _, line in batch).encode("utf-8", "replace")
+                    with self._lock:
+                        try:
+                            log_file.write(data)
+                            log_file.flush()
+                            self._size += len(data)
+                        except OSError as exc:  # e.g. a full disk: keep reading, or sleap-nn blocks on its pipe
+                            log.error("job %s: writing its log failed: %s", self.job_id, exc)
+                        with self._listeners_lock:
+                            listeners = list(self._listeners)
+                    self.emit(*P.job_log(self.job_id, batch, progress), listeners)
+                if say is not None:
+                    self.emit(say.name, say.payload)
+
+
+class Job:
+    """One job: its steps (sleap-nn runs, one after the other) and everything known about it.
+
+    Threads, all ended by the process ending: "job-ID-run" has the steps planned (paths
+    checked again, a package unpacked), runs them in order and reports the outcome; while
+    a step runs, "job-ID-stdout" / "job-ID-stderr" read its output into `log` (a JobLog,
+    whose relay thread writes the file and tells the listeners) and "job-ID-zmq"
+    (training with progress) forwards sleap-nn's events and sends stop. `_set_state` is
+    the one place the job's state changes, in memory and in the ledger together.
+    """
+
+    def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
+                 submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S,
+                 executor: Optional[Executor] = None, owner: str = "", ledger: Optional["Ledger"] = None):
+        self.job_id = job_id
+        self.ledger = ledger  # where its state is recorded (None: nowhere, as in a unit test)
+        self.spec = spec
+        self.dir = job_dir
+        self.submitter = submitter  # the peer id it came from
+        self.owner = owner  # the signed-in user behind that peer ("" if none)
+        self.executable = executable
+        self.log_path = job_dir / "job.log"
+        self.log = JobLog(job_id, self.log_path, self._watch_line)
+        self.state = P.PENDING
+        self.submitted_at = submitted_at or time.time()
+        self.started_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
+        self.exit_code: Optional[int] = None
+        self.stop_requested = threading.Event()
+        self.cancel_requested = threading.Event()
+        self.cancel_reason = ""
+        self.train_ended = threading.Event()
+        self.outcome: Optional[dict] = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.steps: list[Step] = []
+        self.results: list[dict] = []  # per step that ran: name, kind, state, exit_code, stopped_early
+        self.step: Optional[Step] = None  # the step running now
+        self.command: list[str] = []
+        self.executor = executor or LocalExecutor()
+        self.run: Optional[Run] = None  # the running step's process or batch job
+        # A run to follow again instead of starting, after a worker restart (see
+        # Executor.follow_again): {"step": index, "saved": ..., "note": ...}; the steps
+        # before it are in `results`.
+        self.reattach: Optional[dict] = None
+        # Called with columns for the ledger when the running step's run reports a change.
+        self.on_record: Callable[["Job", dict], None] = lambda job, record: None
+        self.stop_grace = stop_grace
+        # Guards `run` being started against `cancel_requested`: a cancel that comes
+        # between the scheduler taking the job and a step starting is never lost.
+        self._start_lock = threading.Lock()
+
+    @property
+    def kind(self) -> str:
+        return self.spec["type"]
+
+    # -- running ------------------------------------------------------------------------
+
+    def start(self, plan: Callable[["Job"], tuple[list[Step], list[str]]], on_started: Callable[["Job"], None],
+              on_step: Callable[["Job"], None], on_finished: Callable[["Job"], None]) -> None:
+        """Start the job's thread. It has `plan(job)` give the steps (and notes for the
+        log; JobSetupError when the job cannot run), calls `on_started` once, `on_step`
+        as each step's process starts, and `on_finished` once the outcome is known."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "spec.json").write_text(json.dumps(self.spec, indent=2))
+        self._set_state(P.RUNNING)  # started_at waits for the first sleap-nn process
+        on_started(self)
+        threading.Thread(target=P.guarded(self._run), args=(plan, on_step, on_finished),
+                         name=f"job-{self.job_id}-run", daemon=True).start()
+
+    def _run(self, plan, on_step, on_finished) -> None:
+        try:
+            self.steps, notes = self._load_steps() if self.reattach else plan(self)
+            if self.executor.outlives_worker and not self.reattach:
+                self._save_steps()
+        except JobSetupError as exc:
+            self._finish(P.FAILED, str(exc), on_finished)
+            return
+        except Exception as exc:  # a bug must fail this job, not keep its slot taken forever
+            log.exception("job %s: planning its steps failed", self.job_id)
+            self._finish(P.FAILED, f"the worker could not prepare the job: {exc!r}", on_finished)
+            return
+        self.log.start()
+        for note in notes:
+            self.log.say_line(note)
+        error = None
+        try:
+            for index, step in enumerate(self.steps):
+                if index < len(self.results):  # ran before the worker restarted
+                    continue
+                first_inference = step.kind == P.TRACK and (index == 0 or self.steps[index - 1].kind != P.TRACK)
+                if first_inference and "package" in self.spec:
+                    self.log.say(P.INFERENCE_START, {})
+                error = self._run_step(index, step, on_step)
+                if error or self.cancel_requested.is_set():
+                    break
+        except Exception as exc:  # a bug must fail this job and free its slot, not leave it running forever
+            log.exception("job %s: running its steps failed", self.job_id)
+            error = f"the worker failed while running the job: {exc!r}"
+        finally:
+            self.log.end()
+        self._finish(*self._verdict(error), on_finished)
+
+    def _save_steps(self) -> None:
+        """Keep the planned steps in the job's directory: a restarted worker follows the
+        job's runs again with exactly these, without planning (or unpacking) anew."""
+        steps = [{**step.__dict__, **{k: str(v) for k, v in step.__dict__.items() if isinstance(v, Path)}, "env": {}}
+                 for step in self.steps]  # env: a replicate step's credentials stay out of files
+        (self.dir / "steps.json").write_text(json.dumps(steps, indent=1))
+
+    def _load_steps(self) -> tuple[list[Step], list[str]]:
+        try:
+            saved = json.loads((self.dir / "steps.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise JobSetupError(f"cannot follow the job again: its steps.json is unreadable ({exc})") from None
+        paths = {"cwd", "ckpt_dir", "output"}
+        steps = [Step(**{k: Path(v) if k in paths and v is not None else v for k, v in s.items()}) for s in saved]
+        return steps, [f"the worker restarted; {self.reattach['note']}"]
+
+    def _run_step(self, index: int, step: Step, on_step) -> Optional[str]:
+        """Run one step to its end; why the job cannot go on, or None."""
+        import zmq
+
+        saved = self.reattach["saved"] if self.reattach and self.reattach["step"] == index else None
+        self.reattach = None
+        context = sub = pub = ports = None
+        if step.kind == P.TRAIN and self.spec.get("gui", True):
+            context = zmq.Context()
+            prefer = tuple(saved["ports"]) if saved and saved.get("ports") else None
+            sub, pub, ports = bind_zmq_pair(context, self.executor.zmq_host, prefer)
+            if prefer and ports != prefer:
+                self.log.say_line(f"the progress ports {prefer} are taken; live progress of this step is lost")
+        result = {"name": step.name, "kind": step.kind, "exit_code": None, "stopped_early": False}
+        with self._start_lock:
+            try:
+                if self.cancel_requested.is_set() and saved is None:
+                    raise _CancelledBeforeStart()
+                executor = LocalExecutor() if step.kind in UNSLOTTED else self.executor  # they work here
+                run = executor.attach(self, index, saved) if saved else executor.launch(self, index, step, ports)
+            except (OSError, JobSetupError, _CancelledBeforeStart) as exc:
+                if context is not None:
+                    sub.close()
+                    pub.close()
+                    context.term()
+                if isinstance(exc, _CancelledBeforeStart):
+                    return None
+                return str(exc) if isinstance(exc, JobSetupError) else f"cannot start {step.args[0]}: {exc}"
+            self.run, self.step, self.command = run, step, run.command
+            self.started_at = self.started_at or time.time()
+        self.train_ended.clear()
+        on_step(self)
+        if saved is None:
+            start = {P.TRAIN: P.TRAIN_JOB_START, P.TRACK: P.INFERENCE_JOB_START}.get(step.kind, P.COMMAND_START)
+            self.log.say(start, {"name": step.name, "command": run.command})
+        readers = [threading.Thread(target=P.guarded(self._read_chunks), args=(chunks, stream),
+                                    name=f"job-{self.job_id}-{label}", daemon=True)
+                   for stream, label, chunks in run.outputs()]
+        if context is not None:
+            readers.append(threading.Thread(target=P.guarded(self._poll_zmq), args=(run, context, sub, pub),
+                                            name=f"job-{self.job_id}-zmq", daemon=True))
+        for thread in readers:
+            thread.start()
+        while True:
+            self.exit_code = run.wait(timeout=CANCEL_GRACE_S if self.cancel_requested.is_set() else 1)
+            if self.exit_code is not None:
+                break
+            if self.cancel_requested.is_set():
+                run.signal(signal.SIGKILL)
+        for thread in readers:
+            thread.join()
+        failure = run.failure()
+        result["exit_code"] = self.exit_code
+        if self.cancel_requested.is_set():
+            result["state"] = P.CANCELLED
+        elif self.exit_code != 0 or failure:
+            result["state"] = P.FAILED
+        else:
+            result["state"] = P.COMPLETED
+            result["stopped_early"] = step.kind == P.TRAIN and self.stop_requested.is_set()
+        self.results.append(result)
+        if step.kind == P.TRAIN:
+            if result["state"] == P.COMPLETED:
+                self.log.say(P.TRAIN_JOB_END, {"name": step.name, "stopped_early": result["stopped_early"]})
+            else:
+                self.log.say(P.TRAIN_JOB_ERROR, {"name": step.name, "exit_code": self.exit_code})
+            self.stop_requested.clear()  # a stop ends this model; the next one trains in full
+        if result["state"] == P.FAILED:
+            program = step.name if step.kind == P.COMMAND else "sleap-nn"
+            return failure or f"{program} exited with code {self.exit_code}"
+        return None
+
+    def run_changed(self, note: Optional[str], record: dict) -> None:
+        """The running step's run changed (e.g. its SLURM state): `note` into the log,
+        `record` (ledger columns) to the ledger."""
+        if note:
+            self.log.say_line(note)
+        self.on_record(self, record)
+
+    def _read_chunks(self, chunks: Iterator[bytes], stream: str) -> None:
+        """Split output into complete lines and carriage-return progress updates."""
+        pending = b""
+        for chunk in chunks:
+            pending += chunk
+            parts = re.split(rb"(\r\n|\n|\r)", pending)
+            pending = parts.pop()
+            for text, end in zip(parts[0::2], parts[1::2]):
+                line = text.decode("utf-8", "replace")
+                self.log.line(stream, line, end == b"\r")
+        if pending:
+            self.log.line(stream, pending.decode("utf-8", "replace"))
+
+    def _watch_line(self, stream: str, line: str) -> None:
+        """Each line on its way into the log: stderr's tail is kept for the outcome, and an
+        inference step's JSON progress lines become JOB_PROGRESS."""
+        if stream == "e":
+            self.stderr_tail.append(line)
+        if stream == "o" and self.step is not None and self.step.kind == P.TRACK and line.startswith("{"):
+            self._inference_progress(line)
+
+    def _inference_progress(self, line: str) -> None:
+        try:
+            report = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(report, dict) and "n_processed" in report:
+            self.log.emit(P.JOB_PROGRESS, {"event": "inference", **report})
+
+    def _poll_zmq(self, run, context, sub, pub) -> None:
+        """Forward sleap-nn's progress; while a stop is wanted, repeat it until train_end."""
+        import zmq
+
+        first_stop = last_stop = None
+        interrupted = False
+        try:
+            while run.poll() is None or sub.poll(0):
+                if sub.poll(ZMQ_POLL_MS, zmq.POLLIN):
+                    self._on_report(sub.recv_string())
+                if self.stop_requested.is_set() and not self.train_ended.is_set():
+                    now = time.monotonic()
+                    if last_stop is None or now - last_stop >= STOP_REPEAT_S:
+                        pub.send_string(json.dumps({"command": "stop"}))
+                        first_stop, last_stop = first_stop or now, now
+                    if not interrupted and now - first_stop > self.stop_grace:
+                        log.warning("job %s: no train_end %.0f s after stop; sending SIGINT", self.job_id,
+                                    self.stop_grace)
+                        self._signal(signal.SIGINT)
+                        interrupted = True
+        finally:
+            sub.close()
+            pub.close()
+            context.term()
+
+    def _on_report(self, text: str) -> None:
+        self.log.emit(P.PROGRESS_REPORT, {"report": text})
+        try:
+            report = json.loads(text)
+        except ValueError:
+            return
+        event = report.get("event")
+        logs = report.get("logs") or {}
+        if event == "train_end":
+            self.train_ended.set()
+        if event in ("train_begin", "epoch_begin", "epoch_end", "train_end"):
+            self.log.emit(P.JOB_PROGRESS, {
+                "event": event, "epoch": report.get("epoch"), "model": self.step.name if self.step else None,
+                "max_epochs": self.step.max_epochs if self.step else None,
+                "loss": logs.get("train/loss", logs.get("loss")), "val_loss": logs.get("val/loss")})
+
+    def request_stop(self) -> str:
+        step = self.step
+        training = step.kind == P.TRAIN if step is not None else self.kind == P.TRAIN
+        if not training or not self.spec.get("gui", True):
+            self.cancel()
+            return "this job has no progress channel now, so stop cancels it"
+        self.stop_requested.set()
+        if len(self.steps) > 1:
+            return (f"stop sent; model {step.name if step else 'the first'} ends after the current batch and "
+                    "keeps its weights, then the package goes on")
+        return "stop sent; training ends after the current batch and keeps its model"
+
+    def cancel(self, reason: str = "cancelled on request") -> None:
+        """Terminate the run; before sleap-nn has started, keep it from starting."""
+        with self._start_lock:
+            self.cancel_reason = reason
+            self.cancel_requested.set()
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: int) -> None:
+        if self.run is not None:
+            self.run.signal(sig)
+
+    def finish_unrun(self, state: str, error: str, on_finished: Callable[["Job"], None]) -> None:
+        """End a job that never ran (cancelled while queued)."""
+        self._finish(state, error, on_finished)
+
+    def _finish(self, state: str, error: Optional[str], on_finished: Callable[["Job"], None]) -> None:
+        self.finished_at = time.time()
+        outputs, warnings = self._outputs(state)
+        steps = self.results + [{"name": s.name, "kind": s.kind, "state": "not run"}
+                                for s in self.steps[len(self.results):]]
+        outcome = {"state": state, "exit_code": self.exit_code,
+                   "duration_s": round(self.finished_at - (self.started_at or self.finished_at), 2),
+                   "stopped_early": state == P.COMPLETED and any(r.get("stopped_early") for r in self.results),
+                   "outputs": outputs, "warning": "; ".join(warnings) or None, "error": error,
+                   "stderr_tail": list(self.stderr_tail) if state != P.COMPLETED else [],
+                   "log_path": str(self.log_path), "steps": steps}
+        # Recorded first, so that whoever hears of the outcome finds it in the ledger.
+        self._set_state(state, finished_at=self.finished_at, exit_code=outcome["exit_code"],
+                        duration_s=outcome["duration_s"], stopped_early=int(outcome["stopped_early"]),
+                        outputs=outputs, warning=outcome["warning"], error=error,
+                        stderr_tail=outcome["stderr_tail"], steps=steps)
+        self.log.close(lambda: setattr(self, "outcome", outcome))
+        on_finished(self)
+
+    def _set_state(self, state: str, **fields) -> None:
+        """The one place a job's state changes: here and in the ledger (with `fields`,
+        more of its columns), together."""
+        self.state = state
+        if self.ledger is not None:
+            self.ledger.update(self.job_id, state=state, **fields)
+
+    def lost(self, why: str) -> None:
+        """A job that was running when the worker stopped, and did not survive it: failed,
+        with a last line in its log."""
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as log_file:
+                log_file.write(f"[sleap-rtc worker] {why}; this run was lost\n")
+        except OSError:
+            pass
+        now = time.time()
+        self._set_state(P.FAILED, finished_at=now, error=why, duration_s=round(now - (self.started_at or now), 2))
+
+    def arriving(self) -> None:
+        """A replica's files start arriving from another worker (see ReplicaReceiver)."""
+        self.started_at = time.time()
+        self._set_state(P.RUNNING, started_at=self.started_at)
+
+    def arrived(self, problem: Optional[str], outputs: list[dict]) -> None:
+        """A replica's files were all checked (`problem` None) or were not."""
+        self.finished_at = time.time()
+        self._set_state(P.FAILED if problem else P.COMPLETED, finished_at=self.finished_at, outputs=outputs,
+                        error=problem, duration_s=round(self.finished_at - (self.started_at or self.finished_at), 2))
+
+    def _verdict(self, error: Optional[str]) -> tuple[str, Optional[str]]:
+        """State and error of the run; SIGTERM exits 0 in sleap-nn, so a cancel is known by our own flag."""
+        if self.cancel_requested.is_set():
+            if not self.results:
+                return P.CANCELLED, f"{self.cancel_reason} before sleap-nn started; it never ran"
+            return P.CANCELLED, self.cancel_reason
+        if error and len(self.steps) > 1:
+            skipped = [s.name for s in self.steps[len(self.results):]]
+            return P.FAILED, (f"{self.results[-1]['name'] if self.results else self.steps[0].name}: {error}"
+                              + (f"; not run: {', '.join(skipped)}" if skipped else ""))
+        return (P.FAILED, error) if error else (P.COMPLETED, None)
+
+    def _outputs(self, state: str) -> tuple[list[dict], list[str]]:
+        """Each model directory (every file in it, with its SHA-256) and predictions file
+        the steps that ran made, and a warning for each completed step that made none."""
+        outputs, warnings = [], []
+        for step, result in zip(self.steps, self.results):
+            if step.kind == P.TRAIN:
+                model_dir = self._model_dir(step)
+                if model_dir is None:
+                    if result["state"] == P.COMPLETED:
+                        warnings.append(f"sleap-nn finished but no model appeared under {step.ckpt_dir}")
+                    continue
+                files = [{"name": f.name, **dict(zip(("size", "sha256"), P.file_digest(f)))}
+                         for f in sorted(model_dir.iterdir()) if f.is_file()]
+                outputs.append({"kind": "model", "name": step.name, "path": str(model_dir), "files": files})
+            elif step.kind == P.COMMAND:
+                outputs += command_outputs(self.dir)
+            elif step.kind == P.REPLICATE:
+                outputs += optional(P.REPLICATE).replica_outputs(self.dir)
+            elif step.kind != P.TRACK:
+                continue
+            elif step.output is not None and step.output.is_file():
+                size, sha256 = P.file_digest(step.output)
+                outputs.append({"kind": "predictions", "path": str(step.output), "size": size, "sha256": sha256})
+                if result["state"] == P.COMPLETED and predicted_instances(step.output) == 0:
+                    warnings.append(f"sleap-nn predicted no instance on any frame ({step.output})")
+            elif result["state"] == P.COMPLETED:
+                warnings.append(f"sleap-nn finished but wrote no predictions file ({step.output})")
+        package = self.spec.get("_package")
+        if package and not package.get("uploaded"):
+            base = Path(package["path"]).parent
+            for output in outputs:
+                output["relative"] = str(Path(output["path"]).relative_to(base))
+        return outputs, warnings
+
+    def _model_dir(self, step: Step) -> Optional[Path]:
+        """sleap-nn writes to RUN_NAME, or RUN_NAME-1, -2... when that already holds a model."""
+        if step.ckpt_dir is None or not step.ckpt_dir.is_dir():
+            return None
+        candidates = [d for d in step.ckpt_dir.glob(f"{glob.escape(step.run_name)}*")
+                      if (d / "training_config.yaml").exists() and d.stat().st_mtime >= (self.started_at or 0) - 1]
+        return max(candidates, key=lambda d: d.stat().st_mtime) if candidates else None
+
+
+# ---------------------------------------------------------------------------------------
+# Where steps run: children of this worker (or batch jobs on a SLURM cluster, slurm.py)
+# ---------------------------------------------------------------------------------------
+# A Job runs each step through its executor, which gives back a run: its output as chunks
+# of bytes, poll/wait for the exit code, signals, `failure()` when something other than
+# sleap-nn ended it, and `record`, what the ledger keeps of it. A run reports what changes
+# while it runs (a line for the log, columns for the ledger) through Job.run_changed.
+# LocalExecutor starts sleap-nn as a child; slurm.py's SlurmExecutor submits one batch job
+# per step and follows its files. An executor whose runs outlive the worker
+# (`outlives_worker`) has a restarted worker follow them again (`follow_again`, `attach`).
+
+# The defaults of --slurm-poll and --slurm-patience (see slurm.py).
+SLURM_POLL_S = 2.0  # how often one squeue call asks about every job the worker follows
+SLURM_PATIENCE_S = 600.0  # SLURM silent this long about a job: the job fails rather than wait forever
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary name, so that a reader on this or another
+    node (or a restarted worker) sees the old file or the new one, never half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _pipe_chunks(pipe) -> Iterator[bytes]:
+    fd = pipe.fileno()
+    try:
+        while chunk := os.read(fd, 65536):
+            yield chunk
+    finally:
+        pipe.close()
+
+
+class Run(Protocol):
+    """A step running: what a Job reads, waits for and signals (LocalRun, slurm.SlurmRun)."""
+
+    command: list[str]
+    record: dict  # what the ledger keeps of it: what a restarted worker ends or follows again
+
+    def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]: ...  # (stream, label, chunks) of each
+    def poll(self) -> Optional[int]: ...
+    def wait(self, timeout: float) -> Optional[int]: ...
+    def signal(self, sig: int) -> None: ...
+    def failure(self) -> Optional[str]: ...  # why it ended, when sleap-nn did not end it itself
+
+
+class Executor(Protocol):
+    """Where a Job's steps run (LocalExecutor, slurm.SlurmExecutor)."""
+
+    name: str  # registration metadata's "executor"
+    zmq_host: str  # the address sleap-nn's progress reaches the worker at
+    outlives_worker: bool  # its runs go on when the worker stops; a restarted worker follows them
+
+    def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> Run: ...
+    def attach(self, job: "Job", index: int, saved: dict) -> Run: ...  # follow a run again
+    def follow_again(self, record: dict) -> Optional[dict]: ...  # {step, saved, note} of a record's live run
+    def describe(self) -> dict: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class LocalRun:
+    """A step's sleap-nn as a child of this worker, in a process group of its own (as the
+    user `run_as`, uid and gid, when the worker runs as root with --run-as)."""
+
+    def __init__(self, command: list[str], cwd: Path, drop_env: list[str], extra_env: dict,
+                 run_as: Optional[tuple[int, int]] = None):
+        self.command = command
+        env = {**{k: v for k, v in os.environ.items() if k not in drop_env}, **extra_env}
+        identity: dict = {}
+        if run_as is not None:
+            identity = {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+            env["HOME"] = str(cwd)  # caches land in the job's directory, not root's home
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"},
+                                        start_new_session=True, **identity)
+        self.record = {"pid": self.process.pid}  # for the ledger: what a restarted worker must end
+
+    def outputs(self) -> list[tuple[str, str, Iterator[bytes]]]:
+        return [("o", "stdout", _pipe_chunks(self.process.stdout)), ("e", "stderr", _pipe_chunks(self.process.stderr))]
+
+    def poll(self) -> Optional[int]:
+        return self.process.poll()
+
+    def wait(self, timeout: float) -> Optional[int]:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def failure(self) -> Optional[str]:
+        return None
+
+
+class LocalExecutor:
+    """Steps run as children of the worker; a restart of the worker ends them. With
+    `run_as` (uid, gid), they run as that user, who gets the job's directory."""
+
+    name = "local"
+    zmq_host = "127.0.0.1"
+    outlives_worker = False
+
+    def __init__(self, run_as: Optional[tuple[int, int]] = None):
+        self.run_as = run_as
+
+    def launch(self, job: "Job", index: int, step: "Step", ports: Optional[tuple[int, int]]) -> LocalRun:
+        if self.run_as is not None and index == 0:
+            # Once, before the user ran anything here: what lies in the directory now is
+            # the worker's own (no link the user could have planted is followed).
+            for path in [job.dir, *job.dir.rglob("*")]:
+                os.chown(path, *self.run_as, follow_symlinks=False)
+        return LocalRun(step.command(ports), step.cwd, step.drop_env, step.env, self.run_as)
+
+    def attach(self, job: "Job", index: int, saved: dict) -> LocalRun:
+        raise JobSetupError("a step of this worker's own ends with the worker; it cannot be followed again")
+
+    def follow_again(self, record: dict) -> Optional[dict]:
+        return None
+
+    def describe(self) -> dict:
+        return {"executor": self.name}
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# Steps: the sleap-nn command of each, as an argument list
+# ---------------------------------------------------------------------------------------
+
+# Jobs that take no slot: a long training never holds up freeing the disk or copying results.
+UNSLOTTED = (P.PRUNE, P.REPLICATE)
+ZMQ_PUBLISH_PORT = 9001  # sleap-nn publishes progress here; the worker binds a SUB
+ZMQ_CONTROL_PORT = 9000  # the worker binds a PUB here; sleap-nn subscribes for "stop"
+LOG_BATCH_S = 0.05
+LOG_BATCH_BYTES = 32 * 1024
+STDERR_TAIL_LINES = 40
+ZMQ_POLL_MS = 20  # also how late the poller sees sleap-nn exit, which holds the slot until then
+STOP_REPEAT_S = 0.5
+JOB_SUMMARY_FIELDS = ("job_id", "type", "state", "submitter", "submitted_at", "started_at", "finished_at",
+                      "duration_s", "exit_code")
+_HYDRA_ESCAPED_RE = re.compile(r"(\\*)('|\$\{|$)")
+
+
+def hydra_value(text: str) -> str:
+    """A string quoted for a Hydra override so that every character stays literal: '=', ','
+    and spaces, quotes, and '${', which would otherwise be an interpolation. In Hydra's
+    quoted strings a backslash is literal except before a quote, '${' or the end, where
+    backslashes are doubled and the quote or '${' escaped."""
+    def escape(match: re.Match) -> str:
+        backslashes, what = match.groups()
+        return backslashes * 2 + ("\\" + what if what else "")
+
+    return "'" + _HYDRA_ESCAPED_RE.sub(escape, text) + "'"
+
+
+def hydra_paths(value) -> str:
+    """A resolved path, or a list of them, as a literal Hydra override value."""
+    return f"[{','.join(hydra_value(v) for v in value)}]" if isinstance(value, list) else hydra_value(value)
+
+
+def safe_run_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", name)[:100] or "run"
+
+
+@dataclass
+class Step:
+    """One sleap-nn run of a job: the training of one model, or one inference."""
+
+    kind: str  # P.TRAIN, P.TRACK or P.COMMAND
+    name: str  # the model's name, "inference", or the command's name
+    args: list[str]  # the command, less the progress ports a training gets when it starts
+    cwd: Path
+    ckpt_dir: Optional[Path] = None  # training: the model goes to ckpt_dir/run_name (or run_name-1, ...)
+    run_name: str = ""
+    max_epochs: Optional[int] = None  # training: as the config or spec says, for progress
+    output: Optional[Path] = None  # inference: the predictions file
+    drop_env: list[str] = dataclasses.field(default_factory=list)  # variables the run does not get (secret-looking)
+    env: dict = dataclasses.field(default_factory=dict)  # variables it gets besides (a replicate step's credentials)
+
+    def command(self, zmq_ports: Optional[tuple[int, int]]) -> list[str]:
+        return self.args + zmq_overrides(zmq_ports)
+
+
+def zmq_overrides(ports: Optional[tuple[int, int]]) -> list[str]:
+    """The overrides that have a training publish progress to ports[0] and take control
+    from ports[1], both on 127.0.0.1 of the machine it runs on."""
+    if not ports:
+        return []
+    return [f"++trainer_config.zmq.publish_port={ports[0]}", f"++trainer_config.zmq.controller_port={ports[1]}"]
+
+
+class JobSetupError(Exception):
+    """A job cannot run as accepted (its paths changed, its package is missing or bad);
+    the message says why. Nothing was started."""
+
+
+def train_step(executable: str, spec: dict, job_dir: Path, config_file: str = CONFIG_FILE) -> Step:
+    """The sleap-nn training of a structured job.
+
+    It runs the config copy in the job's directory (`config_file`), and every path the
+    config or spec names is passed as the real path resolved at acceptance
+    (`spec["_resolved"]`)."""
+    paths = spec["_resolved"]
+    model = Path(spec["config"]).stem
+    run_name = safe_run_name(spec.get("run_name") or f"{model}-{job_dir.name}")
+    # sleap-nn resolves a relative ckpt_dir against its working directory, the job's.
+    ckpt_dir = Path(paths.get("trainer_config.ckpt_dir") or job_dir / "models")
+    args = [executable, "train", "--config-dir", str(job_dir), "--config-name", Path(config_file).stem]
+    overrides = {"trainer_config.save_ckpt": "true", "trainer_config.ckpt_dir": hydra_value(str(ckpt_dir)),
+                 "trainer_config.run_name": hydra_value(run_name)}
+    for key, value in paths.items():
+        if key != "trainer_config.ckpt_dir":
+            overrides[key] = hydra_paths(value)
+    if spec.get("max_epochs"):
+        overrides["trainer_config.max_epochs"] = str(spec["max_epochs"])
+    if spec.get("batch_size"):
+        overrides["trainer_config.train_data_loader.batch_size"] = str(spec["batch_size"])
+        overrides["trainer_config.val_data_loader.batch_size"] = str(spec["batch_size"])
+    if spec.get("learning_rate"):
+        overrides["trainer_config.optimizer.lr"] = repr(float(spec["learning_rate"]))
+    # "++" sets a key whether or not the YAML has it.
+    args += [f"++{key}={value}" for key, value in overrides.items()]
+    return Step(P.TRAIN, model, args, job_dir, ckpt_dir, run_name, spec.get("max_epochs"))
+
+
+def job_stages(spec: dict) -> list[dict]:
+    """A structured spec as the specs of its models: itself, then one per entry of
+    `_more` (the further models of a sleap-rtc 0.0.7 multi-model train, each with its own
+    config, run name, resolved paths and `_config_file`)."""
+    return [spec, *({**spec, **more} for more in spec.get("_more", []))]
+
+
+def track_step(executable: str, spec: dict, job_dir: Path) -> Step:
+    """The sleap-nn inference of a structured job."""
+    paths = spec["_resolved"]
+    output = Path(paths["output"]) if paths.get("output") else \
+        job_dir / f"{Path(spec['data_path']).name.split('.')[0]}.predictions.slp"
+    args = [executable, "track", "--data_path", paths["data_path"]]
+    for model in paths["model_paths"]:
+        args += ["--model_paths", model]
+    args += ["--output_path", str(output)]
+    if spec.get("batch_size"):
+        args += ["--batch_size", str(spec["batch_size"])]
+    if spec.get("peak_threshold") is not None:
+        args += ["--peak_threshold", str(float(spec["peak_threshold"]))]
+    if spec.get("frames"):
+        args += ["--frames", spec["frames"]]
+    if spec.get("only_suggested_frames"):
+        args.append("--only_suggested_frames")
+    if spec.get("gui", True):
+        args.append("--gui")
+    return Step(P.TRACK, "inference", args, job_dir, output=output)
+
+
+def bind_zmq_pair(context, host: str = "127.0.0.1", prefer: Optional[tuple[int, int]] = None):
+    """A SUB for progress and a PUB for control on `host`: the `prefer`red ports (sleap-nn's
+    defaults unless given) when free, else any free pair, so two workers never collide."""
+    import zmq
+
+    sub, pub = context.socket(zmq.SUB), context.socket(zmq.PUB)
+    sub.setsockopt_string(zmq.SUBSCRIBE, "")
+    for sock in (sub, pub):
+        sock.setsockopt(zmq.LINGER, 0)
+    ports = []
+    for sock, default in zip((sub, pub), prefer or (ZMQ_PUBLISH_PORT, ZMQ_CONTROL_PORT)):
+        try:
+            sock.bind(f"tcp://{host}:{default}")
+            ports.append(default)
+        except zmq.ZMQError:
+            ports.append(sock.bind_to_random_port(f"tcp://{host}"))
+    return sub, pub, (ports[0], ports[1])
+
+
+def predicted_instances(path: Path) -> Optional[int]:
+    """How many predicted instances a predictions file holds (None when it cannot say)."""
+    try:
+        import sleap_io
+
+        labels = sleap_io.load_slp(str(path), open_videos=False)
+        return sum(len(frame.predicted_instances) for frame in labels.labeled_frames)
+    except Exception as exc:  # sleap-io raises many types on a file it cannot read; the count is only a hint
+        log.info("could not count the predictions in %s: %s", path, exc)
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# Command jobs: executables the worker's admin allowed by name, never a shell
+# ---------------------------------------------------------------------------------------
+# A command job runs one allowed executable with the client's arguments, as an argument
+# list, in the job's directory. Every place a path may start inside an argument is
+# checked: the word itself, a --option=VALUE, what follows any '=' or ':', and in an
+# option word every character after the dashes up to its first '/' (getopt takes the
+# value of a short option glued to it: -o/x, -xfVALUE). Each must lie inside the mounts
+# or the job's own directory, where the command may read and write; the word itself (or
+# an option's =VALUE) is passed resolved. A file in the upload store or another job's
+# directory, which no command may write, is read through a copy in the job's directory.
+# Environment variables whose names or values look secret are not passed on.
+
+SECRET_ENV_RE = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|PRIVATE|COOKIE|SESSION", re.IGNORECASE)
+# A value with credentials in it: scheme://user:password@host (a database URL and the like).
+SECRET_VALUE_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")
+# Files of a job's directory that are the worker's own, not a command's output.
+_OWN_FILE_RE = re.compile(r"^(job\.log|spec\.json|steps\.json|config\.yaml|step-\d+\..*|\..*)$")
+COMMAND_INPUTS_DIR = "inputs"  # copies of the uploads and other jobs' files a command reads
+MAX_COMMAND_OUTPUTS = 100
+
+
+def parse_allowed_command(text: str) -> tuple[str, str]:
+    """NAME=EXECUTABLE from --allow-command: the name and the executable's absolute path."""
+    name, sep, executable = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise argparse.ArgumentTypeError(f"want NAME=EXECUTABLE (NAME: letters, digits, '.', '_', '-'), not {text!r}")
+    found = shutil.which(executable)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"{executable!r} is not an executable here (for command {name})")
+    return name, str(Path(found).resolve())
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or "/" in text or text in (".", "..")
+
+
+def _path_starts(word: str) -> list[str]:
+    """Every tail of an argument word where a program may read a path, but the word itself:
+    after a separator (=, :, a list's comma or semicolon, white space), and in an option
+    word anywhere a glued value may start."""
+    starts = {i + 1 for i, c in enumerate(word) if c in "=:,; \t\n"}
+    if word.startswith("-"):
+        dashes = len(word) - len(word.lstrip("-"))
+        last = word.index("/") if "/" in word else len(word) - 1
+        starts |= set(range(dashes, last + 1))
+    return [word[i:] for i in sorted(starts) if 0 < i < len(word)]
+
+
+def validate_command(spec: dict, allowed: dict[str, str], mounts: list[Mount], stores: list[Mount],
+                     job_dir: Path) -> tuple[list[dict], list[str], list[dict]]:
+    """Errors of a command spec on this worker, the argument list it will run, and the
+    files it reads through copies ({source, copy}): those in `stores` (the upload store
+    and the jobs' directories), which are read-only to commands."""
+    errors = P.check_spec(spec)
+    if errors:
+        return errors, [], []
+    name = spec["command"]
+    if name not in allowed:
+        offered = ", ".join(sorted(allowed)) or "none (its admin allows them with --allow-command NAME=EXECUTABLE)"
+        return [P.spec_error("command", f"{name!r} is not a command this worker allows; it allows: {offered}",
+                             "NOT_ALLOWED")], [], []
+    places = mounts + [Mount(job_dir, "job")]
+    command, inputs = [allowed[name]], []
+    for index, arg in enumerate(spec.get("args") or []):
+        where = f"argument {index + 1} ({P.echo(arg)})"
+        option, sep, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        try:
+            if not _looks_like_path(value):
+                command.append(arg)
+            else:
+                try:
+                    resolved = resolve_in_mounts(value, places, job_dir)
+                except PathRefused as refused:
+                    try:
+                        source = resolve_in_mounts(value, stores, job_dir)
+                    except PathRefused:
+                        raise refused from None
+                    if not source.is_file():
+                        raise PathRefused(f"{source} is in the upload store or another job's directory, which "
+                                          "commands only read, through a copy of a file (not of a directory)",
+                                          "ACCESS_DENIED") from None
+                    resolved = job_dir / COMMAND_INPUTS_DIR / f"{index + 1}-{source.name}"
+                    inputs.append({"source": str(source), "copy": str(resolved)})
+                command.append(f"{option}{sep}{resolved}")
+            for tail in _path_starts(arg):
+                if tail != value and _looks_like_path(tail):
+                    try:
+                        resolve_in_mounts(tail, places, job_dir)
+                    except PathRefused as exc:
+                        raise PathRefused(f"the program may read {P.echo(tail)} in it as a path, and {exc}; give "
+                                          "a path as an argument of its own (or --option=PATH)", exc.code) from None
+        except PathRefused as exc:
+            errors.append({**P.spec_error("args", f"{where}: {exc}", exc.code), "path": value[:MAX_PATH_CHARS]})
+    return errors, command, inputs
+
+
+def hidden_env(allowed_env: set[str]) -> list[str]:
+    """The variables of the worker's environment a member's job does not get: those whose
+    names or values look secret, unless the admin named them (--allow-env)."""
+    return sorted(k for k, v in os.environ.items()
+                  if (SECRET_ENV_RE.search(k) or SECRET_VALUE_RE.search(v)) and k not in allowed_env)
+
+
+def command_step(spec: dict, job_dir: Path) -> Step:
+    """The one step of an accepted command job; its input copies are made here."""
+    for entry in spec.get("_inputs", []):
+        Path(entry["copy"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(entry["source"], entry["copy"])
+    return Step(P.COMMAND, spec["command"], list(spec["_command"]), job_dir)
+
+
+def command_outputs(job_dir: Path) -> list[dict]:
+    """The files a command left in its job's directory, with size and SHA-256."""
+    outputs = []
+    for path in sorted(job_dir.rglob("*")):
+        if len(outputs) >= MAX_COMMAND_OUTPUTS:
+            break
+        if path.is_relative_to(job_dir / COMMAND_INPUTS_DIR):
+            continue
+        if path.is_file() and not path.is_symlink() and not (path.parent == job_dir and _OWN_FILE_RE.match(path.name)):
+            size, sha256 = P.file_digest(path)
+            outputs.append({"kind": "file", "path": str(path), "size": size, "sha256": sha256})
+    return outputs
+
+
+# ---------------------------------------------------------------------------------------
+# Validating a job: every path and the config, once, at acceptance
+# ---------------------------------------------------------------------------------------
+
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_NODES = 100_000  # values in a config once YAML aliases are expanded
+# Keys of a sleap-nn config that name what a run reads, and where it writes.
+CONFIG_READS = ("data_config.train_labels_path", "data_config.val_labels_path", "data_config.test_file_path",
+                "trainer_config.resume_ckpt_path", "model_config.pretrained_backbone_weights",
+                "model_config.pretrained_head_weights")
+CONFIG_WRITES = ("trainer_config.ckpt_dir", "data_config.cache_img_path")
+# Spec fields that replace a config key, and whether sleap-nn wants a list there.
+SPEC_CONFIG_KEYS = {"labels": ("data_config.train_labels_path", True),
+                    "val_labels": ("data_config.val_labels_path", True),
+                    "resume": ("trainer_config.resume_ckpt_path", False)}
+WRITES = set(CONFIG_WRITES) | {"output"}
+# ${name:...} is an OmegaConf resolver (oc.env reads the worker's environment); ${a.b} is not.
+RESOLVER_RE = re.compile(r"\$\{\s*[A-Za-z_][\w.-]*\s*:")
+
+
+def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path,
+                 store_dir: Optional[Path] = None,
+                 trusted: Callable[[], set[str]] = set) -> tuple[list[dict], dict]:
+    """All problems of a spec on this worker, one per field, and what the run will use.
+
+    A package job is checked by `validate_package` (`store_dir` holds uploads).
+    Every checkpoint it names must be data (see check_checkpoint; `trusted` gives the
+    SHA-256 of the models this worker trained itself); plan["checkpoints"] keeps the
+    identity of each, to recheck when the job starts.
+
+    Every path, from the spec or inside the config, is resolved once, here: reads must
+    exist inside `mounts`, writes must fall inside `write_mounts` or the job's directory.
+    The plan holds the resolved real paths (`paths`, by spec field or config key) and for
+    training the config's text (`config_text`: parsed once; resolvers, Hydra settings,
+    aliases that expand too far and files over MAX_CONFIG_BYTES are refused).
+    """
+    errors = P.check_spec(spec)
+    if errors and errors[0]["field"] == "type":
+        return errors, {}
+    if "package" in spec:
+        if errors:
+            return errors, {}
+        try:
+            packages = optional(P.PACKAGE)
+        except CapabilityMissing as exc:
+            return [P.spec_error("package", str(exc), "UNSUPPORTED")], {}
+        return packages.validate_package(spec, mounts, write_mounts, job_dir, store_dir, trusted)
+    bad = {e["field"] for e in errors}
+    writable = write_mounts + [Mount(job_dir, "job")]
+    plan: dict = {"paths": {}}
+    fields: dict[str, str] = {}  # plan key -> the spec field it came from
+
+    def take(field: str, key: str, value, writes: bool = False, in_config: bool = False) -> None:
+        """Resolve `value` (a path or a list of them) into plan["paths"][key], or add an
+        error for `field` that names the path and key, for the client to offer fixes."""
+        resolved = []
+        for text in value if isinstance(value, list) else [value]:
+            try:
+                resolved.append(resolve_path(text, writable if writes else mounts, job_dir if in_config else None,
+                                              must_exist=not writes, in_config=in_config))
+            except PathRefused as exc:
+                errors.append({**P.spec_error(field, f"{key}: {exc}" if in_config else str(exc), exc.code),
+                               "path": str(text)[:MAX_PATH_CHARS], "key": key})
+                return
+        plan["paths"][key] = resolved if isinstance(value, list) else resolved[0]
+        fields[key] = field
+
+    if spec["type"] == P.TRACK:
+        for field in ("data_path", "model_paths"):
+            if field not in bad:
+                take(field, field, spec[field])
+        if spec.get("output"):
+            take("output", "output", spec["output"], writes=True)
+            if "output" in plan["paths"] and not Path(plan["paths"]["output"]).parent.is_dir():
+                errors.append(P.spec_error("output", f"directory {Path(plan['paths']['output']).parent} does not "
+                                           "exist on the worker", "NOT_FOUND"))
+        _check_labels(spec, plan, fields, errors, mounts, write_mounts, job_dir)
+        _check_checkpoints(plan, fields, errors, trusted)
+        return errors, plan
+    for field, (key, as_list) in SPEC_CONFIG_KEYS.items():
+        if spec.get(field) and field not in bad:
+            take(field, key, [spec[field]] if as_list else spec[field])
+    if "config" in bad:
+        return errors, plan
+    try:
+        config_path = Path(resolve_path(spec["config"], mounts))
+    except PathRefused as exc:
+        errors.append({**P.spec_error("config", str(exc), exc.code), "path": spec["config"], "key": "config"})
+        return errors, plan
+    config, text, problem = _read_config(config_path)
+    if problem:
+        errors.append(P.spec_error("config", problem, "BAD_CONFIG"))
+        return errors, plan
+    plan["config_text"] = text
+    for key in CONFIG_READS + CONFIG_WRITES:
+        value = config_value(config, key)
+        if key not in plan["paths"] and value not in (None, "", [], "."):  # "." is ckpt_dir's default: the job's
+            take("config", key, value, writes=key in CONFIG_WRITES, in_config=True)
+    _check_labels(spec, plan, fields, errors, mounts, write_mounts, job_dir)
+    _check_checkpoints(plan, fields, errors, trusted)
+    return errors, plan
+
+
+def _check_labels(spec: dict, plan: dict, fields: dict, errors: list, mounts: list[Mount],
+                  write_mounts: list[Mount], job_dir: Path) -> None:
+    """Check the videos of every labels file the job reads (see check_videos), after the
+    spec's path_map. A labels file whose videos the map moved is run as a copy, written
+    when the job starts: next to the original when that directory is writable, else in
+    the job's directory (plan["relabel"])."""
+    path_map = spec.get("path_map") or []
+    for old, new in path_map:
+        try:
+            resolve_in_mounts(new, mounts)
+        except PathRefused as exc:
+            errors.append(P.spec_error("path_map", f"{old}={new}: {exc}", exc.code))
+    if any(e["field"] == "path_map" for e in errors):
+        return
+    for key in LABELS_KEYS:
+        value = plan["paths"].get(key)
+        if value is None or (key == "data_path" and not str(value).endswith(".slp")):
+            continue
+        used = []
+        for path in value if isinstance(value, list) else [value]:
+            problems, rewrite = check_videos(path, mounts, path_map, write_mounts)
+            for problem in problems:
+                message, code = problem.pop("message"), problem.pop("code")
+                errors.append({**P.spec_error(fields[key], message, code), **problem, "key": key})
+            if rewrite:
+                source = Path(path)
+                try:
+                    resolve_in_mounts(str(source.parent), write_mounts)
+                    copy = source.with_name(f"{source.stem}.resolved-{job_dir.name}.slp")
+                except PathRefused:
+                    copy = job_dir / f"{source.stem}.resolved.slp"
+                plan.setdefault("relabel", []).append({"key": key, "source": path, "copy": str(copy), "map": path_map,
+                                                       "videos": {str(i): n for i, n in rewrite.items()}})
+                path = str(copy)
+            used.append(path)
+        plan["paths"][key] = used if isinstance(value, list) else used[0]
+
+
+def resolve_path(text, mounts: list[Mount], base: Optional[Path] = None, must_exist: bool = True,
+                  in_config: bool = False) -> str:
+    """A path from a peer, resolved inside `mounts` (a relative one against `base`);
+    PathRefused says why not. A config's own value may not interpolate: OmegaConf would
+    read it differently from the worker."""
+    if not isinstance(text, str) or not text:
+        raise PathRefused(f"expected a path, not {P.echo(text)}")
+    if in_config and "${" in text:
+        raise PathRefused(f"{text[:80]} uses an interpolation; write the path out")
+    path = resolve_in_mounts(text, mounts, base)
+    if must_exist and not path.exists():
+        raise PathRefused(f"{path} does not exist on the worker", "NOT_FOUND")
+    return str(path)
+
+
+def _read_config(path: Path) -> tuple[dict, str, Optional[str]]:
+    """(config, its text, None), or (_, _, what is wrong with it)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        return {}, "", f"{path} is not readable: {exc}"
+    return parse_config(data, str(path))
+
+
+def parse_config(data: bytes, path: str) -> tuple[dict, str, Optional[str]]:
+    """The config in `data` (read from `path`), as `_read_config` answers."""
+    import yaml
+
+    if len(data) > MAX_CONFIG_BYTES:
+        return {}, "", f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; a sleap-nn config is a few KiB"
+    try:
+        text = data.decode("utf-8")
+        config = yaml.safe_load(text)
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        return {}, "", f"{path} is not readable YAML: {str(exc)[:300]}"
+    if not isinstance(config, dict):
+        return {}, "", f"{path} is not a YAML mapping of sleap-nn settings"
+    problem = _config_problem(config)
+    return config, text, (f"{path}: {problem}" if problem else None)
+
+
+def _config_problem(config: dict) -> Optional[str]:
+    """What in a parsed config the worker refuses to hand to sleap-nn, or None."""
+    for key in ("defaults", "hydra"):
+        if key in config:
+            return f"the top-level key '{key}' changes how Hydra runs; it is the worker's to set"
+    nodes, stack = 0, [config]
+    while stack:
+        node = stack.pop()
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            return (f"expands to more than {MAX_CONFIG_NODES} values (YAML aliases repeated inside each other?); "
+                    "a sleap-nn config has a few hundred")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str) and RESOLVER_RE.search(node):
+            return (f"{node[:80]!r} calls an OmegaConf resolver; resolvers (oc.env and the like) can read the "
+                    "worker's environment and are refused. Plain ${a.b} references are fine")
+    return internet_problem(config)
+
+
+def internet_problem(settings: dict) -> Optional[str]:
+    """What in sleap-nn settings (a config, or a package's overrides as {dotted key:
+    value}) would have the job reach the internet, or None: no job does on a member's
+    say-so. Weights & Biases uploads the run; an ImageNet-pretrained ConvNeXt or Swin
+    backbone downloads its weights from torchvision; an external HuggingFace backbone
+    downloads model, weights and possibly code."""
+    def value(key: str):
+        return settings[key] if key in settings else config_value(settings, key)
+
+    if value("trainer_config.use_wandb") not in (None, False, "false", "False", 0):
+        return ("trainer_config.use_wandb: true would upload the run to Weights & Biases; this worker runs no job "
+                "that reaches the internet (set it to false; the worker streams loss and logs to you)")
+    backbones = value("model_config.backbone_config")
+    for name, backbone in (backbones.items() if isinstance(backbones, dict) else []):
+        key = f"model_config.backbone_config.{name}"
+        if name == "pretrained" and backbone is not None:
+            return (f"{key}: an external HuggingFace backbone is downloaded from the internet, which no job on this "
+                    "worker does (use a unet, convnext or swint backbone)")
+        if isinstance(backbone, dict) and backbone.get("pre_trained_weights") not in (None, "", "null"):
+            return (f"{key}.pre_trained_weights: {P.echo(backbone['pre_trained_weights'])} is downloaded from the "
+                    "internet, which no job on this worker does (set it to null, or start from a checkpoint with "
+                    "model_config.pretrained_backbone_weights)")
+    for key, setting in settings.items():  # a package's overrides
+        if key.startswith("model_config.backbone_config.") and (
+                (key.endswith(".pre_trained_weights") and setting not in (None, "", "null"))
+                or key.split(".")[2] == "pretrained"):
+            return f"{key}: downloads from the internet, which no job on this worker does"
+    return None
+
+
+def config_value(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def recheck_paths(paths: dict, mounts: list[Mount], write_mounts: list[Mount], job_dir: Path) -> Optional[str]:
+    """Resolve a job's paths again when it starts: None when each still resolves to itself
+    inside the mounts (and each read still exists), else why the job must not run."""
+    writable = write_mounts + [Mount(job_dir, "job")]
+    for key, value in paths.items():
+        for text in value if isinstance(value, list) else [value]:
+            try:
+                now = resolve_path(text, writable if key in WRITES else mounts, must_exist=key not in WRITES)
+            except PathRefused as exc:
+                return f"{key}: {exc} (it changed after the job was accepted)"
+            if now != text:
+                return f"{key}: {text} now leads to {now} (a link changed after the job was accepted)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: data, never code
+# ---------------------------------------------------------------------------------------
+# sleap-nn loads checkpoints with torch.load(weights_only=False): it unpickles them, so a
+# file a member names as one (resume, pretrained weights, a track job's model) could run
+# code as the worker. One is accepted only if it is a model this worker trained itself
+# (its SHA-256 is in the ledger), or if torch loads it with weights_only=True in a child
+# process bounded in time and memory (`worker.py probe-checkpoint`); sleap-nn's own
+# checkpoints need no extra allowed globals. And every sleap-nn step runs with
+# TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 besides (SLEAP_NN_ENV), under which sleap-nn 0.3.5
+# trains, resumes, starts from pretrained weights and tracks.
+
+# Config keys whose file sleap-nn unpickles; with a track job's model_paths.
+CHECKPOINT_KEYS = ("trainer_config.resume_ckpt_path", "model_config.pretrained_backbone_weights",
+                   "model_config.pretrained_head_weights")
+MAX_MODEL_CHECKPOINTS = 16  # *.ckpt files looked at in one model directory
+CHECKPOINT_PROBE_S = 120.0
+CHECKPOINT_PROBE_MEMORY = 6 * 2**30  # address space for torch itself; plus three times the file's size
+# What every sleap-nn step runs with: torch refuses to unpickle anything but weights, and
+# nothing in sleap-nn reaches the internet.
+SLEAP_NN_ENV = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1"}
+
+
+def checkpoint_files(path: str) -> list[Path]:
+    """The files sleap-nn may unpickle for a path: itself, or the checkpoints of a model
+    directory (a track job's model_paths)."""
+    if not Path(path).is_dir():
+        return [Path(path)]
+    found = sorted(Path(path).glob("*.ckpt"))
+    if len(found) > MAX_MODEL_CHECKPOINTS:
+        raise PathRefused(f"{path} holds {len(found)} checkpoints; a model directory has one or two", "BAD_MODEL")
+    return found
+
+
+def file_identity(path: Path) -> list[int]:
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
+def check_checkpoint(path: Path, trusted: set[str]) -> tuple[Optional[dict], Optional[str]]:
+    """({identity, sha256} of a checkpoint that is data, None), or (None, why it is refused)."""
+    identity = file_identity(path)
+    _, sha256 = P.file_digest(path)
+    if sha256 in trusted:
+        return {"identity": identity, "sha256": sha256}, None
+    why = probe_checkpoint(path)
+    if why:
+        return None, (f"{path} is refused: checkpoints are unpickled, so this worker takes only models it trained "
+                      f"itself and files torch loads as plain weights, and torch refuses this one ({why})")
+    return {"identity": identity, "sha256": sha256}, None
+
+
+def probe_checkpoint(path: Path) -> Optional[str]:
+    """Why torch will not load `path` as weights only (None when it does), asked of a
+    child with CHECKPOINT_PROBE_S and an address-space limit, without the worker's secrets."""
+    limit = CHECKPOINT_PROBE_MEMORY + 3 * path.stat().st_size
+    hidden = set(hidden_env(set()))
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", **SLEAP_NN_ENV)
+    try:
+        probe = subprocess.run([sys.executable, str(Path(__file__).resolve()), "probe-checkpoint", str(limit),
+                                str(path)], capture_output=True, text=True, timeout=CHECKPOINT_PROBE_S, env=env,
+                               stdin=subprocess.DEVNULL, cwd=path.parent)
+    except subprocess.TimeoutExpired:
+        return f"loading it took longer than {CHECKPOINT_PROBE_S:.0f} s"
+    except OSError as exc:
+        return f"the worker could not start its checker: {exc}"
+    if probe.returncode == 0:
+        return None
+    lines = [line for line in probe.stderr.splitlines() if line.strip()]
+    return (lines[-1] if lines else f"the checker exited with {probe.returncode}")[:300]
+
+
+def probe_checkpoint_step(argv: list[str]) -> int:
+    """`worker.py probe-checkpoint LIMIT PATH`: exit 0 when torch loads PATH with
+    weights_only=True within LIMIT bytes of address space, else say why on stderr."""
+    import resource
+
+    limit, path = int(argv[0]), argv[1]
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        import torch
+
+        torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        print(f"it needs more than {limit // 2**20} MB to load", file=sys.stderr)
+        return 1
+    except Exception as exc:  # torch raises many types on a file it will not load; each means no
+        print(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_checkpoints(plan: dict, fields: dict, errors: list, trusted: Callable[[], set[str]]) -> None:
+    """A field error for each checkpoint in plan["paths"] that is not data; the identity
+    of each that is, in plan["checkpoints"]."""
+    known: Optional[set[str]] = None
+    for key in (*CHECKPOINT_KEYS, "model_paths"):
+        values = plan["paths"].get(key)
+        for path in values if isinstance(values, list) else [values] if values else []:
+            try:
+                files = checkpoint_files(path)
+            except PathRefused as exc:
+                errors.append({**P.spec_error(fields[key], f"{key}: {exc}", exc.code), "key": key})
+                continue
+            for file in files:
+                known = trusted() if known is None else known
+                checked, why = check_checkpoint(file, known)
+                if why:
+                    message = f"{key}: {why}" if fields[key] == "config" else why
+                    errors.append({**P.spec_error(fields[key], message, "UNSAFE_CHECKPOINT"), "key": key})
+                else:
+                    plan.setdefault("checkpoints", {})[str(file)] = checked
+
+
+def recheck_checkpoints(checkpoints: dict, models: list[str], trusted: Callable[[], set[str]]) -> Optional[str]:
+    """When a job starts: why one of its checkpoints must not be used (changed since it
+    was accepted, or new in one of its `models` directories, and not data), or None."""
+    try:
+        found = [str(f) for model in models for f in checkpoint_files(model)]
+    except PathRefused as exc:
+        return str(exc)
+    for path in dict.fromkeys([*checkpoints, *found]):
+        try:
+            if path in checkpoints and file_identity(Path(path)) == checkpoints[path]["identity"]:
+                continue
+            _, why = check_checkpoint(Path(path), trusted())
+        except OSError as exc:
+            return f"{path}: {exc.strerror} (it changed after the job was accepted)"
+        if why:
+            return f"{why} (it changed after the job was accepted)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Videos a labels file points at: checked at acceptance, mapped to this worker's paths
+# ---------------------------------------------------------------------------------------
+
+# The labels files of a job, by plan key.
+LABELS_KEYS = ("data_config.train_labels_path", "data_config.val_labels_path", "data_config.test_file_path",
+               "data_path")
+PROPOSED_CANDIDATES = 5
+
+
+def path_parts(path: str) -> list[str]:
+    """A path from any machine as its parts (backslashes and drive letters too)."""
+    return [part for part in re.split(r"[\\/]+", path) if part]
+
+
+def map_path(path: str, path_map: list) -> Optional[str]:
+    """`path` with the first matching [old prefix, new prefix] of `path_map` applied, or None."""
+    parts = path_parts(path)
+    for old, new in path_map:
+        prefix = path_parts(old)
+        if prefix and parts[:len(prefix)] == prefix:
+            return str(Path(new, *parts[len(prefix):]))
+    return None
+
+
+def _prefix_maps(old: str, new: str) -> list[tuple[str, str]]:
+    """Every pair of prefixes that turns `old` into `new`, keeping at least the file name:
+    /a/b/x.mp4 and /c/b/x.mp4 give (/a/b, /c/b) and (/a, /c)."""
+    a, b = path_parts(old), path_parts(new)
+    maps = []
+    for same in range(1, min(len(a), len(b))):
+        if a[-same] != b[-same]:
+            break
+        prefix = a[:len(a) - same]
+        text = "\\".join(prefix) if "\\" in old and "/" not in old else "/".join(prefix)
+        maps.append(("/" + text if old.startswith("/") else text, str(Path("/", *b[:len(b) - same]))))
+    return maps
+
+
+def check_videos(labels_path: str, mounts: list[Mount], path_map: list,
+                 search_mounts: Optional[list[Mount]] = None) -> tuple[list[dict], Optional[dict]]:
+    """Every video a labels file names must exist inside the mounts, after `path_map`.
+
+    Returns (problems, rewrite): a problem per missing video, with candidates found by
+    its file name in `search_mounts` (default: the mounts) and a proposed prefix
+    mapping; rewrite, when the mapping changed a
+    video, is {index: new file name(s)} for a copy of the labels. Embedded frames need
+    no video. Without sleap-io (a worker that cannot read labels) nothing is checked."""
+    try:
+        import sleap_io
+    except ImportError:
+        return [], None
+    try:
+        labels = sleap_io.load_slp(labels_path, open_videos=False)
+    except Exception as exc:  # sleap-io raises many types on a file it cannot read
+        return [{"message": f"{labels_path} is not a readable SLEAP labels file: {str(exc)[:200]}",
+                 "code": "BAD_LABELS"}], None
+    problems, rewrite = [], {}
+    for index, video in enumerate(labels.videos):
+        if (getattr(video, "backend_metadata", None) or {}).get("has_embedded_images"):
+            continue
+        names = video.filename if isinstance(video.filename, list) else [video.filename]
+        mapped = [map_path(str(n), path_map) for n in names]
+        missing = []
+        for original, new in zip(names, mapped):
+            try:
+                if not resolve_in_mounts(new or str(original), mounts).exists():
+                    missing.append(str(original))
+            except PathRefused as exc:
+                if new is not None:
+                    problems.append({"message": f"{labels_path}: video {index} maps to {new}, which is outside the "
+                                     f"worker's mounts ({exc})", "code": "ACCESS_DENIED", "path": str(original)})
+                    break
+                missing.append(str(original))
+        else:
+            if missing:
+                shown = missing[0] if len(names) == 1 else f"{len(missing)} of the {len(names)} images of {names[0]}"
+                problems.append({"message": f"{labels_path}: video {index} {shown} does not exist on the worker",
+                                 "code": "VIDEO_NOT_FOUND", "path": missing[0], "video": True})
+            elif any(mapped):
+                new_names = [m or str(n) for m, n in zip(mapped, names)]
+                rewrite[index] = new_names if isinstance(video.filename, list) else new_names[0]
+    missing_videos = [p for p in problems if p.get("video")]
+    if missing_videos:
+        _propose(missing_videos, mounts, search_mounts or mounts)
+    return problems, rewrite or None
+
+
+def _propose(problems: list[dict], mounts: list[Mount], search_mounts: list[Mount]) -> None:
+    """Candidates by file name for each missing video (one walk of `search_mounts`), and
+    the prefix mapping that resolves the most of them inside `mounts`."""
+    wanted = {path_parts(p["path"])[-1]: p for p in problems}
+    found: dict[str, list[str]] = {name: [] for name in wanted}
+    for entry in _walk_files(search_mounts, time.monotonic() + SEARCH_SECONDS):
+        if entry.name in found and len(found[entry.name]) < PROPOSED_CANDIDATES:
+            found[entry.name].append(entry.path)
+    mappings = {m for name, p in wanted.items() for c in found[name] for m in _prefix_maps(p["path"], c)}
+    best, resolved = None, 0
+    for old, new in sorted(mappings, key=lambda m: -len(path_parts(m[0]))):  # the most specific wins a tie
+        count = 0
+        for problem in problems:
+            target = map_path(problem["path"], [[old, new]])
+            try:
+                count += bool(target) and resolve_in_mounts(target, mounts).exists()
+            except PathRefused:
+                pass
+        if count > resolved:
+            best, resolved = (old, new), count
+    for name, problem in wanted.items():
+        problem["candidates"] = found[name]
+    for problem in problems:
+        problem.setdefault("candidates", [])
+        if best:
+            problem["proposal"] = {"old": best[0], "new": best[1], "resolves": resolved, "of": len(problems)}
+
+
+def write_labels_copy(source: str, copy: str, rewrite: dict) -> None:
+    """A copy of a labels file whose videos are renamed by `rewrite` (index: new name);
+    the original is only read. Written beside its final name, then renamed."""
+    import sleap_io
+
+    labels = sleap_io.load_slp(source, open_videos=False)
+    names = [rewrite.get(str(i), rewrite.get(i, video.filename)) for i, video in enumerate(labels.videos)]
+    labels.replace_filenames(new_filenames=names, open_videos=False)
+    partial = Path(copy).with_name(f".part-{Path(copy).name}")  # sleap-io picks the format by the .slp ending
+    labels.save(str(partial), embed=False)
+    os.replace(partial, copy)
+
+
+# ---------------------------------------------------------------------------------------
+# Looking at the worker's files: listings and a bounded search, inside the mounts only
+# ---------------------------------------------------------------------------------------
+
+LIST_PAGE = 500  # entries in one FS_LISTING
+SEARCH_DEPTH = 5  # directories below a mount that a search descends
+SEARCH_SECONDS = 10.0
+SEARCH_RESULTS = 20
+SEARCH_MIN_CHARS = 3  # of a search pattern that are not wildcards
+SEARCH_MIN_SCORE = 0.75  # name similarity (0-1) below which a file is no candidate
+_GLOB_CHARS = re.compile(r"[*?\[\]]")
+
+
+def _inside(path: Path, mounts: list[Mount]) -> bool:
+    return any(m.contains(path) for m in mounts)
+
+
+def list_directory(path: Optional[str], mounts: list[Mount], offset: int = 0, nearest: bool = False) -> dict:
+    """One page of a directory inside the mounts (directories first, then files, by name),
+    or the mounts when no path is given. With `nearest`, the deepest existing directory
+    on the way to `path`. Entries that are links leading out of the mounts are left out."""
+    if not path:
+        return {"mounts": [m.public() for m in mounts], "entries": [], "total": 0, "offset": 0}
+    directory = _nearest_directory(path, mounts) if nearest else resolve_in_mounts(path, mounts)
+    if not directory.is_dir():
+        raise PathRefused(f"{directory} is not a directory on the worker", "NOT_FOUND")
+    entries = []
+    try:
+        with os.scandir(directory) as scan:
+            for entry in scan:
+                try:
+                    if not _inside(Path(entry.path).resolve() if entry.is_symlink() else Path(entry.path), mounts):
+                        continue  # a link leading out, or the worker's own files
+                    info = entry.stat()
+                    kind = "dir" if entry.is_dir() else "file"
+                except OSError:  # vanished, or a dangling link
+                    continue
+                entries.append({"name": entry.name, "kind": kind, "size": info.st_size if kind == "file" else None,
+                                "mtime": info.st_mtime})
+    except OSError as exc:
+        raise PathRefused(f"{directory} cannot be read: {exc.strerror}", "NOT_FOUND") from None
+    entries.sort(key=lambda e: (e["kind"] != "dir", e["name"].lower()))
+    offset = max(0, offset)
+    return {"path": str(directory), "entries": entries[offset:offset + LIST_PAGE], "total": len(entries),
+            "offset": offset}
+
+
+def _nearest_directory(path: str, mounts: list[Mount]) -> Path:
+    """The deepest existing directory inside a mount on the way to `path` (the first mount
+    when none is)."""
+    candidate = Path(path)
+    for folder in [candidate, *candidate.parents]:
+        try:
+            resolved = resolve_in_mounts(str(folder), mounts)
+        except PathRefused:
+            continue
+        if resolved.is_dir():
+            return resolved
+    return mounts[0].path
+
+
+def _walk_files(mounts: list[Mount], deadline: float, depth: int = SEARCH_DEPTH):
+    """(DirEntry, its path) of every file inside the mounts, breadth first, never through
+    a link, down to `depth`; stops at `deadline` (time.monotonic)."""
+    seen: set[Path] = set()
+    pending = collections.deque((m.path, 0) for m in mounts)
+    while pending and time.monotonic() < deadline:
+        directory, level = pending.popleft()
+        if directory in seen:
+            continue
+        seen.add(directory)
+        try:
+            with os.scandir(directory) as scan:
+                entries = list(scan)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink() or not _inside(Path(entry.path), mounts):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if level < depth:
+                    pending.append((Path(entry.path), level + 1))
+            elif entry.is_file(follow_symlinks=False):
+                yield entry
+
+
+def search_files(pattern: str, mounts: list[Mount], size: Optional[int] = None,
+                 seconds: float = SEARCH_SECONDS, limit: int = SEARCH_RESULTS) -> dict:
+    """Files inside the mounts whose name is like `pattern` (a file name, or a glob):
+    ranked by name similarity, the same size (when given) and recency; bounded in depth,
+    time and results. Raises PathRefused for a pattern too broad to mean anything."""
+    import difflib
+    import fnmatch
+
+    name = re.split(r"[\\/]", str(pattern))[-1].lower()
+    if len(_GLOB_CHARS.sub("", name.rsplit(".", 1)[0] if "." in name else name)) < SEARCH_MIN_CHARS:
+        raise PathRefused(f"{str(pattern)[:80]!r} is too broad to search for; give at least {SEARCH_MIN_CHARS} "
+                          "characters of the file name before its extension", "TOO_BROAD")
+    globbed = bool(_GLOB_CHARS.search(name))
+    started = time.monotonic()
+    deadline = started + seconds
+    matcher = difflib.SequenceMatcher(b=name, autojunk=False)
+    found, scanned = [], 0
+    for entry in _walk_files(mounts, deadline):
+        scanned += 1
+        lowered = entry.name.lower()
+        if globbed:
+            score = 1.0 if fnmatch.fnmatchcase(lowered, name) else 0.0
+        else:
+            matcher.set_seq1(lowered)
+            # real_quick_ratio and quick_ratio are cheap upper bounds of ratio: most names stop there.
+            score = 1.0 if lowered == name else matcher.ratio() if (
+                matcher.real_quick_ratio() >= SEARCH_MIN_SCORE and matcher.quick_ratio() >= SEARCH_MIN_SCORE) else 0
+        if score < SEARCH_MIN_SCORE:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        found.append({"path": entry.path, "size": info.st_size, "mtime": info.st_mtime, "score": round(score, 3)})
+    complete = time.monotonic() < deadline
+    newest = max((f["mtime"] for f in found), default=0)
+    for candidate in found:  # the same size is strong evidence; recency breaks near ties
+        rank = candidate["score"] + (0.5 if size is not None and candidate["size"] == size else 0)
+        candidate["rank"] = rank - min(0.1, (newest - candidate["mtime"]) / 86400 / 365)
+    found.sort(key=lambda c: -c.pop("rank"))
+    return {"candidates": found[:limit], "complete": complete, "scanned": scanned,
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+# ---------------------------------------------------------------------------------------
 # The upload store: what clients sent, by content
 # ---------------------------------------------------------------------------------------
 
@@ -2882,984 +3878,6 @@ def prune_step_of(job: "Job", plan: dict, roots: list[Path]) -> Step:
     for root in roots:
         args += ["--root", str(root)]
     return Step(P.PRUNE, "prune", args, job.dir)
-
-
-# ---------------------------------------------------------------------------------------
-# Sessions: one per client link
-# ---------------------------------------------------------------------------------------
-
-# A follower with more than this much of one job's output waiting for its link is detached
-# from that job (the job, its log and other followers are untouched).
-FOLLOWER_BACKLOG_BYTES = 8 * 1024 * 1024
-# Waiting JOB_LOG batches of one job merge into messages of up to this size.
-COALESCE_BYTES = 192 * 1024
-SESSION_JOIN_S = P.CLOSE_ACK_TIMEOUT_S + 5
-
-
-class Outbox:
-    """Everything one session sends, in order, for its writer thread to take.
-
-    Producers (the session's reader thread, job threads) never block: `put` appends
-    under the lock and returns. Items are messages (name, payload) or actions, callables
-    that the writer runs with the link (file transfers, log replays). While a job is held
-    (`hold`), its items wait aside, so that JOB_ACCEPTED or a replay can go first. Waiting
-    JOB_LOG batches of one job merge; once more than FOLLOWER_BACKLOG_BYTES of one job
-    wait, that job's items are dropped for a single JOB_DETACHED, and `put` refuses the
-    job from then on.
-    """
-
-    def __init__(self, backlog_limit: int = FOLLOWER_BACKLOG_BYTES):
-        self.backlog_limit = backlog_limit
-        # Guards every field below; notified when an item arrives or the box closes.
-        self._cond = threading.Condition()
-        self._items: collections.deque = collections.deque()  # [job_id | None, item, size]
-        self._held: dict[str, list] = {}
-        self._backlog: dict[str, int] = {}  # job id -> bytes of its items waiting
-        self._dropped: set[str] = set()
-        self._closed = False
-
-    def put(self, item, job_id: Optional[str] = None, size: int = 0) -> bool:
-        """Queue a message (name, payload) or an action; False once the box is closed or
-        has dropped this job."""
-        with self._cond:
-            if self._closed or job_id in self._dropped:
-                return False
-            if job_id is not None:
-                self._backlog[job_id] = self._backlog.get(job_id, 0) + size
-                if self._backlog[job_id] > self.backlog_limit:
-                    self._drop(job_id)
-                    return False
-            entry = [job_id, item, size]
-            target = self._held.get(job_id) if job_id is not None else None
-            if target is None:
-                target = self._items
-            if not (target and self._merged(target[-1], entry)):
-                target.append(entry)
-            self._cond.notify()
-            return True
-
-    @staticmethod
-    def _merged(last: list, entry: list) -> bool:
-        """Fold a JOB_LOG batch into the one waiting before it when both are the same job's."""
-        if last[0] != entry[0] or not (isinstance(last[1], tuple) and isinstance(entry[1], tuple)):
-            return False
-        (name, old), (new_name, new) = last[1], entry[1]
-        if name != P.JOB_LOG or new_name != P.JOB_LOG or last[2] + entry[2] > COALESCE_BYTES:
-            return False
-        last[1] = (P.JOB_LOG, {**old, "lines": old["lines"] + new["lines"],
-                               "progress": new["progress"] if new["progress"] is not None else old["progress"]})
-        last[2] += entry[2]
-        return True
-
-    def _drop(self, job_id: str) -> None:  # the caller holds _cond
-        behind = self._backlog.pop(job_id, 0)
-        self._dropped.add(job_id)
-        self._items = collections.deque(e for e in self._items if e[0] != job_id)
-        self._held.pop(job_id, None)
-        reason = (f"this client fell {behind / 2**20:.1f} MB behind job {job_id}'s output, so the worker stopped "
-                  f"sending it here; the job runs on. Reattach with `python client.py logs {job_id} --follow`")
-        self._items.append([None, (P.JOB_DETACHED, {"job_id": job_id, "reason": reason}), 0])
-        self._cond.notify()
-
-    def hold(self, job_id: str) -> None:
-        with self._cond:
-            self._held.setdefault(job_id, [])
-
-    def release(self, job_id: str, first: list) -> None:
-        """Queue `first` (items of no job), then what waited for the held job."""
-        with self._cond:
-            held = self._held.pop(job_id, [])
-            self._items.extend([None, item, 0] for item in first)
-            self._items.extend(held)
-            self._cond.notify()
-
-    def take(self, timeout: float):
-        """The next item, None after `timeout`; raises LinkClosed once closed and empty."""
-        with self._cond:
-            if not self._items and not self._closed:
-                self._cond.wait(timeout)
-            if not self._items:
-                if self._closed:
-                    raise P.LinkClosed("the session ended")
-                return None
-            job_id, item, size = self._items.popleft()
-            if job_id in self._backlog:
-                self._backlog[job_id] -= size
-            return item
-
-    def close(self) -> None:
-        """Take no more items; the writer sends what is queued, then ends."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-class Session:
-    """One client's WebRTC link.
-
-    Two threads, both ended when the link ends: "session-PEER" opens the link, reads
-    requests and answers them by queueing into `outbox`; "session-PEER-out" is the only
-    thread that writes to the link: it sends what the outbox holds and, at the end,
-    closes the link. Jobs this session follows only queue into the outbox, so a slow or
-    stopped client delays nobody but itself. A link a sleap-rtc 0.0.7 client opened gets
-    an UpstreamAdapter, which reads its frames and writes our messages in its dialect.
-    """
-
-    def __init__(self, worker: "Worker", offer: dict, replaces: Optional["Session"] = None):
-        self.worker = worker
-        self.offer = offer
-        self.peer_id = offer["sender"]
-        # The signed-in user behind the peer, as the signaling server vouched ("" if none):
-        # who owns the jobs this session submits, and whether it is one of the worker's admins.
-        self.user = offer.get(P.FROM_USER) or ""
-        self.admin = bool(self.user) and self.user in worker.admins
-        # Who sends this session's uploads, as the store keeps it: users and peer ids apart,
-        # so that a peer named like a user is not taken for that user.
-        self.sender = uploader(self.user) if self.user else f"peer:{self.peer_id}"
-        self.replaces = replaces
-        self.link: Optional[P.Link] = None
-        self.outbox = Outbox(worker.follower_backlog)
-        self.ending = threading.Event()
-        # Guards _following: job id -> this session's listener on that job.
-        self._following_lock = threading.Lock()
-        self._following: dict[str, Callable[[str, dict], None]] = {}
-        # Replicas arriving from another worker (replicas.py), or None without that file.
-        self.replicas = optional(P.REPLICATE).ReplicaReceiver(self) if P.REPLICATE in worker.capabilities else None
-        self.handlers = self._handlers()
-        self.upstream = None  # an UpstreamAdapter (upstream.py)  # set before the writer starts, for an upstream link
-        self.thread = threading.Thread(target=P.guarded(self._run), name=f"session-{self.peer_id}", daemon=True)
-        self.writer = threading.Thread(target=P.guarded(self._write), name=f"session-{self.peer_id}-out", daemon=True)
-
-    def end(self) -> None:
-        """Ask the session to close its link and stop (it does so within half a second)."""
-        self.ending.set()
-
-    def _run(self) -> None:
-        if self.replaces is not None:  # the client reconnected: its old link is stale
-            self.replaces.end()
-            self.replaces.thread.join(timeout=SESSION_JOIN_S)
-        try:
-            self.link = P.accept_link(self.worker.signaling, self.offer, None,
-                                      UploadsFrom(self.worker.uploads, self.sender))
-        except (P.SleapRTCError, OSError) as exc:
-            log.warning("link with %s failed to open: %s", self.peer_id, exc)
-            self.worker.session_ended(self)
-            return
-        if self.link.upstream:
-            try:
-                self.upstream = optional("upstream").UpstreamAdapter(self)
-            except CapabilityMissing as exc:
-                log.warning("%s opened a sleap-rtc 0.0.7 link: %s", self.peer_id, exc)
-                self.link.send_raw(f"{exc}\n")
-                self.link.close()
-                self.worker.session_ended(self)
-                return
-        log.info("link open with %s%s", self.peer_id, " (a sleap-rtc 0.0.7 client)" if self.upstream else "")
-        self.writer.start()
-        try:
-            while not self.worker.stopping.is_set() and not self.ending.is_set():
-                item = self.link.recv(timeout=0.5)
-                if item is not None:
-                    try:
-                        self._handle(item)
-                    except Exception:  # one bad request must not end the client's session
-                        log.exception("session %s: could not handle %s", self.peer_id, _describe(item))
-                        self.send(P.LINK_ERROR, {"message": f"the worker failed on {_describe(item)}; see its log"})
-        except P.LinkClosed as exc:
-            log.info("link with %s ended: %s", self.peer_id, exc)
-        finally:
-            if self.replicas is not None:
-                self.replicas.abandon()
-            with self._following_lock:
-                followed = list(self._following)
-            for job_id in followed:
-                self._unfollow(job_id)
-            self.outbox.close()
-            self.writer.join(timeout=SESSION_JOIN_S)
-            self.worker.session_ended(self)
-
-    def _write(self) -> None:
-        """Send what the outbox holds until it closes or the link ends, then close the link."""
-        try:
-            while True:
-                item = self.outbox.take(timeout=0.5)
-                if item is None:
-                    continue
-                if callable(item):
-                    item(self.link)
-                elif self.upstream is not None:
-                    self.upstream.deliver(self.link, *item)
-                else:
-                    self.link.send(*item)
-        except P.LinkClosed:
-            pass  # the link or the session ended; the reader thread sees it too
-        except Exception:  # a bug here must still close the link, or the client waits for nothing
-            log.exception("session %s: the writer failed", self.peer_id)
-        finally:
-            self.ending.set()
-            self.link.close()
-
-    def send(self, name: str, payload: dict) -> None:
-        self.outbox.put((name, payload))
-
-    def _handlers(self) -> dict[str, Callable[[dict], None]]:
-        """What the reader does with each message a client may send, by name."""
-        return {
-            P.LINK_PING: lambda payload: self.send(P.LINK_PONG, payload),
-            P.LINK_ERROR: lambda payload: log.warning("%s reports: %s", self.peer_id,
-                                                      str(payload.get("message"))[:500]),
-            P.UPLOAD_QUERY: lambda payload: self.send(P.UPLOAD_STATUS,
-                                                      self.worker.uploads.status(payload, self.sender)),
-            P.STORE_LIST: lambda payload: self.send(P.STORE_LISTING, {
-                "request_id": str(payload.get("request_id", ""))[:64], "files": self.worker.store_listing()}),
-            P.FILE_REQUEST: self._send_requested_file,
-            P.FS_LIST: lambda payload: self._files(P.FS_LIST, payload),
-            P.FS_SEARCH: lambda payload: self._files(P.FS_SEARCH, payload),
-            P.JOB_SUBMIT: self._submit,
-            P.ZMQ_CTRL: lambda payload: self._control(P.ZMQ_CTRL, payload),
-            P.JOB_CANCEL: lambda payload: self._control(P.JOB_CANCEL, payload),
-            P.JOB_ATTACH: self._attach,
-            P.JOB_FETCH: self._fetch,
-            P.REPLICA_BEGIN: self.replicas.begin if self.replicas else self._no_replicas,
-            P.REPLICA_END: self.replicas.end if self.replicas else self._no_replicas,
-        }
-
-    def _no_replicas(self, payload: dict) -> None:
-        self.send(P.REPLICA_READY, {"request_id": str(payload.get("request_id", ""))[:64],
-                                    "error": f"this worker does not serve {OPTIONAL_SERVES[P.REPLICATE]}: "
-                                             f"{OPTIONAL_FILES[P.REPLICATE]} is not beside its worker.py"})
-
-    def _handle(self, item: P.Received) -> None:
-        if self.upstream is not None:
-            self.upstream.handle(item)
-        elif isinstance(item, P.FileReceived):
-            log.info("received %s from %s (%d bytes, sha256 %s)", item.path, self.peer_id, item.size, item.sha256[:12])
-            self.worker.uploads.stored(item.path, self.sender)
-            self.worker.uploads.settle()
-        elif isinstance(item, P.TransferFailed):
-            log.warning("upload from %s failed: %s", self.peer_id, item.error)
-            self.worker.uploads.settle()  # what it left counts toward the store's cap
-        elif isinstance(item, P.Message) and item.name in self.handlers:
-            self.handlers[item.name](item.payload)
-        else:
-            self.send(P.LINK_ERROR, {"message": f"this worker does not understand {_describe(item)[:40]}"})
-
-    # -- following jobs -------------------------------------------------------------------
-
-    def _listener(self, job_id: str, submitted: bool) -> Callable[[str, dict], None]:
-        """The callback a job's threads call: it only queues. The submitter of a track job
-        gets the predictions before JOB_COMPLETE."""
-
-        def listener(name: str, payload: dict) -> None:
-            item, size = (name, payload), 0
-            if name == P.JOB_LOG:
-                size = sum(len(line) + 8 for _, line in payload["lines"]) + 32
-            elif name == P.JOB_COMPLETE and submitted:
-                predictions = [Path(o["path"]) for o in payload.get("outputs", []) if o["kind"] == "predictions"]
-                if predictions:  # the outcome goes unchanged
-                    send_then = self.upstream.files_then if self.upstream is not None else _send_files_then
-                    item = send_then(predictions, (name, payload))
-            if not self.outbox.put(item, job_id, size):
-                self._unfollow(job_id)
-
-        with self._following_lock:
-            self._following[job_id] = listener
-        return listener
-
-    def _unfollow(self, job_id: str) -> None:
-        """Forget this session's listener on a job, and take it off the job if it is on it."""
-        with self._following_lock:
-            listener = self._following.pop(job_id, None)
-        job = self.worker.scheduler.get(job_id)
-        if listener is not None and job is not None and job.log.unsubscribe(listener):
-            log.info("client %s no longer follows job %s", self.peer_id, job_id)
-
-    # -- requests -------------------------------------------------------------------------
-
-    def _submit(self, payload: dict) -> None:
-        job_id, spec = payload.get("job_id"), payload.get("spec")
-        if not P.valid_job_id(job_id):
-            self.send(P.JOB_REJECTED, {"job_id": str(job_id)[:64], "errors": [P.spec_error(
-                "job_id", "job_id must be 1-64 letters, digits, '-' or '_'", "BAD_FORMAT")]})
-            return
-        job_dir = self.worker.scheduler.jobs_dir / job_id
-        if isinstance(spec, dict) and spec.get("type") == P.COMMAND:
-            errors, command, inputs = validate_command(spec, self.worker.allowed_commands, self.worker.mounts,
-                                                       self.worker.stores, job_dir)
-            plan = {"paths": {}, "command": command, **({"inputs": inputs} if inputs else {})}
-        elif isinstance(spec, dict) and spec.get("type") == P.PRUNE:  # no paths: it plans when it starts
-            errors, plan = P.check_spec(spec) or self._may_prune(), {"paths": {}, "scope": self._prune_scope()}
-        elif isinstance(spec, dict) and spec.get("type") == P.REPLICATE:
-            errors, plan = P.check_spec(spec) or self._replicable(spec), {"paths": {}}
-        else:
-            errors, plan = self.worker.validate(spec, job_dir)
-        files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
-        accepted = {**spec, "_resolved": plan.get("paths", {}),
-                    **{f"_{name}": plan[name] for name in ("package", "relabel", "command", "scope", "checkpoints",
-                                                            "inputs")
-                       if name in plan}} \
-            if isinstance(spec, dict) else {}
-        self.admit(job_id, errors, accepted, files)
-
-    def admit(self, job_id: str, errors: list[dict], accepted: dict, files: dict[str, str]) -> bool:
-        """Queue a checked job (`accepted`: the spec with what validation resolved, `files`
-        to write into its directory) and answer JOB_ACCEPTED, or answer JOB_REJECTED with
-        `errors` or the worker's own reason (maintenance, low disk)."""
-        low_disk = self.worker.disk_problem() if accepted and accepted.get("type") != P.PRUNE else None
-        changed = self.worker.store_problem(accepted) if accepted and not errors else None
-        if self.worker.maintenance:
-            errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
-        elif low_disk:
-            errors = [P.spec_error("worker", low_disk, "LOW_DISK")]
-        elif changed:
-            errors = [P.spec_error("upload", changed, "UPLOAD_CHANGED")]
-        job = None
-        if not errors:
-            self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
-            job, errors = self.worker.scheduler.submit(job_id, accepted, self.peer_id, self._listener(job_id, True),
-                                                       files, owner=self.user)
-        if errors:
-            self.worker.scheduler.release(job_id)  # a rejected job gives back the slot kept for it
-            self._unfollow(job_id)
-            self.outbox.release(job_id, [])
-            log.info("rejected job %s from %s: %s", job_id, self.peer_id, "; ".join(e["message"] for e in errors))
-            self.send(P.JOB_REJECTED, {"job_id": job_id, "errors": errors})
-            return False
-        position = self.worker.scheduler.position(job)
-        log.info("accepted job %s from %s: %s", job_id, self.peer_id,
-                 "starts now" if position == 0 else f"queued at position {position}")
-        self.outbox.release(job_id, [(P.JOB_ACCEPTED, {"job_id": job_id, "job_dir": str(job.dir),
-                                                       "queue_position": position})])
-        return True
-
-    def _replicable(self, spec: dict) -> list[dict]:
-        """Why a replicate spec cannot run here ([] when it can)."""
-        try:
-            return optional(P.REPLICATE).replicable(self.worker, spec)
-        except CapabilityMissing as exc:
-            return [P.spec_error("type", str(exc), "UNSUPPORTED")]
-
-    # -- who may change what ---------------------------------------------------------------
-
-    def _not_yours(self, record: dict) -> Optional[str]:
-        """Why this session may not stop, cancel or prune a job, or None: its owner (the
-        signed-in user who submitted it) and the worker's admins may; a job with no owner,
-        only the very peer that sent it (a peer id alone proves nothing later: anyone may
-        register one that is free)."""
-        owner = record.get("owner")
-        if self.admin or (self.user and owner == self.user) or (not owner and record["submitter"] == self.peer_id):
-            return None
-        return (f"job {record['job_id']} is {record.get('owner') or record['submitter']}'s: only the member who "
-                "submitted it, or one of this worker's admins (worker.py --admin USER), may change it")
-
-    def _may_prune(self) -> list[dict]:
-        if self.user or self.admin:
-            return []
-        return [P.spec_error("worker", "a prune removes only its sender's jobs, and this link carries no sign-in "
-                             "(client.py signs in on its own)", "NOT_SIGNED_IN")]
-
-    def _prune_scope(self) -> dict:
-        """What a prune from this session may remove: everything for an admin, else the
-        sender's own jobs and the uploads only it sent."""
-        return {"all": True} if self.admin else {"owner": self.user}
-
-    def _control(self, name: str, payload: dict) -> None:
-        job_id = str(payload.get("job_id", ""))[:64]
-        action = "stop" if name == P.ZMQ_CTRL else "cancel"
-        record = self.worker.scheduler.record(job_id)
-        refusal = self._not_yours(record) if record is not None else None
-        if refusal:
-            log.info("%s of job %s by %s refused: not theirs", action, job_id, self.peer_id)
-            self.send(P.JOB_CONTROL, {"job_id": job_id, "action": action, "ok": False, "message": refusal})
-            return
-        ok, message = self.worker.scheduler.control(job_id, action)
-        log.info("%s of job %s by %s: %s", action, job_id, self.peer_id, message)
-        self.send(P.JOB_CONTROL, {"job_id": job_id, "action": action, "ok": ok, "message": message})
-
-    def _attach(self, payload: dict) -> None:
-        """The job's log from its first line; with `follow`, then everything live until it ends."""
-        job_id = str(payload.get("job_id", ""))[:64]
-        # The live job first: once it is gone, the ledger already holds its final state.
-        job = self.worker.scheduler.get(job_id)
-        record = self.worker.scheduler.record(job_id)
-        if record is None:
-            self.send(P.JOB_ATTACHED, {"job_id": job_id, "error": f"no job {job_id} on this worker"})
-            return
-        log_path = Path(record["log_path"])
-        if record.get("pruned") and not log_path.is_file():
-            self.send(P.JOB_ATTACHED, {"job_id": job_id, "error": f"job {job_id} is {record['state']}; its log and "
-                                       f"files were pruned {pruned_note(record['pruned'])}"})
-            return
-        if job is None:  # it ended before this worker process started
-            size = log_path.stat().st_size if log_path.is_file() else 0
-            self.outbox.put(_replay(job_id, log_path, size))
-            self.send(P.JOB_ATTACHED, {"job_id": job_id, "state": record["state"], "following": False})
-            return
-        self._unfollow(job_id)  # attaching twice replays again, and follows once
-        self.outbox.hold(job_id)  # live output waits behind the replay
-        listener = self._listener(job_id, False) if payload.get("follow") else None
-        offset, live = job.log.attach(listener)
-        following = live and listener is not None
-        if listener is not None and not following:
-            self._unfollow(job_id)
-        state = job.outcome["state"] if job.outcome else job.state
-        self.outbox.release(job_id, [_replay(job_id, log_path, offset),
-                                     (P.JOB_ATTACHED, {"job_id": job_id, "state": state, "following": following})])
-
-    def _fetch(self, payload: dict) -> None:
-        """Send a completed job's result files; JOB_FETCHED lists what was sent."""
-        job_id = str(payload.get("job_id", ""))[:64]
-        record = self.worker.scheduler.record(job_id)
-        reply: dict = {"job_id": job_id, "files": []}
-        if record is None:
-            reply["error"] = f"no job {job_id} on this worker"
-        elif record["state"] != P.COMPLETED:
-            reply["error"] = f"job {job_id} is {record['state']}; only a completed job has results"
-        elif record.get("pruned"):
-            reply["error"] = f"the files of job {job_id} were pruned {pruned_note(record['pruned'])}"
-        if "error" in reply:
-            self.send(P.JOB_FETCHED, reply)
-            return
-        paths = []
-        allowed = self.worker.mounts + [Mount(Path(record["job_dir"]), "job")]
-        for output in record["outputs"] or []:
-            named = [Path(output["path"])] if output["kind"] in ("predictions", "file") else \
-                [Path(output["path"]) / f["name"] for f in output.get("files", [])]
-            for path in named:
-                try:  # checked when served: a file replaced by a link since the job ended is not followed out
-                    paths.append(resolve_in_mounts(str(path), allowed))
-                except PathRefused as exc:
-                    reply["error"] = f"{path} is not served: {exc}"
-        self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply), report=True))
-
-    def _files(self, name: str, payload: dict) -> None:
-        """A listing or a search of the worker's files, inside the mounts a client may read.
-        A search takes up to SEARCH_SECONDS of this session's thread: it delays only this client."""
-        reply: dict = {"request_id": str(payload.get("request_id", ""))[:64]}
-        mounts = self.worker.readable_mounts
-        try:
-            if name == P.FS_LIST:
-                offset = payload.get("offset") or 0
-                if not isinstance(offset, int) or isinstance(offset, bool):
-                    raise PathRefused(f"offset must be a whole number, not {P.echo(offset)}")
-                path = payload.get("path")
-                if path is not None and not isinstance(path, str):
-                    raise PathRefused(f"expected a path, not {P.echo(path)}")
-                reply.update(list_directory(path, mounts, offset, bool(payload.get("nearest"))))
-            else:
-                size = payload.get("size")
-                # The admin's mounts only: copies in job directories would crowd out the originals.
-                reply.update(search_files(str(payload.get("name", "")), self.worker.mounts,
-                                          size if isinstance(size, int) and not isinstance(size, bool) else None))
-        except PathRefused as exc:
-            reply.update(error=str(exc), code=exc.code)
-        self.send(P.FS_LISTING if name == P.FS_LIST else P.FS_FOUND, reply)
-
-    def _send_requested_file(self, payload: dict) -> None:
-        requested = str(payload.get("path", ""))
-        try:
-            path = resolve_in_mounts(requested, self.worker.readable_mounts)
-            if not path.is_file():
-                raise PathRefused(f"{requested} is not a file on the worker", "NOT_FOUND")
-        except PathRefused as exc:
-            self.send(P.LINK_ERROR, {"message": str(exc), "path": requested[:200]})
-            return
-        self.outbox.put(_send_files_then([path]))
-
-
-def _send_files_then(paths: list[Path], then: Optional[tuple[str, dict]] = None,
-                     report: bool = False) -> Callable[[P.Link], None]:
-    """A writer action: send each file, then the message `then` (name, payload). A file
-    that cannot be sent ends the list; with `report` the payload gains `files` (those
-    sent) and, unless it has one already, `error`."""
-
-    def action(link: P.Link) -> None:
-        sent, error = [], None
-        for path in paths:
-            try:
-                link.send_file(path, exact=True)  # a job may swap its files for links in the meantime
-            except (OSError, P.TransferError) as exc:
-                log.warning("sending %s to %s failed: %s", path, link.peer_id, exc)
-                error = f"{path} could not be sent: {exc}"
-                break
-            sent.append(str(path))
-            log.info("sent %s to %s", path, link.peer_id)
-        if then is None:
-            return
-        name, payload = then
-        if report:
-            payload = {**payload, "files": sent}
-            if error and not payload.get("error"):
-                payload["error"] = error
-        link.send(name, payload)
-
-    return action
-
-
-def _replay(job_id: str, log_path: Path, size: int) -> Callable[[P.Link], None]:
-    """A writer action: send the first `size` bytes of a job's log, read as it is sent."""
-
-    def action(link: P.Link) -> None:
-        try:
-            log_file = open(log_path, "rb")
-        except OSError:
-            return  # not started yet: no log
-        with log_file:
-            left, pending = size, b""
-            while left > 0:
-                chunk = log_file.read(min(LOG_BATCH_BYTES, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                if complete:
-                    lines = [["o", line.decode("utf-8", "replace")] for line in complete]
-                    link.send(P.JOB_LOG, {"job_id": job_id, "lines": lines, "progress": None})
-
-    return action
-
-
-def _describe(item) -> str:
-    return item.name[:40] if isinstance(item, P.Message) else type(item).__name__
-
-
-# ---------------------------------------------------------------------------------------
-# The worker
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class WorkerConfig:
-    """What the worker's command line decides (see build_parser for each option)."""
-
-    server_url: str
-    room_id: str
-    token: str
-    working_dir: Path
-    name: str
-    mounts: list[Mount]
-    gpu_index: int
-    sleap_nn: str  # the sleap-nn executable
-    slots: int = 1
-    advertise_gpu_memory: Optional[int] = None  # MB; None: what torch says
-    maintenance: bool = False
-    reservation_timeout: float = RESERVATION_TIMEOUT_S
-    stop_grace: float = STOP_GRACE_S
-    follower_backlog: int = FOLLOWER_BACKLOG_BYTES
-    upload_cap: Optional[int] = None  # bytes
-    allowed_commands: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> executable
-    allowed_env: set[str] = dataclasses.field(default_factory=set)  # secret-looking variables commands still see
-    min_free_gb: float = MIN_FREE_GB
-    keep_days: Optional[float] = None  # prune finished jobs older than this, daily
-    # sleap-rtc 0.0.7 clients must answer AUTH_CHALLENGE with the room secret's HMAC
-    # (without it, AUTH_RESPONSE::missing passes: the room let them in already).
-    require_room_secret: bool = False
-    admins: set[str] = dataclasses.field(default_factory=set)  # users who may change every member's jobs
-
-
-class Worker:
-    """Registers in a room and answers offers; owns its sessions and the embedded server.
-
-    The main thread runs `serve()`, which dispatches signaling frames and never waits on
-    a peer, until `stop()`. Each session has its own threads; "status-publisher" sends
-    status changes to the server and "gpu-sampler" (where nvidia-smi exists) keeps the GPU
-    load fresh; `stop()` ends them all.
-    """
-
-    def __init__(self, config: WorkerConfig, executor: Optional[Executor] = None, embedded=None):
-        self.config = config
-        working_dir, mounts, name = config.working_dir, config.mounts, config.name
-        self.server_url = config.server_url
-        self.room_id = config.room_id
-        self.token = config.token  # for the replicate steps it starts, which join the room themselves
-        self.require_room_secret = config.require_room_secret
-        self.admins = config.admins
-        self.working_dir = working_dir
-        self.name = name
-        # Where jobs may write: the admin's mounts, less the worker's own files in them.
-        self.mounts = [m.without(private_paths(working_dir)) for m in mounts]
-        # Besides the mounts, clients read what they uploaded and what their jobs made.
-        self.stores = [Mount(working_dir / UPLOADS_DIR, "uploads"), Mount(working_dir / JOBS_DIR, "jobs")]
-        self.readable_mounts = self.mounts + self.stores
-        self.allowed_commands = config.allowed_commands
-        self.allowed_env = config.allowed_env
-        self._queries = threading.BoundedSemaphore(SQL_AT_ONCE)  # ledger queries running now
-        self.min_free_bytes = int(config.min_free_gb * 1e9)
-        self.uploads = UploadStore(working_dir / UPLOADS_DIR, config.upload_cap, self.needed_uploads,
-                                   self.min_free_bytes)
-        self.low_disk = self.disk_problem()  # why new jobs are refused for lack of space, or None
-        self.capabilities = capabilities()
-        self.job_types = [P.TRAIN, P.TRACK, P.PRUNE] + [c for c in (P.REPLICATE, P.PACKAGE) if c in self.capabilities] + \
-            [f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands)]
-        self.embedded = embedded
-        self.gpu_index = gpu_index = config.gpu_index
-        self.maintenance = config.maintenance
-        self.follower_backlog = config.follower_backlog
-        self.peer_id, peer_key = worker_peer_id(working_dir, name)
-        self.stopping = threading.Event()
-        # Guards sessions, the live client links by peer id.
-        self._sessions_lock = threading.Lock()
-        self.sessions: dict[str, Session] = {}
-        # Guards _published, the status last sent to the server: updates go one at a time, in order.
-        self._publish_lock = threading.Lock()
-        self._published: Optional[dict] = None
-        self._status_changed = threading.Event()
-        # Utilization % and free MB, replaced whole by "gpu-sampler" and read by the dispatcher.
-        self.gpu_now: tuple[Optional[int], Optional[int]] = (None, None)
-        self._threads = [threading.Thread(target=P.guarded(self._publish_forever), name="status-publisher",
-                                         daemon=True)]
-        self.keep_days = config.keep_days
-        if self.keep_days is not None:
-            self._threads.append(threading.Thread(target=P.guarded(self._prune_forever), name="pruner", daemon=True))
-        if shutil.which("nvidia-smi"):
-            self.gpu_now = gpu_load(gpu_index)
-            self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
-                                                 daemon=True))
-        executor = executor or LocalExecutor()
-        self.scheduler = Scheduler(working_dir, config.slots, config.sleap_nn, self.job_changed,
-                                   config.reservation_timeout, config.stop_grace, self._plan_job, executor)
-        facts = gpu_facts(gpu_index, probe_torch=config.advertise_gpu_memory is None)
-        if config.advertise_gpu_memory is not None:
-            facts["gpu_memory_mb"] = config.advertise_gpu_memory
-        self.metadata = {
-            "tags": list(WORKER_TAGS),
-            "properties": {
-                **facts,
-                **executor.describe(),
-                "sleap_nn_version": sleap_nn_version(),
-                "hostname": socket.gethostname(),
-                "worker_name": name,
-                "max_concurrent_jobs": config.slots,
-                "supported_job_types": ["training", "inference"],
-                "job_types": self.job_types,
-                "capabilities": self.capabilities,
-                "mounts": [m.public() for m in mounts],
-                **self._status(),
-            },
-        }
-        self.signaling = P.SignalingClient(config.server_url, config.room_id, config.token, self.peer_id, WORKER_ROLE,
-                                           self.metadata, peer_key=peer_key)
-
-    def serve(self) -> None:
-        self.scheduler.start()
-        self.signaling.connect()
-        self._publish_status()
-        for thread in self._threads:
-            thread.start()
-        props = self.metadata["properties"]
-        lines = [f"worker: registered as {self.peer_id} in room {self.room_id} "
-                 f"({props['gpu_model']}, {props['gpu_memory_mb']} MB)"]
-        missing = [f"{OPTIONAL_SERVES[c]} (no {OPTIONAL_FILES[c]})" for c in OPTIONAL_FILES if c not in self.capabilities]
-        lines.append(f"worker: serves structured train and track jobs, commands, prune"
-                     f"{''.join(f', {OPTIONAL_SERVES[c]}' for c in self.capabilities)}"
-                     f"{'; not ' + ', '.join(missing) if missing else ''}")
-        if "upstream" in self.capabilities:
-            session_string = optional("upstream").upstream_session_string(self.room_id, self.token, self.peer_id)
-            lines.append(f"worker: sleap-rtc 0.0.7 clients: --session-string {session_string}")
-        print("\n".join(lines), flush=True)
-        handlers = {
-            P.OFFER: self._start_session,
-            P.PEER_MESSAGE: self._on_peer_message,
-            P.ERROR: lambda frame: log.warning("signaling error: %s %s", frame.get("code"), frame.get("message")),
-        }
-        while not self.stopping.is_set():
-            frame = self.signaling.next(timeout=0.5)
-            handler = handlers.get(frame.get("type")) if frame is not None else None
-            if handler is None:
-                continue
-            try:
-                handler(frame)
-            except Exception:  # one peer's odd frame must not stop the worker serving the rest
-                log.exception("could not handle a %s frame from %s", frame.get("type"),
-                              frame.get("sender") or frame.get("from_peer_id"))
-
-    def _start_session(self, offer: dict) -> None:
-        with self._sessions_lock:
-            session = Session(self, offer, replaces=self.sessions.get(offer["sender"]))
-            self.sessions[session.peer_id] = session
-        session.thread.start()
-
-    def session_ended(self, session: Session) -> None:
-        with self._sessions_lock:
-            if self.sessions.get(session.peer_id) is session:
-                del self.sessions[session.peer_id]
-
-    # -- choosing a worker and asking about jobs, over signaling --------------------------
-
-    def _on_peer_message(self, frame: dict) -> None:
-        """Answer an app message over signaling; each handler gives the reply, or None
-        when it answers on its own."""
-        payload, sender = frame.get("payload"), frame.get("from_peer_id")
-        kind = payload.get(P.APP_MESSAGE_TYPE) if isinstance(payload, dict) else None
-        handler = {P.APP_JOB_REQUEST: self._job_response, P.APP_JOB_ASSIGNMENT: self._assign,
-                   P.APP_JOBS_QUERY: self._jobs_query}.get(kind)
-        if handler is None:
-            log.debug("ignored a peer message from %s: %.200s", sender, payload)
-            return
-        reply = handler(sender, payload)
-        if reply is None:
-            return
-        try:
-            self.signaling.send_to_peer(sender, reply)
-        except P.SignalingError as exc:
-            log.info("could not answer %s: %s", sender, exc)
-
-    def _assign(self, sender: str, payload: dict) -> dict:
-        """A client chose this worker for a job: keep a slot for it while its spec comes."""
-        job_id = str(payload.get("job_id", ""))
-        position = self.scheduler.reserve(job_id)
-        log.info("assigned job %s by %s: %s", job_id, sender,
-                 "slot reserved" if position == 0 else f"it will queue at position {position}")
-        return {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNED, "job_id": job_id, "reserved": position == 0,
-                "queue_position": position}
-
-    def _jobs_query(self, sender: str, payload: dict) -> Optional[dict]:
-        if "sql" in payload:
-            self._query_ledger(sender, payload)  # answers from a thread of its own
-            return None
-        return self._jobs_list(payload)
-
-    def _query_ledger(self, sender: str, query: dict) -> None:
-        """Answer a ledger query on a thread of its own ("ledger-query"), so that a slow one
-        never holds up the dispatcher; at most SQL_AT_ONCE run at a time."""
-        reply = {P.APP_MESSAGE_TYPE: P.APP_JOBS_LIST, "request_id": query.get("request_id")}
-        if not self._queries.acquire(blocking=False):
-            self.signaling.send_to_peer(sender, {**reply, "error": "busy with other queries; ask again"})
-            return
-
-        def run() -> None:
-            try:
-                answer = query_ledger(self.working_dir / LEDGER_FILE, query.get("sql"))
-                log.info("ledger query from %s: %s", sender, answer.get("error") or f"{len(answer['rows'])} rows")
-                self.signaling.send_to_peer(sender, {**reply, **answer})
-            except P.SignalingError as exc:
-                log.info("could not answer %s: %s", sender, exc)
-            finally:
-                self._queries.release()
-
-        threading.Thread(target=P.guarded(run), name="ledger-query", daemon=True).start()
-
-    def _job_response(self, sender: str, request: dict) -> dict:
-        """Accept (with queue position and estimates) or refuse with a reason."""
-        props = self.metadata["properties"]
-        job_type = request.get("job_type")
-        requirements = request.get("requirements")
-        need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
-        reply = {P.APP_MESSAGE_TYPE: P.APP_JOB_RESPONSE, "job_id": str(request.get("job_id", "")),
-                 "accepted": False, "worker_info": self._worker_info()}
-        low_disk = self.disk_problem() if job_type != P.PRUNE else None  # a prune is what frees the disk
-        if self.maintenance:
-            reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
-        elif low_disk:
-            reply.update(reason="low_disk", message=low_disk)
-        elif (request.get("capability") or job_type) not in self.job_types:
-            reply.update(reason="incompatible", message=f"this worker does not offer "
-                         f"{P.echo(request.get('capability') or job_type)}; it offers {', '.join(self.job_types)}")
-        elif not isinstance(need, (int, float)) or isinstance(need, bool):
-            reply.update(reason="bad_request", message=f"min_gpu_memory_mb must be a number, not {need!r}")
-        elif need > props["gpu_memory_mb"]:
-            reply.update(reason="insufficient_gpu_memory",
-                         message=f"the job needs {need} MB of GPU memory; this worker has {props['gpu_memory_mb']} MB")
-        else:
-            reply.update(accepted=True, reason=None, **self.scheduler.estimate(job_type))
-        return reply
-
-    def _worker_info(self) -> dict:
-        utilization, free = self.gpu_now
-        advertised = self.metadata["properties"]["gpu_memory_mb"]
-        return {"gpu_utilization": utilization,
-                "available_memory_mb": advertised if free is None else min(free, advertised)}
-
-    def _jobs_list(self, query: dict) -> dict:
-        """One job's full record (`job_id`), or a summary of every job (optionally of one state)."""
-        reply = {P.APP_MESSAGE_TYPE: P.APP_JOBS_LIST, "request_id": query.get("request_id"), "jobs": []}
-        if query.get("job_id"):
-            record = self.scheduler.record(str(query["job_id"]))
-            reply["jobs"] = [record] if record else []
-        elif query.get("state") not in (None, *P.JOB_STATES):
-            reply["error"] = f"unknown state {query['state']!r}; one of {', '.join(P.JOB_STATES)}"
-        else:
-            reply["jobs"] = [{k: r[k] for k in JOB_SUMMARY_FIELDS}
-                             for r in self.scheduler.ledger.select(state=query.get("state"))]
-        return reply
-
-    # -- status -------------------------------------------------------------------------
-
-    def _status(self) -> dict:
-        status = self.scheduler.status()
-        if self.maintenance:
-            return {**status, "status": P.MAINTENANCE}
-        if self.low_disk:
-            return {**status, "status": P.LOW_DISK, "refusing": self.low_disk}
-        return {**status, "refusing": None}
-
-    def disk_problem(self) -> Optional[str]:
-        """Why this worker must take no new job for lack of disk space, or None."""
-        try:
-            free = shutil.disk_usage(self.working_dir).free
-        except OSError as exc:
-            return f"cannot tell the free space in {self.working_dir}: {exc}"
-        if free >= self.min_free_bytes:
-            return None
-        return (f"only {free / 1e9:.1f} GB free in {self.working_dir}; this worker keeps "
-                f"{self.min_free_bytes / 1e9:g} GB free (--min-free-gb). Its old jobs can be pruned "
-                "(`client.py prune`)")
-
-    def _publish_status(self) -> None:
-        with self._publish_lock:
-            status = self._status()
-            if status == self._published:
-                return
-            try:
-                self.signaling.update_metadata({"properties": status})
-                self._published = status
-            except P.SignalingError as exc:  # kept locally; sent again on re-registration
-                log.warning("could not publish status %s: %s", status["status"], exc)
-
-    def _plan_job(self, job: Job) -> tuple[list[Step], list[str]]:
-        """A starting job's steps, from paths checked again (a package is read again, and
-        unpacked); JobSetupError says why it cannot run. Runs on the job's thread.
-
-        A member's steps run without the worker's secrets (hidden_env); its sleap-nn steps
-        with SLEAP_NN_ENV."""
-        if "_resolved" not in job.spec:
-            raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
-                                "submit it again")
-        models = [m for stage in job_stages(job.spec) for m in stage.get("_resolved", {}).get("model_paths", [])]
-        problem = self.store_problem(job.spec) or recheck_checkpoints(
-            job.spec.get("_checkpoints", {}), models, self.scheduler.ledger.model_digests)
-        if problem:
-            raise JobSetupError(problem)
-        steps, notes = self._steps_of(job)
-        if job.kind not in UNSLOTTED:
-            hidden = hidden_env(self.allowed_env)
-            for step in steps:
-                step.drop_env = hidden
-                if step.kind in (P.TRAIN, P.TRACK):
-                    step.env.update(SLEAP_NN_ENV)
-        return steps, notes
-
-    def validate(self, spec: dict, job_dir: Path) -> tuple[list[dict], dict]:
-        """A train or track spec checked against this worker's mounts (see validate_job)."""
-        return validate_job(spec, self.readable_mounts, self.mounts, job_dir, self.uploads.directory,
-                            self.scheduler.ledger.model_digests)
-
-    def store_listing(self) -> list[dict]:
-        """The upload store as `client.py files ls` shows it."""
-        return self.uploads.listing(self.scheduler.ledger.select(limit=-1), self.needed_uploads())
-
-    def store_problem(self, spec: dict) -> Optional[str]:
-        """Why a path the job names in the upload store must not be used (its bytes changed
-        since they were stored), or None."""
-        for path in _named_paths(spec):
-            problem = self.uploads.verify(path)
-            if problem:
-                return problem
-        return None
-
-    def _steps_of(self, job: Job) -> tuple[list[Step], list[str]]:
-        if job.kind == P.REPLICATE:
-            try:
-                return [optional(P.REPLICATE).replicate_step_of(self, job)], []
-            except CapabilityMissing as exc:
-                raise JobSetupError(str(exc)) from None
-        if job.kind == P.PRUNE:
-            plan = prune_plan(self.scheduler.ledger.select(limit=-1), self.scheduler.jobs_dir, self.uploads,
-                              self.needed_uploads(), job.spec, job.job_id)
-            return [prune_step_of(job, plan, [self.scheduler.jobs_dir, self.uploads.directory])], []
-        if job.kind == P.COMMAND:  # its paths again, as they resolve now
-            asked = {k: v for k, v in job.spec.items() if not k.startswith("_")}  # as the client sent it
-            errors, command, inputs = validate_command(asked, self.allowed_commands, self.mounts, self.stores, job.dir)
-            if errors or command != job.spec["_command"] or inputs != job.spec.get("_inputs", []):
-                raise JobSetupError("; ".join(e["message"] for e in errors) or
-                                    "a path argument resolves elsewhere than when the job was accepted")
-            return [command_step(job.spec, job.dir)], []
-        if "_package" not in job.spec:
-            notes = []
-            for relabel in job.spec.get("_relabel", []):  # before the recheck, which wants the copies to exist
-                try:
-                    Path(relabel["copy"]).parent.mkdir(parents=True, exist_ok=True)
-                    write_labels_copy(relabel["source"], relabel["copy"], relabel["videos"])
-                except Exception as exc:  # sleap-io raises many types on a file it cannot read or write
-                    raise JobSetupError(f"writing {relabel['copy']} with the mapped video paths failed: {exc}") \
-                        from None
-                maps = ", ".join(f"{old}={new}" for old, new in relabel["map"])
-                notes.append(f"{relabel['source']}: videos mapped with {maps}; sleap-nn reads the copy "
-                             f"{relabel['copy']} (the original is unchanged)")
-            for stage in job_stages(job.spec):
-                problem = recheck_paths(stage["_resolved"], self.readable_mounts, self.mounts, job.dir)
-                if problem:
-                    raise JobSetupError(problem)
-            steps, _ = self.scheduler.structured_plan(job)
-            return steps, notes
-        try:
-            packages = optional(P.PACKAGE)
-        except CapabilityMissing as exc:
-            raise JobSetupError(str(exc)) from None
-        return packages.prepare(job, self.readable_mounts, self.mounts, self.scheduler.executable,
-                                self.scheduler.ledger.model_digests)
-
-    def needed_uploads(self) -> set[str]:
-        """The hashes in the upload store that queued or running jobs name."""
-        needed = set()
-        for spec in self.scheduler.live_specs():
-            for text in _named_paths(spec):
-                if Path(text).is_relative_to(self.uploads.directory):
-                    needed.add(Path(text).relative_to(self.uploads.directory).parts[0])
-        return needed
-
-    def job_changed(self, job: Optional[Job]) -> None:
-        """Called by the scheduler and job threads: wake the status publisher, never wait for it."""
-        self._status_changed.set()
-
-    def _publish_forever(self) -> None:
-        """Thread "status-publisher": send the latest status whenever it may have changed,
-        and look at the free disk space every DISK_CHECK_S."""
-        checked = time.monotonic()
-        while not self.stopping.is_set():
-            if time.monotonic() - checked >= DISK_CHECK_S:
-                checked = time.monotonic()
-                problem = self.disk_problem()
-                if problem != self.low_disk:
-                    self.low_disk = problem
-                    log.warning("%s", problem or "enough free disk space again; taking new jobs")
-                    self._status_changed.set()
-            if self._status_changed.wait(0.5):
-                self._status_changed.clear()
-                self._publish_status()
-
-    def _prune_forever(self) -> None:
-        """Thread "pruner" (worker --keep-days): submit a prune job at start and every day after."""
-        spec = {"type": P.PRUNE, "older_than_s": self.keep_days * 86400.0, "_resolved": {}, "_scope": {"all": True}}
-        while not self.stopping.is_set():
-            job_id = P.new_job_id()
-            _, errors = self.scheduler.submit(job_id, spec, "worker --keep-days", lambda name, payload: None)
-            log.info("prune job %s (--keep-days %g)%s", job_id, self.keep_days,
-                     f" not submitted: {errors[0]['message']}" if errors else " submitted")
-            self.stopping.wait(PRUNE_EVERY_S)
-
-    def _sample_gpu_forever(self) -> None:
-        """Thread "gpu-sampler" (only where nvidia-smi exists): keep the GPU load fresh, so
-        that answering a job request never waits for nvidia-smi."""
-        while not self.stopping.wait(GPU_SAMPLE_S):
-            self.gpu_now = gpu_load(self.gpu_index)
-
-    def stop(self) -> None:
-        """Cancel running jobs (queued ones stay queued), close every link, deregister,
-        stop the embedded server."""
-        self.stopping.set()
-        self.scheduler.stop()
-        with self._sessions_lock:
-            sessions = list(self.sessions.values())
-        for session in sessions:
-            session.thread.join(timeout=SESSION_JOIN_S)
-        for thread in self._threads:
-            if thread.is_alive():
-                thread.join(timeout=5)
-        self.signaling.close()
-        if self.embedded is not None:
-            self.embedded.stop()
 
 
 # ---------------------------------------------------------------------------------------
