@@ -334,9 +334,7 @@ def negotiate(signaling: P.SignalingClient, job_id: str, spec: dict, worker_id: 
         workers = named
     elif not workers:
         raise no_worker_fits(signaling, wanted, min_gpu_memory)
-    request = {P.APP_MESSAGE_TYPE: P.APP_JOB_REQUEST, "job_id": job_id, "job_type": spec["type"], "capability": wanted,
-               "requirements": {"min_gpu_memory_mb": min_gpu_memory},
-               "config": {k: spec[k] for k in SUMMARY_FIELDS if k in spec}}
+    request = P.app_job_request(job_id, spec, wanted, min_gpu_memory, {k: spec[k] for k in SUMMARY_FIELDS if k in spec})
     replies = ask_workers(signaling, [w["peer_id"] for w in workers], request, P.APP_JOB_RESPONSE)
     candidates, refusals = [], []
     print(f"candidates for job {job_id}:", file=sys.stderr)
@@ -362,7 +360,7 @@ def negotiate(signaling: P.SignalingClient, job_id: str, spec: dict, worker_id: 
     chosen = ranked[0]
     reason = "named with --worker-id" if worker_id else choice_reason(ranked)
     print(f"chose {chosen['peer_id']}: {reason}", file=sys.stderr)
-    assignment = {P.APP_MESSAGE_TYPE: P.APP_JOB_ASSIGNMENT, "job_id": job_id}
+    assignment = P.app_job_assignment(job_id)
     ask_workers(signaling, [chosen["peer_id"]], assignment, P.APP_JOB_ASSIGNED)
     return chosen["peer_id"], chosen["response"]
 
@@ -373,7 +371,7 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
     if not P.valid_job_id(job_id):
         raise UsageError(f"{job_id!r} is not a job id (letters, digits, '-' and '_')")
     first = worker_id or remembered_worker(job_id)
-    query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6), "job_id": job_id}
+    query = P.app_jobs_query(secrets.token_hex(6), job_id=job_id)
     if first:
         jobs = ask_workers(signaling, [first], query, P.APP_JOBS_LIST).get(first, {}).get("jobs")
         if jobs:
@@ -509,7 +507,7 @@ def send_content(link: P.Link, path: Path) -> str:
     The worker is asked for the content's SHA-256 first: what it holds is not sent
     again, and an upload cut off earlier resumes from the bytes the worker kept."""
     size, sha256 = P.file_digest(path)
-    link.send(P.UPLOAD_QUERY, {"sha256": sha256, "size": size, "name": path.name})
+    link.send(*P.upload_query(sha256, size, path.name))
     reply = link.expect(lambda m: _is(m, P.UPLOAD_STATUS) and m.payload.get("sha256") == sha256, REPLY_TIMEOUT_S,
                         f"answer about {path.name}").payload
     if reply.get("error"):
@@ -548,7 +546,7 @@ def cmd_download(args) -> int:
 
     def work(link: P.Link) -> int:
         link.on_receive_progress = Progress(f"download {Path(args.path).name}")
-        link.send(P.FILE_REQUEST, {"path": args.path})
+        link.send(*P.file_request(args.path))
         item = link.expect(lambda i: isinstance(i, (P.FileReceived, P.TransferFailed)), REPLY_TIMEOUT_S, "file")
         if isinstance(item, P.TransferFailed):
             print(f"error: download failed: {item.error}", file=sys.stderr)
@@ -1062,9 +1060,9 @@ class JobMonitor:
             choice = "s" if count == 1 and not getattr(self, "_stop_sent", False) else "c"
         if choice.startswith("s"):
             self._stop_sent = True
-            self.link.send(P.ZMQ_CTRL, {"job_id": self.job_id})
+            self.link.send(*P.job_request_control(P.ZMQ_CTRL, self.job_id))
         elif choice.startswith("c"):
-            self.link.send(P.JOB_CANCEL, {"job_id": self.job_id})
+            self.link.send(*P.job_request_control(P.JOB_CANCEL, self.job_id))
         elif choice.startswith("d"):
             self.status(f"detached; job {self.job_id} runs on {self.link.peer_id}", True)
             return DETACHED
@@ -1147,7 +1145,7 @@ def run_job(args, spec: dict, prepare: Optional[Callable[[P.Link, dict], dict]] 
         if prepare is not None:
             spec = prepare(link, spec)
         monitor = JobMonitor(link, job_id, Path(args.log_dir) / job_id, args.verbose)
-        link.send(P.JOB_SUBMIT, {"job_id": job_id, "spec": spec})
+        link.send(*P.job_submit(job_id, spec))
         interactive = sys.stdin.isatty() and sys.stdout.isatty() and not getattr(args, "non_interactive", False)
         while True:
             accepted, errors = monitor.wait_accepted()
@@ -1159,7 +1157,7 @@ def run_job(args, spec: dict, prepare: Optional[Callable[[P.Link, dict], dict]] 
             spec = fixed
             print(f"submitting job {job_id} again with the corrected paths; the command for it:\n  "
                   f"{command_line(spec)}", flush=True)
-            link.send(P.JOB_SUBMIT, {"job_id": job_id, "spec": spec})
+            link.send(*P.job_submit(job_id, spec))
         remember_job(job_id, worker_id, signaling.room_id)
         position = accepted.get("queue_position") or 0
         print(f"job {job_id} accepted by {worker_id}; "
@@ -1367,8 +1365,7 @@ def cmd_jobs(args) -> int:
         if not workers:
             print(f"no workers in room {args.room}", file=sys.stderr)
             return 1
-        query = {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": secrets.token_hex(6)}
-        query.update({"sql": args.sql} if args.sql else {"state": args.state})
+        query = P.app_jobs_query(secrets.token_hex(6), state=args.state, sql=args.sql or None)
         replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST)
     finally:
         signaling.close()
@@ -1464,7 +1461,7 @@ def cmd_logs(args) -> int:
                 sys.stdout.writelines(line + "\n" for _, line in item.payload.get("lines", []))
                 sys.stdout.flush()
 
-        link.send(P.JOB_ATTACH, {"job_id": args.job_id, "follow": args.follow})
+        link.send(*P.job_attach(args.job_id, args.follow))
         attached = link.expect(lambda m: _is(m, P.JOB_ATTACHED, args.job_id), REPLY_TIMEOUT_S,
                                f"log of job {args.job_id}", on_other=show)
         if attached.payload.get("error"):
@@ -1511,7 +1508,7 @@ def cmd_fetch(args) -> int:
             elif isinstance(item, P.TransferFailed):
                 print(f"error: a file did not arrive: {item.error}", file=sys.stderr)
 
-        link.send(P.JOB_FETCH, {"job_id": args.job_id})
+        link.send(*P.job_fetch(args.job_id))
         item = link.expect(lambda m: _is(m, P.JOB_FETCHED, args.job_id), REPLY_TIMEOUT_S,
                            f"results of job {args.job_id}", on_other=arrived)
         if item.payload.get("error"):

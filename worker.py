@@ -404,7 +404,7 @@ class Worker:
                                                  daemon=True))
         executor = executor or LocalExecutor()
         self.scheduler = Scheduler(working_dir, config.slots, config.sleap_nn, self.job_changed,
-                                   config.reservation_timeout, config.stop_grace, self._plan_job, executor)
+                                   config.reservation_timeout, config.stop_grace, Planner(self).plan, executor)
         facts = gpu_facts(gpu_index, probe_torch=config.advertise_gpu_memory is None)
         if config.advertise_gpu_memory is not None:
             facts["gpu_memory_mb"] = config.advertise_gpu_memory
@@ -602,29 +602,6 @@ class Worker:
             except P.SignalingError as exc:  # kept locally; sent again on re-registration
                 log.warning("could not publish status %s: %s", status["status"], exc)
 
-    def _plan_job(self, job: Job) -> tuple[list[Step], list[str]]:
-        """A starting job's steps, from paths checked again (a package is read again, and
-        unpacked); JobSetupError says why it cannot run. Runs on the job's thread.
-
-        A member's steps run without the worker's secrets (hidden_env); its sleap-nn steps
-        with SLEAP_NN_ENV."""
-        if "_resolved" not in job.spec:
-            raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
-                                "submit it again")
-        models = [m for stage in job_stages(job.spec) for m in stage.get("_resolved", {}).get("model_paths", [])]
-        problem = self.store_problem(job.spec) or recheck_checkpoints(
-            job.spec.get("_checkpoints", {}), models, self.scheduler.ledger.model_digests)
-        if problem:
-            raise JobSetupError(problem)
-        steps, notes = self._steps_of(job)
-        if job.kind not in UNSLOTTED:
-            hidden = hidden_env(self.allowed_env)
-            for step in steps:
-                step.drop_env = hidden
-                if step.kind in (P.TRAIN, P.TRACK):
-                    step.env.update(SLEAP_NN_ENV)
-        return steps, notes
-
     def validate(self, spec: dict, job_dir: Path) -> tuple[list[dict], dict]:
         """A train or track spec checked against this worker's mounts (see validate_job)."""
         return validate_job(spec, self.readable_mounts, self.mounts, job_dir, self.uploads.directory,
@@ -642,48 +619,6 @@ class Worker:
             if problem:
                 return problem
         return None
-
-    def _steps_of(self, job: Job) -> tuple[list[Step], list[str]]:
-        if job.kind == P.REPLICATE:
-            try:
-                return [optional(P.REPLICATE).replicate_step_of(self, job)], []
-            except CapabilityMissing as exc:
-                raise JobSetupError(str(exc)) from None
-        if job.kind == P.PRUNE:
-            plan = prune_plan(self.scheduler.ledger.select(limit=-1), self.scheduler.jobs_dir, self.uploads,
-                              self.needed_uploads(), job.spec, job.job_id)
-            return [prune_step_of(job, plan, [self.scheduler.jobs_dir, self.uploads.directory])], []
-        if job.kind == P.COMMAND:  # its paths again, as they resolve now
-            asked = {k: v for k, v in job.spec.items() if not k.startswith("_")}  # as the client sent it
-            errors, command, inputs = validate_command(asked, self.allowed_commands, self.mounts, self.stores, job.dir)
-            if errors or command != job.spec["_command"] or inputs != job.spec.get("_inputs", []):
-                raise JobSetupError("; ".join(e["message"] for e in errors) or
-                                    "a path argument resolves elsewhere than when the job was accepted")
-            return [command_step(job.spec, job.dir)], []
-        if "_package" not in job.spec:
-            notes = []
-            for relabel in job.spec.get("_relabel", []):  # before the recheck, which wants the copies to exist
-                try:
-                    Path(relabel["copy"]).parent.mkdir(parents=True, exist_ok=True)
-                    write_labels_copy(relabel["source"], relabel["copy"], relabel["videos"])
-                except Exception as exc:  # sleap-io raises many types on a file it cannot read or write
-                    raise JobSetupError(f"writing {relabel['copy']} with the mapped video paths failed: {exc}") \
-                        from None
-                maps = ", ".join(f"{old}={new}" for old, new in relabel["map"])
-                notes.append(f"{relabel['source']}: videos mapped with {maps}; sleap-nn reads the copy "
-                             f"{relabel['copy']} (the original is unchanged)")
-            for stage in job_stages(job.spec):
-                problem = recheck_paths(stage["_resolved"], self.readable_mounts, self.mounts, job.dir)
-                if problem:
-                    raise JobSetupError(problem)
-            steps, _ = self.scheduler.structured_plan(job)
-            return steps, notes
-        try:
-            packages = optional(P.PACKAGE)
-        except CapabilityMissing as exc:
-            raise JobSetupError(str(exc)) from None
-        return packages.prepare(job, self.readable_mounts, self.mounts, self.scheduler.executable,
-                                self.scheduler.ledger.model_digests)
 
     def needed_uploads(self) -> set[str]:
         """The hashes in the upload store that queued or running jobs name."""
@@ -973,8 +908,8 @@ class Session:
             P.STORE_LIST: lambda payload: self.send(*P.store_listing(payload.get("request_id"),
                                                                     self.worker.store_listing())),
             P.FILE_REQUEST: self._send_requested_file,
-            P.FS_LIST: lambda payload: self._files(P.FS_LIST, payload),
-            P.FS_SEARCH: lambda payload: self._files(P.FS_SEARCH, payload),
+            P.FS_LIST: lambda payload: self.send(*files_answer(P.FS_LIST, payload, self.worker)),
+            P.FS_SEARCH: lambda payload: self.send(*files_answer(P.FS_SEARCH, payload, self.worker)),
             P.JOB_SUBMIT: self._submit,
             P.ZMQ_CTRL: lambda payload: self._control(P.ZMQ_CTRL, payload),
             P.JOB_CANCEL: lambda payload: self._control(P.JOB_CANCEL, payload),
@@ -1168,51 +1103,11 @@ class Session:
     def _fetch(self, payload: dict) -> None:
         """Send a completed job's result files; JOB_FETCHED lists what was sent."""
         job_id = P.job_id_in(payload)
-        record = self.worker.scheduler.record(job_id)
-        reply: dict = {"job_id": job_id, "files": []}
-        if record is None:
-            reply["error"] = f"no job {job_id} on this worker"
-        elif record["state"] != P.COMPLETED:
-            reply["error"] = f"job {job_id} is {record['state']}; only a completed job has results"
-        elif record.get("pruned"):
-            reply["error"] = f"the files of job {job_id} were pruned {pruned_note(record['pruned'])}"
-        if "error" in reply:
+        paths, reply = result_files(job_id, self.worker.scheduler.record(job_id), self.worker.mounts)
+        if "error" in reply and not paths:
             self.send(P.JOB_FETCHED, reply)
-            return
-        paths = []
-        allowed = self.worker.mounts + [Mount(Path(record["job_dir"]), "job")]
-        for output in record["outputs"] or []:
-            named = [Path(output["path"])] if output["kind"] in ("predictions", "file") else \
-                [Path(output["path"]) / f["name"] for f in output.get("files", [])]
-            for path in named:
-                try:  # checked when served: a file replaced by a link since the job ended is not followed out
-                    paths.append(resolve_in_mounts(str(path), allowed))
-                except PathRefused as exc:
-                    reply["error"] = f"{path} is not served: {exc}"
-        self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply), report=True))
-
-    def _files(self, name: str, payload: dict) -> None:
-        """A listing or a search of the worker's files, inside the mounts a client may read.
-        A search takes up to SEARCH_SECONDS of this session's thread: it delays only this client."""
-        reply: dict = {"request_id": str(payload.get("request_id", ""))[:64]}
-        mounts = self.worker.readable_mounts
-        try:
-            if name == P.FS_LIST:
-                offset = payload.get("offset") or 0
-                if not isinstance(offset, int) or isinstance(offset, bool):
-                    raise PathRefused(f"offset must be a whole number, not {P.echo(offset)}")
-                path = payload.get("path")
-                if path is not None and not isinstance(path, str):
-                    raise PathRefused(f"expected a path, not {P.echo(path)}")
-                reply.update(list_directory(path, mounts, offset, bool(payload.get("nearest"))))
-            else:
-                size = payload.get("size")
-                # The admin's mounts only: copies in job directories would crowd out the originals.
-                reply.update(search_files(str(payload.get("name", "")), self.worker.mounts,
-                                          size if isinstance(size, int) and not isinstance(size, bool) else None))
-        except PathRefused as exc:
-            reply.update(error=str(exc), code=exc.code)
-        self.send(P.FS_LISTING if name == P.FS_LIST else P.FS_FOUND, reply)
+        else:
+            self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply), report=True))
 
     def _send_requested_file(self, payload: dict) -> None:
         requested = str(payload.get("path", ""))
@@ -2004,7 +1899,7 @@ class Job:
     checked again, a package unpacked), runs them in order and reports the outcome; while
     a step runs, "job-ID-stdout" / "job-ID-stderr" read its output into `log` (a JobLog,
     whose relay thread writes the file and tells the listeners) and "job-ID-zmq"
-    (training with progress) forwards sleap-nn's events and sends stop. `_set_state` is
+    (a training step's ProgressChannel) forwards sleap-nn's events and sends stop. `_set_state` is
     the one place the job's state changes, in memory and in the ledger together.
     """
 
@@ -2028,7 +1923,6 @@ class Job:
         self.stop_requested = threading.Event()
         self.cancel_requested = threading.Event()
         self.cancel_reason = ""
-        self.train_ended = threading.Event()
         self.outcome: Optional[dict] = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.steps: list[Step] = []
@@ -2117,15 +2011,13 @@ class Job:
 
     def _run_step(self, index: int, step: Step, on_step) -> Optional[str]:
         """Run one step to its end; why the job cannot go on, or None."""
-        import zmq
-
         saved = self.reattach["saved"] if self.reattach and self.reattach["step"] == index else None
         self.reattach = None
-        context = sub = pub = ports = None
+        channel = ports = None
         if step.kind == P.TRAIN and self.spec.get("gui", True):
-            context = zmq.Context()
             prefer = tuple(saved["ports"]) if saved and saved.get("ports") else None
-            sub, pub, ports = bind_zmq_pair(context, self.executor.zmq_host, prefer)
+            channel = ProgressChannel(self, self.executor.zmq_host, prefer)
+            ports = channel.ports
             if prefer and ports != prefer:
                 self.log.say_line(f"the progress ports {prefer} are taken; live progress of this step is lost")
         result = {"name": step.name, "kind": step.kind, "exit_code": None, "stopped_early": False}
@@ -2136,16 +2028,13 @@ class Job:
                 executor = LocalExecutor() if step.kind in UNSLOTTED else self.executor  # they work here
                 run = executor.attach(self, index, saved) if saved else executor.launch(self, index, step, ports)
             except (OSError, JobSetupError, _CancelledBeforeStart) as exc:
-                if context is not None:
-                    sub.close()
-                    pub.close()
-                    context.term()
+                if channel is not None:
+                    channel.close()
                 if isinstance(exc, _CancelledBeforeStart):
                     return None
                 return str(exc) if isinstance(exc, JobSetupError) else f"cannot start {step.args[0]}: {exc}"
             self.run, self.step, self.command = run, step, run.command
             self.started_at = self.started_at or time.time()
-        self.train_ended.clear()
         on_step(self)
         if saved is None:
             start = {P.TRAIN: P.TRAIN_JOB_START, P.TRACK: P.INFERENCE_JOB_START}.get(step.kind, P.COMMAND_START)
@@ -2153,8 +2042,8 @@ class Job:
         readers = [threading.Thread(target=P.guarded(self._read_chunks), args=(chunks, stream),
                                     name=f"job-{self.job_id}-{label}", daemon=True)
                    for stream, label, chunks in run.outputs()]
-        if context is not None:
-            readers.append(threading.Thread(target=P.guarded(self._poll_zmq), args=(run, context, sub, pub),
+        if channel is not None:
+            readers.append(threading.Thread(target=P.guarded(channel.forward), args=(run,),
                                             name=f"job-{self.job_id}-zmq", daemon=True))
         for thread in readers:
             thread.start()
@@ -2223,47 +2112,6 @@ class Job:
         if isinstance(report, dict) and "n_processed" in report:
             self.log.emit(P.JOB_PROGRESS, {"event": "inference", **report})
 
-    def _poll_zmq(self, run, context, sub, pub) -> None:
-        """Forward sleap-nn's progress; while a stop is wanted, repeat it until train_end."""
-        import zmq
-
-        first_stop = last_stop = None
-        interrupted = False
-        try:
-            while run.poll() is None or sub.poll(0):
-                if sub.poll(ZMQ_POLL_MS, zmq.POLLIN):
-                    self._on_report(sub.recv_string())
-                if self.stop_requested.is_set() and not self.train_ended.is_set():
-                    now = time.monotonic()
-                    if last_stop is None or now - last_stop >= STOP_REPEAT_S:
-                        pub.send_string(json.dumps({"command": "stop"}))
-                        first_stop, last_stop = first_stop or now, now
-                    if not interrupted and now - first_stop > self.stop_grace:
-                        log.warning("job %s: no train_end %.0f s after stop; sending SIGINT", self.job_id,
-                                    self.stop_grace)
-                        self._signal(signal.SIGINT)
-                        interrupted = True
-        finally:
-            sub.close()
-            pub.close()
-            context.term()
-
-    def _on_report(self, text: str) -> None:
-        self.log.emit(P.PROGRESS_REPORT, {"report": text})
-        try:
-            report = json.loads(text)
-        except ValueError:
-            return
-        event = report.get("event")
-        logs = report.get("logs") or {}
-        if event == "train_end":
-            self.train_ended.set()
-        if event in ("train_begin", "epoch_begin", "epoch_end", "train_end"):
-            self.log.emit(P.JOB_PROGRESS, {
-                "event": event, "epoch": report.get("epoch"), "model": self.step.name if self.step else None,
-                "max_epochs": self.step.max_epochs if self.step else None,
-                "loss": logs.get("train/loss", logs.get("loss")), "val_loss": logs.get("val/loss")})
-
     def request_stop(self) -> str:
         step = self.step
         training = step.kind == P.TRAIN if step is not None else self.kind == P.TRAIN
@@ -2293,7 +2141,7 @@ class Job:
 
     def _finish(self, state: str, error: Optional[str], on_finished: Callable[["Job"], None]) -> None:
         self.finished_at = time.time()
-        outputs, warnings = self._outputs(state)
+        outputs, warnings = job_outputs(self)
         steps = self.results + [{"name": s.name, "kind": s.kind, "state": "not run"}
                                 for s in self.steps[len(self.results):]]
         outcome = {"state": state, "exit_code": self.exit_code,
@@ -2351,47 +2199,115 @@ class Job:
                               + (f"; not run: {', '.join(skipped)}" if skipped else ""))
         return (P.FAILED, error) if error else (P.COMPLETED, None)
 
-    def _outputs(self, state: str) -> tuple[list[dict], list[str]]:
-        """Each model directory (every file in it, with its SHA-256) and predictions file
-        the steps that ran made, and a warning for each completed step that made none."""
-        outputs, warnings = [], []
-        for step, result in zip(self.steps, self.results):
-            if step.kind == P.TRAIN:
-                model_dir = self._model_dir(step)
-                if model_dir is None:
-                    if result["state"] == P.COMPLETED:
-                        warnings.append(f"sleap-nn finished but no model appeared under {step.ckpt_dir}")
-                    continue
-                files = [{"name": f.name, **dict(zip(("size", "sha256"), P.file_digest(f)))}
-                         for f in sorted(model_dir.iterdir()) if f.is_file()]
-                outputs.append({"kind": "model", "name": step.name, "path": str(model_dir), "files": files})
-            elif step.kind == P.COMMAND:
-                outputs += command_outputs(self.dir)
-            elif step.kind == P.REPLICATE:
-                outputs += optional(P.REPLICATE).replica_outputs(self.dir)
-            elif step.kind != P.TRACK:
-                continue
-            elif step.output is not None and step.output.is_file():
-                size, sha256 = P.file_digest(step.output)
-                outputs.append({"kind": "predictions", "path": str(step.output), "size": size, "sha256": sha256})
-                if result["state"] == P.COMPLETED and predicted_instances(step.output) == 0:
-                    warnings.append(f"sleap-nn predicted no instance on any frame ({step.output})")
-            elif result["state"] == P.COMPLETED:
-                warnings.append(f"sleap-nn finished but wrote no predictions file ({step.output})")
-        package = self.spec.get("_package")
-        if package and not package.get("uploaded"):
-            base = Path(package["path"]).parent
-            for output in outputs:
-                output["relative"] = str(Path(output["path"]).relative_to(base))
-        return outputs, warnings
 
-    def _model_dir(self, step: Step) -> Optional[Path]:
-        """sleap-nn writes to RUN_NAME, or RUN_NAME-1, -2... when that already holds a model."""
-        if step.ckpt_dir is None or not step.ckpt_dir.is_dir():
-            return None
-        candidates = [d for d in step.ckpt_dir.glob(f"{glob.escape(step.run_name)}*")
-                      if (d / "training_config.yaml").exists() and d.stat().st_mtime >= (self.started_at or 0) - 1]
-        return max(candidates, key=lambda d: d.stat().st_mtime) if candidates else None
+
+class ProgressChannel:
+    """A training step's ZMQ sockets: sleap-nn's progress events in, stop-early out.
+
+    Bound before the step starts (its ports go on sleap-nn's command line). Thread
+    "job-ID-zmq" (`forward`) turns each event into JOB_PROGRESS and PROGRESS_REPORT for
+    the job's listeners and, while the job wants a stop, repeats it until train_end,
+    with SIGINT once if none comes within the job's stop grace; then it closes the sockets.
+    """
+
+    def __init__(self, job: Job, host: str, prefer: Optional[tuple[int, int]]):
+        import zmq
+
+        self.job = job
+        self.context = zmq.Context()
+        self.sub, self.pub, self.ports = bind_zmq_pair(self.context, host, prefer)
+        self.train_ended = False  # the forwarding thread's own
+
+    def close(self) -> None:
+        self.sub.close()
+        self.pub.close()
+        self.context.term()
+
+    def forward(self, run: Run) -> None:
+        """Forward sleap-nn's progress until the run has ended and nothing is left to read."""
+        import zmq
+
+        job = self.job
+        first_stop = last_stop = None
+        interrupted = False
+        try:
+            while run.poll() is None or self.sub.poll(0):
+                if self.sub.poll(ZMQ_POLL_MS, zmq.POLLIN):
+                    self._on_report(self.sub.recv_string())
+                if job.stop_requested.is_set() and not self.train_ended:
+                    now = time.monotonic()
+                    if last_stop is None or now - last_stop >= STOP_REPEAT_S:
+                        self.pub.send_string(json.dumps({"command": "stop"}))
+                        first_stop, last_stop = first_stop or now, now
+                    if not interrupted and now - first_stop > job.stop_grace:
+                        log.warning("job %s: no train_end %.0f s after stop; sending SIGINT", job.job_id,
+                                    job.stop_grace)
+                        run.signal(signal.SIGINT)
+                        interrupted = True
+        finally:
+            self.close()
+
+    def _on_report(self, text: str) -> None:
+        step = self.job.step
+        self.job.log.emit(P.PROGRESS_REPORT, {"report": text})
+        try:
+            report = json.loads(text)
+        except ValueError:
+            return
+        event = report.get("event")
+        logs = report.get("logs") or {}
+        if event == "train_end":
+            self.train_ended = True
+        if event in ("train_begin", "epoch_begin", "epoch_end", "train_end"):
+            self.job.log.emit(P.JOB_PROGRESS, {
+                "event": event, "epoch": report.get("epoch"), "model": step.name if step else None,
+                "max_epochs": step.max_epochs if step else None,
+                "loss": logs.get("train/loss", logs.get("loss")), "val_loss": logs.get("val/loss")})
+
+
+def job_outputs(job: Job) -> tuple[list[dict], list[str]]:
+    """Each model directory (every file in it, with its SHA-256) and predictions file
+    the steps that ran made, and a warning for each completed step that made none."""
+    outputs, warnings = [], []
+    for step, result in zip(job.steps, job.results):
+        if step.kind == P.TRAIN:
+            model_dir = _model_dir(step, job.started_at or 0)
+            if model_dir is None:
+                if result["state"] == P.COMPLETED:
+                    warnings.append(f"sleap-nn finished but no model appeared under {step.ckpt_dir}")
+                continue
+            files = [{"name": f.name, **dict(zip(("size", "sha256"), P.file_digest(f)))}
+                     for f in sorted(model_dir.iterdir()) if f.is_file()]
+            outputs.append({"kind": "model", "name": step.name, "path": str(model_dir), "files": files})
+        elif step.kind == P.COMMAND:
+            outputs += command_outputs(job.dir)
+        elif step.kind == P.REPLICATE:
+            outputs += optional(P.REPLICATE).replica_outputs(job.dir)
+        elif step.kind != P.TRACK:
+            continue
+        elif step.output is not None and step.output.is_file():
+            size, sha256 = P.file_digest(step.output)
+            outputs.append({"kind": "predictions", "path": str(step.output), "size": size, "sha256": sha256})
+            if result["state"] == P.COMPLETED and predicted_instances(step.output) == 0:
+                warnings.append(f"sleap-nn predicted no instance on any frame ({step.output})")
+        elif result["state"] == P.COMPLETED:
+            warnings.append(f"sleap-nn finished but wrote no predictions file ({step.output})")
+    package = job.spec.get("_package")
+    if package and not package.get("uploaded"):
+        base = Path(package["path"]).parent
+        for output in outputs:
+            output["relative"] = str(Path(output["path"]).relative_to(base))
+    return outputs, warnings
+
+
+def _model_dir(step: Step, since: float) -> Optional[Path]:
+    """The model directory a training step made (since `since`): sleap-nn writes to
+    RUN_NAME, or RUN_NAME-1, -2... when that already holds a model."""
+    if step.ckpt_dir is None or not step.ckpt_dir.is_dir():
+        return None
+    candidates = [d for d in step.ckpt_dir.glob(f"{glob.escape(step.run_name)}*")
+                  if (d / "training_config.yaml").exists() and d.stat().st_mtime >= since - 1]
+    return max(candidates, key=lambda d: d.stat().st_mtime) if candidates else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -2688,6 +2604,83 @@ def predicted_instances(path: Path) -> Optional[int]:
     except Exception as exc:  # sleap-io raises many types on a file it cannot read; the count is only a hint
         log.info("could not count the predictions in %s: %s", path, exc)
         return None
+
+
+class Planner:
+    """What a starting job runs: `plan(job)` (the scheduler's `plan`, called on the job's
+    thread) gives its steps from the paths checked again, a package read again and
+    unpacked, and notes for its log; JobSetupError says why it cannot run."""
+
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+
+    def plan(self, job: Job) -> tuple[list[Step], list[str]]:
+        """A starting job's steps, from paths checked again (a package is read again, and
+        unpacked); JobSetupError says why it cannot run. Runs on the job's thread.
+
+        A member's steps run without the worker's secrets (hidden_env); its sleap-nn steps
+        with SLEAP_NN_ENV."""
+        worker = self.worker
+        if "_resolved" not in job.spec:
+            raise JobSetupError("accepted by an older version of this worker, which did not resolve its paths; "
+                                "submit it again")
+        models = [m for stage in job_stages(job.spec) for m in stage.get("_resolved", {}).get("model_paths", [])]
+        problem = worker.store_problem(job.spec) or recheck_checkpoints(
+            job.spec.get("_checkpoints", {}), models, worker.scheduler.ledger.model_digests)
+        if problem:
+            raise JobSetupError(problem)
+        steps, notes = self._steps_of(job)
+        if job.kind not in UNSLOTTED:
+            hidden = hidden_env(worker.allowed_env)
+            for step in steps:
+                step.drop_env = hidden
+                if step.kind in (P.TRAIN, P.TRACK):
+                    step.env.update(SLEAP_NN_ENV)
+        return steps, notes
+
+    def _steps_of(self, job: Job) -> tuple[list[Step], list[str]]:
+        worker, scheduler = self.worker, self.worker.scheduler
+        if job.kind == P.REPLICATE:
+            try:
+                return [optional(P.REPLICATE).replicate_step_of(self.worker, job)], []
+            except CapabilityMissing as exc:
+                raise JobSetupError(str(exc)) from None
+        if job.kind == P.PRUNE:
+            plan = prune_plan(scheduler.ledger.select(limit=-1), scheduler.jobs_dir, worker.uploads,
+                              worker.needed_uploads(), job.spec, job.job_id)
+            return [prune_step_of(job, plan, [scheduler.jobs_dir, worker.uploads.directory])], []
+        if job.kind == P.COMMAND:  # its paths again, as they resolve now
+            asked = {k: v for k, v in job.spec.items() if not k.startswith("_")}  # as the client sent it
+            errors, command, inputs = validate_command(asked, worker.allowed_commands, worker.mounts, worker.stores,
+                                                       job.dir)
+            if errors or command != job.spec["_command"] or inputs != job.spec.get("_inputs", []):
+                raise JobSetupError("; ".join(e["message"] for e in errors) or
+                                    "a path argument resolves elsewhere than when the job was accepted")
+            return [command_step(job.spec, job.dir)], []
+        if "_package" not in job.spec:
+            notes = []
+            for relabel in job.spec.get("_relabel", []):  # before the recheck, which wants the copies to exist
+                try:
+                    Path(relabel["copy"]).parent.mkdir(parents=True, exist_ok=True)
+                    write_labels_copy(relabel["source"], relabel["copy"], relabel["videos"])
+                except Exception as exc:  # sleap-io raises many types on a file it cannot read or write
+                    raise JobSetupError(f"writing {relabel['copy']} with the mapped video paths failed: {exc}") \
+                        from None
+                maps = ", ".join(f"{old}={new}" for old, new in relabel["map"])
+                notes.append(f"{relabel['source']}: videos mapped with {maps}; sleap-nn reads the copy "
+                             f"{relabel['copy']} (the original is unchanged)")
+            for stage in job_stages(job.spec):
+                problem = recheck_paths(stage["_resolved"], worker.readable_mounts, worker.mounts, job.dir)
+                if problem:
+                    raise JobSetupError(problem)
+            steps, _ = scheduler.structured_plan(job)
+            return steps, notes
+        try:
+            packages = optional(P.PACKAGE)
+        except CapabilityMissing as exc:
+            raise JobSetupError(str(exc)) from None
+        return packages.prepare(job, worker.readable_mounts, worker.mounts, scheduler.executable,
+                                scheduler.ledger.model_digests)
 
 
 # ---------------------------------------------------------------------------------------
@@ -3468,6 +3461,56 @@ def search_files(pattern: str, mounts: list[Mount], size: Optional[int] = None,
     found.sort(key=lambda c: -c.pop("rank"))
     return {"candidates": found[:limit], "complete": complete, "scanned": scanned,
             "seconds": round(time.monotonic() - started, 3)}
+
+
+def files_answer(name: str, payload: dict, worker: "Worker") -> tuple[str, dict]:
+    """The answer to FS_LIST or FS_SEARCH: a listing or a search of the worker's files,
+    inside the mounts a client may read. A search takes up to SEARCH_SECONDS of the
+    asking session's thread: it delays only that client."""
+    reply: dict = {"request_id": str(payload.get("request_id", ""))[:64]}
+    try:
+        if name == P.FS_LIST:
+            offset = payload.get("offset") or 0
+            if not isinstance(offset, int) or isinstance(offset, bool):
+                raise PathRefused(f"offset must be a whole number, not {P.echo(offset)}")
+            path = payload.get("path")
+            if path is not None and not isinstance(path, str):
+                raise PathRefused(f"expected a path, not {P.echo(path)}")
+            reply.update(list_directory(path, worker.readable_mounts, offset, bool(payload.get("nearest"))))
+        else:
+            size = payload.get("size")
+            # The admin's mounts only: copies in job directories would crowd out the originals.
+            reply.update(search_files(str(payload.get("name", "")), worker.mounts,
+                                      size if isinstance(size, int) and not isinstance(size, bool) else None))
+    except PathRefused as exc:
+        reply.update(error=str(exc), code=exc.code)
+    return (P.FS_LISTING if name == P.FS_LIST else P.FS_FOUND), reply
+
+
+def result_files(job_id: str, record: Optional[dict], mounts: list[Mount]) -> tuple[list[Path], dict]:
+    """The files a JOB_FETCH sends (a completed job's outputs, each checked when served:
+    a file replaced by a link since the job ended is not followed out), and JOB_FETCHED's
+    payload, with an error when there is nothing, or not everything, to send."""
+    reply: dict = {"job_id": job_id, "files": []}
+    if record is None:
+        reply["error"] = f"no job {job_id} on this worker"
+    elif record["state"] != P.COMPLETED:
+        reply["error"] = f"job {job_id} is {record['state']}; only a completed job has results"
+    elif record.get("pruned"):
+        reply["error"] = f"the files of job {job_id} were pruned {pruned_note(record['pruned'])}"
+    if "error" in reply:
+        return [], reply
+    paths = []
+    allowed = mounts + [Mount(Path(record["job_dir"]), "job")]
+    for output in record["outputs"] or []:
+        named = [Path(output["path"])] if output["kind"] in ("predictions", "file") else \
+            [Path(output["path"]) / f["name"] for f in output.get("files", [])]
+        for path in named:
+            try:
+                paths.append(resolve_in_mounts(str(path), allowed))
+            except PathRefused as exc:
+                reply["error"] = f"{path} is not served: {exc}"
+    return paths, reply
 
 
 # ---------------------------------------------------------------------------------------
