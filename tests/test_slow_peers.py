@@ -35,23 +35,42 @@ def config(tmp_path):
     return path
 
 
-def burst_stand_in(tmp_path: Path, blocks: int, lines_per_block: int = 400, block_s: float = 0.01):
-    """Prints 'ready', waits for the gate file, then prints blocks of numbered 100-byte
-    lines at a steady pace (400 lines every 10 ms: 4 MB/s) and exits 0."""
-    gate = tmp_path / "gate"
+BURST_LINES, TAIL_LINES = 80_000, 1_000
+
+
+def burst_stand_in(tmp_path: Path, lines_per_block: int = 400, block_s: float = 0.01):
+    """Prints 'ready' and waits for the first gate file; then prints BURST_LINES numbered
+    100-byte lines at a steady pace (400 lines every 10 ms: 4 MB/s) and 'burst done'; then
+    waits for the second gate, prints TAIL_LINES more, 'done', and exits 0."""
+    gate, gate2 = tmp_path / "gate", tmp_path / "gate2"
     body = f"""import os, sys, time
+def wait(path):
+    while not os.path.exists(path):
+        time.sleep(0.02)
 print('ready', flush=True)
-while not os.path.exists({str(gate)!r}):
-    time.sleep(0.02)
+wait({str(gate)!r})
 start, n = time.monotonic(), 0
-for block in range({blocks}):
+for block in range({BURST_LINES // lines_per_block}):
     sys.stdout.write(''.join(f'{{n + i:08d}} {LINE}\\n' for i in range({lines_per_block})))
     sys.stdout.flush()
     n += {lines_per_block}
     time.sleep(max(0.0, start + (block + 1) * {block_s} - time.monotonic()))
+print('burst done', flush=True)
+wait({str(gate2)!r})
+sys.stdout.write(''.join(f'{{n + i:08d}} {LINE}\\n' for i in range({TAIL_LINES})))
 print('done', flush=True)
 """
-    return stand_in(tmp_path, "burst-sleap-nn", body), gate
+    return stand_in(tmp_path, "burst-sleap-nn", body), gate, gate2
+
+
+def ends_with(path: Path, marker: str) -> bool:
+    """Whether the last 64 KB of a growing file hold `marker`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            return marker.encode() in f.read()
+    except FileNotFoundError:
+        return False
 
 
 class Throttle:
@@ -79,42 +98,76 @@ class Throttle:
 
 
 def test_a_stopped_and_a_throttled_follower_delay_nobody(room, config, tmp_path):
-    burst, gate = burst_stand_in(tmp_path, blocks=200)  # 80,000 lines, 8 MB in about 2 s
+    """The pass condition depends on no follower's speed. What a follower has waiting at
+    the worker (its backlog) is only live output queued since it attached: the part of
+    the log that was there already is replayed from the file at the link's pace. So
+
+    - `stopped` is attached through the whole burst and reads none of it: its link takes
+      at most SEND_HIGH_WATER and one message, the rest waits, over 3 budgets beyond it;
+    - `steady` and `paused` attach once the burst is in the log: their live output is the
+      tail, about a tenth of the budget, however slowly they read;
+    - `slow` (throttled while the burst runs) may go either way, and each way is checked.
+
+    The only clock is the link timeout: a stopped client must run again within
+    PEER_TIMEOUT_S, so each stop covers a bounded stretch of the job's own output."""
+    budget = 1 << 20  # --follower-backlog 1 (MB)
+    assert BURST_LINES * len(f"{0:08d} {LINE}\n") > P.SEND_HIGH_WATER + 3 * budget
+    assert TAIL_LINES * len(f"{0:08d} {LINE}\n") < budget // 8
+    burst, gate, gate2 = burst_stand_in(tmp_path)
     worker_dir = room.tmp / "w"
     room.start_worker("--mount", str(config.parent), "--sleap-nn", str(burst), "--follower-backlog", "1",
                       working_dir=worker_dir)
     first = room.submit(config)
     second = room.submit(config)  # queued behind the first
-    followers = [room.start_client("logs", first, "--follow") for _ in range(3)]
+    job_log = worker_dir / "jobs" / first / "job.log"
+    stopped, slow = followers = [room.start_client("logs", first, "--follow") for _ in range(2)]
     for follower in followers:
         follower.wait_for(r"(?m)^ready$", timeout=60)
-    steady, stopped, slow = followers
 
+    # 1. While one follower cannot read at all and another only half the time, the job's whole
+    # burst goes past them into the log.
     stopped.popen.send_signal(signal.SIGSTOP)
     throttle = Throttle(slow.popen.pid)
     gate.touch()
     begun = time.monotonic()
     try:
-        # While one follower cannot read at all, the job ends on time and the next one starts.
-        wait_until(lambda: state_of(worker_dir, first) == P.COMPLETED, 4.0, "the first job to complete")
-        wait_until(lambda: state_of(worker_dir, second) in (P.RUNNING, P.COMPLETED), 1.0, "the second job to start")
+        wait_until(lambda: ends_with(job_log, "\nburst done\n"), 4.0, "the burst to reach the job's log")
     finally:
         stopped.popen.send_signal(signal.SIGCONT)
         throttle.stop()
     assert time.monotonic() - begun < 4.5  # the stopped client resumed before its link timed out
+    assert state_of(worker_dir, first) == P.RUNNING  # waiting for gate2
+
+    # 2. Two followers attach now; one of them stops. The job ends, and the next one starts, all the same.
+    steady, paused = late = [room.start_client("logs", first, "--follow") for _ in range(2)]
+    for follower in late:
+        follower.wait_for(r"(?m)^ready$", timeout=60)  # attached: the replay has begun
+    paused.popen.send_signal(signal.SIGSTOP)
+    halted = time.monotonic()
+    try:
+        gate2.touch()
+        wait_until(lambda: state_of(worker_dir, first) == P.COMPLETED, 3.0, "the first job to complete")
+        # started_at: its sleap-nn process started (the state says RUNNING a moment before)
+        wait_until(lambda: ledger(worker_dir, second).get("started_at"), 1.0, "the second job to start")
+    finally:
+        paused.popen.send_signal(signal.SIGCONT)
+    assert time.monotonic() - halted < 4.5
     one, two = ledger(worker_dir, first), ledger(worker_dir, second)
     assert two["started_at"] - one["finished_at"] < 1.0
 
-    log = (worker_dir / "jobs" / first / "job.log").read_text()
-    assert log.count("\n") == 80_004  # the worker's start mark, ready, the lines, done, its end mark
-    assert steady.popen.wait(timeout=60) == 0, steady.output()[-2000:]
-    assert steady.output().startswith(log)  # every line, in order, once
+    log = job_log.read_text()
+    # the worker's start mark, ready, the burst, burst done, the tail, done, its end mark
+    assert log.count("\n") == BURST_LINES + TAIL_LINES + 5
+    for follower in (steady, paused):  # every line, in order, once; `paused` was stopped within its budget
+        assert follower.popen.wait(timeout=60) == 0, follower.output()[-2000:]
+        assert follower.output().startswith(log)
 
     assert stopped.popen.wait(timeout=30) == 1
     out = stopped.output()
     assert "fell" in out and "behind" in out and f"python client.py logs {first} --follow" in out, out[-2000:]
     received = out[:out.index("error: ")]
-    assert log.startswith(received) and len(received) < len(log)  # a prefix: no gap, nothing twice
+    assert log.startswith(received)  # a prefix: no gap, nothing twice
+    assert "burst done" not in received  # detached during the burst, while it was stopped
 
     code = slow.popen.wait(timeout=60)
     out = slow.output()
@@ -204,17 +257,17 @@ def test_a_cancel_while_the_job_is_starting_cancels_it(tmp_path, monkeypatch):
 
 
 def test_a_failing_listener_is_dropped_and_the_others_still_hear(tmp_path, caplog):
-    job = W.Job("j1", {"type": P.TRAIN, "config": "c.yaml"}, tmp_path, "me", "sleap-nn")
+    job_log = W.JobLog("j1", tmp_path / "job.log")
     heard = []
 
     def broken(name, payload):
         raise OSError("disk full")
 
-    job.subscribe(broken)
-    job.subscribe(lambda name, payload: heard.append((name, payload["job_id"])))
+    job_log.subscribe(broken)
+    job_log.subscribe(lambda name, payload: heard.append((name, payload["job_id"])))
     with caplog.at_level(logging.ERROR, logger="sleap_rtc.worker"):
-        job.emit(P.JOB_PROGRESS, {"event": "queued"})
-        job.emit(P.JOB_PROGRESS, {"event": "queued"})
+        job_log.emit(P.JOB_PROGRESS, {"event": "queued"})
+        job_log.emit(P.JOB_PROGRESS, {"event": "queued"})
     assert heard == [(P.JOB_PROGRESS, "j1")] * 2
     assert len([r for r in caplog.records if "a listener failed" in r.message]) == 1  # dropped after one failure
     assert caplog.records[0].exc_info is not None  # with its traceback
