@@ -36,6 +36,7 @@ import shlex
 import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -915,6 +916,7 @@ class JobMonitor:
         self.tty = sys.stderr.isatty()
         self.interrupts = 0
         self.epochs: list[dict] = []  # epoch_end events: epoch, loss, val_loss
+        self.plot = LossPlot(local_dir / "loss.png", f"job {job_id}", self.epochs)
         self.epoch_started: Optional[float] = None
         self.epoch_seconds: list[float] = []
         self.files: list[P.FileReceived] = []
@@ -1001,6 +1003,7 @@ class JobMonitor:
         model = p.get("name")
         if name == P.TRAIN_JOB_START:
             self.status(f"job {self.job_id} started on {self.link.peer_id}: training {model}", True)
+            self.plot.prepare()
         elif name == P.TRAIN_JOB_END:
             self.status(f"model {model} trained{' (stopped early)' if p.get('stopped_early') else ''}", True)
         elif name == P.TRAIN_JOB_ERROR:
@@ -1040,6 +1043,7 @@ class JobMonitor:
                 self.epoch_seconds.append(now - self.epoch_started)
             self.epochs.append({"epoch": p.get("epoch"), "loss": p.get("loss"), "val_loss": p.get("val_loss"),
                                 "model": p.get("model")})
+            self.plot.update()
             total = p.get("max_epochs")
             done = (p.get("epoch") or 0) + 1
             eta = ""
@@ -1096,21 +1100,76 @@ class JobMonitor:
                 print(f"  | {line}", file=sys.stderr)
         print(f"log: {self.log_path}")
         if self.epochs:
-            print(self._plot())
+            print(self.plot.finish())
         return 0 if state == "completed" else 1
 
-    def _plot(self) -> str:
-        try:
-            import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+PLOT_INTERVAL_S = 2.0  # the loss plot is redrawn at most this often while epochs end
+
+
+class LossPlot:
+    """loss.png of a job's epochs, drawn in a thread of its own as epochs end (at most
+    every PLOT_INTERVAL_S), so that the job's end waits for no drawing: matplotlib's import
+    alone takes half a second. The thread imports it as training starts (sleap-nn's own
+    start-up leaves a core free). `finish` draws what came after the last drawing, if anything."""
+
+    def __init__(self, path: Path, title: str, epochs: list[dict]):
+        self.path, self.title, self.epochs = path, title, epochs
+        self.problem: Optional[str] = None
+        self._wake = threading.Event()  # set when there is more to draw
+        self._finishing = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def prepare(self) -> None:
+        """Start the thread: it imports matplotlib, then draws when there are epochs."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="loss-plot", daemon=True)
+            self._thread.start()
+
+    def update(self) -> None:
+        """The epochs grew: draw them soon."""
+        self.prepare()
+        self._wake.set()
+
+    def finish(self, timeout: float = 60) -> str:
+        """Wait until every epoch is drawn; the line to print."""
+        self.prepare()
+        self._finishing.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return f"no loss plot: drawing it took over {timeout:.0f} s"
+        return self.problem or f"loss plot: {self.path}"
+
+    def _run(self) -> None:
+        try:
+            from matplotlib.figure import Figure  # no pyplot: a Figure of its own is safe in a thread
         except ImportError:
-            return "no loss plot: matplotlib is not installed here (pip install matplotlib)"
-        figure, axes = plt.subplots(figsize=(6, 4))
-        models = list(dict.fromkeys(e["model"] for e in self.epochs))  # a package trains several, in order
+            self.problem = "no loss plot: matplotlib is not installed here (pip install matplotlib)"
+            return
+        drawn = 0
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            finishing = self._finishing.is_set()
+            epochs = list(self.epochs)
+            if len(epochs) != drawn:
+                try:
+                    self._draw(Figure, epochs)
+                except Exception as exc:  # matplotlib and the disk may raise anything; the job's outcome stands
+                    self.problem = f"no loss plot: {exc}"
+                    return
+                drawn = len(epochs)
+            if finishing:
+                return
+            self._finishing.wait(PLOT_INTERVAL_S)
+
+    def _draw(self, Figure, epochs: list[dict]) -> None:
+        figure = Figure(figsize=(6, 4))
+        axes = figure.subplots()
+        models = list(dict.fromkeys(e["model"] for e in epochs))  # a package trains several, in order
         for model in models:
-            run = [e for e in self.epochs if e["model"] == model]
+            run = [e for e in epochs if e["model"] == model]
             for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
                 values = [e[key] for e in run]
                 if any(v is not None for v in values):
@@ -1118,12 +1177,11 @@ class JobMonitor:
                               marker="o", label=f"{model} {label}" if len(models) > 1 else label)
         axes.set_xlabel("epoch")
         axes.set_ylabel("loss")
-        axes.set_title(f"job {self.job_id}")
+        axes.set_title(self.title)
         axes.legend()
-        path = self.local_dir / "loss.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        return f"loss plot: {path}"
+        partial = self.path.with_name(self.path.name + ".part")  # a reader sees the old plot or the new one
+        figure.savefig(partial, dpi=100, bbox_inches="tight", format="png")
+        os.replace(partial, self.path)
 
 
 def _num(value) -> str:
@@ -1741,5 +1799,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
+def exit_now(code: int) -> None:
+    """End the process with `code` once its output is flushed, without tearing down the
+    interpreter: with aiortc's loop and matplotlib loaded that takes a quarter second, after
+    everything was closed. It exits the normal way instead while a thread that is no daemon
+    still runs (a normal exit waits for it), or when the output cannot be flushed."""
+    if not isinstance(code, int) or any(t.is_alive() and not t.daemon for t in threading.enumerate()
+                                        if t is not threading.main_thread()):
+        raise SystemExit(code)
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # e.g. a closed pipe: Python's own exit reports it
+        raise SystemExit(code) from None
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())
