@@ -276,6 +276,19 @@ def worker_peer_id(working_dir: Path, name: str) -> tuple[str, str]:
     return id_file.read_text().strip(), key_file.read_text().strip()
 
 
+def _warm_up() -> None:
+    """Thread "import-warmup", once at start-up, ends by itself: import what the first job
+    and the first link would otherwise wait for (sleap-io's labels reader, ~0.5 s, for
+    checking videos at acceptance; aiortc, ~0.15 s, for the first link)."""
+    try:
+        import sleap_io
+
+        sleap_io.load_slp  # sleap-io imports its submodules when first asked for one
+    except ImportError:  # checking videos says so when a job needs it
+        pass
+    importlib.import_module("aiortc")
+
+
 # ---------------------------------------------------------------------------------------
 # Embedded signaling server
 # ---------------------------------------------------------------------------------------
@@ -445,6 +458,7 @@ class Worker:
             session_string = optional("upstream").upstream_session_string(self.room_id, self.token, self.peer_id)
             lines.append(f"worker: sleap-rtc 0.0.7 clients: --session-string {session_string}")
         print("\n".join(lines), flush=True)
+        threading.Thread(target=P.guarded(_warm_up), name="import-warmup", daemon=True).start()
         handlers = {
             P.OFFER: self._start_session,
             P.PEER_MESSAGE: self._on_peer_message,
@@ -4084,6 +4098,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     embedded = None
     server_url = args.server or P.DEFAULT_SERVER_URL
     if not args.server and not _listening("127.0.0.1", P.DEFAULT_WS_PORT):
+        if not (Path(__file__).resolve().parent / "signaling.py").is_file():
+            print(f"error: no --server given, nothing listens on {P.DEFAULT_SERVER_URL}, and signaling.py is not "
+                  "beside worker.py to start a server here; give --server URL", file=sys.stderr)
+            return 1
         try:
             embedded = start_embedded_server(working_dir)
         except OSError as exc:
