@@ -422,7 +422,10 @@ def add_upstream_credentials(credentials: dict, args, base: str, id_token: str, 
     the sign-in as its jwt and user and, with --room and --token, membership of the room
     (so that `--room R` alone lets it in), a worker key for `sleap-rtc worker` and the
     room secret its peer authentication uses."""
-    import upstream  # the dialect's file, beside this one in a full checkout
+    try:
+        import upstream  # the dialect's file, beside this one in a full checkout
+    except ImportError:
+        raise UsageError("--sleap-rtc-credentials needs upstream.py beside client.py (a full checkout)") from None
 
     credentials.update(jwt=id_token, user={"id": username, "username": username})
     if args.room and args.token:
@@ -1146,6 +1149,9 @@ class LossPlot:
             from matplotlib.figure import Figure  # no pyplot: a Figure of its own is safe in a thread
         except ImportError:
             self.problem = "no loss plot: matplotlib is not installed here (pip install matplotlib)"
+            return
+        except Exception as exc:  # a broken install: the job's outcome stands, and says why there is no plot
+            self.problem = f"no loss plot: importing matplotlib failed: {exc}"
             return
         drawn = 0
         while True:

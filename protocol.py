@@ -556,7 +556,7 @@ def file_request(path: str) -> Outgoing:
 
 
 def store_listing(request_id: Any, files: list[dict]) -> Outgoing:
-    return STORE_LISTING, {"request_id": str(request_id or "")[:64], "files": files}
+    return STORE_LISTING, {"request_id": str(request_id)[:64], "files": files}
 
 
 def replica_begin(request_id: str, source: dict, outputs: list[dict]) -> Outgoing:
@@ -565,7 +565,7 @@ def replica_begin(request_id: str, source: dict, outputs: list[dict]) -> Outgoin
 
 def replica_ready(request_id: Any, replica_id: Optional[str] = None, error: Optional[str] = None) -> Outgoing:
     """The receiving worker's answer: the replica job's id, or why it takes none."""
-    answer = {"request_id": str(request_id or "")[:64]}
+    answer = {"request_id": str(request_id)[:64]}
     return REPLICA_READY, {**answer, "error": error} if error is not None else {**answer, "replica_id": replica_id}
 
 
@@ -587,7 +587,7 @@ def app_job_request(job_id: str, spec: dict, capability: str, min_gpu_memory_mb:
 def app_job_response(job_id: Any, accepted: bool, worker_info: dict, **more) -> dict:
     """A worker's answer to APP_JOB_REQUEST; `more`: reason and message when it will not
     take the job, its estimates when it will."""
-    return {APP_MESSAGE_TYPE: APP_JOB_RESPONSE, "job_id": str(job_id or ""), "accepted": accepted,
+    return {APP_MESSAGE_TYPE: APP_JOB_RESPONSE, "job_id": str(job_id), "accepted": accepted,
             "worker_info": worker_info, **more}
 
 
@@ -739,9 +739,14 @@ def capability(spec: dict) -> str:
 
 def offered(metadata: dict) -> list[str]:
     """The job types a worker's registration metadata says it accepts (train and track
-    for a worker from before `job_types`)."""
-    types = (metadata.get("properties") or {}).get("job_types")
-    return [t for t in types if isinstance(t, str)] if isinstance(types, list) else [TRAIN, TRACK]
+    for a worker from before `job_types`). A worker from before `capabilities` serves
+    packages wherever it trains or tracks, without saying so."""
+    properties = metadata.get("properties") or {}
+    types = properties.get("job_types")
+    types = [t for t in types if isinstance(t, str)] if isinstance(types, list) else [TRAIN, TRACK]
+    if "capabilities" not in properties and PACKAGE not in types and (TRAIN in types or TRACK in types):
+        types.append(PACKAGE)
+    return types
 
 
 def _is_a(value: Any, kind: type) -> bool:

@@ -192,7 +192,7 @@ class ReplicaReceiver:
         if self.arriving is not None:
             problem = "a replica is arriving on this link already"
         if problem:
-            self.session.send(*P.replica_ready(payload.get("request_id"), error=problem))
+            self.session.send(*P.replica_ready(payload.get("request_id", ""), error=problem))
             return
         source = payload.get("source") if isinstance(payload.get("source"), dict) else {}
         spec = {"type": P.REPLICA, "source": {"worker": str(source.get("worker"))[:100],
@@ -202,7 +202,7 @@ class ReplicaReceiver:
         self.arriving = {"job": job, "outputs": payload["outputs"], "staging": staging}
         self.session.link.receive_dir = staging
         log.info("replica %s of %s arriving from %s", job.job_id, spec["source"], self.session.peer_id)
-        self.session.send(*P.replica_ready(payload.get("request_id"), job.job_id))
+        self.session.send(*P.replica_ready(payload.get("request_id", ""), job.job_id))
 
     def end(self, payload: dict) -> None:
         """Every file of the replica was sent: check each against the manifest, keep them, record the job."""

@@ -29,10 +29,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import protocol as P
-import worker as W
+
+if TYPE_CHECKING:  # the adapter runs inside worker.py; the codec needs nothing of it
+    import worker as W
 
 log = logging.getLogger("sleap_rtc.worker")
 
@@ -367,7 +369,7 @@ class UpstreamAdapter:
             accepted = {**submit.specs[0], "_resolved": plans[0]["paths"], "_upstream": submit.client_id,
                         **({"_relabel": list(relabels.values())} if relabels else {}),
                         **({"_checkpoints": checkpoints} if checkpoints else {})}
-            files = {W.CONFIG_FILE: plans[0]["config_text"]} if kind == P.TRAIN else {}
+            files = {self.worker.config_file: plans[0]["config_text"]} if kind == P.TRAIN else {}
             more = []
             for index, (spec, plan) in enumerate(zip(submit.specs[1:], plans[1:]), start=1):
                 config_file = f"config-{index}.yaml"

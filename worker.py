@@ -42,8 +42,8 @@ import argparse
 import collections
 import dataclasses
 import glob
-import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -194,12 +194,26 @@ def capabilities() -> list[str]:
 
 
 def optional(name: str):
-    """The optional role file of capability `name`, imported (once); CapabilityMissing
+    """The optional role file of capability `name`: imported from beside this file the
+    first time, the same module after (even if the file went since). CapabilityMissing
     names the file when it is not there."""
-    if name not in capabilities():
+    module_name = _OPTIONAL_MODULES[name]
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = Path(__file__).resolve().parent / OPTIONAL_FILES[name]
+    if not path.is_file():
         raise CapabilityMissing(f"this worker does not serve {OPTIONAL_SERVES[name]}: "
                                 f"{OPTIONAL_FILES[name]} is not beside its worker.py")
-    return importlib.import_module(_OPTIONAL_MODULES[name])
+    # By its path: a module of the same name elsewhere on sys.path is never taken for it.
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,6 +507,9 @@ class Worker:
         when it answers on its own."""
         payload, sender = frame.get("payload"), frame.get("from_peer_id")
         kind = payload.get(P.APP_MESSAGE_TYPE) if isinstance(payload, dict) else None
+        if not isinstance(kind, str):  # a member's odd payload is ignored, not a traceback in the log
+            log.debug("ignored a peer message from %s: %.200s", sender, payload)
+            return
         handler = {P.APP_JOB_REQUEST: self._job_response, P.APP_JOB_ASSIGNMENT: self._assign,
                    P.APP_JOBS_QUERY: self._jobs_query}.get(kind)
         if handler is None:
@@ -546,15 +563,17 @@ class Worker:
         job_type = request.get("job_type")
         requirements = request.get("requirements")
         need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
-        reply = P.app_job_response(request.get("job_id"), False, self._worker_info())
+        reply = P.app_job_response(request.get("job_id", ""), False, self._worker_info())
         low_disk = self.disk_problem() if job_type != P.PRUNE else None  # a prune is what frees the disk
         if self.maintenance:
             reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
         elif low_disk:
             reply.update(reason="low_disk", message=low_disk)
-        elif (request.get("capability") or job_type) not in self.job_types:
+        elif (wanted := request.get("capability") or job_type) not in self.job_types:
+            missing = f" ({OPTIONAL_FILES[wanted]} is not beside its worker.py)" \
+                if wanted in OPTIONAL_FILES and wanted not in self.capabilities else ""
             reply.update(reason="incompatible", message=f"this worker does not offer "
-                         f"{P.echo(request.get('capability') or job_type)}; it offers {', '.join(self.job_types)}")
+                         f"{P.echo(wanted)}{missing}; it offers {', '.join(self.job_types)}")
         elif not isinstance(need, (int, float)) or isinstance(need, bool):
             reply.update(reason="bad_request", message=f"min_gpu_memory_mb must be a number, not {need!r}")
         elif need > props["gpu_memory_mb"]:
@@ -615,6 +634,8 @@ class Worker:
                 self._published = status
             except P.SignalingError as exc:  # kept locally; sent again on re-registration
                 log.warning("could not publish status %s: %s", status["status"], exc)
+
+    config_file = CONFIG_FILE  # where a training's checked config lies in its job's directory
 
     def validate(self, spec: dict, job_dir: Path) -> tuple[list[dict], dict]:
         """A train or track spec checked against this worker's mounts (see validate_job)."""
@@ -919,7 +940,7 @@ class Session:
                                                       str(payload.get("message"))[:500]),
             P.UPLOAD_QUERY: lambda payload: self.send(P.UPLOAD_STATUS,
                                                       self.worker.uploads.status(payload, self.sender)),
-            P.STORE_LIST: lambda payload: self.send(*P.store_listing(payload.get("request_id"),
+            P.STORE_LIST: lambda payload: self.send(*P.store_listing(payload.get("request_id", ""),
                                                                     self.worker.store_listing())),
             P.FILE_REQUEST: self._send_requested_file,
             P.FS_LIST: lambda payload: self.send(*files_answer(P.FS_LIST, payload, self.worker)),
@@ -929,14 +950,11 @@ class Session:
             P.JOB_CANCEL: lambda payload: self._control(P.JOB_CANCEL, payload),
             P.JOB_ATTACH: self._attach,
             P.JOB_FETCH: self._fetch,
-            P.REPLICA_BEGIN: self.replicas.begin if self.replicas else self._no_replicas,
-            P.REPLICA_END: self.replicas.end if self.replicas else self._no_replicas,
+            P.REPLICA_BEGIN: self.replicas.begin if self.replicas else lambda payload: self.send(
+                *P.replica_ready(payload.get("request_id", ""), error=_no_replicas())),
+            P.REPLICA_END: self.replicas.end if self.replicas else lambda payload: self.send(
+                *P.replica_done(payload.get("replica_id"), [], _no_replicas())),
         }
-
-    def _no_replicas(self, payload: dict) -> None:
-        self.send(*P.replica_ready(payload.get("request_id"), error=f"this worker does not serve "
-                                   f"{OPTIONAL_SERVES[P.REPLICATE]}: {OPTIONAL_FILES[P.REPLICATE]} is not beside its "
-                                   "worker.py"))
 
     def _handle(self, item: P.Received) -> None:
         if self.upstream is not None:
@@ -1110,7 +1128,8 @@ class Session:
         following = live and listener is not None
         if listener is not None and not following:
             self._unfollow(job_id)
-        state = job.outcome["state"] if job.outcome else job.state
+        # Live, it is running (its state may be final a moment before it stops taking attaches).
+        state = (job.state if job.state == P.PENDING else P.RUNNING) if live else job.outcome["state"]
         self.outbox.release(job_id, [_replay(job_id, log_path, offset),
                                      P.job_attached(job_id, state, following)])
 
@@ -1133,6 +1152,11 @@ class Session:
             self.send(*P.link_error(str(exc), path=requested[:200]))
             return
         self.outbox.put(_send_files_then([path]))
+
+
+def _no_replicas() -> str:
+    return f"this worker does not serve {OPTIONAL_SERVES[P.REPLICATE]}: {OPTIONAL_FILES[P.REPLICATE]} is not beside " \
+        "its worker.py"
 
 
 def _send_files_then(paths: list[Path], then: Optional[tuple[str, dict]] = None,
@@ -1241,11 +1265,13 @@ class Ledger:
                 if name not in present:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
-    def add(self, job: Job) -> None:
-        self._write("INSERT INTO jobs (job_id, type, spec, submitter, owner, state, submitted_at, log_path, job_dir) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job.job_id, job.kind, json.dumps(job.spec), job.submitter, job.owner, job.state,
-                     job.submitted_at, str(job.log_path), str(job.dir)))
+    def add(self, job: Job, **fields) -> None:
+        """A new job's record; `fields`, more of its columns."""
+        columns = {"job_id": job.job_id, "type": job.kind, "spec": job.spec, "submitter": job.submitter,
+                   "owner": job.owner, "state": job.state, "submitted_at": job.submitted_at,
+                   "log_path": str(job.log_path), "job_dir": str(job.dir), **fields}
+        values = [json.dumps(v) if name in _JSON_COLUMNS else v for name, v in columns.items()]
+        self._write(f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", tuple(values))
 
     def update(self, job_id: str, **fields) -> None:
         assignments = ", ".join(f"{name} = ?" for name in fields)
@@ -1514,7 +1540,7 @@ class Scheduler:
             except OSError as exc:
                 return None, [P.spec_error("worker", f"cannot write the job's directory: {exc}", "WORKER_ERROR")]
             job.log.subscribe(listener)
-            self.ledger.add(job)
+            job.recorded()
             if self.reservations.pop(job_id, None) is not None:
                 self.queue.insert(0, job)  # its slot was kept for it
             else:
@@ -1529,7 +1555,6 @@ class Scheduler:
         job_id = P.new_job_id()
         job = Job(job_id, spec, self.jobs_dir / job_id, submitter, "", ledger=self.ledger)
         (job.dir / ".incoming").mkdir(parents=True)
-        self.ledger.add(job)
         job.arriving()
         return job
 
@@ -2172,12 +2197,20 @@ class Job:
         self.log.close(lambda: setattr(self, "outcome", outcome))
         on_finished(self)
 
-    def _set_state(self, state: str, **fields) -> None:
+    def _set_state(self, state: str, new: bool = False, **fields) -> None:
         """The one place a job's state changes: here and in the ledger (with `fields`,
-        more of its columns), together."""
+        more of its columns), together; `new` adds the job's record."""
         self.state = state
-        if self.ledger is not None:
+        if self.ledger is None:
+            return
+        if new:
+            self.ledger.add(self, **fields)
+        else:
             self.ledger.update(self.job_id, state=state, **fields)
+
+    def recorded(self) -> None:
+        """The job was accepted: its first record, pending."""
+        self._set_state(P.PENDING, new=True)
 
     def lost(self, why: str) -> None:
         """A job that was running when the worker stopped, and did not survive it: failed,
@@ -2191,9 +2224,10 @@ class Job:
         self._set_state(P.FAILED, finished_at=now, error=why, duration_s=round(now - (self.started_at or now), 2))
 
     def arriving(self) -> None:
-        """A replica's files start arriving from another worker (see ReplicaReceiver)."""
+        """A replica's files start arriving from another worker (see ReplicaReceiver): its
+        first record, running."""
         self.started_at = time.time()
-        self._set_state(P.RUNNING, started_at=self.started_at)
+        self._set_state(P.RUNNING, new=True, started_at=self.started_at)
 
     def arrived(self, problem: Optional[str], outputs: list[dict]) -> None:
         """A replica's files were all checked (`problem` None) or were not."""
@@ -4144,12 +4178,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     # The optional role files `import worker`: they get this running module, not a second copy.
     sys.modules.setdefault("worker", sys.modules[__name__])
-    if sys.argv[1:2] == ["slurm-step"]:  # inside a batch job: see batch_script
-        raise SystemExit(optional("slurm").slurm_step(sys.argv[2:]))
+    try:
+        if sys.argv[1:2] == ["slurm-step"]:  # inside a batch job: see slurm.batch_script
+            raise SystemExit(optional("slurm").slurm_step(sys.argv[2:]))
+        if sys.argv[1:2] == ["replicate-step"]:  # a replicate job's step: see replicas.replicate_step_of
+            raise SystemExit(optional(P.REPLICATE).replicate_step(sys.argv[2:]))
+    except CapabilityMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     if sys.argv[1:2] == ["prune-step"]:  # a prune job's step: see prune_step_of
         raise SystemExit(prune_step(sys.argv[2:]))
-    if sys.argv[1:2] == ["replicate-step"]:  # a replicate job's step: see replicas.replicate_step_of
-        raise SystemExit(optional(P.REPLICATE).replicate_step(sys.argv[2:]))
     if sys.argv[1:2] == ["probe-checkpoint"]:  # the worker asking whether a member's checkpoint is data
         raise SystemExit(probe_checkpoint_step(sys.argv[2:]))
     raise SystemExit(main())

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import protocol as P
-from conftest import PY, ROOT, job_id_of, ledger
+from conftest import ROOT, job_id_of, ledger
 from tiny_data import make_project
 
 PACKAGE = Path(__file__).parent / "fixtures" / "sleap-1.6.6" / "single_instance.training_job.zip"
@@ -81,6 +81,12 @@ def test_a_bare_copy_refuses_what_needs_a_missing_file_and_names_it(room, tmp_pa
     # A member who skips negotiation is refused by the worker itself, naming the file.
     signaling = room.signaling_client("bypasser")
     try:
+        signaling.send_to_peer(worker_id, P.app_job_request("j9", {"type": P.TRAIN, "package": str(package)},
+                                                            P.PACKAGE, 0, {}))
+        answer = signaling.next(lambda f: (f.get("payload") or {}).get(P.APP_MESSAGE_TYPE) == P.APP_JOB_RESPONSE,
+                                timeout=15)["payload"]
+        assert not answer["accepted"] and answer["reason"] == "incompatible"
+        assert "does not offer 'package' (packages.py is not beside its worker.py)" in answer["message"]
         link = P.open_link(signaling, worker_id, tmp_path)
         link.send(P.JOB_SUBMIT, {"job_id": "pkg-1", "spec": {"type": P.TRAIN, "package": str(package)}})
         rejected = link.expect(lambda m: m.name == P.JOB_REJECTED, 15, "the rejection").payload

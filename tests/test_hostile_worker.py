@@ -242,3 +242,21 @@ def test_file_transfers_do_not_need_a_free_slot(room, data, tmp_path):
     assert upload.returncode == 0, upload.stderr
     assert [f.read_bytes() for f in (worker_dir / "uploads").glob("*/labels.slp")] == [(mount / "labels.slp").read_bytes()]
     room.client("cancel", job_id)
+
+
+def test_odd_app_messages_over_signaling_are_ignored_without_a_trace(room, tmp_path):
+    """A member sends peer messages whose app type is a list, a dict, a number or missing:
+    the worker ignores each (no traceback in its log, which the fixture checks) and still
+    answers a proper query right after."""
+    _, worker_id = room.start_worker("--mount", str(tmp_path))
+    signaling = room.signaling_client("oddball")
+    try:
+        for odd in (["job_request"], {"a": 1}, 7, None):
+            signaling.send_to_peer(worker_id, {P.APP_MESSAGE_TYPE: odd, "job_id": "j1"})
+        signaling.send_to_peer(worker_id, [P.APP_JOBS_QUERY])
+        signaling.send_to_peer(worker_id, P.app_jobs_query("q1", state=P.COMPLETED))
+        answer = signaling.next(lambda f: f.get("type") == P.PEER_MESSAGE
+                                and (f.get("payload") or {}).get("request_id") == "q1", timeout=15)
+    finally:
+        signaling.close()
+    assert answer is not None and answer["payload"]["jobs"] == []

@@ -89,3 +89,34 @@ def test_gpu_facts_fall_back_cleanly_without_a_gpu():
     facts = worker.gpu_facts(0)
     assert set(facts) == {"gpu_memory_mb", "gpu_model", "cuda_version"}
     assert isinstance(facts["gpu_memory_mb"], int)
+
+
+def test_package_jobs_go_to_workers_that_offer_packages_and_to_those_from_before_capabilities():
+    package = {"type": P.TRAIN, "package": "/data/job.zip"}
+    assert P.capability(package) == P.PACKAGE
+    assert P.capability({"type": P.TRACK, "data_path": "v.mp4", "model_paths": ["m"]}) == P.TRACK
+    assert P.capability({"type": P.COMMAND, "command": "echo"}) == "command:echo"
+    bare = {"properties": {"job_types": [P.TRAIN, P.TRACK, P.PRUNE], "capabilities": []}}
+    full = {"properties": {"job_types": [P.TRAIN, P.TRACK, P.PACKAGE], "capabilities": [P.PACKAGE]}}
+    older = {"properties": {"job_types": [P.TRAIN, P.TRACK, P.PRUNE, P.REPLICATE]}}  # served packages, unsaid
+    assert P.PACKAGE not in P.offered(bare)
+    assert P.offered(full).count(P.PACKAGE) == 1
+    assert P.PACKAGE in P.offered(older) and P.PACKAGE in P.offered({})
+    assert P.offered({"properties": {"job_types": ["command:echo"]}}) == ["command:echo"]
+
+
+def test_builders_spell_each_message_as_the_receivers_read_it():
+    assert P.job_submit("j1", {"type": P.TRAIN}) == (P.JOB_SUBMIT, {"job_id": "j1", "spec": {"type": P.TRAIN}})
+    assert P.job_attached("j1", error="gone") == (P.JOB_ATTACHED, {"job_id": "j1", "error": "gone"})
+    assert P.job_attached("j1", P.RUNNING, True) == (P.JOB_ATTACHED, {"job_id": "j1", "state": P.RUNNING,
+                                                                       "following": True})
+    assert P.replica_ready(None, error="no") == (P.REPLICA_READY, {"request_id": "None", "error": "no"})
+    assert P.replica_done("r" * 100, []) == (P.REPLICA_DONE, {"replica_id": "r" * 64, "outputs": []})
+    assert P.app_jobs_query("q1", job_id="j1") == {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": "q1",
+                                                   "job_id": "j1"}
+    assert P.app_jobs_query("q2", state=None, sql="SELECT 1")["sql"] == "SELECT 1"
+    assert P.app_jobs_query("q3", state=P.RUNNING)["state"] == P.RUNNING
+    assert P.app_job_assigned("j1", 0)["reserved"] and not P.app_job_assigned("j1", 2)["reserved"]
+    submitted = P.Submitted.read({"job_id": "../x", "spec": {"type": P.TRAIN}})
+    assert submitted.problem and submitted.spec == {"type": P.TRAIN}
+    assert P.Submitted.read({"job_id": "ok-1", "spec": 5}) == P.Submitted("ok-1", 5, None)
