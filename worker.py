@@ -291,9 +291,10 @@ def worker_peer_id(working_dir: Path, name: str) -> tuple[str, str]:
 
 
 def _warm_up() -> None:
-    """Thread "import-warmup", once at start-up, ends by itself: import what the first job
-    and the first link would otherwise wait for (sleap-io's labels reader, ~0.5 s, for
-    checking videos at acceptance; aiortc, ~0.15 s, for the first link)."""
+    """Thread "import-warmup", once, when the first job is assigned; ends by itself: import
+    what the job and its link would otherwise wait for (sleap-io's labels reader, ~0.5 s,
+    for checking videos at acceptance; aiortc, ~0.15 s, for the link), while the client
+    opens the link. Not at start-up: a worker that never gets a job spends no CPU on it."""
     try:
         import sleap_io
 
@@ -411,6 +412,7 @@ class Worker:
         self.follower_backlog = config.follower_backlog
         self.peer_id, peer_key = worker_peer_id(working_dir, name)
         self.stopping = threading.Event()
+        self._warmed_up = False  # the main thread's own (see _assign)
         # Guards sessions, the live client links by peer id.
         self._sessions_lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
@@ -472,7 +474,6 @@ class Worker:
             session_string = optional("upstream").upstream_session_string(self.room_id, self.token, self.peer_id)
             lines.append(f"worker: sleap-rtc 0.0.7 clients: --session-string {session_string}")
         print("\n".join(lines), flush=True)
-        threading.Thread(target=P.guarded(_warm_up), name="import-warmup", daemon=True).start()
         handlers = {
             P.OFFER: self._start_session,
             P.PEER_MESSAGE: self._on_peer_message,
@@ -526,6 +527,9 @@ class Worker:
     def _assign(self, sender: str, payload: dict) -> dict:
         """A client chose this worker for a job: keep a slot for it while its spec comes."""
         job_id = str(payload.get("job_id", ""))
+        if not self._warmed_up:  # the first job is coming: import what it will need while its link opens
+            self._warmed_up = True
+            threading.Thread(target=P.guarded(_warm_up), name="import-warmup", daemon=True).start()
         position = self.scheduler.reserve(job_id)
         log.info("assigned job %s by %s: %s", job_id, sender,
                  "slot reserved" if position == 0 else f"it will queue at position {position}")
