@@ -290,20 +290,6 @@ def worker_peer_id(working_dir: Path, name: str) -> tuple[str, str]:
     return id_file.read_text().strip(), key_file.read_text().strip()
 
 
-def _warm_up() -> None:
-    """Thread "import-warmup", once, when the first job is assigned; ends by itself: import
-    what the job and its link would otherwise wait for (sleap-io's labels reader, ~0.5 s,
-    for checking videos at acceptance; aiortc, ~0.15 s, for the link), while the client
-    opens the link. Not at start-up: a worker that never gets a job spends no CPU on it."""
-    try:
-        import sleap_io
-
-        sleap_io.load_slp  # sleap-io imports its submodules when first asked for one
-    except ImportError:  # checking videos says so when a job needs it
-        pass
-    importlib.import_module("aiortc")
-
-
 # ---------------------------------------------------------------------------------------
 # Embedded signaling server
 # ---------------------------------------------------------------------------------------
@@ -412,7 +398,6 @@ class Worker:
         self.follower_backlog = config.follower_backlog
         self.peer_id, peer_key = worker_peer_id(working_dir, name)
         self.stopping = threading.Event()
-        self._warmed_up = False  # the main thread's own (see _assign)
         # Guards sessions, the live client links by peer id.
         self._sessions_lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
@@ -527,9 +512,6 @@ class Worker:
     def _assign(self, sender: str, payload: dict) -> dict:
         """A client chose this worker for a job: keep a slot for it while its spec comes."""
         job_id = str(payload.get("job_id", ""))
-        if not self._warmed_up:  # the first job is coming: import what it will need while its link opens
-            self._warmed_up = True
-            threading.Thread(target=P.guarded(_warm_up), name="import-warmup", daemon=True).start()
         position = self.scheduler.reserve(job_id)
         log.info("assigned job %s by %s: %s", job_id, sender,
                  "slot reserved" if position == 0 else f"it will queue at position {position}")
