@@ -810,7 +810,6 @@ class SignalingServer:
                 connections = list(self._connections)
                 if self._expire_rooms() or self._state_changed:
                     self._save_state()
-                    self._state_changed = False
             now = time.monotonic()
             for conn in connections:
                 registered = conn.peer is not None
@@ -847,6 +846,7 @@ class SignalingServer:
 
     def _save_state(self) -> None:
         """Write rooms and the signing secret atomically (caller holds _lock)."""
+        self._state_changed = False
         if not self.state_file:
             return
         state = {"secret": self._secret.hex(), "rooms": {r.room_id: r.saved() for r in self.rooms.values()}}
@@ -1108,19 +1108,20 @@ class SignalingServer:
             if stale is None and len(room.peers) >= self.limits.max_peers_per_room:
                 return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds its maximum of "
                                      f"{self.limits.max_peers_per_room} peers", kind)
-            if key is not None and claim is None:
-                if len(room.claims) >= MAX_CLAIMS_PER_ROOM:
-                    return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds {MAX_CLAIMS_PER_ROOM} claimed "
-                                         "peer ids; register without a peer_key", kind)
-                room.claims[peer_id] = _key_digest(key)
-                self._state_changed = True  # the pinger saves it: not the reader's to write files
+            claiming = key is not None and claim is None
+            if claiming and len(room.claims) >= MAX_CLAIMS_PER_ROOM:
+                return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds {MAX_CLAIMS_PER_ROOM} claimed "
+                                     "peer ids; register without a peer_key", kind)
             metadata = P.merge_metadata({"tags": [], "properties": {}}, frame.get("metadata") or {})
             peer = Peer(peer_id, room.room_id, frame.get("role", "peer"), metadata, conn, user)
             if peer.metadata_bytes > MAX_METADATA_BYTES:
                 return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes", kind)
-            if room.listing_bytes + len(peer.public_json) > self.limits.outbox_bytes // 2:
-                return P.error_frame(P.ROOM_FULL, f"room {room.room_id}'s peer list would pass "
-                                     f"{self.limits.outbox_bytes // 2} bytes; make metadata smaller", kind)
+            replaced = stale.public_json if stale is not None else ""  # the returning peer's old entry goes
+            if (problem := self._listing_problem(room, len(peer.public_json) - len(replaced))) is not None:
+                return P.error_frame(P.ROOM_FULL, problem, kind)
+            if claiming:  # only a registration that succeeds claims its id
+                room.claims[peer_id] = _key_digest(key)
+                self._state_changed = True  # the pinger saves it: not the reader's to write files
             if stale is not None:
                 room.discard(stale)
             # No room token here: a peer that entered with a jwt or worker key does not learn it.
@@ -1129,6 +1130,14 @@ class SignalingServer:
         if stale is not None:  # the key's holder is back (a restarted worker): its old connection goes
             stale.conn.abort(f"{peer_id} registered again from a new connection")
         return peer, welcome
+
+    def _listing_problem(self, room: Room, growth: int) -> Optional[str]:
+        """Why the room's peer list may not grow by `growth` bytes (caller holds _lock): a
+        full listing must fit half an outbox, so every member can still be sent one."""
+        limit = self.limits.outbox_bytes // 2
+        if room.listing_bytes + growth <= limit:
+            return None
+        return f"room {room.room_id}'s peer list would pass {limit} bytes; make metadata smaller"
 
     def _remove_peer(self, peer: Peer) -> None:
         with self._lock:
@@ -1161,10 +1170,9 @@ class SignalingServer:
             if size > MAX_METADATA_BYTES:
                 return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes",
                                      P.UPDATE_METADATA)
-            if room is not None and room.listing_bytes + size - peer.metadata_bytes > self.limits.outbox_bytes // 2:
-                return P.error_frame(P.MESSAGE_TOO_LARGE, f"room {room.room_id}'s peer list would pass "
-                                     f"{self.limits.outbox_bytes // 2} bytes; make metadata smaller",
-                                     P.UPDATE_METADATA)
+            problem = self._listing_problem(room, size - peer.metadata_bytes) if room is not None else None
+            if problem is not None:
+                return P.error_frame(P.MESSAGE_TOO_LARGE, problem, P.UPDATE_METADATA)
             if room is not None:
                 room.update(peer, merged)
             else:

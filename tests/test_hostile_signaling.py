@@ -276,3 +276,26 @@ def test_a_room_cannot_grow_a_peer_list_bigger_than_an_outbox(world):
     finally:
         for peer in peers:
             peer.close()
+
+
+def test_a_returning_peer_is_not_counted_twice_and_a_refused_one_claims_nothing(world):
+    """A restarted worker with fat metadata registers again with its peer_key while its old
+    connection still holds its id: its old entry is not counted against the peer-list cap.
+    A registration refused by the cap does not claim the id it asked for."""
+    world.start_server("--outbox-mb", "0.25", "--rate", "100000")  # peer lists of at most 128 KiB
+    world.create_room()
+    fat = {"tags": [], "properties": {"pad": "x" * 50_000}}
+    peers = [RawPeer(world.ws_url) for _ in range(5)]
+    try:
+        first = {"type": "register", "peer_id": "w", "room_id": world.room_id, "token": world.token,
+                 "role": "worker", "peer_key": "k" * 40, "metadata": fat}
+        assert peers[0].ask(first)["type"] == P.REGISTERED_AUTH
+        assert peers[1].register("b", world.room_id, world.token, metadata=fat)["type"] == P.REGISTERED_AUTH
+        assert peers[2].ask(first)["type"] == P.REGISTERED_AUTH  # the key's holder, back
+        refused = peers[3].ask({**first, "peer_id": "c", "peer_key": "c" * 40})
+        assert refused["code"] == P.ROOM_FULL and "peer list would pass" in refused["message"]
+        small = {**first, "peer_id": "c", "peer_key": "other-key", "metadata": {}}
+        assert peers[4].ask(small)["type"] == P.REGISTERED_AUTH  # "c" was not claimed by the refused one
+    finally:
+        for peer in peers:
+            peer.close()
