@@ -289,9 +289,11 @@ class UpstreamAdapter:
         if not isinstance(text, str):
             return
         name, rest = upstream_split(text)
-        handler = {UP_AUTH_RESPONSE: self._on_auth_response, UP_JOB_SUBMIT: self._on_submit}.get(name)
-        if handler is not None:
-            handler(text, rest)
+        if name == UP_AUTH_RESPONSE:
+            if not self.authenticated:  # one answer per challenge
+                self._authenticate(rest)
+        elif name == UP_JOB_SUBMIT:
+            self._on_submit(text)
         elif (action := upstream_control(text)) is not None:
             self._control(action)
         else:
@@ -300,11 +302,7 @@ class UpstreamAdapter:
             self._say(f"this worker does not serve {name}: it takes JOB_SUBMIT, CONTROL_COMMAND, JOB_STOP and "
                       "JOB_CANCEL from sleap-rtc 0.0.7 clients\n")
 
-    def _on_auth_response(self, text: str, response: str) -> None:
-        if not self.authenticated:  # one answer per challenge
-            self._authenticate(response)
-
-    def _on_submit(self, text: str, rest: str) -> None:
+    def _on_submit(self, text: str) -> None:
         if self.authenticated:
             self._submit(text)
         elif len(self.held) < MAX_HELD_SUBMITS:
@@ -388,7 +386,7 @@ class UpstreamAdapter:
         if not live:
             self._say("no job of this connection is running on this worker\n")
             return
-        self.session._control(action, {"job_id": live[-1]})
+        self.session.control(action, {"job_id": live[-1]})
 
     # -- writer side ----------------------------------------------------------------------
 

@@ -134,6 +134,11 @@ def parse_mount(text: str) -> Mount:
 MAX_PATH_CHARS = 4096
 
 
+class JobSetupError(Exception):
+    """A job cannot run as accepted (its paths changed, its package is missing or bad);
+    the message says why. Nothing was started."""
+
+
 class PathRefused(Exception):
     """A path from a peer that the worker will not use; `code` is the spec error code."""
 
@@ -180,11 +185,22 @@ OPTIONAL_FILES = {P.PACKAGE: "packages.py", P.REPLICATE: "replicas.py", "slurm":
                   "upstream": "upstream.py"}
 OPTIONAL_SERVES = {P.PACKAGE: "SLEAP training packages", P.REPLICATE: "replicas", "slurm": "SLURM (--slurm)",
                    "upstream": "sleap-rtc 0.0.7 clients"}
-_OPTIONAL_MODULES = {P.PACKAGE: "packages", P.REPLICATE: "replicas", "slurm": "slurm", "upstream": "upstream"}
 
 
-class CapabilityMissing(Exception):
-    """What was asked needs an optional role file this worker's directory lacks."""
+class CapabilityMissing(JobSetupError):
+    """What was asked needs an optional role file this worker's directory lacks (a job
+    that needs it cannot run: hence a JobSetupError)."""
+
+    def __init__(self, name: str):
+        super().__init__(missing_reason(name))
+
+    def spec_error(self, field: str) -> dict:
+        return P.spec_error(field, str(self), "UNSUPPORTED")
+
+
+def missing_reason(name: str) -> str:
+    """Why this worker refuses what needs capability `name`."""
+    return f"this worker does not serve {OPTIONAL_SERVES[name]}: {OPTIONAL_FILES[name]} is not beside its worker.py"
 
 
 def capabilities() -> list[str]:
@@ -197,13 +213,12 @@ def optional(name: str):
     """The optional role file of capability `name`: imported from beside this file the
     first time, the same module after (even if the file went since). CapabilityMissing
     names the file when it is not there."""
-    module_name = _OPTIONAL_MODULES[name]
+    module_name = Path(OPTIONAL_FILES[name]).stem
     if module_name in sys.modules:
         return sys.modules[module_name]
     path = Path(__file__).resolve().parent / OPTIONAL_FILES[name]
     if not path.is_file():
-        raise CapabilityMissing(f"this worker does not serve {OPTIONAL_SERVES[name]}: "
-                                f"{OPTIONAL_FILES[name]} is not beside its worker.py")
+        raise CapabilityMissing(name)
     # By its path: a module of the same name elsewhere on sys.path is never taken for it.
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -556,10 +571,9 @@ class Worker:
         elif low_disk:
             reply.update(reason="low_disk", message=low_disk)
         elif (wanted := request.get("capability") or job_type) not in self.job_types:
-            missing = f" ({OPTIONAL_FILES[wanted]} is not beside its worker.py)" \
-                if wanted in OPTIONAL_FILES and wanted not in self.capabilities else ""
-            reply.update(reason="incompatible", message=f"this worker does not offer "
-                         f"{P.echo(wanted)}{missing}; it offers {', '.join(self.job_types)}")
+            why = missing_reason(wanted) if wanted in OPTIONAL_FILES and wanted not in self.capabilities \
+                else f"this worker does not offer {P.echo(wanted)}"
+            reply.update(reason="incompatible", message=f"{why}; it offers {', '.join(self.job_types)}")
         elif not isinstance(need, (int, float)) or isinstance(need, bool):
             reply.update(reason="bad_request", message=f"min_gpu_memory_mb must be a number, not {need!r}")
         elif need > props["gpu_memory_mb"]:
@@ -932,14 +946,14 @@ class Session:
             P.FS_LIST: lambda payload: self.send(*files_answer(P.FS_LIST, payload, self.worker)),
             P.FS_SEARCH: lambda payload: self.send(*files_answer(P.FS_SEARCH, payload, self.worker)),
             P.JOB_SUBMIT: self._submit,
-            P.ZMQ_CTRL: lambda payload: self._control(P.ZMQ_CTRL, payload),
-            P.JOB_CANCEL: lambda payload: self._control(P.JOB_CANCEL, payload),
+            P.ZMQ_CTRL: lambda payload: self.control(P.ZMQ_CTRL, payload),
+            P.JOB_CANCEL: lambda payload: self.control(P.JOB_CANCEL, payload),
             P.JOB_ATTACH: self._attach,
             P.JOB_FETCH: self._fetch,
             P.REPLICA_BEGIN: self.replicas.begin if self.replicas else lambda payload: self.send(
-                *P.replica_ready(payload.get("request_id", ""), error=_no_replicas())),
+                *P.replica_ready(payload.get("request_id", ""), error=missing_reason(P.REPLICATE))),
             P.REPLICA_END: self.replicas.end if self.replicas else lambda payload: self.send(
-                *P.replica_done(payload.get("replica_id"), [], _no_replicas())),
+                *P.replica_done(payload.get("replica_id"), [], missing_reason(P.REPLICATE))),
         }
 
     def _handle(self, item: P.Received) -> None:
@@ -1049,7 +1063,7 @@ class Session:
         try:
             return optional(P.REPLICATE).replicable(self.worker, spec)
         except CapabilityMissing as exc:
-            return [P.spec_error("type", str(exc), "UNSUPPORTED")]
+            return [exc.spec_error("type")]
 
     # -- who may change what ---------------------------------------------------------------
 
@@ -1075,7 +1089,7 @@ class Session:
         sender's own jobs and the uploads only it sent."""
         return {"all": True} if self.admin else {"owner": self.user}
 
-    def _control(self, name: str, payload: dict) -> None:
+    def control(self, name: str, payload: dict) -> None:
         job_id = P.job_id_in(payload)
         action = "stop" if name == P.ZMQ_CTRL else "cancel"
         record = self.worker.scheduler.record(job_id)
@@ -1138,11 +1152,6 @@ class Session:
             self.send(*P.link_error(str(exc), path=requested[:200]))
             return
         self.outbox.put(_send_files_then([path]))
-
-
-def _no_replicas() -> str:
-    return f"this worker does not serve {OPTIONAL_SERVES[P.REPLICATE]}: {OPTIONAL_FILES[P.REPLICATE]} is not beside " \
-        "its worker.py"
 
 
 def _send_files_then(paths: list[Path], then: Optional[tuple[str, dict]] = None,
@@ -2546,11 +2555,6 @@ def zmq_overrides(ports: Optional[tuple[int, int]]) -> list[str]:
     return [f"++trainer_config.zmq.publish_port={ports[0]}", f"++trainer_config.zmq.controller_port={ports[1]}"]
 
 
-class JobSetupError(Exception):
-    """A job cannot run as accepted (its paths changed, its package is missing or bad);
-    the message says why. Nothing was started."""
-
-
 def train_step(executable: str, spec: dict, job_dir: Path, config_file: str = CONFIG_FILE) -> Step:
     """The sleap-nn training of a structured job.
 
@@ -2675,10 +2679,7 @@ class Planner:
     def _steps_of(self, job: Job) -> tuple[list[Step], list[str]]:
         worker, scheduler = self.worker, self.worker.scheduler
         if job.kind == P.REPLICATE:
-            try:
-                return [optional(P.REPLICATE).replicate_step_of(self.worker, job)], []
-            except CapabilityMissing as exc:
-                raise JobSetupError(str(exc)) from None
+            return [optional(P.REPLICATE).replicate_step_of(self.worker, job)], []
         if job.kind == P.PRUNE:
             plan = prune_plan(scheduler.ledger.select(limit=-1), scheduler.jobs_dir, worker.uploads,
                               worker.needed_uploads(), job.spec, job.job_id)
@@ -2709,11 +2710,7 @@ class Planner:
                     raise JobSetupError(problem)
             steps, _ = scheduler.structured_plan(job)
             return steps, notes
-        try:
-            packages = optional(P.PACKAGE)
-        except CapabilityMissing as exc:
-            raise JobSetupError(str(exc)) from None
-        return packages.prepare(job, worker.readable_mounts, worker.mounts, scheduler.executable,
+        return optional(P.PACKAGE).prepare(job, worker.readable_mounts, worker.mounts, scheduler.executable,
                                 scheduler.ledger.model_digests)
 
 
@@ -2888,7 +2885,7 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
         try:
             packages = optional(P.PACKAGE)
         except CapabilityMissing as exc:
-            return [P.spec_error("package", str(exc), "UNSUPPORTED")], {}
+            return [exc.spec_error("package")], {}
         return packages.validate_package(spec, mounts, write_mounts, job_dir, store_dir, trusted)
     bad = {e["field"] for e in errors}
     writable = write_mounts + [Mount(job_dir, "job")]
@@ -3106,14 +3103,16 @@ def recheck_paths(paths: dict, mounts: list[Mount], write_mounts: list[Mount], j
 # ---------------------------------------------------------------------------------------
 # Checkpoints: data, never code
 # ---------------------------------------------------------------------------------------
-# sleap-nn loads checkpoints with torch.load(weights_only=False): it unpickles them, so a
-# file a member names as one (resume, pretrained weights, a track job's model) could run
-# code as the worker. One is accepted only if it is a model this worker trained itself
-# (its SHA-256 is in the ledger), or if torch loads it with weights_only=True in a child
-# process bounded in time and memory (`worker.py probe-checkpoint`); sleap-nn's own
-# checkpoints need no extra allowed globals. And every sleap-nn step runs with
-# TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 besides (SLEAP_NN_ENV), under which sleap-nn 0.3.5
-# trains, resumes, starts from pretrained weights and tracks.
+# This file never unpickles anything: its one torch.load (probe_checkpoint_step) passes
+# weights_only=True, in a child process. sleap-nn, though, loads checkpoints with full
+# unpickling (its own torch.load calls, not ours), so a file a member names as one
+# (resume, pretrained weights, a track job's model) could run code as the worker. One is
+# accepted only if it is a model this worker trained itself (its SHA-256 is in the
+# ledger), or if torch loads it with weights_only=True in a child process bounded in time
+# and memory (`worker.py probe-checkpoint`); sleap-nn's own checkpoints need no extra
+# allowed globals. And every sleap-nn step runs with TORCH_FORCE_WEIGHTS_ONLY_LOAD=1
+# besides (SLEAP_NN_ENV), under which sleap-nn 0.3.5 trains, resumes, starts from
+# pretrained weights and tracks.
 
 # Config keys whose file sleap-nn unpickles; with a track job's model_paths.
 CHECKPOINT_KEYS = ("trainer_config.resume_ckpt_path", "model_config.pretrained_backbone_weights",

@@ -86,14 +86,15 @@ def test_a_bare_copy_refuses_what_needs_a_missing_file_and_names_it(room, tmp_pa
         answer = signaling.next(lambda f: (f.get("payload") or {}).get(P.APP_MESSAGE_TYPE) == P.APP_JOB_RESPONSE,
                                 timeout=15)["payload"]
         assert not answer["accepted"] and answer["reason"] == "incompatible"
-        assert "does not offer 'package' (packages.py is not beside its worker.py)" in answer["message"]
+        assert answer["message"].startswith("this worker does not serve SLEAP training packages: packages.py is "
+                                            "not beside its worker.py; it offers train, track")
         link = P.open_link(signaling, worker_id, tmp_path)
-        link.send(P.JOB_SUBMIT, {"job_id": "pkg-1", "spec": {"type": P.TRAIN, "package": str(package)}})
+        link.send(*P.job_submit("pkg-1", {"type": P.TRAIN, "package": str(package)}))
         rejected = link.expect(lambda m: m.name == P.JOB_REJECTED, 15, "the rejection").payload
-        link.send(P.JOB_SUBMIT, {"job_id": "rep-1", "spec": {"type": P.REPLICATE, "source_job": "j", "to": "w"}})
+        link.send(*P.job_submit("rep-1", {"type": P.REPLICATE, "source_job": "j", "to": "w"}))
         no_replicate = link.expect(lambda m: m.name == P.JOB_REJECTED, 15, "the rejection").payload
         # Another worker sending a replica hears why it cannot.
-        link.send(P.REPLICA_BEGIN, {"request_id": "r1", "source": {"worker": "w", "job_id": "j"}, "outputs": []})
+        link.send(*P.replica_begin("r1", {"worker": "w", "job_id": "j"}, []))
         no_replica = link.expect(lambda m: m.name == P.REPLICA_READY, 15, "the answer").payload
         link.close()
         # A sleap-rtc 0.0.7 client's link gets one line saying why, then the link ends.
