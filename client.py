@@ -124,14 +124,6 @@ def save_credentials(credentials: dict) -> Path:
     return path
 
 
-def sign_in(base: str) -> dict:
-    """A new anonymous sign-in at the HTTP API `base`: {id_token, username}."""
-    status, body = P.http_call("POST", base + "/anonymous-signin", {})
-    if status != 200:
-        raise P.SignalingError(P.INVALID_TOKEN, f"sign-in at {base} failed: {body.get('error', status)}")
-    return body
-
-
 def signed_in(args, again: bool = False) -> Optional[str]:
     """This user's id token for the server, made on first use (an anonymous sign-in kept in
     the credentials file): the server tells workers who sent each job by it, and only its
@@ -153,7 +145,7 @@ def signed_in(args, again: bool = False) -> Optional[str]:
         if current and current != saved:
             return current  # another client just signed in
         try:
-            body = sign_in(base)
+            body = P.anonymous_sign_in(base)
         except P.SignalingError as exc:
             log.info("no sign-in at %s (%s); going on anonymously", base, exc)
             return None
@@ -398,7 +390,7 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
 
 def cmd_login(args) -> int:
     base = P.http_base_url(args.server, args.http)
-    body = sign_in(base)
+    body = P.anonymous_sign_in(base)
     credentials = load_credentials()
     credentials[base] = {"id_token": body["id_token"], "username": body["username"]}
     if args.sleap_rtc_credentials:
@@ -454,10 +446,7 @@ def cmd_rooms_create(args) -> int:
 
 def cmd_rooms_delete(args) -> int:
     base = P.http_base_url(args.server, args.http)
-    status, body = P.http_call("POST", base + "/delete-peers-and-room", {"room_id": args.room_id},
-                               bearer=signed_in(args))
-    if status != 200:
-        raise P.SleapRTCError(f"room {args.room_id} was not deleted: {body.get('error', status)}")
+    body = P.delete_room(base, args.room_id, signed_in(args))
     print(f"deleted room {args.room_id}; {len(body['deleted_peers'])} peer(s) were in it")
     return 0
 
@@ -931,6 +920,7 @@ class JobMonitor:
         self.events_file = open(local_dir / "events.jsonl", "a", encoding="utf-8")  # every job message but logs
 
     def close(self) -> None:
+        self.plot.stop()
         self.log_file.close()
         self.reports_file.close()
         self.events_file.close()
@@ -1132,6 +1122,12 @@ class LossPlot:
     def update(self) -> None:
         """The epochs grew: draw them soon."""
         self.prepare()
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End the thread after its drawing, if any, without waiting for it (a job that
+        ended before any epoch has nothing to draw)."""
+        self._finishing.set()
         self._wake.set()
 
     def finish(self, timeout: float = 60) -> str:

@@ -848,18 +848,31 @@ def http_call(
         raise SignalingError(DISCONNECTED, f"cannot reach the signaling HTTP API at {url}: {exc}")
 
 
+def anonymous_sign_in(http_base: str) -> dict:
+    """A new anonymous user at the HTTP API: {id_token, username}."""
+    status, body = http_call("POST", http_base + "/anonymous-signin", {})
+    if status != 200:
+        raise SignalingError(INVALID_TOKEN, f"sign-in at {http_base} failed: {body.get('error', status)}")
+    return body
+
+
 def create_room(http_base: str, id_token: Optional[str] = None) -> dict:
     """Create a room (signing in anonymously when no id_token is given); returns
     {room_id, token, id_token}."""
-    if not id_token:
-        status, body = http_call("POST", http_base + "/anonymous-signin", {})
-        if status != 200:
-            raise SignalingError(INVALID_TOKEN, f"anonymous sign-in failed: {body.get('error', status)}")
-        id_token = body["id_token"]
+    id_token = id_token or anonymous_sign_in(http_base)["id_token"]
     status, body = http_call("POST", http_base + "/create-room", {}, bearer=id_token)
     if status != 200:
         raise SignalingError(INVALID_TOKEN, f"could not create a room: {body.get('error', status)}")
     return {"room_id": body["room_id"], "token": body["token"], "id_token": id_token}
+
+
+def delete_room(http_base: str, room_id: str, id_token: Optional[str]) -> dict:
+    """Delete a room and disconnect everyone in it (its creator's id_token only);
+    returns {deleted_peers, room_deleted}."""
+    status, body = http_call("POST", http_base + "/delete-peers-and-room", {"room_id": room_id}, bearer=id_token)
+    if status != 200:
+        raise SleapRTCError(f"room {room_id} was not deleted: {body.get('error', status)}")
+    return body
 
 
 # ---------------------------------------------------------------------------------------
@@ -1880,7 +1893,7 @@ class Transfers:
         to the peer) when it names another transfer."""
         incoming = self.incoming
         if incoming is None or message.payload.get("transfer_id") != incoming.transfer_id:
-            self._reply_error(f"{message.name} for an unknown transfer")
+            self.reply_error(f"{message.name} for an unknown transfer")
             return None
         self._stop_direct()
         return incoming
@@ -1933,10 +1946,10 @@ class Transfers:
         direct = None
         if self._start_direct is None or not direct_enabled():
             reply["off"] = "direct transfers are turned off on this side"
+        elif not isinstance(offer, dict):  # before the rate limit: only a real attempt takes a token
+            reply["off"] = "the direct offer must be an object"
         elif not self._races.allow():
             reply["off"] = "too many direct transfers on this link just now; this one takes the data channel"
-        elif not isinstance(offer, dict):
-            reply["off"] = "the direct offer must be an object"
         else:
             try:
                 direct = self._start_direct(incoming, offer, lambda: self.progress(incoming),
@@ -1952,9 +1965,10 @@ class Transfers:
     def _ack(self, transfer_id: str, **fields) -> None:
         self._send(FILE_ACK, {"transfer_id": transfer_id, **fields})
 
-    def _reply_error(self, text: str) -> None:
+    def reply_error(self, text: str) -> None:
+        """Tell the peer (LINK_ERROR) and the log what was wrong with what it sent."""
         log.warning("link %s: %s", self.peer_id, text)
-        self._send(LINK_ERROR, {"message": text[:500]})
+        self._send(*link_error(text[:500]))
 
 
 _CLOSED = object()
@@ -2399,7 +2413,7 @@ class Link:
             try:
                 message = decode(item)
             except ProtocolError as exc:
-                self._reply_error(f"malformed message: {exc}")
+                self._transfers.reply_error(f"malformed message: {exc}")
                 continue
             self._handlers.get(message.name, self.inbox.put)(message)
 
@@ -2437,9 +2451,6 @@ class Link:
         if not self._closed.is_set():
             self._loop.call_soon_threadsafe(self._send_now, encode(name, payload))
 
-    def _reply_error(self, text: str) -> None:
-        log.warning("link %s: %s", self.peer_id, text)
-        self._send_control(LINK_ERROR, {"message": text[:500]})
 
 
 def _new_link(peer_id: str, ice_servers: list[dict], receive_dir: Optional[Path], store=None) -> Link:

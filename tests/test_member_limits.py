@@ -88,7 +88,7 @@ def client_as(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def sign_in(room) -> dict:
-    return P.http_call("POST", room.http_url + "/anonymous-signin", {})[1]
+    return P.anonymous_sign_in(room.http_url)
 
 
 def rejected(result) -> str:
@@ -450,7 +450,7 @@ def test_only_the_submitter_or_an_admin_stops_cancels_or_prunes_a_job(room, tmp_
     impostor.connect()
     link = P.open_link(impostor, worker_id, tmp_path)
     try:
-        link.send(P.JOB_CANCEL, {"job_id": job_id})
+        link.send(*P.job_request_control(P.JOB_CANCEL, job_id))
         answer = link.expect(lambda m: isinstance(m, P.Message) and m.name == P.JOB_CONTROL, 15, "the refusal")
         assert answer.payload["ok"] is False and "only the member who submitted it" in answer.payload["message"]
     finally:
