@@ -117,7 +117,7 @@ def test_room_and_worker_id_with_two_models_and_the_room_secret(lab, tmp_path):
     strict_dir = lab.tmp / "strict"
     strict_worker, strict = lab.start_worker("--mount", f"{lab.project['config'].parent}:data", "--require-room-secret",
                                  working_dir=strict_dir)
-    env = login(lab, "laptop", "--room", lab.room_id, "--token", lab.token)  # stores the room secret too
+    env = login(lab, "laptop", "--room", lab.room_id, f"--token={lab.token}")  # stores the room secret too
     second = lab.project["config"].with_name("second.yaml")
     second.write_text(lab.project["config"].read_text())
     result = upstream(env, "train", "--room", lab.room_id, "--worker-id", strict, "--config",
@@ -172,7 +172,7 @@ print(json.dumps({"listed": listed, "success": result.success, "job_id": result.
 
 @pytest.mark.slow
 def test_python_api_lists_trains_stops_early_and_tracks(lab, tmp_path):
-    env = login(lab, "gui", "--room", lab.room_id, "--token", lab.token)
+    env = login(lab, "gui", "--room", lab.room_id, f"--token={lab.token}")
     result = subprocess.run([PY, "-c", API_TRAINING, lab.room_id, lab.worker_id, str(lab.project["config"]),
                              str(lab.project["labels"])],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
@@ -197,7 +197,7 @@ def test_python_api_lists_trains_stops_early_and_tracks(lab, tmp_path):
 def test_upstream_worker_registers_with_a_room_key_and_a_wrong_key_is_refused(lab):
     from conftest import Proc
 
-    env = login(lab, "gpu-box", "--room", lab.room_id, "--token", lab.token)
+    env = login(lab, "gpu-box", "--room", lab.room_id, f"--token={lab.token}")
     credentials = json.loads((Path(env["HOME"]) / ".sleap-rtc" / "credentials.json").read_text())
     key = credentials["tokens"][lab.room_id]["api_key"]
 
