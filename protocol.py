@@ -177,6 +177,9 @@ CANDIDATE = "candidate"
 PING = "ping"
 PONG = "pong"
 ERROR = "error"
+# Server -> peer: fresh ICE servers (TURN credentials about to expire), sent just before an
+# offer reaches a peer registered long ago. A frame type no member can send.
+ICE_SERVERS = "ice_servers"
 # Tells a peer its counterpart is done with it: sleap-rtc 0.0.7 clients exit on it. The
 # server forwards it only between the two ends of a link (an offer one way, its answer back).
 QUIT = "quit"
@@ -324,6 +327,11 @@ def peer_json(peer_id: str, role: str, metadata_json: str, connected_at: str) ->
     """One entry of a peer list: {peer_id, role, metadata, connected_at}."""
     return (f'{{"peer_id": {json.dumps(peer_id)}, "role": {json.dumps(role)}, "metadata": {metadata_json}, '
             f'"connected_at": {json.dumps(connected_at)}}}')
+
+
+def ice_servers_json(ice_servers: list[dict]) -> str:
+    """ice_servers {ice_servers}: a peer's fresh STUN/TURN servers and credentials."""
+    return json.dumps({"type": ICE_SERVERS, "ice_servers": ice_servers})
 
 
 def registered_auth_json(room_id: str, peer_id: str, peers: str, ice_servers: list[dict]) -> str:
@@ -1023,6 +1031,9 @@ class SignalingClient:
             if frame.get("type") == PING:
                 self._send_quietly({"type": PONG})
                 continue
+            if frame.get("type") == ICE_SERVERS and isinstance(frame.get("ice_servers"), list):
+                self.ice_servers = frame["ice_servers"]
+                continue
             self._deliver(frame)
         with self._mail:
             self._mail.notify_all()
@@ -1223,9 +1234,174 @@ def _rtc_configuration(ice_servers: list[dict]):
     # An RTCConfiguration without iceServers means Google's STUN server: always pass a list.
     servers = [
         RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
-        for s in ice_servers
+        for s in usable_ice_servers(ice_servers)
     ]
     return RTCConfiguration(iceServers=servers)
+
+
+# ---------------------------------------------------------------------------------------
+# ICE servers: which of those handed out this network can use, and why a link found no path
+# ---------------------------------------------------------------------------------------
+# aiortc builds its ICE agent from the first STUN URL and the first TURN URL it is given
+# and ignores the rest, and it gathers every candidate before the offer goes out: an
+# unreachable STUN server costs 5 s, and TURN over UDP listed first leaves a network
+# without UDP no relay at all. So before each link this side asks the first STUN (or
+# TURN/UDP) server for its address, once, with a short timeout: if UDP gets through, it
+# uses STUN and the first TURN URL over UDP; if not, no STUN and the first TURN URL over
+# TCP, which is what reaches a network that lets no UDP out.
+
+UDP_PROBE_TIMEOUT_S = 1.0
+# A probe's answer holds this long: a worker accepting many links asks once.
+UDP_PROBE_CACHE_S = 60.0
+# Guards _udp_probes: {(host, port): (monotonic time asked, mapped address or None)}.
+_udp_probe_lock = threading.Lock()
+_udp_probes: dict[tuple[str, int], tuple[float, Optional[tuple[str, int]]]] = {}
+
+
+@dataclass(frozen=True)
+class IceUrl:
+    """One STUN or TURN URL of an ice_servers entry, with that entry's credentials."""
+
+    url: str
+    scheme: str  # stun, stuns, turn, turns
+    host: str
+    port: int
+    transport: str  # udp or tcp
+    username: Optional[str] = None
+    credential: Optional[str] = None
+
+    def server(self) -> dict:
+        """The RTCIceServer-shaped entry for this URL alone."""
+        entry = {"urls": self.url}
+        if self.username is not None:
+            entry.update(username=self.username, credential=self.credential)
+        return entry
+
+
+def ice_urls(ice_servers: list[dict]) -> list[IceUrl]:
+    """Every URL of `ice_servers`, in order; one that aiortc cannot use is left out."""
+    from aiortc.rtcicetransport import parse_stun_turn_uri
+
+    urls = []
+    for server in ice_servers:
+        listed = server.get("urls")
+        for url in listed if isinstance(listed, list) else [listed]:
+            try:
+                parsed = parse_stun_turn_uri(str(url))
+            except ValueError:
+                log.warning("ICE server %r: not a STUN or TURN URL; left out", url)
+                continue
+            transport = parsed.get("transport") or "udp"
+            urls.append(IceUrl(str(url), parsed["scheme"], parsed["host"], parsed["port"], transport,
+                               server.get("username"), server.get("credential")))
+    return urls
+
+
+def stun_mapped_address(host: str, port: int, timeout: float = UDP_PROBE_TIMEOUT_S,
+                        sock: Optional[socket.socket] = None) -> Optional[tuple[str, int]]:
+    """Ask a STUN server over UDP which address and port it sees us at; None when no answer
+    came within `timeout` (UDP blocked, or the server down). Pass `sock` to ask from a
+    given local port (`client.py doctor` compares two servers' answers from one port)."""
+    from aioice import stun
+
+    request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    own = sock is None
+    sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        deadline = time.monotonic() + timeout
+        wait = min(0.25, timeout)
+        while time.monotonic() < deadline:  # a lost datagram is sent again, as STUN does
+            try:
+                sock.sendto(bytes(request), (host, port))
+            except OSError:
+                return None  # no route at all
+            sock.settimeout(max(0.01, min(wait, deadline - time.monotonic())))
+            try:
+                while True:
+                    data, _ = sock.recvfrom(2048)
+                    answer = stun.parse_message(data)
+                    if answer.transaction_id == request.transaction_id:
+                        return answer.attributes.get("XOR-MAPPED-ADDRESS") or answer.attributes.get("MAPPED-ADDRESS")
+            except (socket.timeout, ValueError):
+                wait *= 2
+        return None
+    finally:
+        if own:
+            sock.close()
+
+
+def _udp_reaches(url: IceUrl) -> bool:
+    """Whether a STUN request over UDP to `url`'s server is answered (asked at most once a minute)."""
+    key = (url.host, url.port)
+    with _udp_probe_lock:
+        asked = _udp_probes.get(key)
+    if asked is not None and time.monotonic() - asked[0] < UDP_PROBE_CACHE_S:
+        return asked[1] is not None
+    mapped = stun_mapped_address(url.host, url.port)
+    with _udp_probe_lock:
+        _udp_probes[key] = (time.monotonic(), mapped)
+    if mapped is None:
+        log.info("no STUN answer over UDP from %s:%d: using TURN over TCP only", url.host, url.port)
+    return mapped is not None
+
+
+def usable_ice_servers(ice_servers: list[dict]) -> list[dict]:
+    """The one STUN and one TURN URL (at most) that aiortc should get on this network."""
+    urls = ice_urls(ice_servers)
+    stuns = [u for u in urls if u.scheme == "stun"]
+    turn_udp = [u for u in urls if u.scheme == "turn" and u.transport == "udp"]
+    turn_tcp = [u for u in urls if u.scheme in ("turn", "turns") and u.transport == "tcp"]
+    probe = (stuns or turn_udp or [None])[0]
+    if probe is None:  # nothing reached over UDP anyway: TURN over TCP, if any
+        return [u.server() for u in turn_tcp[:1]]
+    if _udp_reaches(probe):
+        return [u.server() for u in stuns[:1] + (turn_udp or turn_tcp)[:1]]
+    return [u.server() for u in turn_tcp[:1]]
+
+
+def candidate_types(sdp: str) -> list[str]:
+    """The kinds of ICE candidate an SDP offers, in the order host, srflx, relay."""
+    seen = {parts[parts.index("typ") + 1] for line in sdp.splitlines() if line.startswith("a=candidate:")
+            for parts in [line.split()] if "typ" in parts[:-1]}
+    return [kind for kind in ("host", "srflx", "prflx", "relay") if kind in seen]
+
+
+def no_route_advice(local: list[str], remote: list[str], peer: str, servers: list[dict]) -> str:
+    """Why two sides with these candidate types found no path, and what would fix it."""
+    seen = (f"this machine offered {', '.join(local) or 'no candidates'}; "
+            f"{peer} offered {', '.join(remote) or 'no candidates'}")
+    if _ice_hosts():
+        seen += f" ({ENV_ICE_HOSTS}={','.join(_ice_hosts())} limits this machine's own addresses)"
+    urls = ice_urls(servers)
+    turn_example = ("signaling.py --ice-server turn:USER:PASSWORD@HOST:3478 (or --turn-secret SECRET "
+                    "--turn-url turn:HOST:3478)")
+    if not urls:
+        why = ("the signaling server hands out no STUN or TURN server, so only the machines' own addresses "
+               "were tried; across NATs that cannot work: start it with --ice-server stun:HOST:3478 and "
+               f"a TURN server: {turn_example}")
+    elif "relay" in local and "relay" in remote:
+        why = ("both sides reached the TURN server and still no relayed path worked: the TURN server must "
+               "be able to relay between its own relay addresses (coturn: its --denied-peer-ip must not "
+               "cover them) and its relay ports (49152-65535/udp) must be open")
+    elif "relay" in local or "relay" in remote:
+        blocked = peer if "relay" in local else "this machine"
+        why = (f"{blocked} got no relay from the TURN server: its network blocks the TURN server's port "
+               "or transport; hand out TURN over TCP too (--turn-url 'turn:HOST:3478?transport=tcp', "
+               "or TCP port 443)")
+    elif not any(u.scheme.startswith("turn") for u in urls):
+        if "srflx" in local and "srflx" in remote:
+            why = ("both sides are behind NATs and hole punching failed: NATs that change ports for every "
+                   f"destination (symmetric) or block unsolicited UDP need a TURN server: {turn_example}")
+        else:
+            without = "this machine" if "srflx" not in local else peer
+            why = (f"{without} got no answer from the STUN server (its network blocks UDP, or the server is "
+                   f"down); such a network needs a TURN server over TCP: {turn_example}, with "
+                   "'?transport=tcp' on the URL")
+    else:
+        why = ("neither side got a relay from the TURN server it was given: check that the TURN server is "
+               "running and reachable, and its credentials (signaling.py --turn-secret must match coturn's "
+               "--static-auth-secret)")
+    return f"{seen}: {why}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -2010,6 +2186,10 @@ class Link:
         # The addresses the peer offered as ICE candidates: the only ones its direct-path
         # hints may send this side to (set once the peer's SDP is known).
         self.remote_addresses: set[str] = set()
+        # What each side offered (candidate types) and the ICE servers handed out: what a
+        # link that finds no path names in its error.
+        self.candidates: tuple[list[str], list[str]] = ([], [])
+        self.ice_servers: list[dict] = []
         self._direct_races = TokenBucket(DIRECT_RACES_PER_S, DIRECT_RACES_BURST)
         self._low = asyncio.Event()  # loop-side: SCTP queue drained to SEND_LOW_WATER
         self._last_rx = time.monotonic()  # loop-side only
@@ -2158,12 +2338,19 @@ class Link:
         return self._closed.is_set()
 
     def wait_open(self, timeout: float) -> None:
-        if not self._opened.wait(timeout):
-            self.close()
-            raise LinkClosed(
-                f"no WebRTC connection to {self.peer_id} within {timeout:.0f} s: no ICE route between the two "
-                f"machines (check {ENV_ICE_HOSTS} and the ICE servers handed out by the signaling server)"
-            )
+        """Wait until the data channel is open; LinkClosed naming the topology when ICE
+        found no path (as soon as it gives up, or at `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while not self._opened.wait(0.1):
+            if self._closed.is_set() or time.monotonic() > deadline:
+                self.close()
+                raise LinkClosed(f"no WebRTC connection to {self.peer_id} within {timeout:.0f} s: "
+                                 f"{self.no_route}")
+
+    @property
+    def no_route(self) -> str:
+        local, remote = self.candidates
+        return no_route_advice(local, remote, self.peer_id, self.ice_servers)
 
     def _send(self, data, timeout: float = 120.0) -> None:
         if self._closed.is_set():
@@ -2456,10 +2643,13 @@ class Link:
 def _new_link(peer_id: str, ice_servers: list[dict], receive_dir: Optional[Path], store=None) -> Link:
     from aiortc import RTCPeerConnection
 
+    configuration = _rtc_configuration(ice_servers)  # may probe the network: not on the loop
+
     async def make() -> Link:
         # Handlers are registered here, on the loop, like every other touch of an aiortc object.
-        pc = RTCPeerConnection(_rtc_configuration(ice_servers))
+        pc = RTCPeerConnection(configuration)
         link = Link(peer_id, pc, receive_dir, store)
+        link.ice_servers = ice_servers
 
         @pc.on("connectionstatechange")
         def _on_state():
@@ -2497,6 +2687,7 @@ def open_link(signaling: SignalingClient, target: str, receive_dir: Path,
         why = f"{reply['code']}: {reply['message']}" if reply else f"no answer within {timeout:.0f} s"
         raise LinkClosed(f"could not open a link to {target}: {why}")
     link.remote_addresses = sdp_addresses(reply["sdp"])
+    link.candidates = (candidate_types(sdp), candidate_types(reply["sdp"]))
     on_loop(link._pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type="answer")), timeout)
     link.wait_open(timeout)
     return link
@@ -2523,6 +2714,7 @@ def accept_link(signaling: SignalingClient, offer_frame: dict, receive_dir: Opti
     except Exception as exc:
         link.close()
         raise LinkClosed(f"bad offer from {peer}: {exc}") from None
+    link.candidates = (candidate_types(sdp), candidate_types(offer_frame["sdp"]))
     signaling.send({"type": ANSWER, "sender": signaling.peer_id, "target": peer, "sdp": sdp})
     link.wait_open(timeout)
     return link

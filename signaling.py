@@ -24,12 +24,14 @@ Reading order:
 
     python signaling.py [--host 127.0.0.1] [--port 8080] [--http-port 8001]
                         [--ice-server URL ...] [--state-file rooms.json] [--room-ttl S]
+                        [--turn-secret SECRET --turn-url URL ... [--turn-ttl S]]
                         [--max-rooms-per-user N] [--max-rooms-per-address N] [--outbox-mb MB]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import hashlib
 import hmac
@@ -108,6 +110,23 @@ class Limits:
     silence_s: float = P.SERVER_SILENCE_S
 
 
+@dataclass(frozen=True)
+class TurnRest:
+    """TURN credentials minted per peer from a secret shared with the TURN server (the
+    TURN REST scheme coturn implements with --use-auth-secret --static-auth-secret):
+    username "EXPIRY:PEER_ID", password base64(HMAC-SHA1(secret, username)). A leaked
+    password stops working at EXPIRY, and the secret never leaves this server."""
+
+    secret: str
+    urls: tuple[str, ...]
+    ttl_s: float = 24 * 3600.0
+
+    def mint(self, peer_id: str, now: Optional[float] = None) -> dict:
+        username = f"{int((now or time.time()) + self.ttl_s)}:{peer_id}"
+        digest = hmac.new(self.secret.encode(), username.encode(), hashlib.sha1).digest()
+        return {"urls": list(self.urls), "username": username, "credential": base64.b64encode(digest).decode()}
+
+
 class Peer:
     """A registered connection. Its public JSON (what discovery and registered_auth
     show) is built once per metadata change; every answer joins these strings."""
@@ -121,6 +140,7 @@ class Peer:
         self.user = user  # the signed-in user, when it registered with an id_token or jwt
         self.offered_to: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.linked: set[str] = set()  # peers it has a link with: an offer one way, its answer back
+        self.ice_issued_at = time.monotonic()  # when it was last handed TURN credentials
         self.metadata = metadata
 
     @property
@@ -714,11 +734,12 @@ class SignalingServer:
     def __init__(self, host: str = "127.0.0.1", port: int = P.DEFAULT_WS_PORT,
                  http_port: int = P.DEFAULT_HTTP_PORT, ice_servers: Optional[list[dict]] = None,
                  state_file: Optional[Path] = None, limits: Optional[Limits] = None,
-                 ping_interval: float = P.SERVER_PING_INTERVAL_S):
+                 ping_interval: float = P.SERVER_PING_INTERVAL_S, turn: Optional[TurnRest] = None):
         self.host = host
         self.port = port
         self.http_port = http_port
-        self.ice_servers = ice_servers or []
+        self.ice_servers = ice_servers or []  # static: the same for every peer
+        self.turn = turn  # minted per peer, when a TURN secret is configured
         self.state_file = Path(state_file) if state_file else None
         self.limits = limits or Limits()
         self.ping_interval = ping_interval
@@ -1125,11 +1146,15 @@ class SignalingServer:
             if stale is not None:
                 room.discard(stale)
             # No room token here: a peer that entered with a jwt or worker key does not learn it.
-            welcome = P.registered_auth_json(room.room_id, peer_id, room.listing(), self.ice_servers)
+            welcome = P.registered_auth_json(room.room_id, peer_id, room.listing(), self._ice_servers_for(peer_id))
             room.add(peer)
         if stale is not None:  # the key's holder is back (a restarted worker): its old connection goes
             stale.conn.abort(f"{peer_id} registered again from a new connection")
         return peer, welcome
+
+    def _ice_servers_for(self, peer_id: str) -> list[dict]:
+        """The STUN/TURN servers a peer gets: the static ones, and TURN credentials of its own."""
+        return self.ice_servers + ([self.turn.mint(peer_id)] if self.turn is not None else [])
 
     def _listing_problem(self, room: Room, growth: int) -> Optional[str]:
         """Why the room's peer list may not grow by `growth` bytes (caller holds _lock): a
@@ -1198,6 +1223,12 @@ class SignalingServer:
                     peer.linked.add(target_id)
                     target.linked.add(peer.peer_id)
             linked = target_id in peer.linked
+            # A worker registered days ago answers offers with TURN credentials that expire:
+            # past half their lifetime it gets fresh ones, just before the offer.
+            refresh = (kind == P.OFFER and target is not None and self.turn is not None
+                       and time.monotonic() - target.ice_issued_at > self.turn.ttl_s / 2)
+            if refresh:
+                target.ice_issued_at = time.monotonic()
         if target is None:
             return P.error_frame(P.PEER_NOT_FOUND, f"no peer {P.echo(target_id)} in room {peer.room_id}", kind)
         if kind == P.QUIT and not linked:
@@ -1207,6 +1238,8 @@ class SignalingServer:
             frame.pop(P.FROM_USER, None)  # only this server says who a user is
             if peer.user:
                 frame[P.FROM_USER] = peer.user
+        if refresh:
+            target.conn.enqueue(P.ice_servers_json(self._ice_servers_for(target_id)))
         if not target.conn.enqueue(json.dumps(frame)):
             return P.error_frame(P.DELIVERY_FAILED, f"peer {P.echo(target_id)} could not be reached", kind)
         return None
@@ -1379,6 +1412,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--http-port", type=int, default=P.DEFAULT_HTTP_PORT, help="HTTP API port (default 8001)")
     parser.add_argument("--ice-server", action="append", type=parse_ice_server, default=[],
                         help="STUN/TURN server handed to peers, e.g. stun:HOST:3478 (repeatable)")
+    parser.add_argument("--turn-secret", default=os.environ.get("SLEAP_RTC_TURN_SECRET"), metavar="SECRET",
+                        help="mint each peer its own TURN credentials from this secret, shared with the TURN "
+                             "server (coturn: --use-auth-secret --static-auth-secret SECRET); default: "
+                             "$SLEAP_RTC_TURN_SECRET, which keeps it out of the process list")
+    parser.add_argument("--turn-url", action="append", default=[], metavar="URL",
+                        help="a TURN URL the minted credentials are for, e.g. turn:HOST:3478 and "
+                             "'turn:HOST:3478?transport=tcp' (repeatable; list UDP first)")
+    parser.add_argument("--turn-ttl", type=float, default=TurnRest.ttl_s, metavar="S",
+                        help="how long minted TURN credentials are valid (default 86400, a day); a peer gets "
+                             "new ones when it registers again")
     parser.add_argument("--state-file", type=Path,
                         help="keep rooms and the sign-in key in this file, so they survive a restart")
     parser.add_argument("--max-peers-per-room", type=int, default=Limits.max_peers_per_room)
@@ -1404,8 +1447,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                     room_ttl_s=args.room_ttl, http_timeout_s=args.http_timeout,
                     rate_per_s=args.rate, rate_burst=max(1, int(args.rate * 2)),
                     outbox_bytes=int(args.outbox_mb * 2**20))
+    if bool(args.turn_secret) != bool(args.turn_url):
+        parser.error("--turn-secret and --turn-url go together: the secret mints credentials for those URLs")
+    if args.turn_ttl <= 0:
+        parser.error("--turn-ttl must be positive")
+    for url in args.turn_url:
+        if not url.startswith(("turn:", "turns:")):
+            parser.error(f"--turn-url {url!r}: expected turn:HOST:PORT[?transport=tcp] or turns:HOST:PORT")
+    turn = TurnRest(args.turn_secret, tuple(args.turn_url), args.turn_ttl) if args.turn_secret else None
     server = SignalingServer(args.host, args.port, args.http_port, args.ice_server, args.state_file, limits,
-                             args.ping_interval)
+                             args.ping_interval, turn)
     try:
         server.start()
     except OSError as exc:

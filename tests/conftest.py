@@ -35,6 +35,8 @@ PY = sys.executable
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end with real sleap-nn or long stand-ins; "
                                        "`pytest -m 'not slow'` is the quick subset")
+    config.addinivalue_line("markers", "netlab: in network namespaces behind NAT routers (tests/netlab.py); "
+                                       "needs root: without it, `pytest -m 'not netlab'`")
 
 
 def free_port() -> int:
