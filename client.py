@@ -4,6 +4,7 @@
     python client.py rooms create | rooms delete ROOM
     python client.py workers  [--min-gpu-memory MB]
     python client.py ping     [--worker-id W] [--count N]
+    python client.py doctor   [--worker-id W]     (why a worker cannot be reached from here)
     python client.py upload   FILE [--worker-id W]
     python client.py download PATH [--worker-id W] [--download DIR]
     python client.py ls       [PATH]          python client.py browse [PATH] [--filter GLOB]
@@ -211,18 +212,61 @@ def choose_worker(signaling: P.SignalingClient, worker_id: Optional[str]) -> str
                                        w["peer_id"]))["peer_id"]
 
 
-def with_link(args, work: Callable[[P.Link], int], receive_dir: Path = Path(".")) -> int:
-    """Open a link to the chosen worker, run `work(link)`, then close everything."""
+# How long a command that lost its link (a new network, a laptop that slept) keeps
+# trying to get one back before it gives up.
+RECONNECT_PATIENCE_S = 300.0
+
+
+def with_link(args, work: Callable[[P.Link], int], receive_dir: Path = Path("."), again: bool = False) -> int:
+    """Open a link to the chosen worker, run `work(link)`, then close everything. With
+    `again`, a lost link is opened again and `work` runs again (see with_link_again)."""
     signaling = connect(args)
     link = None
     try:
         worker_id = choose_worker(signaling, args.worker_id)
         link = P.open_link(signaling, worker_id, receive_dir)
-        return work(link)
+        return work(link) if not again else with_link_again(args, worker_id, work, receive_dir, (signaling, link))
     finally:
         if link is not None:
             link.close()
         signaling.close()
+
+
+def with_link_again(args, worker_id: str, work: Callable[[P.Link], int], receive_dir: Path,
+                    first: tuple[P.SignalingClient, P.Link]) -> int:
+    """Run `work` over `first`'s link; when that link or the signaling connection is lost,
+    register again as a fresh peer (the old connection may be dead without knowing it yet),
+    open a new link and run `work` again, which goes on from what it has. Gives up after
+    RECONNECT_PATIENCE_S without a link."""
+    signaling, link = first
+    lost_since: Optional[float] = None
+    delay = 1.0
+    while True:
+        try:
+            if link is None:
+                signaling = connect(args)
+                link = P.open_link(signaling, worker_id, receive_dir)
+                print(f"connected to {worker_id} again", file=sys.stderr, flush=True)
+            lost_since, delay = None, 1.0
+            return work(link)
+        except (P.LinkClosed, P.SignalingError, P.TransferError) as exc:
+            lost = (isinstance(exc, P.LinkClosed) or (isinstance(exc, P.SignalingError) and exc.code == P.DISCONNECTED)
+                    or (link is not None and link.closed))  # a transfer cut off by the link's end
+            if not lost:
+                raise
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > RECONNECT_PATIENCE_S:
+                raise
+            print(f"lost the link to {worker_id} ({exc}); connecting again in {delay:.0f} s",
+                  file=sys.stderr, flush=True)
+        finally:
+            if link is not None and link is not first[1]:
+                link.close()
+            if signaling is not first[0]:
+                signaling.close()
+        link = None
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -494,6 +538,98 @@ def cmd_ping(args) -> int:
     return with_link(args, work)
 
 
+def cmd_doctor(args) -> int:
+    """Check, in order, what a link to a worker needs, and print a verdict per line."""
+    rows: list[tuple[str, str, str]] = []
+
+    def row(check: str, verdict: str, detail: str) -> None:
+        rows.append((check, verdict, detail))
+        print(f"{check:<18} {verdict:<5} {detail}", flush=True)
+
+    print(f"{'check':<18} {'':<5} result")
+    began = time.monotonic()
+    try:
+        signaling = connect(args)
+    except P.SleapRTCError as exc:
+        row("signaling server", "FAIL", str(exc))
+        return 1
+    try:
+        urls = P.ice_urls(signaling.ice_servers)
+        row("signaling server", "ok", f"{args.server}: registered in room {args.room} in "
+                                      f"{(time.monotonic() - began) * 1000:.0f} ms; hands out "
+                                      f"{', '.join(u.url for u in urls) or 'no STUN or TURN server'}")
+        _doctor_stun(urls, row)
+        for transport in ("udp", "tcp"):
+            _doctor_turn(urls, transport, row)
+        return _doctor_worker(args, signaling, row)
+    finally:
+        signaling.close()
+
+
+def _doctor_stun(urls: list[P.IceUrl], row) -> None:
+    stun = next((u for u in urls if u.scheme == "stun"), None)
+    if stun is None:
+        row("STUN", "warn", "none handed out: peers behind NAT learn no public address "
+                            "(signaling.py --ice-server stun:HOST:3478)")
+        return
+    first, second = P.nat_mapping(stun)
+    if first is None:
+        row("STUN", "FAIL", f"no answer from {stun.host}:{stun.port} over UDP: this network blocks UDP "
+                            "(or the server is down); only TURN over TCP can reach a worker from here")
+        return
+    row("STUN", "ok", f"{stun.host}:{stun.port} sees this machine at {first[0]}:{first[1]}")
+    if second is None:
+        row("NAT kind", "?", "the STUN server has no second address to compare with (coturn gives one "
+                             "when it listens on two IPs)")
+    elif second[1] == first[1] and second[0] == first[0]:
+        row("NAT kind", "ok", f"keeps its port across destinations ({first[1]} to both): "
+                              "a direct path can be punched")
+    else:
+        row("NAT kind", "warn", f"a new port for every destination ({first[1]}, then {second[1]}): "
+                                "symmetric NAT; a worker behind one too is reachable only through TURN")
+
+
+def _doctor_turn(urls: list[P.IceUrl], transport: str, row) -> None:
+    check = f"TURN over {transport.upper()}"
+    turn = next((u for u in urls if u.scheme in ("turn", "turns") and u.transport == transport), None)
+    if turn is None:
+        row(check, "warn", "none handed out" + (": a network without UDP cannot reach a worker behind NAT"
+                                                if transport == "tcp" else ""))
+        return
+    relayed, why = P.turn_allocation(turn)
+    if relayed is None:
+        row(check, "FAIL", f"{turn.url}: no relay: {why}")
+    else:
+        row(check, "ok", f"{turn.url}: relay at {relayed[0]}:{relayed[1]}")
+
+
+def _doctor_worker(args, signaling: P.SignalingClient, row) -> int:
+    try:
+        worker_id = choose_worker(signaling, args.worker_id)
+    except UsageError as exc:
+        row("worker", "FAIL", str(exc))
+        return 1
+    began = time.monotonic()
+    try:
+        link = P.open_link(signaling, worker_id, Path("."))
+    except P.LinkClosed as exc:
+        row("worker", "FAIL", str(exc))
+        return 1
+    try:
+        opened = time.monotonic() - began
+        sent = time.monotonic()
+        link.send(P.LINK_PING, {"seq": 0})
+        link.expect(lambda m: _is(m, P.LINK_PONG), REPLY_TIMEOUT_S, "pong")
+        rtt = (time.monotonic() - sent) * 1000
+        local, remote = link.candidates
+        row("worker", "ok", f"{worker_id}: link open in {opened:.1f} s over {link.route() or 'a path'} "
+                            f"(this machine offered {', '.join(local)}; the worker {', '.join(remote)}); "
+                            f"ping {rtt:.1f} ms")
+        return 0
+    finally:
+        link.close()
+
+
 def send_content(link: P.Link, path: Path) -> str:
     """Put a local file into the worker's upload store; its path there.
 
@@ -530,7 +666,7 @@ def cmd_upload(args) -> int:
         print(f"uploaded {path.name} to {link.peer_id}: {send_content(link, path)}")
         return 0
 
-    return with_link(args, work)
+    return with_link(args, work, again=True)  # a lost link resumes from the bytes the worker kept
 
 
 def cmd_download(args) -> int:
@@ -1386,14 +1522,19 @@ def _submit_checked(args, spec: dict, uploads: tuple[str, ...] = ()) -> int:
     return run_job(args, spec, prepare if local else None)
 
 
-def with_job_link(args, work: Callable[[P.Link, dict], int], receive_dir: Path = Path(".")) -> int:
-    """Find the worker holding args.job_id, open a link to it, run `work(link, record)`."""
+def with_job_link(args, work: Callable[[P.Link, dict], int], receive_dir: Path = Path("."),
+                  again: bool = False) -> int:
+    """Find the worker holding args.job_id, open a link to it, run `work(link, record)`
+    (with `again`, on every link until it returns: see with_link_again)."""
     signaling = connect(args)
     link = None
     try:
         worker_id, record = locate_job(signaling, args.job_id, args.worker_id)
         link = P.open_link(signaling, worker_id, receive_dir)
-        return work(link, record)
+        if not again:
+            return work(link, record)
+        return with_link_again(args, worker_id, lambda again_link: work(again_link, record), receive_dir,
+                               (signaling, link))
     finally:
         if link is not None:
             link.close()
@@ -1515,13 +1656,17 @@ def cmd_status(args) -> int:
 
 
 def cmd_logs(args) -> int:
+    shown = {"offset": 0}  # how much of the job's log this command printed: a new link goes on from there
+
     def work(link: P.Link, record: dict) -> int:
         def show(item) -> None:
             if _is(item, P.JOB_LOG, args.job_id):
                 sys.stdout.writelines(line + "\n" for _, line in item.payload.get("lines", []))
                 sys.stdout.flush()
+                if isinstance(item.payload.get("offset"), int):
+                    shown["offset"] = item.payload["offset"]
 
-        link.send(*P.job_attach(args.job_id, args.follow))
+        link.send(*P.job_attach(args.job_id, args.follow, shown["offset"]))
         attached = link.expect(lambda m: _is(m, P.JOB_ATTACHED, args.job_id), REPLY_TIMEOUT_S,
                                f"log of job {args.job_id}", on_other=show)
         if attached.payload.get("error"):
@@ -1541,7 +1686,7 @@ def cmd_logs(args) -> int:
         print(f"job {args.job_id} {end.payload.get('state')}", file=sys.stderr)
         return 0
 
-    return with_job_link(args, work)
+    return with_job_link(args, work, again=args.follow)
 
 
 def cmd_fetch(args) -> int:
@@ -1635,6 +1780,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("workers", parents=[common], help="list the workers in the room")
     p.add_argument("--min-gpu-memory", type=int, default=0, metavar="MB", help="only workers with this much")
     p.set_defaults(run=cmd_workers)
+
+    p = commands.add_parser("doctor", parents=[common, worker_choice],
+                            help="check the signaling server, STUN (and the NAT kind), TURN over UDP and TCP, "
+                                 "and a link to a worker, with a verdict per line")
+    p.set_defaults(run=cmd_doctor)
 
     p = commands.add_parser("ping", parents=[common, worker_choice], help="round trip over a WebRTC link")
     p.add_argument("--count", type=int, default=3, help="how many pings (default 3)")

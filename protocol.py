@@ -530,8 +530,16 @@ def job_control(job_id: str, action: str, ok: bool, message: str) -> Outgoing:
     return JOB_CONTROL, {"job_id": job_id, "action": action, "ok": ok, "message": message}
 
 
-def job_attach(job_id: str, follow: bool) -> Outgoing:
-    return JOB_ATTACH, {"job_id": job_id, "follow": follow}
+def job_attach(job_id: str, follow: bool, since: int = 0) -> Outgoing:
+    """The job's log from byte `since` (a client that lost its link goes on from the
+    `offset` of the last JOB_LOG it had); with `follow`, then everything live."""
+    return JOB_ATTACH, {"job_id": job_id, "follow": follow, **({"since": since} if since else {})}
+
+
+def attach_since(payload: dict) -> int:
+    """JOB_ATTACH's `since`: a byte offset into the job's log (0 when absent or not one)."""
+    since = payload.get("since")
+    return since if isinstance(since, int) and not isinstance(since, bool) and since > 0 else 0
 
 
 def job_attached(job_id: str, state: Optional[str] = None, following: bool = False,
@@ -545,10 +553,12 @@ def job_fetch(job_id: str) -> Outgoing:
     return JOB_FETCH, {"job_id": job_id}
 
 
-def job_log(job_id: str, lines: list, progress: Optional[str]) -> Outgoing:
-    """A batch of a job's output: [stream, line] pairs ("o", "e", "w", "m") and the latest
-    carriage-return update, if any."""
-    return JOB_LOG, {"job_id": job_id, "lines": lines, "progress": progress}
+def job_log(job_id: str, lines: list, progress: Optional[str], offset: Optional[int] = None) -> Outgoing:
+    """A batch of a job's output: [stream, line] pairs ("o", "e", "w", "m"), the latest
+    carriage-return update, if any, and `offset`: the size of the job's log file once
+    these lines are in it (where a reattaching client goes on from)."""
+    payload = {"job_id": job_id, "lines": lines, "progress": progress}
+    return JOB_LOG, payload if offset is None else {**payload, "offset": offset}
 
 
 def link_error(message: str, **more) -> Outgoing:
@@ -1300,31 +1310,16 @@ def ice_urls(ice_servers: list[dict]) -> list[IceUrl]:
 def stun_mapped_address(host: str, port: int, timeout: float = UDP_PROBE_TIMEOUT_S,
                         sock: Optional[socket.socket] = None) -> Optional[tuple[str, int]]:
     """Ask a STUN server over UDP which address and port it sees us at; None when no answer
-    came within `timeout` (UDP blocked, or the server down). Pass `sock` to ask from a
-    given local port (`client.py doctor` compares two servers' answers from one port)."""
+    came within `timeout` (UDP blocked, or the server down). A lost datagram is sent
+    again, as STUN does. Pass `sock` to ask from a given local port."""
     from aioice import stun
 
     request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
     own = sock is None
     sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        deadline = time.monotonic() + timeout
-        wait = min(0.25, timeout)
-        while time.monotonic() < deadline:  # a lost datagram is sent again, as STUN does
-            try:
-                sock.sendto(bytes(request), (host, port))
-            except OSError:
-                return None  # no route at all
-            sock.settimeout(max(0.01, min(wait, deadline - time.monotonic())))
-            try:
-                while True:
-                    data, _ = sock.recvfrom(2048)
-                    answer = stun.parse_message(data)
-                    if answer.transaction_id == request.transaction_id:
-                        return answer.attributes.get("XOR-MAPPED-ADDRESS") or answer.attributes.get("MAPPED-ADDRESS")
-            except (socket.timeout, ValueError):
-                wait *= 2
-        return None
+        answer = _stun_answer(sock, request, (host, port), timeout)
+        return _mapped(answer) if answer is not None else None
     finally:
         if own:
             sock.close()
@@ -1357,6 +1352,75 @@ def usable_ice_servers(ice_servers: list[dict]) -> list[dict]:
     if _udp_reaches(probe):
         return [u.server() for u in stuns[:1] + (turn_udp or turn_tcp)[:1]]
     return [u.server() for u in turn_tcp[:1]]
+
+
+def nat_mapping(url: IceUrl, timeout: float = UDP_PROBE_TIMEOUT_S) -> tuple[Optional[tuple], Optional[tuple]]:
+    """(the address a STUN server sees us at, the one its second address sees from the same
+    local port), for telling NAT kinds apart (RFC 5780: the server names its second
+    address in OTHER-ADDRESS; coturn does when it listens on two IPs). Either is None
+    when unanswered or, for the second, when the server has no second address."""
+    from aioice import stun
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        first = _stun_answer(sock, request, (url.host, url.port), timeout)
+        if first is None:
+            return None, None
+        other = first.attributes.get("OTHER-ADDRESS")
+        if not other:
+            return _mapped(first), None
+        second = stun_mapped_address(other[0], other[1], timeout, sock)
+        return _mapped(first), second
+
+
+def _stun_answer(sock: socket.socket, request, address: tuple[str, int], timeout: float):
+    """The STUN answer to `request` at `address` from `sock`, or None."""
+    from aioice import stun
+
+    deadline, wait = time.monotonic() + timeout, min(0.25, timeout)
+    while time.monotonic() < deadline:
+        try:
+            sock.sendto(bytes(request), address)
+        except OSError:
+            return None
+        sock.settimeout(max(0.01, min(wait, deadline - time.monotonic())))
+        try:
+            while True:
+                data, _ = sock.recvfrom(2048)
+                answer = stun.parse_message(data)
+                if answer.transaction_id == request.transaction_id:
+                    return answer
+        except (socket.timeout, ValueError):
+            wait *= 2
+    return None
+
+
+def _mapped(answer) -> Optional[tuple[str, int]]:
+    return answer.attributes.get("XOR-MAPPED-ADDRESS") or answer.attributes.get("MAPPED-ADDRESS")
+
+
+def turn_allocation(url: IceUrl, timeout: float = 5.0) -> tuple[Optional[tuple[str, int]], str]:
+    """Ask a TURN server for a relay over `url`'s transport: (the relayed address, "") or
+    (None, why not). The allocation is released at once."""
+    from aioice import turn
+
+    async def allocate():
+        transport, _ = await asyncio.wait_for(turn.create_turn_endpoint(
+            asyncio.DatagramProtocol, (url.host, url.port), url.username, url.credential,
+            ssl=url.scheme == "turns", transport=url.transport), timeout)
+        try:
+            return transport.get_extra_info("sockname")
+        finally:
+            transport.close()
+
+    try:
+        relayed = on_loop(allocate(), timeout + 1)
+    except (TimeoutError, asyncio.TimeoutError):
+        return None, f"no answer within {timeout:.0f} s"
+    except Exception as exc:  # aioice raises TransactionFailed (401, 437...), OSError and more: each a reason
+        return None, str(exc) or type(exc).__name__
+    return (relayed[0], relayed[1]), ""
 
 
 def candidate_types(sdp: str) -> list[str]:
@@ -2346,6 +2410,18 @@ class Link:
                 self.close()
                 raise LinkClosed(f"no WebRTC connection to {self.peer_id} within {timeout:.0f} s: "
                                  f"{self.no_route}")
+
+    def route(self) -> Optional[str]:
+        """The candidate pair ICE chose, as "host|srflx|relay <-> ..." (this side first),
+        or None when unknown. aiortc keeps no public accessor: read from its ICE agent."""
+        async def nominated() -> Optional[str]:
+            pair = self._pc.sctp.transport.transport._connection._nominated.get(1)
+            return f"{pair.local_candidate.type} <-> {pair.remote_candidate.type}" if pair else None
+
+        try:
+            return on_loop(nominated(), timeout=5)
+        except Exception:  # a diagnostic: an aiortc without these attributes only loses this line
+            return None
 
     @property
     def no_route(self) -> str:

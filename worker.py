@@ -1116,9 +1116,10 @@ class Session:
             self.send(*P.job_attached(job_id, error=f"job {job_id} is {record['state']}; its log and files were "
                                                     f"pruned {pruned_note(record['pruned'])}"))
             return
+        since = P.attach_since(payload)
         if job is None:  # it ended before this worker process started
             size = log_path.stat().st_size if log_path.is_file() else 0
-            self.outbox.put(_replay(job_id, log_path, size))
+            self.outbox.put(_replay(job_id, log_path, size, since))
             self.send(*P.job_attached(job_id, record["state"]))
             return
         self._unfollow(job_id)  # attaching twice replays again, and follows once
@@ -1130,7 +1131,7 @@ class Session:
             self._unfollow(job_id)
         # Live, it is running (its state may be final a moment before it stops taking attaches).
         state = (job.state if job.state == P.PENDING else P.RUNNING) if live else job.outcome["state"]
-        self.outbox.release(job_id, [_replay(job_id, log_path, offset),
+        self.outbox.release(job_id, [_replay(job_id, log_path, offset, since),
                                      P.job_attached(job_id, state, following)])
 
     def _fetch(self, payload: dict) -> None:
@@ -1183,8 +1184,9 @@ def _send_files_then(paths: list[Path], then: Optional[tuple[str, dict]] = None,
     return action
 
 
-def _replay(job_id: str, log_path: Path, size: int) -> Callable[[P.Link], None]:
-    """A writer action: send the first `size` bytes of a job's log, read as it is sent."""
+def _replay(job_id: str, log_path: Path, size: int, since: int = 0) -> Callable[[P.Link], None]:
+    """A writer action: send bytes `since` to `size` of a job's log, read as it is sent,
+    each batch with the offset it reaches."""
 
     def action(link: P.Link) -> None:
         try:
@@ -1192,7 +1194,9 @@ def _replay(job_id: str, log_path: Path, size: int) -> Callable[[P.Link], None]:
         except OSError:
             return  # not started yet: no log
         with log_file:
-            left, pending = size, b""
+            start = min(since, size)
+            log_file.seek(start)
+            left, pending, sent = size - start, b"", start
             while left > 0:
                 chunk = log_file.read(min(LOG_BATCH_BYTES, left))
                 if not chunk:
@@ -1201,8 +1205,9 @@ def _replay(job_id: str, log_path: Path, size: int) -> Callable[[P.Link], None]:
                 pending += chunk
                 *complete, pending = pending.split(b"\n")
                 if complete:
+                    sent += sum(len(line) + 1 for line in complete)
                     lines = [["o", line.decode("utf-8", "replace")] for line in complete]
-                    link.send(*P.job_log(job_id, lines, None))
+                    link.send(*P.job_log(job_id, lines, None, sent))
 
     return action
 
@@ -1919,9 +1924,10 @@ class JobLog:
                             self._size += len(data)
                         except OSError as exc:  # e.g. a full disk: keep reading, or sleap-nn blocks on its pipe
                             log.error("job %s: writing its log failed: %s", self.job_id, exc)
+                        offset = self._size
                         with self._listeners_lock:
                             listeners = list(self._listeners)
-                    self.emit(*P.job_log(self.job_id, batch, progress), listeners)
+                    self.emit(*P.job_log(self.job_id, batch, progress, offset), listeners)
                 if say is not None:
                     self.emit(say.name, say.payload)
 

@@ -1,6 +1,7 @@
 """A small internet in Linux network namespaces: NAT routers, a laptop, a worker, coturn.
 
-    internet  100.64.0.1   signaling server and coturn (STUN + TURN on 3478, UDP and TCP)
+    internet  100.64.0.1   signaling server and coturn (STUN + TURN on 3478, UDP and TCP;
+       |      100.64.0.2   coturn's second address, for telling NAT kinds apart)
        |      default route into a dummy interface: nothing leaves the machine, and a
        |      packet to an address nobody has vanishes as it would on the internet
        +-- 100.64.1.2  worker's router --- LAN --- worker
@@ -40,6 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SERVER_IP = "100.64.0.1"
+# coturn's second address: with two it names the other in STUN answers (RFC 5780's
+# OTHER-ADDRESS), which is how `client.py doctor` tells a NAT that keeps its port from
+# one that picks a new one per destination.
+SECOND_IP = "100.64.0.2"
 TURN_PORT = 3478
 # Private ranges the relay never sends to: coturn closes a whole allocation when one send
 # fails locally (a peer's private host candidate with no route), so a real deployment
@@ -96,6 +101,7 @@ class Lab:
         self.turn_user, self.turn_password = "lab", secrets.token_hex(8)
         self.turn_secret = secrets.token_hex(16)
         self._namespaces: list[str] = []
+        self._moves: dict[str, int] = {}  # how often each site got a new address
         self._coturn: subprocess.Popen | None = None
 
     # -- names ------------------------------------------------------------------------
@@ -148,6 +154,7 @@ class Lab:
             sh("ip", "link", "set", "lo", "up", ns=self.ns(host))
         internet, void = self.ns("internet"), self.ns("void")
         sh("ip", "addr", "add", f"{SERVER_IP}/32", "dev", "lo", ns=internet)
+        sh("ip", "addr", "add", f"{SECOND_IP}/32", "dev", "lo", ns=internet)
         # The void: a neighbour that takes every packet the internet has no route for and
         # never answers (no forwarding, no address of its own to reply from), so it
         # vanishes as it would on the internet.
@@ -209,7 +216,7 @@ class Lab:
         credentials = (["--use-auth-secret", f"--static-auth-secret={self.turn_secret}"] if self.turn == "secret"
                        else ["--lt-cred-mech", "--user", f"{self.turn_user}:{self.turn_password}"])
         argv = ["turnserver", "-n", "--listening-port", str(TURN_PORT), "--listening-ip", SERVER_IP,
-                "--relay-ip", SERVER_IP, "--realm", "lab", "--no-tls", "--no-dtls", "--no-cli",
+                "--listening-ip", SECOND_IP, "--relay-ip", SERVER_IP, "--realm", "lab", "--no-tls", "--no-dtls", "--no-cli",
                 "--log-file", str(log), "--simple-log", "--pidfile", str(self.workdir / "coturn.pid"),
                 "--userdb", str(self.workdir / "turndb"),
                 *[f"--denied-peer-ip={r}" for r in DENIED_PEERS], *credentials]
@@ -227,12 +234,22 @@ class Lab:
 
     # -- while it runs ----------------------------------------------------------------
 
-    def new_address(self, host: str) -> None:
-        """The site's network changes under its connections (a new Wi-Fi, a new public
-        address): every NAT mapping of its router is forgotten, so the next packet of each
-        flow leaves from another port and no reply to the old one arrives."""
-        router = self.ns(f"{host}-router")
-        sh("conntrack", "-F", ns=router, check=False)  # "0 flow entries" exits 1 on some versions
+    def new_address(self, host: str) -> str:
+        """The site moves to a new public address under its connections (a new Wi-Fi, a
+        router that reconnected): the router's WAN address changes and every NAT mapping
+        is forgotten, so no packet of an old flow reaches either end any more. Returns the
+        new address."""
+        side = self.worker_side if host == "worker" else self.laptop_side
+        if side.nat == "none":
+            raise ValueError(f"{host} has a routed address; only a NATed site moves")
+        router, n = self.ns(f"{host}-router"), 1 if host == "worker" else 2
+        self._moves[host] = self._moves.get(host, 0) + 1
+        old, new = f"100.64.{n}.{1 + self._moves[host]}", f"100.64.{n}.{2 + self._moves[host]}"
+        sh("ip", "addr", "del", f"{old}/24", "dev", "wan", ns=router)
+        sh("ip", "addr", "add", f"{new}/24", "dev", "wan", ns=router)
+        sh("ip", "route", "replace", "default", "via", f"100.64.{n}.1", ns=router)
+        sh("conntrack", "-F", ns=router, check=False)  # exits 1 on "0 flow entries" with some versions
+        return new
 
     def down(self) -> None:
         if self._coturn is not None and self._coturn.poll() is None:

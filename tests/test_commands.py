@@ -149,3 +149,41 @@ def test_a_worker_short_of_disk_refuses_new_jobs_and_says_why(room, tmp_path):
     assert f"{worker_id}: low_disk (only " in refused.stderr and "GB free in" in refused.stderr
     with sqlite3.connect(worker_dir / "jobs.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0  # nothing was accepted
+
+
+def test_a_log_goes_on_from_a_byte_offset_and_odd_offsets_are_harmless(room, tmp_path):
+    """JOB_ATTACH's `since` (what a client that lost its link had): the log from that byte,
+    each batch saying how far it reached; any other value is a replay from the start, or
+    past the end an empty one, and the link stays up."""
+    worker_dir = tmp_path / "w"
+    _, worker_id = room.start_worker("--allow-command", "seq=/usr/bin/seq", working_dir=worker_dir)
+    done = room.client("run", "--non-interactive", "seq", "--", "1", "200")
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = job_id_of(done.stdout)
+    log = Path(ledger(worker_dir, job_id)["log_path"]).read_bytes()
+    middle = log.index(b"\n100\n") + 1  # the start of the line "100"
+
+    signaling = room.signaling_client("reader")
+    link = P.open_link(signaling, worker_id, tmp_path)
+
+    def attach(since) -> tuple[bytes, list]:
+        link.send(P.JOB_ATTACH, {"job_id": job_id, "follow": True, "since": since})
+        got, offsets = [], []
+        while True:
+            item = link.expect(lambda m: m.name in (P.JOB_LOG, P.JOB_ATTACHED), 20, "the log")
+            if item.name == P.JOB_ATTACHED:
+                assert item.payload["state"] == P.COMPLETED and not item.payload["following"]
+                return b"".join(line.encode() + b"\n" for line in got), offsets
+            got += [text for _, text in item.payload["lines"]]
+            offsets.append(item.payload["offset"])
+
+    try:
+        text, offsets = attach(middle)
+        assert text == log[middle:] and offsets[-1] == len(log)
+        for odd in (-5, "12", True, None, 1.5, [3]):
+            text, _ = attach(odd)
+            assert text == log, odd
+        assert attach(len(log) + 10**12) == (b"", [])
+    finally:
+        link.close()
+        signaling.close()

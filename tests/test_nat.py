@@ -187,3 +187,78 @@ def test_without_a_path_the_client_says_why_within_30_s(tmp_path, topology, serv
             assert took < 30, f"the client took {took:.1f} s to give up"
         finally:
             world.close()
+
+
+COUNTER = """import sys, time
+for i in range(1, int(sys.argv[1]) + 1):
+    print(f"line {i}", flush=True)
+    time.sleep(0.1)
+"""
+
+
+def test_a_follow_and_an_upload_survive_a_new_network(tmp_path):
+    """The laptop's site gets a new public address mid-way (conntrack flushed, as after a
+    new Wi-Fi): `logs --follow` reconnects on its own and goes on from the byte it had,
+    every line once, to the job's end; an upload resumes from the bytes the worker kept."""
+    from conftest import stand_in
+
+    world = lab_world(tmp_path, "home")
+    try:
+        counter = stand_in(tmp_path, "counter", COUNTER)
+        worker, _ = world.start_worker("--allow-command", f"count={counter}",
+                                       working_dir=tmp_path / "w")
+        result = world.client("run", "--detach", "--non-interactive", "count", "--", "250")
+        assert result.returncode == 0, result.stdout + result.stderr
+        job_id = job_id_of(result.stdout)
+        follow = world.start_client("logs", job_id, "--follow")
+        follow.wait_for(r"line 30\n", timeout=60)
+        world.lab.new_address("laptop")
+        assert follow.popen.wait(timeout=180) == 0, follow.output()
+        out = follow.output()
+        assert "lost the link" in out and "connected to" in out and "again" in out
+        assert re.findall(r"^line (\d+)$", out, re.M) == [str(i) for i in range(1, 251)], out
+        assert re.search(rf"job {job_id} completed", out)
+        assert world.worker_errors() == []
+
+        payload = tmp_path / "big.bin"
+        payload.write_bytes(os.urandom(40 * 2**20))
+        upload = world.start_client("upload", str(payload))
+        part = tmp_path / "w" / "uploads" / f".{hashlib.sha256(payload.read_bytes()).hexdigest()}.part"
+        from conftest import wait_until
+        wait_until(lambda: part.exists() and part.stat().st_size > 4 * 2**20, 120, "4 MB of the upload")
+        world.lab.new_address("laptop")
+        assert upload.popen.wait(timeout=300) == 0, upload.output()
+        out = upload.output()
+        assert "lost the link" in out and re.search(r"the worker holds \d+ of \d+ bytes from an earlier try", out), out
+        stored = Path(re.search(r"uploaded big.bin to \S+: (\S+)", out).group(1))
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(payload.read_bytes()).hexdigest()
+    finally:
+        world.close()
+        world.lab.down()
+
+
+@pytest.mark.parametrize("topology, expected", [
+    ("home", [r"NAT kind\s+ok\s+keeps its port", r"TURN over UDP\s+ok", r"TURN over TCP\s+ok",
+              r"worker\s+ok\s+.*over (host|srflx) <-> (host|srflx)"]),
+    ("symmetric", [r"NAT kind\s+warn\s+a new port for every destination", r"TURN over UDP\s+ok",
+                   r"worker\s+ok\s+.*over relay <-> "]),
+    ("udp-blocked", [r"STUN\s+FAIL\s+no answer .* over UDP", r"TURN over UDP\s+FAIL", r"TURN over TCP\s+ok",
+                     r"worker\s+ok\s+.*over relay <-> "]),
+])
+def test_doctor_tells_what_the_network_allows(tmp_path, topology, expected):
+    world = lab_world(tmp_path, topology)
+    try:
+        world.start_worker()
+        result = world.client("doctor")
+        assert result.returncode == 0, result.stdout + result.stderr
+        checks = [line[:18].strip() for line in result.stdout.splitlines()[1:]]
+        in_order = ["signaling server", "STUN", "NAT kind", "TURN over UDP", "TURN over TCP", "worker"]
+        if topology == "udp-blocked":  # no STUN answer: no NAT kind to tell
+            in_order.remove("NAT kind")
+        assert checks == in_order, result.stdout
+        assert re.search(r"signaling server\s+ok\s+ws://", result.stdout)
+        for pattern in expected:
+            assert re.search(pattern, result.stdout), f"/{pattern}/ not in:\n{result.stdout}"
+    finally:
+        world.close()
+        world.lab.down()
