@@ -27,3 +27,4 @@ bench: install
 	$(PY) bench/queue.py
 	$(PY) bench/slurm.py
 	$(PY) bench/upstream.py
+	$(PY) bench/nat.py

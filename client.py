@@ -1092,8 +1092,9 @@ class JobMonitor:
                 item = self.early.pop(0) if self.early else self.link.recv(timeout=0.2)
             except P.LinkClosed as exc:
                 self.status(f"error: lost the link to {self.link.peer_id} ({exc}). The job may still be running "
-                            f"there, or the worker may be gone: check with `python client.py status {self.job_id}`",
-                            True)
+                            f"there, or the worker may be gone: follow it again with `python client.py logs "
+                            f"{self.job_id} --follow` (it reconnects on its own), then `python client.py fetch "
+                            f"{self.job_id}`", True)
                 return 1
             if item is None:
                 continue
