@@ -18,8 +18,8 @@ A job goes to the worker that can start it soonest (--worker-id W to name one); 
 in a job are paths on the worker, or, with --upload, files here sent first. The worker keeps every job in its ledger, so a client
 can leave (--detach, Ctrl+C, a closed laptop) and reattach later with the job id alone.
 
-Every command takes --server, --room and --token, or the environment variables
-SLEAP_RTC_SERVER, SLEAP_RTC_ROOM and SLEAP_RTC_TOKEN. On first use the client signs in
+Every command takes --server, --room and --token (before or after the command, as with
+git), or the environment variables SLEAP_RTC_SERVER, SLEAP_RTC_ROOM and SLEAP_RTC_TOKEN. On first use the client signs in
 anonymously and keeps its id token in ~/.sleap-rtc/credentials.json: the jobs you submit
 are yours, and only you (or a worker's admin) may stop, cancel or prune them. Needs only
 this file, protocol.py and the transport dependencies (no torch, no sleap-nn).
@@ -1745,22 +1745,36 @@ def _path_map(text: str) -> list[str]:
     return [old, new]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=os.environ.get(P.ENV_SERVER, P.DEFAULT_SERVER_URL),
+def add_common_options(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    """The options every command takes, before the command (where the defaults are set) or
+    after it (where a default would overwrite what was given before it: none is set)."""
+    def default(value):
+        return argparse.SUPPRESS if after_command else value
+
+    parser.add_argument("--server", default=default(os.environ.get(P.ENV_SERVER, P.DEFAULT_SERVER_URL)),
                         help=f"signaling server URL (env {P.ENV_SERVER}, default {P.DEFAULT_SERVER_URL})")
-    common.add_argument("--http", default=os.environ.get(P.ENV_HTTP),
+    parser.add_argument("--http", default=default(os.environ.get(P.ENV_HTTP)),
                         help=f"HTTP API port or URL (env {P.ENV_HTTP}; default port {P.DEFAULT_HTTP_PORT})")
-    common.add_argument("--room", default=os.environ.get(P.ENV_ROOM), help=f"room id (env {P.ENV_ROOM})")
-    common.add_argument("--token", default=os.environ.get(P.ENV_TOKEN), help=f"room token (env {P.ENV_TOKEN})")
-    common.add_argument("--debug", action="store_true", help="debug logging of the transport")
-    common.add_argument("--no-direct", action="store_true",
+    parser.add_argument("--room", default=default(os.environ.get(P.ENV_ROOM)), help=f"room id (env {P.ENV_ROOM})")
+    parser.add_argument("--token", default=default(os.environ.get(P.ENV_TOKEN)),
+                        help=f"room token (env {P.ENV_TOKEN}); one that starts with '-' as --token=VALUE")
+    parser.add_argument("--debug", action="store_true", default=default(False), help="debug logging of the transport")
+    parser.add_argument("--no-direct", action="store_true", default=default(False),
                         help="send file bytes only over the WebRTC data channel, never over a direct TCP "
                              f"connection between the machines (env {P.ENV_NO_DIRECT}=1)")
-    worker_choice = argparse.ArgumentParser(add_help=False)
-    worker_choice.add_argument("--worker-id", help="the worker's peer id (default: the first available worker)")
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser() -> argparse.ArgumentParser:
+    # Common options go before or after the command, as git and docker users expect.
+    common = argparse.ArgumentParser(add_help=False)
+    add_common_options(common, after_command=True)
+    worker_choice = argparse.ArgumentParser(add_help=False)
+    worker_choice.add_argument("--worker-id", default=argparse.SUPPRESS,
+                               help="the worker's peer id (default: the first available worker)")
+
+    parser = P.CommandLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_options(parser, after_command=False)
+    parser.add_argument("--worker-id", help="the worker to use (each command says how it picks one without it)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("login", parents=[common], help="sign in anonymously and keep the id token")
@@ -1816,8 +1830,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_download)
 
     job_output = argparse.ArgumentParser(add_help=False)
-    job_output.add_argument("--worker-id", help="run on this worker (it must still accept the job); by default "
-                            "every fitting worker is asked and the one that can start soonest is chosen")
+    job_output.add_argument("--worker-id", default=argparse.SUPPRESS,
+                            help="run on this worker (it must still accept the job); by default "
+                                 "every fitting worker is asked and the one that can start soonest is chosen")
     job_output.add_argument("--min-gpu-memory", type=int, default=0, metavar="MB",
                             help="only workers with at least this much GPU memory")
     job_output.add_argument("--detach", action="store_true",
@@ -1874,7 +1889,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the allowed command's name, e.g. convert")
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- then its arguments, passed as they are (no shell); "
                    "a path must lie in the worker's mounts or the job's directory")
-    p.add_argument("--worker-id", help="run on this worker (by default the best that offers the command)")
+    p.add_argument("--worker-id", default=argparse.SUPPRESS,
+                   help="run on this worker (by default the best that offers the command)")
     p.add_argument("--detach", action="store_true", help="return once the worker accepted the job")
     p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
     p.add_argument("--non-interactive", action="store_true", help="never prompt")
@@ -1885,7 +1901,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["ls", "rm"])
     p.add_argument("sha256", nargs="*", help="rm: the uploads to remove, by SHA-256 or its first 6+ digits")
     p.add_argument("--dry-run", action="store_true", help="rm: only say what would go")
-    p.add_argument("--worker-id", help="the worker (default: the first available)")
+    p.add_argument("--worker-id", default=argparse.SUPPRESS, help="the worker (default: the first available)")
     p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
     p.set_defaults(run=cmd_files, min_gpu_memory=0, verbose=True, download=".", detach=False, non_interactive=True)
 
@@ -1904,17 +1920,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jobs finished, and uploads last used, longer ago than this: 30d (default), 12h, 90m")
     p.add_argument("--keep-failed", action="store_true", help="keep failed jobs' files whatever their age")
     p.add_argument("--dry-run", action="store_true", help="only say what would go")
-    p.add_argument("--worker-id", help="prune this worker (default: every worker in the room, in turn)")
+    p.add_argument("--worker-id", default=argparse.SUPPRESS,
+                   help="prune this worker (default: every worker in the room, in turn)")
     p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
     p.set_defaults(run=cmd_prune, min_gpu_memory=0, verbose=True, download=".", detach=False,
                    non_interactive=True)
 
     job_holder = argparse.ArgumentParser(add_help=False)
     job_holder.add_argument("job_id", metavar="JOB")
-    job_holder.add_argument("--worker-id", help="the worker holding the job (default: the one remembered "
+    job_holder.add_argument("--worker-id", default=argparse.SUPPRESS,
+                            help="the worker holding the job (default: the one remembered "
                                                 "in ~/.sleap-rtc/jobs/, else every worker in the room is asked)")
     p = commands.add_parser("jobs", parents=[common], help="list the jobs of every worker in the room")
-    p.add_argument("--worker-id", help="only this worker's jobs")
+    p.add_argument("--worker-id", default=argparse.SUPPRESS, help="only this worker's jobs")
     p.add_argument("--state", choices=P.JOB_STATES, help="only jobs in this state")
     p.add_argument("--sql", metavar="SELECT", help="a read-only query over each worker's ledger (table jobs), "
                    "rows merged; e.g. \"SELECT submitter, SUM(duration_s)/3600 AS hours FROM jobs GROUP BY submitter\"")

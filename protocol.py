@@ -24,6 +24,7 @@ comes with it, are imported, so the client never needs torch or sleap-nn.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import hashlib
@@ -35,6 +36,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import selectors
 import shutil
 import socket
@@ -789,6 +791,27 @@ def valid_job_id(job_id: Any) -> bool:
 
 def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def new_secret(nbytes: int) -> str:
+    """A URL-safe random token (room tokens, keys) that starts with a letter or digit: one
+    in 32 of plain token_urlsafe starts with '-', which a command line reads as an option.
+    Drawing again loses a fraction of a bit of the first character, nothing more."""
+    while True:
+        token = secrets.token_urlsafe(nbytes)
+        if token[0].isalnum():
+            return token
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, with the fix in the words when a value that starts with '-' (an old room
+    token) was taken for an option."""
+
+    def error(self, message: str):
+        if "expected one argument" in message:
+            message += (" (a value that starts with '-', such as an older room token, goes after '=': "
+                        "--token=-abc...)")
+        super().error(message)
 
 
 def b64url(data: bytes) -> str:

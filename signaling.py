@@ -890,7 +890,7 @@ class SignalingServer:
             if address and sum(r.address == address for r in self.rooms.values()) >= self.limits.max_rooms_per_address:
                 raise PermissionError(f"{self.limits.max_rooms_per_address} rooms were created from {address} "
                                       "already; reuse one (rooms nobody joins expire)")
-            room = Room(secrets.token_hex(8), secrets.token_urlsafe(24), _now_iso(), owner, address)
+            room = Room(secrets.token_hex(8), P.new_secret(24), _now_iso(), owner, address)
             self.rooms[room.room_id] = room
             self.rooms_created += 1
             self._save_state()
@@ -1406,7 +1406,7 @@ def parse_ice_server(text: str) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = P.CommandLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=P.DEFAULT_WS_PORT, help="WebSocket port (default 8080; 0 picks one)")
     parser.add_argument("--http-port", type=int, default=P.DEFAULT_HTTP_PORT, help="HTTP API port (default 8001)")

@@ -301,7 +301,7 @@ def worker_peer_id(working_dir: Path, name: str) -> tuple[str, str]:
     if not key_file.exists():
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+            f.write(P.new_secret(32) + "\n")
     return id_file.read_text().strip(), key_file.read_text().strip()
 
 
@@ -3988,7 +3988,7 @@ def _gigabytes(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = P.CommandLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", default=os.environ.get(P.ENV_SERVER),
                         help=f"signaling server URL (env {P.ENV_SERVER}); default: {P.DEFAULT_SERVER_URL}, "
                              "started in-process when nothing listens there")

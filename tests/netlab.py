@@ -216,7 +216,8 @@ class Lab:
         credentials = (["--use-auth-secret", f"--static-auth-secret={self.turn_secret}"] if self.turn == "secret"
                        else ["--lt-cred-mech", "--user", f"{self.turn_user}:{self.turn_password}"])
         argv = ["turnserver", "-n", "--listening-port", str(TURN_PORT), "--listening-ip", SERVER_IP,
-                "--listening-ip", SECOND_IP, "--relay-ip", SERVER_IP, "--realm", "lab", "--no-tls", "--no-dtls", "--no-cli",
+                "--listening-ip", SECOND_IP, "--relay-ip", SERVER_IP, "--realm", "lab",
+                "--no-tls", "--no-dtls", "--no-cli",
                 "--log-file", str(log), "--simple-log", "--pidfile", str(self.workdir / "coturn.pid"),
                 "--userdb", str(self.workdir / "turndb"),
                 *[f"--denied-peer-ip={r}" for r in DENIED_PEERS], *credentials]
@@ -225,7 +226,8 @@ class Lab:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # listening on both transports before anyone asks
             if self._coturn.poll() is not None:
-                raise RuntimeError(f"coturn exited ({self._coturn.returncode}): {log.read_text(errors='replace')[-2000:]}")
+                said = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"coturn exited ({self._coturn.returncode}): {said}")
             listening = sh("ss", "-Hlnut", ns=self.ns("internet")).stdout
             if f"{SERVER_IP}:{TURN_PORT}" in listening and listening.count(f":{TURN_PORT}") >= 2:
                 return
