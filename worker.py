@@ -3461,16 +3461,20 @@ def _walk_files(mounts: list[Mount], deadline: float, depth: int = SEARCH_DEPTH)
 def search_files(pattern: str, mounts: list[Mount], size: Optional[int] = None,
                  seconds: float = SEARCH_SECONDS, limit: int = SEARCH_RESULTS) -> dict:
     """Files inside the mounts whose name is like `pattern` (a file name, or a glob):
-    ranked by name similarity, the same size (when given) and recency; bounded in depth,
-    time and results. Raises PathRefused for a pattern too broad to mean anything."""
+    the exact name first, then by name similarity, the same size (when given) and recency;
+    bounded in depth, time and results. A short name (under SEARCH_MIN_CHARS before its
+    extension) is looked for exactly, as cheap as any search; a short glob, which would
+    match nearly everything, raises PathRefused."""
     import difflib
     import fnmatch
 
     name = re.split(r"[\\/]", str(pattern))[-1].lower()
-    if len(_GLOB_CHARS.sub("", name.rsplit(".", 1)[0] if "." in name else name)) < SEARCH_MIN_CHARS:
-        raise PathRefused(f"{str(pattern)[:80]!r} is too broad to search for; give at least {SEARCH_MIN_CHARS} "
-                          "characters of the file name before its extension", "TOO_BROAD")
     globbed = bool(_GLOB_CHARS.search(name))
+    exact_only = len(_GLOB_CHARS.sub("", name.rsplit(".", 1)[0] if "." in name else name)) < SEARCH_MIN_CHARS
+    if exact_only and (globbed or not name.strip(".")):
+        raise PathRefused(f"{str(pattern)[:80]!r} is too broad to search for; give at least {SEARCH_MIN_CHARS} "
+                          "characters of the file name before its extension (a whole file name of any length "
+                          "is found as it is)", "TOO_BROAD")
     started = time.monotonic()
     deadline = started + seconds
     matcher = difflib.SequenceMatcher(b=name, autojunk=False)
@@ -3480,6 +3484,8 @@ def search_files(pattern: str, mounts: list[Mount], size: Optional[int] = None,
         lowered = entry.name.lower()
         if globbed:
             score = 1.0 if fnmatch.fnmatchcase(lowered, name) else 0.0
+        elif exact_only:
+            score = 1.0 if lowered == name else 0.0
         else:
             matcher.set_seq1(lowered)
             # real_quick_ratio and quick_ratio are cheap upper bounds of ratio: most names stop there.
@@ -3494,8 +3500,10 @@ def search_files(pattern: str, mounts: list[Mount], size: Optional[int] = None,
         found.append({"path": entry.path, "size": info.st_size, "mtime": info.st_mtime, "score": round(score, 3)})
     complete = time.monotonic() < deadline
     newest = max((f["mtime"] for f in found), default=0)
-    for candidate in found:  # the same size is strong evidence; recency breaks near ties
-        rank = candidate["score"] + (0.5 if size is not None and candidate["size"] == size else 0)
+    # The name as typed first; then the same size is strong evidence; recency breaks near ties.
+    for candidate in found:
+        rank = (2.0 if not globbed and os.path.basename(candidate["path"]).lower() == name else 0) + \
+            candidate["score"] + (0.5 if size is not None and candidate["size"] == size else 0)
         candidate["rank"] = rank - min(0.1, (newest - candidate["mtime"]) / 86400 / 365)
     found.sort(key=lambda c: -c.pop("rank"))
     return {"candidates": found[:limit], "complete": complete, "scanned": scanned,

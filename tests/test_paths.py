@@ -144,9 +144,30 @@ def test_the_name_search_is_bounded_and_stays_inside_the_mounts(tmp_path):
     assert time.monotonic() - started < 1.0 and not cut["complete"] and cut["scanned"] < 20_002
     shallow = W.search_files("mouse1_labels.slp", [W.Mount(mount, "lab")], seconds=10)
     assert shallow["complete"]
-    for broad in ("*", "*.slp", "a*", "??", ""):
+    for broad in ("*", "*.slp", "a*", "??", "", "..", "a?.slp"):
         with pytest.raises(W.PathRefused, match="too broad"):
             W.search_files(broad, mounts)
+
+
+def test_a_file_name_typed_exactly_is_found_whatever_its_length_and_ranks_first(tmp_path):
+    mount = tmp_path / "lab"
+    (mount / "configs").mkdir(parents=True)
+    (mount / "configs" / "si.yaml").write_text("a: 1\n")
+    (mount / "old" / "deep").mkdir(parents=True)
+    (mount / "old" / "deep" / "SI.yaml").write_text("a: 2\n")
+    (mount / "s.yaml").write_text("near, not the name")
+    (mount / "configs" / "mouse1_labels.slp").write_bytes(b"x" * 10)
+    (mount / "configs" / "mouse1_label.slp").write_bytes(b"y" * 123)
+    mounts = [W.Mount(mount, "lab")]
+
+    found = W.search_files("lab/config/si.yaml", mounts)  # the wrong directory, the right name
+    assert sorted(Path(c["path"]) for c in found["candidates"]) == [mount / "configs" / "si.yaml",
+                                                                   mount / "old" / "deep" / "SI.yaml"]
+    assert found["complete"]
+    assert W.search_files("x.slp", mounts)["candidates"] == []  # short, and no such name: nothing, no error
+    # The exact name outranks a near name of exactly the size asked for.
+    ranked = W.search_files("/elsewhere/mouse1_labels.slp", mounts, size=123)["candidates"]
+    assert [Path(c["path"]).name for c in ranked] == ["mouse1_labels.slp", "mouse1_label.slp"]
 
 
 def test_browse_moves_filters_and_picks_with_keystrokes(room, lab, terminals):
@@ -189,6 +210,12 @@ def test_without_a_terminal_a_wrong_path_prints_candidates_and_a_distinct_code(r
     elsewhere = room.client("train", "--config", "/etc/config.yaml", "--non-interactive")
     assert elsewhere.returncode == 4 and "Access denied" in elsewhere.stderr
     assert f"1. {made['config']}" in elsewhere.stderr  # found by name inside the mounts, never the one outside
+    # A short name typed exactly, in the wrong directory: found, not "too broad".
+    (mount / "configs").mkdir()
+    (mount / "configs" / "si.yaml").write_text(made["config"].read_text())
+    short = room.client("train", "--config", str(mount / "config" / "si.yaml"), "--non-interactive")
+    assert short.returncode == 4 and "too broad" not in short.stderr, short.stderr
+    assert f"1. {mount / 'configs' / 'si.yaml'}" in short.stderr, short.stderr
 
 
 @pytest.mark.slow
