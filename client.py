@@ -19,10 +19,12 @@ in a job are paths on the worker, or, with --upload, files here sent first. The 
 can leave (--detach, Ctrl+C, a closed laptop) and reattach later with the job id alone.
 
 Every command takes --server, --room and --token (before or after the command, as with
-git), or the environment variables SLEAP_RTC_SERVER, SLEAP_RTC_ROOM and SLEAP_RTC_TOKEN. On first use the client signs in
-anonymously and keeps its id token in ~/.sleap-rtc/credentials.json: the jobs you submit
-are yours, and only you (or a worker's admin) may stop, cancel or prune them. Needs only
-this file, protocol.py and the transport dependencies (no torch, no sleap-nn).
+git), or the environment variables SLEAP_RTC_SERVER, SLEAP_RTC_ROOM and SLEAP_RTC_TOKEN.
+On first use the client signs in anonymously and keeps its id token in
+~/.sleap-rtc/credentials.json: the jobs you submit are yours, and only you (or a worker's
+admin) may stop, cancel or prune them. `workers`, `jobs`, `status` and `files ls` take
+--json for scripts. Needs only this file, protocol.py and the transport dependencies
+(no torch, no sleap-nn).
 """
 
 from __future__ import annotations
@@ -495,12 +497,45 @@ def cmd_rooms_delete(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+# --json: one document per command, with the field names the README lists
+# ---------------------------------------------------------------------------------------
+
+# A job as `jobs --json` lists it, and the fields `status --json` gives (null when unknown).
+JOB_JSON_FIELDS = ("job_id", "type", "state", "submitted_at", "duration_s")
+STATUS_JSON_FIELDS = ("job_id", "type", "state", "queue_position", "submitted_at", "started_at", "finished_at",
+                      "duration_s", "exit_code", "stopped_early", "outputs", "error", "warning", "stderr_tail",
+                      "log_path", "pruned", "slurm")
+UPLOAD_JSON_FIELDS = ("sha256", "size", "names", "uploaders", "last_use", "jobs", "needed", "partial")
+
+
+def print_json(document: dict) -> None:
+    print(json.dumps(document, indent=1, sort_keys=False))
+
+
+def worker_json(worker: dict) -> dict:
+    """A worker as `workers --json` gives it."""
+    p = worker["metadata"].get("properties", {})
+    return {"peer_id": worker["peer_id"], "name": p.get("worker_name"), "status": p.get("status"),
+            "gpu_model": p.get("gpu_model"), "gpu_memory_mb": p.get("gpu_memory_mb"),
+            "queue_length": p.get("queue_length", 0), "executor": p.get("executor", "local"),
+            "job_types": P.offered(worker["metadata"]), "refusing": p.get("refusing")}
+
+
+def picked(record: dict, fields: tuple[str, ...]) -> dict:
+    return {field: record.get(field) for field in fields}
+
+
 def cmd_workers(args) -> int:
     signaling = connect(args)
     try:
         workers = discover_workers(signaling, min_gpu_memory=args.min_gpu_memory)
     finally:
         signaling.close()
+    if args.json:
+        listed = sorted(workers, key=lambda w: w["peer_id"])
+        print_json({"room": args.room, "workers": [worker_json(w) for w in listed]})
+        return 0 if workers else 1
     if not workers:
         wanted = f" with >= {args.min_gpu_memory} MB GPU memory" if args.min_gpu_memory else ""
         print(f"no workers{wanted} in room {args.room}")
@@ -1428,6 +1463,8 @@ def cmd_files(args) -> int:
     if args.action == "rm":
         if not args.sha256:
             raise UsageError("files rm needs the SHA-256 (or its first 6+ digits) of each upload to remove")
+        if args.json:
+            raise UsageError("--json goes with files ls; files rm runs a prune job, followed as one")
         spec = {"type": P.PRUNE, "uploads": args.sha256, "dry_run": args.dry_run or None}
         errors = P.check_spec(spec)
         if errors:
@@ -1438,6 +1475,10 @@ def cmd_files(args) -> int:
 
     def work(link: P.Link) -> int:
         files = ask(link, P.STORE_LIST, {}, P.STORE_LISTING, "upload store listing").get("files", [])
+        if args.json:
+            print_json({"worker": link.peer_id, "files": [
+                {**picked(f, UPLOAD_JSON_FIELDS), "partial": bool(f.get("partial"))} for f in files]})
+            return 0
         if not files:
             print(f"the upload store of {link.peer_id} is empty")
             return 0
@@ -1559,8 +1600,6 @@ def _when(timestamp: Optional[float]) -> str:
 
 
 def cmd_jobs(args) -> int:
-    if args.json and not args.sql:
-        raise UsageError("--json goes with --sql")
     signaling = connect(args)
     try:
         workers = [args.worker_id] if args.worker_id else sorted(w["peer_id"] for w in discover_workers(signaling))
@@ -1579,6 +1618,12 @@ def cmd_jobs(args) -> int:
     if args.sql:
         return _print_query(replies, args.json)
     jobs = [(worker_id, job) for worker_id, reply in replies.items() for job in reply.get("jobs", [])]
+    if args.json:
+        print_json({"room": args.room, "jobs": [{**picked(job, JOB_JSON_FIELDS), "worker": worker_id}
+                                                for worker_id, job in sorted(jobs, key=lambda j: j[1]["submitted_at"])],
+                    "unanswered": [w for w in workers if w not in replies],
+                    "errors": {w: r["error"] for w, r in replies.items() if r.get("error")}})
+        return 0 if replies else 1
     if not jobs:
         print(f"no {args.state + ' ' if args.state else ''}jobs on {len(replies)} worker(s) in room {args.room}")
         return 0 if replies else 1
@@ -1613,6 +1658,9 @@ def cmd_status(args) -> int:
         worker_id, job = locate_job(signaling, args.job_id, args.worker_id)
     finally:
         signaling.close()
+    if args.json:
+        print_json({**picked(job, STATUS_JSON_FIELDS), "worker": worker_id})
+        return 0
     state = job["state"]
     if state == P.PENDING and job.get("queue_position"):
         state += f" (queue position {job['queue_position']})"
@@ -1794,6 +1842,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("workers", parents=[common], help="list the workers in the room")
     p.add_argument("--min-gpu-memory", type=int, default=0, metavar="MB", help="only workers with this much")
+    p.add_argument("--json", action="store_true", help="one JSON document (fields in the README) instead of a table")
     p.set_defaults(run=cmd_workers)
 
     p = commands.add_parser("doctor", parents=[common, worker_choice],
@@ -1901,6 +1950,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["ls", "rm"])
     p.add_argument("sha256", nargs="*", help="rm: the uploads to remove, by SHA-256 or its first 6+ digits")
     p.add_argument("--dry-run", action="store_true", help="rm: only say what would go")
+    p.add_argument("--json", action="store_true", help="ls: one JSON document (fields in the README)")
     p.add_argument("--worker-id", default=argparse.SUPPRESS, help="the worker (default: the first available)")
     p.add_argument("--log-dir", default="sleap-rtc-jobs", metavar="DIR", help="local job logs (default: %(default)s)")
     p.set_defaults(run=cmd_files, min_gpu_memory=0, verbose=True, download=".", detach=False, non_interactive=True)
@@ -1936,9 +1986,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=P.JOB_STATES, help="only jobs in this state")
     p.add_argument("--sql", metavar="SELECT", help="a read-only query over each worker's ledger (table jobs), "
                    "rows merged; e.g. \"SELECT submitter, SUM(duration_s)/3600 AS hours FROM jobs GROUP BY submitter\"")
-    p.add_argument("--json", action="store_true", help="with --sql: the rows as JSON")
+    p.add_argument("--json", action="store_true", help="one JSON document (fields in the README); with --sql, "
+                                                       "the rows as a JSON list")
     p.set_defaults(run=cmd_jobs)
     p = commands.add_parser("status", parents=[common, job_holder], help="everything the worker recorded of a job")
+    p.add_argument("--json", action="store_true", help="one JSON document (fields in the README)")
     p.set_defaults(run=cmd_status)
     p = commands.add_parser("logs", parents=[common, job_holder], help="a job's full log from its first line")
     p.add_argument("--follow", action="store_true", help="then keep printing until the job ends")

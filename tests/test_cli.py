@@ -54,3 +54,53 @@ def test_a_token_that_starts_with_a_dash_is_taken_after_an_equals_sign(room):
     # With '=', the old token reaches the server, which judges it (this one is wrong).
     taken = room.client("workers", "--room", room.room_id, "--token=-Xy12")
     assert taken.returncode == 1 and "INVALID_TOKEN" in taken.stderr, taken.stderr
+
+
+def test_json_output_for_scripts(room, tmp_path):
+    """`workers`, `jobs`, `status JOB` and `files ls` with --json: one JSON document on
+    stdout, with the field names the README lists."""
+    import hashlib
+    import json
+
+    from conftest import job_id_of
+
+    worker_dir = tmp_path / "w"
+    _, worker_id = room.start_worker("--allow-command", "seq=/usr/bin/seq", working_dir=worker_dir)
+    done = room.client("run", "--non-interactive", "seq", "--", "1", "3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = job_id_of(done.stdout)
+    upload = tmp_path / "notes.txt"
+    upload.write_text("some bytes\n")
+    assert room.client("upload", str(upload)).returncode == 0
+
+    def document(*args: str) -> dict:
+        result = room.client(*args, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    workers = document("workers")
+    assert workers["room"] == room.room_id
+    [worker] = workers["workers"]
+    assert set(worker) == {"peer_id", "name", "status", "gpu_model", "gpu_memory_mb", "queue_length", "executor",
+                           "job_types", "refusing"}
+    assert worker["peer_id"] == worker_id and worker["status"] == P.AVAILABLE and "train" in worker["job_types"]
+
+    jobs = document("jobs")
+    assert jobs["unanswered"] == [] and jobs["errors"] == {}
+    [job] = [j for j in jobs["jobs"] if j["job_id"] == job_id]
+    assert job == {**job, "worker": worker_id, "type": P.COMMAND, "state": P.COMPLETED}
+    assert set(job) == {"job_id", "type", "state", "submitted_at", "duration_s", "worker"}
+
+    status = document("status", job_id)
+    assert status["job_id"] == job_id and status["worker"] == worker_id and status["state"] == P.COMPLETED
+    assert status["exit_code"] == 0 and status["error"] is None and status["log_path"].endswith("job.log")
+    assert {"queue_position", "started_at", "finished_at", "outputs", "stderr_tail", "slurm"} <= set(status)
+
+    store = document("files", "ls")
+    assert store["worker"] == worker_id
+    [held] = store["files"]
+    assert held["sha256"] == hashlib.sha256(upload.read_bytes()).hexdigest() and held["size"] == 11
+    assert held["names"] == ["notes.txt"] and held["partial"] is False
+
+    refused = room.client("files", "rm", "abcdef", "--json")
+    assert refused.returncode == 1 and "--json goes with files ls" in refused.stderr
