@@ -15,8 +15,17 @@ install: $(VENV)/.installed
 demo: install
 	PYTHON=$(PY) bash demo/run.sh
 
+# The netlab tests build network namespaces, which needs root (CI runs as root). Without
+# it they are left out, and the line below says so.
+NOT_ROOT := $(shell [ "$$(id -u)" = 0 ] || echo yes)
+
 test: install
+ifeq ($(NOT_ROOT),yes)
+	@echo "not root: leaving out the netlab tests (tests/test_nat.py); run as root for all"
+	$(PY) -m pytest -q tests -m "not netlab"
+else
 	$(PY) -m pytest -q tests
+endif
 
 bench: install
 	$(PY) bench/transfer.py
@@ -27,4 +36,5 @@ bench: install
 	$(PY) bench/queue.py
 	$(PY) bench/slurm.py
 	$(PY) bench/upstream.py
-	$(PY) bench/nat.py
+	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/nat.py; \
+	else echo "not root: bench/nat.py left out (it builds network namespaces)"; fi

@@ -1,7 +1,7 @@
 """The sleap-rtc client: the researcher's command line.
 
     python client.py login    [--sleap-rtc-credentials]   (the latter: for sleap-rtc 0.0.7 installs)
-    python client.py rooms create | rooms delete ROOM
+    python client.py rooms create | rooms join ROOM --token T | rooms list | rooms delete ROOM
     python client.py workers  [--min-gpu-memory MB]
     python client.py ping     [--worker-id W] [--count N]
     python client.py doctor   [--worker-id W]     (why a worker cannot be reached from here)
@@ -157,11 +157,49 @@ def signed_in(args, again: bool = False) -> Optional[str]:
         return body["id_token"]
 
 
+def update_credentials(change: Callable[[dict], None]) -> Path:
+    """Read, change and write the credentials file under its lock: clients started
+    together each keep what the others wrote."""
+    import fcntl
+
+    path = CREDENTIALS_FILE.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        credentials = load_credentials()
+        change(credentials)
+        return save_credentials(credentials)
+
+
+def remember_room(args, room_id: str, token: str, created: bool) -> Path:
+    """Keep a room's token for this server (what room.env holds), so `--room R` alone is
+    enough later; the room joined or created last is the default."""
+    base = P.http_base_url(args.server, args.http)
+
+    def change(credentials: dict) -> None:
+        entry = credentials.setdefault(base, {})
+        entry.setdefault("rooms", {})[room_id] = {"token": token, "server": args.server, "created": created,
+                                                  "since": time.time()}
+        entry["default_room"] = room_id
+
+    return update_credentials(change)
+
+
+def known_room(args) -> tuple[Optional[str], Optional[str]]:
+    """The room and token to use: as given, else the ones kept for this server (the default
+    room, and a room's token when only --room was given)."""
+    kept = load_credentials().get(P.http_base_url(args.server, args.http), {})
+    room = args.room or kept.get("default_room")
+    token = args.token or kept.get("rooms", {}).get(room, {}).get("token")
+    return room, token
+
+
 def connect(args) -> P.SignalingClient:
     """Register in the room as a fresh client peer, signed in as this user."""
+    args.room, args.token = known_room(args)
     if not args.room or not args.token:
         raise UsageError(f"say which room: --room R --token T (or set {P.ENV_ROOM} and {P.ENV_TOKEN}); "
-                         "`python client.py rooms create` makes one")
+                         "`python client.py rooms create` makes one, `rooms join ROOM --token T` keeps one")
 
     def register(id_token: Optional[str]) -> P.SignalingClient:
         signaling = P.SignalingClient(args.server, args.room, args.token, f"client-{secrets.token_hex(4)}",
@@ -217,6 +255,8 @@ def choose_worker(signaling: P.SignalingClient, worker_id: Optional[str]) -> str
 # How long a command that lost its link (a new network, a laptop that slept) keeps
 # trying to get one back before it gives up.
 RECONNECT_PATIENCE_S = 300.0
+# A link that lived this long counts as having worked: losing it starts the patience anew.
+LINK_LASTED_S = 30.0
 
 
 def with_link(args, work: Callable[[P.Link], int], receive_dir: Path = Path("."), again: bool = False) -> int:
@@ -237,32 +277,41 @@ def with_link(args, work: Callable[[P.Link], int], receive_dir: Path = Path(".")
 def with_link_again(args, worker_id: str, work: Callable[[P.Link], int], receive_dir: Path,
                     first: tuple[P.SignalingClient, P.Link]) -> int:
     """Run `work` over `first`'s link; when that link or the signaling connection is lost,
-    register again as a fresh peer (the old connection may be dead without knowing it yet),
-    open a new link and run `work` again, which goes on from what it has. Gives up after
-    RECONNECT_PATIENCE_S without a link."""
+    close both (the old connection may be dead without knowing it yet, or come back as a
+    ghost), register again as a fresh peer, open a new link and run `work` again, which
+    goes on from what it has. Gives up after RECONNECT_PATIENCE_S without a link that
+    lasted LINK_LASTED_S, so a link that opens and dies at once cannot loop forever."""
     signaling, link = first
     lost_since: Optional[float] = None
     delay = 1.0
     while True:
+        opened = time.monotonic()
         try:
             if link is None:
                 signaling = connect(args)
                 link = P.open_link(signaling, worker_id, receive_dir)
+                opened = time.monotonic()
                 print(f"connected to {worker_id} again", file=sys.stderr, flush=True)
-            lost_since, delay = None, 1.0
             return work(link)
         except (P.LinkClosed, P.SignalingError, P.TransferError) as exc:
             lost = (isinstance(exc, P.LinkClosed) or (isinstance(exc, P.SignalingError) and exc.code == P.DISCONNECTED)
                     or (link is not None and link.closed))  # a transfer cut off by the link's end
             if not lost:
                 raise
-            lost_since = lost_since or time.monotonic()
-            if time.monotonic() - lost_since > RECONNECT_PATIENCE_S:
+            now = time.monotonic()
+            if link is not None and now - opened >= LINK_LASTED_S:
+                lost_since, delay = now, 1.0  # it had worked for a while: patience starts again
+            lost_since = lost_since or now
+            if now - lost_since > RECONNECT_PATIENCE_S:
                 raise
+            P.forget_network()  # a new network may block what the old one let through
             print(f"lost the link to {worker_id} ({exc}); connecting again in {delay:.0f} s",
                   file=sys.stderr, flush=True)
+            if link is not None:
+                link.close(timeout=1)
+            signaling.close()
         finally:
-            if link is not None and link is not first[1]:
+            if link is not None and link is not first[1] and not link.closed:  # done: work returned or raised
                 link.close()
             if signaling is not first[0]:
                 signaling.close()
@@ -437,11 +486,20 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
 def cmd_login(args) -> int:
     base = P.http_base_url(args.server, args.http)
     body = P.anonymous_sign_in(base)
-    credentials = load_credentials()
-    credentials[base] = {"id_token": body["id_token"], "username": body["username"]}
     if args.sleap_rtc_credentials:
-        add_upstream_credentials(credentials, args, base, body["id_token"], body["username"])
-    path = save_credentials(credentials)
+        upstream_part: dict = {}
+        add_upstream_credentials(upstream_part, args, base, body["id_token"], body["username"])
+
+    def change(credentials: dict) -> None:
+        # The rooms kept stay: their tokens let this sign-in in as well.
+        credentials[base] = {**credentials.get(base, {}), "id_token": body["id_token"], "username": body["username"]}
+        if args.sleap_rtc_credentials:
+            for key, value in upstream_part.items():
+                credentials[key] = {**credentials.get(key, {}), **value} if key in ("tokens", "room_secrets") \
+                    else value
+
+    path = update_credentials(change)
+    credentials = load_credentials()
     print(f"signed in as {body['username']} at {base}; id token saved in {path}")
     if args.sleap_rtc_credentials:
         print(f"sleap-rtc 0.0.7 reads the same file; point it at this server:\n"
@@ -483,16 +541,76 @@ def add_upstream_credentials(credentials: dict, args, base: str, id_token: str, 
 def cmd_rooms_create(args) -> int:
     base = P.http_base_url(args.server, args.http)
     room = P.create_room(base, signed_in(args))
+    remember_room(args, room["room_id"], room["token"], created=True)
     print(f"room:  {room['room_id']}\ntoken: {room['token']}\n\n"
           f"export {P.ENV_SERVER}={args.server}\nexport {P.ENV_ROOM}={room['room_id']}\n"
           f"export {P.ENV_TOKEN}={room['token']}\n\n"
-          "you created it: only you (this sign-in) may delete it, with `python client.py rooms delete ROOM`")
+          "you created it: only you (this sign-in) may delete it, with `python client.py rooms delete ROOM`;\n"
+          "it is kept in ~/.sleap-rtc/credentials.json: `--room ROOM` alone finds it, `rooms list` lists it")
+    return 0
+
+
+def cmd_rooms_join(args) -> int:
+    """Check a room's token with the server and keep both, as room.env holds them."""
+    if not args.token:
+        raise UsageError("rooms join ROOM needs the room's token: --token T (ask whoever created the room)")
+    base = P.http_base_url(args.server, args.http)
+    id_token = signed_in(args)
+    status, body = P.http_call("POST", base + "/join-room", {"room_id": args.room_id, "token": args.token},
+                               bearer=id_token)
+    if status != 200:
+        raise P.SignalingError(P.INVALID_TOKEN, f"joining room {args.room_id} failed: {body.get('error', status)}")
+    path = remember_room(args, args.room_id, args.token, created=False)
+    print(f"joined room {args.room_id}; its token is kept in {path}, and it is the default room for "
+          f"{args.server}:\n  python client.py workers                 (this room)\n"
+          f"  python client.py --room {args.room_id} ...   (when another room is the default)")
+    return 0
+
+
+def cmd_rooms_list(args) -> int:
+    """The rooms this user created or joined on this server, with the workers in each now."""
+    base = P.http_base_url(args.server, args.http)
+    kept = load_credentials().get(base, {})
+    kept_rooms, default = kept.get("rooms", {}), kept.get("default_room")
+    status, body = P.http_call("POST", base + "/my-rooms", {}, bearer=signed_in(args))
+    if status != 200:
+        raise P.SignalingError(P.INVALID_TOKEN, f"the server did not list your rooms: {body.get('error', status)}")
+    on_server = {room["room_id"]: room for room in body.get("rooms", [])}
+    rooms = []
+    for room_id in sorted(set(on_server) | set(kept_rooms)):
+        live, mine = on_server.get(room_id), kept_rooms.get(room_id, {})
+        rooms.append({"room_id": room_id, "default": room_id == default,
+                      "created": bool(live["created"] if live else mine.get("created")),
+                      "token_kept": "token" in mine, "on_server": live is not None,
+                      "workers": live["workers"] if live else [], "peers": live["peers"] if live else 0})
+    if args.json:
+        print_json({"server": args.server, "rooms": rooms})
+        return 0
+    if not rooms:
+        print(f"no rooms of yours on {args.server}: `rooms create` makes one, `rooms join ROOM --token T` joins one")
+        return 0
+    rows = [[r["room_id"] + (" *" if r["default"] else ""), "created" if r["created"] else "joined",
+             "yes" if r["token_kept"] else "no",
+             (", ".join(w["peer_id"] for w in r["workers"]) or "none") if r["on_server"] else
+             "(not on the server for this sign-in: deleted, or joined under another)"]
+            for r in rooms]
+    print_table(rows, ["ROOM", "YOU", "TOKEN KEPT", "WORKERS NOW"])
+    if default:
+        print("* the default room: commands without --room use it")
     return 0
 
 
 def cmd_rooms_delete(args) -> int:
     base = P.http_base_url(args.server, args.http)
     body = P.delete_room(base, args.room_id, signed_in(args))
+
+    def forget(credentials: dict) -> None:
+        entry = credentials.get(base, {})
+        entry.get("rooms", {}).pop(args.room_id, None)
+        if entry.get("default_room") == args.room_id:
+            entry.pop("default_room")
+
+    update_credentials(forget)
     print(f"deleted room {args.room_id}; {len(body['deleted_peers'])} peer(s) were in it")
     return 0
 
@@ -574,11 +692,9 @@ def cmd_ping(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    """Check, in order, what a link to a worker needs, and print a verdict per line."""
-    rows: list[tuple[str, str, str]] = []
-
+    """Check, in order, what a link to a worker needs, and print a verdict per line. The
+    exit code says whether a worker was reached (a network without UDP can still reach one)."""
     def row(check: str, verdict: str, detail: str) -> None:
-        rows.append((check, verdict, detail))
         print(f"{check:<18} {verdict:<5} {detail}", flush=True)
 
     print(f"{'check':<18} {'':<5} result")
@@ -647,7 +763,7 @@ def _doctor_worker(args, signaling: P.SignalingClient, row) -> int:
     began = time.monotonic()
     try:
         link = P.open_link(signaling, worker_id, Path("."))
-    except P.LinkClosed as exc:
+    except P.SleapRTCError as exc:
         row("worker", "FAIL", str(exc))
         return 1
     try:
@@ -1835,6 +1951,15 @@ def build_parser() -> argparse.ArgumentParser:
     rooms_commands = rooms.add_subparsers(dest="rooms_command", required=True, metavar="ACTION")
     p = rooms_commands.add_parser("create", parents=[common], help="create a room and print its id and token")
     p.set_defaults(run=cmd_rooms_create)
+    p = rooms_commands.add_parser("join", parents=[common],
+                                  help="check a room's token and keep it (--room ROOM alone finds it later; "
+                                       "it becomes the default room)")
+    p.add_argument("room_id", metavar="ROOM")
+    p.set_defaults(run=cmd_rooms_join)
+    p = rooms_commands.add_parser("list", parents=[common],
+                                  help="the rooms you created or joined on this server, with the workers in each now")
+    p.add_argument("--json", action="store_true", help="one JSON document (fields in the README)")
+    p.set_defaults(run=cmd_rooms_list)
     p = rooms_commands.add_parser("delete", parents=[common],
                                   help="delete a room you created (everyone in it is disconnected)")
     p.add_argument("room_id", metavar="ROOM")

@@ -1283,6 +1283,8 @@ def _rtc_configuration(ice_servers: list[dict]):
 # uses STUN and the first TURN URL over UDP; if not, no STUN and the first TURN URL over
 # TCP, which is what reaches a network that lets no UDP out.
 
+# How a link's close_reason reads when ICE tried every pair and none answered.
+ICE_FAILED = "WebRTC connection failed"
 UDP_PROBE_TIMEOUT_S = 1.0
 # A probe's answer holds this long: a worker accepting many links asks once.
 UDP_PROBE_CACHE_S = 60.0
@@ -1363,6 +1365,12 @@ def _udp_reaches(url: IceUrl) -> bool:
     return mapped is not None
 
 
+def forget_network() -> None:
+    """Forget what the UDP probes learned: after a lost link the network may be another."""
+    with _udp_probe_lock:
+        _udp_probes.clear()
+
+
 def usable_ice_servers(ice_servers: list[dict]) -> list[dict]:
     """The one STUN and one TURN URL (at most) that aiortc should get on this network."""
     urls = ice_urls(ice_servers)
@@ -1398,7 +1406,9 @@ def nat_mapping(url: IceUrl, timeout: float = UDP_PROBE_TIMEOUT_S) -> tuple[Opti
 
 
 def _stun_answer(sock: socket.socket, request, address: tuple[str, int], timeout: float):
-    """The STUN answer to `request` at `address` from `sock`, or None."""
+    """The STUN answer to `request` from `address`, asked from `sock`, or None. A lost
+    datagram is sent again, as STUN does; anything else that arrives is skipped, and
+    never holds the wait past `timeout`."""
     from aioice import stun
 
     deadline, wait = time.monotonic() + timeout, min(0.25, timeout)
@@ -1406,16 +1416,23 @@ def _stun_answer(sock: socket.socket, request, address: tuple[str, int], timeout
         try:
             sock.sendto(bytes(request), address)
         except OSError:
-            return None
-        sock.settimeout(max(0.01, min(wait, deadline - time.monotonic())))
-        try:
-            while True:
-                data, _ = sock.recvfrom(2048)
+            return None  # no route at all
+        resend = min(deadline, time.monotonic() + wait)
+        while (left := resend - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data, source = sock.recvfrom(2048)
+            except socket.timeout:
+                break
+            except OSError:
+                return None
+            try:
                 answer = stun.parse_message(data)
-                if answer.transaction_id == request.transaction_id:
-                    return answer
-        except (socket.timeout, ValueError):
-            wait *= 2
+            except Exception:  # aioice raises ValueError and struct.error on junk: not our answer
+                continue
+            if source[:2] == address[:2] and answer.transaction_id == request.transaction_id:
+                return answer
+        wait *= 2
     return None
 
 
@@ -2429,7 +2446,12 @@ class Link:
         found no path (as soon as it gives up, or at `timeout`)."""
         deadline = time.monotonic() + timeout
         while not self._opened.wait(0.1):
-            if self._closed.is_set() or time.monotonic() > deadline:
+            ice_failed = self.close_reason == ICE_FAILED
+            if self._closed.is_set() and not ice_failed:
+                self.close()
+                raise LinkClosed(f"the link to {self.peer_id} closed before it opened: {self.close_reason}") \
+                    from self._close_cause
+            if ice_failed or time.monotonic() > deadline:
                 self.close()
                 raise LinkClosed(f"no WebRTC connection to {self.peer_id} within {timeout:.0f} s: "
                                  f"{self.no_route}")
@@ -2753,7 +2775,7 @@ def _new_link(peer_id: str, ice_servers: list[dict], receive_dir: Optional[Path]
         @pc.on("connectionstatechange")
         def _on_state():
             if pc.connectionState in ("failed", "closed"):
-                link._mark_closed(f"WebRTC connection {pc.connectionState}")
+                link._mark_closed(ICE_FAILED if pc.connectionState == "failed" else "WebRTC connection closed")
 
         return link
 

@@ -110,6 +110,10 @@ class Limits:
     silence_s: float = P.SERVER_SILENCE_S
 
 
+# A peer's TURN credentials are renewed (before an offer reaches it) once they are this old.
+TURN_REFRESH_S = 3600.0
+
+
 @dataclass(frozen=True)
 class TurnRest:
     """TURN credentials minted per peer from a secret shared with the TURN server (the
@@ -933,6 +937,15 @@ class SignalingServer:
             room.members.add(user)
             self._save_state()
 
+    def rooms_of(self, user: str) -> list[dict]:
+        """The rooms `user` created or joined, with the workers in each now; never a token."""
+        with self._lock:
+            return [{"room_id": room.room_id, "created_at": room.created_at, "created": room.owner == user,
+                     "peers": len(room.peers),
+                     "workers": [{"peer_id": peer.peer_id, "name": peer.properties.get("worker_name")}
+                                 for peer in room.by_role.get("worker", {}).values()]}
+                    for room in self.rooms.values() if room.admits(user)]
+
     def create_api_key(self, room_id: str, token: str) -> str:
         """A new worker key for the room (sleap-rtc 0.0.7 workers register with it); only
         its SHA-256 is kept."""
@@ -1223,12 +1236,11 @@ class SignalingServer:
                     peer.linked.add(target_id)
                     target.linked.add(peer.peer_id)
             linked = target_id in peer.linked
-            # A worker registered days ago answers offers with TURN credentials that expire:
-            # past half their lifetime it gets fresh ones, just before the offer.
+            # A worker registered days ago answers offers with TURN credentials that expire,
+            # and its relayed link lives only as long as they do: an hour (or half the TTL)
+            # after they were handed out, it gets fresh ones, just before the offer.
             refresh = (kind == P.OFFER and target is not None and self.turn is not None
-                       and time.monotonic() - target.ice_issued_at > self.turn.ttl_s / 2)
-            if refresh:
-                target.ice_issued_at = time.monotonic()
+                       and time.monotonic() - target.ice_issued_at > min(self.turn.ttl_s / 2, TURN_REFRESH_S))
         if target is None:
             return P.error_frame(P.PEER_NOT_FOUND, f"no peer {P.echo(target_id)} in room {peer.room_id}", kind)
         if kind == P.QUIT and not linked:
@@ -1238,8 +1250,9 @@ class SignalingServer:
             frame.pop(P.FROM_USER, None)  # only this server says who a user is
             if peer.user:
                 frame[P.FROM_USER] = peer.user
-        if refresh:
-            target.conn.enqueue(P.ice_servers_json(self._ice_servers_for(target_id)))
+        if refresh and target.conn.enqueue(P.ice_servers_json(self._ice_servers_for(target_id))):
+            with self._lock:
+                target.ice_issued_at = time.monotonic()
         if not target.conn.enqueue(json.dumps(frame)):
             return P.error_frame(P.DELIVERY_FAILED, f"peer {P.echo(target_id)} could not be reached", kind)
         return None
@@ -1349,6 +1362,12 @@ def _make_http_handler(server: SignalingServer):
                         self._reply(403, {"error": str(exc)})
                     except LookupError as exc:
                         self._reply(404, {"error": str(exc)})
+            elif self.path == "/my-rooms":
+                user = self._user()
+                if user is None:
+                    self._reply(401, {"error": "send 'Authorization: Bearer <id_token>' (POST /anonymous-signin)"})
+                else:
+                    self._reply(200, {"rooms": server.rooms_of(user)})
             elif self.path == "/delete-peer":
                 peer_id = body.get("peer_id")
                 if not isinstance(peer_id, str):

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import glob
 import importlib.metadata
@@ -1924,6 +1925,8 @@ class JobLog:
                             self._size += len(data)
                         except OSError as exc:  # e.g. a full disk: keep reading, or sleap-nn blocks on its pipe
                             log.error("job %s: writing its log failed: %s", self.job_id, exc)
+                            with contextlib.suppress(OSError):  # what did reach the file counts: offsets stay true
+                                self._size = os.fstat(log_file.fileno()).st_size
                         offset = self._size
                         with self._listeners_lock:
                             listeners = list(self._listeners)

@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,9 @@ TURN_PORT = 3478
 # Private ranges the relay never sends to: coturn closes a whole allocation when one send
 # fails locally (a peer's private host candidate with no route), so a real deployment
 # denies them too (see the README's TURN guide).
-DENIED_PEERS = ("10.0.0.0-10.255.255.255", "172.16.0.0-172.31.255.255", "192.168.0.0-192.168.255.255")
+# (The lab's own internet is 100.64/10, which a real TURN server denies as well.)
+DENIED_PEERS = ("0.0.0.0-0.255.255.255", "10.0.0.0-10.255.255.255", "169.254.0.0-169.254.255.255",
+                "172.16.0.0-172.31.255.255", "192.168.0.0-192.168.255.255")
 TOOLS = ("ip", "iptables", "conntrack", "turnserver")
 
 
@@ -217,19 +220,21 @@ class Lab:
                        else ["--lt-cred-mech", "--user", f"{self.turn_user}:{self.turn_password}"])
         argv = ["turnserver", "-n", "--listening-port", str(TURN_PORT), "--listening-ip", SERVER_IP,
                 "--listening-ip", SECOND_IP, "--relay-ip", SERVER_IP, "--realm", "lab",
-                "--no-tls", "--no-dtls", "--no-cli",
+                "--no-tls", "--no-dtls", "--no-cli", "--no-tcp-relay", "--no-multicast-peers",
                 "--log-file", str(log), "--simple-log", "--pidfile", str(self.workdir / "coturn.pid"),
                 "--userdb", str(self.workdir / "turndb"),
                 *[f"--denied-peer-ip={r}" for r in DENIED_PEERS], *credentials]
         self._coturn = subprocess.Popen(self.wrap("internet", argv), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wanted = {(transport, f"{ip}:{TURN_PORT}") for transport in ("udp", "tcp") for ip in (SERVER_IP, SECOND_IP)}
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # listening on both transports before anyone asks
+        while time.monotonic() < deadline:  # listening on both addresses and transports before anyone asks
             if self._coturn.poll() is not None:
                 said = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                 raise RuntimeError(f"coturn exited ({self._coturn.returncode}): {said}")
-            listening = sh("ss", "-Hlnut", ns=self.ns("internet")).stdout
-            if f"{SERVER_IP}:{TURN_PORT}" in listening and listening.count(f":{TURN_PORT}") >= 2:
+            listening = {(line.split()[0], line.split()[4]) for line in
+                         sh("ss", "-Hlnut", ns=self.ns("internet")).stdout.splitlines() if line.strip()}
+            if wanted <= listening:
                 return
             time.sleep(0.1)
         raise RuntimeError("coturn did not start listening within 10 s")
@@ -281,7 +286,7 @@ def main(argv: list[str]) -> int:
         print(f"missing: {', '.join(missing_tools())} (apt-get install iproute2 iptables conntrack coturn)",
               file=sys.stderr)
         return 1
-    workdir = Path(f"/tmp/netlab-{os.getpid()}")
+    workdir = Path(tempfile.mkdtemp(prefix="netlab-"))
     with Lab(argv[0], workdir) as lab:
         print(f"{argv[0]}: namespaces {lab.prefix}-{{internet,worker-router,laptop-router,worker,laptop}}")
         print(f"server {SERVER_IP}; signaling options: {' '.join(lab.ice_server_options())}")

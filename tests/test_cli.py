@@ -1,13 +1,21 @@
-"""The command line as people type it: common options before or after the command, and
-room tokens a shell and argparse accept."""
+"""The command line as people type it: common options before or after the command, room
+tokens a shell and argparse accept, --json for scripts, rooms kept and listed, and a
+lost link that is not retried forever."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import subprocess
+import time
 
+import pytest
+
+import client
 import protocol as P
-from conftest import PY, ROOT
+from conftest import PY, ROOT, job_id_of
 
 
 def test_common_options_go_before_or_after_the_command(room):
@@ -59,11 +67,6 @@ def test_a_token_that_starts_with_a_dash_is_taken_after_an_equals_sign(room):
 def test_json_output_for_scripts(room, tmp_path):
     """`workers`, `jobs`, `status JOB` and `files ls` with --json: one JSON document on
     stdout, with the field names the README lists."""
-    import hashlib
-    import json
-
-    from conftest import job_id_of
-
     worker_dir = tmp_path / "w"
     _, worker_id = room.start_worker("--allow-command", "seq=/usr/bin/seq", working_dir=worker_dir)
     done = room.client("run", "--non-interactive", "seq", "--", "1", "3")
@@ -104,3 +107,82 @@ def test_json_output_for_scripts(room, tmp_path):
 
     refused = room.client("files", "rm", "abcdef", "--json")
     assert refused.returncode == 1 and "--json goes with files ls" in refused.stderr
+
+
+def test_a_link_that_opens_and_dies_at_once_does_not_loop_forever(monkeypatch):
+    """with_link_again's patience restarts only after a link that lasted; one that dies
+    as soon as it opens uses it up, and the loss is raised."""
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(time, "sleep", lambda seconds: clock.__setitem__("now", clock["now"] + seconds))
+
+    class Closed:
+        closed = True
+
+        def close(self, timeout=None):
+            pass
+
+    opened = []
+    monkeypatch.setattr(client, "connect", lambda args: Closed())
+    monkeypatch.setattr(P, "open_link", lambda signaling, worker, receive_dir: opened.append(1) or Closed())
+
+    def work(link):
+        clock["now"] += 0.5  # it runs a moment, then the link is gone
+        raise P.LinkClosed("the peer vanished")
+
+    with pytest.raises(P.LinkClosed, match="vanished"):
+        client.with_link_again(None, "worker-1", work, ".", (Closed(), Closed()))
+    assert 5 < len(opened) < 100  # it kept trying, with backoff, for the patience, not forever
+
+
+def test_rooms_people_can_find_again(room, tmp_path):
+    """`rooms create` and `rooms join` keep the room's token for this server (what
+    room.env holds); `rooms list` shows them with the workers in each now, and no other
+    user's rooms; `--room R` alone is enough afterwards."""
+    server = ["--server", room.ws_url, "--http", room.http_url]
+    bare = {k: v for k, v in room.env.items() if not k.startswith("SLEAP_RTC_") or k == "SLEAP_RTC_ICE_HOSTS"}
+
+    def client(*args: str, home: str = "alice") -> subprocess.CompletedProcess:
+        (tmp_path / home).mkdir(exist_ok=True)
+        return subprocess.run([PY, str(ROOT / "client.py"), *args], capture_output=True, text=True, timeout=60,
+                              env={**bare, "HOME": str(tmp_path / home)}, cwd=tmp_path, stdin=subprocess.DEVNULL)
+
+    made = client("rooms", "create", *server)
+    assert made.returncode == 0, made.stderr
+    own_room = re.search(r"room:\s*(\S+)", made.stdout).group(1)
+    _, worker_id = room.start_worker()  # in the fixture's room, which alice joins next
+    wrong = client("rooms", "join", room.room_id, "--token", "not-the-token", *server)
+    assert wrong.returncode == 1 and "joining room" in wrong.stderr
+    joined = client("rooms", "join", room.room_id, "--token", room.token, *server)
+    assert joined.returncode == 0, joined.stderr
+    assert "kept" in joined.stdout
+
+    # The joined room is the default now; another is named by --room alone.
+    workers = client("workers", *server)
+    assert workers.returncode == 0 and worker_id in workers.stdout, workers.stdout + workers.stderr
+    empty = client("workers", "--room", own_room, *server)
+    assert empty.returncode == 1 and f"no workers in room {own_room}" in empty.stdout
+
+    listed = client("rooms", "list", *server, "--json")
+    assert listed.returncode == 0, listed.stderr
+    rooms = {r["room_id"]: r for r in json.loads(listed.stdout)["rooms"]}
+    assert set(rooms) == {own_room, room.room_id}
+    assert rooms[own_room]["created"] and rooms[own_room]["workers"] == [] and rooms[own_room]["token_kept"]
+    assert not rooms[room.room_id]["created"] and rooms[room.room_id]["default"]
+    assert [w["peer_id"] for w in rooms[room.room_id]["workers"]] == [worker_id]
+    table = client("rooms", "list", *server)
+    assert re.search(rf"{room.room_id} \*\s+joined\s+yes\s+{worker_id}", table.stdout), table.stdout
+    credentials = (tmp_path / "alice" / ".sleap-rtc" / "credentials.json")
+    assert oct(credentials.stat().st_mode & 0o777) == "0o600" and room.token in credentials.read_text()
+    assert room.token not in listed.stdout and room.token not in table.stdout  # listed, never shown
+
+    # Another user sees neither room, and the server never says a token.
+    other = client("rooms", "list", *server, home="bob")
+    assert other.returncode == 0 and "no rooms of yours" in other.stdout, other.stdout + other.stderr
+    status, body = P.http_call("POST", room.http_url + "/my-rooms", {})
+    assert status == 401 and "Bearer" in body["error"]
+
+    deleted = client("rooms", "delete", own_room, *server)
+    assert deleted.returncode == 0, deleted.stderr
+    assert own_room not in client("rooms", "list", *server).stdout
+    assert os.path.exists(credentials)

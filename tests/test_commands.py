@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 import protocol as P
-from conftest import job_id_of, ledger
+from conftest import job_id_of, ledger, stand_in
 
 SECRET = "hunter2-do-not-print"
 
@@ -187,3 +189,34 @@ def test_a_log_goes_on_from_a_byte_offset_and_odd_offsets_are_harmless(room, tmp
     finally:
         link.close()
         signaling.close()
+
+
+COUNTER = """import sys, time
+for i in range(1, int(sys.argv[1]) + 1):
+    print(f"line {i}", flush=True)
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.slow
+def test_a_follow_whose_link_dies_reconnects_and_goes_on_from_its_byte(room, tmp_path):
+    """The worker freezes (SIGSTOP) past the link's heartbeat timeout mid-follow: the
+    client says it lost the link, connects again once the worker answers, and prints
+    every line exactly once, in order, to the job's end."""
+    counter = stand_in(tmp_path, "counter", COUNTER)
+    worker, _ = room.start_worker("--allow-command", f"count={counter}", working_dir=tmp_path / "w")
+    submitted = room.client("run", "--detach", "--non-interactive", "count", "--", "150")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = job_id_of(submitted.stdout)
+    follow = room.start_client("logs", job_id, "--follow")
+    follow.wait_for(r"line 20\n", timeout=60)
+    worker.popen.send_signal(signal.SIGSTOP)
+    try:
+        follow.wait_for(r"lost the link", timeout=30)
+        time.sleep(2)  # it tries while the worker is still frozen
+    finally:
+        worker.popen.send_signal(signal.SIGCONT)
+    assert follow.popen.wait(timeout=120) == 0, follow.output()
+    out = follow.output()
+    assert "connected to" in out and re.findall(r"^line (\d+)$", out, re.M) == [str(i) for i in range(1, 151)], out
+    assert f"job {job_id} completed" in out

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import netlab
-from conftest import PY, ROOT, Env, Proc, job_id_of
+from conftest import PY, ROOT, Env, Proc, job_id_of, stand_in, wait_until
 from tiny_data import make_project
 
 pytestmark = [pytest.mark.netlab, pytest.mark.slow]
@@ -200,8 +200,6 @@ def test_a_follow_and_an_upload_survive_a_new_network(tmp_path):
     """The laptop's site gets a new public address mid-way (conntrack flushed, as after a
     new Wi-Fi): `logs --follow` reconnects on its own and goes on from the byte it had,
     every line once, to the job's end; an upload resumes from the bytes the worker kept."""
-    from conftest import stand_in
-
     world = lab_world(tmp_path, "home")
     try:
         counter = stand_in(tmp_path, "counter", COUNTER)
@@ -224,7 +222,6 @@ def test_a_follow_and_an_upload_survive_a_new_network(tmp_path):
         payload.write_bytes(os.urandom(40 * 2**20))
         upload = world.start_client("upload", str(payload))
         part = tmp_path / "w" / "uploads" / f".{hashlib.sha256(payload.read_bytes()).hexdigest()}.part"
-        from conftest import wait_until
         wait_until(lambda: part.exists() and part.stat().st_size > 4 * 2**20, 120, "4 MB of the upload")
         world.lab.new_address("laptop")
         assert upload.popen.wait(timeout=300) == 0, upload.output()
