@@ -1465,6 +1465,9 @@ class LossPlot:
                 if any(v is not None for v in values):
                     axes.plot([e["epoch"] + 1 for e in run], [float("nan") if v is None else v for v in values],
                               marker="o", label=f"{model} {label}" if len(models) > 1 else label)
+        from matplotlib.ticker import MaxNLocator
+
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
         axes.set_xlabel("epoch")
         axes.set_ylabel("loss")
         axes.set_title(self.title)

@@ -365,6 +365,7 @@ class UpstreamAdapter:
             relabels = {r["copy"]: r for plan in plans for r in plan.get("relabel", [])}
             checkpoints = {path: c for plan in plans for path, c in plan.get("checkpoints", {}).items()}
             accepted = {**submit.specs[0], "_resolved": plans[0]["paths"], "_upstream": submit.client_id,
+                        **({"_epochs": plans[0]["epochs"]} if "epochs" in plans[0] else {}),
                         **({"_relabel": list(relabels.values())} if relabels else {}),
                         **({"_checkpoints": checkpoints} if checkpoints else {})}
             files = {self.worker.config_file: plans[0]["config_text"]} if kind == P.TRAIN else {}
@@ -373,7 +374,7 @@ class UpstreamAdapter:
                 config_file = f"config-{index}.yaml"
                 files[config_file] = plan["config_text"]
                 more.append({"config": spec["config"], "run_name": spec.get("run_name"), "_resolved": plan["paths"],
-                             "_config_file": config_file})
+                             "_config_file": config_file, "_epochs": plan.get("epochs")})
             if more:
                 accepted["_more"] = more
         if not self.session.admit(job_id, errors, accepted, files) and made_dir:

@@ -1024,7 +1024,7 @@ class Session:
         files = {CONFIG_FILE: plan["config_text"]} if "config_text" in plan else {}
         accepted = {**spec, "_resolved": plan.get("paths", {}),
                     **{f"_{name}": plan[name] for name in ("package", "relabel", "command", "scope", "checkpoints",
-                                                            "inputs")
+                                                            "inputs", "epochs")
                        if name in plan}} \
             if isinstance(spec, dict) else {}
         self.admit(job_id, errors, accepted, files)
@@ -2590,7 +2590,7 @@ def train_step(executable: str, spec: dict, job_dir: Path, config_file: str = CO
         overrides["trainer_config.optimizer.lr"] = repr(float(spec["learning_rate"]))
     # "++" sets a key whether or not the YAML has it.
     args += [f"++{key}={value}" for key, value in overrides.items()]
-    return Step(P.TRAIN, model, args, job_dir, ckpt_dir, run_name, spec.get("max_epochs"))
+    return Step(P.TRAIN, model, args, job_dir, ckpt_dir, run_name, spec.get("max_epochs") or spec.get("_epochs"))
 
 
 def job_stages(spec: dict) -> list[dict]:
@@ -2943,6 +2943,9 @@ def validate_job(spec: dict, mounts: list[Mount], write_mounts: list[Mount], job
         errors.append(P.spec_error("config", problem, "BAD_CONFIG"))
         return errors, plan
     plan["config_text"] = text
+    epochs = spec.get("max_epochs") or config_value(config, "trainer_config.max_epochs")
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0:
+        plan["epochs"] = epochs  # what the client shows as epoch 3/50, whoever set it
     for key in CONFIG_READS + CONFIG_WRITES:
         value = config_value(config, key)
         if key not in plan["paths"] and value not in (None, "", [], "."):  # "." is ckpt_dir's default: the job's

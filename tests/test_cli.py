@@ -186,3 +186,21 @@ def test_rooms_people_can_find_again(room, tmp_path):
     assert deleted.returncode == 0, deleted.stderr
     assert own_room not in client("rooms", "list", *server).stdout
     assert os.path.exists(credentials)
+
+
+def test_the_loss_plot_counts_whole_epochs(tmp_path):
+    from matplotlib.figure import Figure
+
+    drawn = []
+
+    class Kept(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            drawn.append(self)
+
+    epochs = [{"epoch": e, "loss": 1.0 / (e + 1), "val_loss": None, "model": "m"} for e in range(3)]
+    plot = client.LossPlot(tmp_path / "loss.png", "job j", epochs)
+    plot._draw(Kept, epochs)
+    ticks = drawn[0].axes[0].get_xticks()
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks

@@ -51,6 +51,15 @@ def test_training_completes_with_ordered_progress_and_a_checkpoint(lab):
     assert "`Trainer.fit` stopped: `max_epochs=2` reached" in (local / "job.log").read_text()
 
 
+def test_epochs_set_only_in_the_config_are_known_with_an_eta(lab):
+    """No --max-epochs: the count comes from the config the worker validated (2 here)."""
+    result = lab.client("train", "--config", str(lab.project["config"]))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "/?" not in result.stderr
+    assert re.search(r"epoch 1/2  loss \S+  val_loss \S+  ETA \d+ s", result.stderr), result.stderr
+    assert "epoch 2/2  loss" in result.stderr
+
+
 def test_progress_bars_do_not_flood_the_client(lab, tmp_path):
     config = tmp_path / "many-steps.yaml"
     config.write_text(lab.project["config"].read_text().replace("train_steps_per_epoch: 4",
