@@ -10,13 +10,13 @@ import base64
 import hashlib
 import hmac
 import socket
-import threading
 import time
 
 import pytest
 
 import protocol as P
 from conftest import RawPeer
+from upstream_world import LoopbackStun
 
 SECRET = "lab-secret"
 TURN_URLS = ["turn:198.51.100.7:3478", "turn:198.51.100.7:3478?transport=tcp"]
@@ -120,38 +120,6 @@ def test_turn_options_are_checked_at_start(world, options, message):
 # -- which STUN/TURN URL aiortc gets -------------------------------------------------------
 
 
-class StunResponder:
-    """A STUN server of a few lines on loopback UDP: answers binding requests."""
-
-    def __init__(self):
-        from aioice import stun
-
-        self.stun = stun
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.asked = 0
-        self.thread = threading.Thread(target=self._serve, name="test-stun", daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        stun = self.stun
-        while True:
-            try:
-                data, address = self.sock.recvfrom(2048)
-            except OSError:
-                return
-            request = stun.parse_message(data)
-            self.asked += 1
-            answer = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
-                                  transaction_id=request.transaction_id)
-            answer.attributes["XOR-MAPPED-ADDRESS"] = address
-            self.sock.sendto(bytes(answer), address)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def closed_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -165,28 +133,28 @@ def servers(stun_port: int) -> list[dict]:
 
 
 def test_where_udp_gets_through_stun_and_turn_over_udp_are_used():
-    responder = StunResponder()
+    responder = LoopbackStun()
     try:
-        P._udp_probes.clear()
+        P.forget_network()
         chosen = P.usable_ice_servers(servers(responder.port))
-        assert chosen == [{"urls": f"stun:127.0.0.1:{responder.port}"},
+        assert chosen == [{"urls": responder.url},
                           {"urls": "turn:127.0.0.1:3478", "username": "u", "credential": "p"}]
         P.usable_ice_servers(servers(responder.port))
-        assert responder.asked == 1  # asked once, then remembered
+        assert responder.requests == 1  # asked once, then remembered
         assert P.stun_mapped_address("127.0.0.1", responder.port)[0] == "127.0.0.1"
     finally:
         responder.close()
-        P._udp_probes.clear()
+        P.forget_network()
 
 
 def test_where_no_udp_gets_through_only_turn_over_tcp_is_used_and_no_stun():
     port = closed_udp_port()
-    P._udp_probes.clear()
+    P.forget_network()
     began = time.monotonic()
     chosen = P.usable_ice_servers(servers(port))
     assert chosen == [{"urls": "turn:127.0.0.1:3478?transport=tcp", "username": "u", "credential": "p"}]
     assert time.monotonic() - began < 3  # the probe's own bound (1 s), not aioice's 5 s STUN wait
-    P._udp_probes.clear()
+    P.forget_network()
     assert P.usable_ice_servers([]) == []
     assert P.usable_ice_servers([{"urls": "ftp://nope"}]) == []
 
