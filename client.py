@@ -1556,7 +1556,9 @@ def cmd_track(args) -> int:
                          "or --worker-pkg-path")
     spec = {"type": P.TRACK, "data_path": args.data_path, "model_paths": args.model_paths, "output": args.output,
             "batch_size": args.batch_size, "peak_threshold": args.peak_threshold, "frames": args.frames,
-            "only_suggested_frames": args.only_suggested_frames or None, "gui": True, "path_map": args.path_map}
+            "only_suggested_frames": args.only_suggested_frames or None, "frame_filter": args.frame_filter,
+            "video_index": args.video_index, "exclude_user_labeled": args.exclude_user_labeled or None,
+            "gui": True, "path_map": args.path_map}
     return _submit_checked(args, spec, UPLOADABLE_FIELDS[P.TRACK] if args.upload else ())
 
 
@@ -2056,7 +2058,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="1-1024")
     p.add_argument("--peak-threshold", type=float, help="0-1")
     p.add_argument("--frames", help='frame ranges, e.g. "0-100,500-600"')
-    p.add_argument("--only-suggested-frames", action="store_true")
+    p.add_argument("--only-suggested-frames", action="store_true", help="the same as --frame-filter suggested")
+    p.add_argument("--frame-filter", choices=list(P.FRAME_FILTERS),
+                   help="of a labels file, predict only the suggested, user-labeled or already predicted frames")
+    p.add_argument("--video-index", type=int, metavar="N", help="of a labels file, only its video N (from 0)")
+    p.add_argument("--exclude-user-labeled", action="store_true", help="skip frames a person labeled")
     p.add_argument("--no-progress", action="store_true", help="a package's training without live loss (no ZMQ)")
     p.add_argument("--verbose", action="store_true", help="print sleap-nn's output as it comes")
     p.set_defaults(run=cmd_track)

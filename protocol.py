@@ -679,7 +679,8 @@ SPEC_FIELDS: dict[str, dict[str, type]] = {
     TRAIN: {"config": str, "labels": str, "val_labels": str, "max_epochs": int, "batch_size": int,
             "learning_rate": float, "run_name": str, "resume": str, "gui": bool, "path_map": list},
     TRACK: {"data_path": str, "model_paths": list, "output": str, "batch_size": int, "peak_threshold": float,
-            "frames": str, "only_suggested_frames": bool, "gui": bool, "path_map": list},
+            "frames": str, "only_suggested_frames": bool, "frame_filter": str, "video_index": int,
+            "exclude_user_labeled": bool, "gui": bool, "path_map": list},
     COMMAND: {"command": str, "args": list},
     PRUNE: {"older_than_s": float, "keep_failed": bool, "dry_run": bool, "uploads": list},
     REPLICATE: {"source_job": str, "to": str},
@@ -690,7 +691,10 @@ _COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_COMMAND_ARGS, MAX_ARG_CHARS = 1000, 4096
 # A SLEAP training package (a zip on the worker) says everything else itself.
 PACKAGE_FIELDS = {"package": str, "gui": bool}
-NUMBER_RANGES = {"max_epochs": (1, 10000), "batch_size": (1, 1024)}
+NUMBER_RANGES = {"max_epochs": (1, 10000), "batch_size": (1, 1024), "video_index": (0, 100000)}
+# A track job's frame_filter: which frames of a labels file sleap-nn predicts on, and its option.
+FRAME_FILTERS = {"suggested": "--only_suggested_frames", "user": "--only_labeled_frames",
+                 "predicted": "--only_predicted_frames"}
 _FRAMES_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -730,6 +734,10 @@ def check_spec(spec: Any) -> list[dict]:
             errors.append(spec_error(name, f"learning_rate must be > 0 and <= 1, not {value}", "OUT_OF_RANGE"))
         elif name == "peak_threshold" and not 0 <= value <= 1:
             errors.append(spec_error(name, f"peak_threshold must be between 0 and 1, not {value}", "OUT_OF_RANGE"))
+        elif name == "frame_filter" and value not in FRAME_FILTERS:
+            errors.append(spec_error(name, f"frame_filter is one of {', '.join(FRAME_FILTERS)}, not {echo(value)}"
+                                     + (" (sleap-nn has no random filter: name the frames in 'frames')"
+                                        if value == "random" else ""), "BAD_VALUE"))
         elif name == "frames" and not _frames_ok(value):
             errors.append(spec_error(name, f"frames must look like 0-100,200-300 (ascending ranges), not {value!r}",
                                      "BAD_FORMAT"))
@@ -841,7 +849,7 @@ def file_digest(path: Path) -> tuple[int, str]:
 # Their channel labels make a Link `upstream`: it passes their bare text frames through and
 # ignores their binary KEEP_ALIVE. The dialect itself lives in upstream.py.
 
-UPSTREAM_CHANNEL_LABELS = frozenset({"my-data-channel", "training", "inference", "pathcheck"})
+UPSTREAM_CHANNEL_LABELS = frozenset({"my-data-channel", "training", "inference", "pathcheck", "sleap-app"})
 UPSTREAM_KEEP_ALIVE = b"KEEP_ALIVE"
 
 

@@ -49,7 +49,12 @@ UP_JOB_SUBMIT, UP_JOB_ACCEPTED, UP_JOB_REJECTED = "JOB_SUBMIT", "JOB_ACCEPTED", 
 UP_JOB_PROGRESS, UP_PROGRESS_REPORT = "JOB_PROGRESS", "PROGRESS_REPORT"
 UP_JOB_COMPLETE, UP_JOB_FAILED = "JOB_COMPLETE", "JOB_FAILED"
 UP_FILE_META, UP_END_OF_FILE = "FILE_META", "END_OF_FILE"
-# Upstream's worker runs inference after training and the SLEAP GUI waits for its end.
+# A track job's output lines (sleap-rtc after 0.0.7; a training's stay bare lines).
+UP_JOB_LOG = "JOB_LOG"
+# Upstream's worker runs inference after a training whose spec names its labels, and its
+# clients (the SLEAP GUI too) wait for the end of it.
+UP_INFERENCE_BEGIN, UP_INFERENCE_LOG, UP_INFERENCE_PROGRESS = "INFERENCE_BEGIN", "INFERENCE_LOG", "INFERENCE_PROGRESS"
+UP_INFERENCE_COMPLETE, UP_INFERENCE_FAILED = "INFERENCE_COMPLETE", "INFERENCE_FAILED"
 UP_INFERENCE_SKIPPED = "INFERENCE_SKIPPED"
 UP_CONTROL_COMMAND, UP_JOB_STOP, UP_JOB_CANCEL, UP_ZMQ_CTRL = "CONTROL_COMMAND", "JOB_STOP", "JOB_CANCEL", "ZMQ_CTRL"
 UP_CR = "CR::"
@@ -64,7 +69,8 @@ _UP_TRAIN_FIELDS = {"labels_path": "labels", "val_labels_path": "val_labels", "m
                     "resume_ckpt_path": "resume"}
 _UP_TRACK_FIELDS = {"data_path": "data_path", "model_paths": "model_paths", "output_path": "output",
                     "batch_size": "batch_size", "peak_threshold": "peak_threshold", "frames": "frames",
-                    "frame_filter": "frames", "only_suggested_frames": "only_suggested_frames"}
+                    "only_suggested_frames": "only_suggested_frames", "frame_filter": "frame_filter",
+                    "video_index": "video_index", "exclude_user_labeled": "exclude_user_labeled"}
 MAX_UPSTREAM_MODELS = 8
 
 
@@ -120,9 +126,9 @@ def parse_upstream_submit(text: str) -> UpstreamSubmit:
                                             "BAD_FORMAT"))
         return submit
     kind = spec.get("type")
-    if kind == P.TRACK:
+    if kind == P.TRACK:  # upstream leaves out what is unset: None, False, "" or [] (but video_index 0 is set)
         ours = {"type": P.TRACK, **{ours: spec[up] for up, ours in _UP_TRACK_FIELDS.items()
-                                  if spec.get(up) not in (None, False, "", [])}}
+                                  if spec.get(up) is not None and spec[up] is not False and spec[up] not in ("", [])}}
         submit.specs, submit.contents = [ours], [None]
         submit.errors = P.check_spec(ours)
         return submit
@@ -220,12 +226,32 @@ def upstream_log(lines: list, progress: Optional[str]) -> list[str]:
     return frames
 
 
+def upstream_track_log(lines: list, progress: Optional[str]) -> list[str]:
+    """A track job's JOB_LOG batch as upstream frames: JOB_LOG::{line} for each line and
+    JOB_LOG::CR::{update} for the latest carriage-return update."""
+    frames = [upstream_frame(UP_JOB_LOG, line) for _, line in lines]
+    if progress is not None:
+        frames.append(upstream_frame(UP_JOB_LOG, UP_CR + progress))
+    return frames
+
+
+def upstream_inference_line(report: dict) -> str:
+    """sleap-nn's inference progress as the text upstream clients read it from (their
+    GUI takes N/TOTAL, FPS and ETA: H:MM:SS from it)."""
+    done, total = int(report.get("n_processed") or 0), int(report.get("n_total") or 0)
+    eta = int(report.get("eta") or 0)
+    percent = f"{100 * done // total}% " if total else ""
+    return (f"Predicting... {percent}{done}/{total} {float(report.get('rate') or 0):.1f} FPS "
+            f"ETA: {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+
+
 def upstream_control(text: str) -> Optional[str]:
     """The action (P.ZMQ_CTRL: stop early, P.JOB_CANCEL: cancel) an upstream control frame
-    asks for, or None when `text` is not one."""
-    if text == UP_JOB_STOP or text == f"{UP_ZMQ_CTRL}{UP_SEP}STOP":
+    asks for, or None when `text` is not one. The sleap-app desktop client names its job:
+    JOB_CANCEL::{its job id} (see upstream_control_target)."""
+    if text == UP_JOB_STOP or text == f"{UP_ZMQ_CTRL}{UP_SEP}STOP" or text.startswith(UP_JOB_STOP + UP_SEP):
         return P.ZMQ_CTRL
-    if text == UP_JOB_CANCEL or text == f"{UP_ZMQ_CTRL}{UP_SEP}CANCEL":
+    if text == UP_JOB_CANCEL or text == f"{UP_ZMQ_CTRL}{UP_SEP}CANCEL" or text.startswith(UP_JOB_CANCEL + UP_SEP):
         return P.JOB_CANCEL
     if text.startswith(UP_CONTROL_COMMAND + UP_SEP):
         try:
@@ -295,7 +321,7 @@ class UpstreamAdapter:
         elif name == UP_JOB_SUBMIT:
             self._on_submit(text)
         elif (action := upstream_control(text)) is not None:
-            self._control(action)
+            self._control(action, rest if name in (UP_JOB_CANCEL, UP_JOB_STOP) else "")
         else:
             name = name[:40]
             log.info("%s (sleap-rtc 0.0.7) sent %s, which this worker does not serve", self.session.peer_id, name)
@@ -341,9 +367,11 @@ class UpstreamAdapter:
         job_id = f"job_{secrets.token_hex(4)}"
         job_dir = self.worker.scheduler.jobs_dir / job_id
         kind = submit.specs[0]["type"] if submit.specs else P.TRAIN
+        infer = kind == P.TRAIN and bool(submit.specs and submit.specs[0].get("labels"))
         with self._lock:
             self._jobs[job_id] = {"client_id": submit.client_id, "kind": kind, "models": len(submit.specs),
-                                  "done": 0, "started": time.time(), "ended": False}
+                                  "done": 0, "started": time.time(), "ended": False, "infer": infer,
+                                  "inferring": False}
         errors, plans, made_dir = list(submit.errors), [], False
         if not errors:
             for index, (spec, content) in enumerate(zip(submit.specs, submit.contents)):
@@ -366,6 +394,8 @@ class UpstreamAdapter:
             checkpoints = {path: c for plan in plans for path, c in plan.get("checkpoints", {}).items()}
             accepted = {**submit.specs[0], "_resolved": plans[0]["paths"], "_upstream": submit.client_id,
                         **({"_epochs": plans[0]["epochs"]} if "epochs" in plans[0] else {}),
+                        # Inference after training, on the labels as the training reads them.
+                        **({"_infer_after": plans[0]["paths"]["data_config.train_labels_path"][0]} if infer else {}),
                         **({"_relabel": list(relabels.values())} if relabels else {}),
                         **({"_checkpoints": checkpoints} if checkpoints else {})}
             files = {self.worker.config_file: plans[0]["config_text"]} if kind == P.TRAIN else {}
@@ -380,14 +410,16 @@ class UpstreamAdapter:
         if not self.session.admit(job_id, errors, accepted, files) and made_dir:
             shutil.rmtree(job_dir, ignore_errors=True)  # nothing of a refused job stays behind
 
-    def _control(self, action: str) -> None:
-        """Stop early or cancel this client's latest job that has not ended."""
+    def _control(self, action: str, client_id: str = "") -> None:
+        """Stop early or cancel the job the client named by its own id, else its latest
+        job that has not ended."""
         with self._lock:
             live = [job_id for job_id, job in self._jobs.items() if not job["ended"]]
+            named = [job_id for job_id in live if self._jobs[job_id]["client_id"] == client_id]
         if not live:
             self._say("no job of this connection is running on this worker\n")
             return
-        self.session.control(action, {"job_id": live[-1]})
+        self.session.control(action, {"job_id": (named or live)[-1]})
 
     # -- writer side ----------------------------------------------------------------------
 
@@ -408,21 +440,36 @@ class UpstreamAdapter:
                 frames.append(f"job {job_id} queued at position {payload['queue_position']} on this worker\n")
         elif name == P.JOB_REJECTED:
             frames.append(upstream_rejected(job["client_id"], payload["errors"]))
+        elif name == P.JOB_LOG and job["kind"] == P.TRACK:
+            frames += upstream_track_log(payload["lines"], payload["progress"])
+        elif name == P.JOB_LOG and job["inferring"]:
+            frames += [upstream_frame(UP_INFERENCE_LOG, line) for _, line in payload["lines"]]
         elif name == P.JOB_LOG:
             frames += upstream_log(payload["lines"], payload["progress"])
         elif name == P.PROGRESS_REPORT:
             frames.append(upstream_frame(UP_PROGRESS_REPORT, payload["report"]))
         elif name == P.JOB_PROGRESS and payload.get("event") == "epoch_end":
             frames.append(upstream_epoch(payload.get("epoch"), payload.get("loss"), payload.get("val_loss")))
+        elif name == P.JOB_PROGRESS and payload.get("event") == "inference":
+            report = {k: v for k, v in payload.items() if k not in ("job_id", "event")}
+            frames.append(upstream_frame(UP_INFERENCE_PROGRESS, json.dumps(report)) if job["inferring"] else
+                          upstream_frame(UP_JOB_LOG, UP_CR + upstream_inference_line(report)))
+        elif name == P.INFERENCE_START:  # the last model trained: its JOB_COMPLETE, then inference
+            frames += [self._completion(job_id, job, job.get("last_model", {}), None),
+                       upstream_frame(UP_INFERENCE_BEGIN, "{}")]
+            job["inferring"] = True
         elif name == P.JOB_PROGRESS and payload.get("event") == "queued":
             frames.append(f"job {job_id} is at position {payload['queue_position']} in the queue\n")
         elif name == P.TRAIN_JOB_START:
             job["started"] = time.time()
             if job["models"] > 1:
                 frames.append(f"Training model {job['done'] + 1}/{job['models']}: {payload.get('name')}\n")
-        elif name == P.TRAIN_JOB_END and job["done"] + 1 < job["models"]:  # the last one ends with the job
-            frames.append(self._completion(job_id, job, payload, None))
-            job["done"] += 1
+        elif name == P.TRAIN_JOB_END:
+            if job["done"] + 1 < job["models"]:
+                frames.append(self._completion(job_id, job, payload, None))
+                job["done"] += 1
+            else:  # the last model's JOB_COMPLETE goes with the job's end, or before its inference
+                job["last_model"] = payload
         elif name == P.JOB_CONTROL:
             frames.append(f"{payload.get('message')}\n")
         elif name == P.JOB_DETACHED:
@@ -431,15 +478,24 @@ class UpstreamAdapter:
             if payload.get("warning"):
                 frames.append(f"warning: {payload['warning']}\n")
             outputs = payload.get("outputs") or []
-            output = outputs[-1]["path"] if outputs else None
-            frames.append(self._completion(job_id, job, payload, output))
+            if job["inferring"]:  # the predictions went just before this (Session._listener)
+                predictions = [o["path"] for o in outputs if o["kind"] == "predictions"]
+                frames.append(upstream_frame(UP_INFERENCE_COMPLETE, json.dumps(
+                    {"predictions_path": predictions[-1] if predictions else None})))
+            else:
+                frames.append(self._completion(job_id, job, payload, outputs[-1]["path"] if outputs else None))
+                if job["kind"] == P.TRAIN:  # the GUI waits for the end of an inference
+                    frames.append(upstream_frame(UP_INFERENCE_SKIPPED, json.dumps({"reason": "no_labels_path"})))
         elif name == P.JOB_FAILED:
-            frames.append(upstream_failed(self._model_job_id(job_id, job), job["kind"], payload.get("exit_code"),
-                                            payload.get("duration_s") or 0,
-                                            payload.get("error") or f"the job ended {payload.get('state')}"))
-        if name in (P.JOB_COMPLETE, P.JOB_FAILED) and job["kind"] == P.TRAIN:  # the GUI waits for its end
-            frames.append(upstream_frame(UP_INFERENCE_SKIPPED, json.dumps(
-                {"reason": "this worker runs no inference after training; submit a track job with the model"})))
+            error = payload.get("error") or f"the job ended {payload.get('state')}"
+            if job["inferring"]:
+                frames.append(upstream_frame(UP_INFERENCE_FAILED, json.dumps({"error": error})))
+            else:
+                frames.append(upstream_failed(self._model_job_id(job_id, job), job["kind"], payload.get("exit_code"),
+                                                payload.get("duration_s") or 0, error))
+                if job["kind"] == P.TRAIN:
+                    reason = "cancelled" if payload.get("state") == P.CANCELLED else "training_failed"
+                    frames.append(upstream_frame(UP_INFERENCE_SKIPPED, json.dumps({"reason": reason})))
         for frame in frames:
             link.send_raw(frame)
         if final:

@@ -1703,8 +1703,11 @@ class Scheduler:
         model, in order."""
         if job.kind != P.TRAIN:
             return [track_step(self.executable, job.spec, job.dir)], []
-        return [train_step(self.executable, stage, job.dir, stage.get("_config_file", CONFIG_FILE))
-                for stage in job_stages(job.spec)], []
+        steps = [train_step(self.executable, stage, job.dir, stage.get("_config_file", CONFIG_FILE))
+                 for stage in job_stages(job.spec)]
+        if job.spec.get("_infer_after"):
+            steps.append(after_training_step(self.executable, job.spec["_infer_after"], steps, job.dir))
+        return steps, []
 
     def live_specs(self) -> list[dict]:
         """The specs of the queued and running jobs."""
@@ -2024,7 +2027,7 @@ class Job:
                 if index < len(self.results):  # ran before the worker restarted
                     continue
                 first_inference = step.kind == P.TRACK and (index == 0 or self.steps[index - 1].kind != P.TRACK)
-                if first_inference and "package" in self.spec:
+                if first_inference and ("package" in self.spec or "_infer_after" in self.spec):
                     self.log.say(P.INFERENCE_START, {})
                 error = self._run_step(index, step, on_step)
                 if error or self.cancel_requested.is_set():
@@ -2613,13 +2616,29 @@ def track_step(executable: str, spec: dict, job_dir: Path) -> Step:
         args += ["--batch_size", str(spec["batch_size"])]
     if spec.get("peak_threshold") is not None:
         args += ["--peak_threshold", str(float(spec["peak_threshold"]))]
+    frame_filter = spec.get("frame_filter") or ("suggested" if spec.get("only_suggested_frames") else None)
+    if frame_filter:
+        args.append(P.FRAME_FILTERS[frame_filter])
+    if spec.get("exclude_user_labeled"):
+        args.append("--exclude_user_labeled")
+    if spec.get("video_index") is not None:
+        args += ["--video_index", str(spec["video_index"])]
     if spec.get("frames"):
         args += ["--frames", spec["frames"]]
-    if spec.get("only_suggested_frames"):
-        args.append("--only_suggested_frames")
     if spec.get("gui", True):
         args.append("--gui")
     return Step(P.TRACK, "inference", args, job_dir, output=output)
+
+
+def after_training_step(executable: str, labels: str, trained: list[Step], job_dir: Path) -> Step:
+    """Inference on the suggested frames of the training labels with the models just
+    trained, into the job's directory: what a sleap-rtc client (and the SLEAP GUI) expects
+    after a training whose spec names its labels (the job's `_infer_after`)."""
+    name = Path(labels).name
+    stem = name[:-len(".pkg.slp")] if name.endswith(".pkg.slp") else name.rsplit(".", 1)[0]
+    models = [str(step.ckpt_dir / step.run_name) for step in trained]
+    return track_step(executable, {"data_path": labels, "frame_filter": "suggested", "_resolved": {
+        "data_path": labels, "model_paths": models, "output": str(job_dir / f"{stem}.predictions.slp")}}, job_dir)
 
 
 def bind_zmq_pair(context, host: str = "127.0.0.1", prefer: Optional[tuple[int, int]] = None):

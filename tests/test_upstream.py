@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sqlite3
 import subprocess
 import time
@@ -341,9 +342,9 @@ def test_upstream_specs_map_onto_ours():
     track = TrackJobSpec(data_path="/d/v.mp4", model_paths=["/d/m"], output_path="p.slp", peak_threshold=0.3)
     assert U.parse_upstream_submit(f"JOB_SUBMIT::c3::{track.to_json()}").specs == [
         {"type": "track", "data_path": "/d/v.mp4", "model_paths": ["/d/m"], "output": "p.slp", "peak_threshold": 0.3}]
-    renamed = U.parse_upstream_submit('JOB_SUBMIT::c9::{"type": "track", "data_path": "/d/v.mp4", '
-                                      '"model_paths": ["/d/m"], "frame_filter": "0-10"}')
-    assert renamed.specs[0]["frames"] == "0-10" and renamed.errors == []
+    odd = U.parse_upstream_submit('JOB_SUBMIT::c9::{"type": "track", "data_path": "/d/v.mp4", '
+                                  '"model_paths": ["/d/m"], "frame_filter": "0-10"}')
+    assert [e["field"] for e in odd.errors] == ["frame_filter"]
     for text, field in (("JOB_SUBMIT::c4::{nope", "spec"), ("JOB_SUBMIT::c5", "spec"),
                         ('JOB_SUBMIT::c6::{"type": "rm -rf"}', "type"),
                         ('JOB_SUBMIT::c7::{"type": "train", "config_path": "/a.yaml", "max_epochs": "many"}',
@@ -370,3 +371,188 @@ def test_session_string_room_secret_and_controls_match_upstream():
     assert U.upstream_control("CONTROL_COMMAND::[1]") is None and U.upstream_control("JOB_STOPPED") is None
     assert U.upstream_log([["o", "a"], ["e", "b"]], "50%") == ["a\n[stderr] b\n", "CR::50%"]
     assert U.upstream_file_meta("x:y.slp", 5) == "FILE_META::x_y.slp:5:predictions"
+
+
+def _upstream_frames(link: P.Link, until: tuple[str, ...], timeout: float = 240) -> list[str]:
+    """The text frames an upstream-dialect link gets, up to one whose name is in `until`."""
+    frames: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not frames or U.upstream_split(frames[-1])[0] not in until:
+        frames.append(link.expect(lambda item: isinstance(item, str), max(1, deadline - time.monotonic()),
+                                  f"one of {until} (got {[f[:40] for f in frames[-5:]]})"))
+    return frames
+
+
+def _names(frames: list[str]) -> list[str]:
+    return [U.upstream_split(f)[0] for f in frames if "::" in f or f in (U.UP_END_OF_FILE, U.UP_AUTH_SUCCESS)]
+
+
+@pytest.mark.slow
+def test_newer_clients_get_inference_after_training_and_a_batch_of_tracks_on_one_link(lab, tmp_path):
+    """What sleap-rtc's clients after 0.0.7 expect (its main branch, 2026-04): a training
+    that names its labels ends in inference whose predictions stream back before
+    INFERENCE_COMPLETE; track jobs log as JOB_LOG::; run_inference_batch and the sleap-app
+    desktop client send several track specs, one after another, over one link."""
+    from sleap_rtc.jobs.spec import TrainJobSpec
+
+    signaling = lab.signaling_client("newer-api")
+    try:
+        [worker] = signaling.discover(role="worker")  # where the newer clients read a worker's name
+        assert worker["metadata"]["properties"]["worker_name"] == socket.gethostname()
+        link = P.open_link(signaling, lab.worker_id, tmp_path, label="training")
+        assert U.upstream_split(link.expect(lambda i: isinstance(i, str), 15, "the challenge"))[0] == "AUTH_CHALLENGE"
+        link.send_raw("AUTH_RESPONSE::missing")
+        train = TrainJobSpec(config_path=str(lab.project["config"]), labels_path=str(lab.project["labels"]),
+                             max_epochs=1)
+        link.send_raw(f"JOB_SUBMIT::t-1::{train.to_json()}")
+        frames = _upstream_frames(link, ("INFERENCE_COMPLETE", "INFERENCE_FAILED", "INFERENCE_SKIPPED"))
+        names = _names(frames)
+        assert names[-1] == "INFERENCE_COMPLETE", frames[-10:]
+        order = [n for n in names if n in ("JOB_ACCEPTED", "JOB_COMPLETE", "INFERENCE_BEGIN", "FILE_META",
+                                           "END_OF_FILE", "INFERENCE_COMPLETE")]
+        assert order == ["JOB_ACCEPTED", "JOB_COMPLETE", "INFERENCE_BEGIN", "FILE_META", "END_OF_FILE",
+                         "INFERENCE_COMPLETE"], names
+        done = json.loads(U.upstream_split(frames[-1])[1])
+        predictions = Path(done["predictions_path"])
+        assert predictions.name == "labels.predictions.slp" and predictions.is_file()
+        meta = next(f for f in frames if f.startswith("FILE_META::"))
+        assert meta == f"FILE_META::labels.predictions.slp:{predictions.stat().st_size}:predictions"
+        record = jobs_of(lab.worker_dir)[-1]
+        assert record["state"] == P.COMPLETED and [o["kind"] for o in record["outputs"]] == ["model", "predictions"]
+        inference = json.loads(record["command"])  # the last run's
+        assert inference[1] == "track" and "--only_suggested_frames" in inference
+        assert str(lab.project["labels"]) in inference
+        link.close()
+
+        # A batch of two track specs over one link, as run_inference_batch and sleap-app send them.
+        model = record["outputs"][0]["path"]
+        batch = P.open_link(signaling, lab.worker_id, tmp_path, label="sleap-app")
+        batch.expect(lambda i: isinstance(i, str) and i.startswith("AUTH_CHALLENGE::"), 15, "the challenge")
+        batch.send_raw("AUTH_RESPONSE::missing")
+        specs = [{"type": "track", "data_path": str(lab.project["labels"]), "model_paths": [model],
+                  "frame_filter": "user", "video_index": 0},
+                 {"type": "track", "data_path": str(lab.project["labels"]), "model_paths": [model],
+                  "exclude_user_labeled": True, "frames": "0-3"}]
+        answers = []
+        for index, spec in enumerate(specs):
+            batch.send_raw(f"JOB_SUBMIT::b-{index}::{json.dumps(spec)}")
+            answers.append(_upstream_frames(batch, ("JOB_COMPLETE", "JOB_FAILED", "JOB_REJECTED")))
+        batch.close()
+    finally:
+        signaling.close()
+    for frames in answers:
+        names = _names(frames)
+        assert names[-1] == "JOB_COMPLETE" and "JOB_LOG" in names and "FILE_META" in names, frames[-8:]
+        assert json.loads(U.upstream_split(frames[-1])[1])["job_type"] == "track"
+    first, second = (json.loads(job["command"]) for job in jobs_of(lab.worker_dir)[-2:])
+    assert "--only_labeled_frames" in first and first[first.index("--video_index") + 1] == "0"
+    assert "--exclude_user_labeled" in second and second[second.index("--frames") + 1] == "0-3"
+
+
+class _Written:
+    """What the adapter writes to a link (a stand-in for one: text frames only)."""
+
+    peer_id = "client"
+
+    def __init__(self):
+        self.frames: list[str] = []
+
+    def send_raw(self, frame) -> None:
+        self.frames.append(frame)
+
+    def drain(self, timeout: float) -> None:
+        pass
+
+
+class _Session:
+    """The little of a Session an UpstreamAdapter touches in deliver and control."""
+
+    def __init__(self):
+        self.outbox = type("Outbox", (), {"put": lambda box, item: None})()
+        self.quits: list[dict] = []
+        signaling = type("Signaling", (), {"send": lambda _, frame: self.quits.append(frame)})()
+        self.worker = type("Worker", (), {"signaling": signaling, "peer_id": "w"})()
+        self.controls: list[tuple[str, dict]] = []
+
+    def control(self, action: str, payload: dict) -> None:
+        self.controls.append((action, payload))
+
+
+def test_the_newer_dialect_from_upstreams_main_branch_examples(tmp_path, monkeypatch):
+    """Message shapes of sleap-rtc's main branch after 0.0.7 (jobs/spec.py, job_executor.py,
+    worker_class.py, sleap-app's sleapConnect.ts), against our codec and adapter."""
+    from worker import track_step
+
+    # TrackJobSpec.to_json on main, as its GUI sends it for one video of a batch.
+    text = ('JOB_SUBMIT::batch1-0::{"type": "track", "data_path": "/d/l.slp", "model_paths": ["/d/m"], '
+            '"frame_filter": "suggested", "video_index": 0, "exclude_user_labeled": true, "frames": "3,17,42"}')
+    submit = U.parse_upstream_submit(text)
+    assert submit.errors == [] and submit.specs == [{
+        "type": "track", "data_path": "/d/l.slp", "model_paths": ["/d/m"], "frame_filter": "suggested",
+        "video_index": 0, "exclude_user_labeled": True, "frames": "3,17,42"}]
+    args = track_step("sleap-nn", {**submit.specs[0], "_resolved": {"data_path": "/d/l.slp", "model_paths": ["/d/m"]}},
+                      tmp_path).args
+    assert args[args.index("--video_index") + 1] == "0" and args[args.index("--frames") + 1] == "3,17,42"
+    assert "--only_suggested_frames" in args and "--exclude_user_labeled" in args
+    for value, flag in (("user", "--only_labeled_frames"), ("predicted", "--only_predicted_frames")):
+        spec = {"type": "track", "data_path": "/d/l.slp", "model_paths": ["/d/m"], "frame_filter": value}
+        assert flag in track_step("sleap-nn", {**spec, "_resolved": spec}, tmp_path).args
+    random = U.parse_upstream_submit(text.replace('"suggested"', '"random"'))
+    assert [e["field"] for e in random.errors] == ["frame_filter"] and "'frames'" in random.errors[0]["message"]
+    assert [e["field"] for e in U.parse_upstream_submit('JOB_SUBMIT::job123::{"type":"track"}').errors] == \
+        ["data_path", "model_paths"]  # sleap-app's unit-test frame: refused field by field
+
+    # JOB_LOG for track jobs: one frame a line, CR:: before a carriage-return update, and the
+    # progress line their GUI reads N/TOTAL, FPS and ETA: H:MM:SS from.
+    assert U.upstream_track_log([["o", "Loading model"], ["e", "a warning"]], "50%|##") == [
+        "JOB_LOG::Loading model", "JOB_LOG::a warning", "JOB_LOG::CR::50%|##"]
+    line = U.upstream_inference_line({"n_processed": 17, "n_total": 35, "rate": 12.5, "eta": 3725})
+    assert re.search(r"(\d+)/(\d+)", line).groups() == ("17", "35") and "12.5 FPS" in line
+    assert re.search(r"ETA: (\d+):(\d+):(\d+)", line).groups() == ("1", "02", "05")
+
+    # After training: JOB_COMPLETE for the model, INFERENCE_BEGIN, then INFERENCE_COMPLETE,
+    # INFERENCE_FAILED or INFERENCE_SKIPPED, with the payloads upstream's worker sends.
+    monkeypatch.setattr(U, "UPSTREAM_QUIT_MARGIN_S", 0)
+    session, link = _Session(), _Written()
+    adapter = U.UpstreamAdapter(session)
+
+    def job(job_id: str, kind: str = P.TRAIN, infer: bool = True) -> None:
+        adapter._jobs[job_id] = {"client_id": f"c-{job_id}", "kind": kind, "models": 1, "done": 0,
+                                 "started": time.time(), "ended": False, "infer": infer, "inferring": False}
+
+    def said(job_id: str, *messages: tuple[str, dict]) -> list[str]:
+        link.frames.clear()
+        for name, payload in messages:
+            adapter.deliver(link, name, {"job_id": job_id, **payload})
+        return link.frames
+
+    job("j1")
+    frames = said("j1", (P.TRAIN_JOB_END, {"stopped_early": True}), (P.INFERENCE_START, {}),
+                  (P.JOB_LOG, {"lines": [["o", "Predicting"]], "progress": None}),
+                  (P.JOB_PROGRESS, {"event": "inference", "n_processed": 1, "n_total": 2}),
+                  (P.JOB_COMPLETE, {"outputs": [{"kind": "model", "path": "/m"},
+                                                {"kind": "predictions", "path": "/p.slp"}]}))
+    assert [U.upstream_split(f)[0] for f in frames] == ["JOB_COMPLETE", "INFERENCE_BEGIN", "INFERENCE_LOG",
+                                                        "INFERENCE_PROGRESS", "INFERENCE_COMPLETE"]
+    assert json.loads(U.upstream_split(frames[0])[1])["stopped_early"] is True
+    assert frames[1] == "INFERENCE_BEGIN::{}" and frames[2] == "INFERENCE_LOG::Predicting"
+    assert json.loads(U.upstream_split(frames[3])[1]) == {"n_processed": 1, "n_total": 2}
+    assert json.loads(U.upstream_split(frames[4])[1]) == {"predictions_path": "/p.slp"}
+    job("j2")
+    frames = said("j2", (P.INFERENCE_START, {}), (P.JOB_FAILED, {"state": P.FAILED, "error": "exit code 1"}))
+    assert frames[-1] == 'INFERENCE_FAILED::{"error": "exit code 1"}'
+    for state, reason in ((P.FAILED, "training_failed"), (P.CANCELLED, "cancelled")):
+        job("j3")
+        frames = said("j3", (P.JOB_FAILED, {"state": state, "exit_code": 1}))
+        assert [U.upstream_split(f)[0] for f in frames] == ["JOB_FAILED", "INFERENCE_SKIPPED"]
+        assert json.loads(U.upstream_split(frames[1])[1]) == {"reason": reason}
+    job("j4", infer=False)
+    frames = said("j4", (P.JOB_COMPLETE, {"outputs": [{"kind": "model", "path": "/m"}]}))
+    assert frames[-1] == 'INFERENCE_SKIPPED::{"reason": "no_labels_path"}'
+
+    # sleap-app cancels by its own job id; upstream's bare JOB_CANCEL takes the latest.
+    job("j5", P.TRACK)
+    job("j6", P.TRACK)
+    adapter.handle("JOB_CANCEL::c-j5")
+    adapter.handle("JOB_CANCEL")
+    assert session.controls == [(P.JOB_CANCEL, {"job_id": "j5"}), (P.JOB_CANCEL, {"job_id": "j6"})]
