@@ -165,7 +165,7 @@ def update_credentials(change: Callable[[dict], None]) -> Path:
     path = CREDENTIALS_FILE.expanduser()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # guards the file's read-change-write against other clients
         credentials = load_credentials()
         change(credentials)
         return save_credentials(credentials)
@@ -186,12 +186,25 @@ def remember_room(args, room_id: str, token: str, created: bool) -> Path:
 
 
 def known_room(args) -> tuple[Optional[str], Optional[str]]:
-    """The room and token to use: as given, else the ones kept for this server (the default
-    room, and a room's token when only --room was given)."""
+    """The room and token to use. A room typed on the command line takes its own token:
+    typed, else the one kept for it on this server, else the environment's. With no room
+    typed: the environment's room and token, else this server's default room (only when
+    no token was typed either: a typed token belongs to a room the user means)."""
     kept = load_credentials().get(P.http_base_url(args.server, args.http), {})
-    room = args.room or kept.get("default_room")
-    token = args.token or kept.get("rooms", {}).get(room, {}).get("token")
-    return room, token
+    rooms = {room: entry for room, entry in kept.get("rooms", {}).items() if entry.get("server") == args.server}
+
+    def kept_token(room: Optional[str]) -> Optional[str]:
+        return rooms.get(room, {}).get("token")
+
+    env_room, env_token = os.environ.get(P.ENV_ROOM), os.environ.get(P.ENV_TOKEN)
+    if args.room:
+        return args.room, args.token or kept_token(args.room) or env_token
+    if env_room:
+        return env_room, args.token or env_token or kept_token(env_room)
+    if args.token:
+        return None, args.token
+    default = kept.get("default_room") if kept.get("default_room") in rooms else None
+    return default, kept_token(default)
 
 
 def connect(args) -> P.SignalingClient:
@@ -283,7 +296,7 @@ def with_link_again(args, worker_id: str, work: Callable[[P.Link], int], receive
     lasted LINK_LASTED_S, so a link that opens and dies at once cannot loop forever."""
     signaling, link = first
     lost_since: Optional[float] = None
-    delay = 1.0
+    delay = 0.0  # the first try at once: it also tells a worker that is gone from one that is not
     while True:
         opened = time.monotonic()
         try:
@@ -293,6 +306,9 @@ def with_link_again(args, worker_id: str, work: Callable[[P.Link], int], receive
                 opened = time.monotonic()
                 print(f"connected to {worker_id} again", file=sys.stderr, flush=True)
             return work(link)
+        except P.PeerGone as exc:  # the worker left the room (it stopped, or died): nothing to wait for
+            raise P.PeerGone(f"{worker_id} has left the room ({exc}); when it is back, the same command "
+                             "goes on from where this one stopped") from None
         except (P.LinkClosed, P.SignalingError, P.TransferError) as exc:
             lost = (isinstance(exc, P.LinkClosed) or (isinstance(exc, P.SignalingError) and exc.code == P.DISCONNECTED)
                     or (link is not None and link.closed))  # a transfer cut off by the link's end
@@ -300,12 +316,12 @@ def with_link_again(args, worker_id: str, work: Callable[[P.Link], int], receive
                 raise
             now = time.monotonic()
             if link is not None and now - opened >= LINK_LASTED_S:
-                lost_since, delay = now, 1.0  # it had worked for a while: patience starts again
+                lost_since, delay = now, 0.0  # it had worked for a while: patience starts again
             lost_since = lost_since or now
             if now - lost_since > RECONNECT_PATIENCE_S:
                 raise
             P.forget_network()  # a new network may block what the old one let through
-            print(f"lost the link to {worker_id} ({exc}); connecting again in {delay:.0f} s",
+            print(f"lost the link to {worker_id} ({exc}); connecting again{f' in {delay:.0f} s' if delay else ''}",
                   file=sys.stderr, flush=True)
             if link is not None:
                 link.close(timeout=1)
@@ -317,7 +333,7 @@ def with_link_again(args, worker_id: str, work: Callable[[P.Link], int], receive
                 signaling.close()
         link = None
         time.sleep(delay)
-        delay = min(delay * 2, 10.0)
+        delay = min(max(delay * 2, 1.0), 10.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,6 +501,7 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
 
 def cmd_login(args) -> int:
     base = P.http_base_url(args.server, args.http)
+    args.room, args.token = args.room or os.environ.get(P.ENV_ROOM), args.token or os.environ.get(P.ENV_TOKEN)
     body = P.anonymous_sign_in(base)
     if args.sleap_rtc_credentials:
         upstream_part: dict = {}
@@ -552,6 +569,7 @@ def cmd_rooms_create(args) -> int:
 
 def cmd_rooms_join(args) -> int:
     """Check a room's token with the server and keep both, as room.env holds them."""
+    args.token = args.token or os.environ.get(P.ENV_TOKEN)
     if not args.token:
         raise UsageError("rooms join ROOM needs the room's token: --token T (ask whoever created the room)")
     base = P.http_base_url(args.server, args.http)
@@ -573,9 +591,11 @@ def cmd_rooms_list(args) -> int:
     kept = load_credentials().get(base, {})
     kept_rooms, default = kept.get("rooms", {}), kept.get("default_room")
     status, body = P.http_call("POST", base + "/my-rooms", {}, bearer=signed_in(args))
-    if status != 200:
+    if status == 404:  # a server from before POST /my-rooms: the rooms kept here, without their workers
+        print(f"note: {base} does not list rooms; these are the ones kept here", file=sys.stderr)
+    elif status != 200:
         raise P.SignalingError(P.INVALID_TOKEN, f"the server did not list your rooms: {body.get('error', status)}")
-    on_server = {room["room_id"]: room for room in body.get("rooms", [])}
+    on_server = {room["room_id"]: room for room in body.get("rooms", [])} if status == 200 else {}
     rooms = []
     for room_id in sorted(set(on_server) | set(kept_rooms)):
         live, mine = on_server.get(room_id), kept_rooms.get(room_id, {})
@@ -1054,7 +1074,8 @@ CONFIG_KEY_FIELDS = {"config": "config", "data_config.train_labels_path": "label
 SPEC_FLAGS = {"config": "--config", "labels": "--labels", "val_labels": "--val-labels", "max_epochs": "--max-epochs",
               "batch_size": "--batch-size", "learning_rate": "--learning-rate", "run_name": "--run-name",
               "resume": "--resume", "data_path": "--data-path", "output": "--output",
-              "peak_threshold": "--peak-threshold", "frames": "--frames"}
+              "peak_threshold": "--peak-threshold", "frames": "--frames", "frame_filter": "--frame-filter",
+              "video_index": "--video-index"}
 
 
 def fix_target(error: dict) -> Optional[str]:
@@ -1078,6 +1099,8 @@ def command_line(spec: dict) -> str:
         words += ["--model-paths", model]
     if spec.get("only_suggested_frames"):
         words.append("--only-suggested-frames")
+    if spec.get("exclude_user_labeled"):
+        words.append("--exclude-user-labeled")
     if spec["type"] == P.TRAIN and spec.get("gui") is False:
         words.append("--no-progress")
     for old, new in spec.get("path_map") or []:
@@ -1243,9 +1266,9 @@ class JobMonitor:
                 item = self.early.pop(0) if self.early else self.link.recv(timeout=0.2)
             except P.LinkClosed as exc:
                 self.status(f"error: lost the link to {self.link.peer_id} ({exc}). The job may still be running "
-                            f"there, or the worker may be gone: follow it again with `python client.py logs "
-                            f"{self.job_id} --follow` (it reconnects on its own), then `python client.py fetch "
-                            f"{self.job_id}`", True)
+                            f"there, or the worker may be gone: check with `python client.py status {self.job_id}`, "
+                            f"follow it again with `python client.py logs {self.job_id} --follow` (which reconnects "
+                            "on its own)", True)
                 return 1
             if item is None:
                 continue
@@ -1554,6 +1577,9 @@ def cmd_track(args) -> int:
     if not args.data_path or not args.model_paths:
         raise UsageError("track needs --data-path and --model-paths, or a package: --pkg-path (on this machine) "
                          "or --worker-pkg-path")
+    if args.only_suggested_frames and args.frame_filter not in (None, "suggested"):
+        raise UsageError(f"--only-suggested-frames and --frame-filter {args.frame_filter} ask for different frames; "
+                         "give one")
     spec = {"type": P.TRACK, "data_path": args.data_path, "model_paths": args.model_paths, "output": args.output,
             "batch_size": args.batch_size, "peak_threshold": args.peak_threshold, "frames": args.frames,
             "only_suggested_frames": args.only_suggested_frames or None, "frame_filter": args.frame_filter,
@@ -1924,8 +1950,10 @@ def add_common_options(parser: argparse.ArgumentParser, after_command: bool) -> 
                         help=f"signaling server URL (env {P.ENV_SERVER}, default {P.DEFAULT_SERVER_URL})")
     parser.add_argument("--http", default=default(os.environ.get(P.ENV_HTTP)),
                         help=f"HTTP API port or URL (env {P.ENV_HTTP}; default port {P.DEFAULT_HTTP_PORT})")
-    parser.add_argument("--room", default=default(os.environ.get(P.ENV_ROOM)), help=f"room id (env {P.ENV_ROOM})")
-    parser.add_argument("--token", default=default(os.environ.get(P.ENV_TOKEN)),
+    # No defaults from the environment here: known_room tells typed values from it.
+    parser.add_argument("--room", default=default(None), help=f"room id (env {P.ENV_ROOM}; default: the room "
+                                                              "joined or created last, see `rooms list`)")
+    parser.add_argument("--token", default=default(None),
                         help=f"room token (env {P.ENV_TOKEN}); one that starts with '-' as --token=VALUE")
     parser.add_argument("--debug", action="store_true", default=default(False), help="debug logging of the transport")
     parser.add_argument("--no-direct", action="store_true", default=default(False),

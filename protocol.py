@@ -138,6 +138,10 @@ class LinkClosed(SleapRTCError):
     """The WebRTC link is closed; the text says why (closed, vanished peer, ...)."""
 
 
+class PeerGone(LinkClosed):
+    """No link could be opened because the peer is not in the room (any more)."""
+
+
 class LinkTimeout(SleapRTCError):
     """Nothing that was waited for arrived in time, though the link is still up."""
 
@@ -433,7 +437,7 @@ JOB_FETCH = "JOB_FETCH"  # {job_id}: send the job's result files
 JOB_FETCHED = "JOB_FETCHED"  # {job_id, files: [path on the worker], error?}: every file has been sent
 # Names the seeds fixed. A job runs one or more steps (a package trains each model in order, then predicts).
 TRAIN_JOB_START = "TRAIN_JOB_START"  # {job_id, name: the model, command}
-TRAIN_JOB_END = "TRAIN_JOB_END"  # {job_id, name, stopped_early}
+TRAIN_JOB_END = "TRAIN_JOB_END"  # {job_id, name, stopped_early, model_dir}
 TRAIN_JOB_ERROR = "TRAIN_JOB_ERROR"  # {job_id, name, exit_code}: the steps after it do not run
 INFERENCE_START = "INFERENCE_START"  # {job_id}: a package's training is done; inference follows
 INFERENCE_JOB_START = "INFERENCE_JOB_START"  # {job_id, name: "inference", command}
@@ -816,8 +820,8 @@ class CommandLineParser(argparse.ArgumentParser):
     token) was taken for an option."""
 
     def error(self, message: str):
-        if "expected one argument" in message:
-            message += (" (a value that starts with '-', such as an older room token, goes after '=': "
+        if "--token: expected one argument" in message:
+            message += (" (a token that starts with '-', as older servers made them, goes after '=': "
                         "--token=-abc...)")
         super().error(message)
 
@@ -2814,7 +2818,8 @@ def open_link(signaling: SignalingClient, target: str, receive_dir: Path,
     if reply is None or reply["type"] == ERROR:
         link.close()
         why = f"{reply['code']}: {reply['message']}" if reply else f"no answer within {timeout:.0f} s"
-        raise LinkClosed(f"could not open a link to {target}: {why}")
+        gone = reply is not None and reply.get("code") == PEER_NOT_FOUND
+        raise (PeerGone if gone else LinkClosed)(f"could not open a link to {target}: {why}")
     link.remote_addresses = sdp_addresses(reply["sdp"])
     link.candidates = (candidate_types(sdp), candidate_types(reply["sdp"]))
     on_loop(link._pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type="answer")), timeout)

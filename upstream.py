@@ -295,8 +295,9 @@ class UpstreamAdapter:
         self.authenticated = False
         self.held: list[str] = []  # reader thread only
         # Guards _jobs (our job id -> what the client knows of it: its own id, type, model
-        # count, models finished, when the current one started) and each job's "ended";
-        # "done" and "started" change on the writer thread only.
+        # count, models finished, when the current one started, whether its inference after
+        # training runs, the last model's TRAIN_JOB_END) and each job's "ended"; "done",
+        # "started", "inferring" and "last_model" change on the writer thread only.
         self._lock = threading.Lock()
         self._jobs: dict[str, dict] = {}
         self._say(upstream_frame(UP_AUTH_CHALLENGE, self.nonce))  # the first frame the client reads
@@ -370,8 +371,7 @@ class UpstreamAdapter:
         infer = kind == P.TRAIN and bool(submit.specs and submit.specs[0].get("labels"))
         with self._lock:
             self._jobs[job_id] = {"client_id": submit.client_id, "kind": kind, "models": len(submit.specs),
-                                  "done": 0, "started": time.time(), "ended": False, "infer": infer,
-                                  "inferring": False}
+                                  "done": 0, "started": time.time(), "ended": False, "inferring": False}
         errors, plans, made_dir = list(submit.errors), [], False
         if not errors:
             for index, (spec, content) in enumerate(zip(submit.specs, submit.contents)):
@@ -410,16 +410,18 @@ class UpstreamAdapter:
         if not self.session.admit(job_id, errors, accepted, files) and made_dir:
             shutil.rmtree(job_dir, ignore_errors=True)  # nothing of a refused job stays behind
 
-    def _control(self, action: str, client_id: str = "") -> None:
-        """Stop early or cancel the job the client named by its own id, else its latest
-        job that has not ended."""
+    def _control(self, action: str, named: str = "") -> None:
+        """Stop early or cancel the job the client named (by its own id or ours), else its
+        latest job that has not ended. A name that is none of its live jobs touches none."""
         with self._lock:
             live = [job_id for job_id, job in self._jobs.items() if not job["ended"]]
-            named = [job_id for job_id in live if self._jobs[job_id]["client_id"] == client_id]
-        if not live:
-            self._say("no job of this connection is running on this worker\n")
+            chosen = [job_id for job_id in live if named in (job_id, self._jobs[job_id]["client_id"])] \
+                if named else live[-1:]
+        if not chosen:
+            self._say(f"no job {P.echo(named)} of this connection is running on this worker\n" if named else
+                      "no job of this connection is running on this worker\n")
             return
-        self.session.control(action, {"job_id": (named or live)[-1]})
+        self.session.control(action, {"job_id": chosen[-1]})
 
     # -- writer side ----------------------------------------------------------------------
 
@@ -455,7 +457,8 @@ class UpstreamAdapter:
             frames.append(upstream_frame(UP_INFERENCE_PROGRESS, json.dumps(report)) if job["inferring"] else
                           upstream_frame(UP_JOB_LOG, UP_CR + upstream_inference_line(report)))
         elif name == P.INFERENCE_START:  # the last model trained: its JOB_COMPLETE, then inference
-            frames += [self._completion(job_id, job, job.get("last_model", {}), None),
+            last = job.get("last_model", {})
+            frames += [self._completion(job_id, job, last, last.get("model_dir")),
                        upstream_frame(UP_INFERENCE_BEGIN, "{}")]
             job["inferring"] = True
         elif name == P.JOB_PROGRESS and payload.get("event") == "queued":
@@ -466,7 +469,7 @@ class UpstreamAdapter:
                 frames.append(f"Training model {job['done'] + 1}/{job['models']}: {payload.get('name')}\n")
         elif name == P.TRAIN_JOB_END:
             if job["done"] + 1 < job["models"]:
-                frames.append(self._completion(job_id, job, payload, None))
+                frames.append(self._completion(job_id, job, payload, payload.get("model_dir")))
                 job["done"] += 1
             else:  # the last model's JOB_COMPLETE goes with the job's end, or before its inference
                 job["last_model"] = payload
@@ -478,18 +481,22 @@ class UpstreamAdapter:
             if payload.get("warning"):
                 frames.append(f"warning: {payload['warning']}\n")
             outputs = payload.get("outputs") or []
-            if job["inferring"]:  # the predictions went just before this (Session._listener)
-                predictions = [o["path"] for o in outputs if o["kind"] == "predictions"]
-                frames.append(upstream_frame(UP_INFERENCE_COMPLETE, json.dumps(
-                    {"predictions_path": predictions[-1] if predictions else None})))
+            predictions = [o["path"] for o in outputs if o["kind"] == "predictions"]
+            if job["inferring"] and predictions:  # they went just before this (Session._listener)
+                frames.append(upstream_frame(UP_INFERENCE_COMPLETE, json.dumps({"predictions_path": predictions[-1]})))
+            elif job["inferring"]:  # the models trained (the job completed); their inference failed
+                frames.append(upstream_frame(UP_INFERENCE_FAILED, json.dumps(
+                    {"error": payload.get("warning") or "no predictions"})))
             else:
                 frames.append(self._completion(job_id, job, payload, outputs[-1]["path"] if outputs else None))
                 if job["kind"] == P.TRAIN:  # the GUI waits for the end of an inference
                     frames.append(upstream_frame(UP_INFERENCE_SKIPPED, json.dumps({"reason": "no_labels_path"})))
         elif name == P.JOB_FAILED:
             error = payload.get("error") or f"the job ended {payload.get('state')}"
-            if job["inferring"]:
-                frames.append(upstream_frame(UP_INFERENCE_FAILED, json.dumps({"error": error})))
+            if job["inferring"]:  # cancelled during its inference: upstream says {"error": "cancelled"}
+                cancelled = payload.get("state") == P.CANCELLED
+                frames.append(upstream_frame(UP_INFERENCE_FAILED, json.dumps({"error": "cancelled" if cancelled
+                                                                                else error})))
             else:
                 frames.append(upstream_failed(self._model_job_id(job_id, job), job["kind"], payload.get("exit_code"),
                                                 payload.get("duration_s") or 0, error))

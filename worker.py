@@ -1706,7 +1706,8 @@ class Scheduler:
         steps = [train_step(self.executable, stage, job.dir, stage.get("_config_file", CONFIG_FILE))
                  for stage in job_stages(job.spec)]
         if job.spec.get("_infer_after"):
-            steps.append(after_training_step(self.executable, job.spec["_infer_after"], steps, job.dir))
+            planned = [str(step.ckpt_dir / step.run_name) for step in steps]
+            steps.append(after_training_step(self.executable, job.spec["_infer_after"], planned, job.dir))
         return steps, []
 
     def live_specs(self) -> list[dict]:
@@ -1975,6 +1976,7 @@ class Job:
         self.results: list[dict] = []  # per step that ran: name, kind, state, exit_code, stopped_early
         self.step: Optional[Step] = None  # the step running now
         self.command: list[str] = []
+        self.inference_failure: Optional[str] = None  # why the inference after training failed, if it did
         self.executor = executor or LocalExecutor()
         self.run: Optional[Run] = None  # the running step's process or batch job
         # A run to follow again instead of starting, after a worker restart (see
@@ -2027,9 +2029,18 @@ class Job:
                 if index < len(self.results):  # ran before the worker restarted
                     continue
                 first_inference = step.kind == P.TRACK and (index == 0 or self.steps[index - 1].kind != P.TRACK)
-                if first_inference and ("package" in self.spec or "_infer_after" in self.spec):
+                after_training = first_inference and "_infer_after" in self.spec
+                if after_training:  # with the models the trainings did make
+                    made = [_model_dir(s, self.started_at or 0) for s in self.steps[:index]]
+                    step = self.steps[index] = after_training_step(
+                        step.args[0], self.spec["_infer_after"], [str(m) for m in made if m], self.dir)
+                    self._save_steps()
+                if first_inference and ("package" in self.spec or after_training):
                     self.log.say(P.INFERENCE_START, {})
                 error = self._run_step(index, step, on_step)
+                if error and after_training and not self.cancel_requested.is_set():
+                    # The models are what was asked for; the inference after them is a bonus.
+                    self.inference_failure, error = error, None
                 if error or self.cancel_requested.is_set():
                     break
         except Exception as exc:  # a bug must fail this job and free its slot, not leave it running forever
@@ -2113,7 +2124,9 @@ class Job:
         self.results.append(result)
         if step.kind == P.TRAIN:
             if result["state"] == P.COMPLETED:
-                self.log.say(P.TRAIN_JOB_END, {"name": step.name, "stopped_early": result["stopped_early"]})
+                model_dir = _model_dir(step, self.started_at or 0)
+                self.log.say(P.TRAIN_JOB_END, {"name": step.name, "stopped_early": result["stopped_early"],
+                                               "model_dir": str(model_dir) if model_dir else None})
             else:
                 self.log.say(P.TRAIN_JOB_ERROR, {"name": step.name, "exit_code": self.exit_code})
             self.stop_requested.clear()  # a stop ends this model; the next one trains in full
@@ -2188,6 +2201,8 @@ class Job:
     def _finish(self, state: str, error: Optional[str], on_finished: Callable[["Job"], None]) -> None:
         self.finished_at = time.time()
         outputs, warnings = job_outputs(self)
+        if self.inference_failure:
+            warnings.append(f"the models trained; the inference after them failed: {self.inference_failure}")
         steps = self.results + [{"name": s.name, "kind": s.kind, "state": "not run"}
                                 for s in self.steps[len(self.results):]]
         outcome = {"state": state, "exit_code": self.exit_code,
@@ -2630,13 +2645,14 @@ def track_step(executable: str, spec: dict, job_dir: Path) -> Step:
     return Step(P.TRACK, "inference", args, job_dir, output=output)
 
 
-def after_training_step(executable: str, labels: str, trained: list[Step], job_dir: Path) -> Step:
+def after_training_step(executable: str, labels: str, models: list[str], job_dir: Path) -> Step:
     """Inference on the suggested frames of the training labels with the models just
     trained, into the job's directory: what a sleap-rtc client (and the SLEAP GUI) expects
-    after a training whose spec names its labels (the job's `_infer_after`)."""
+    after a training whose spec names its labels (the job's `_infer_after`). Planned with
+    the model directories the trainings should make, and made again with the ones they
+    did make just before it runs (sleap-nn picks run_name-1 when run_name is taken)."""
     name = Path(labels).name
     stem = name[:-len(".pkg.slp")] if name.endswith(".pkg.slp") else name.rsplit(".", 1)[0]
-    models = [str(step.ckpt_dir / step.run_name) for step in trained]
     return track_step(executable, {"data_path": labels, "frame_filter": "suggested", "_resolved": {
         "data_path": labels, "model_paths": models, "output": str(job_dir / f"{stem}.predictions.slp")}}, job_dir)
 

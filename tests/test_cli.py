@@ -18,31 +18,52 @@ import protocol as P
 from conftest import PY, ROOT, job_id_of
 
 
-def test_common_options_go_before_or_after_the_command(room):
-    before = room.client("--server", room.ws_url, "--http", room.http_url, "rooms", "create")
-    assert before.returncode == 0, before.stderr
-    room_id = re.search(r"room:\s*(\S+)", before.stdout).group(1)
-    token = re.search(r"token:\s*(\S+)", before.stdout).group(1)
-    _, worker_id = room.start_worker()
+def _bare_env(room, home) -> dict:
+    """The child environment with no SLEAP_RTC_SERVER, _ROOM, _TOKEN or _HTTP: only what the
+    command line says counts."""
+    home.mkdir(exist_ok=True)
+    return {**{k: v for k, v in room.env.items() if k not in (P.ENV_SERVER, P.ENV_ROOM, P.ENV_TOKEN, P.ENV_HTTP)},
+            "HOME": str(home)}
 
-    for args in (["--room", room.room_id, "--token", room.token, "workers"],
-                 ["workers", "--room", room.room_id, "--token", room.token],
-                 ["--room", room.room_id, "workers", "--token", room.token],
-                 ["--worker-id", worker_id, "--no-direct", "ping", "--count", "1"],
-                 ["ping", "--count", "1", "--worker-id", worker_id, "--debug"]):
-        result = room.client(*args)
-        assert result.returncode == 0, (args, result.stdout + result.stderr)
-        assert worker_id in result.stdout, args
-    # What comes before the command is used, not the environment's value: an empty room.
-    empty = room.client("--room", room_id, "--token", token, "workers")
-    assert empty.returncode == 1 and f"no workers in room {room_id}" in empty.stdout, empty.stdout + empty.stderr
-    unreachable = room.client("--server", "ws://127.0.0.1:1", "workers")
-    assert unreachable.returncode == 1 and "ws://127.0.0.1:1" in unreachable.stderr
+
+def test_common_options_go_before_or_after_the_command(room, tmp_path):
+    env = _bare_env(room, tmp_path / "home")
+
+    def client(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, str(ROOT / "client.py"), *args], capture_output=True, text=True, timeout=120,
+                              env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+
+    server = ["--server", room.ws_url, "--http", room.http_url]
+    inside = ["--room", room.room_id, "--token", room.token]
+    made = client(*server, "rooms", "create")
+    assert made.returncode == 0, made.stderr
+    _, first = room.start_worker()
+    _, second = room.start_worker()
+    for args in ([*server, *inside, "workers"], ["workers", *server, *inside],
+                 [*server, "--room", room.room_id, "workers", "--token", room.token]):
+        listed = client(*args)
+        assert listed.returncode == 0 and first in listed.stdout and second in listed.stdout, (args, listed.stderr)
+    # --worker-id, --no-direct and --debug on either side, each with an effect to see.
+    for worker, args in ((second, [*server, *inside, "--worker-id", second, "--no-direct", "--debug", "upload"]),
+                         (first, [*server, "upload", *inside, "--worker-id", first, "--no-direct", "--debug"])):
+        upload = tmp_path / f"for-{worker}.bin"
+        upload.write_bytes(os.urandom(1000))
+        sent = client(*args, str(upload))
+        assert sent.returncode == 0, (args, sent.stderr)
+        assert f"uploaded {upload.name} to {worker}:" in sent.stdout
+        assert "over data channel" in sent.stderr and "direct" not in sent.stderr.split("over data channel")[1][:40]
+        assert " DEBUG " in sent.stderr  # the transport's debug log
     # Given on both sides, the later one wins, as with any repeated option.
-    later = room.client("--server", "ws://127.0.0.1:1", "workers", "--server", room.ws_url)
+    later = client("--server", "ws://127.0.0.1:1", "--http", room.http_url, "workers", *inside,
+                   "--server", room.ws_url)
     assert later.returncode == 0, later.stderr
-    missing = room.client("--worker-id", "nobody-here", "ping")
+    unreachable = client("--server", "ws://127.0.0.1:1", "--http", room.http_url, *inside, "workers")
+    assert unreachable.returncode == 1 and "ws://127.0.0.1:1" in unreachable.stderr
+    missing = client(*server, *inside, "--worker-id", "nobody-here", "ping")
     assert missing.returncode == 1 and "worker nobody-here is not in room" in missing.stderr
+    # A token alone names no room, even with a default room kept: it is an error that says so.
+    alone = client(*server, "--token", room.token, "workers")
+    assert alone.returncode == 1 and "say which room" in alone.stderr, alone.stdout + alone.stderr
 
 
 def test_new_tokens_and_keys_start_with_a_letter_or_digit():
@@ -162,6 +183,11 @@ def test_rooms_people_can_find_again(room, tmp_path):
     assert workers.returncode == 0 and worker_id in workers.stdout, workers.stdout + workers.stderr
     empty = client("workers", "--room", own_room, *server)
     assert empty.returncode == 1 and f"no workers in room {own_room}" in empty.stdout
+    # A room named with another room's token in the environment takes the token kept for it.
+    bare["SLEAP_RTC_ROOM"], bare["SLEAP_RTC_TOKEN"] = room.room_id, room.token
+    named = client("workers", "--room", own_room, *server)
+    assert named.returncode == 1 and f"no workers in room {own_room}" in named.stdout, named.stderr
+    del bare["SLEAP_RTC_ROOM"], bare["SLEAP_RTC_TOKEN"]
 
     listed = client("rooms", "list", *server, "--json")
     assert listed.returncode == 0, listed.stderr

@@ -516,9 +516,9 @@ def test_the_newer_dialect_from_upstreams_main_branch_examples(tmp_path, monkeyp
     session, link = _Session(), _Written()
     adapter = U.UpstreamAdapter(session)
 
-    def job(job_id: str, kind: str = P.TRAIN, infer: bool = True) -> None:
+    def job(job_id: str, kind: str = P.TRAIN) -> None:
         adapter._jobs[job_id] = {"client_id": f"c-{job_id}", "kind": kind, "models": 1, "done": 0,
-                                 "started": time.time(), "ended": False, "infer": infer, "inferring": False}
+                                 "started": time.time(), "ended": False, "inferring": False}
 
     def said(job_id: str, *messages: tuple[str, dict]) -> list[str]:
         link.frames.clear()
@@ -527,7 +527,7 @@ def test_the_newer_dialect_from_upstreams_main_branch_examples(tmp_path, monkeyp
         return link.frames
 
     job("j1")
-    frames = said("j1", (P.TRAIN_JOB_END, {"stopped_early": True}), (P.INFERENCE_START, {}),
+    frames = said("j1", (P.TRAIN_JOB_END, {"stopped_early": True, "model_dir": "/m"}), (P.INFERENCE_START, {}),
                   (P.JOB_LOG, {"lines": [["o", "Predicting"]], "progress": None}),
                   (P.JOB_PROGRESS, {"event": "inference", "n_processed": 1, "n_total": 2}),
                   (P.JOB_COMPLETE, {"outputs": [{"kind": "model", "path": "/m"},
@@ -535,18 +535,23 @@ def test_the_newer_dialect_from_upstreams_main_branch_examples(tmp_path, monkeyp
     assert [U.upstream_split(f)[0] for f in frames] == ["JOB_COMPLETE", "INFERENCE_BEGIN", "INFERENCE_LOG",
                                                         "INFERENCE_PROGRESS", "INFERENCE_COMPLETE"]
     assert json.loads(U.upstream_split(frames[0])[1])["stopped_early"] is True
+    assert json.loads(U.upstream_split(frames[0])[1])["output_path"] == "/m"
     assert frames[1] == "INFERENCE_BEGIN::{}" and frames[2] == "INFERENCE_LOG::Predicting"
     assert json.loads(U.upstream_split(frames[3])[1]) == {"n_processed": 1, "n_total": 2}
     assert json.loads(U.upstream_split(frames[4])[1]) == {"predictions_path": "/p.slp"}
-    job("j2")
-    frames = said("j2", (P.INFERENCE_START, {}), (P.JOB_FAILED, {"state": P.FAILED, "error": "exit code 1"}))
-    assert frames[-1] == 'INFERENCE_FAILED::{"error": "exit code 1"}'
+    job("j2")  # the inference failed; the model trained, so the job completed with a warning
+    frames = said("j2", (P.INFERENCE_START, {}), (P.JOB_COMPLETE, {
+        "outputs": [{"kind": "model", "path": "/m"}], "warning": "the inference after them failed: exit 1"}))
+    assert frames[-1] == 'INFERENCE_FAILED::{"error": "the inference after them failed: exit 1"}'
+    job("j2c")
+    frames = said("j2c", (P.INFERENCE_START, {}), (P.JOB_FAILED, {"state": P.CANCELLED, "error": "cancelled by x"}))
+    assert frames[-1] == 'INFERENCE_FAILED::{"error": "cancelled"}'
     for state, reason in ((P.FAILED, "training_failed"), (P.CANCELLED, "cancelled")):
         job("j3")
         frames = said("j3", (P.JOB_FAILED, {"state": state, "exit_code": 1}))
         assert [U.upstream_split(f)[0] for f in frames] == ["JOB_FAILED", "INFERENCE_SKIPPED"]
         assert json.loads(U.upstream_split(frames[1])[1]) == {"reason": reason}
-    job("j4", infer=False)
+    job("j4")
     frames = said("j4", (P.JOB_COMPLETE, {"outputs": [{"kind": "model", "path": "/m"}]}))
     assert frames[-1] == 'INFERENCE_SKIPPED::{"reason": "no_labels_path"}'
 
@@ -554,5 +559,9 @@ def test_the_newer_dialect_from_upstreams_main_branch_examples(tmp_path, monkeyp
     job("j5", P.TRACK)
     job("j6", P.TRACK)
     adapter.handle("JOB_CANCEL::c-j5")
+    adapter.handle("JOB_STOP::j6")  # our id, as JOB_ACCEPTED told it
+    adapter.handle("JOB_CANCEL::j1")  # a job that ended: nothing is cancelled
+    adapter.handle("JOB_CANCEL::someone-elses")
     adapter.handle("JOB_CANCEL")
-    assert session.controls == [(P.JOB_CANCEL, {"job_id": "j5"}), (P.JOB_CANCEL, {"job_id": "j6"})]
+    assert session.controls == [(P.JOB_CANCEL, {"job_id": "j5"}), (P.ZMQ_CTRL, {"job_id": "j6"}),
+                                (P.JOB_CANCEL, {"job_id": "j6"})]
