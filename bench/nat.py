@@ -10,6 +10,10 @@ direct TCP path where the worker is reachable, else the data channel, relayed by
 where the NATs need it), and send as many bytes over plain TCP to a sink in the internet
 through the same routers: the reference, measured in the same run. Medians of --runs.
 
+Where UDP is blocked, the same is measured once more as before the UDP probe (every URL
+given to aiortc, which takes the first STUN and TURN URL; TURN over UDP left out, as a lab
+had to): the ratio of the two link-open times shows the STUN wait the probe saves.
+
 Needs root, iproute2, iptables, conntrack and coturn (as the netlab tests do).
 """
 
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -52,6 +57,10 @@ def probe(args) -> None:
     import client
     import protocol as P
 
+    if args.before:  # as before the UDP probe: every URL handed to aiortc, which takes the first of each
+        # kind; a lab that served a network without UDP then handed out STUN and TURN/TCP only
+        P.usable_ice_servers = lambda servers: [u.server() for u in P.ice_urls(servers)
+                                                if not (u.scheme == "turn" and u.transport == "udp")]
     results = {"open_s": [], "upload_mbps": [], "tcp_mbps": [], "tcp_connect_s": [], "route": []}
     size = args.mb * 2**20
     for _ in range(args.runs):
@@ -85,17 +94,18 @@ def probe(args) -> None:
 # -- from the host -------------------------------------------------------------------------
 
 
-def run_topology(topology: str, args) -> dict:
+def run_topology(topology: str, args, before: bool = False) -> dict:
     import netlab
 
     tmp = Path(tempfile.mkdtemp(prefix=f"sleap-rtc-nat-{topology}-"))
     env = {k: v for k, v in os.environ.items() if k != "SLEAP_RTC_ICE_HOSTS"}
     env["PYTHONUNBUFFERED"] = "1"
-    procs = []
+    procs, logs = [], []
 
     def start(host: str, argv: list[str], name: str, ready: str = "") -> subprocess.Popen:
         log = tmp / f"{name}.log"
-        proc = subprocess.Popen(lab.wrap(host, argv), stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env,
+        logs.append(open(log, "wb"))
+        proc = subprocess.Popen(lab.wrap(host, argv), stdout=logs[-1], stderr=subprocess.STDOUT, env=env,
                                 cwd=tmp, stdin=subprocess.DEVNULL)
         procs.append(proc)
         deadline = time.monotonic() + 60
@@ -123,7 +133,8 @@ def run_topology(topology: str, args) -> dict:
             out = subprocess.run(lab.wrap("laptop", [sys.executable, __file__, "--probe", "--server", server,
                                                      "--room", room, "--token=" + token, "--worker", worker_id,
                                                      "--mb", str(args.mb), "--runs", str(args.runs), "--tmp", str(tmp),
-                                                     "--sink", f"{netlab.SERVER_IP}:{SINK_PORT}"]),
+                                                     "--sink", f"{netlab.SERVER_IP}:{SINK_PORT}",
+                                                     *(["--before"] if before else [])]),
                                  capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
             if out.returncode != 0:
                 raise RuntimeError(f"{topology}: the probe failed: {out.stderr[-3000:]}")
@@ -135,6 +146,9 @@ def run_topology(topology: str, args) -> dict:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            for log in logs:
+                log.close()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -143,6 +157,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--topologies", default="routed,home,symmetric,udp-blocked")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     for name in ("--server", "--room", "--token", "--worker", "--tmp", "--sink"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,12 +169,19 @@ def main() -> None:
           "through the same routers to the internet")
     print(f"{'topology':<12} {'path (laptop <-> worker)':<26} {'link open':>9} {'TCP connect':>11} {'upload':>11} "
           f"{'plain TCP':>11} {'upload/TCP':>10}")
+    opened = {}
     for topology in args.topologies.split(","):
-        r = run_topology(topology, args)
-        upload, tcp = statistics.median(r["upload_mbps"]), statistics.median(r["tcp_mbps"])
-        print(f"{topology:<12} {'/'.join(sorted(set(r['route']))):<26} {statistics.median(r['open_s']):>8.2f}s "
-              f"{statistics.median(r['tcp_connect_s']) * 1000:>9.2f}ms "
-              f"{upload:>7.1f}MB/s {tcp:>7.1f}MB/s {upload / tcp:>10.3f}", flush=True)
+        for before in (False, True) if topology == "udp-blocked" else (False,):
+            r = run_topology(topology, args, before)
+            upload, tcp = statistics.median(r["upload_mbps"]), statistics.median(r["tcp_mbps"])
+            opened[(topology, before)] = statistics.median(r["open_s"])
+            name = topology + (" (before)" if before else "")
+            print(f"{name:<12} {'/'.join(sorted(set(r['route']))):<26} {opened[(topology, before)]:>8.2f}s "
+                  f"{statistics.median(r['tcp_connect_s']) * 1000:>9.2f}ms "
+                  f"{upload:>7.1f}MB/s {tcp:>7.1f}MB/s {upload / tcp:>10.3f}", flush=True)
+    if ("udp-blocked", True) in opened:
+        print(f"without UDP: link open with the probe / as before (STUN + TURN/TCP handed to aiortc): "
+              f"{opened[('udp-blocked', False)] / opened[('udp-blocked', True)]:.2f}")
 
 
 if __name__ == "__main__":
