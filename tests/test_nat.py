@@ -7,6 +7,7 @@ They are marked `netlab`; without root, deselect them: `pytest -m "not netlab"`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -89,28 +90,25 @@ def project(tmp_path_factory):
     return make_project(tmp_path_factory.mktemp("project"), frames=12, epochs=2, steps=2)
 
 
-def lab_world(tmp_path: Path, topology: str, turn: str = "static", server_options=None):
-    """A running lab with signaling, a room and a worker: the LabEnv (close() tears down)."""
+@contextlib.contextmanager
+def lab_world(tmp_path: Path, topology: str, turn: str = "static", server_options=netlab.Lab.ice_server_options):
+    """A lab of `topology` with signaling (handing out `server_options(lab)`) and a room:
+    the LabEnv; its processes and the lab are gone at the end."""
     _check_can_build()
-    lab = netlab.Lab(topology, tmp_path / "lab", turn=turn)
-    lab.__enter__()
-    world = LabEnv(tmp_path, lab)
-    try:
-        world.start_server(*(lab.ice_server_options() if server_options is None else server_options))
-        world.create_room()
-    except BaseException:
-        world.close()
-        lab.down()
-        raise
-    return world
+    with netlab.Lab(topology, tmp_path / "lab", turn=turn) as lab:
+        world = LabEnv(tmp_path, lab)
+        try:
+            world.start_server(*server_options(lab))
+            world.create_room()
+            yield world
+        finally:
+            world.close()
 
 
 @pytest.fixture
 def nat(request, tmp_path):
-    world = lab_world(tmp_path, request.param)
-    yield world
-    world.close()
-    world.lab.down()
+    with lab_world(tmp_path, request.param) as world:
+        yield world
     assert world.worker_errors() == []
 
 
@@ -142,24 +140,20 @@ def test_turn_credentials_minted_by_the_signaling_server_work_with_coturn(tmp_pa
     """Symmetric NATs on both sides: only the relay works, with per-peer credentials that
     signaling.py --turn-secret minted and coturn --static-auth-secret checks. With a
     secret coturn does not share, no relay, and the error says to check it."""
-    _check_can_build()
-    with netlab.Lab("symmetric", tmp_path / "lab", turn="secret") as lab:
-        world = LabEnv(tmp_path, lab)
-        try:
-            options = lab.ice_server_options()
-            if secret == "wrong":
-                options[options.index("--turn-secret") + 1] = "not-" + lab.turn_secret
-            world.start_server(*options)
-            world.create_room()
-            world.start_worker()
-            result = world.client("ping", "--count", "2", "--interval", "0")
-            if secret == "shared":
-                assert result.returncode == 0, result.stdout + result.stderr
-            else:
-                assert result.returncode != 0
-                assert "neither side got a relay" in result.stderr and "--static-auth-secret" in result.stderr
-        finally:
-            world.close()
+    def options(lab: netlab.Lab) -> list[str]:
+        given = lab.ice_server_options()
+        if secret == "wrong":
+            given[given.index("--turn-secret") + 1] = "not-" + lab.turn_secret
+        return given
+
+    with lab_world(tmp_path, "symmetric", turn="secret", server_options=options) as world:
+        world.start_worker()
+        result = world.client("ping", "--count", "2", "--interval", "0")
+    if secret == "shared":
+        assert result.returncode == 0, result.stdout + result.stderr
+    else:
+        assert result.returncode != 0
+        assert "neither side got a relay" in result.stderr and "--static-auth-secret" in result.stderr
 
 
 @pytest.mark.parametrize("topology, servers, words", [
@@ -170,23 +164,15 @@ def test_without_a_path_the_client_says_why_within_30_s(tmp_path, topology, serv
     lab_options = {"stun": lambda lab: ["--ice-server", lab.stun_url],
                    "stun+turn/udp": lambda lab: ["--ice-server", lab.stun_url, "--ice-server",
                                                  f"turn:{lab.turn_user}:{lab.turn_password}@{netlab.SERVER_IP}:3478"]}
-    _check_can_build()
-    lab = netlab.Lab(topology, tmp_path / "lab")
-    with lab:
-        world = LabEnv(tmp_path, lab)
-        try:
-            world.start_server(*lab_options[servers](lab))
-            world.create_room()
-            world.start_worker()
-            began = time.monotonic()
-            result = world.client("ping", "--count", "1")
-            took = time.monotonic() - began
-            assert result.returncode != 0
-            assert words in result.stderr, result.stderr
-            assert re.search(r"this machine offered host(, srflx)?; worker-\S+ offered host, srflx", result.stderr)
-            assert took < 30, f"the client took {took:.1f} s to give up"
-        finally:
-            world.close()
+    with lab_world(tmp_path, topology, server_options=lab_options[servers]) as world:
+        world.start_worker()
+        began = time.monotonic()
+        result = world.client("ping", "--count", "1")
+        took = time.monotonic() - began
+    assert result.returncode != 0
+    assert words in result.stderr, result.stderr
+    assert re.search(r"this machine offered host(, srflx)?; worker-\S+ offered host, srflx", result.stderr)
+    assert took < 30, f"the client took {took:.1f} s to give up"
 
 
 COUNTER = """import sys, time
@@ -200,8 +186,7 @@ def test_a_follow_and_an_upload_survive_a_new_network(tmp_path):
     """The laptop's site gets a new public address mid-way (conntrack flushed, as after a
     new Wi-Fi): `logs --follow` reconnects on its own and goes on from the byte it had,
     every line once, to the job's end; an upload resumes from the bytes the worker kept."""
-    world = lab_world(tmp_path, "home")
-    try:
+    with lab_world(tmp_path, "home") as world:
         counter = stand_in(tmp_path, "counter", COUNTER)
         worker, _ = world.start_worker("--allow-command", f"count={counter}",
                                        working_dir=tmp_path / "w")
@@ -229,9 +214,6 @@ def test_a_follow_and_an_upload_survive_a_new_network(tmp_path):
         assert "lost the link" in out and re.search(r"the worker holds \d+ of \d+ bytes from an earlier try", out), out
         stored = Path(re.search(r"uploaded big.bin to \S+: (\S+)", out).group(1))
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == hashlib.sha256(payload.read_bytes()).hexdigest()
-    finally:
-        world.close()
-        world.lab.down()
 
 
 @pytest.mark.parametrize("topology, expected", [
@@ -243,8 +225,7 @@ def test_a_follow_and_an_upload_survive_a_new_network(tmp_path):
                      r"worker\s+ok\s+.*over relay <-> "]),
 ])
 def test_doctor_tells_what_the_network_allows(tmp_path, topology, expected):
-    world = lab_world(tmp_path, topology)
-    try:
+    with lab_world(tmp_path, topology) as world:
         world.start_worker()
         result = world.client("doctor")
         assert result.returncode == 0, result.stdout + result.stderr
@@ -256,6 +237,3 @@ def test_doctor_tells_what_the_network_allows(tmp_path, topology, expected):
         assert re.search(r"signaling server\s+ok\s+ws://", result.stdout)
         for pattern in expected:
             assert re.search(pattern, result.stdout), f"/{pattern}/ not in:\n{result.stdout}"
-    finally:
-        world.close()
-        world.lab.down()
