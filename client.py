@@ -30,6 +30,7 @@ admin) may stop, cancel or prune them. `workers`, `jobs`, `status` and `files ls
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ import re
 import secrets
 import shlex
 import signal
+import socket
 import statistics
 import sys
 import threading
@@ -133,28 +135,28 @@ def signed_in(args, again: bool = False) -> Optional[str]:
     holder (or a worker's admin) may stop, cancel or prune that job later. `again` signs
     in anew (the server no longer knows the saved one). None when the HTTP API cannot be
     reached: the client goes on anonymously."""
-    import fcntl
-
     base = P.http_base_url(args.server, args.http)
     saved = load_credentials().get(base, {}).get("id_token")
     if saved and not again:
         return saved
-    path = CREDENTIALS_FILE.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # clients started together sign in once, as one user
-        credentials = load_credentials()
+    token: dict[str, Optional[str]] = {}
+
+    def sign_in(credentials: dict) -> None:  # under the file's lock: clients started together sign in as one
         current = credentials.get(base, {}).get("id_token")
         if current and current != saved:
-            return current  # another client just signed in
+            token["id"] = current  # another client just signed in
+            return
         try:
             body = P.anonymous_sign_in(base)
         except P.SignalingError as exc:
             log.info("no sign-in at %s (%s); going on anonymously", base, exc)
-            return None
+            token["id"] = None
+            return
         credentials[base] = {**credentials.get(base, {}), "id_token": body["id_token"], "username": body["username"]}
-        save_credentials(credentials)
-        return body["id_token"]
+        token["id"] = body["id_token"]
+
+    update_credentials(sign_in)
+    return token["id"]
 
 
 def update_credentials(change: Callable[[dict], None]) -> Path:
@@ -503,17 +505,12 @@ def cmd_login(args) -> int:
     base = P.http_base_url(args.server, args.http)
     args.room, args.token = args.room or os.environ.get(P.ENV_ROOM), args.token or os.environ.get(P.ENV_TOKEN)
     body = P.anonymous_sign_in(base)
-    if args.sleap_rtc_credentials:
-        upstream_part: dict = {}
-        add_upstream_credentials(upstream_part, args, base, body["id_token"], body["username"])
 
     def change(credentials: dict) -> None:
         # The rooms kept stay: their tokens let this sign-in in as well.
         credentials[base] = {**credentials.get(base, {}), "id_token": body["id_token"], "username": body["username"]}
         if args.sleap_rtc_credentials:
-            for key, value in upstream_part.items():
-                credentials[key] = {**credentials.get(key, {}), **value} if key in ("tokens", "room_secrets") \
-                    else value
+            add_upstream_credentials(credentials, args, base, body["id_token"], body["username"])
 
     path = update_credentials(change)
     credentials = load_credentials()
@@ -648,7 +645,7 @@ UPLOAD_JSON_FIELDS = ("sha256", "size", "names", "uploaders", "last_use", "jobs"
 
 
 def print_json(document: dict) -> None:
-    print(json.dumps(document, indent=1, sort_keys=False))
+    print(json.dumps(document, indent=1))
 
 
 def worker_json(worker: dict) -> dict:
@@ -662,6 +659,11 @@ def worker_json(worker: dict) -> dict:
 
 def picked(record: dict, fields: tuple[str, ...]) -> dict:
     return {field: record.get(field) for field in fields}
+
+
+# ---------------------------------------------------------------------------------------
+# Commands about workers and the way to them: workers, ping, doctor, upload, download
+# ---------------------------------------------------------------------------------------
 
 
 def cmd_workers(args) -> int:
@@ -737,13 +739,57 @@ def cmd_doctor(args) -> int:
         signaling.close()
 
 
+def nat_mapping(url: P.IceUrl,
+                timeout: float = P.UDP_PROBE_TIMEOUT_S) -> tuple[Optional[tuple], Optional[tuple]]:
+    """(the address a STUN server sees us at, the one its second address sees from the same
+    local port), for telling NAT kinds apart (RFC 5780: the server names its second
+    address in OTHER-ADDRESS; coturn does when it listens on two IPs). Either is None
+    when unanswered or, for the second, when the server has no second address."""
+    from aioice import stun
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        first = P.stun_answer(sock, request, (url.host, url.port), timeout)
+        if first is None:
+            return None, None
+        other = first.attributes.get("OTHER-ADDRESS")
+        if not other:
+            return P.mapped_address(first), None
+        second = P.stun_mapped_address(other[0], other[1], timeout, sock)
+        return P.mapped_address(first), second
+
+
+def turn_allocation(url: P.IceUrl, timeout: float = 5.0) -> tuple[Optional[tuple[str, int]], str]:
+    """Ask a TURN server for a relay over `url`'s transport: (the relayed address, "") or
+    (None, why not). The allocation is released at once."""
+    from aioice import turn
+
+    async def allocate():
+        transport, _ = await asyncio.wait_for(turn.create_turn_endpoint(
+            asyncio.DatagramProtocol, (url.host, url.port), url.username, url.credential,
+            ssl=url.scheme == "turns", transport=url.transport), timeout)
+        try:
+            return transport.get_extra_info("sockname")
+        finally:
+            transport.close()
+
+    try:
+        relayed = P.on_loop(allocate(), timeout + 1)
+    except (TimeoutError, asyncio.TimeoutError):
+        return None, f"no answer within {timeout:.0f} s"
+    except Exception as exc:  # aioice raises TransactionFailed (401, 437...), OSError and more: each a reason
+        return None, str(exc) or type(exc).__name__
+    return (relayed[0], relayed[1]), ""
+
+
 def _doctor_stun(urls: list[P.IceUrl], row) -> None:
     stun = next((u for u in urls if u.scheme == "stun"), None)
     if stun is None:
         row("STUN", "warn", "none handed out: peers behind NAT learn no public address "
                             "(signaling.py --ice-server stun:HOST:3478)")
         return
-    first, second = P.nat_mapping(stun)
+    first, second = nat_mapping(stun)
     if first is None:
         row("STUN", "FAIL", f"no answer from {stun.host}:{stun.port} over UDP: this network blocks UDP "
                             "(or the server is down); only TURN over TCP can reach a worker from here")
@@ -767,7 +813,7 @@ def _doctor_turn(urls: list[P.IceUrl], transport: str, row) -> None:
         row(check, "warn", "none handed out" + (": a network without UDP cannot reach a worker behind NAT"
                                                 if transport == "tcp" else ""))
         return
-    relayed, why = P.turn_allocation(turn)
+    relayed, why = turn_allocation(turn)
     if relayed is None:
         row(check, "FAIL", f"{turn.url}: no relay: {why}")
     else:

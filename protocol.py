@@ -1355,8 +1355,8 @@ def stun_mapped_address(host: str, port: int, timeout: float = UDP_PROBE_TIMEOUT
     own = sock is None
     sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        answer = _stun_answer(sock, request, (host, port), timeout)
-        return _mapped(answer) if answer is not None else None
+        answer = stun_answer(sock, request, (host, port), timeout)
+        return mapped_address(answer) if answer is not None else None
     finally:
         if own:
             sock.close()
@@ -1397,27 +1397,7 @@ def usable_ice_servers(ice_servers: list[dict]) -> list[dict]:
     return [u.server() for u in turn_tcp[:1]]
 
 
-def nat_mapping(url: IceUrl, timeout: float = UDP_PROBE_TIMEOUT_S) -> tuple[Optional[tuple], Optional[tuple]]:
-    """(the address a STUN server sees us at, the one its second address sees from the same
-    local port), for telling NAT kinds apart (RFC 5780: the server names its second
-    address in OTHER-ADDRESS; coturn does when it listens on two IPs). Either is None
-    when unanswered or, for the second, when the server has no second address."""
-    from aioice import stun
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("0.0.0.0", 0))
-        request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
-        first = _stun_answer(sock, request, (url.host, url.port), timeout)
-        if first is None:
-            return None, None
-        other = first.attributes.get("OTHER-ADDRESS")
-        if not other:
-            return _mapped(first), None
-        second = stun_mapped_address(other[0], other[1], timeout, sock)
-        return _mapped(first), second
-
-
-def _stun_answer(sock: socket.socket, request, address: tuple[str, int], timeout: float):
+def stun_answer(sock: socket.socket, request, address: tuple[str, int], timeout: float):
     """The STUN answer to `request` from `address`, asked from `sock`, or None. A lost
     datagram is sent again, as STUN does; anything else that arrives is skipped, and
     never holds the wait past `timeout`."""
@@ -1448,31 +1428,9 @@ def _stun_answer(sock: socket.socket, request, address: tuple[str, int], timeout
     return None
 
 
-def _mapped(answer) -> Optional[tuple[str, int]]:
+def mapped_address(answer) -> Optional[tuple[str, int]]:
+    """The address and port a STUN answer says it saw the request come from."""
     return answer.attributes.get("XOR-MAPPED-ADDRESS") or answer.attributes.get("MAPPED-ADDRESS")
-
-
-def turn_allocation(url: IceUrl, timeout: float = 5.0) -> tuple[Optional[tuple[str, int]], str]:
-    """Ask a TURN server for a relay over `url`'s transport: (the relayed address, "") or
-    (None, why not). The allocation is released at once."""
-    from aioice import turn
-
-    async def allocate():
-        transport, _ = await asyncio.wait_for(turn.create_turn_endpoint(
-            asyncio.DatagramProtocol, (url.host, url.port), url.username, url.credential,
-            ssl=url.scheme == "turns", transport=url.transport), timeout)
-        try:
-            return transport.get_extra_info("sockname")
-        finally:
-            transport.close()
-
-    try:
-        relayed = on_loop(allocate(), timeout + 1)
-    except (TimeoutError, asyncio.TimeoutError):
-        return None, f"no answer within {timeout:.0f} s"
-    except Exception as exc:  # aioice raises TransactionFailed (401, 437...), OSError and more: each a reason
-        return None, str(exc) or type(exc).__name__
-    return (relayed[0], relayed[1]), ""
 
 
 def candidate_types(sdp: str) -> list[str]:
