@@ -248,7 +248,7 @@ def upstream_inference_line(report: dict) -> str:
 def upstream_control(text: str) -> Optional[str]:
     """The action (P.ZMQ_CTRL: stop early, P.JOB_CANCEL: cancel) an upstream control frame
     asks for, or None when `text` is not one. The sleap-app desktop client names its job:
-    JOB_CANCEL::{its job id} (see upstream_control_target)."""
+    JOB_CANCEL::{its job id}, which UpstreamAdapter._control matches."""
     if text == UP_JOB_STOP or text == f"{UP_ZMQ_CTRL}{UP_SEP}STOP" or text.startswith(UP_JOB_STOP + UP_SEP):
         return P.ZMQ_CTRL
     if text == UP_JOB_CANCEL or text == f"{UP_ZMQ_CTRL}{UP_SEP}CANCEL" or text.startswith(UP_JOB_CANCEL + UP_SEP):
