@@ -53,11 +53,8 @@ class LabEnv(Env):
         return proc
 
     def start_server(self, *extra: str, ports=None) -> Proc:
-        self.ws_port, self.http_port = WS_PORT, HTTP_PORT
-        self.server = self.spawn("signaling", [str(ROOT / "signaling.py"), "--host", netlab.SERVER_IP,
-                                               "--port", str(WS_PORT), "--http-port", str(HTTP_PORT), *extra])
-        self.server.wait_for(r"signaling: websocket")
-        return self.server
+        """The server in the internet, on its fixed ports there (nothing else listens in it)."""
+        return super().start_server("--host", netlab.SERVER_IP, *extra, ports=(WS_PORT, HTTP_PORT))
 
     @property
     def ws_url(self) -> str:
