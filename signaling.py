@@ -18,9 +18,10 @@ Reading order:
 2. discovery filters;
 3. connections: `_Writer`, the one thread that writes to (and closes) every socket,
    `Connection`, and `_Reader`, the one thread that accepts and reads them;
-4. the server: lifecycle, rooms and state, connections and frames;
-5. the HTTP API;
-6. the command line.
+4. `Directory`: rooms, who may enter them, id_tokens and the state file;
+5. the server: lifecycle, removing peers, connections and frames;
+6. the HTTP API;
+7. the command line.
 
     python signaling.py [--host 127.0.0.1] [--port 8080] [--http-port 8001]
                         [--ice-server URL ...] [--state-file rooms.json] [--room-ttl S]
@@ -722,12 +723,284 @@ class _Reader:
 
 
 # ---------------------------------------------------------------------------------------
+# The directory: rooms, who may enter them, and the state file
+# ---------------------------------------------------------------------------------------
+
+
+class Directory:
+    """Every room with its peers, tokens, members, worker keys and claimed ids; the secret
+    that signs this server's id_tokens; and the state file that keeps them across restarts.
+
+    It knows nothing of sockets: the server's threads (the reader, the pinger, the HTTP
+    threads) call it, each for a moment. Refusals of the HTTP API are LookupError,
+    PermissionError and OverflowError with the words to answer; those of frames are error
+    frames.
+    """
+
+    def __init__(self, state_file: Optional[Path], limits: Limits):
+        self.state_file = Path(state_file) if state_file else None
+        self.limits = limits
+        # Guards rooms (and their peers), `changed`, `created` and writes of the state
+        # file. Never held while waiting for anything.
+        self.lock = threading.Lock()
+        self.rooms: dict[str, Room] = {}
+        self.changed = False  # a claim the state file does not hold yet
+        self.created = 0  # rooms created since the server started
+        self._secret = secrets.token_bytes(32)
+        self._load()
+
+    # -- the state file -----------------------------------------------------------------
+
+    def _load(self) -> None:
+        if not self.state_file or not self.state_file.exists():
+            return
+        state = json.loads(self.state_file.read_text())
+        self._secret = bytes.fromhex(state["secret"])
+        for room_id, room in state.get("rooms", {}).items():
+            self.rooms[room_id] = Room(room_id, room["token"], room["created_at"], room.get("owner", ""),
+                                       room.get("address", ""), room.get("empty_since", time.time()),
+                                       set(room.get("members", [])), set(room.get("api_keys", [])),
+                                       dict(room.get("claims", {})))
+        self._expire()
+
+    def _save(self) -> None:
+        """Write rooms and the signing secret atomically (caller holds lock)."""
+        self.changed = False
+        if not self.state_file:
+            return
+        state = {"secret": self._secret.hex(), "rooms": {r.room_id: r.saved() for r in self.rooms.values()}}
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, self.state_file)
+
+    def tidy(self, expire: bool = True) -> None:
+        """Delete rooms empty past their time, and write what changed (the pinger's chore,
+        and the last thing a stopping server does)."""
+        with self.lock:
+            if (expire and self._expire()) or self.changed:
+                self._save()
+
+    def _expire(self) -> list[str]:
+        """Delete rooms empty for longer than the TTL (caller holds lock or owns the directory)."""
+        cutoff = time.time() - self.limits.room_ttl_s
+        expired = [r.room_id for r in self.rooms.values()
+                   if not r.peers and r.empty_since is not None and r.empty_since < cutoff]
+        for room_id in expired:
+            del self.rooms[room_id]
+            log.info("room %s expired: nobody was in it for %.0f s", room_id, self.limits.room_ttl_s)
+        return expired
+
+    # -- users and rooms (the HTTP API) -------------------------------------------------
+
+    def create_room(self, owner: str = "", address: str = "") -> Room:
+        """A new room; raises OverflowError when the server is full, PermissionError when
+        this user or address holds its share of rooms already."""
+        with self.lock:
+            if len(self.rooms) >= self.limits.max_rooms:
+                raise OverflowError(f"the server holds its maximum of {self.limits.max_rooms} rooms")
+            if owner and sum(r.owner == owner for r in self.rooms.values()) >= self.limits.max_rooms_per_user:
+                raise PermissionError(f"user {owner} has created {self.limits.max_rooms_per_user} rooms already; "
+                                      "reuse one (rooms nobody joins expire)")
+            if address and sum(r.address == address for r in self.rooms.values()) >= self.limits.max_rooms_per_address:
+                raise PermissionError(f"{self.limits.max_rooms_per_address} rooms were created from {address} "
+                                      "already; reuse one (rooms nobody joins expire)")
+            room = Room(secrets.token_hex(8), P.new_secret(24), _now_iso(), owner, address)
+            self.rooms[room.room_id] = room
+            self.created += 1
+            self._save()
+        return room
+
+    def issue_id_token(self) -> tuple[str, str]:
+        """A new anonymous user and its id_token: a standard JWT (HS256, signed with this
+        server's secret) with `sub`, `username` and `exp`, which sleap-rtc 0.0.7 reads too."""
+        username = "anon-" + secrets.token_hex(4)
+        now = int(time.time())
+        header = P.b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        claims = P.b64url(json.dumps({"sub": username, "username": username, "iat": now,
+                                      "exp": now + ID_TOKEN_LIFETIME_S}).encode())
+        return f"{header}.{claims}.{self._sign(f'{header}.{claims}')}", username
+
+    def check_id_token(self, id_token: str) -> Optional[str]:
+        """The username in an id_token this server signed and that has not expired, or None."""
+        parts = id_token.split(".")
+        if len(parts) != 3 or not _same(self._sign(f"{parts[0]}.{parts[1]}"), parts[2]):
+            return None
+        try:
+            header, claims = json.loads(P.unb64url(parts[0])), json.loads(P.unb64url(parts[1]))
+        except ValueError:
+            return None
+        if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
+            return None
+        exp, user = claims.get("exp"), claims.get("sub")
+        if not isinstance(exp, (int, float)) or exp <= time.time() or not isinstance(user, str):
+            return None
+        return user
+
+    def _sign(self, body: str) -> str:
+        return P.b64url(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
+
+    def join_room(self, user: str, room_id: str, token: str) -> None:
+        """Let `user` register in the room with its jwt alone from now on; raises
+        LookupError / PermissionError."""
+        with self.lock:
+            room = self._room_for(room_id, token)
+            room.members.add(user)
+            self._save()
+
+    def rooms_of(self, user: str) -> list[dict]:
+        """The rooms `user` created or joined, with the workers in each now; never a token."""
+        with self.lock:
+            return [{"room_id": room.room_id, "created_at": room.created_at, "created": room.owner == user,
+                     "peers": len(room.peers),
+                     "workers": [{"peer_id": peer.peer_id, "name": peer.properties.get("worker_name")}
+                                 for peer in room.by_role.get("worker", {}).values()]}
+                    for room in self.rooms.values() if room.admits(user)]
+
+    def create_api_key(self, room_id: str, token: str) -> str:
+        """A new worker key for the room (sleap-rtc 0.0.7 workers register with it); only
+        its SHA-256 is kept."""
+        key = "slp_" + secrets.token_hex(24)
+        with self.lock:
+            self._room_for(room_id, token).api_keys.add(_key_digest(key))
+            self._save()
+        return key
+
+    def _room_for(self, room_id: str, token: str) -> Room:
+        """The room, when `token` is its token (caller holds lock)."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise LookupError(f"no room {P.echo(room_id)} on this server")
+        if not _same(room.token, token):
+            raise PermissionError(f"wrong token for room {room_id}")
+        return room
+
+    def take_out(self, room_id: str, peer_id: Optional[str], user: Optional[str]) -> list[Peer]:
+        """The peers the room's creator removes: one, or everyone with the room itself
+        deleted. Only the creator may (its id_token): the token makes members, not owners.
+        Raises PermissionError / LookupError."""
+        with self.lock:
+            room = self.rooms.get(room_id)
+            if room is None:
+                raise LookupError(f"no room {P.echo(room_id)} on this server")
+            if user is None or not room.owner or user != room.owner:
+                raise PermissionError(f"only the creator of room {room_id} may delete it or remove its peers "
+                                      "(send 'Authorization: Bearer <id_token>' of the user who created it)")
+            if peer_id is not None:
+                if peer_id not in room.peers:
+                    raise LookupError(f"no peer {P.echo(peer_id)} in room {room_id}")
+                return [room.peers[peer_id]]
+            del self.rooms[room.room_id]
+            self._save()
+            return list(room.peers.values())
+
+    def peers_named(self, peer_id: str, user: str) -> tuple[bool, list[Peer]]:
+        """Whether a peer `peer_id` is connected anywhere, and those of them `user` may
+        delete: the ones it registered as, or any in a room it created."""
+        with self.lock:
+            present = [room.peers[peer_id] for room in self.rooms.values() if peer_id in room.peers]
+            return bool(present), [p for p in present if p.user == user or self.rooms[p.room_id].owner == user]
+
+    # -- peers in rooms (frames) --------------------------------------------------------
+
+    def admission_problem(self, room: Room, frame: dict, user: str) -> Optional[dict]:
+        """The error frame refusing a register frame's credentials and peer id, or None
+        (caller holds lock). The room's token admits anyone; without it (sleap-rtc 0.0.7)
+        a jwt this server signed admits the room's owner and members, and an api_key a
+        worker the room issued it to. A peer id claimed with a peer_key takes that key."""
+        kind = P.REGISTER
+        if frame.get("token"):
+            if not _same(room.token, frame["token"]):
+                return P.error_frame(P.INVALID_TOKEN, f"wrong token for room {room.room_id}", kind)
+        elif frame.get("jwt"):
+            if not room.admits(user):
+                return P.error_frame(P.NOT_A_MEMBER, f"user {user} has not joined room {room.room_id}: "
+                                     "join it once with the room's token (`python client.py login "
+                                     "--sleap-rtc-credentials --room ROOM --token TOKEN`)", kind)
+        elif _key_digest(frame["api_key"]) not in room.api_keys:
+            return P.error_frame(P.INVALID_TOKEN, f"the api_key is not a worker key of room {room.room_id} "
+                                 "(`python client.py login --sleap-rtc-credentials` issues one)", kind)
+        peer_id, key = frame["peer_id"], frame.get("peer_key")
+        claim = room.claims.get(peer_id)
+        if claim is not None and (key is None or not _same(claim, _key_digest(key))):
+            return P.error_frame(P.PEER_ID_TAKEN, f"peer id {peer_id!r} is claimed in room {room.room_id} by "
+                                 "another peer (it registered with a key); choose another id", kind)
+        stale = room.peers.get(peer_id)
+        if stale is not None and claim is None:
+            return P.error_frame(P.PEER_ID_TAKEN, f"peer id {peer_id!r} is connected already", kind)
+        if stale is None and len(room.peers) >= self.limits.max_peers_per_room:
+            return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds its maximum of "
+                                 f"{self.limits.max_peers_per_room} peers", kind)
+        if key is not None and claim is None and len(room.claims) >= MAX_CLAIMS_PER_ROOM:
+            return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds {MAX_CLAIMS_PER_ROOM} claimed "
+                                 "peer ids; register without a peer_key", kind)
+        return None
+
+    def claim(self, room: Room, peer_id: str, key: Optional[str]) -> None:
+        """Claim `peer_id` in the room with `key`, if it is not claimed yet (caller holds
+        lock). The pinger saves it: writing files is not the reader's job."""
+        if key is not None and peer_id not in room.claims:
+            room.claims[peer_id] = _key_digest(key)
+            self.changed = True
+
+    def listing_problem(self, room: Room, growth: int) -> Optional[str]:
+        """Why the room's peer list may not grow by `growth` bytes (caller holds lock): a
+        full listing must fit half an outbox, so every member can still be sent one."""
+        limit = self.limits.outbox_bytes // 2
+        if room.listing_bytes + growth <= limit:
+            return None
+        return f"room {room.room_id}'s peer list would pass {limit} bytes; make metadata smaller"
+
+    def discover(self, peer: Peer, filters: Any) -> Any:
+        """The peer_list answer, as text: it joins the peers' prepared JSON."""
+        problem = check_filters(filters)
+        if problem:
+            return P.error_frame(P.INVALID_MESSAGE, problem, P.DISCOVER_PEERS)
+        with self.lock:
+            room = self.rooms.get(peer.room_id)
+            if room is None:
+                candidates = []
+            elif "role" in filters:
+                candidates = room.by_role.get(filters["role"], {}).values()
+            else:
+                candidates = room.peers.values()
+            matches = matcher(filters)
+            found = [p.public_json for p in candidates if p is not peer and matches(p)]
+        return P.peer_list_json(peer.peer_id, found)
+
+    def update_metadata(self, peer: Peer, update: dict) -> dict:
+        with self.lock:
+            merged = P.merge_metadata(peer.metadata, update)
+            size = len(json.dumps(merged))
+            room = self.rooms.get(peer.room_id)
+            if size > MAX_METADATA_BYTES:
+                return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes",
+                                     P.UPDATE_METADATA)
+            problem = self.listing_problem(room, size - peer.metadata_bytes) if room is not None else None
+            if problem is not None:
+                return P.error_frame(P.MESSAGE_TOO_LARGE, problem, P.UPDATE_METADATA)
+            if room is not None:
+                room.update(peer, merged)
+            else:
+                peer.metadata = merged
+        return {"type": P.METADATA_UPDATED, "peer_id": peer.peer_id, "metadata": merged}
+
+    def remove(self, peer: Peer) -> None:
+        with self.lock:
+            room = self.rooms.get(peer.room_id)
+            if room is not None:
+                room.discard(peer)
+
+
+# ---------------------------------------------------------------------------------------
 # The server
 # ---------------------------------------------------------------------------------------
 
 
 class SignalingServer:
-    """Rooms and peers in memory (rooms also in `state_file` when given), served on two ports.
+    """Rooms and peers (its Directory), served on two ports.
 
     Threads, all stopped by `stop()`: "signaling-reader" and "signaling-writer" (every
     socket; see above), "signaling-http" and "signaling-pinger". The reader only queues:
@@ -744,21 +1017,16 @@ class SignalingServer:
         self.http_port = http_port
         self.ice_servers = ice_servers or []  # static: the same for every peer
         self.turn = turn  # minted per peer, when a TURN secret is configured
-        self.state_file = Path(state_file) if state_file else None
         self.limits = limits or Limits()
         self.ping_interval = ping_interval
         self.started = time.time()
-        # Guards rooms (and their peers), _connections, the counters below and writes of
-        # the state file. Never held while waiting for anything.
+        self.directory = Directory(state_file, self.limits)
+        # Guards _connections and the counters below. Never held while waiting for
+        # anything, nor together with the directory's lock.
         self._lock = threading.Lock()
-        self.rooms: dict[str, Room] = {}
         self._connections: set[Connection] = set()
-        self._state_changed = False  # a claim the state file does not hold yet
         self.total_connections = 0
         self.total_messages = 0
-        self.rooms_created = 0
-        self._secret = secrets.token_bytes(32)
-        self._load_state()
         self._stopping = threading.Event()
         self._writer = _Writer(self.limits.outbox_bytes)
         self._reader: Optional[_Reader] = None
@@ -813,9 +1081,7 @@ class SignalingServer:
         for thread in (self._pinger, self._http_thread):
             if thread is not None and thread.is_alive():
                 thread.join(timeout=5)
-        with self._lock:
-            if self._state_changed:
-                self._save_state()
+        self.directory.tidy(expire=False)
 
     @property
     def ws_url(self) -> str:
@@ -831,10 +1097,9 @@ class SignalingServer:
         protocol ping unanswered for silence_s or never registered, and delete rooms that
         stayed empty past their time. Only queues: never waits on a peer."""
         while not self._stopping.wait(self.ping_interval):
+            self.directory.tidy()
             with self._lock:
                 connections = list(self._connections)
-                if self._expire_rooms() or self._state_changed:
-                    self._save_state()
             now = time.monotonic()
             for conn in connections:
                 registered = conn.peer is not None
@@ -845,144 +1110,12 @@ class SignalingServer:
                 elif registered:
                     conn.enqueue(_PING_TEXT)
 
-    def _expire_rooms(self) -> list[str]:
-        """Delete rooms empty for longer than the TTL (caller holds _lock or owns the server)."""
-        cutoff = time.time() - self.limits.room_ttl_s
-        expired = [r.room_id for r in self.rooms.values()
-                   if not r.peers and r.empty_since is not None and r.empty_since < cutoff]
-        for room_id in expired:
-            del self.rooms[room_id]
-            log.info("room %s expired: nobody was in it for %.0f s", room_id, self.limits.room_ttl_s)
-        return expired
-
-    # -- rooms and state ----------------------------------------------------------------
-
-    def _load_state(self) -> None:
-        if not self.state_file or not self.state_file.exists():
-            return
-        state = json.loads(self.state_file.read_text())
-        self._secret = bytes.fromhex(state["secret"])
-        for room_id, room in state.get("rooms", {}).items():
-            self.rooms[room_id] = Room(room_id, room["token"], room["created_at"], room.get("owner", ""),
-                                       room.get("address", ""), room.get("empty_since", time.time()),
-                                       set(room.get("members", [])), set(room.get("api_keys", [])),
-                                       dict(room.get("claims", {})))
-        self._expire_rooms()
-
-    def _save_state(self) -> None:
-        """Write rooms and the signing secret atomically (caller holds _lock)."""
-        self._state_changed = False
-        if not self.state_file:
-            return
-        state = {"secret": self._secret.hex(), "rooms": {r.room_id: r.saved() for r in self.rooms.values()}}
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, self.state_file)
-
-    def create_room(self, owner: str = "", address: str = "") -> Room:
-        """A new room; raises OverflowError when the server is full, PermissionError when
-        this user or address holds its share of rooms already."""
-        with self._lock:
-            if len(self.rooms) >= self.limits.max_rooms:
-                raise OverflowError(f"the server holds its maximum of {self.limits.max_rooms} rooms")
-            if owner and sum(r.owner == owner for r in self.rooms.values()) >= self.limits.max_rooms_per_user:
-                raise PermissionError(f"user {owner} has created {self.limits.max_rooms_per_user} rooms already; "
-                                      "reuse one (rooms nobody joins expire)")
-            if address and sum(r.address == address for r in self.rooms.values()) >= self.limits.max_rooms_per_address:
-                raise PermissionError(f"{self.limits.max_rooms_per_address} rooms were created from {address} "
-                                      "already; reuse one (rooms nobody joins expire)")
-            room = Room(secrets.token_hex(8), P.new_secret(24), _now_iso(), owner, address)
-            self.rooms[room.room_id] = room
-            self.rooms_created += 1
-            self._save_state()
-        return room
-
-    def issue_id_token(self) -> tuple[str, str]:
-        """A new anonymous user and its id_token: a standard JWT (HS256, signed with this
-        server's secret) with `sub`, `username` and `exp`, which sleap-rtc 0.0.7 reads too."""
-        username = "anon-" + secrets.token_hex(4)
-        now = int(time.time())
-        header = P.b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-        claims = P.b64url(json.dumps({"sub": username, "username": username, "iat": now,
-                                      "exp": now + ID_TOKEN_LIFETIME_S}).encode())
-        return f"{header}.{claims}.{self._sign(f'{header}.{claims}')}", username
-
-    def check_id_token(self, id_token: str) -> Optional[str]:
-        """The username in an id_token this server signed and that has not expired, or None."""
-        parts = id_token.split(".")
-        if len(parts) != 3 or not _same(self._sign(f"{parts[0]}.{parts[1]}"), parts[2]):
-            return None
-        try:
-            header, claims = json.loads(P.unb64url(parts[0])), json.loads(P.unb64url(parts[1]))
-        except ValueError:
-            return None
-        if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
-            return None
-        exp, user = claims.get("exp"), claims.get("sub")
-        if not isinstance(exp, (int, float)) or exp <= time.time() or not isinstance(user, str):
-            return None
-        return user
-
-    def _sign(self, body: str) -> str:
-        return P.b64url(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
-
-    def join_room(self, user: str, room_id: str, token: str) -> None:
-        """Let `user` register in the room with its jwt alone from now on; raises
-        LookupError / PermissionError."""
-        with self._lock:
-            room = self._room_for(room_id, token)
-            room.members.add(user)
-            self._save_state()
-
-    def rooms_of(self, user: str) -> list[dict]:
-        """The rooms `user` created or joined, with the workers in each now; never a token."""
-        with self._lock:
-            return [{"room_id": room.room_id, "created_at": room.created_at, "created": room.owner == user,
-                     "peers": len(room.peers),
-                     "workers": [{"peer_id": peer.peer_id, "name": peer.properties.get("worker_name")}
-                                 for peer in room.by_role.get("worker", {}).values()]}
-                    for room in self.rooms.values() if room.admits(user)]
-
-    def create_api_key(self, room_id: str, token: str) -> str:
-        """A new worker key for the room (sleap-rtc 0.0.7 workers register with it); only
-        its SHA-256 is kept."""
-        key = "slp_" + secrets.token_hex(24)
-        with self._lock:
-            self._room_for(room_id, token).api_keys.add(_key_digest(key))
-            self._save_state()
-        return key
-
-    def _room_for(self, room_id: str, token: str) -> Room:
-        """The room, when `token` is its token (caller holds _lock)."""
-        room = self.rooms.get(room_id)
-        if room is None:
-            raise LookupError(f"no room {P.echo(room_id)} on this server")
-        if not _same(room.token, token):
-            raise PermissionError(f"wrong token for room {room_id}")
-        return room
+    # -- removing peers (the HTTP API) and metrics --------------------------------------
 
     def delete(self, room_id: str, peer_id: Optional[str], user: Optional[str]) -> dict:
-        """Disconnect one peer of a room, or delete the room with everyone in it. Only the
-        room's creator may (its id_token): the token makes members, not owners. Raises
-        PermissionError / LookupError."""
-        with self._lock:
-            room = self.rooms.get(room_id)
-            if room is None:
-                raise LookupError(f"no room {P.echo(room_id)} on this server")
-            if user is None or not room.owner or user != room.owner:
-                raise PermissionError(f"only the creator of room {room_id} may delete it or remove its peers "
-                                      "(send 'Authorization: Bearer <id_token>' of the user who created it)")
-            if peer_id is not None:
-                if peer_id not in room.peers:
-                    raise LookupError(f"no peer {P.echo(peer_id)} in room {room_id}")
-                victims = [room.peers[peer_id]]
-            else:
-                victims = list(room.peers.values())
-                del self.rooms[room.room_id]
-                self._save_state()
+        """Disconnect one peer of a room, or delete the room with everyone in it (its
+        creator's request; see Directory.take_out). Raises PermissionError / LookupError."""
+        victims = self.directory.take_out(room_id, peer_id, user)
         for victim in victims:
             self._evict(victim, "removed by the room's creator")
         return {"deleted_peers": [v.peer_id for v in victims], "room_deleted": peer_id is None}
@@ -994,9 +1127,7 @@ class SignalingServer:
         peer is an answer, not an error."""
         if user is None:
             raise PermissionError("send 'Authorization: Bearer <id_token>' of the user the peer registered as")
-        with self._lock:
-            present = [room.peers[peer_id] for room in self.rooms.values() if peer_id in room.peers]
-            mine = [p for p in present if p.user == user or self.rooms[p.room_id].owner == user]
+        present, mine = self.directory.peers_named(peer_id, user)
         if not present:
             return {"deleted": False, "reason": f"no peer {P.echo(peer_id)} is connected"}
         if not mine:
@@ -1008,18 +1139,20 @@ class SignalingServer:
     def _evict(self, peer: Peer, why: str) -> None:
         """Take a peer out of its room and cut its connection (without the close handshake,
         which would wait for the peer)."""
-        self._remove_peer(peer)
+        self.directory.remove(peer)
         peer.conn.abort(why)
 
     def metrics(self) -> dict:
-        with self._lock:
+        with self.directory.lock:
             by_role: dict[str, int] = {}
-            for room in self.rooms.values():
+            for room in self.directory.rooms.values():
                 for role, peers in room.by_role.items():
                     by_role[role] = by_role.get(role, 0) + len(peers)
-            return {"active_rooms": len(self.rooms), "active_connections": len(self._connections),
+            rooms, created = len(self.directory.rooms), self.directory.created
+        with self._lock:
+            return {"active_rooms": rooms, "active_connections": len(self._connections),
                     "peers_by_role": by_role, "total_connections": self.total_connections,
-                    "total_messages": self.total_messages, "rooms_created": self.rooms_created,
+                    "total_messages": self.total_messages, "rooms_created": created,
                     "uptime_s": round(time.time() - self.started, 1)}
 
     # -- connections and frames ---------------------------------------------------------
@@ -1049,7 +1182,7 @@ class SignalingServer:
         with self._lock:
             self._connections.discard(conn)
         if conn.peer is not None:
-            self._remove_peer(conn.peer)
+            self.directory.remove(conn.peer)
 
     def _handle_frame(self, text, conn: Connection) -> Any:
         """Answer one frame: a reply frame (a dict, or its text), (a newly registered Peer,
@@ -1094,68 +1227,42 @@ class SignalingServer:
             field = P.SENDER_FIELD[kind]
             return P.error_frame(P.SPOOFED_SENDER, f"{field} {P.echo(sender)} is not this connection's peer id", kind)
         if kind == P.DISCOVER_PEERS:
-            return self._discover(peer, frame.get("filters", {}))
+            return self.directory.discover(peer, frame.get("filters", {}))
         if kind == P.UPDATE_METADATA:
-            return self._update_metadata(peer, frame["metadata"])
+            return self.directory.update_metadata(peer, frame["metadata"])
         return self._forward(peer, frame)
 
     def _register(self, frame: dict, conn: Connection) -> Any:
-        """(a new Peer, its registered_auth text), or the error frame saying why not. The
-        room's token admits anyone; without it (sleap-rtc 0.0.7) a jwt this server signed
-        admits the room's owner and members, and an api_key admits a worker the room issued
-        it to. A peer id is unique in its room; one claimed with a peer_key takes that key,
-        and with it replaces a connection that still holds the id."""
+        """(a new Peer, its registered_auth text), or the error frame saying why not (see
+        Directory.admission_problem for who may enter). A peer id claimed with a peer_key
+        replaces, with that key, a connection that still holds the id."""
         kind = P.REGISTER
         user = ""
         if "id_token" in frame:
-            user = self.check_id_token(frame["id_token"]) or ""
+            user = self.directory.check_id_token(frame["id_token"]) or ""
             if not user:
                 return P.error_frame(P.INVALID_TOKEN, "id_token is invalid or expired; sign in again", kind)
         if not frame.get("token") and frame.get("jwt"):
-            user = self.check_id_token(frame["jwt"]) or ""
+            user = self.directory.check_id_token(frame["jwt"]) or ""
             if not user:
                 return P.error_frame(P.INVALID_TOKEN, "the jwt was not signed by this server or has expired; run "
                                      "`python client.py login --sleap-rtc-credentials` again", kind)
-        peer_id, key = frame["peer_id"], frame.get("peer_key")
-        with self._lock:
-            room = self.rooms.get(frame["room_id"])
+        peer_id = frame["peer_id"]
+        with self.directory.lock:
+            room = self.directory.rooms.get(frame["room_id"])
             if room is None:
                 return P.error_frame(P.ROOM_NOT_FOUND, f"no room {P.echo(frame['room_id'])} on this server", kind)
-            if frame.get("token"):
-                if not _same(room.token, frame["token"]):
-                    return P.error_frame(P.INVALID_TOKEN, f"wrong token for room {room.room_id}", kind)
-            elif frame.get("jwt"):
-                if not room.admits(user):
-                    return P.error_frame(P.NOT_A_MEMBER, f"user {user} has not joined room {room.room_id}: "
-                                         "join it once with the room's token (`python client.py login "
-                                         "--sleap-rtc-credentials --room ROOM --token TOKEN`)", kind)
-            elif _key_digest(frame["api_key"]) not in room.api_keys:
-                return P.error_frame(P.INVALID_TOKEN, f"the api_key is not a worker key of room {room.room_id} "
-                                     "(`python client.py login --sleap-rtc-credentials` issues one)", kind)
-            claim = room.claims.get(peer_id)
-            if claim is not None and (key is None or not _same(claim, _key_digest(key))):
-                return P.error_frame(P.PEER_ID_TAKEN, f"peer id {peer_id!r} is claimed in room {room.room_id} by "
-                                     "another peer (it registered with a key); choose another id", kind)
-            stale = room.peers.get(peer_id)
-            if stale is not None and claim is None:
-                return P.error_frame(P.PEER_ID_TAKEN, f"peer id {peer_id!r} is connected already", kind)
-            if stale is None and len(room.peers) >= self.limits.max_peers_per_room:
-                return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds its maximum of "
-                                     f"{self.limits.max_peers_per_room} peers", kind)
-            claiming = key is not None and claim is None
-            if claiming and len(room.claims) >= MAX_CLAIMS_PER_ROOM:
-                return P.error_frame(P.ROOM_FULL, f"room {room.room_id} holds {MAX_CLAIMS_PER_ROOM} claimed "
-                                     "peer ids; register without a peer_key", kind)
+            if (refusal := self.directory.admission_problem(room, frame, user)) is not None:
+                return refusal
             metadata = P.merge_metadata({"tags": [], "properties": {}}, frame.get("metadata") or {})
             peer = Peer(peer_id, room.room_id, frame.get("role", "peer"), metadata, conn, user)
             if peer.metadata_bytes > MAX_METADATA_BYTES:
                 return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes", kind)
+            stale = room.peers.get(peer_id)  # admitted: the holder of its claimed id, back again
             replaced = stale.public_json if stale is not None else ""  # the returning peer's old entry goes
-            if (problem := self._listing_problem(room, len(peer.public_json) - len(replaced))) is not None:
+            if (problem := self.directory.listing_problem(room, len(peer.public_json) - len(replaced))) is not None:
                 return P.error_frame(P.ROOM_FULL, problem, kind)
-            if claiming:  # only a registration that succeeds claims its id
-                room.claims[peer_id] = _key_digest(key)
-                self._state_changed = True  # the pinger saves it: not the reader's to write files
+            self.directory.claim(room, peer_id, frame.get("peer_key"))  # only a registration that succeeds claims
             if stale is not None:
                 room.discard(stale)
             # No room token here: a peer that entered with a jwt or worker key does not learn it.
@@ -1169,62 +1276,14 @@ class SignalingServer:
         """The STUN/TURN servers a peer gets: the static ones, and TURN credentials of its own."""
         return self.ice_servers + ([self.turn.mint(peer_id)] if self.turn is not None else [])
 
-    def _listing_problem(self, room: Room, growth: int) -> Optional[str]:
-        """Why the room's peer list may not grow by `growth` bytes (caller holds _lock): a
-        full listing must fit half an outbox, so every member can still be sent one."""
-        limit = self.limits.outbox_bytes // 2
-        if room.listing_bytes + growth <= limit:
-            return None
-        return f"room {room.room_id}'s peer list would pass {limit} bytes; make metadata smaller"
-
-    def _remove_peer(self, peer: Peer) -> None:
-        with self._lock:
-            room = self.rooms.get(peer.room_id)
-            if room is not None:
-                room.discard(peer)
-
-    def _discover(self, peer: Peer, filters: Any) -> Any:
-        """The peer_list answer, as text: it joins the peers' prepared JSON."""
-        problem = check_filters(filters)
-        if problem:
-            return P.error_frame(P.INVALID_MESSAGE, problem, P.DISCOVER_PEERS)
-        with self._lock:
-            room = self.rooms.get(peer.room_id)
-            if room is None:
-                candidates = []
-            elif "role" in filters:
-                candidates = room.by_role.get(filters["role"], {}).values()
-            else:
-                candidates = room.peers.values()
-            matches = matcher(filters)
-            found = [p.public_json for p in candidates if p is not peer and matches(p)]
-        return P.peer_list_json(peer.peer_id, found)
-
-    def _update_metadata(self, peer: Peer, update: dict) -> dict:
-        with self._lock:
-            merged = P.merge_metadata(peer.metadata, update)
-            size = len(json.dumps(merged))
-            room = self.rooms.get(peer.room_id)
-            if size > MAX_METADATA_BYTES:
-                return P.error_frame(P.MESSAGE_TOO_LARGE, f"metadata may hold at most {MAX_METADATA_BYTES} bytes",
-                                     P.UPDATE_METADATA)
-            problem = self._listing_problem(room, size - peer.metadata_bytes) if room is not None else None
-            if problem is not None:
-                return P.error_frame(P.MESSAGE_TOO_LARGE, problem, P.UPDATE_METADATA)
-            if room is not None:
-                room.update(peer, merged)
-            else:
-                peer.metadata = merged
-        return {"type": P.METADATA_UPDATED, "peer_id": peer.peer_id, "metadata": merged}
-
     def _forward(self, peer: Peer, frame: dict) -> Optional[dict]:
         """Queue a frame for its target in the sender's room. Offers and answers link the
         two peers; quit passes only over such a link. Offers and peer messages carry the
         sender's signed-in user, as this server knows it."""
         kind = frame["type"]
         target_id = frame[P.TARGET_FIELD[kind]]
-        with self._lock:
-            room = self.rooms.get(peer.room_id)
+        with self.directory.lock:
+            room = self.directory.rooms.get(peer.room_id)
             target = room.peers.get(target_id) if room is not None else None
             if target is not None:
                 if kind == P.OFFER:
@@ -1251,7 +1310,7 @@ class SignalingServer:
             if peer.user:
                 frame[P.FROM_USER] = peer.user
         if refresh and target.conn.enqueue(P.ice_servers_json(self._ice_servers_for(target_id))):
-            with self._lock:
+            with self.directory.lock:
                 target.ice_issued_at = time.monotonic()
         if not target.conn.enqueue(json.dumps(frame)):
             return P.error_frame(P.DELIVERY_FAILED, f"peer {P.echo(target_id)} could not be reached", kind)
@@ -1307,7 +1366,7 @@ def _make_http_handler(server: SignalingServer):
         def _user(self) -> Optional[str]:
             """The user of a valid `Authorization: Bearer <id_token>` header, or None."""
             auth = self.headers.get("Authorization", "")
-            return server.check_id_token(auth[7:].strip()) if auth.startswith("Bearer ") else None
+            return server.directory.check_id_token(auth[7:].strip()) if auth.startswith("Bearer ") else None
 
         def do_GET(self):
             if self.path == "/health":
@@ -1326,17 +1385,17 @@ def _make_http_handler(server: SignalingServer):
             if body is None:
                 self._reply(413 if "at most" in problem else 400, {"error": problem})
             elif self.path == "/anonymous-signin":
-                id_token, username = server.issue_id_token()
+                id_token, username = server.directory.issue_id_token()
                 self._reply(200, {"id_token": id_token, "username": username})
             elif self.path == "/create-room":
                 auth = self.headers.get("Authorization", "")
                 if not auth.startswith("Bearer "):
                     self._reply(401, {"error": "send 'Authorization: Bearer <id_token>' (POST /anonymous-signin)"})
-                elif (user := server.check_id_token(auth[7:].strip())) is None:
+                elif (user := server.directory.check_id_token(auth[7:].strip())) is None:
                     self._reply(401, {"error": "id_token is invalid or expired; sign in again"})
                 else:
                     try:
-                        room = server.create_room(user, self.client_address[0])
+                        room = server.directory.create_room(user, self.client_address[0])
                     except OverflowError as exc:
                         self._reply(503, {"error": str(exc)})
                         return
@@ -1354,10 +1413,10 @@ def _make_http_handler(server: SignalingServer):
                 else:
                     try:
                         if self.path == "/join-room":
-                            server.join_room(user, room_id, token)
+                            server.directory.join_room(user, room_id, token)
                             self._reply(200, {"room_id": room_id, "user": user})
                         else:
-                            self._reply(200, {"room_id": room_id, "api_key": server.create_api_key(room_id, token)})
+                            self._reply(200, {"room_id": room_id, "api_key": server.directory.create_api_key(room_id, token)})
                     except PermissionError as exc:
                         self._reply(403, {"error": str(exc)})
                     except LookupError as exc:
@@ -1367,7 +1426,7 @@ def _make_http_handler(server: SignalingServer):
                 if user is None:
                     self._reply(401, {"error": "send 'Authorization: Bearer <id_token>' (POST /anonymous-signin)"})
                 else:
-                    self._reply(200, {"rooms": server.rooms_of(user)})
+                    self._reply(200, {"rooms": server.directory.rooms_of(user)})
             elif self.path == "/delete-peer":
                 peer_id = body.get("peer_id")
                 if not isinstance(peer_id, str):

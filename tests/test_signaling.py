@@ -282,7 +282,7 @@ def test_delivery_failed_when_the_target_connection_is_gone():
             return False
 
     room = signaling.Room("r", "t", "now")
-    server.rooms["r"] = room
+    server.directory.rooms["r"] = room
     alice = signaling.Peer("alice", "r", "peer", {}, DeadConnection())
     room.add(alice)
     room.add(signaling.Peer("bob", "r", "peer", {}, DeadConnection()))

@@ -274,11 +274,11 @@ def test_an_expired_jwt_is_refused():
     from signaling import SignalingServer
 
     server = SignalingServer()
-    good, username = server.issue_id_token()
-    assert server.check_id_token(good) == username
+    good, username = server.directory.issue_id_token()
+    assert server.directory.check_id_token(good) == username
     header = good.split(".")[0]
     claims = P.b64url(json.dumps({"sub": username, "exp": int(time.time()) - 1}).encode())
-    assert server.check_id_token(f"{header}.{claims}.{server._sign(f'{header}.{claims}')}") is None
+    assert server.directory.check_id_token(f"{header}.{claims}.{server.directory._sign(f'{header}.{claims}')}") is None
 
 
 def test_room_creator_enters_with_its_jwt_and_workers_with_a_room_key(world, raw):
