@@ -12,11 +12,14 @@ Read top to bottom:
 6. the HTTP API beside the signaling server;
 7. `SignalingClient`: one websocket-client connection, one reader thread, reconnects;
 8. the asyncio loop thread that owns every aiortc object of this process;
-9. direct transfers: file bytes over an AES-256-GCM TCP connection beside the link,
-   when the two machines can reach each other;
-10. `Transfers`, the receiving end of a link's file transfers (no I/O of its own), and
-    `Link`: a WebRTC data channel driven from plain threads, with heartbeats,
-    backpressure, acknowledged close and checked file transfers (direct when it can).
+9. ICE servers: which of those handed out this network can use, and why a link found
+   no path;
+10. direct transfers: file bytes over an AES-256-GCM TCP connection beside the link,
+    when the two machines can reach each other;
+11. `Transfers`, the receiving end of a link's file transfers (no I/O of its own),
+    `FileSender`, the sending end, and `Link`: a WebRTC data channel driven from plain
+    threads, with heartbeats, backpressure, acknowledged close and checked file
+    transfers (direct when it can).
 
 Only the standard library, websocket-client and (lazily) aiortc and cryptography, which
 comes with it, are imported, so the client never needs torch or sleap-nn.
@@ -2224,18 +2227,212 @@ class Transfers:
 _CLOSED = object()
 
 
+class FileSender:
+    """The sending side of a link's file transfers (Transfers is the receiving side):
+    FILE_BEGIN, the bytes, FILE_END, then the receiver's FILE_ACK. The bytes take a
+    direct TCP connection when one opens, and the data channel otherwise or from where a
+    direct one broke. One file at a time; the caller's thread does the sending.
+
+    The link's receive thread hands it the receiver's replies (`on_ack`, `on_reply`), and
+    the link's end wakes every waiting sender (`lost`).
+    """
+
+    def __init__(self, link: "Link", direct_races: TokenBucket):
+        self._link = link
+        self._direct_races = direct_races  # shared with the link's Transfers
+        # Guards _acks (transfers waiting for the receiver's FILE_ACK) and _replies (the
+        # receiver's FILE_DIRECT and FILE_OFFSET for them). `lost` wakes every waiter
+        # registered before it; one registered after it fails on its first send.
+        self._lock = threading.Lock()
+        self._acks: dict[str, tuple[threading.Event, dict]] = {}
+        self._replies: dict[str, "queue.Queue[Any]"] = {}
+        self._gone = threading.Event()  # the link ended: stops a direct connection's race too
+        # One outgoing transfer at a time: binary frames belong to the current transfer.
+        self._one_at_a_time = threading.Lock()
+
+    def send(self, path: Path, name: Optional[str] = None,
+                  progress: Optional[Callable[[int, int], None]] = None, store: bool = False, offset: int = 0,
+                  digest: Optional[tuple[int, str]] = None, exact: bool = False) -> dict:
+        """Send a file and wait until the receiver checked size and SHA-256.
+
+        With `store` the file goes into the receiver's upload store, from byte `offset`
+        on (the receiver holds the bytes before it). `digest` is the file's (size,
+        SHA-256) when the caller has it already. With `exact`, `path` is a real path the
+        caller checked, and a file that no longer is it is not sent (see check_opened).
+        The bytes take a direct TCP connection when one opens, and the data channel
+        otherwise or from where a direct one broke.
+        Returns the receiver's FILE_ACK payload (with `saved_as`, and `path` in the
+        store) plus `via`, the path taken; raises TransferError or LinkClosed.
+        """
+        link, path = self._link, Path(path)
+        size, sha256 = digest or file_digest(path)
+        name = name or path.name
+        transfer_id = uuid.uuid4().hex[:12]
+        event, result = threading.Event(), {}
+        direct: Optional[_DirectSender] = None
+        via = "data channel"
+        with self._one_at_a_time:
+            if direct_enabled() and self._direct_races.allow():
+                direct = _DirectSender(transfer_id)
+            with self._lock:
+                self._acks[transfer_id] = (event, result)
+                self._replies[transfer_id] = queue.Queue()
+            try:
+                begin = {"transfer_id": transfer_id, "name": name, "size": size, "sha256": sha256}
+                if store:
+                    begin.update(store=True, offset=offset)
+                if direct is not None:
+                    begin["direct"] = direct.offer()
+                link.send(FILE_BEGIN, begin)
+                channel_from: Optional[int] = offset
+                with open(path, "rb") as f:
+                    if exact:
+                        check_opened(f, path)
+                    if direct is not None:
+                        via, channel_from = self._send_direct(direct, f, offset, size, progress, event)
+                    if channel_from is not None:
+                        f.seek(channel_from)
+                        sent = channel_from
+                        while chunk := f.read(CHUNK_BYTES):
+                            if event.is_set():  # refused or failed early
+                                break
+                            link.send_raw(chunk)
+                            sent += len(chunk)
+                            if progress:
+                                progress(sent, size)
+                if event.is_set() and not result.get("ok"):
+                    if not self._gone.is_set():
+                        link.send(FILE_ABORT, {"transfer_id": transfer_id, "reason": "refused by the receiver"})
+                else:
+                    link.send(FILE_END, {"transfer_id": transfer_id})
+                # The verdict, or the link's end (`lost` sets the event with its reason).
+                if not event.wait(FILE_ACK_TIMEOUT_S) and not self._gone.is_set():
+                    result["error"] = f"{self._link.peer_id} did not confirm it within {FILE_ACK_TIMEOUT_S:.0f} s"
+            except LinkClosed as exc:
+                raise TransferError(f"sending {name} failed: {exc}") from None
+            finally:
+                if direct is not None:
+                    direct.close()
+                with self._lock:
+                    self._acks.pop(transfer_id, None)
+                    self._replies.pop(transfer_id, None)
+        if not result.get("ok"):
+            raise TransferError(f"sending {name} failed: {result.get('error') or self._link.close_reason}")
+        return {**result, "via": via}
+
+    def _send_direct(self, direct: _DirectSender, f, offset: int, size: int,
+                     progress: Optional[Callable[[int, int], None]], refused: threading.Event) -> tuple[str, Optional[int]]:
+        """Send the bytes from `offset` over a direct connection if one opens.
+
+        Returns (the path taken, None) when they all went that way, or (the path taken,
+        the byte the data channel goes on from) when no connection opened or it broke.
+        """
+        tid = direct.transfer_id
+        reply = self._transfer_reply(tid, FILE_DIRECT, refused)
+        if reply is None:  # refused: the caller aborts
+            return "data channel", None
+        if reply.payload.get("off"):
+            return f"data channel (the receiver: {str(reply.payload['off'])[:200]})", offset
+        won = direct.connect(reply.payload, self._gone, self._link.remote_addresses)
+        if won is None:
+            return "data channel (no direct connection)", self._channel_from(tid, refused)
+        sock, address = won
+        sent = offset
+        try:
+            with sock:
+                sock.sendall(_GO)
+                sealer = _Sealer(direct.key, tid)
+                f.seek(offset)
+                while chunk := f.read(CHUNK_BYTES):
+                    if refused.is_set():
+                        return f"direct TCP {address}", None
+                    sock.sendall(sealer.seal(_FRAME_DATA, chunk))
+                    sent += len(chunk)
+                    if progress:
+                        progress(sent, size)
+                sock.sendall(sealer.seal(_FRAME_END, sent.to_bytes(8, "big")))
+                if sock.recv(1) != _DONE:
+                    raise ConnectionError("closed before confirming the last frame")
+            return f"direct TCP {address}", None
+        except OSError as exc:
+            if refused.is_set():
+                return f"direct TCP {address}", None
+            log.warning("link %s: the direct connection broke after %d bytes (%s); going on over the link",
+                        self._link.peer_id, sent, exc)
+            resume = self._channel_from(tid, refused)
+            return f"direct TCP {address}, then data channel from byte {resume} (the direct connection broke)", resume
+
+    def _channel_from(self, transfer_id: str, refused: threading.Event) -> Optional[int]:
+        """Tell the receiver the rest comes over the link; the byte it wants next (None: refused)."""
+        self._link.send(FILE_CHANNEL, {"transfer_id": transfer_id})
+        reply = self._transfer_reply(transfer_id, FILE_OFFSET, refused)
+        if reply is None:
+            return None
+        offset = reply.payload.get("offset")
+        if not _is_a(offset, int) or offset < 0:
+            raise TransferError(f"the receiver asked to go on from byte {echo(offset)}")
+        return offset
+
+    def _transfer_reply(self, transfer_id: str, name: str, refused: threading.Event) -> Optional[Message]:
+        """The receiver's `name` reply about a transfer; None when it refused the transfer instead."""
+        replies = self._replies[transfer_id]  # FILE_ACK and the link's end wake it too
+        deadline = time.monotonic() + FILE_ACK_TIMEOUT_S
+        while not refused.is_set():
+            self._link.raise_if_closed()
+            try:
+                reply = replies.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TransferError(f"{self._link.peer_id} sent no {name} within {FILE_ACK_TIMEOUT_S:.0f} s") from None
+            if reply is not _CLOSED and reply.name == name:
+                return reply
+        return None
+
+    def on_ack(self, message: Message) -> None:
+        """FILE_ACK: the receiver's verdict on a file this side sends."""
+        transfer_id = str(message.payload.get("transfer_id"))
+        with self._lock:
+            waiter = self._acks.get(transfer_id)
+            replies = self._replies.get(transfer_id)
+        if waiter:
+            waiter[1].update(message.payload)
+            waiter[0].set()
+        if replies is not None:  # a sender waiting for FILE_DIRECT or FILE_OFFSET sees the verdict at once
+            replies.put(message)
+
+    def on_reply(self, message: Message) -> None:
+        """FILE_DIRECT or FILE_OFFSET: the receiver's answer to a file this side sends."""
+        with self._lock:
+            replies = self._replies.get(str(message.payload.get("transfer_id")))
+        if replies is not None:
+            replies.put(message)
+
+    def lost(self, reason: str) -> None:
+        """The link ended: every transfer waiting for a reply fails with `reason`."""
+        with self._lock:
+            self._gone.set()
+            waiters = list(self._acks.values())
+            replies = list(self._replies.values())
+        for event, result in waiters:
+            result.setdefault("ok", False)
+            result.setdefault("error", reason)
+            event.set()
+        for box in replies:
+            box.put(_CLOSED)
+
+
 class Link:
     """A WebRTC data channel to one peer, used from plain threads.
 
     Objects of aiortc live on the loop thread. The loop's message handler answers
     heartbeats and close requests and hands everything else to this link's receive thread
-    ("link-rx-PEER", stopped by close), which puts application messages into `inbox` and
+    ("link-rx-PEER", stopped by close), which puts application messages into `inbox`,
     hands what concerns incoming files to the link's Transfers (which puts FileReceived
-    and TransferFailed events into `inbox`). `send` blocks while the SCTP queue is above
-    SEND_HIGH_WATER. A peer silent for PEER_TIMEOUT_S closes the link. File bytes take a
-    direct TCP connection when both sides allow it and one reaches the other, and the
-    data channel otherwise. Once closed, recv, expect and send raise LinkClosed, from the
-    exception that closed the link when one did.
+    and TransferFailed events into `inbox`), and the receiver's replies about outgoing
+    files to its FileSender. `send` blocks while the SCTP queue is above SEND_HIGH_WATER.
+    A peer silent for PEER_TIMEOUT_S closes the link. File bytes take a direct TCP
+    connection when both sides allow it and one reaches the other, and the data channel
+    otherwise. Once closed, recv, expect and send raise LinkClosed, from the exception
+    that closed the link when one did.
 
     A channel with an upstream label (UPSTREAM_CHANNEL_LABELS) makes an `upstream` link:
     no heartbeats and no silence rule (its WebRTC connection decides when it ends), binary
@@ -2254,6 +2451,7 @@ class Link:
         self._channel = None
         self._opened = threading.Event()
         self._closed = threading.Event()
+        self._settled = threading.Event()  # opened or closed, whichever came first: wakes wait_open
         self._bye_acked = threading.Event()
         self._raw: "queue.Queue[Any]" = queue.Queue()
         self.last_activity = time.monotonic()  # when the receive thread last took a frame
@@ -2267,15 +2465,10 @@ class Link:
         self._direct_races = TokenBucket(DIRECT_RACES_PER_S, DIRECT_RACES_BURST)
         self._low = asyncio.Event()  # loop-side: SCTP queue drained to SEND_LOW_WATER
         self._last_rx = time.monotonic()  # loop-side only
-        # Guards _acks (outgoing transfers waiting for the receiver's FILE_ACK), _replies
-        # (the receiver's FILE_DIRECT and FILE_OFFSET for them) and the one-way change to
-        # closed (with close_reason and _close_cause), so that no waiter is registered
-        # after the wake-up.
-        self._acks_lock = threading.Lock()
-        self._acks: dict[str, tuple[threading.Event, dict]] = {}
-        self._replies: dict[str, "queue.Queue[Any]"] = {}
-        # One outgoing transfer at a time: binary frames belong to the current transfer.
-        self._file_send_lock = threading.Lock()
+        # Guards the one-way change to closed, with close_reason and _close_cause.
+        self._close_lock = threading.Lock()
+        # Outgoing files, sent from the caller's thread.
+        self._files_out = FileSender(self, self._direct_races)
         # Incoming files; only the receive thread feeds it.
         self._transfers = Transfers(peer_id, receive_dir, store, self._send_control, self.inbox.put,
                                     self._direct_receiver, self._direct_races)
@@ -2283,7 +2476,8 @@ class Link:
         self._handlers: dict[str, Callable[[Message], None]] = {
             FILE_BEGIN: self._transfers.begin, FILE_CHANNEL: self._transfers.channel,
             FILE_END: self._transfers.end, FILE_ABORT: self._transfers.abort,
-            FILE_ACK: self._on_file_ack, FILE_DIRECT: self._on_transfer_reply, FILE_OFFSET: self._on_transfer_reply,
+            FILE_ACK: self._files_out.on_ack, FILE_DIRECT: self._files_out.on_reply,
+            FILE_OFFSET: self._files_out.on_reply,
         }
         # _rx_loop logs its own failure and closes the link, so it needs no guarded().
         self._rx_thread = threading.Thread(target=self._rx_loop, name=f"link-rx-{peer_id}", daemon=True)
@@ -2355,6 +2549,7 @@ class Link:
             return
         self._last_rx = time.monotonic()
         self._opened.set()
+        self._settled.set()
         if not self.upstream:
             asyncio.ensure_future(self._heartbeat())
 
@@ -2389,21 +2584,15 @@ class Link:
     def _mark_closed(self, reason: str, cause: Optional[BaseException] = None) -> None:
         """Record why the link ended (first reason wins), and the exception that ended it if
         one did, and wake everything waiting on it."""
-        with self._acks_lock:
+        with self._close_lock:
             if self._closed.is_set():
                 return
             self.close_reason, self._close_cause = reason, cause
             self._closed.set()
-            waiters = list(self._acks.values())
-            replies = list(self._replies.values())
+            self._settled.set()
         self._raw.put(_CLOSED)
         self._loop.call_soon_threadsafe(self._low.set)
-        for event, result in waiters:
-            result.setdefault("ok", False)
-            result.setdefault("error", reason)
-            event.set()
-        for box in replies:
-            box.put(_CLOSED)
+        self._files_out.lost(reason)
 
     # -- thread side --------------------------------------------------------------------
 
@@ -2414,17 +2603,15 @@ class Link:
     def wait_open(self, timeout: float) -> None:
         """Wait until the data channel is open; LinkClosed naming the topology when ICE
         found no path (as soon as it gives up, or at `timeout`)."""
-        deadline = time.monotonic() + timeout
-        while not self._opened.wait(0.1):
-            ice_failed = self.close_reason == ICE_FAILED
-            if self._closed.is_set() and not ice_failed:
-                self.close()
-                raise LinkClosed(f"the link to {self.peer_id} closed before it opened: {self.close_reason}") \
-                    from self._close_cause
-            if ice_failed or time.monotonic() > deadline:
-                self.close()
-                raise LinkClosed(f"no WebRTC connection to {self.peer_id} within {timeout:.0f} s: "
-                                 f"{self.no_route}")
+        self._settled.wait(timeout)
+        if self._opened.is_set():
+            return
+        if self._closed.is_set() and self.close_reason != ICE_FAILED:
+            self.close()
+            raise LinkClosed(f"the link to {self.peer_id} closed before it opened: {self.close_reason}") \
+                from self._close_cause
+        self.close()
+        raise LinkClosed(f"no WebRTC connection to {self.peer_id} within {timeout:.0f} s: {self.no_route}")
 
     def route(self) -> Optional[str]:
         """The candidate pair ICE chose, as "host|srflx|relay <-> ..." (this side first),
@@ -2443,9 +2630,13 @@ class Link:
         local, remote = self.candidates
         return no_route_advice(local, remote, self.peer_id, self.ice_servers)
 
-    def _send(self, data, timeout: float = 120.0) -> None:
+    def raise_if_closed(self) -> None:
+        """LinkClosed, from the exception that closed the link if one did, once it is closed."""
         if self._closed.is_set():
             raise LinkClosed(self.close_reason) from self._close_cause
+
+    def _send(self, data, timeout: float = 120.0) -> None:
+        self.raise_if_closed()
         future = asyncio.run_coroutine_threadsafe(self._send_async(data), self._loop)
         try:
             future.result(timeout)
@@ -2511,140 +2702,8 @@ class Link:
     def send_file(self, path: Path, name: Optional[str] = None,
                   progress: Optional[Callable[[int, int], None]] = None, store: bool = False, offset: int = 0,
                   digest: Optional[tuple[int, str]] = None, exact: bool = False) -> dict:
-        """Send a file and wait until the receiver checked size and SHA-256.
-
-        With `store` the file goes into the receiver's upload store, from byte `offset`
-        on (the receiver holds the bytes before it). `digest` is the file's (size,
-        SHA-256) when the caller has it already. With `exact`, `path` is a real path the
-        caller checked, and a file that no longer is it is not sent (see check_opened).
-        The bytes take a direct TCP connection when one opens, and the data channel
-        otherwise or from where a direct one broke.
-        Returns the receiver's FILE_ACK payload (with `saved_as`, and `path` in the
-        store) plus `via`, the path taken; raises TransferError or LinkClosed.
-        """
-        path = Path(path)
-        size, sha256 = digest or file_digest(path)
-        name = name or path.name
-        transfer_id = uuid.uuid4().hex[:12]
-        event, result = threading.Event(), {}
-        direct: Optional[_DirectSender] = None
-        via = "data channel"
-        with self._file_send_lock:
-            if direct_enabled() and self._direct_races.allow():
-                direct = _DirectSender(transfer_id)
-            with self._acks_lock:
-                self._acks[transfer_id] = (event, result)
-                self._replies[transfer_id] = queue.Queue()
-            try:
-                begin = {"transfer_id": transfer_id, "name": name, "size": size, "sha256": sha256}
-                if store:
-                    begin.update(store=True, offset=offset)
-                if direct is not None:
-                    begin["direct"] = direct.offer()
-                self.send(FILE_BEGIN, begin)
-                channel_from: Optional[int] = offset
-                with open(path, "rb") as f:
-                    if exact:
-                        check_opened(f, path)
-                    if direct is not None:
-                        via, channel_from = self._send_direct(direct, f, offset, size, progress, event)
-                    if channel_from is not None:
-                        f.seek(channel_from)
-                        sent = channel_from
-                        while chunk := f.read(CHUNK_BYTES):
-                            if event.is_set():  # refused or failed early
-                                break
-                            self._send(chunk)
-                            sent += len(chunk)
-                            if progress:
-                                progress(sent, size)
-                if event.is_set() and not result.get("ok"):
-                    if not self._closed.is_set():
-                        self.send(FILE_ABORT, {"transfer_id": transfer_id, "reason": "refused by the receiver"})
-                else:
-                    self.send(FILE_END, {"transfer_id": transfer_id})
-                # The verdict, or the link's end (_mark_closed sets the event with its reason).
-                if not event.wait(FILE_ACK_TIMEOUT_S) and not self._closed.is_set():
-                    result["error"] = f"{self.peer_id} did not confirm it within {FILE_ACK_TIMEOUT_S:.0f} s"
-            except LinkClosed as exc:
-                raise TransferError(f"sending {name} failed: {exc}") from None
-            finally:
-                if direct is not None:
-                    direct.close()
-                with self._acks_lock:
-                    self._acks.pop(transfer_id, None)
-                    self._replies.pop(transfer_id, None)
-        if not result.get("ok"):
-            raise TransferError(f"sending {name} failed: {result.get('error') or self.close_reason}")
-        return {**result, "via": via}
-
-    def _send_direct(self, direct: _DirectSender, f, offset: int, size: int,
-                     progress: Optional[Callable[[int, int], None]], refused: threading.Event) -> tuple[str, Optional[int]]:
-        """Send the bytes from `offset` over a direct connection if one opens.
-
-        Returns (the path taken, None) when they all went that way, or (the path taken,
-        the byte the data channel goes on from) when no connection opened or it broke.
-        """
-        tid = direct.transfer_id
-        reply = self._transfer_reply(tid, FILE_DIRECT, refused)
-        if reply is None:  # refused: the caller aborts
-            return "data channel", None
-        if reply.payload.get("off"):
-            return f"data channel (the receiver: {str(reply.payload['off'])[:200]})", offset
-        won = direct.connect(reply.payload, self._closed, self.remote_addresses)
-        if won is None:
-            return "data channel (no direct connection)", self._channel_from(tid, refused)
-        sock, address = won
-        sent = offset
-        try:
-            with sock:
-                sock.sendall(_GO)
-                sealer = _Sealer(direct.key, tid)
-                f.seek(offset)
-                while chunk := f.read(CHUNK_BYTES):
-                    if refused.is_set():
-                        return f"direct TCP {address}", None
-                    sock.sendall(sealer.seal(_FRAME_DATA, chunk))
-                    sent += len(chunk)
-                    if progress:
-                        progress(sent, size)
-                sock.sendall(sealer.seal(_FRAME_END, sent.to_bytes(8, "big")))
-                if sock.recv(1) != _DONE:
-                    raise ConnectionError("closed before confirming the last frame")
-            return f"direct TCP {address}", None
-        except OSError as exc:
-            if refused.is_set():
-                return f"direct TCP {address}", None
-            log.warning("link %s: the direct connection broke after %d bytes (%s); going on over the link",
-                        self.peer_id, sent, exc)
-            resume = self._channel_from(tid, refused)
-            return f"direct TCP {address}, then data channel from byte {resume} (the direct connection broke)", resume
-
-    def _channel_from(self, transfer_id: str, refused: threading.Event) -> Optional[int]:
-        """Tell the receiver the rest comes over the link; the byte it wants next (None: refused)."""
-        self.send(FILE_CHANNEL, {"transfer_id": transfer_id})
-        reply = self._transfer_reply(transfer_id, FILE_OFFSET, refused)
-        if reply is None:
-            return None
-        offset = reply.payload.get("offset")
-        if not _is_a(offset, int) or offset < 0:
-            raise TransferError(f"the receiver asked to go on from byte {echo(offset)}")
-        return offset
-
-    def _transfer_reply(self, transfer_id: str, name: str, refused: threading.Event) -> Optional[Message]:
-        """The receiver's `name` reply about a transfer; None when it refused the transfer instead."""
-        replies = self._replies[transfer_id]  # FILE_ACK and the link's end wake it too
-        deadline = time.monotonic() + FILE_ACK_TIMEOUT_S
-        while not refused.is_set():
-            if self._closed.is_set():
-                raise LinkClosed(self.close_reason) from self._close_cause
-            try:
-                reply = replies.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TransferError(f"{self.peer_id} sent no {name} within {FILE_ACK_TIMEOUT_S:.0f} s") from None
-            if reply is not _CLOSED and reply.name == name:
-                return reply
-        return None
+        """Send a file and wait until the receiver checked size and SHA-256 (FileSender.send)."""
+        return self._files_out.send(path, name, progress, store, offset, digest, exact)
 
     def close(self, timeout: float = CLOSE_ACK_TIMEOUT_S) -> None:
         """Close after the peer acknowledged everything sent so far (or after `timeout`)."""
@@ -2694,25 +2753,6 @@ class Link:
                 self._transfers.reply_error(f"malformed message: {exc}")
                 continue
             self._handlers.get(message.name, self.inbox.put)(message)
-
-    def _on_file_ack(self, message: Message) -> None:
-        """FILE_ACK: the receiver's verdict on a file this side sends."""
-        transfer_id = str(message.payload.get("transfer_id"))
-        with self._acks_lock:
-            waiter = self._acks.get(transfer_id)
-            replies = self._replies.get(transfer_id)
-        if waiter:
-            waiter[1].update(message.payload)
-            waiter[0].set()
-        if replies is not None:  # a sender waiting for FILE_DIRECT or FILE_OFFSET sees the verdict at once
-            replies.put(message)
-
-    def _on_transfer_reply(self, message: Message) -> None:
-        """FILE_DIRECT or FILE_OFFSET: the receiver's answer to a file this side sends."""
-        with self._acks_lock:
-            replies = self._replies.get(str(message.payload.get("transfer_id")))
-        if replies is not None:
-            replies.put(message)
 
     def _direct_receiver(self, incoming: Incoming, offer: dict, on_data: Callable[[], None],
                          on_failed: Callable[[str], None]) -> _DirectReceiver:
