@@ -701,7 +701,7 @@ def cmd_ping(args) -> int:
         rtts = []
         for seq in range(args.count):
             sent = time.monotonic()
-            link.send(P.LINK_PING, {"seq": seq})
+            link.send(*P.link_ping(seq))
             link.expect(lambda m: _is(m, P.LINK_PONG) and m.payload.get("seq") == seq, REPLY_TIMEOUT_S, "pong")
             rtts.append((time.monotonic() - sent) * 1000)
             print(f"pong from {link.peer_id}: seq={seq} rtt={rtts[-1]:.2f} ms", flush=True)
@@ -835,7 +835,7 @@ def _doctor_worker(args, signaling: P.SignalingClient, row) -> int:
     try:
         opened = time.monotonic() - began
         sent = time.monotonic()
-        link.send(P.LINK_PING, {"seq": 0})
+        link.send(*P.link_ping(0))
         link.expect(lambda m: _is(m, P.LINK_PONG), REPLY_TIMEOUT_S, "pong")
         rtt = (time.monotonic() - sent) * 1000
         local, remote = link.candidates
@@ -917,9 +917,10 @@ def _is(item, name: str, job_id: Optional[str] = None) -> bool:
 BROWSE_MAX_ENTRIES = 20_000  # a directory longer than this shows its first ones
 
 
-def ask(link: P.Link, name: str, payload: dict, reply: str, what: str) -> dict:
+def ask(link: P.Link, request: P.Outgoing, reply: str, what: str) -> dict:
     """Send a request over the link and wait for the reply that carries its request id."""
     request_id = secrets.token_hex(4)
+    name, payload = request
     link.send(name, {**payload, "request_id": request_id})
     return link.expect(lambda m: _is(m, reply) and m.payload.get("request_id") == request_id, REPLY_TIMEOUT_S,
                        what).payload
@@ -927,10 +928,10 @@ def ask(link: P.Link, name: str, payload: dict, reply: str, what: str) -> dict:
 
 def listing(link: P.Link, path: Optional[str], nearest: bool = False) -> dict:
     """A whole directory of the worker (every page, up to BROWSE_MAX_ENTRIES), or the mounts."""
-    page = ask(link, P.FS_LIST, {"path": path, "nearest": nearest}, P.FS_LISTING, "listing")
+    page = ask(link, P.fs_list(path, nearest=nearest), P.FS_LISTING, "listing")
     entries = list(page.get("entries", []))
     while not page.get("error") and page.get("entries") and len(entries) < min(page["total"], BROWSE_MAX_ENTRIES):
-        page = ask(link, P.FS_LIST, {"path": page["path"], "offset": len(entries)}, P.FS_LISTING, "listing")
+        page = ask(link, P.fs_list(page["path"], len(entries)), P.FS_LISTING, "listing")
         entries += page.get("entries", [])
     return {**page, "entries": entries}
 
@@ -949,7 +950,7 @@ def cmd_ls(args) -> int:
     def work(link: P.Link) -> int:
         offset, interactive = 0, sys.stdin.isatty() and sys.stdout.isatty()
         while True:
-            page = ask(link, P.FS_LIST, {"path": args.path, "offset": offset}, P.FS_LISTING, "listing")
+            page = ask(link, P.fs_list(args.path, offset), P.FS_LISTING, "listing")
             if page.get("error"):
                 print(f"error: {page['error']}", file=sys.stderr)
                 return 1
@@ -1197,7 +1198,7 @@ def fix_rejected_paths(link: P.Link, spec: dict, errors: list[dict], interactive
 def _candidates(link: P.Link, path: str) -> list[dict]:
     local = Path(path).expanduser()
     size = local.stat().st_size if local.is_file() else None  # the same file here tells the size to look for
-    found = ask(link, P.FS_SEARCH, {"name": path, "size": size}, P.FS_FOUND, "search results")
+    found = ask(link, P.fs_search(path, size), P.FS_FOUND, "search results")
     if found.get("error"):
         print(f"  no search: {found['error']}", file=sys.stderr)
     return found.get("candidates", [])[:9]
@@ -1667,7 +1668,7 @@ def cmd_files(args) -> int:
         raise UsageError("files ls takes no arguments")
 
     def work(link: P.Link) -> int:
-        files = ask(link, P.STORE_LIST, {}, P.STORE_LISTING, "upload store listing").get("files", [])
+        files = ask(link, P.store_list(), P.STORE_LISTING, "upload store listing").get("files", [])
         if args.json:
             print_json({"worker": link.peer_id, "files": [
                 {**picked(f, UPLOAD_JSON_FIELDS), "partial": bool(f.get("partial"))} for f in files]})

@@ -328,6 +328,28 @@ def error_frame(code: str, message: str, in_reply_to: Optional[str] = None) -> d
     return frame
 
 
+def ping_frame() -> dict:
+    return {"type": PING}
+
+
+def pong_frame() -> dict:
+    return {"type": PONG, "timestamp": time.time()}
+
+
+def metadata_updated_frame(peer_id: str, metadata: dict) -> dict:
+    """The server's answer to update_metadata: the peer's metadata, merged."""
+    return {"type": METADATA_UPDATED, "peer_id": peer_id, "metadata": metadata}
+
+
+def sdp_frame(kind: str, sender: str, target: str, sdp: str) -> dict:
+    """An OFFER or ANSWER between two peers of a room."""
+    return {"type": kind, "sender": sender, "target": target, "sdp": sdp}
+
+
+def quit_frame(sender: str, target: str) -> dict:
+    return {"type": QUIT, "sender": sender, "target": target}
+
+
 # The server's answers that list peers, built from each peer's JSON prepared once (so
 # that an answer among thousands of peers is a string join, not an encoding).
 
@@ -394,8 +416,8 @@ FILE_CHANNEL = "FILE_CHANNEL"  # sender -> receiver {transfer_id}: the rest come
 FILE_OFFSET = "FILE_OFFSET"  # receiver -> sender {transfer_id, offset}: the first byte still wanted
 
 # Application messages.
-LINK_PING = "PING"  # {seq, sent}
-LINK_PONG = "PONG"  # {seq, sent}
+LINK_PING = "PING"  # {seq}
+LINK_PONG = "PONG"  # {seq}
 FILE_REQUEST = "FILE_REQUEST"  # {path}: ask the worker to send a file
 # Uploads are content-addressed: the client asks first, and sends only what the worker lacks.
 UPLOAD_QUERY = "UPLOAD_QUERY"  # {sha256, size, name}
@@ -574,12 +596,95 @@ def link_error(message: str, **more) -> Outgoing:
     return LINK_ERROR, {"message": message, **more}
 
 
+def job_detached(job_id: str, reason: str) -> Outgoing:
+    return JOB_DETACHED, {"job_id": job_id, "reason": reason}
+
+
+def job_fetched(job_id: str, files: list[str], error: Optional[str] = None) -> Outgoing:
+    """After a fetch: the paths on the worker of every file sent, or why not all were."""
+    return JOB_FETCHED, {"job_id": job_id, "files": files, **({"error": error} if error is not None else {})}
+
+
+def job_queued(job_id: str, queue_position: int) -> Outgoing:
+    return JOB_PROGRESS, {"job_id": job_id, "event": "queued", "queue_position": queue_position}
+
+
+def job_epoch(job_id: str, event: str, epoch: Any, model: Optional[str], max_epochs: Optional[int],
+              loss: Any, val_loss: Any) -> Outgoing:
+    """A training event (train_begin, epoch_begin, epoch_end, train_end) of model `model`."""
+    return JOB_PROGRESS, {"job_id": job_id, "event": event, "epoch": epoch, "model": model,
+                          "max_epochs": max_epochs, "loss": loss, "val_loss": val_loss}
+
+
+def job_inference_progress(job_id: str, report: dict) -> Outgoing:
+    """sleap-nn's own progress line of an inference: n_processed, n_total and what else it says."""
+    return JOB_PROGRESS, {**report, "job_id": job_id, "event": "inference"}
+
+
+def progress_report(job_id: str, report: str) -> Outgoing:
+    """sleap-nn's raw ZMQ progress event, as the text it sent."""
+    return PROGRESS_REPORT, {"job_id": job_id, "report": report}
+
+
+def train_job_end(job_id: str, name: str, stopped_early: bool, model_dir: Optional[str]) -> Outgoing:
+    return TRAIN_JOB_END, {"job_id": job_id, "name": name, "stopped_early": stopped_early, "model_dir": model_dir}
+
+
+def train_job_error(job_id: str, name: str, exit_code: Optional[int]) -> Outgoing:
+    return TRAIN_JOB_ERROR, {"job_id": job_id, "name": name, "exit_code": exit_code}
+
+
+def inference_start(job_id: str) -> Outgoing:
+    return INFERENCE_START, {"job_id": job_id}
+
+
+def link_ping(seq: int) -> Outgoing:
+    return LINK_PING, {"seq": seq}
+
+
+def link_pong(ping: dict) -> Outgoing:
+    """The answer to a LINK_PING: its `seq`, and nothing else a peer put in it."""
+    return LINK_PONG, {"seq": ping.get("seq")}
+
+
+def upload_status(sha256: Any, have: bool = False, path: Optional[str] = None, offset: int = 0,
+                  error: Optional[str] = None) -> Outgoing:
+    """The answer to UPLOAD_QUERY: the content's path when the store holds it, else the
+    bytes of a cut-off upload it holds (where to go on from), or why the query was refused."""
+    payload: dict = {"sha256": str(sha256)[:64]}
+    if error is not None:
+        payload["error"] = error
+    elif have:
+        payload.update(have=True, path=path)
+    else:
+        payload.update(have=False, offset=offset)
+    return UPLOAD_STATUS, payload
+
+
+def fs_list(path: Optional[str], offset: int = 0, nearest: bool = False) -> Outgoing:
+    return FS_LIST, {"path": path, "offset": offset, "nearest": nearest}
+
+
+def fs_search(name: str, size: Optional[int] = None) -> Outgoing:
+    return FS_SEARCH, {"name": name, "size": size}
+
+
+def fs_answer(asked: str, request_id: Any, answer: dict) -> Outgoing:
+    """FS_LISTING (to FS_LIST) or FS_FOUND (to FS_SEARCH), with the listing's or the
+    search's fields (see their names above), or `error` and `code`."""
+    return (FS_LISTING if asked == FS_LIST else FS_FOUND), {"request_id": str(request_id)[:64], **answer}
+
+
 def upload_query(sha256: str, size: int, name: str) -> Outgoing:
     return UPLOAD_QUERY, {"sha256": sha256, "size": size, "name": name}
 
 
 def file_request(path: str) -> Outgoing:
     return FILE_REQUEST, {"path": path}
+
+
+def store_list() -> Outgoing:
+    return STORE_LIST, {}
 
 
 def store_listing(request_id: Any, files: list[dict]) -> Outgoing:
@@ -2806,7 +2911,7 @@ def open_link(signaling: SignalingClient, target: str, receive_dir: Path,
         return link._pc.localDescription.sdp
 
     sdp = on_loop(offer(), timeout=timeout)
-    signaling.send({"type": OFFER, "sender": signaling.peer_id, "target": target, "sdp": sdp})
+    signaling.send(sdp_frame(OFFER, signaling.peer_id, target, sdp))
 
     def is_answer(f: dict) -> bool:
         return (f.get("type") == ANSWER and f.get("sender") == target) or (
@@ -2847,6 +2952,6 @@ def accept_link(signaling: SignalingClient, offer_frame: dict, receive_dir: Opti
         link.close()
         raise LinkClosed(f"bad offer from {peer}: {exc}") from None
     link.candidates = (candidate_types(sdp), candidate_types(offer_frame["sdp"]))
-    signaling.send({"type": ANSWER, "sender": signaling.peer_id, "target": peer, "sdp": sdp})
+    signaling.send(sdp_frame(ANSWER, signaling.peer_id, peer, sdp))
     link.wait_open(timeout)
     return link

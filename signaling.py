@@ -87,7 +87,7 @@ MAX_OFFERS_REMEMBERED = 256
 STOP_FLUSH_S = 0.5
 READ_BYTES = 64 * 1024  # taken from one socket at a time
 ACCEPT_PAUSE_S = 1.0  # out of file descriptors: accept nothing for this long
-_PING_TEXT = json.dumps({"type": P.PING})
+_PING_TEXT = json.dumps(P.ping_frame())
 _WS_LOG = logging.getLogger("websockets.server")
 
 
@@ -985,7 +985,7 @@ class Directory:
                 room.update(peer, merged)
             else:
                 peer.metadata = merged
-        return {"type": P.METADATA_UPDATED, "peer_id": peer.peer_id, "metadata": merged}
+        return P.metadata_updated_frame(peer.peer_id, merged)
 
     def remove(self, peer: Peer) -> None:
         with self.lock:
@@ -1213,7 +1213,7 @@ class SignalingServer:
         if problem:
             return P.error_frame(P.INVALID_MESSAGE, problem, kind)
         if kind == P.PING:
-            return {"type": P.PONG, "timestamp": time.time()}
+            return P.pong_frame()
         if kind == P.PONG:
             return None
         if kind == P.REGISTER:

@@ -526,7 +526,7 @@ class UpstreamAdapter:
         link.drain(timeout=10)
         time.sleep(UPSTREAM_QUIT_MARGIN_S)
         try:
-            self.worker.signaling.send({"type": P.QUIT, "sender": self.worker.peer_id, "target": link.peer_id})
+            self.worker.signaling.send(P.quit_frame(self.worker.peer_id, link.peer_id))
         except P.SleapRTCError as exc:
             log.info("could not tell %s its job is over: %s", link.peer_id, exc)
 

@@ -777,8 +777,8 @@ class Outbox:
         (name, old), (new_name, new) = last[1], entry[1]
         if name != P.JOB_LOG or new_name != P.JOB_LOG or last[2] + entry[2] > COALESCE_BYTES:
             return False
-        last[1] = (P.JOB_LOG, {**old, "lines": old["lines"] + new["lines"],
-                               "progress": new["progress"] if new["progress"] is not None else old["progress"]})
+        last[1] = P.job_log(old["job_id"], old["lines"] + new["lines"],
+                            new["progress"] if new["progress"] is not None else old["progress"], new.get("offset"))
         last[2] += entry[2]
         return True
 
@@ -789,7 +789,7 @@ class Outbox:
         self._held.pop(job_id, None)
         reason = (f"this client fell {behind / 2**20:.1f} MB behind job {job_id}'s output, so the worker stopped "
                   f"sending it here; the job runs on. Reattach with `python client.py logs {job_id} --follow`")
-        self._items.append([None, (P.JOB_DETACHED, {"job_id": job_id, "reason": reason}), 0])
+        self._items.append([None, P.job_detached(job_id, reason), 0])
         self._cond.notify()
 
     def hold(self, job_id: str) -> None:
@@ -936,11 +936,10 @@ class Session:
     def _handlers(self) -> dict[str, Callable[[dict], None]]:
         """What the reader does with each message a client may send, by name."""
         return {
-            P.LINK_PING: lambda payload: self.send(P.LINK_PONG, payload),
+            P.LINK_PING: lambda payload: self.send(*P.link_pong(payload)),
             P.LINK_ERROR: lambda payload: log.warning("%s reports: %s", self.peer_id,
                                                       str(payload.get("message"))[:500]),
-            P.UPLOAD_QUERY: lambda payload: self.send(P.UPLOAD_STATUS,
-                                                      self.worker.uploads.status(payload, self.sender)),
+            P.UPLOAD_QUERY: lambda payload: self.send(*self.worker.uploads.status(payload, self.sender)),
             P.STORE_LIST: lambda payload: self.send(*P.store_listing(payload.get("request_id", ""),
                                                                     self.worker.store_listing())),
             P.FILE_REQUEST: self._send_requested_file,
@@ -1138,11 +1137,11 @@ class Session:
     def _fetch(self, payload: dict) -> None:
         """Send a completed job's result files; JOB_FETCHED lists what was sent."""
         job_id = P.job_id_in(payload)
-        paths, reply = result_files(job_id, self.worker.scheduler.record(job_id), self.worker.mounts)
-        if "error" in reply and not paths:
-            self.send(P.JOB_FETCHED, reply)
+        paths, error = result_files(job_id, self.worker.scheduler.record(job_id), self.worker.mounts)
+        if error and not paths:
+            self.send(*P.job_fetched(job_id, [], error))
         else:
-            self.outbox.put(_send_files_then(paths, (P.JOB_FETCHED, reply), report=True))
+            self.outbox.put(_send_files_then(paths, lambda sent, failed: P.job_fetched(job_id, sent, error or failed)))
 
     def _send_requested_file(self, payload: dict) -> None:
         requested = str(payload.get("path", ""))
@@ -1156,11 +1155,12 @@ class Session:
         self.outbox.put(_send_files_then([path]))
 
 
-def _send_files_then(paths: list[Path], then: Optional[tuple[str, dict]] = None,
-                     report: bool = False) -> Callable[[P.Link], None]:
-    """A writer action: send each file, then the message `then` (name, payload). A file
-    that cannot be sent ends the list; with `report` the payload gains `files` (those
-    sent) and, unless it has one already, `error`."""
+def _send_files_then(paths: list[Path],
+                     then: Optional[P.Outgoing | Callable[[list[str], Optional[str]], P.Outgoing]] = None
+                     ) -> Callable[[P.Link], None]:
+    """A writer action: send each file, then the message `then`: a (name, payload), or
+    built by `then(files sent, why the rest was not)`. A file that cannot be sent ends
+    the list."""
 
     def action(link: P.Link) -> None:
         sent, error = [], None
@@ -1173,14 +1173,8 @@ def _send_files_then(paths: list[Path], then: Optional[tuple[str, dict]] = None,
                 break
             sent.append(str(path))
             log.info("sent %s to %s", path, link.peer_id)
-        if then is None:
-            return
-        name, payload = then
-        if report:
-            payload = {**payload, "files": sent}
-            if error and not payload.get("error"):
-                payload["error"] = error
-        link.send(name, payload)
+        if then is not None:
+            link.send(*(then(sent, error) if callable(then) else then))
 
     return action
 
@@ -1753,7 +1747,7 @@ class Scheduler:
         with self._cond:
             waiting = [(job, self._position(i)) for i, job in enumerate(self.queue)]
         for job, position in waiting:
-            job.log.emit(P.JOB_PROGRESS, {"event": "queued", "queue_position": position})
+            job.log.emit(*P.job_queued(job.job_id, position))
 
     def _finished(self, job: Job) -> None:
         """The job recorded its outcome: note what a prune took, free its slot, tell its listeners."""
@@ -2036,7 +2030,7 @@ class Job:
                         step.args[0], self.spec["_infer_after"], [str(m) for m in made if m], self.dir)
                     self._save_steps()
                 if first_inference and ("package" in self.spec or after_training):
-                    self.log.say(P.INFERENCE_START, {})
+                    self.log.say(*P.inference_start(self.job_id))
                 error = self._run_step(index, step, on_step)
                 if error and after_training and not self.cancel_requested.is_set():
                     # The models are what was asked for; the inference after them is a bonus.
@@ -2125,10 +2119,10 @@ class Job:
         if step.kind == P.TRAIN:
             if result["state"] == P.COMPLETED:
                 model_dir = _model_dir(step, self.started_at or 0)
-                self.log.say(P.TRAIN_JOB_END, {"name": step.name, "stopped_early": result["stopped_early"],
-                                               "model_dir": str(model_dir) if model_dir else None})
+                self.log.say(*P.train_job_end(self.job_id, step.name, result["stopped_early"],
+                                              str(model_dir) if model_dir else None))
             else:
-                self.log.say(P.TRAIN_JOB_ERROR, {"name": step.name, "exit_code": self.exit_code})
+                self.log.say(*P.train_job_error(self.job_id, step.name, self.exit_code))
             self.stop_requested.clear()  # a stop ends this model; the next one trains in full
         if result["state"] == P.FAILED:
             program = step.name if step.kind == P.COMMAND else "sleap-nn"
@@ -2169,7 +2163,7 @@ class Job:
         except ValueError:
             return
         if isinstance(report, dict) and "n_processed" in report:
-            self.log.emit(P.JOB_PROGRESS, {"event": "inference", **report})
+            self.log.emit(*P.job_inference_progress(self.job_id, report))
 
     def request_stop(self) -> str:
         step = self.step
@@ -2319,7 +2313,7 @@ class ProgressChannel:
 
     def _on_report(self, text: str) -> None:
         step = self.job.step
-        self.job.log.emit(P.PROGRESS_REPORT, {"report": text})
+        self.job.log.emit(*P.progress_report(self.job.job_id, text))
         try:
             report = json.loads(text)
         except ValueError:
@@ -2329,10 +2323,9 @@ class ProgressChannel:
         if event == "train_end":
             self.train_ended = True
         if event in ("train_begin", "epoch_begin", "epoch_end", "train_end"):
-            self.job.log.emit(P.JOB_PROGRESS, {
-                "event": event, "epoch": report.get("epoch"), "model": step.name if step else None,
-                "max_epochs": step.max_epochs if step else None,
-                "loss": logs.get("train/loss", logs.get("loss")), "val_loss": logs.get("val/loss")})
+            self.job.log.emit(*P.job_epoch(self.job.job_id, event, report.get("epoch"), step.name if step else None,
+                                           step.max_epochs if step else None,
+                                           logs.get("train/loss", logs.get("loss")), logs.get("val/loss")))
 
 
 def job_outputs(job: Job) -> tuple[list[dict], list[str]]:
@@ -3555,7 +3548,7 @@ def files_answer(name: str, payload: dict, worker: "Worker") -> tuple[str, dict]
     """The answer to FS_LIST or FS_SEARCH: a listing or a search of the worker's files,
     inside the mounts a client may read. A search takes up to SEARCH_SECONDS of the
     asking session's thread: it delays only that client."""
-    reply: dict = {"request_id": str(payload.get("request_id", ""))[:64]}
+    reply: dict = {}
     try:
         if name == P.FS_LIST:
             offset = payload.get("offset") or 0
@@ -3572,23 +3565,20 @@ def files_answer(name: str, payload: dict, worker: "Worker") -> tuple[str, dict]
                                       size if isinstance(size, int) and not isinstance(size, bool) else None))
     except PathRefused as exc:
         reply.update(error=str(exc), code=exc.code)
-    return (P.FS_LISTING if name == P.FS_LIST else P.FS_FOUND), reply
+    return P.fs_answer(name, payload.get("request_id", ""), reply)
 
 
-def result_files(job_id: str, record: Optional[dict], mounts: list[Mount]) -> tuple[list[Path], dict]:
+def result_files(job_id: str, record: Optional[dict], mounts: list[Mount]) -> tuple[list[Path], Optional[str]]:
     """The files a JOB_FETCH sends (a completed job's outputs, each checked when served:
-    a file replaced by a link since the job ended is not followed out), and JOB_FETCHED's
-    payload, with an error when there is nothing, or not everything, to send."""
-    reply: dict = {"job_id": job_id, "files": []}
+    a file replaced by a link since the job ended is not followed out), and why there is
+    nothing, or not everything, to send."""
     if record is None:
-        reply["error"] = f"no job {job_id} on this worker"
-    elif record["state"] != P.COMPLETED:
-        reply["error"] = f"job {job_id} is {record['state']}; only a completed job has results"
-    elif record.get("pruned"):
-        reply["error"] = f"the files of job {job_id} were pruned {pruned_note(record['pruned'])}"
-    if "error" in reply:
-        return [], reply
-    paths = []
+        return [], f"no job {job_id} on this worker"
+    if record["state"] != P.COMPLETED:
+        return [], f"job {job_id} is {record['state']}; only a completed job has results"
+    if record.get("pruned"):
+        return [], f"the files of job {job_id} were pruned {pruned_note(record['pruned'])}"
+    paths, error = [], None
     allowed = mounts + [Mount(Path(record["job_dir"]), "job")]
     for output in record["outputs"] or []:
         named = [Path(output["path"])] if output["kind"] in ("predictions", "file") else \
@@ -3597,8 +3587,8 @@ def result_files(job_id: str, record: Optional[dict], mounts: list[Mount]) -> tu
             try:
                 paths.append(resolve_in_mounts(str(path), allowed))
             except PathRefused as exc:
-                reply["error"] = f"{path} is not served: {exc}"
-    return paths, reply
+                error = f"{path} is not served: {exc}"
+    return paths, error
 
 
 # ---------------------------------------------------------------------------------------
@@ -3725,25 +3715,24 @@ class UploadStore:
             return f"{path}: the upload store no longer holds those bytes (changed on disk); upload it again"
         return None
 
-    def status(self, payload: dict, sender: str) -> dict:
+    def status(self, payload: dict, sender: str) -> P.Outgoing:
         """The answer to UPLOAD_QUERY: the content's path when held, else the bytes of it held."""
         sha256, size, name = payload.get("sha256"), payload.get("size"), payload.get("name")
-        reply = {"sha256": str(sha256)[:64]}
         try:
             if not SHA256_RE.match(str(sha256)) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise P.TransferError("UPLOAD_QUERY needs sha256 (64 hex digits), size (bytes) and name")
             name = P.safe_file_name(str(name))
         except P.TransferError as exc:
-            return {**reply, "error": str(exc)}
+            return P.upload_status(sha256, error=str(exc))
         held = self.held(sha256, sender)
         if held is not None and held.stat().st_size == size:
             named = held.parent / name
             if not named.exists():
                 os.link(held, named)  # the same bytes under the name this client knows them by
             os.utime(held.parent)  # recently used
-            return {**reply, "have": True, "path": str(named)}
+            return P.upload_status(sha256, have=True, path=str(named))
         part = self._part(sha256)
-        return {**reply, "have": False, "offset": min(part.stat().st_size, size) if part.exists() else 0}
+        return P.upload_status(sha256, offset=min(part.stat().st_size, size) if part.exists() else 0)
 
     # -- arriving -------------------------------------------------------------------------
 

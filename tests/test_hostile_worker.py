@@ -198,8 +198,9 @@ def test_hostile_paths_are_field_errors_and_the_link_stays_up(room, data, tmp_pa
         link.send(P.FILE_REQUEST, {"path": "/etc/passwd\x00"})
         with pytest.raises(P.PeerError, match="NUL byte"):
             link.expect(lambda m: False, 10, "refusal")
-        link.send(P.LINK_PING, {"seq": 7})
-        assert link.expect(lambda m: m.name == P.LINK_PONG, 10, "pong").payload["seq"] == 7
+        # A pong answers with the ping's seq alone: the worker echoes nothing else a member sends.
+        link.send(P.LINK_PING, {"seq": 7, "echo": "x" * 100_000})
+        assert link.expect(lambda m: m.name == P.LINK_PONG, 10, "pong").payload == {"seq": 7}
     finally:
         link.close()
         signaling.close()

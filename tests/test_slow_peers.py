@@ -314,3 +314,17 @@ print('saved', flush=True)
     assert follower.popen.wait(timeout=20) == 1
     assert time.monotonic() - killed < P.PEER_TIMEOUT_S + 3
     assert "stopped answering" in follower.output(), follower.output()
+
+
+def test_waiting_log_batches_merge_into_one_that_ends_where_the_last_ends():
+    """A client that reconnects goes on from the `offset` of the last JOB_LOG it had: a
+    merged batch must carry the offset of its newest lines, not of its oldest."""
+    outbox = W.Outbox()
+    outbox.put(P.job_log("j1", [["o", "one"]], None, 4), "j1", 12)
+    outbox.put(P.job_log("j1", [["o", "two"]], "50%", 8), "j1", 12)
+    outbox.put(P.job_log("j1", [["e", "three"]], None, 14), "j1", 14)
+    name, payload = outbox.take(timeout=1)
+    assert name == P.JOB_LOG
+    assert payload == {"job_id": "j1", "lines": [["o", "one"], ["o", "two"], ["e", "three"]], "progress": "50%",
+                       "offset": 14}
+    assert outbox.take(timeout=0.01) is None
