@@ -361,6 +361,41 @@ def test_state_file_keeps_rooms_and_sign_in_across_restarts(world):
     assert oct(state.stat().st_mode & 0o777) == "0o600"
 
 
+def test_the_directory_keeps_claims_and_refuses_in_order_without_a_socket(tmp_path):
+    """Directory alone, as the server's threads use it: a claim made by a registration is
+    written by the pinger's tidy (not by the reader), and a new Directory on the same file
+    holds the room, the claim and the signing secret."""
+    state = tmp_path / "rooms.json"
+    directory = signaling.Directory(state, signaling.Limits(max_peers_per_room=1))
+    room = directory.create_room("alice", "10.0.0.1")
+    id_token, user = directory.issue_id_token()
+    frame = {"type": P.REGISTER, "peer_id": "w1", "room_id": room.room_id, "token": room.token, "peer_key": "k1"}
+    with directory.lock:
+        assert directory.admission_problem(room, frame, "") is None
+        directory.claim(room, "w1", "k1")
+        room.add(signaling.Peer("w1", room.room_id, "worker", {"tags": [], "properties": {}}, conn=None))
+    assert "w1" not in json.loads(state.read_text())["rooms"][room.room_id]["claims"]  # not yet written
+    directory.tidy()
+    assert "w1" in json.loads(state.read_text())["rooms"][room.room_id]["claims"]
+
+    again = signaling.Directory(state, signaling.Limits(max_peers_per_room=1))
+    assert again.check_id_token(id_token) == user
+    room = again.rooms[room.room_id]
+
+    def refusal(**changes):
+        with again.lock:
+            problem = again.admission_problem(room, {**frame, **changes}, "")
+        return problem and problem["code"]
+
+    # A wrong token is refused before anything about the id; a claimed id wants its key.
+    assert refusal(token="wrong", peer_key=None) == P.INVALID_TOKEN
+    assert refusal(peer_key=None) == P.PEER_ID_TAKEN
+    assert refusal(peer_key="not-k1") == P.PEER_ID_TAKEN
+    assert refusal() is None  # the key's holder may come back
+    room.add(signaling.Peer("w1", room.room_id, "worker", {"tags": [], "properties": {}}, conn=None))
+    assert refusal(peer_id="w2", peer_key=None) == P.ROOM_FULL
+
+
 def _open_sockets() -> int:
     count = 0
     for fd in os.listdir("/proc/self/fd"):
