@@ -643,8 +643,9 @@ def link_ping(seq: int) -> Outgoing:
 
 
 def link_pong(ping: dict) -> Outgoing:
-    """The answer to a LINK_PING: its `seq`, and nothing else a peer put in it."""
-    return LINK_PONG, {"seq": ping.get("seq")}
+    """The answer to a LINK_PING: its `seq` (a whole number), and nothing else a peer put in it."""
+    seq = ping.get("seq")
+    return LINK_PONG, {"seq": seq if _is_a(seq, int) else None}
 
 
 def upload_status(sha256: Any, have: bool = False, path: Optional[str] = None, offset: int = 0,
@@ -2406,12 +2407,12 @@ class FileSender:
                             if progress:
                                 progress(sent, size)
                 if event.is_set() and not result.get("ok"):
-                    if not self._gone.is_set():
+                    if not link.closed:
                         link.send(FILE_ABORT, {"transfer_id": transfer_id, "reason": "refused by the receiver"})
                 else:
                     link.send(FILE_END, {"transfer_id": transfer_id})
                 # The verdict, or the link's end (`lost` sets the event with its reason).
-                if not event.wait(FILE_ACK_TIMEOUT_S) and not self._gone.is_set():
+                if not event.wait(FILE_ACK_TIMEOUT_S) and not link.closed:
                     result["error"] = f"{self._link.peer_id} did not confirm it within {FILE_ACK_TIMEOUT_S:.0f} s"
             except LinkClosed as exc:
                 raise TransferError(f"sending {name} failed: {exc}") from None
@@ -2512,7 +2513,9 @@ class FileSender:
             replies.put(message)
 
     def lost(self, reason: str) -> None:
-        """The link ended: every transfer waiting for a reply fails with `reason`."""
+        """The link ended: every transfer waiting for a reply fails with `reason`. The link
+        marks itself closed first, so a transfer that registers after this fails on its
+        first send instead of waiting."""
         with self._lock:
             self._gone.set()
             waiters = list(self._acks.values())
@@ -2715,8 +2718,9 @@ class Link:
             self.close()
             raise LinkClosed(f"the link to {self.peer_id} closed before it opened: {self.close_reason}") \
                 from self._close_cause
+        waited = "" if self.close_reason == ICE_FAILED else f" within {timeout:.0f} s"  # ICE gave up sooner
         self.close()
-        raise LinkClosed(f"no WebRTC connection to {self.peer_id} within {timeout:.0f} s: {self.no_route}")
+        raise LinkClosed(f"no WebRTC connection to {self.peer_id}{waited}: {self.no_route}")
 
     def route(self) -> Optional[str]:
         """The candidate pair ICE chose, as "host|srflx|relay <-> ..." (this side first),

@@ -120,3 +120,16 @@ def test_builders_spell_each_message_as_the_receivers_read_it():
     submitted = P.Submitted.read({"job_id": "../x", "spec": {"type": P.TRAIN}})
     assert submitted.problem and submitted.spec == {"type": P.TRAIN}
     assert P.Submitted.read({"job_id": "ok-1", "spec": 5}) == P.Submitted("ok-1", 5, None)
+
+
+def test_builders_keep_what_a_peer_or_sleap_nn_says_from_overriding_their_own_fields():
+    """sleap-nn's inference progress lines are copied into JOB_PROGRESS: a line that names
+    an `event` or a `job_id` of its own must not change the message's; a pong answers with
+    the ping's whole-number seq and nothing else."""
+    name, payload = P.job_inference_progress("j1", {"n_processed": 3, "n_total": 9, "event": "queued",
+                                                    "job_id": "someone-elses"})
+    assert name == P.JOB_PROGRESS
+    assert payload == {"n_processed": 3, "n_total": 9, "event": "inference", "job_id": "j1"}
+    assert P.link_pong({"seq": 7, "echo": "x" * 1000}) == (P.LINK_PONG, {"seq": 7})
+    assert P.link_pong({"seq": "x" * 1000}) == (P.LINK_PONG, {"seq": None})
+    assert P.link_pong({"seq": True}) == (P.LINK_PONG, {"seq": None})
