@@ -139,24 +139,24 @@ def signed_in(args, again: bool = False) -> Optional[str]:
     saved = load_credentials().get(base, {}).get("id_token")
     if saved and not again:
         return saved
-    token: dict[str, Optional[str]] = {}
+    token: Optional[str] = None
 
     def sign_in(credentials: dict) -> None:  # under the file's lock: clients started together sign in as one
+        nonlocal token
         current = credentials.get(base, {}).get("id_token")
         if current and current != saved:
-            token["id"] = current  # another client just signed in
+            token = current  # another client just signed in
             return
         try:
             body = P.anonymous_sign_in(base)
         except P.SignalingError as exc:
             log.info("no sign-in at %s (%s); going on anonymously", base, exc)
-            token["id"] = None
             return
         credentials[base] = {**credentials.get(base, {}), "id_token": body["id_token"], "username": body["username"]}
-        token["id"] = body["id_token"]
+        token = body["id_token"]
 
     update_credentials(sign_in)
-    return token["id"]
+    return token
 
 
 def update_credentials(change: Callable[[dict], None]) -> Path:
