@@ -891,7 +891,7 @@ def cmd_download(args) -> int:
     target.mkdir(parents=True, exist_ok=True)
 
     def work(link: P.Link) -> int:
-        link.on_receive_progress = Progress(f"download {Path(args.path).name}")
+        link.incoming.on_progress = Progress(f"download {Path(args.path).name}")
         link.send(*P.file_request(args.path))
         item = link.expect(lambda i: isinstance(i, (P.FileReceived, P.TransferFailed)), REPLY_TIMEOUT_S, "file")
         if isinstance(item, P.TransferFailed):
@@ -1562,7 +1562,7 @@ def run_job(args, spec: dict, prepare: Optional[Callable[[P.Link, dict], dict]] 
     try:
         worker_id, _ = negotiate(signaling, job_id, spec, args.worker_id, args.min_gpu_memory)
         link = P.open_link(signaling, worker_id, download)
-        link.on_receive_progress = Progress("predictions")
+        link.incoming.on_progress = Progress("predictions")
         if prepare is not None:
             spec = prepare(link, spec)
         monitor = JobMonitor(link, job_id, Path(args.log_dir) / job_id, args.verbose)

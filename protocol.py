@@ -2577,37 +2577,20 @@ class Link:
         self._close_lock = threading.Lock()
         # Outgoing files, sent from the caller's thread.
         self._files_out = FileSender(self, self._direct_races)
-        # Incoming files; only the receive thread feeds it.
-        self._transfers = Transfers(peer_id, receive_dir, store, self._send_control, self.inbox.put,
+        # Incoming files; only the receive thread feeds it. Its owner may set `receive_dir`
+        # (where files go; None: refused, but for uploads into the store) and `on_progress`.
+        self.incoming = Transfers(peer_id, receive_dir, store, self._send_control, self.inbox.put,
                                     self._direct_receiver, self._direct_races)
         # What the receive thread does with each housekeeping message; the rest go to inbox.
         self._handlers: dict[str, Callable[[Message], None]] = {
-            FILE_BEGIN: self._transfers.begin, FILE_CHANNEL: self._transfers.channel,
-            FILE_END: self._transfers.end, FILE_ABORT: self._transfers.abort,
+            FILE_BEGIN: self.incoming.begin, FILE_CHANNEL: self.incoming.channel,
+            FILE_END: self.incoming.end, FILE_ABORT: self.incoming.abort,
             FILE_ACK: self._files_out.on_ack, FILE_DIRECT: self._files_out.on_reply,
             FILE_OFFSET: self._files_out.on_reply,
         }
         # _rx_loop logs its own failure and closes the link, so it needs no guarded().
         self._rx_thread = threading.Thread(target=self._rx_loop, name=f"link-rx-{peer_id}", daemon=True)
         self._rx_thread.start()
-
-    @property
-    def receive_dir(self) -> Optional[Path]:
-        """Where files the peer sends go (None: refused, but for uploads into the store)."""
-        return self._transfers.receive_dir
-
-    @receive_dir.setter
-    def receive_dir(self, directory: Optional[Path]) -> None:
-        self._transfers.receive_dir = directory
-
-    @property
-    def on_receive_progress(self) -> Optional[Callable[[int, int], None]]:
-        """Called as (bytes_received, total) while a file arrives."""
-        return self._transfers.on_progress
-
-    @on_receive_progress.setter
-    def on_receive_progress(self, callback: Optional[Callable[[int, int], None]]) -> None:
-        self._transfers.on_progress = callback
 
     # -- loop side ----------------------------------------------------------------------
 
@@ -2720,7 +2703,8 @@ class Link:
                 from self._close_cause
         waited = "" if self.close_reason == ICE_FAILED else f" within {timeout:.0f} s"  # ICE gave up sooner
         self.close()
-        raise LinkClosed(f"no WebRTC connection to {self.peer_id}{waited}: {self.no_route}")
+        raise LinkClosed(f"no WebRTC connection to {self.peer_id}{waited}: "
+                         f"{no_route_advice(*self.candidates, self.peer_id, self.ice_servers)}")
 
     def route(self) -> Optional[str]:
         """The candidate pair ICE chose, as "host|srflx|relay <-> ..." (this side first),
@@ -2733,11 +2717,6 @@ class Link:
             return on_loop(nominated(), timeout=5)
         except Exception:  # a diagnostic: an aiortc without these attributes only loses this line
             return None
-
-    @property
-    def no_route(self) -> str:
-        local, remote = self.candidates
-        return no_route_advice(local, remote, self.peer_id, self.ice_servers)
 
     def raise_if_closed(self) -> None:
         """LinkClosed, from the exception that closed the link if one did, once it is closed."""
@@ -2843,7 +2822,7 @@ class Link:
             item = self._raw.get()
             self.last_activity = time.monotonic()
             if item is _CLOSED:
-                self._transfers.lost(self.close_reason)
+                self.incoming.lost(self.close_reason)
                 self.inbox.put(_CLOSED)
                 return
             if self.upstream:
@@ -2854,12 +2833,12 @@ class Link:
                              "nothing to this worker)", self.peer_id, len(item))
                 continue
             if isinstance(item, bytes):
-                self._transfers.chunk(item)
+                self.incoming.chunk(item)
                 continue
             try:
                 message = decode(item)
             except ProtocolError as exc:
-                self._transfers.reply_error(f"malformed message: {exc}")
+                self.incoming.reply_error(f"malformed message: {exc}")
                 continue
             self._handlers.get(message.name, self.inbox.put)(message)
 

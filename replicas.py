@@ -188,7 +188,7 @@ class ReplicaReceiver:
 
     def begin(self, payload: dict) -> None:
         """Another worker starts sending a replica: a new job directory takes its files."""
-        problem = check_replica_manifest(payload.get("outputs")) or self.worker.disk_problem()
+        problem = check_replica_manifest(payload.get("outputs")) or self.worker.status.disk_problem()
         if self.arriving is not None:
             problem = "a replica is arriving on this link already"
         if problem:
@@ -197,10 +197,10 @@ class ReplicaReceiver:
         source = payload.get("source") if isinstance(payload.get("source"), dict) else {}
         spec = {"type": P.REPLICA, "source": {"worker": str(source.get("worker"))[:100],
                                               "job_id": str(source.get("job_id"))[:64]}}
-        job = self.worker.scheduler.replica_job(spec, self.session.peer_id)
+        job = self._replica_job(spec)
         staging = job.dir / ".incoming"
         self.arriving = {"job": job, "outputs": payload["outputs"], "staging": staging}
-        self.session.link.receive_dir = staging
+        self.session.link.incoming.receive_dir = staging
         log.info("replica %s of %s arriving from %s", job.job_id, spec["source"], self.session.peer_id)
         self.session.send(*P.replica_ready(payload.get("request_id", ""), job.job_id))
 
@@ -211,7 +211,7 @@ class ReplicaReceiver:
             self.session.send(*P.replica_done(payload.get("replica_id"), [],
                                               "no such replica is arriving on this link"))
             return
-        self.arriving, self.session.link.receive_dir = None, None
+        self.arriving, self.session.link.incoming.receive_dir = None, None
         job, outputs, problem = replica["job"], [], None
         for index, output in enumerate(replica["outputs"]):
             name = P.safe_file_name(str(output.get("name")))
@@ -240,10 +240,19 @@ class ReplicaReceiver:
             replica, self.arriving = self.arriving, None
             self._finish(replica, "the sending worker's link ended before the replica was whole", [])
 
+    def _replica_job(self, spec: dict) -> "W.Job":
+        """A job of type REPLICA, recorded as running: the files arriving into its
+        directory's staging folder. It takes no slot."""
+        scheduler, job_id = self.worker.scheduler, P.new_job_id()
+        job = W.Job(job_id, spec, scheduler.jobs_dir / job_id, self.session.peer_id, "", ledger=scheduler.ledger)
+        (job.dir / ".incoming").mkdir(parents=True)
+        job.arriving()
+        return job
+
     def _finish(self, replica: dict, problem: Optional[str], outputs: list) -> None:
         shutil.rmtree(replica["staging"], ignore_errors=True)
         replica["job"].arrived(problem, outputs)
         log.info("replica %s from %s: %s", replica["job"].job_id, self.session.peer_id, problem or "kept")
-        self.worker.job_changed(None)
+        self.worker.status.changed()
 
 

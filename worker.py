@@ -26,8 +26,8 @@ packages.py, replicas.py, slurm.py and upstream.py beside them add what their na
 
 1. constants and the data model (mounts, paths refused);
 2. optional capabilities; what this machine offers; the embedded signaling server;
-3. `Worker`: registration, status, dispatching signaling frames, answering job requests;
-4. `Session`: one client link, its reader and its one writer (`Outbox`);
+3. `Worker`: registration, dispatching signaling frames, answering job requests; `Status`;
+4. `Session`: one client link, its reader and its one writer (`Outbox`), for a `Member`;
 5. `Ledger` and `Scheduler`: every job's record, slots and the queue;
 6. `Job` and `JobLog`: one job's steps, its output and its state;
 7. executors (`LocalExecutor`; slurm.py's), then each step's sleap-nn argument list;
@@ -378,9 +378,9 @@ class Worker:
     """Registers in a room and answers offers; owns its sessions and the embedded server.
 
     The main thread runs `serve()`, which dispatches signaling frames and never waits on
-    a peer, until `stop()`. Each session has its own threads; "status-publisher" sends
-    status changes to the server and "gpu-sampler" (where nvidia-smi exists) keeps the GPU
-    load fresh; `stop()` ends them all.
+    a peer, until `stop()`. Each session has its own threads; "status-publisher" (Status)
+    sends status changes to the server, "gpu-sampler" (where nvidia-smi exists) keeps the
+    GPU load fresh and "pruner" (with --keep-days) prunes daily; `stop()` ends them all.
     """
 
     def __init__(self, config: WorkerConfig, executor: Optional[Executor] = None, embedded=None):
@@ -401,30 +401,27 @@ class Worker:
         self.allowed_commands = config.allowed_commands
         self.allowed_env = config.allowed_env
         self._queries = threading.BoundedSemaphore(SQL_AT_ONCE)  # ledger queries running now
-        self.min_free_bytes = int(config.min_free_gb * 1e9)
-        self.uploads = UploadStore(working_dir / UPLOADS_DIR, config.upload_cap, self.needed_uploads,
-                                   self.min_free_bytes)
-        self.low_disk = self.disk_problem()  # why new jobs are refused for lack of space, or None
+        min_free_bytes = int(config.min_free_gb * 1e9)
+        self.uploads = UploadStore(working_dir / UPLOADS_DIR, config.upload_cap, self.needed_uploads, min_free_bytes)
         self.capabilities = capabilities()
         self.job_types = [P.TRAIN, P.TRACK, P.PRUNE, *(c for c in (P.REPLICATE, P.PACKAGE) if c in self.capabilities),
                           *(f"{P.COMMAND}:{name}" for name in sorted(self.allowed_commands))]
         self.embedded = embedded
         self.gpu_index = gpu_index = config.gpu_index
-        self.maintenance = config.maintenance
         self.follower_backlog = config.follower_backlog
         self.peer_id, peer_key = worker_peer_id(working_dir, name)
         self.stopping = threading.Event()
         # Guards sessions, the live client links by peer id.
         self._sessions_lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
-        # Guards _published, the status last sent to the server: updates go one at a time, in order.
-        self._publish_lock = threading.Lock()
-        self._published: Optional[dict] = None
-        self._status_changed = threading.Event()
         # Utilization % and free MB, replaced whole by "gpu-sampler" and read by the dispatcher.
         self.gpu_now: tuple[Optional[int], Optional[int]] = (None, None)
-        self._threads = [threading.Thread(target=P.guarded(self._publish_forever), name="status-publisher",
-                                         daemon=True)]
+        executor = executor or LocalExecutor()
+        self.scheduler = Scheduler(working_dir, config.slots, config.sleap_nn, lambda job: self.status.changed(),
+                                   config.reservation_timeout, config.stop_grace, Planner(self).plan, executor)
+        self.status = Status(self.scheduler, working_dir, min_free_bytes, config.maintenance)
+        self._threads = [threading.Thread(target=P.guarded(self.status.publish_forever), args=(self.stopping,),
+                                          name="status-publisher", daemon=True)]
         self.keep_days = config.keep_days
         if self.keep_days is not None:
             self._threads.append(threading.Thread(target=P.guarded(self._prune_forever), name="pruner", daemon=True))
@@ -432,9 +429,6 @@ class Worker:
             self.gpu_now = gpu_load(gpu_index)
             self._threads.append(threading.Thread(target=P.guarded(self._sample_gpu_forever), name="gpu-sampler",
                                                  daemon=True))
-        executor = executor or LocalExecutor()
-        self.scheduler = Scheduler(working_dir, config.slots, config.sleap_nn, self.job_changed,
-                                   config.reservation_timeout, config.stop_grace, Planner(self).plan, executor)
         facts = gpu_facts(gpu_index, probe_torch=config.advertise_gpu_memory is None)
         if config.advertise_gpu_memory is not None:
             facts["gpu_memory_mb"] = config.advertise_gpu_memory
@@ -451,16 +445,17 @@ class Worker:
                 "job_types": self.job_types,
                 "capabilities": self.capabilities,
                 "mounts": [m.public() for m in mounts],
-                **self._status(),
+                **self.status.now(),
             },
         }
         self.signaling = P.SignalingClient(config.server_url, config.room_id, config.token, self.peer_id, WORKER_ROLE,
                                            self.metadata, peer_key=peer_key)
+        self.status.signaling = self.signaling
 
     def serve(self) -> None:
         self.scheduler.start()
         self.signaling.connect()
-        self._publish_status()
+        self.status.publish()
         for thread in self._threads:
             thread.start()
         props = self.metadata["properties"]
@@ -566,8 +561,8 @@ class Worker:
         requirements = request.get("requirements")
         need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
         reply = P.app_job_response(request.get("job_id", ""), False, self._worker_info())
-        low_disk = self.disk_problem() if job_type != P.PRUNE else None  # a prune is what frees the disk
-        if self.maintenance:
+        low_disk = self.status.disk_problem() if job_type != P.PRUNE else None  # a prune is what frees the disk
+        if self.status.maintenance:
             reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
         elif low_disk:
             reply.update(reason="low_disk", message=low_disk)
@@ -603,39 +598,6 @@ class Worker:
                              for r in self.scheduler.ledger.select(state=query.get("state"))]
         return reply
 
-    # -- status -------------------------------------------------------------------------
-
-    def _status(self) -> dict:
-        status = self.scheduler.status()
-        if self.maintenance:
-            return {**status, "status": P.MAINTENANCE}
-        if self.low_disk:
-            return {**status, "status": P.LOW_DISK, "refusing": self.low_disk}
-        return {**status, "refusing": None}
-
-    def disk_problem(self) -> Optional[str]:
-        """Why this worker must take no new job for lack of disk space, or None."""
-        try:
-            free = shutil.disk_usage(self.working_dir).free
-        except OSError as exc:
-            return f"cannot tell the free space in {self.working_dir}: {exc}"
-        if free >= self.min_free_bytes:
-            return None
-        return (f"only {free / 1e9:.1f} GB free in {self.working_dir}; this worker keeps "
-                f"{self.min_free_bytes / 1e9:g} GB free (--min-free-gb). Its old jobs can be pruned "
-                "(`client.py prune`)")
-
-    def _publish_status(self) -> None:
-        with self._publish_lock:
-            status = self._status()
-            if status == self._published:
-                return
-            try:
-                self.signaling.update_metadata({"properties": status})
-                self._published = status
-            except P.SignalingError as exc:  # kept locally; sent again on re-registration
-                log.warning("could not publish status %s: %s", status["status"], exc)
-
     config_file = CONFIG_FILE  # where a training's checked config lies in its job's directory
 
     def validate(self, spec: dict, job_dir: Path) -> tuple[list[dict], dict]:
@@ -664,26 +626,6 @@ class Worker:
                 if Path(text).is_relative_to(self.uploads.directory):
                     needed.add(Path(text).relative_to(self.uploads.directory).parts[0])
         return needed
-
-    def job_changed(self, job: Optional[Job]) -> None:
-        """Called by the scheduler and job threads: wake the status publisher, never wait for it."""
-        self._status_changed.set()
-
-    def _publish_forever(self) -> None:
-        """Thread "status-publisher": send the latest status whenever it may have changed,
-        and look at the free disk space every DISK_CHECK_S."""
-        checked = time.monotonic()
-        while not self.stopping.is_set():
-            if time.monotonic() - checked >= DISK_CHECK_S:
-                checked = time.monotonic()
-                problem = self.disk_problem()
-                if problem != self.low_disk:
-                    self.low_disk = problem
-                    log.warning("%s", problem or "enough free disk space again; taking new jobs")
-                    self._status_changed.set()
-            if self._status_changed.wait(0.5):
-                self._status_changed.clear()
-                self._publish_status()
 
     def _prune_forever(self) -> None:
         """Thread "pruner" (worker --keep-days): submit a prune job at start and every day after."""
@@ -716,6 +658,77 @@ class Worker:
         self.signaling.close()
         if self.embedded is not None:
             self.embedded.stop()
+
+
+class Status:
+    """What discovery shows of this worker's state, and the thread that keeps the
+    server's copy fresh.
+
+    Thread "status-publisher" (`publish_forever`, ended by the worker's `stopping`) sends
+    the status whenever `changed()` was called, and looks at the free disk space every
+    DISK_CHECK_S. Scheduler and job threads call `changed()`, which never waits.
+    """
+
+    def __init__(self, scheduler: "Scheduler", working_dir: Path, min_free_bytes: int, maintenance: bool):
+        self.scheduler = scheduler
+        self.working_dir = working_dir
+        self.min_free_bytes = min_free_bytes
+        self.maintenance = maintenance
+        self.low_disk = self.disk_problem()  # why new jobs are refused for lack of space, or None
+        self.signaling: Optional[P.SignalingClient] = None  # set before the first publish
+        # Guards _published, the status last sent to the server: updates go one at a time, in order.
+        self._publish_lock = threading.Lock()
+        self._published: Optional[dict] = None
+        self._changed = threading.Event()
+
+    def now(self) -> dict:
+        status = self.scheduler.status()
+        if self.maintenance:
+            return {**status, "status": P.MAINTENANCE}
+        if self.low_disk:
+            return {**status, "status": P.LOW_DISK, "refusing": self.low_disk}
+        return {**status, "refusing": None}
+
+    def disk_problem(self) -> Optional[str]:
+        """Why this worker must take no new job for lack of disk space, or None."""
+        try:
+            free = shutil.disk_usage(self.working_dir).free
+        except OSError as exc:
+            return f"cannot tell the free space in {self.working_dir}: {exc}"
+        if free >= self.min_free_bytes:
+            return None
+        return (f"only {free / 1e9:.1f} GB free in {self.working_dir}; this worker keeps "
+                f"{self.min_free_bytes / 1e9:g} GB free (--min-free-gb). Its old jobs can be pruned "
+                "(`client.py prune`)")
+
+    def changed(self, job: Optional["Job"] = None) -> None:
+        """The status may have changed: wake the publisher, never wait for it."""
+        self._changed.set()
+
+    def publish(self) -> None:
+        with self._publish_lock:
+            status = self.now()
+            if status == self._published:
+                return
+            try:
+                self.signaling.update_metadata({"properties": status})
+                self._published = status
+            except P.SignalingError as exc:  # kept locally; sent again on re-registration
+                log.warning("could not publish status %s: %s", status["status"], exc)
+
+    def publish_forever(self, stopping: threading.Event) -> None:
+        checked = time.monotonic()
+        while not stopping.is_set():
+            if time.monotonic() - checked >= DISK_CHECK_S:
+                checked = time.monotonic()
+                problem = self.disk_problem()
+                if problem != self.low_disk:
+                    self.low_disk = problem
+                    log.warning("%s", problem or "enough free disk space again; taking new jobs")
+                    self._changed.set()
+            if self._changed.wait(0.5):
+                self._changed.clear()
+                self.publish()
 
 
 # ---------------------------------------------------------------------------------------
@@ -825,6 +838,50 @@ class Outbox:
             self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class Member:
+    """Who a session speaks for, and what that lets it change."""
+
+    peer_id: str
+    # The signed-in user behind the peer, as the signaling server vouched ("" if none):
+    # who owns the jobs the session submits, and whether it is one of the worker's admins.
+    user: str
+    admin: bool
+
+    @classmethod
+    def of(cls, offer: dict, admins: set[str]) -> "Member":
+        user = offer.get(P.FROM_USER) or ""
+        return cls(offer["sender"], user, bool(user) and user in admins)
+
+    @property
+    def sender(self) -> str:
+        """Who sends the session's uploads, as the store keeps it: users and peer ids apart,
+        so that a peer named like a user is not taken for that user."""
+        return uploader(self.user) if self.user else f"peer:{self.peer_id}"
+
+    def not_yours(self, record: dict) -> Optional[str]:
+        """Why this member may not stop, cancel or prune a job, or None: its owner (the
+        signed-in user who submitted it) and the worker's admins may; a job with no owner,
+        only the very peer that sent it (a peer id alone proves nothing later: anyone may
+        register one that is free)."""
+        owner = record.get("owner")
+        if self.admin or (self.user and owner == self.user) or (not owner and record["submitter"] == self.peer_id):
+            return None
+        return (f"job {record['job_id']} is {record.get('owner') or record['submitter']}'s: only the member who "
+                "submitted it, or one of this worker's admins (worker.py --admin USER), may change it")
+
+    def may_prune(self) -> list[dict]:
+        if self.user or self.admin:
+            return []
+        return [P.spec_error("worker", "a prune removes only its sender's jobs, and this link carries no sign-in "
+                             "(client.py signs in on its own)", "NOT_SIGNED_IN")]
+
+    def prune_scope(self) -> dict:
+        """What a prune from this member may remove: everything for an admin, else its
+        own jobs and the uploads only it sent."""
+        return {"all": True} if self.admin else {"owner": self.user}
+
+
 class Session:
     """One client's WebRTC link.
 
@@ -840,13 +897,8 @@ class Session:
         self.worker = worker
         self.offer = offer
         self.peer_id = offer["sender"]
-        # The signed-in user behind the peer, as the signaling server vouched ("" if none):
-        # who owns the jobs this session submits, and whether it is one of the worker's admins.
-        self.user = offer.get(P.FROM_USER) or ""
-        self.admin = bool(self.user) and self.user in worker.admins
-        # Who sends this session's uploads, as the store keeps it: users and peer ids apart,
-        # so that a peer named like a user is not taken for that user.
-        self.sender = uploader(self.user) if self.user else f"peer:{self.peer_id}"
+        self.member = Member.of(offer, worker.admins)
+        self.sender = self.member.sender
         self.replaces = replaces
         self.link: Optional[P.Link] = None
         self.outbox = Outbox(worker.follower_backlog)
@@ -1015,7 +1067,7 @@ class Session:
                                                        self.worker.stores, job_dir)
             plan = {"paths": {}, "command": command, **({"inputs": inputs} if inputs else {})}
         elif isinstance(spec, dict) and spec.get("type") == P.PRUNE:  # no paths: it plans when it starts
-            errors, plan = P.check_spec(spec) or self._may_prune(), {"paths": {}, "scope": self._prune_scope()}
+            errors, plan = P.check_spec(spec) or self.member.may_prune(), {"paths": {}, "scope": self.member.prune_scope()}
         elif isinstance(spec, dict) and spec.get("type") == P.REPLICATE:
             errors, plan = P.check_spec(spec) or self._replicable(spec), {"paths": {}}
         else:
@@ -1032,9 +1084,9 @@ class Session:
         """Queue a checked job (`accepted`: the spec with what validation resolved, `files`
         to write into its directory) and answer JOB_ACCEPTED, or answer JOB_REJECTED with
         `errors` or the worker's own reason (maintenance, low disk)."""
-        low_disk = self.worker.disk_problem() if accepted and accepted.get("type") != P.PRUNE else None
+        low_disk = self.worker.status.disk_problem() if accepted and accepted.get("type") != P.PRUNE else None
         changed = self.worker.store_problem(accepted) if accepted and not errors else None
-        if self.worker.maintenance:
+        if self.worker.status.maintenance:
             errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
         elif low_disk:
             errors = [P.spec_error("worker", low_disk, "LOW_DISK")]
@@ -1044,7 +1096,7 @@ class Session:
         if not errors:
             self.outbox.hold(job_id)  # the job's output waits until JOB_ACCEPTED is queued ahead of it
             job, errors = self.worker.scheduler.submit(job_id, accepted, self.peer_id, self._listener(job_id, True),
-                                                       files, owner=self.user)
+                                                       files, owner=self.member.user)
         if errors:
             self.worker.scheduler.release(job_id)  # a rejected job gives back the slot kept for it
             self._unfollow(job_id)
@@ -1065,35 +1117,11 @@ class Session:
         except CapabilityMissing as exc:
             return [exc.spec_error("type")]
 
-    # -- who may change what ---------------------------------------------------------------
-
-    def _not_yours(self, record: dict) -> Optional[str]:
-        """Why this session may not stop, cancel or prune a job, or None: its owner (the
-        signed-in user who submitted it) and the worker's admins may; a job with no owner,
-        only the very peer that sent it (a peer id alone proves nothing later: anyone may
-        register one that is free)."""
-        owner = record.get("owner")
-        if self.admin or (self.user and owner == self.user) or (not owner and record["submitter"] == self.peer_id):
-            return None
-        return (f"job {record['job_id']} is {record.get('owner') or record['submitter']}'s: only the member who "
-                "submitted it, or one of this worker's admins (worker.py --admin USER), may change it")
-
-    def _may_prune(self) -> list[dict]:
-        if self.user or self.admin:
-            return []
-        return [P.spec_error("worker", "a prune removes only its sender's jobs, and this link carries no sign-in "
-                             "(client.py signs in on its own)", "NOT_SIGNED_IN")]
-
-    def _prune_scope(self) -> dict:
-        """What a prune from this session may remove: everything for an admin, else the
-        sender's own jobs and the uploads only it sent."""
-        return {"all": True} if self.admin else {"owner": self.user}
-
     def control(self, name: str, payload: dict) -> None:
         job_id = P.job_id_in(payload)
         action = "stop" if name == P.ZMQ_CTRL else "cancel"
         record = self.worker.scheduler.record(job_id)
-        refusal = self._not_yours(record) if record is not None else None
+        refusal = self.member.not_yours(record) if record is not None else None
         if refusal:
             log.info("%s of job %s by %s refused: not theirs", action, job_id, self.peer_id)
             self.send(*P.job_control(job_id, action, False, refusal))
@@ -1424,8 +1452,8 @@ class Scheduler:
     The ledger is the record; the Job objects of queued and running jobs live in `queue`
     and `running` (a finished job is answered from the ledger). The thread "scheduler"
     starts pending jobs into free, unreserved slots and lets reservations expire; `stop()`
-    ends it. `plan(job)` gives a starting job its steps (see Job.start). `on_change(job or None)` is called whenever
-    status, queue or a job's state may have changed.
+    ends it. `plan(job)` gives a starting job its steps (see Job.start); `on_change(job
+    or None)` is called whenever status, queue or a job's state may have changed.
     """
 
     def __init__(self, working_dir: Path, slots: int, executable: str,
@@ -1435,7 +1463,7 @@ class Scheduler:
                  executor: Optional[Executor] = None):
         self.jobs_dir = working_dir / JOBS_DIR
         self.executor = executor or LocalExecutor()
-        self.plan = plan or self.structured_plan
+        self.plan = plan or (lambda job: (structured_steps(executable, job), []))
         self.stop_grace = stop_grace
         self.slots = slots
         self.reservation_timeout = reservation_timeout
@@ -1543,15 +1571,6 @@ class Scheduler:
             self._cond.notify_all()
         self.on_change(job)
         return job, []
-
-    def replica_job(self, spec: dict, submitter: str) -> Job:
-        """A job of type REPLICA, recorded as running: another worker's results arriving
-        into its directory's staging folder (see ReplicaReceiver). It takes no slot."""
-        job_id = P.new_job_id()
-        job = Job(job_id, spec, self.jobs_dir / job_id, submitter, "", ledger=self.ledger)
-        (job.dir / ".incoming").mkdir(parents=True)
-        job.arriving()
-        return job
 
     def release(self, job_id: str) -> None:
         """Free the slot kept for a job that will not come (it was rejected)."""
@@ -1691,19 +1710,6 @@ class Scheduler:
         self._announce_positions()
         self.on_change(None)
 
-    def structured_plan(self, job: Job) -> tuple[list[Step], list[str]]:
-        """The steps of a train or track spec, paths as resolved at acceptance: one, or
-        for a multi-model train (a sleap-rtc 0.0.7 client's, see job_stages) one per
-        model, in order."""
-        if job.kind != P.TRAIN:
-            return [track_step(self.executable, job.spec, job.dir)], []
-        steps = [train_step(self.executable, stage, job.dir, stage.get("_config_file", CONFIG_FILE))
-                 for stage in job_stages(job.spec)]
-        if job.spec.get("_infer_after"):
-            planned = [str(step.ckpt_dir / step.run_name) for step in steps]
-            steps.append(after_training_step(self.executable, job.spec["_infer_after"], planned, job.dir))
-        return steps, []
-
     def live_specs(self) -> list[dict]:
         """The specs of the queued and running jobs."""
         with self._cond:
@@ -1712,13 +1718,10 @@ class Scheduler:
     def _start(self, job: Job) -> None:
         job.on_record = self._run_changed
         try:
-            job.start(self.plan, self._started, self._step_started, self._finished)
+            job.start(self.plan, self.on_change, self._step_started, self._finished)
         except Exception as exc:  # a bug or a full disk must fail this job, not keep its slot taken forever
             log.exception("job %s could not start", job.job_id)
             job.finish_unrun(P.FAILED, f"the worker could not start the job: {exc!r}", self._finished)
-
-    def _started(self, job: Job) -> None:
-        self.on_change(job)
 
     def _step_started(self, job: Job) -> None:
         """Each step's command and process group or SLURM job, and the steps done before
@@ -1731,18 +1734,6 @@ class Scheduler:
     def _run_changed(self, job: Job, record: dict) -> None:
         self.ledger.update(job.job_id, **record)
 
-    def _note_pruned(self, job: Job) -> None:
-        """Say in each pruned job's record that its files are gone, and which prune took them."""
-        try:
-            removed = json.loads((job.dir / PRUNE_RESULT_FILE).read_text())["removed"]
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("prune job %s left no readable result: %s", job.job_id, exc)
-            return
-        for entry in removed:
-            if "job_id" in entry:
-                self.ledger.update(entry["job_id"], pruned={"at": job.finished_at, "by": job.job_id,
-                                                            "path": entry["path"]})
-
     def _announce_positions(self) -> None:
         with self._cond:
             waiting = [(job, self._position(i)) for i, job in enumerate(self.queue)]
@@ -1753,7 +1744,7 @@ class Scheduler:
         """The job recorded its outcome: note what a prune took, free its slot, tell its listeners."""
         outcome = job.outcome
         if job.kind == P.PRUNE and outcome["state"] == P.COMPLETED:
-            self._note_pruned(job)
+            note_pruned(self.ledger, job)
         with self._cond:
             self.running.pop(job.job_id, None)
             self._cond.notify_all()
@@ -1855,6 +1846,19 @@ class JobLog:
             self.closed = True
 
     # -- the relay ------------------------------------------------------------------------
+
+    def read(self, chunks: Iterator[bytes], stream: str) -> None:
+        """Queue a process's output ("o", "e"), split into complete lines and
+        carriage-return progress updates (a job's "job-ID-stdout"/"-stderr" threads)."""
+        pending = b""
+        for chunk in chunks:
+            pending += chunk
+            parts = re.split(rb"(\r\n|\n|\r)", pending)
+            pending = parts.pop()
+            for text, end in zip(parts[0::2], parts[1::2]):
+                self.line(stream, text.decode("utf-8", "replace"), end == b"\r")
+        if pending:
+            self.line(stream, pending.decode("utf-8", "replace"))
 
     def line(self, stream: str, text: str, is_progress: bool = False) -> None:
         """A line of output ("o", "e"), or a carriage-return progress update."""
@@ -2004,9 +2008,10 @@ class Job:
 
     def _run(self, plan, on_step, on_finished) -> None:
         try:
-            self.steps, notes = self._load_steps() if self.reattach else plan(self)
+            self.steps, notes = ((load_steps(self.dir), [f"the worker restarted; {self.reattach['note']}"])
+                                 if self.reattach else plan(self))
             if self.executor.outlives_worker and not self.reattach:
-                self._save_steps()
+                save_steps(self.dir, self.steps)
         except JobSetupError as exc:
             self._finish(P.FAILED, str(exc), on_finished)
             return
@@ -2028,7 +2033,7 @@ class Job:
                     made = [_model_dir(s, self.started_at or 0) for s in self.steps[:index]]
                     step = self.steps[index] = after_training_step(
                         step.args[0], self.spec["_infer_after"], [str(m) for m in made if m], self.dir)
-                    self._save_steps()
+                    save_steps(self.dir, self.steps)
                 if first_inference and ("package" in self.spec or after_training):
                     self.log.say(*P.inference_start(self.job_id))
                 error = self._run_step(index, step, on_step)
@@ -2043,22 +2048,6 @@ class Job:
         finally:
             self.log.end()
         self._finish(*self._verdict(error), on_finished)
-
-    def _save_steps(self) -> None:
-        """Keep the planned steps in the job's directory: a restarted worker follows the
-        job's runs again with exactly these, without planning (or unpacking) anew."""
-        steps = [{**step.__dict__, **{k: str(v) for k, v in step.__dict__.items() if isinstance(v, Path)}, "env": {}}
-                 for step in self.steps]  # env: a replicate step's credentials stay out of files
-        (self.dir / "steps.json").write_text(json.dumps(steps, indent=1))
-
-    def _load_steps(self) -> tuple[list[Step], list[str]]:
-        try:
-            saved = json.loads((self.dir / "steps.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise JobSetupError(f"cannot follow the job again: its steps.json is unreadable ({exc})") from None
-        paths = {"cwd", "ckpt_dir", "output"}
-        steps = [Step(**{k: Path(v) if k in paths and v is not None else v for k, v in s.items()}) for s in saved]
-        return steps, [f"the worker restarted; {self.reattach['note']}"]
 
     def _run_step(self, index: int, step: Step, on_step) -> Optional[str]:
         """Run one step to its end; why the job cannot go on, or None."""
@@ -2090,7 +2079,7 @@ class Job:
         if saved is None:
             start = {P.TRAIN: P.TRAIN_JOB_START, P.TRACK: P.INFERENCE_JOB_START}.get(step.kind, P.COMMAND_START)
             self.log.say(start, {"name": step.name, "command": run.command})
-        readers = [threading.Thread(target=P.guarded(self._read_chunks), args=(chunks, stream),
+        readers = [threading.Thread(target=P.guarded(self.log.read), args=(chunks, stream),
                                     name=f"job-{self.job_id}-{label}", daemon=True)
                    for stream, label, chunks in run.outputs()]
         if channel is not None:
@@ -2135,19 +2124,6 @@ class Job:
         if note:
             self.log.say_line(note)
         self.on_record(self, record)
-
-    def _read_chunks(self, chunks: Iterator[bytes], stream: str) -> None:
-        """Split output into complete lines and carriage-return progress updates."""
-        pending = b""
-        for chunk in chunks:
-            pending += chunk
-            parts = re.split(rb"(\r\n|\n|\r)", pending)
-            pending = parts.pop()
-            for text, end in zip(parts[0::2], parts[1::2]):
-                line = text.decode("utf-8", "replace")
-                self.log.line(stream, line, end == b"\r")
-        if pending:
-            self.log.line(stream, pending.decode("utf-8", "replace"))
 
     def _watch_line(self, stream: str, line: str) -> None:
         """Each line on its way into the log: stderr's tail is kept for the outcome, and an
@@ -2567,6 +2543,23 @@ class Step:
         return self.args + zmq_overrides(zmq_ports)
 
 
+def save_steps(job_dir: Path, steps: list[Step]) -> None:
+    """Keep a job's planned steps in its directory: a restarted worker follows the job's
+    runs again with exactly these, without planning (or unpacking) anew."""
+    saved = [{**step.__dict__, **{k: str(v) for k, v in step.__dict__.items() if isinstance(v, Path)}, "env": {}}
+             for step in steps]  # env: a replicate step's credentials stay out of files
+    write_whole(job_dir / "steps.json", json.dumps(saved, indent=1))  # a restart reads it whole or not at all
+
+
+def load_steps(job_dir: Path) -> list[Step]:
+    try:
+        saved = json.loads((job_dir / "steps.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise JobSetupError(f"cannot follow the job again: its steps.json is unreadable ({exc})") from None
+    paths = {"cwd", "ckpt_dir", "output"}
+    return [Step(**{k: Path(v) if k in paths and v is not None else v for k, v in s.items()}) for s in saved]
+
+
 def zmq_overrides(ports: Optional[tuple[int, int]]) -> list[str]:
     """The overrides that have a training publish progress to ports[0] and take control
     from ports[1], both on 127.0.0.1 of the machine it runs on."""
@@ -2648,6 +2641,20 @@ def after_training_step(executable: str, labels: str, models: list[str], job_dir
     stem = name[:-len(".pkg.slp")] if name.endswith(".pkg.slp") else name.rsplit(".", 1)[0]
     return track_step(executable, {"data_path": labels, "frame_filter": "suggested", "_resolved": {
         "data_path": labels, "model_paths": models, "output": str(job_dir / f"{stem}.predictions.slp")}}, job_dir)
+
+
+def structured_steps(executable: str, job: "Job") -> list[Step]:
+    """The steps of a train or track spec, paths as resolved at acceptance: one, or for a
+    multi-model train (a sleap-rtc 0.0.7 client's, see job_stages) one per model, in
+    order, then the inference after training when the spec asks for it."""
+    if job.kind != P.TRAIN:
+        return [track_step(executable, job.spec, job.dir)]
+    steps = [train_step(executable, stage, job.dir, stage.get("_config_file", CONFIG_FILE))
+             for stage in job_stages(job.spec)]
+    if job.spec.get("_infer_after"):
+        planned = [str(step.ckpt_dir / step.run_name) for step in steps]
+        steps.append(after_training_step(executable, job.spec["_infer_after"], planned, job.dir))
+    return steps
 
 
 def bind_zmq_pair(context, host: str = "127.0.0.1", prefer: Optional[tuple[int, int]] = None):
@@ -2745,8 +2752,7 @@ class Planner:
                 problem = recheck_paths(stage["_resolved"], worker.readable_mounts, worker.mounts, job.dir)
                 if problem:
                     raise JobSetupError(problem)
-            steps, _ = scheduler.structured_plan(job)
-            return steps, notes
+            return structured_steps(scheduler.executable, job), notes
         return optional(P.PACKAGE).prepare(job, worker.readable_mounts, worker.mounts, scheduler.executable,
                                 scheduler.ledger.model_digests)
 
@@ -3983,6 +3989,18 @@ def prune_step(argv: list[str]) -> int:
           f"{'y' if count == 1 else 'ies'}, {uploads} upload(s); {len(plan['kept'])} kept")
     write_whole(args.result, json.dumps({"removed": removed}))
     return 0
+
+
+def note_pruned(ledger: "Ledger", job: "Job") -> None:
+    """Say in each pruned job's record that its files are gone, and which prune took them."""
+    try:
+        removed = json.loads((job.dir / PRUNE_RESULT_FILE).read_text())["removed"]
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("prune job %s left no readable result: %s", job.job_id, exc)
+        return
+    for entry in removed:
+        if "job_id" in entry:
+            ledger.update(entry["job_id"], pruned={"at": job.finished_at, "by": job.job_id, "path": entry["path"]})
 
 
 def pruned_note(pruned: dict) -> str:

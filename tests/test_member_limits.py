@@ -468,6 +468,29 @@ def test_only_the_submitter_or_an_admin_stops_cancels_or_prunes_a_job(room, tmp_
     assert ledger(worker_dir, finished).get("pruned")
 
 
+
+@pytest.mark.parametrize("offer, record, may", [
+    ({"sender": "p1", P.FROM_USER: "ann"}, {"owner": "ann", "submitter": "p9"}, True),  # the owner, from anywhere
+    ({"sender": "p1", P.FROM_USER: "bob"}, {"owner": "ann", "submitter": "p1"}, False),  # not by taking a peer id
+    ({"sender": "p1", P.FROM_USER: "root"}, {"owner": "ann", "submitter": "p9"}, True),  # an admin
+    ({"sender": "p1"}, {"owner": "", "submitter": "p1"}, True),  # no sign-in: the very peer that sent it
+    ({"sender": "p1"}, {"owner": "ann", "submitter": "p1"}, False),  # a signed-in owner's job needs the sign-in
+    ({"sender": "p2"}, {"owner": "", "submitter": "p1"}, False),
+    ({"sender": "p1", P.FROM_USER: ""}, {"owner": "", "submitter": "p2"}, False),
+])
+def test_a_member_changes_only_its_own_jobs_unless_an_admin(offer, record, may):
+    import worker as W
+
+    member = W.Member.of(offer, admins={"root"})
+    refusal = member.not_yours({"job_id": "j1", **record})
+    assert (refusal is None) == may, refusal
+    if not may:
+        assert "only the member who submitted it" in refusal
+    assert member.prune_scope() == ({"all": True} if member.admin else {"owner": member.user})
+    assert bool(member.may_prune()) == (not member.user)  # a prune needs a sign-in
+    assert member.sender == (f"user:{member.user}" if member.user else f"peer:{member.peer_id}")
+
+
 def test_quit_goes_only_to_the_other_end_of_a_link(room, raw):
     a, b, c = raw(), raw(), raw()
     for peer, name in ((a, "a"), (b, "b"), (c, "c")):
