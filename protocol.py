@@ -2330,7 +2330,8 @@ class Transfers:
         self._send(*link_error(text[:500]))
 
 
-_CLOSED = object()
+_CLOSED = object()  # in a link's queues: the link ended
+_WAKE = object()  # in a link's inbox: Link.wake
 
 
 class FileSender:
@@ -2751,11 +2752,18 @@ class Link:
                 return
             time.sleep(0.05)
 
+    def wake(self) -> None:
+        """Make one waiting (or the next) `recv` return None at once: how its owner asks its
+        reader to look at a stop flag."""
+        self.inbox.put(_WAKE)
+
     def recv(self, timeout: Optional[float] = None) -> Optional[Received]:
-        """The next inbox item (see Received); None on timeout; LinkClosed at the end."""
+        """The next inbox item (see Received); None on timeout or `wake`; LinkClosed at the end."""
         try:
             item = self.inbox.get(timeout=timeout)
         except queue.Empty:
+            return None
+        if item is _WAKE:
             return None
         if item is _CLOSED:
             self.inbox.put(_CLOSED)  # every later recv raises too
@@ -2774,6 +2782,8 @@ class Link:
         quiet_since = time.monotonic()
         while True:
             item = self.recv(timeout=None if timeout is None else max(0.0, quiet_since + timeout - time.monotonic()))
+            if item is None and timeout is None:  # woken: waiting on
+                continue
             if item is None:  # file bytes may have arrived meanwhile: they count as an answer
                 quiet_since = max(quiet_since, self.last_activity)
                 if time.monotonic() - quiet_since > timeout:

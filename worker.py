@@ -420,8 +420,7 @@ class Worker:
         self.scheduler = Scheduler(working_dir, config.slots, config.sleap_nn, lambda job: self.status.changed(),
                                    config.reservation_timeout, config.stop_grace, Planner(self).plan, executor)
         self.status = Status(self.scheduler, working_dir, min_free_bytes, config.maintenance)
-        self._threads = [threading.Thread(target=P.guarded(self.status.publish_forever), args=(self.stopping,),
-                                          name="status-publisher", daemon=True)]
+        self._threads: list[threading.Thread] = []
         self.keep_days = config.keep_days
         if self.keep_days is not None:
             self._threads.append(threading.Thread(target=P.guarded(self._prune_forever), name="pruner", daemon=True))
@@ -455,7 +454,7 @@ class Worker:
     def serve(self) -> None:
         self.scheduler.start()
         self.signaling.connect()
-        self.status.publish()
+        self.status.start()
         for thread in self._threads:
             thread.start()
         props = self.metadata["properties"]
@@ -476,6 +475,7 @@ class Worker:
             P.ERROR: lambda frame: log.warning("signaling error: %s %s", frame.get("code"), frame.get("message")),
         }
         while not self.stopping.is_set():
+            # Polls: `stopping` is set from a signal handler, which must take no lock to wake this.
             frame = self.signaling.next(timeout=0.5)
             handler = handlers.get(frame.get("type")) if frame is not None else None
             if handler is None:
@@ -647,9 +647,12 @@ class Worker:
         """Cancel running jobs (queued ones stay queued), close every link, deregister,
         stop the embedded server."""
         self.stopping.set()
-        self.scheduler.stop()
+        self.status.stop()
         with self._sessions_lock:
             sessions = list(self.sessions.values())
+        for session in sessions:  # they close their links while the jobs are cancelled
+            session.end()
+        self.scheduler.stop()
         for session in sessions:
             session.thread.join(timeout=SESSION_JOIN_S)
         for thread in self._threads:
@@ -664,9 +667,9 @@ class Status:
     """What discovery shows of this worker's state, and the thread that keeps the
     server's copy fresh.
 
-    Thread "status-publisher" (`publish_forever`, ended by the worker's `stopping`) sends
-    the status whenever `changed()` was called, and looks at the free disk space every
-    DISK_CHECK_S. Scheduler and job threads call `changed()`, which never waits.
+    Thread "status-publisher" (`start`, `stop`) sends the status whenever `changed()` was
+    called, and looks at the free disk space every DISK_CHECK_S. Scheduler and job
+    threads call `changed()`, which never waits.
     """
 
     def __init__(self, scheduler: "Scheduler", working_dir: Path, min_free_bytes: int, maintenance: bool):
@@ -679,7 +682,20 @@ class Status:
         # Guards _published, the status last sent to the server: updates go one at a time, in order.
         self._publish_lock = threading.Lock()
         self._published: Optional[dict] = None
-        self._changed = threading.Event()
+        self._changed = threading.Event()  # set by changed() and stop(): wakes the publisher
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=P.guarded(self._publish_forever), name="status-publisher", daemon=True)
+
+    def start(self) -> None:
+        """Publish the status now, then whenever it changes (`signaling` set)."""
+        self.publish()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._changed.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def now(self) -> dict:
         status = self.scheduler.status()
@@ -716,9 +732,9 @@ class Status:
             except P.SignalingError as exc:  # kept locally; sent again on re-registration
                 log.warning("could not publish status %s: %s", status["status"], exc)
 
-    def publish_forever(self, stopping: threading.Event) -> None:
+    def _publish_forever(self) -> None:
         checked = time.monotonic()
-        while not stopping.is_set():
+        while not self._stopping.is_set():
             if time.monotonic() - checked >= DISK_CHECK_S:
                 checked = time.monotonic()
                 problem = self.disk_problem()
@@ -726,7 +742,8 @@ class Status:
                     self.low_disk = problem
                     log.warning("%s", problem or "enough free disk space again; taking new jobs")
                     self._changed.set()
-            if self._changed.wait(0.5):
+            if self._changed.wait(max(0.0, checked + DISK_CHECK_S - time.monotonic())) \
+                    and not self._stopping.is_set():
                 self._changed.clear()
                 self.publish()
 
@@ -817,8 +834,9 @@ class Outbox:
             self._items.extend(held)
             self._cond.notify()
 
-    def take(self, timeout: float):
-        """The next item, None after `timeout`; raises LinkClosed once closed and empty."""
+    def take(self, timeout: Optional[float] = None):
+        """The next item, None after `timeout` (or a spurious wake-up); raises LinkClosed
+        once closed and empty."""
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(timeout)
@@ -914,8 +932,11 @@ class Session:
         self.writer = threading.Thread(target=P.guarded(self._write), name=f"session-{self.peer_id}-out", daemon=True)
 
     def end(self) -> None:
-        """Ask the session to close its link and stop (it does so within half a second)."""
-        self.ending.set()
+        """Ask the session to close its link and stop; its reader wakes at once."""
+        self.ending.set()  # before reading `link`: a reader not yet reading sees the flag
+        link = self.link
+        if link is not None:
+            link.wake()
 
     def _run(self) -> None:
         if self.replaces is not None:  # the client reconnected: its old link is stale
@@ -940,8 +961,8 @@ class Session:
         log.info("link open with %s%s", self.peer_id, " (a sleap-rtc 0.0.7 client)" if self.upstream else "")
         self.writer.start()
         try:
-            while not self.worker.stopping.is_set() and not self.ending.is_set():
-                item = self.link.recv(timeout=0.5)
+            while not self.ending.is_set():
+                item = self.link.recv()  # None: end() woke it
                 if item is not None:
                     try:
                         self._handle(item)
@@ -965,7 +986,7 @@ class Session:
         """Send what the outbox holds until it closes or the link ends, then close the link."""
         try:
             while True:
-                item = self.outbox.take(timeout=0.5)
+                item = self.outbox.take()  # close() wakes it
                 if item is None:
                     continue
                 if callable(item):
@@ -1539,10 +1560,8 @@ class Scheduler:
             running = list(self.running.values())
         for job in running:
             job.cancel("the worker was stopped")
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.running and time.monotonic() < deadline:
-                self._cond.wait(0.2)
+        with self._cond:  # each finished job notifies
+            self._cond.wait_for(lambda: not self.running, timeout)
         self.ledger.close()
 
     # -- submitting and asking ----------------------------------------------------------
@@ -1589,6 +1608,7 @@ class Scheduler:
             position = self._position(len(self.queue))
             if position == 0:
                 self.reservations[job_id] = time.monotonic() + self.reservation_timeout
+                self._cond.notify_all()  # the scheduler thread waits for the earliest deadline
         self.on_change(None)
         return position
 
@@ -1699,8 +1719,8 @@ class Scheduler:
                 self.queue.remove(job)
                 self.running[job.job_id] = job
                 to_start.append(job)
-            if not to_start and not expired:
-                self._cond.wait(0.5)
+            if not to_start and not expired:  # reserve, submit, release, a finished job and stop notify
+                self._cond.wait(min(self.reservations.values()) - now if self.reservations else None)
                 return
         for job_id in expired:
             log.info("the slot kept for job %s is free again: its spec did not come in %.0f s",

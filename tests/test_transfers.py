@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -410,3 +411,15 @@ def test_a_link_closed_in_words_raises_link_closed_alone(bare_link):
     with pytest.raises(P.LinkClosed, match="the peer closed the link") as raised:
         bare_link.recv(timeout=10)
     assert raised.value.__cause__ is None
+
+
+def test_wake_returns_a_waiting_recv_at_once_and_expect_waits_on(bare_link):
+    woken = []
+    reader = threading.Thread(target=lambda: woken.append(bare_link.recv()))  # no timeout: only a wake ends it
+    reader.start()
+    bare_link.wake()
+    reader.join(10)
+    assert not reader.is_alive() and woken == [None]
+    bare_link.wake()  # an expect without a timeout is not a stop check: it waits on for what it wants
+    bare_link._raw.put(P.encode(P.LINK_PING, {"seq": 2}))
+    assert bare_link.expect(lambda m: m.name == P.LINK_PING, None, "ping").payload == {"seq": 2}
