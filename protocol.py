@@ -567,12 +567,6 @@ def job_attach(job_id: str, follow: bool, since: int = 0) -> Outgoing:
     return JOB_ATTACH, {"job_id": job_id, "follow": follow, **({"since": since} if since else {})}
 
 
-def attach_since(payload: dict) -> int:
-    """JOB_ATTACH's `since`: a byte offset into the job's log (0 when absent or not one)."""
-    since = payload.get("since")
-    return since if isinstance(since, int) and not isinstance(since, bool) and since > 0 else 0
-
-
 def job_attached(job_id: str, state: Optional[str] = None, following: bool = False,
                  error: Optional[str] = None) -> Outgoing:
     """After the replayed log: the job's state and whether live output follows, or why not."""
@@ -769,6 +763,152 @@ class Submitted:
         job_id = payload.get("job_id")
         problem = None if valid_job_id(job_id) else "job_id must be 1-64 letters, digits, '-' or '_'"
         return cls(str(job_id)[:64], payload.get("spec"), problem)
+
+
+# What the worker takes from a member's other requests. A member may send anything: each
+# reader keeps the fields' types and bounds the text echoed back, and `problem` (where a
+# request can be refused) says why in words the member reads.
+
+SHA256_RE = re.compile(r"[0-9a-f]{64}")  # a SHA-256 hex digest, with fullmatch
+
+
+def whole_number(value: Any) -> Optional[int]:
+    """`value` when it is an int (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def request_id_in(payload: dict) -> str:
+    """The request id a question carries, for its answer: text of at most 64 characters."""
+    return str(payload.get("request_id", ""))[:64]
+
+
+def replica_id_in(payload: dict) -> str:
+    """REPLICA_END's replica id (a job id on the receiving worker)."""
+    return str(payload.get("replica_id", ""))[:64]
+
+
+def peer_error_text(payload: dict) -> str:
+    """What a LINK_ERROR says, at most 500 characters of it."""
+    return str(payload.get("message"))[:500]
+
+
+def requested_path(payload: dict) -> str:
+    """FILE_REQUEST's path on the worker (checked against the mounts by the worker)."""
+    return str(payload.get("path", ""))
+
+
+@dataclass(frozen=True)
+class Attach:
+    """A JOB_ATTACH: replay the job's log from byte `since` and, with `follow`, go on live."""
+
+    job_id: str
+    follow: bool
+    since: int
+
+    @classmethod
+    def read(cls, payload: dict) -> "Attach":
+        since = whole_number(payload.get("since"))
+        return cls(job_id_in(payload), bool(payload.get("follow")), since if since and since > 0 else 0)
+
+
+@dataclass(frozen=True)
+class FilesQuery:
+    """An FS_LIST (`path`: None for the mounts; `offset`; `nearest`) or an FS_SEARCH
+    (`name`, a file name or glob; `size`, when known)."""
+
+    request_id: str
+    path: Optional[str] = None
+    offset: int = 0
+    nearest: bool = False
+    name: str = ""
+    size: Optional[int] = None
+    problem: Optional[str] = None
+
+    @classmethod
+    def read(cls, asked: str, payload: dict) -> "FilesQuery":
+        request_id = request_id_in(payload)
+        if asked == FS_SEARCH:
+            return cls(request_id, name=str(payload.get("name", "")), size=whole_number(payload.get("size")))
+        offset, path = payload.get("offset") or 0, payload.get("path")
+        if whole_number(offset) is None:
+            return cls(request_id, problem=f"offset must be a whole number, not {echo(offset)}")
+        if path is not None and not isinstance(path, str):
+            return cls(request_id, problem=f"expected a path, not {echo(path)}")
+        return cls(request_id, path, offset, bool(payload.get("nearest")))
+
+
+@dataclass(frozen=True)
+class UploadQuery:
+    """An UPLOAD_QUERY: does the worker hold these bytes? `sha256` as echoed back (at most 64 characters)."""
+
+    sha256: str
+    size: int = 0
+    name: str = ""
+    problem: Optional[str] = None
+
+    @classmethod
+    def read(cls, payload: dict) -> "UploadQuery":
+        sha256, size = str(payload.get("sha256"))[:64], whole_number(payload.get("size"))
+        try:
+            if not SHA256_RE.fullmatch(sha256) or size is None or size < 0:
+                raise TransferError("UPLOAD_QUERY needs sha256 (64 hex digits), size (bytes) and name")
+            return cls(sha256, size, safe_file_name(str(payload.get("name"))))
+        except TransferError as exc:
+            return cls(sha256, problem=str(exc))
+
+
+@dataclass(frozen=True)
+class ReplicaOffer:
+    """A REPLICA_BEGIN: which worker's job the files are of, and the manifest of what comes
+    (`outputs`, unchecked: the receiver checks it)."""
+
+    request_id: str
+    source: dict
+    outputs: Any
+
+    @classmethod
+    def read(cls, payload: dict) -> "ReplicaOffer":
+        source = payload.get("source") if isinstance(payload.get("source"), dict) else {}
+        return cls(request_id_in(payload), {"worker": str(source.get("worker"))[:100],
+                                            "job_id": str(source.get("job_id"))[:64]}, payload.get("outputs"))
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """An APP_JOB_REQUEST as a worker reads it: what job, and what it needs."""
+
+    job_id: str
+    job_type: Optional[str]  # None when it is not text
+    wanted: str  # the capability it needs (a package's), else its job type (bounded text when not text)
+    min_gpu_memory_mb: float
+    problem: Optional[str]
+
+    @classmethod
+    def read(cls, payload: dict) -> "JobRequest":
+        job_type, requirements = payload.get("job_type"), payload.get("requirements")
+        job_type = job_type if isinstance(job_type, str) else None
+        need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
+        bad = not isinstance(need, (int, float)) or isinstance(need, bool)
+        wanted = payload.get("capability") or job_type
+        return cls(job_id_in(payload), job_type, wanted if isinstance(wanted, str) else echo(wanted), 0 if bad else need,
+                   f"min_gpu_memory_mb must be a number, not {echo(need)}" if bad else None)
+
+
+@dataclass(frozen=True)
+class JobsQuery:
+    """An APP_JOBS_QUERY: a read-only SQL query (`sql` not None), one job's record
+    (`job_id`), or the summaries of every job, or of those in `state`."""
+
+    request_id: str
+    sql: Optional[str] = None  # "" when the query's sql is not text: refused as no SELECT
+    job_id: Optional[str] = None
+    state: Any = None  # checked against JOB_STATES by the worker
+
+    @classmethod
+    def read(cls, payload: dict) -> "JobsQuery":
+        if "sql" in payload:
+            return cls(request_id_in(payload), sql=payload["sql"] if isinstance(payload["sql"], str) else "")
+        return cls(request_id_in(payload), job_id=job_id_in(payload) or None, state=payload.get("state"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1696,7 +1836,7 @@ def _check_hints(hints: Any, offered: set[str]) -> list[tuple[str, int]]:
 
 def _secret(payload: dict, field: str) -> bytes:
     value = payload.get(field)
-    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+    if not isinstance(value, str) or not SHA256_RE.fullmatch(value):
         raise TransferError(f"the direct offer's {field} must be 64 hex digits")
     return bytes.fromhex(value)
 
@@ -2271,7 +2411,7 @@ class Transfers:
         transfer_id = str(payload.get("transfer_id", ""))
         try:
             size, sha256, offset = payload["size"], payload["sha256"], payload.get("offset", 0)
-            if not isinstance(size, int) or size < 0 or not re.fullmatch(r"[0-9a-f]{64}", str(sha256)):
+            if not isinstance(size, int) or size < 0 or not SHA256_RE.fullmatch(str(sha256)):
                 raise TransferError("FILE_BEGIN needs a size (bytes) and a SHA-256 hex digest")
             if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= size:
                 raise TransferError(f"offset must be a byte count from 0 to the size, not {echo(offset)}")

@@ -164,7 +164,7 @@ def check_replica_manifest(outputs: Any) -> Optional[str]:
             return "each output needs kind (model or predictions) and files"
         for f in output["files"]:
             count += 1
-            if not isinstance(f, dict) or not W.SHA256_RE.match(str(f.get("sha256"))) \
+            if not isinstance(f, dict) or not P.SHA256_RE.fullmatch(str(f.get("sha256"))) \
                     or not P._is_a(f.get("size"), int) or f["size"] < 0:
                 return "each file needs a name, a size and a SHA-256"
             try:
@@ -188,28 +188,26 @@ class ReplicaReceiver:
 
     def begin(self, payload: dict) -> None:
         """Another worker starts sending a replica: a new job directory takes its files."""
-        problem = check_replica_manifest(payload.get("outputs")) or self.worker.status.disk_problem()
+        offer = P.ReplicaOffer.read(payload)
+        problem = check_replica_manifest(offer.outputs) or self.worker.status.disk_problem()
         if self.arriving is not None:
             problem = "a replica is arriving on this link already"
         if problem:
-            self.session.send(*P.replica_ready(payload.get("request_id", ""), error=problem))
+            self.session.send(*P.replica_ready(offer.request_id, error=problem))
             return
-        source = payload.get("source") if isinstance(payload.get("source"), dict) else {}
-        spec = {"type": P.REPLICA, "source": {"worker": str(source.get("worker"))[:100],
-                                              "job_id": str(source.get("job_id"))[:64]}}
+        spec = {"type": P.REPLICA, "source": offer.source}
         job = self._replica_job(spec)
         staging = job.dir / ".incoming"
-        self.arriving = {"job": job, "outputs": payload["outputs"], "staging": staging}
+        self.arriving = {"job": job, "outputs": offer.outputs, "staging": staging}
         self.session.link.incoming.receive_dir = staging
         log.info("replica %s of %s arriving from %s", job.job_id, spec["source"], self.session.peer_id)
-        self.session.send(*P.replica_ready(payload.get("request_id", ""), job.job_id))
+        self.session.send(*P.replica_ready(offer.request_id, job.job_id))
 
     def end(self, payload: dict) -> None:
         """Every file of the replica was sent: check each against the manifest, keep them, record the job."""
-        replica = self.arriving
-        if replica is None or payload.get("replica_id") != replica["job"].job_id:
-            self.session.send(*P.replica_done(payload.get("replica_id"), [],
-                                              "no such replica is arriving on this link"))
+        replica, replica_id = self.arriving, P.replica_id_in(payload)
+        if replica is None or replica_id != replica["job"].job_id:
+            self.session.send(*P.replica_done(replica_id, [], "no such replica is arriving on this link"))
             return
         self.arriving, self.session.link.incoming.receive_dir = None, None
         job, outputs, problem = replica["job"], [], None

@@ -522,31 +522,32 @@ class Worker:
 
     def _assign(self, sender: str, payload: dict) -> dict:
         """A client chose this worker for a job: keep a slot for it while its spec comes."""
-        job_id = str(payload.get("job_id", ""))
+        job_id = P.job_id_in(payload)
         position = self.scheduler.reserve(job_id)
         log.info("assigned job %s by %s: %s", job_id, sender,
                  "slot reserved" if position == 0 else f"it will queue at position {position}")
         return P.app_job_assigned(job_id, position)
 
     def _jobs_query(self, sender: str, payload: dict) -> Optional[dict]:
-        if "sql" in payload:
-            self._query_ledger(sender, payload)  # answers from a thread of its own
+        query = P.JobsQuery.read(payload)
+        if query.sql is not None:
+            self._query_ledger(sender, query)  # answers from a thread of its own
             return None
-        return self._jobs_list(payload)
+        return self._jobs_list(query)
 
-    def _query_ledger(self, sender: str, query: dict) -> None:
+    def _query_ledger(self, sender: str, query: P.JobsQuery) -> None:
         """Answer a ledger query on a thread of its own ("ledger-query"), so that a slow one
         never holds up the dispatcher; at most SQL_AT_ONCE run at a time."""
         if not self._queries.acquire(blocking=False):
-            self.signaling.send_to_peer(sender, P.app_jobs_list(query.get("request_id"),
+            self.signaling.send_to_peer(sender, P.app_jobs_list(query.request_id,
                                                                 error="busy with other queries; ask again"))
             return
 
         def run() -> None:
             try:
-                answer = query_ledger(self.working_dir / LEDGER_FILE, query.get("sql"))
+                answer = query_ledger(self.working_dir / LEDGER_FILE, query.sql)
                 log.info("ledger query from %s: %s", sender, answer.get("error") or f"{len(answer['rows'])} rows")
-                self.signaling.send_to_peer(sender, P.app_jobs_list(query.get("request_id"), **answer))
+                self.signaling.send_to_peer(sender, P.app_jobs_list(query.request_id, **answer))
             except P.SignalingError as exc:
                 log.info("could not answer %s: %s", sender, exc)
             finally:
@@ -554,29 +555,27 @@ class Worker:
 
         threading.Thread(target=P.guarded(run), name="ledger-query", daemon=True).start()
 
-    def _job_response(self, sender: str, request: dict) -> dict:
+    def _job_response(self, sender: str, payload: dict) -> dict:
         """Accept (with queue position and estimates) or refuse with a reason."""
-        props = self.metadata["properties"]
-        job_type = request.get("job_type")
-        requirements = request.get("requirements")
-        need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
-        reply = P.app_job_response(request.get("job_id", ""), False, self._worker_info())
-        low_disk = self.status.disk_problem() if job_type != P.PRUNE else None  # a prune is what frees the disk
+        props, request = self.metadata["properties"], P.JobRequest.read(payload)
+        wanted, need = request.wanted, request.min_gpu_memory_mb
+        reply = P.app_job_response(request.job_id, False, self._worker_info())
+        low_disk = self.status.disk_problem() if request.job_type != P.PRUNE else None  # a prune frees the disk
         if self.status.maintenance:
             reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
         elif low_disk:
             reply.update(reason="low_disk", message=low_disk)
-        elif (wanted := request.get("capability") or job_type) not in self.job_types:
+        elif wanted not in self.job_types:
             why = missing_reason(wanted) if wanted in OPTIONAL_FILES and wanted not in self.capabilities \
                 else f"this worker does not offer {P.echo(wanted)}"
             reply.update(reason="incompatible", message=f"{why}; it offers {', '.join(self.job_types)}")
-        elif not isinstance(need, (int, float)) or isinstance(need, bool):
-            reply.update(reason="bad_request", message=f"min_gpu_memory_mb must be a number, not {need!r}")
+        elif request.problem:
+            reply.update(reason="bad_request", message=request.problem)
         elif need > props["gpu_memory_mb"]:
             reply.update(reason="insufficient_gpu_memory",
                          message=f"the job needs {need} MB of GPU memory; this worker has {props['gpu_memory_mb']} MB")
         else:
-            reply.update(accepted=True, reason=None, **self.scheduler.estimate(job_type))
+            reply.update(accepted=True, reason=None, **self.scheduler.estimate(request.job_type))
         return reply
 
     def _worker_info(self) -> dict:
@@ -585,17 +584,17 @@ class Worker:
         return {"gpu_utilization": utilization,
                 "available_memory_mb": advertised if free is None else min(free, advertised)}
 
-    def _jobs_list(self, query: dict) -> dict:
+    def _jobs_list(self, query: P.JobsQuery) -> dict:
         """One job's full record (`job_id`), or a summary of every job (optionally of one state)."""
-        reply = P.app_jobs_list(query.get("request_id"), jobs=[])
-        if query.get("job_id"):
-            record = self.scheduler.record(str(query["job_id"]))
+        reply = P.app_jobs_list(query.request_id, jobs=[])
+        if query.job_id:
+            record = self.scheduler.record(query.job_id)
             reply["jobs"] = [record] if record else []
-        elif query.get("state") not in (None, *P.JOB_STATES):
-            reply["error"] = f"unknown state {query['state']!r}; one of {', '.join(P.JOB_STATES)}"
+        elif query.state not in (None, *P.JOB_STATES):
+            reply["error"] = f"unknown state {P.echo(query.state)}; one of {', '.join(P.JOB_STATES)}"
         else:
             reply["jobs"] = [{k: r[k] for k in JOB_SUMMARY_FIELDS}
-                             for r in self.scheduler.ledger.select(state=query.get("state"))]
+                             for r in self.scheduler.ledger.select(state=query.state)]
         return reply
 
     config_file = CONFIG_FILE  # where a training's checked config lies in its job's directory
@@ -1010,10 +1009,9 @@ class Session:
         """What the reader does with each message a client may send, by name."""
         return {
             P.LINK_PING: lambda payload: self.send(*P.link_pong(payload)),
-            P.LINK_ERROR: lambda payload: log.warning("%s reports: %s", self.peer_id,
-                                                      str(payload.get("message"))[:500]),
+            P.LINK_ERROR: lambda payload: log.warning("%s reports: %s", self.peer_id, P.peer_error_text(payload)),
             P.UPLOAD_QUERY: lambda payload: self.send(*self.worker.uploads.status(payload, self.sender)),
-            P.STORE_LIST: lambda payload: self.send(*P.store_listing(payload.get("request_id", ""),
+            P.STORE_LIST: lambda payload: self.send(*P.store_listing(P.request_id_in(payload),
                                                                     self.worker.store_listing())),
             P.FILE_REQUEST: self._send_requested_file,
             P.FS_LIST: lambda payload: self.send(*files_answer(P.FS_LIST, payload, self.worker)),
@@ -1024,9 +1022,9 @@ class Session:
             P.JOB_ATTACH: self._attach,
             P.JOB_FETCH: self._fetch,
             P.REPLICA_BEGIN: self.replicas.begin if self.replicas else lambda payload: self.send(
-                *P.replica_ready(payload.get("request_id", ""), error=missing_reason(P.REPLICATE))),
+                *P.replica_ready(P.request_id_in(payload), error=missing_reason(P.REPLICATE))),
             P.REPLICA_END: self.replicas.end if self.replicas else lambda payload: self.send(
-                *P.replica_done(payload.get("replica_id"), [], missing_reason(P.REPLICATE))),
+                *P.replica_done(P.replica_id_in(payload), [], missing_reason(P.REPLICATE))),
         }
 
     def _handle(self, item: P.Received) -> None:
@@ -1153,7 +1151,8 @@ class Session:
 
     def _attach(self, payload: dict) -> None:
         """The job's log from its first line; with `follow`, then everything live until it ends."""
-        job_id = P.job_id_in(payload)
+        attach = P.Attach.read(payload)
+        job_id, since = attach.job_id, attach.since
         # The live job first: once it is gone, the ledger already holds its final state.
         job = self.worker.scheduler.get(job_id)
         record = self.worker.scheduler.record(job_id)
@@ -1165,7 +1164,6 @@ class Session:
             self.send(*P.job_attached(job_id, error=f"job {job_id} is {record['state']}; its log and files were "
                                                     f"pruned {pruned_note(record['pruned'])}"))
             return
-        since = P.attach_since(payload)
         if job is None:  # it ended before this worker process started
             size = log_path.stat().st_size if log_path.is_file() else 0
             self.outbox.put(_replay(job_id, log_path, size, since))
@@ -1173,7 +1171,7 @@ class Session:
             return
         self._unfollow(job_id)  # attaching twice replays again, and follows once
         self.outbox.hold(job_id)  # live output waits behind the replay
-        listener = self._listener(job_id, False) if payload.get("follow") else None
+        listener = self._listener(job_id, False) if attach.follow else None
         offset, live = job.log.attach(listener)
         following = live and listener is not None
         if listener is not None and not following:
@@ -1193,7 +1191,7 @@ class Session:
             self.outbox.put(_send_files_then(paths, lambda sent, failed: P.job_fetched(job_id, sent, error or failed)))
 
     def _send_requested_file(self, payload: dict) -> None:
-        requested = str(payload.get("path", ""))
+        requested = P.requested_path(payload)
         try:
             path = resolve_in_mounts(requested, self.worker.readable_mounts)
             if not path.is_file():
@@ -3575,23 +3573,17 @@ def files_answer(name: str, payload: dict, worker: "Worker") -> tuple[str, dict]
     inside the mounts a client may read. A search takes up to SEARCH_SECONDS of the
     asking session's thread: it delays only that client."""
     reply: dict = {}
+    query = P.FilesQuery.read(name, payload)
     try:
+        if query.problem:
+            raise PathRefused(query.problem)
         if name == P.FS_LIST:
-            offset = payload.get("offset") or 0
-            if not isinstance(offset, int) or isinstance(offset, bool):
-                raise PathRefused(f"offset must be a whole number, not {P.echo(offset)}")
-            path = payload.get("path")
-            if path is not None and not isinstance(path, str):
-                raise PathRefused(f"expected a path, not {P.echo(path)}")
-            reply.update(list_directory(path, worker.readable_mounts, offset, bool(payload.get("nearest"))))
-        else:
-            size = payload.get("size")
-            # The admin's mounts only: copies in job directories would crowd out the originals.
-            reply.update(search_files(str(payload.get("name", "")), worker.mounts,
-                                      size if isinstance(size, int) and not isinstance(size, bool) else None))
+            reply.update(list_directory(query.path, worker.readable_mounts, query.offset, query.nearest))
+        else:  # the admin's mounts only: copies in job directories would crowd out the originals
+            reply.update(search_files(query.name, worker.mounts, query.size))
     except PathRefused as exc:
         reply.update(error=str(exc), code=exc.code)
-    return P.fs_answer(name, payload.get("request_id", ""), reply)
+    return P.fs_answer(name, query.request_id, reply)
 
 
 def result_files(job_id: str, record: Optional[dict], mounts: list[Mount]) -> tuple[list[Path], Optional[str]]:
@@ -3622,7 +3614,6 @@ def result_files(job_id: str, record: Optional[dict], mounts: list[Mount]) -> tu
 # ---------------------------------------------------------------------------------------
 
 UPLOAD_CACHE_GB = 50.0
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # Beside an upload's names: who sent it, and the file's identity when its hash was last
 # checked. Hidden, so never a name a client sees.
 UPLOAD_META_FILE = ".meta.json"
@@ -3678,7 +3669,7 @@ class UploadStore:
 
     def contents(self) -> list[Path]:
         """The directory of each stored content, by hash."""
-        return sorted(c for c in self.directory.iterdir() if c.is_dir() and SHA256_RE.match(c.name))
+        return sorted(c for c in self.directory.iterdir() if c.is_dir() and P.SHA256_RE.fullmatch(c.name))
 
     @staticmethod
     def names(content: Path) -> list[Path]:
@@ -3735,7 +3726,7 @@ class UploadStore:
         """Why a path a job names inside the store must not be used (its content changed
         since it was stored), or None (also for any path outside the store)."""
         relative = Path(path).relative_to(self.directory) if Path(path).is_relative_to(self.directory) else None
-        if relative is None or not SHA256_RE.match(relative.parts[0]):
+        if relative is None or not P.SHA256_RE.fullmatch(relative.parts[0]):
             return None
         if self.held(relative.parts[0]) is None:
             return f"{path}: the upload store no longer holds those bytes (changed on disk); upload it again"
@@ -3743,13 +3734,10 @@ class UploadStore:
 
     def status(self, payload: dict, sender: str) -> P.Outgoing:
         """The answer to UPLOAD_QUERY: the content's path when held, else the bytes of it held."""
-        sha256, size, name = payload.get("sha256"), payload.get("size"), payload.get("name")
-        try:
-            if not SHA256_RE.match(str(sha256)) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise P.TransferError("UPLOAD_QUERY needs sha256 (64 hex digits), size (bytes) and name")
-            name = P.safe_file_name(str(name))
-        except P.TransferError as exc:
-            return P.upload_status(sha256, error=str(exc))
+        query = P.UploadQuery.read(payload)
+        if query.problem:
+            return P.upload_status(query.sha256, error=query.problem)
+        sha256, size, name = query.sha256, query.size, query.name
         held = self.held(sha256, sender)
         if held is not None and held.stat().st_size == size:
             named = held.parent / name
@@ -3815,7 +3803,7 @@ class UploadStore:
                 info = part.stat()
             except OSError:
                 continue
-            if SHA256_RE.match(sha) and sha not in active and info.st_mtime < cutoff:
+            if P.SHA256_RE.fullmatch(sha) and sha not in active and info.st_mtime < cutoff:
                 parts.append((part, info.st_size))
         return parts
 

@@ -206,6 +206,49 @@ def test_hostile_paths_are_field_errors_and_the_link_stays_up(room, data, tmp_pa
         signaling.close()
 
 
+
+def test_a_members_odd_fields_get_the_workers_own_words_and_short_echoes(room, data, tmp_path):
+    """Over signaling and over the link, a request whose fields hold the wrong types or
+    100 kB of text is answered (not a traceback in the log, which the fixture checks),
+    with the worker's own words and at most 64 characters of any id it echoes."""
+    mount, _ = data
+    _, worker_id, _ = start(room, mount)
+    big = "q" * 100_000
+
+    def answer(peer, kind: str) -> dict:
+        frame = peer.next(lambda f: f.get("type") == P.PEER_MESSAGE
+                          and (f.get("payload") or {}).get(P.APP_MESSAGE_TYPE) == kind, timeout=15)
+        assert frame is not None, f"no {kind}"
+        return frame["payload"]
+
+    peer = room.signaling_client("oddfields")
+    try:
+        peer.send_to_peer(worker_id, {P.APP_MESSAGE_TYPE: P.APP_JOB_REQUEST, "job_id": {"k": big},
+                                      "job_type": [P.TRAIN], "capability": {"k": 1}})
+        response = answer(peer, P.APP_JOB_RESPONSE)
+        assert (response["accepted"], response["reason"]) == (False, "incompatible"), response
+        assert len(response["job_id"]) <= 64 and len(response["message"]) < 500
+        peer.send_to_peer(worker_id, {P.APP_MESSAGE_TYPE: P.APP_JOBS_QUERY, "request_id": big, "state": big})
+        listing = answer(peer, P.APP_JOBS_LIST)
+        assert listing["request_id"] == big[:64] and listing["error"].startswith("unknown state")
+        assert len(listing["error"]) < 500
+    finally:
+        peer.close()
+    signaling, link = hostile_link(room, worker_id, tmp_path)
+    try:
+        link.send(P.FS_LIST, {"request_id": big, "path": ["/"]})
+        files = link.expect(lambda m: m.name == P.FS_LISTING, 10, "the listing").payload
+        assert files["request_id"] == big[:64] and "expected a path" in files["error"]
+        link.send(P.UPLOAD_QUERY, {"sha256": big, "size": 3, "name": "x.slp"})
+        status = link.expect(lambda m: m.name == P.UPLOAD_STATUS, 10, "the upload status").payload
+        assert status["sha256"] == big[:64] and "UPLOAD_QUERY needs" in status["error"]
+        link.send(P.STORE_LIST, {"request_id": {"k": big}})
+        store = link.expect(lambda m: m.name == P.STORE_LISTING, 10, "the store listing").payload
+        assert len(store["request_id"]) <= 64 and store["files"] == []
+    finally:
+        link.close()
+        signaling.close()
+
 def test_a_rejected_job_frees_its_slot_at_once(room, data, tmp_path):
     mount, _ = data
     quick = stand_in(tmp_path, "quick-sleap-nn", "print('ok')\n")

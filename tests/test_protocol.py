@@ -133,3 +133,36 @@ def test_builders_keep_what_a_peer_or_sleap_nn_says_from_overriding_their_own_fi
     assert P.link_pong({"seq": 7, "echo": "x" * 1000}) == (P.LINK_PONG, {"seq": 7})
     assert P.link_pong({"seq": "x" * 1000}) == (P.LINK_PONG, {"seq": None})
     assert P.link_pong({"seq": True}) == (P.LINK_PONG, {"seq": None})
+
+
+def test_readers_keep_a_members_fields_to_their_types_and_bound_what_is_echoed():
+    big = "x" * 100_000
+    assert P.request_id_in({"request_id": big}) == "x" * 64 and P.request_id_in({}) == ""
+    assert P.Attach.read({"job_id": "j1", "follow": 1, "since": 7}) == P.Attach("j1", True, 7)
+    for since in (-3, True, "5", None):
+        assert P.Attach.read({"job_id": "j1", "since": since}).since == 0
+    assert P.FilesQuery.read(P.FS_LIST, {"request_id": "r", "path": "/d", "offset": 2, "nearest": 1}) == \
+        P.FilesQuery("r", "/d", 2, True)
+    assert "whole number" in P.FilesQuery.read(P.FS_LIST, {"offset": True}).problem
+    assert "expected a path" in P.FilesQuery.read(P.FS_LIST, {"path": ["/"]}).problem
+    assert len(P.FilesQuery.read(P.FS_LIST, {"path": {"k": big}}).problem) < 200
+    search = P.FilesQuery.read(P.FS_SEARCH, {"name": 5, "size": False})
+    assert (search.name, search.size, search.problem) == ("5", None, None)
+    good = P.UploadQuery.read({"sha256": "a" * 64, "size": 3, "name": "l.slp"})
+    assert good == P.UploadQuery("a" * 64, 3, "l.slp")
+    for odd in ({"sha256": big, "size": 3, "name": "n"}, {"sha256": "a" * 64, "size": True, "name": "n"},
+                {"sha256": "A" * 64, "size": 3, "name": "n"}, {"sha256": "a" * 64, "size": 3, "name": ".."}):
+        query = P.UploadQuery.read(odd)
+        assert query.problem and len(query.sha256) <= 64, odd
+    assert P.UploadQuery.read({"sha256": "a" * 63 + "\n", "size": 1, "name": "n"}).problem  # no newline slips by
+    request = P.JobRequest.read({"job_id": {"k": big}, "job_type": ["train"], "capability": {"k": 1},
+                                 "requirements": {"min_gpu_memory_mb": True}})
+    assert len(request.job_id) == 64 and request.job_type is None and isinstance(request.wanted, str)
+    assert "must be a number" in request.problem
+    assert P.JobRequest.read({"job_type": P.TRAIN, "requirements": {"min_gpu_memory_mb": 8000}}) == \
+        P.JobRequest("", P.TRAIN, P.TRAIN, 8000, None)
+    assert P.JobsQuery.read({"request_id": "q", "sql": None}).sql == ""  # asked for SQL: refused, not listed
+    assert P.JobsQuery.read({"request_id": "q", "job_id": "j1"}) == P.JobsQuery("q", None, "j1", None)
+    offer = P.ReplicaOffer.read({"request_id": 5, "source": {"worker": big, "job_id": big}, "outputs": []})
+    assert offer.request_id == "5" and len(offer.source["worker"]) == 100 and len(offer.source["job_id"]) == 64
+    assert P.ReplicaOffer.read({"source": "x"}).source == {"worker": "None", "job_id": "None"}
