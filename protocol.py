@@ -774,7 +774,7 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")  # a SHA-256 hex digest, with fullmatch
 
 def whole_number(value: Any) -> Optional[int]:
     """`value` when it is an int (not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if _is_a(value, int) else None
 
 
 def request_id_in(payload: dict) -> str:
@@ -848,13 +848,13 @@ class UploadQuery:
 
     @classmethod
     def read(cls, payload: dict) -> "UploadQuery":
-        sha256, size = str(payload.get("sha256"))[:64], whole_number(payload.get("size"))
+        sha256, size = payload.get("sha256"), whole_number(payload.get("size"))
         try:
-            if not SHA256_RE.fullmatch(sha256) or size is None or size < 0:
+            if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256) or size is None or size < 0:
                 raise TransferError("UPLOAD_QUERY needs sha256 (64 hex digits), size (bytes) and name")
             return cls(sha256, size, safe_file_name(str(payload.get("name"))))
         except TransferError as exc:
-            return cls(sha256, problem=str(exc))
+            return cls(str(sha256)[:64], problem=str(exc))
 
 
 @dataclass(frozen=True)
@@ -890,8 +890,8 @@ class JobRequest:
         need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
         bad = not isinstance(need, (int, float)) or isinstance(need, bool)
         wanted = payload.get("capability") or job_type
-        return cls(job_id_in(payload), job_type, wanted if isinstance(wanted, str) else echo(wanted), 0 if bad else need,
-                   f"min_gpu_memory_mb must be a number, not {echo(need)}" if bad else None)
+        return cls(job_id_in(payload), job_type, wanted if isinstance(wanted, str) else echo(wanted),
+                   0 if bad else need, f"min_gpu_memory_mb must be a number, not {echo(need)}" if bad else None)
 
 
 @dataclass(frozen=True)
@@ -908,7 +908,8 @@ class JobsQuery:
     def read(cls, payload: dict) -> "JobsQuery":
         if "sql" in payload:
             return cls(request_id_in(payload), sql=payload["sql"] if isinstance(payload["sql"], str) else "")
-        return cls(request_id_in(payload), job_id=job_id_in(payload) or None, state=payload.get("state"))
+        return cls(request_id_in(payload), job_id=job_id_in(payload) if payload.get("job_id") else None,
+                   state=payload.get("state"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -2260,8 +2261,8 @@ def _free_name(path: Path) -> Path:
 def safe_file_name(name: str) -> str:
     """The name a received file may take: a plain file name, nothing that climbs directories."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    if base in ("", ".", "..") or base.startswith(".") or "\x00" in base:
-        raise TransferError(f"refusing file name {name!r}")
+    if base in ("", ".", "..") or base.startswith(".") or "\x00" in base or len(base.encode()) > 255:
+        raise TransferError(f"refusing file name {echo(name)}")
     return base
 
 

@@ -488,6 +488,8 @@ class Worker:
 
     def _start_session(self, offer: dict) -> None:
         with self._sessions_lock:
+            if self.stopping.is_set():
+                return
             session = Session(self, offer, replaces=self.sessions.get(offer["sender"]))
             self.sessions[session.peer_id] = session
         session.thread.start()
@@ -645,13 +647,14 @@ class Worker:
     def stop(self) -> None:
         """Cancel running jobs (queued ones stay queued), close every link, deregister,
         stop the embedded server."""
-        self.stopping.set()
+        with self._sessions_lock:  # no session starts after this
+            self.stopping.set()
         self.status.stop()
+        self.scheduler.stop()  # first: a client following a cancelled job hears why before its link closes
         with self._sessions_lock:
             sessions = list(self.sessions.values())
-        for session in sessions:  # they close their links while the jobs are cancelled
+        for session in sessions:
             session.end()
-        self.scheduler.stop()
         for session in sessions:
             session.thread.join(timeout=SESSION_JOIN_S)
         for thread in self._threads:
@@ -1086,7 +1089,8 @@ class Session:
                                                        self.worker.stores, job_dir)
             plan = {"paths": {}, "command": command, **({"inputs": inputs} if inputs else {})}
         elif isinstance(spec, dict) and spec.get("type") == P.PRUNE:  # no paths: it plans when it starts
-            errors, plan = P.check_spec(spec) or self.member.may_prune(), {"paths": {}, "scope": self.member.prune_scope()}
+            errors = P.check_spec(spec) or self.member.may_prune()
+            plan = {"paths": {}, "scope": self.member.prune_scope()}
         elif isinstance(spec, dict) and spec.get("type") == P.REPLICATE:
             errors, plan = P.check_spec(spec) or self._replicable(spec), {"paths": {}}
         else:
@@ -1701,9 +1705,12 @@ class Scheduler:
                 self._stopping.wait(1)
 
     def _schedule_once(self) -> None:
-        """Expire reservations and start what fits into free slots; wait a little when idle."""
+        """Expire reservations and start what fits into free slots; when there is nothing to
+        do, wait for a change or the earliest reservation's deadline."""
         to_start, expired = [], []
         with self._cond:
+            if self._stopping.is_set():  # checked under the lock stop() notifies under: no lost wake-up
+                return
             now = time.monotonic()
             for job_id, deadline in list(self.reservations.items()):
                 if deadline <= now:

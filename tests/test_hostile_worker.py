@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -259,6 +260,23 @@ def test_a_rejected_job_frees_its_slot_at_once(room, data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "starting now" in result.stdout, result.stdout  # not "queued at position 1" behind a ghost
     assert time.monotonic() - began < 10
+
+
+@pytest.mark.slow
+def test_a_client_following_a_job_hears_it_cancelled_when_the_worker_stops(room, data, tmp_path):
+    """SIGTERM cancels the running job; the client following it hears why before its link closes."""
+    mount, _ = data
+    sleeper = stand_in(tmp_path, "sleeper-sleap-nn", "import time\nprint('working', flush=True)\ntime.sleep(60)\n")
+    worker, _, worker_dir = start(room, mount, "--sleap-nn", str(sleeper))
+    follower = room.start_client("train", "--config", str(mount / "config.yaml"))
+    job_id = follower.wait_for(r"job (\S+) accepted", timeout=60).group(1)
+    follower.wait_for(r"started on", timeout=30)
+    worker.popen.send_signal(signal.SIGTERM)
+    assert worker.popen.wait(timeout=60) == 0
+    assert follower.popen.wait(timeout=30) == 1
+    out = follower.output()
+    assert f"job {job_id} cancelled" in out and "error: the worker was stopped" in out, out
+    assert state_of(worker_dir, job_id) == P.CANCELLED
 
 
 @pytest.mark.slow

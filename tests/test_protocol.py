@@ -154,7 +154,10 @@ def test_readers_keep_a_members_fields_to_their_types_and_bound_what_is_echoed()
                 {"sha256": "A" * 64, "size": 3, "name": "n"}, {"sha256": "a" * 64, "size": 3, "name": ".."}):
         query = P.UploadQuery.read(odd)
         assert query.problem and len(query.sha256) <= 64, odd
-    assert P.UploadQuery.read({"sha256": "a" * 63 + "\n", "size": 1, "name": "n"}).problem  # no newline slips by
+    for almost in ("a" * 63 + "\n", "a" * 64 + "\n", "a" * 64 + "ZZZ"):  # nothing after the digest slips by
+        assert P.UploadQuery.read({"sha256": almost, "size": 1, "name": "n"}).problem, almost
+    too_long = P.UploadQuery.read({"sha256": "a" * 64, "size": 1, "name": "n" * 100_000})
+    assert "refusing file name" in too_long.problem and len(too_long.problem) < 200
     request = P.JobRequest.read({"job_id": {"k": big}, "job_type": ["train"], "capability": {"k": 1},
                                  "requirements": {"min_gpu_memory_mb": True}})
     assert len(request.job_id) == 64 and request.job_type is None and isinstance(request.wanted, str)
@@ -163,6 +166,7 @@ def test_readers_keep_a_members_fields_to_their_types_and_bound_what_is_echoed()
         P.JobRequest("", P.TRAIN, P.TRAIN, 8000, None)
     assert P.JobsQuery.read({"request_id": "q", "sql": None}).sql == ""  # asked for SQL: refused, not listed
     assert P.JobsQuery.read({"request_id": "q", "job_id": "j1"}) == P.JobsQuery("q", None, "j1", None)
+    assert P.JobsQuery.read({"request_id": "q", "job_id": None}).job_id is None  # every job, as before
     offer = P.ReplicaOffer.read({"request_id": 5, "source": {"worker": big, "job_id": big}, "outputs": []})
     assert offer.request_id == "5" and len(offer.source["worker"]) == 100 and len(offer.source["job_id"]) == 64
     assert P.ReplicaOffer.read({"source": "x"}).source == {"worker": "None", "job_id": "None"}

@@ -256,6 +256,35 @@ def test_a_cancel_while_the_job_is_starting_cancels_it(tmp_path, monkeypatch):
         scheduler.stop()
 
 
+
+def test_a_scheduler_stopped_between_its_check_and_its_wait_still_stops(tmp_path):
+    """The scheduler thread waits without a timeout when idle: a stop that comes after it
+    looked at the stop flag, and before it took the lock to wait, must still end it."""
+    told = threading.Event()
+
+    class Late(threading.Event):
+        first = True
+
+        def is_set(self):  # the thread's first look says "not stopping", after stop() has notified
+            if threading.current_thread().name == "scheduler" and self.first:
+                self.first = False
+                told.wait(10)
+                return False
+            return super().is_set()
+
+    class Telling(threading.Condition):
+        def notify_all(self):
+            super().notify_all()
+            told.set()
+
+    scheduler = W.Scheduler(tmp_path, 1, "sleap-nn", on_change=lambda job: None)
+    scheduler._stopping, scheduler._cond = Late(), Telling()
+    scheduler.start()
+    scheduler.stop()
+    scheduler._thread.join(10)
+    assert not scheduler._thread.is_alive()
+
+
 def test_a_failing_listener_is_dropped_and_the_others_still_hear(tmp_path, caplog):
     job_log = W.JobLog("j1", tmp_path / "job.log")
     heard = []
