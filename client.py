@@ -1337,7 +1337,7 @@ class JobMonitor:
                 self.status(f"error: {item.payload.get('reason')}", True)
                 return DETACHED
             elif item.name == P.JOB_LOG:
-                self._log(item.payload)
+                self._log(P.LogBatch.read(item.payload))
             elif item.name == P.JOB_PROGRESS:
                 self._progress(item.payload)
             elif item.name == P.PROGRESS_REPORT:
@@ -1347,7 +1347,7 @@ class JobMonitor:
             elif item.name in P.STEP_MESSAGES:
                 self._step(item.name, item.payload)
             elif item.name in (P.JOB_COMPLETE, P.JOB_FAILED):
-                return self._finish(item.payload)
+                return self._finish(P.Outcome.read(item.payload))
 
     def _step(self, name: str, p: dict) -> None:
         """A step of the job started or ended (a package trains several models, then predicts)."""
@@ -1366,16 +1366,16 @@ class JobMonitor:
         elif name == P.COMMAND_START:
             self.status(f"job {self.job_id} started on {self.link.peer_id}: command {model}", True)
 
-    def _log(self, payload: dict) -> None:
-        for stream, line in payload.get("lines", []):
+    def _log(self, batch: P.LogBatch) -> None:
+        for stream, line in batch.lines:
             self.log_file.write(line + "\n")
             if stream == "w":  # the worker's own notes: what it decided in the job's stead
                 self.status(line, True)
             elif self.verbose and stream != "m":  # "m": the worker's marker of a message that follows
                 (sys.stdout if stream == "o" else sys.stderr).write(line + "\n")
         self.log_file.flush()
-        if self.verbose and payload.get("progress") and self.tty:
-            sys.stderr.write("\r\033[K" + payload["progress"][:200])
+        if self.verbose and batch.progress and self.tty:
+            sys.stderr.write("\r\033[K" + batch.progress[:200])
 
     def _progress(self, p: dict) -> None:
         event = p.get("event")
@@ -1423,15 +1423,14 @@ class JobMonitor:
             return DETACHED
         return None
 
-    def _finish(self, outcome: dict) -> int:
-        state = outcome.get("state")
-        self.status(f"job {self.job_id} {state} (exit code {outcome.get('exit_code')}, "
-                    f"{outcome.get('duration_s')} s{', stopped early' if outcome.get('stopped_early') else ''})", True)
-        for step in outcome.get("steps") or []:
-            if len(outcome["steps"]) > 1:
-                code = f" (exit code {step['exit_code']})" if step.get("exit_code") not in (None, 0) else ""
-                print(f"  {step['kind']} {step['name']}: {step['state']}{code}")
-        for output in outcome.get("outputs", []):
+    def _finish(self, outcome: P.Outcome) -> int:
+        state = outcome.state
+        self.status(f"job {self.job_id} {state} (exit code {outcome.exit_code}, "
+                    f"{outcome.duration_s} s{', stopped early' if outcome.stopped_early else ''})", True)
+        for step in outcome.steps if len(outcome.steps) > 1 else []:
+            code = f" (exit code {step['exit_code']})" if step.get("exit_code") not in (None, 0) else ""
+            print(f"  {step['kind']} {step['name']}: {step['state']}{code}")
+        for output in outcome.outputs:
             if output.get("relative"):
                 print(f"{output['kind']} next to the package: {output['relative']}")
             if output["kind"] == "model":
@@ -1443,16 +1442,16 @@ class JobMonitor:
                 print(f"predictions: {local.path} (sha256 {output['sha256']}, checked, "
                       f"{transfer_note(local.size, local.seconds, local.via)})" if local else
                       f"predictions on the worker: {output['path']} (not received here)")
-        if outcome.get("warning"):
-            print(f"warning: {outcome['warning']}")
-        if state != "completed":
-            print(f"error: {outcome.get('error')}", file=sys.stderr)
-            for line in outcome.get("stderr_tail", []):
+        if outcome.warning:
+            print(f"warning: {outcome.warning}")
+        if state != P.COMPLETED:
+            print(f"error: {outcome.error}", file=sys.stderr)
+            for line in outcome.stderr_tail:
                 print(f"  | {line}", file=sys.stderr)
         print(f"log: {self.log_path}")
         if self.epochs:
             print(self.plot.finish())
-        return 0 if state == "completed" else 1
+        return 0 if state == P.COMPLETED else 1
 
 
 PLOT_INTERVAL_S = 2.0  # the loss plot is redrawn at most this often while epochs end
@@ -1904,10 +1903,11 @@ def cmd_logs(args) -> int:
     def work(link: P.Link, record: dict) -> int:
         def show(item) -> None:
             if _is(item, P.JOB_LOG, args.job_id):
-                sys.stdout.writelines(line + "\n" for _, line in item.payload.get("lines", []))
+                batch = P.LogBatch.read(item.payload)
+                sys.stdout.writelines(line + "\n" for _, line in batch.lines)
                 sys.stdout.flush()
-                if isinstance(item.payload.get("offset"), int):
-                    shown["offset"] = item.payload["offset"]
+                if batch.offset is not None:
+                    shown["offset"] = batch.offset
 
         link.send(*P.job_attach(args.job_id, args.follow, shown["offset"]))
         attached = link.expect(lambda m: _is(m, P.JOB_ATTACHED, args.job_id), REPLY_TIMEOUT_S,
@@ -1926,7 +1926,7 @@ def cmd_logs(args) -> int:
         if end.name == P.JOB_DETACHED:
             print(f"error: {end.payload.get('reason')}", file=sys.stderr)
             return 1
-        print(f"job {args.job_id} {end.payload.get('state')}", file=sys.stderr)
+        print(f"job {args.job_id} {P.Outcome.read(end.payload).state}", file=sys.stderr)
         return 0
 
     return with_job_link(args, work, again=args.follow)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -452,8 +453,8 @@ PROGRESS_REPORT = "PROGRESS_REPORT"  # {job_id, report: sleap-nn's raw ZMQ JSON 
 ZMQ_CTRL = "ZMQ_CTRL"  # {job_id}: stop early, keep the model
 JOB_CANCEL = "JOB_CANCEL"  # {job_id}: terminate the run
 JOB_CONTROL = "JOB_CONTROL"  # {job_id, action, ok, message}: the worker's answer to ZMQ_CTRL / JOB_CANCEL
-JOB_COMPLETE = "JOB_COMPLETE"  # {job_id, state, exit_code, duration_s, stopped_early, outputs, warning}
-JOB_FAILED = "JOB_FAILED"  # the same fields, state failed|cancelled, plus error and stderr_tail
+JOB_COMPLETE = "JOB_COMPLETE"  # {job_id, state, exit_code, duration_s, stopped_early, outputs, warning, ...}: Outcome
+JOB_FAILED = "JOB_FAILED"  # the same fields (Outcome), state failed|cancelled, with error and stderr_tail
 JOB_ATTACH = "JOB_ATTACH"  # {job_id, follow}: send the job's log from its first line, then (follow) live
 JOB_ATTACHED = "JOB_ATTACHED"  # {job_id, state, following, error?}: the log so far has been sent
 # {job_id, reason}: the worker stopped sending this job's output to this client (it fell behind)
@@ -586,6 +587,24 @@ def job_log(job_id: str, lines: list, progress: Optional[str], offset: Optional[
     return JOB_LOG, payload if offset is None else {**payload, "offset": offset}
 
 
+@dataclass(frozen=True)
+class LogBatch:
+    """A JOB_LOG as its receivers read it (see job_log); a line that is not a [stream,
+    text] pair of strings is left out."""
+
+    lines: list  # [(stream, text)]
+    progress: Optional[str]
+    offset: Optional[int]
+
+    @classmethod
+    def read(cls, payload: dict) -> "LogBatch":
+        lines = payload.get("lines")
+        progress = payload.get("progress")
+        return cls([(pair[0], pair[1]) for pair in lines if isinstance(pair, (list, tuple)) and len(pair) == 2
+                    and isinstance(pair[0], str) and isinstance(pair[1], str)] if isinstance(lines, list) else [],
+                   progress if isinstance(progress, str) else None, whole_number(payload.get("offset")))
+
+
 def link_error(message: str, **more) -> Outgoing:
     return LINK_ERROR, {"message": message, **more}
 
@@ -597,6 +616,44 @@ def job_detached(job_id: str, reason: str) -> Outgoing:
 def job_fetched(job_id: str, files: list[str], error: Optional[str] = None) -> Outgoing:
     """After a fetch: the paths on the worker of every file sent, or why not all were."""
     return JOB_FETCHED, {"job_id": job_id, "files": files, **({"error": error} if error is not None else {})}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended, as JOB_COMPLETE (state completed) or JOB_FAILED (failed or
+    cancelled) carry it; its ledger row keeps the same fields."""
+
+    state: str
+    exit_code: Optional[int] = None
+    duration_s: float = 0.0
+    stopped_early: bool = False
+    # Each model directory (files with SHA-256), predictions file, command output or replica made.
+    outputs: list = dataclasses.field(default_factory=list)
+    warning: Optional[str] = None
+    error: Optional[str] = None
+    stderr_tail: list = dataclasses.field(default_factory=list)  # the last lines of stderr, unless it completed
+    log_path: Optional[str] = None
+    steps: list = dataclasses.field(default_factory=list)  # per step: {name, kind, state, exit_code, stopped_early}
+
+    def message(self) -> Outgoing:
+        """JOB_COMPLETE or JOB_FAILED (the job's log adds its job_id on the way out)."""
+        return (JOB_COMPLETE if self.state == COMPLETED else JOB_FAILED), dataclasses.asdict(self)
+
+    @classmethod
+    def read(cls, payload: dict) -> "Outcome":
+        """A worker's JOB_COMPLETE or JOB_FAILED; a field of the wrong type reads as absent."""
+        def text(name: str) -> Optional[str]:
+            return payload[name] if isinstance(payload.get(name), str) else None
+
+        def listed(name: str, kind: type) -> list:
+            value = payload.get(name)
+            return [v for v in value if isinstance(v, kind)] if isinstance(value, list) else []
+
+        duration = payload.get("duration_s")
+        return cls(str(payload.get("state")), whole_number(payload.get("exit_code")),
+                   duration if isinstance(duration, (int, float)) and not isinstance(duration, bool) else 0.0,
+                   payload.get("stopped_early") is True, listed("outputs", dict), text("warning"), text("error"),
+                   listed("stderr_tail", str), text("log_path"), listed("steps", dict))
 
 
 def job_queued(job_id: str, queue_position: int) -> Outgoing:

@@ -442,12 +442,14 @@ class UpstreamAdapter:
                 frames.append(f"job {job_id} queued at position {payload['queue_position']} on this worker\n")
         elif name == P.JOB_REJECTED:
             frames.append(upstream_rejected(job["client_id"], payload["errors"]))
-        elif name == P.JOB_LOG and job["kind"] == P.TRACK:
-            frames += upstream_track_log(payload["lines"], payload["progress"])
-        elif name == P.JOB_LOG and job["inferring"]:
-            frames += [upstream_frame(UP_INFERENCE_LOG, line) for _, line in payload["lines"]]
         elif name == P.JOB_LOG:
-            frames += upstream_log(payload["lines"], payload["progress"])
+            batch = P.LogBatch.read(payload)
+            if job["kind"] == P.TRACK:
+                frames += upstream_track_log(batch.lines, batch.progress)
+            elif job["inferring"]:
+                frames += [upstream_frame(UP_INFERENCE_LOG, line) for _, line in batch.lines]
+            else:
+                frames += upstream_log(batch.lines, batch.progress)
         elif name == P.PROGRESS_REPORT:
             frames.append(upstream_frame(UP_PROGRESS_REPORT, payload["report"]))
         elif name == P.JOB_PROGRESS and payload.get("event") == "epoch_end":
@@ -458,7 +460,7 @@ class UpstreamAdapter:
                           upstream_frame(UP_JOB_LOG, UP_CR + upstream_inference_line(report)))
         elif name == P.INFERENCE_START:  # the last model trained: its JOB_COMPLETE, then inference
             last = job.get("last_model", {})
-            frames += [self._completion(job_id, job, last, last.get("model_dir")),
+            frames += [self._completion(job_id, job, bool(last.get("stopped_early")), last.get("model_dir")),
                        upstream_frame(UP_INFERENCE_BEGIN, "{}")]
             job["inferring"] = True
         elif name == P.JOB_PROGRESS and payload.get("event") == "queued":
@@ -469,7 +471,8 @@ class UpstreamAdapter:
                 frames.append(f"Training model {job['done'] + 1}/{job['models']}: {payload.get('name')}\n")
         elif name == P.TRAIN_JOB_END:
             if job["done"] + 1 < job["models"]:
-                frames.append(self._completion(job_id, job, payload, payload.get("model_dir")))
+                frames.append(self._completion(job_id, job, bool(payload.get("stopped_early")),
+                                               payload.get("model_dir")))
                 job["done"] += 1
             else:  # the last model's JOB_COMPLETE goes with the job's end, or before its inference
                 job["last_model"] = payload
@@ -478,30 +481,32 @@ class UpstreamAdapter:
         elif name == P.JOB_DETACHED:
             frames.append(f"{payload.get('reason')}\n")
         elif name == P.JOB_COMPLETE:
-            if payload.get("warning"):
-                frames.append(f"warning: {payload['warning']}\n")
-            outputs = payload.get("outputs") or []
-            predictions = [o["path"] for o in outputs if o["kind"] == "predictions"]
+            outcome = P.Outcome.read(payload)
+            if outcome.warning:
+                frames.append(f"warning: {outcome.warning}\n")
+            predictions = [o["path"] for o in outcome.outputs if o["kind"] == "predictions"]
             if job["inferring"] and predictions:  # they went just before this (Session._listener)
                 frames.append(upstream_frame(UP_INFERENCE_COMPLETE, json.dumps({"predictions_path": predictions[-1]})))
             elif job["inferring"]:  # the models trained (the job completed); their inference failed
                 frames.append(upstream_frame(UP_INFERENCE_FAILED, json.dumps(
-                    {"error": payload.get("warning") or "no predictions"})))
+                    {"error": outcome.warning or "no predictions"})))
             else:
-                frames.append(self._completion(job_id, job, payload, outputs[-1]["path"] if outputs else None))
+                frames.append(self._completion(job_id, job, outcome.stopped_early,
+                                               outcome.outputs[-1]["path"] if outcome.outputs else None))
                 if job["kind"] == P.TRAIN:  # the GUI waits for the end of an inference
                     frames.append(upstream_frame(UP_INFERENCE_SKIPPED, json.dumps({"reason": "no_labels_path"})))
         elif name == P.JOB_FAILED:
-            error = payload.get("error") or f"the job ended {payload.get('state')}"
+            outcome = P.Outcome.read(payload)
+            error = outcome.error or f"the job ended {outcome.state}"
             if job["inferring"]:  # cancelled during its inference: upstream says {"error": "cancelled"}
-                cancelled = payload.get("state") == P.CANCELLED
+                cancelled = outcome.state == P.CANCELLED
                 frames.append(upstream_frame(UP_INFERENCE_FAILED, json.dumps({"error": "cancelled" if cancelled
                                                                                 else error})))
             else:
-                frames.append(upstream_failed(self._model_job_id(job_id, job), job["kind"], payload.get("exit_code"),
-                                                payload.get("duration_s") or 0, error))
+                frames.append(upstream_failed(self._model_job_id(job_id, job), job["kind"], outcome.exit_code,
+                                              outcome.duration_s, error))
                 if job["kind"] == P.TRAIN:
-                    reason = "cancelled" if payload.get("state") == P.CANCELLED else "training_failed"
+                    reason = "cancelled" if outcome.state == P.CANCELLED else "training_failed"
                     frames.append(upstream_frame(UP_INFERENCE_SKIPPED, json.dumps({"reason": reason})))
         for frame in frames:
             link.send_raw(frame)
@@ -517,10 +522,10 @@ class UpstreamAdapter:
         """Upstream numbers the models of a multi-model job as JOB_0, JOB_1, ..."""
         return f"{job_id}_{job['done']}" if job["models"] > 1 else job_id
 
-    def _completion(self, job_id: str, job: dict, payload: dict, output: Optional[str]) -> str:
+    def _completion(self, job_id: str, job: dict, stopped_early: bool, output: Optional[str]) -> str:
         """JOB_COMPLETE for the model that just ended (each model of a multi-model job has one)."""
         return upstream_complete(self._model_job_id(job_id, job), job["kind"], time.time() - job["started"],
-                                   bool(payload.get("stopped_early")), output)
+                                 stopped_early, output)
 
     def _quit(self, link: P.Link) -> None:
         link.drain(timeout=10)

@@ -1181,7 +1181,7 @@ class Session:
         if listener is not None and not following:
             self._unfollow(job_id)
         # Live, it is running (its state may be final a moment before it stops taking attaches).
-        state = (job.state if job.state == P.PENDING else P.RUNNING) if live else job.outcome["state"]
+        state = (job.state if job.state == P.PENDING else P.RUNNING) if live else job.outcome.state
         self.outbox.release(job_id, [_replay(job_id, log_path, offset, since),
                                      P.job_attached(job_id, state, following)])
 
@@ -1687,7 +1687,7 @@ class Scheduler:
             job.finish_unrun(P.CANCELLED, "cancelled while queued; it never ran", self._finished)
             return True, "removed from the queue; it never ran"
         if job.outcome is not None:
-            return False, f"job {job_id} is {job.outcome['state']}; nothing to {action}"
+            return False, f"job {job_id} is {job.outcome.state}; nothing to {action}"
         # Running, or taken from the queue and starting: Job.start honours both requests.
         if action == "stop":
             return True, job.request_stop()
@@ -1768,13 +1768,13 @@ class Scheduler:
     def _finished(self, job: Job) -> None:
         """The job recorded its outcome: note what a prune took, free its slot, tell its listeners."""
         outcome = job.outcome
-        if job.kind == P.PRUNE and outcome["state"] == P.COMPLETED:
+        if job.kind == P.PRUNE and outcome.state == P.COMPLETED:
             note_pruned(self.ledger, job)
         with self._cond:
             self.running.pop(job.job_id, None)
             self._cond.notify_all()
-        job.log.emit(P.JOB_COMPLETE if job.state == P.COMPLETED else P.JOB_FAILED, outcome)
-        log.info("job %s %s (exit code %s, %.1f s)", job.job_id, job.state, job.exit_code, outcome["duration_s"])
+        job.log.emit(*outcome.message())
+        log.info("job %s %s (exit code %s, %.1f s)", job.job_id, job.state, job.exit_code, outcome.duration_s)
         self.on_change(job)
 
 
@@ -1993,7 +1993,7 @@ class Job:
         self.stop_requested = threading.Event()
         self.cancel_requested = threading.Event()
         self.cancel_reason = ""
-        self.outcome: Optional[dict] = None
+        self.outcome: Optional[P.Outcome] = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.steps: list[Step] = []
         self.results: list[dict] = []  # per step that ran: name, kind, state, exit_code, stopped_early
@@ -2200,17 +2200,15 @@ class Job:
             warnings.append(f"the models trained; the inference after them failed: {self.inference_failure}")
         steps = self.results + [{"name": s.name, "kind": s.kind, "state": "not run"}
                                 for s in self.steps[len(self.results):]]
-        outcome = {"state": state, "exit_code": self.exit_code,
-                   "duration_s": round(self.finished_at - (self.started_at or self.finished_at), 2),
-                   "stopped_early": state == P.COMPLETED and any(r.get("stopped_early") for r in self.results),
-                   "outputs": outputs, "warning": "; ".join(warnings) or None, "error": error,
-                   "stderr_tail": list(self.stderr_tail) if state != P.COMPLETED else [],
-                   "log_path": str(self.log_path), "steps": steps}
+        outcome = P.Outcome(state, self.exit_code, round(self.finished_at - (self.started_at or self.finished_at), 2),
+                            state == P.COMPLETED and any(r.get("stopped_early") for r in self.results), outputs,
+                            "; ".join(warnings) or None, error,
+                            list(self.stderr_tail) if state != P.COMPLETED else [], str(self.log_path), steps)
         # Recorded first, so that whoever hears of the outcome finds it in the ledger.
-        self._set_state(state, finished_at=self.finished_at, exit_code=outcome["exit_code"],
-                        duration_s=outcome["duration_s"], stopped_early=int(outcome["stopped_early"]),
-                        outputs=outputs, warning=outcome["warning"], error=error,
-                        stderr_tail=outcome["stderr_tail"], steps=steps)
+        self._set_state(state, finished_at=self.finished_at, exit_code=outcome.exit_code,
+                        duration_s=outcome.duration_s, stopped_early=int(outcome.stopped_early),
+                        outputs=outputs, warning=outcome.warning, error=error,
+                        stderr_tail=outcome.stderr_tail, steps=steps)
         self.log.close(lambda: setattr(self, "outcome", outcome))
         on_finished(self)
 

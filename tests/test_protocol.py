@@ -170,3 +170,26 @@ def test_readers_keep_a_members_fields_to_their_types_and_bound_what_is_echoed()
     offer = P.ReplicaOffer.read({"request_id": 5, "source": {"worker": big, "job_id": big}, "outputs": []})
     assert offer.request_id == "5" and len(offer.source["worker"]) == 100 and len(offer.source["job_id"]) == 64
     assert P.ReplicaOffer.read({"source": "x"}).source == {"worker": "None", "job_id": "None"}
+
+
+def test_an_outcome_goes_out_as_job_complete_or_job_failed_and_reads_back_the_same():
+    done = P.Outcome(P.COMPLETED, 0, 12.5, True, [{"kind": "model", "path": "/m"}], None, None, [], "/j/job.log",
+                     [{"name": "m", "kind": P.TRAIN, "state": P.COMPLETED}])
+    name, payload = done.message()
+    assert name == P.JOB_COMPLETE and payload["outputs"] == [{"kind": "model", "path": "/m"}]
+    assert P.Outcome.read({"job_id": "j1", **payload}) == done
+    failed = P.Outcome(P.CANCELLED, None, 1.0, error="cancelled on request", stderr_tail=["boom"])
+    assert failed.message()[0] == P.JOB_FAILED and P.Outcome.read(failed.message()[1]) == failed
+    odd = P.Outcome.read({"state": 5, "exit_code": True, "duration_s": "long", "stopped_early": "yes",
+                          "outputs": ["x", {"kind": "model"}], "warning": 7, "stderr_tail": [1, "line"], "steps": {}})
+    assert odd == P.Outcome("5", None, 0.0, False, [{"kind": "model"}], None, None, ["line"], None, [])
+
+
+def test_a_log_batch_reads_back_as_built_and_leaves_out_what_is_not_a_line():
+    name, payload = P.job_log("j1", [["o", "epoch 1"], ["e", "warn"]], "50%", 120)
+    assert name == P.JOB_LOG
+    assert P.LogBatch.read(payload) == P.LogBatch([("o", "epoch 1"), ("e", "warn")], "50%", 120)
+    assert P.LogBatch.read(P.job_log("j1", [], None)[1]) == P.LogBatch([], None, None)
+    odd = P.LogBatch.read({"lines": [["o"], "text", ["o", 5], ["e", "kept"], None], "progress": 3, "offset": True})
+    assert odd == P.LogBatch([("e", "kept")], None, None)
+    assert P.LogBatch.read({"lines": "not a list"}).lines == []
