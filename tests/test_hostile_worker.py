@@ -262,15 +262,21 @@ def test_a_rejected_job_frees_its_slot_at_once(room, data, tmp_path):
     assert time.monotonic() - began < 10
 
 
-@pytest.mark.slow
-def test_a_client_following_a_job_hears_it_cancelled_when_the_worker_stops(room, data, tmp_path):
-    """SIGTERM cancels the running job; the client following it hears why before its link closes."""
-    mount, _ = data
+def a_client_following_a_sleeper(room, mount: Path, tmp_path: Path):
+    """A worker whose sleap-nn sleeps, and a `client.py train` following its job once it
+    started: (worker, its working dir, the client, the job id)."""
     sleeper = stand_in(tmp_path, "sleeper-sleap-nn", "import time\nprint('working', flush=True)\ntime.sleep(60)\n")
     worker, _, worker_dir = start(room, mount, "--sleap-nn", str(sleeper))
     follower = room.start_client("train", "--config", str(mount / "config.yaml"))
     job_id = follower.wait_for(r"job (\S+) accepted", timeout=60).group(1)
     follower.wait_for(r"started on", timeout=30)
+    return worker, worker_dir, follower, job_id
+
+
+@pytest.mark.slow
+def test_a_client_following_a_job_hears_it_cancelled_when_the_worker_stops(room, data, tmp_path):
+    """SIGTERM cancels the running job; the client following it hears why before its link closes."""
+    worker, worker_dir, follower, job_id = a_client_following_a_sleeper(room, data[0], tmp_path)
     worker.popen.send_signal(signal.SIGTERM)
     assert worker.popen.wait(timeout=60) == 0
     assert follower.popen.wait(timeout=30) == 1
@@ -281,12 +287,7 @@ def test_a_client_following_a_job_hears_it_cancelled_when_the_worker_stops(room,
 
 @pytest.mark.slow
 def test_a_client_that_loses_its_worker_says_so_without_a_traceback(room, data, tmp_path):
-    mount, _ = data
-    sleeper = stand_in(tmp_path, "sleeper-sleap-nn", "import time\nprint('working', flush=True)\ntime.sleep(20)\n")
-    worker, _, _ = start(room, mount, "--sleap-nn", str(sleeper))
-    follower = room.start_client("train", "--config", str(mount / "config.yaml"))
-    job_id = follower.wait_for(r"job (\S+) accepted", timeout=60).group(1)
-    follower.wait_for(r"started on", timeout=30)
+    worker, _, follower, job_id = a_client_following_a_sleeper(room, data[0], tmp_path)
     worker.kill()
     assert follower.popen.wait(timeout=20) == 1
     out = follower.output()
