@@ -598,11 +598,10 @@ class LogBatch:
 
     @classmethod
     def read(cls, payload: dict) -> "LogBatch":
-        lines = payload.get("lines")
-        progress = payload.get("progress")
-        return cls([(pair[0], pair[1]) for pair in lines if isinstance(pair, (list, tuple)) and len(pair) == 2
-                    and isinstance(pair[0], str) and isinstance(pair[1], str)] if isinstance(lines, list) else [],
-                   progress if isinstance(progress, str) else None, whole_number(payload.get("offset")))
+        lines, progress = payload.get("lines"), payload.get("progress")
+        pairs = [tuple(pair) for pair in lines if isinstance(pair, (list, tuple)) and len(pair) == 2
+                 and all(isinstance(part, str) for part in pair)] if isinstance(lines, list) else []
+        return cls(pairs, progress if isinstance(progress, str) else None, whole_number(payload.get("offset")))
 
 
 def link_error(message: str, **more) -> Outgoing:
@@ -651,7 +650,7 @@ class Outcome:
 
         duration = payload.get("duration_s")
         return cls(str(payload.get("state")), whole_number(payload.get("exit_code")),
-                   duration if isinstance(duration, (int, float)) and not isinstance(duration, bool) else 0.0,
+                   duration if _is_a(duration, float) else 0.0,
                    payload.get("stopped_early") is True, listed("outputs", dict), text("warning"), text("error"),
                    listed("stderr_tail", str), text("log_path"), listed("steps", dict))
 
@@ -945,7 +944,7 @@ class JobRequest:
         job_type, requirements = payload.get("job_type"), payload.get("requirements")
         job_type = job_type if isinstance(job_type, str) else None
         need = (requirements.get("min_gpu_memory_mb") if isinstance(requirements, dict) else None) or 0
-        bad = not isinstance(need, (int, float)) or isinstance(need, bool)
+        bad = not _is_a(need, float)
         wanted = payload.get("capability") or job_type
         return cls(job_id_in(payload), job_type, wanted if isinstance(wanted, str) else echo(wanted),
                    0 if bad else need, f"min_gpu_memory_mb must be a number, not {echo(need)}" if bad else None)

@@ -719,7 +719,7 @@ class Status:
                 f"{self.min_free_bytes / 1e9:g} GB free (--min-free-gb). Its old jobs can be pruned "
                 "(`client.py prune`)")
 
-    def changed(self, job: Optional["Job"] = None) -> None:
+    def changed(self) -> None:
         """The status may have changed: wake the publisher, never wait for it."""
         self._changed.set()
 
@@ -918,7 +918,6 @@ class Session:
         self.offer = offer
         self.peer_id = offer["sender"]
         self.member = Member.of(offer, worker.admins)
-        self.sender = self.member.sender
         self.replaces = replaces
         self.link: Optional[P.Link] = None
         self.outbox = Outbox(worker.follower_backlog)
@@ -946,7 +945,7 @@ class Session:
             self.replaces.thread.join(timeout=SESSION_JOIN_S)
         try:
             self.link = P.accept_link(self.worker.signaling, self.offer, None,
-                                      UploadsFrom(self.worker.uploads, self.sender))
+                                      UploadsFrom(self.worker.uploads, self.member.sender))
         except (P.SleapRTCError, OSError) as exc:
             log.warning("link with %s failed to open: %s", self.peer_id, exc)
             self.worker.session_ended(self)
@@ -1013,7 +1012,7 @@ class Session:
         return {
             P.LINK_PING: lambda payload: self.send(*P.link_pong(payload)),
             P.LINK_ERROR: lambda payload: log.warning("%s reports: %s", self.peer_id, P.peer_error_text(payload)),
-            P.UPLOAD_QUERY: lambda payload: self.send(*self.worker.uploads.status(payload, self.sender)),
+            P.UPLOAD_QUERY: lambda payload: self.send(*self.worker.uploads.status(payload, self.member.sender)),
             P.STORE_LIST: lambda payload: self.send(*P.store_listing(P.request_id_in(payload),
                                                                     self.worker.store_listing())),
             P.FILE_REQUEST: self._send_requested_file,
@@ -1035,7 +1034,7 @@ class Session:
             self.upstream.handle(item)
         elif isinstance(item, P.FileReceived):
             log.info("received %s from %s (%d bytes, sha256 %s)", item.path, self.peer_id, item.size, item.sha256[:12])
-            self.worker.uploads.stored(item.path, self.sender)
+            self.worker.uploads.stored(item.path, self.member.sender)
             self.worker.uploads.settle()
         elif isinstance(item, P.TransferFailed):
             log.warning("upload from %s failed: %s", self.peer_id, item.error)
