@@ -231,14 +231,14 @@ def connect(args) -> P.SignalingClient:
 
 
 def discover_workers(signaling: P.SignalingClient, job_type: Optional[str] = None,
-                     min_gpu_memory: int = 0) -> list[dict]:
+                     min_gpu_memory: int = 0) -> list[P.WorkerCard]:
     """The room's workers (for `job_type`, with at least `min_gpu_memory` MB). A server
     that cannot discover gives the worker named by SLEAP_RTC_WORKER_PEER_ID instead,
     marked "fallback"."""
     tags = [P.JOB_TYPE_TAGS[job_type]] if job_type in P.JOB_TYPE_TAGS else None
     properties = {"gpu_memory_mb": {"$gte": min_gpu_memory}} if min_gpu_memory else None
     try:
-        return signaling.discover(role="worker", tags=tags, properties=properties)
+        return [P.WorkerCard.read(peer) for peer in signaling.discover(role="worker", tags=tags, properties=properties)]
     except P.SignalingError as exc:
         if exc.code not in (P.UNKNOWN_MESSAGE_TYPE, "TIMEOUT"):
             raise
@@ -247,24 +247,23 @@ def discover_workers(signaling: P.SignalingClient, job_type: Optional[str] = Non
             raise P.NoWorkersAvailableError(
                 f"the signaling server at {signaling.url} cannot discover workers ({exc.message}); "
                 f"set {P.ENV_WORKER_PEER_ID} to the peer id the worker printed at start") from None
-        return [{"peer_id": named, "metadata": {}, "fallback": True}]
+        return [P.WorkerCard(named, fallback=True)]
 
 
 def choose_worker(signaling: P.SignalingClient, worker_id: Optional[str]) -> str:
     """`worker_id` when it is in the room, else a worker for a file transfer or ping: one
     that is available if there is one, else any (a transfer needs no free job slot)."""
     workers = discover_workers(signaling)
-    if workers and workers[0].get("fallback"):
-        return workers[0]["peer_id"]
+    if workers and workers[0].fallback:
+        return workers[0].peer_id
     if worker_id:
-        if not any(w["peer_id"] == worker_id for w in workers):
-            known = ", ".join(w["peer_id"] for w in workers) or "none"
+        if not any(w.peer_id == worker_id for w in workers):
+            known = ", ".join(w.peer_id for w in workers) or "none"
             raise UsageError(f"worker {worker_id} is not in room {signaling.room_id} (workers there: {known})")
         return worker_id
     if not workers:
         raise UsageError(f"no worker in room {signaling.room_id}; start one with `python worker.py`")
-    return min(workers, key=lambda w: (w["metadata"].get("properties", {}).get("status") != P.AVAILABLE,
-                                       w["peer_id"]))["peer_id"]
+    return min(workers, key=lambda w: (w.status != P.AVAILABLE, w.peer_id)).peer_id
 
 
 # How long a command that lost its link (a new network, a laptop that slept) keeps
@@ -377,7 +376,7 @@ def ask_workers(signaling: P.SignalingClient, worker_ids: list[str], payload: di
 
 def rank_key(candidate: dict) -> tuple:
     """Can start now, then shortest queue, then most GPU memory; the peer id breaks ties."""
-    position = candidate["response"].get("queue_position") or 0
+    position = candidate["response"].queue_position
     return (position > 0, position, -candidate["gpu_memory_mb"], candidate["peer_id"])
 
 
@@ -398,42 +397,42 @@ def choice_reason(ranked: list[dict]) -> str:
 def no_worker_fits(signaling: P.SignalingClient, wanted: str, min_gpu_memory: int) -> P.NoWorkersAvailableError:
     """The error for an empty discovery, saying what the room has instead."""
     room = signaling.room_id
-    everyone = signaling.discover(role="worker")
+    everyone = [P.WorkerCard.read(peer) for peer in signaling.discover(role="worker")]
     if not everyone:
         return P.NoWorkersAvailableError(f"no workers in room {room}; start one with "
                                          f"`python worker.py --room {room} --token ...`")
-    described = ", ".join(f"{w['peer_id']} ({w['metadata'].get('properties', {}).get('gpu_memory_mb', '?')} MB)"
-                          for w in sorted(everyone, key=lambda w: w["peer_id"]))
+    described = ", ".join(f"{w.peer_id} ({_memory(w)})" for w in sorted(everyone, key=lambda w: w.peer_id))
     if min_gpu_memory:
         return P.NoWorkersAvailableError(
             f"no worker with >= {min_gpu_memory} MB GPU memory in room {room}; {len(everyone)} worker(s) "
             f"have less: {described}. Lower --min-gpu-memory or start a bigger worker.")
     offers: dict[str, list[str]] = {}
     for w in everyone:
-        for kind in P.offered(w["metadata"]):
-            offers.setdefault(kind, []).append(w["peer_id"])
+        for kind in w.job_types:
+            offers.setdefault(kind, []).append(w.peer_id)
     listed = "; ".join(f"{kind} ({', '.join(sorted(ids))})" for kind, ids in sorted(offers.items()))
     return P.NoWorkersAvailableError(f"no worker in room {room} offers {wanted}; the room offers: {listed}")
 
 
 def negotiate(signaling: P.SignalingClient, job_id: str, spec: dict, worker_id: Optional[str],
-              min_gpu_memory: int = 0) -> tuple[str, dict]:
-    """Pick the worker for a job and assign it there: (worker id, its job_response).
+              min_gpu_memory: int = 0) -> tuple[str, Optional[P.JobResponse]]:
+    """Pick the worker for a job and assign it there: (worker id, its job_response; None
+    for the worker named by SLEAP_RTC_WORKER_PEER_ID, which is not asked).
 
     Sends job_request to every fitting worker (or only `worker_id`), ranks those that
     accept with `rank_key`, prints the candidates and the choice, sends job_assignment.
     """
     wanted = P.capability(spec)
     workers = [w for w in discover_workers(signaling, spec["type"], min_gpu_memory)
-               if w.get("fallback") or wanted in P.offered(w["metadata"])]
-    if workers and workers[0].get("fallback"):
-        print(f"the server cannot discover workers; using {P.ENV_WORKER_PEER_ID}={workers[0]['peer_id']}",
+               if w.fallback or wanted in w.job_types]
+    if workers and workers[0].fallback:
+        print(f"the server cannot discover workers; using {P.ENV_WORKER_PEER_ID}={workers[0].peer_id}",
               file=sys.stderr)
-        return workers[0]["peer_id"], {}
+        return workers[0].peer_id, None
     if worker_id:
-        named = [w for w in workers if w["peer_id"] == worker_id]
+        named = [w for w in workers if w.peer_id == worker_id]
         if not named:
-            fitting = ", ".join(sorted(w["peer_id"] for w in workers)) or "none"
+            fitting = ", ".join(sorted(w.peer_id for w in workers)) or "none"
             raise P.NoWorkersAvailableError(
                 f"worker {worker_id} is not in room {signaling.room_id}, or cannot take {wanted} jobs"
                 f"{f' with >= {min_gpu_memory} MB' if min_gpu_memory else ''} (workers that can: {fitting})")
@@ -441,25 +440,23 @@ def negotiate(signaling: P.SignalingClient, job_id: str, spec: dict, worker_id: 
     elif not workers:
         raise no_worker_fits(signaling, wanted, min_gpu_memory)
     request = P.app_job_request(job_id, spec, wanted, min_gpu_memory, {k: spec[k] for k in SUMMARY_FIELDS if k in spec})
-    replies = ask_workers(signaling, [w["peer_id"] for w in workers], request, P.APP_JOB_RESPONSE)
+    replies = ask_workers(signaling, [w.peer_id for w in workers], request, P.APP_JOB_RESPONSE)
     candidates, refusals = [], []
     print(f"candidates for job {job_id}:", file=sys.stderr)
-    for w in sorted(workers, key=lambda w: w["peer_id"]):
-        memory = w["metadata"].get("properties", {}).get("gpu_memory_mb", 0)
-        reply = replies.get(w["peer_id"])
+    for w in sorted(workers, key=lambda w: w.peer_id):
+        reply = P.JobResponse.read(replies[w.peer_id]) if w.peer_id in replies else None
         if reply is None:
-            refusals.append(f"{w['peer_id']}: no answer within {ANSWER_TIMEOUT_S:.0f} s")
+            refusals.append(f"{w.peer_id}: no answer within {ANSWER_TIMEOUT_S:.0f} s")
             verdict = "no answer"
-        elif not reply.get("accepted"):
-            refusals.append(f"{w['peer_id']}: {reply.get('reason')} ({reply.get('message', '')})")
-            verdict = f"refused: {reply.get('reason')}"
+        elif not reply.accepted:
+            refusals.append(f"{w.peer_id}: {reply.reason} ({reply.message})")
+            verdict = f"refused: {reply.reason}"
         else:
-            candidates.append({"peer_id": w["peer_id"], "gpu_memory_mb": memory, "response": reply})
-            position = reply.get("queue_position") or 0
-            start = reply.get("estimated_start_time_sec")
+            candidates.append({"peer_id": w.peer_id, "gpu_memory_mb": w.gpu_memory_mb or 0, "response": reply})
+            position, start = reply.queue_position, reply.estimated_start_time_sec
             verdict = "can start now" if not position else \
                 f"queue position {position}" + (f", starts in ~{start} s" if start is not None else "")
-        print(f"  {w['peer_id']}  {memory} MB  {verdict}", file=sys.stderr)
+        print(f"  {w.peer_id}  {_memory(w)}  {verdict}", file=sys.stderr)
     if not candidates:
         raise P.NoWorkersAcceptedError(f"no worker accepted job {job_id}: " + "; ".join(refusals))
     ranked = sorted(candidates, key=rank_key)
@@ -484,7 +481,7 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
             return first, jobs[0]
         if worker_id:
             raise P.SleapRTCError(f"worker {worker_id} does not know job {job_id} (or did not answer)")
-    workers = [w["peer_id"] for w in discover_workers(signaling)]
+    workers = [w.peer_id for w in discover_workers(signaling)]
     replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST,
                           enough=lambda replies: any(r.get("jobs") for r in replies.values()))
     for holder, reply in replies.items():
@@ -648,13 +645,15 @@ def print_json(document: dict) -> None:
     print(json.dumps(document, indent=1))
 
 
-def worker_json(worker: dict) -> dict:
+def worker_json(worker: P.WorkerCard) -> dict:
     """A worker as `workers --json` gives it."""
-    p = worker["metadata"].get("properties", {})
-    return {"peer_id": worker["peer_id"], "name": p.get("worker_name"), "status": p.get("status"),
-            "gpu_model": p.get("gpu_model"), "gpu_memory_mb": p.get("gpu_memory_mb"),
-            "queue_length": p.get("queue_length", 0), "executor": p.get("executor", "local"),
-            "job_types": P.offered(worker["metadata"]), "refusing": p.get("refusing")}
+    return {"peer_id": worker.peer_id, "name": worker.name, "status": worker.status, "gpu_model": worker.gpu_model,
+            "gpu_memory_mb": worker.gpu_memory_mb, "queue_length": worker.queue_length,
+            "executor": worker.executor, "job_types": list(worker.job_types), "refusing": worker.refusing}
+
+
+def _memory(worker: P.WorkerCard) -> str:
+    return f"{'?' if worker.gpu_memory_mb is None else worker.gpu_memory_mb} MB"
 
 
 def picked(record: dict, fields: tuple[str, ...]) -> dict:
@@ -673,7 +672,7 @@ def cmd_workers(args) -> int:
     finally:
         signaling.close()
     if args.json:
-        listed = sorted(workers, key=lambda w: w["peer_id"])
+        listed = sorted(workers, key=lambda w: w.peer_id)
         print_json({"room": args.room, "workers": [worker_json(w) for w in listed]})
         return 0 if workers else 1
     if not workers:
@@ -681,18 +680,17 @@ def cmd_workers(args) -> int:
         print(f"no workers{wanted} in room {args.room}")
         return 1
     rows = []
-    for w in sorted(workers, key=lambda w: w["peer_id"]):
-        p = w["metadata"].get("properties", {})
-        runs_on = p.get("executor", "local")
+    listed = sorted(workers, key=lambda w: w.peer_id)
+    for w in listed:
+        runs_on = w.executor
         if runs_on == "slurm":
-            runs_on += f" ({p.get('slurm_partition', '?')}, {p.get('max_concurrent_jobs', '?')} at once)"
-        rows.append([w["peer_id"], p.get("worker_name", ""), p.get("status", "?"), p.get("gpu_model", "?"),
-                     f"{p.get('gpu_memory_mb', 0)} MB", str(p.get("queue_length", 0)), runs_on])
+            runs_on += f" ({w.slurm_partition or '?'}, {w.max_concurrent_jobs or '?'} at once)"
+        rows.append([w.peer_id, w.name or "", w.status or "?", w.gpu_model or "?", _memory(w), str(w.queue_length),
+                     runs_on])
     print_table(rows, ["ID", "NAME", "STATUS", "GPU", "MEMORY", "QUEUE", "RUNS JOBS"])
-    for w in sorted(workers, key=lambda w: w["peer_id"]):
-        refusing = w["metadata"].get("properties", {}).get("refusing")
-        if refusing:
-            print(f"{w['peer_id']} takes no new jobs: {refusing}")
+    for w in listed:
+        if w.refusing:
+            print(f"{w.peer_id} takes no new jobs: {w.refusing}")
     return 0
 
 
@@ -1708,7 +1706,7 @@ def cmd_prune(args) -> int:
         return run_job(args, spec)
     signaling = connect(args)
     try:
-        workers = sorted(w["peer_id"] for w in discover_workers(signaling) if P.PRUNE in P.offered(w["metadata"]))
+        workers = sorted(w.peer_id for w in discover_workers(signaling) if P.PRUNE in w.job_types)
     finally:
         signaling.close()
     if not workers:
@@ -1795,7 +1793,7 @@ def _when(timestamp: Optional[float]) -> str:
 def cmd_jobs(args) -> int:
     signaling = connect(args)
     try:
-        workers = [args.worker_id] if args.worker_id else sorted(w["peer_id"] for w in discover_workers(signaling))
+        workers = [args.worker_id] if args.worker_id else sorted(w.peer_id for w in discover_workers(signaling))
         if not workers:
             print(f"no workers in room {args.room}", file=sys.stderr)
             return 1

@@ -968,6 +968,69 @@ class JobsQuery:
                    state=payload.get("state"))
 
 
+# What a client takes from the room's workers. Any member may register as a worker, so
+# these readers keep each field to its type (a string where a number belongs must not
+# crash another member's `train`), and text bound for a terminal loses its control
+# characters (no escape sequences from a peer).
+
+
+def shown_text(value: Any, limit: int = 200) -> Optional[str]:
+    """A peer's text fit for a terminal: None when it is not text, at most `limit`
+    characters, each one that does not print as '?'."""
+    if not isinstance(value, str):
+        return None
+    return "".join(c if c.isprintable() else "?" for c in value[:limit])
+
+
+@dataclass(frozen=True)
+class WorkerCard:
+    """A worker as discovery shows it: the properties of its registration metadata (set
+    by the worker's Worker.__init__ and Status.now). `fallback`: the worker named by
+    SLEAP_RTC_WORKER_PEER_ID, for a server that cannot discover; only its id is known."""
+
+    peer_id: str
+    name: Optional[str] = None
+    status: Optional[str] = None
+    gpu_model: Optional[str] = None
+    gpu_memory_mb: Optional[float] = None  # None when the worker did not say it as a number
+    queue_length: int = 0
+    executor: str = "local"
+    slurm_partition: Optional[str] = None
+    max_concurrent_jobs: Optional[int] = None
+    job_types: tuple[str, ...] = ()
+    refusing: Optional[str] = None  # why it takes no new jobs
+    fallback: bool = False
+
+    @classmethod
+    def read(cls, peer: dict) -> "WorkerCard":
+        metadata = peer.get("metadata") if isinstance(peer.get("metadata"), dict) else {}
+        p = metadata.get("properties") if isinstance(metadata.get("properties"), dict) else {}
+        memory = p.get("gpu_memory_mb")
+        return cls(str(peer.get("peer_id", "")), shown_text(p.get("worker_name")), shown_text(p.get("status")),
+                   shown_text(p.get("gpu_model")), memory if _is_a(memory, float) else None,
+                   whole_number(p.get("queue_length")) or 0, shown_text(p.get("executor")) or "local",
+                   shown_text(p.get("slurm_partition")), whole_number(p.get("max_concurrent_jobs")),
+                   tuple(shown_text(t) for t in offered(metadata)), shown_text(p.get("refusing")))
+
+
+@dataclass(frozen=True)
+class JobResponse:
+    """A worker's APP_JOB_RESPONSE as the client reads it (see `app_job_response`)."""
+
+    accepted: bool
+    queue_position: int = 0  # 0: the job starts at once
+    estimated_start_time_sec: Optional[float] = None
+    reason: str = "no reason given"  # when refused
+    message: str = ""
+
+    @classmethod
+    def read(cls, payload: dict) -> "JobResponse":
+        start = payload.get("estimated_start_time_sec")
+        return cls(payload.get("accepted") is True, whole_number(payload.get("queue_position")) or 0,
+                   start if _is_a(start, float) else None, shown_text(payload.get("reason")) or "no reason given",
+                   shown_text(payload.get("message")) or "")
+
+
 # ---------------------------------------------------------------------------------------
 # Job specs
 # ---------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def negotiation(world: BenchWorld, rounds: int) -> None:
                 with contextlib.redirect_stderr(io.StringIO()):
                     chosen, reply = client.negotiate(signaling, P.new_job_id() + secrets.token_hex(2), spec, None)
                 negotiate.append(time.perf_counter() - started)
-                assert reply.get("accepted"), reply
+                assert reply.accepted, reply
             figures.append((size, statistics.median(negotiate), statistics.median(discover)))
             print(f"{size:3d} workers: negotiate {figures[-1][1] * 1000:7.1f} ms   "
                   f"discover alone {figures[-1][2] * 1000:6.1f} ms", flush=True)

@@ -1,7 +1,8 @@
 """A room member is not root on the worker: each attack a hostile member tried, kept as a
 test. Code from checkpoints, paths glued to options, a swapped upload, another member's
 upload in progress, abandoned uploads, memory-hungry ledger queries, a worker's id, the
-room and other members' jobs, a port scan through the direct path, and the internet.
+room and other members' jobs, a member posing as a worker, a port scan through the direct
+path, and the internet.
 
 Real signaling server, worker and client processes on loopback; the hostile member is
 the real client or, where the command line cannot send the input, a peer built on
@@ -519,6 +520,58 @@ def test_the_server_vouches_for_who_sent_an_offer(room, raw):
     anonymous.send({"type": "offer", "sender": "anonymous", "target": "target", "sdp": "v=0",
                     "from_user": signin["username"]})  # a forged claim is dropped
     assert "from_user" not in target.recv_type("offer")
+
+
+def test_a_member_posing_as_a_worker_crashes_no_ones_job_nor_writes_to_their_terminal(room):
+    """Any member may register as a worker. One says its properties in the wrong types,
+    with escape sequences, and accepts every job with a queue position that is no number;
+    another refuses every job with escape sequences for a reason. The other members still
+    list the room's workers and run their jobs, on the real worker, which has more memory."""
+    _, worker_id = room.start_worker("--allow-command", "echo=/bin/echo", "--advertise-gpu-memory", "8000")
+    escape = "\x1b]0;owned\x07\x1b[2J"
+    odd = {"worker_name": f"lab{escape}", "status": {"a": 1}, "gpu_model": 5, "gpu_memory_mb": "lots",
+           "queue_length": "many", "executor": "slurm", "max_concurrent_jobs": [2],
+           "job_types": ["command:echo", P.TRAIN], "capabilities": [], "refusing": f"disk{escape}"}
+    answers = {"aaa-posing": {"accepted": True, "queue_position": "first", "estimated_start_time_sec": [1]},
+               "aab-refusing": {"accepted": False, "reason": escape, "message": {"why": escape}}}
+    stop, threads, posing = threading.Event(), [], []
+    for peer_id, answer in answers.items():
+        fake = room.signaling_client(peer_id, "worker", {"tags": ["sleap-rtc", *P.JOB_TYPE_TAGS.values()],
+                                                         "properties": odd})
+
+        def answer_every_request(fake=fake, answer=answer):
+            while not stop.is_set():
+                frame = fake.next(lambda f: f.get("type") == P.PEER_MESSAGE, timeout=0.2)
+                if frame:
+                    fake.send_to_peer(frame["from_peer_id"], {P.APP_MESSAGE_TYPE: P.APP_JOB_RESPONSE,
+                                                              "job_id": frame["payload"].get("job_id"), **answer})
+
+        posing.append(fake)
+        threads.append(threading.Thread(target=answer_every_request, name=f"test-{peer_id}"))
+        threads[-1].start()
+    try:
+        listed = room.client("workers")
+        as_json = room.client("workers", "--json")
+        ran = room.client("run", "--non-interactive", "echo", "--", "hi")
+    finally:
+        stop.set()
+        for thread, fake in zip(threads, posing):
+            thread.join()
+            fake.close()
+    everything = listed.stdout + listed.stderr + as_json.stdout + ran.stdout + ran.stderr
+    assert "\x1b" not in everything and "\x07" not in everything
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:] if "takes no new" not in line}
+    assert rows["aaa-posing"][1:7] == ["lab?]0;owned??[2J", "?", "?", "?", "MB", "0"]
+    assert rows[worker_id][4:6] == ["8000", "MB"]
+    assert "aaa-posing takes no new jobs: disk?]0;owned??[2J" in listed.stdout
+    shown = {w["peer_id"]: w for w in json.loads(as_json.stdout)["workers"]}
+    assert {k: shown["aaa-posing"][k] for k in ("status", "gpu_model", "gpu_memory_mb", "queue_length")} == \
+        {"status": None, "gpu_model": None, "gpu_memory_mb": None, "queue_length": 0}
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert f"accepted by {worker_id}" in ran.stdout and "hi" in ran.stdout.splitlines()
+    assert "aaa-posing  ? MB  can start now" in ran.stderr
+    assert "aab-refusing  ? MB  refused: ?]0;owned??[2J" in ran.stderr
 
 
 # -- 8. the direct path dials only what the peer offered to ICE, and not often ---------------

@@ -187,7 +187,8 @@ def test_a_worker_killed_mid_training_fails_that_job_and_runs_the_queue_after_re
 
 def test_ranking_prefers_start_now_then_queue_then_memory_then_peer_id():
     def candidate(peer_id, position, memory):
-        return {"peer_id": peer_id, "gpu_memory_mb": memory, "response": {"queue_position": position}}
+        return {"peer_id": peer_id, "gpu_memory_mb": memory,
+                "response": P.JobResponse.read({"accepted": True, "queue_position": position})}
 
     pool = [candidate("d", 0, 8000), candidate("c", 0, 8000), candidate("b", 1, 80000), candidate("a", 0, 4000),
             candidate("e", 2, 99999)]
@@ -210,7 +211,7 @@ def test_without_discovery_the_worker_comes_from_the_environment(monkeypatch):
     with pytest.raises(P.NoWorkersAvailableError, match=P.ENV_WORKER_PEER_ID):
         client.discover_workers(OldServer(), P.TRAIN)
     monkeypatch.setenv(P.ENV_WORKER_PEER_ID, "worker-gpu-1")
-    assert [w["peer_id"] for w in client.discover_workers(OldServer(), P.TRAIN)] == ["worker-gpu-1"]
+    assert client.discover_workers(OldServer(), P.TRAIN) == [P.WorkerCard("worker-gpu-1", fallback=True)]
 
 
 def test_odd_peer_messages_get_clear_answers_and_the_worker_keeps_serving(room, project):
