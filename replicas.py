@@ -242,7 +242,7 @@ class ReplicaReceiver:
         """A job of type REPLICA, recorded as running: the files arriving into its
         directory's staging folder. It takes no slot."""
         scheduler, job_id = self.worker.scheduler, P.new_job_id()
-        job = W.Job(job_id, spec, scheduler.jobs_dir / job_id, self.session.peer_id, "", ledger=scheduler.ledger)
+        job = W.Job(job_id, spec, scheduler.jobs_dir / job_id, self.session.peer_id, ledger=scheduler.ledger)
         (job.dir / ".incoming").mkdir(parents=True)
         job.arriving()
         return job

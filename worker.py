@@ -1,12 +1,12 @@
 """The sleap-rtc worker: joins a room as a GPU worker and serves clients over WebRTC.
 
-    python worker.py --room R --token T [--server URL] [--name N] [--mount PATH[:LABEL]]...
+    python worker.py --room R --token T [--server URL] [--http URL] [--name N] [--mount PATH[:LABEL]]...
                      [--working-dir DIR] [--gpu N] [--slots N] [--advertise-gpu-memory MB]
                      [--sleap-nn PATH] [--reservation-timeout S] [--stop-grace S]
                      [--follower-backlog MB] [--upload-cache-gb GB] [--maintenance]
                      [--min-free-gb GB] [--keep-days N] [--allow-command NAME=EXECUTABLE]...
                      [--allow-env NAME]... [--no-direct] [--require-room-secret]
-                     [--admin USER]... [--run-as USER] [--slurm [--slurm-partition P ...]]
+                     [--admin USER]... [--run-as USER] [--slurm [--slurm-partition P ...]] [-v]
 
 Jobs beyond --slots wait in a queue. Every job is kept in WORKING_DIR/jobs.sqlite, with
 its log under WORKING_DIR/jobs/JOB/, across restarts. What clients upload is kept by
@@ -251,10 +251,7 @@ def gpu_facts(gpu_index: int, probe_torch: bool = True) -> dict:
     except Exception as exc:  # a broken CUDA install must not stop the worker
         log.info("torch did not report a GPU (%s)", exc)
     try:
-        query = subprocess.run(
-            ["nvidia-smi", f"--id={gpu_index}", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True)
-        name, memory = [part.strip() for part in query.stdout.strip().splitlines()[0].split(",")]
+        name, memory = _nvidia_smi(gpu_index, "name,memory.total", timeout=10)
         header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout
         cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
         return {"gpu_memory_mb": int(float(memory)), "gpu_model": name,
@@ -269,13 +266,17 @@ GPU_SAMPLE_S = 2.0  # how often the GPU load in job responses is refreshed
 def gpu_load(gpu_index: int) -> tuple[Optional[int], Optional[int]]:
     """Utilization in percent and free memory in MB now, from nvidia-smi; (None, None) without one."""
     try:
-        query = subprocess.run(
-            ["nvidia-smi", f"--id={gpu_index}", "--query-gpu=utilization.gpu,memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=5, check=True)
-        utilization, free = [part.strip() for part in query.stdout.strip().splitlines()[0].split(",")]
+        utilization, free = _nvidia_smi(gpu_index, "utilization.gpu,memory.free", timeout=5)
         return int(float(utilization)), int(float(free))
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None, None
+
+
+def _nvidia_smi(gpu_index: int, fields: str, timeout: float) -> list[str]:
+    """The values of `fields` (nvidia-smi --query-gpu) for one GPU."""
+    query = subprocess.run(["nvidia-smi", f"--id={gpu_index}", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=timeout, check=True)
+    return [part.strip() for part in query.stdout.strip().splitlines()[0].split(",")]
 
 
 def sleap_nn_version() -> str:
@@ -384,15 +385,13 @@ class Worker:
     """
 
     def __init__(self, config: WorkerConfig, executor: Optional[Executor] = None, embedded=None):
-        self.config = config
         working_dir, mounts, name = config.working_dir, config.mounts, config.name
         self.server_url = config.server_url
         self.room_id = config.room_id
-        self.token = config.token  # for the replicate steps it starts, which join the room themselves
+        self.token = config.token  # for the steps that join the room themselves (replicate), and 0.0.7 clients
         self.require_room_secret = config.require_room_secret
         self.admins = config.admins
         self.working_dir = working_dir
-        self.name = name
         # Where jobs may write: the admin's mounts, less the worker's own files in them.
         self.mounts = [m.without(private_paths(working_dir)) for m in mounts]
         # Besides the mounts, clients read what they uploaded and what their jobs made.
@@ -440,7 +439,7 @@ class Worker:
                 "hostname": socket.gethostname(),
                 "worker_name": name,
                 "max_concurrent_jobs": config.slots,
-                "supported_job_types": ["training", "inference"],
+                "supported_job_types": ["training", "inference"],  # as sleap-rtc 0.0.7 workers say it
                 "job_types": self.job_types,
                 "capabilities": self.capabilities,
                 "mounts": [m.public() for m in mounts],
@@ -562,11 +561,9 @@ class Worker:
         props, request = self.metadata["properties"], P.JobRequest.read(payload)
         wanted, need = request.wanted, request.min_gpu_memory_mb
         reply = P.app_job_response(request.job_id, False, self._worker_info())
-        low_disk = self.status.disk_problem() if request.job_type != P.PRUNE else None  # a prune frees the disk
-        if self.status.maintenance:
-            reply.update(reason="maintenance", message=MAINTENANCE_MESSAGE)
-        elif low_disk:
-            reply.update(reason="low_disk", message=low_disk)
+        refused = self.status.refusal(request.job_type)
+        if refused:
+            reply.update(reason=refused[0], message=refused[1])
         elif wanted not in self.job_types:
             why = missing_reason(wanted) if wanted in OPTIONAL_FILES and wanted not in self.capabilities \
                 else f"this worker does not offer {P.echo(wanted)}"
@@ -621,12 +618,8 @@ class Worker:
 
     def needed_uploads(self) -> set[str]:
         """The hashes in the upload store that queued or running jobs name."""
-        needed = set()
-        for spec in self.scheduler.live_specs():
-            for text in _named_paths(spec):
-                if Path(text).is_relative_to(self.uploads.directory):
-                    needed.add(Path(text).relative_to(self.uploads.directory).parts[0])
-        return needed
+        return {self.uploads.content_of(text) for spec in self.scheduler.live_specs()
+                for text in _named_paths(spec)} - {None}
 
     def _prune_forever(self) -> None:
         """Thread "pruner" (worker --keep-days): submit a prune job at start and every day after."""
@@ -719,6 +712,15 @@ class Status:
                 f"{self.min_free_bytes / 1e9:g} GB free (--min-free-gb). Its old jobs can be pruned "
                 "(`client.py prune`)")
 
+    def refusal(self, job_type: Optional[str], check_disk: bool = True) -> Optional[tuple[str, str]]:
+        """Why this worker takes no new job of `job_type` now, as (reason, message), or
+        None. The disk is looked at now, not at the last check: a job accepted onto a full
+        disk fails later. A prune is taken on a full disk: it frees it."""
+        if self.maintenance:
+            return "maintenance", MAINTENANCE_MESSAGE
+        problem = self.disk_problem() if check_disk and job_type != P.PRUNE else None
+        return ("low_disk", problem) if problem else None
+
     def changed(self) -> None:
         """The status may have changed: wake the publisher, never wait for it."""
         self._changed.set()
@@ -766,8 +768,8 @@ class Outbox:
     under the lock and returns. Items are messages (name, payload) or actions, callables
     that the writer runs with the link (file transfers, log replays). While a job is held
     (`hold`), its items wait aside, so that JOB_ACCEPTED or a replay can go first. Waiting
-    JOB_LOG batches of one job merge; once more than FOLLOWER_BACKLOG_BYTES of one job
-    wait, that job's items are dropped for a single JOB_DETACHED, and `put` refuses the
+    JOB_LOG batches of one job merge; once more than `backlog_limit` bytes of one job
+    wait (worker --follower-backlog), that job's items are dropped for a single JOB_DETACHED, and `put` refuses the
     job from then on.
     """
 
@@ -1106,12 +1108,10 @@ class Session:
         """Queue a checked job (`accepted`: the spec with what validation resolved, `files`
         to write into its directory) and answer JOB_ACCEPTED, or answer JOB_REJECTED with
         `errors` or the worker's own reason (maintenance, low disk)."""
-        low_disk = self.worker.status.disk_problem() if accepted and accepted.get("type") != P.PRUNE else None
+        refused = self.worker.status.refusal(accepted.get("type"), check_disk=bool(accepted))
         changed = self.worker.store_problem(accepted) if accepted and not errors else None
-        if self.worker.status.maintenance:
-            errors = [P.spec_error("worker", MAINTENANCE_MESSAGE, "MAINTENANCE")]
-        elif low_disk:
-            errors = [P.spec_error("worker", low_disk, "LOW_DISK")]
+        if refused:
+            errors = [P.spec_error("worker", refused[1], refused[0].upper())]
         elif changed:
             errors = [P.spec_error("upload", changed, "UPLOAD_CHANGED")]
         job = None
@@ -1524,7 +1524,7 @@ class Scheduler:
 
     def _job(self, record: dict) -> Job:
         """The live Job of a ledger record."""
-        job = Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"], self.executable,
+        job = Job(record["job_id"], record["spec"], Path(record["job_dir"]), record["submitter"],
                   record["submitted_at"], self.stop_grace, self.executor, record.get("owner") or "", self.ledger)
         job.started_at = record.get("started_at")
         return job
@@ -1574,7 +1574,7 @@ class Scheduler:
         with self._cond:
             if self.ledger.get(job_id) is not None:
                 return None, [P.spec_error("job_id", f"job {job_id} exists already", "DUPLICATE")]
-            job = Job(job_id, spec, self.jobs_dir / job_id, submitter, self.executable, stop_grace=self.stop_grace,
+            job = Job(job_id, spec, self.jobs_dir / job_id, submitter, stop_grace=self.stop_grace,
                       executor=self.executor, owner=owner, ledger=self.ledger)
             try:
                 job.dir.mkdir(parents=True, exist_ok=True)
@@ -1683,11 +1683,12 @@ class Scheduler:
         if queued and action == "stop":
             return False, f"job {job_id} is still queued (position {position}); cancel removes it"
         if queued:
-            job.finish_unrun(P.CANCELLED, "cancelled while queued; it never ran", self._finished)
+            job.finish(P.CANCELLED, "cancelled while queued; it never ran", self._finished)
             return True, "removed from the queue; it never ran"
         if job.outcome is not None:
             return False, f"job {job_id} is {job.outcome.state}; nothing to {action}"
-        # Running, or taken from the queue and starting: Job.start honours both requests.
+        # Running, or taken from the queue and starting: a step not yet started sees the
+        # cancel (Job._run_step), and a stop reaches sleap-nn through the step's ProgressChannel.
         if action == "stop":
             return True, job.request_stop()
         job.cancel()
@@ -1745,7 +1746,7 @@ class Scheduler:
             job.start(self.plan, self.on_change, self._step_started, self._finished)
         except Exception as exc:  # a bug or a full disk must fail this job, not keep its slot taken forever
             log.exception("job %s could not start", job.job_id)
-            job.finish_unrun(P.FAILED, f"the worker could not start the job: {exc!r}", self._finished)
+            job.finish(P.FAILED, f"the worker could not start the job: {exc!r}", self._finished)
 
     def _step_started(self, job: Job) -> None:
         """Each step's command and process group or SLURM job, and the steps done before
@@ -1972,16 +1973,15 @@ class Job:
     the one place the job's state changes, in memory and in the ledger together.
     """
 
-    def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, executable: str,
-                 submitted_at: Optional[float] = None, stop_grace: float = STOP_GRACE_S,
-                 executor: Optional[Executor] = None, owner: str = "", ledger: Optional["Ledger"] = None):
+    def __init__(self, job_id: str, spec: dict, job_dir: Path, submitter: str, submitted_at: Optional[float] = None,
+                 stop_grace: float = STOP_GRACE_S, executor: Optional[Executor] = None, owner: str = "",
+                 ledger: Optional["Ledger"] = None):
         self.job_id = job_id
         self.ledger = ledger  # where its state is recorded (None: nowhere, as in a unit test)
         self.spec = spec
         self.dir = job_dir
         self.submitter = submitter  # the peer id it came from
         self.owner = owner  # the signed-in user behind that peer ("" if none)
-        self.executable = executable
         self.log_path = job_dir / "job.log"
         self.log = JobLog(job_id, self.log_path, self._watch_line)
         self.state = P.PENDING
@@ -2037,11 +2037,11 @@ class Job:
             if self.executor.outlives_worker and not self.reattach:
                 save_steps(self.dir, self.steps)
         except JobSetupError as exc:
-            self._finish(P.FAILED, str(exc), on_finished)
+            self.finish(P.FAILED, str(exc), on_finished)
             return
         except Exception as exc:  # a bug must fail this job, not keep its slot taken forever
             log.exception("job %s: planning its steps failed", self.job_id)
-            self._finish(P.FAILED, f"the worker could not prepare the job: {exc!r}", on_finished)
+            self.finish(P.FAILED, f"the worker could not prepare the job: {exc!r}", on_finished)
             return
         self.log.start()
         for note in notes:
@@ -2071,7 +2071,7 @@ class Job:
             error = f"the worker failed while running the job: {exc!r}"
         finally:
             self.log.end()
-        self._finish(*self._verdict(error), on_finished)
+        self.finish(*self._verdict(error), on_finished)
 
     def _run_step(self, index: int, step: Step, on_step) -> Optional[str]:
         """Run one step to its end; why the job cannot go on, or None."""
@@ -2188,18 +2188,16 @@ class Job:
         if self.run is not None:
             self.run.signal(sig)
 
-    def finish_unrun(self, state: str, error: str, on_finished: Callable[["Job"], None]) -> None:
-        """End a job that never ran (cancelled while queued)."""
-        self._finish(state, error, on_finished)
-
-    def _finish(self, state: str, error: Optional[str], on_finished: Callable[["Job"], None]) -> None:
+    def finish(self, state: str, error: Optional[str], on_finished: Callable[["Job"], None]) -> None:
+        """End the job, run or not (cancelled while queued): its outcome recorded, then its
+        log closed, then `on_finished`."""
         self.finished_at = time.time()
         outputs, warnings = job_outputs(self)
         if self.inference_failure:
             warnings.append(f"the models trained; the inference after them failed: {self.inference_failure}")
         steps = self.results + [{"name": s.name, "kind": s.kind, "state": "not run"}
                                 for s in self.steps[len(self.results):]]
-        outcome = P.Outcome(state, self.exit_code, round(self.finished_at - (self.started_at or self.finished_at), 2),
+        outcome = P.Outcome(state, self.exit_code, self._seconds_to(self.finished_at),
                             state == P.COMPLETED and any(r.get("stopped_early") for r in self.results), outputs,
                             "; ".join(warnings) or None, error,
                             list(self.stderr_tail) if state != P.COMPLETED else [], str(self.log_path), steps)
@@ -2235,7 +2233,7 @@ class Job:
         except OSError:
             pass
         now = time.time()
-        self._set_state(P.FAILED, finished_at=now, error=why, duration_s=round(now - (self.started_at or now), 2))
+        self._set_state(P.FAILED, finished_at=now, error=why, duration_s=self._seconds_to(now))
 
     def arriving(self) -> None:
         """A replica's files start arriving from another worker (see ReplicaReceiver): its
@@ -2247,7 +2245,11 @@ class Job:
         """A replica's files were all checked (`problem` None) or were not."""
         self.finished_at = time.time()
         self._set_state(P.FAILED if problem else P.COMPLETED, finished_at=self.finished_at, outputs=outputs,
-                        error=problem, duration_s=round(self.finished_at - (self.started_at or self.finished_at), 2))
+                        error=problem, duration_s=self._seconds_to(self.finished_at))
+
+    def _seconds_to(self, finished_at: float) -> float:
+        """Its duration: 0 for a job that never started."""
+        return round(finished_at - (self.started_at or finished_at), 2)
 
     def _verdict(self, error: Optional[str]) -> tuple[str, Optional[str]]:
         """State and error of the run; SIGTERM exits 0 in sleap-nn, so a cancel is known by our own flag."""
@@ -2550,8 +2552,8 @@ def safe_run_name(name: str) -> str:
 class Step:
     """One sleap-nn run of a job: the training of one model, or one inference."""
 
-    kind: str  # P.TRAIN, P.TRACK or P.COMMAND
-    name: str  # the model's name, "inference", or the command's name
+    kind: str  # P.TRAIN, P.TRACK, P.COMMAND, P.PRUNE or P.REPLICATE
+    name: str  # the model's name, "inference", the command's name, or the step's kind
     args: list[str]  # the command, less the progress ports a training gets when it starts
     cwd: Path
     ckpt_dir: Optional[Path] = None  # training: the model goes to ckpt_dir/run_name (or run_name-1, ...)
@@ -3495,9 +3497,9 @@ def _nearest_directory(path: str, mounts: list[Mount]) -> Path:
     return mounts[0].path
 
 
-def _walk_files(mounts: list[Mount], deadline: float, depth: int = SEARCH_DEPTH):
-    """(DirEntry, its path) of every file inside the mounts, breadth first, never through
-    a link, down to `depth`; stops at `deadline` (time.monotonic)."""
+def _walk_files(mounts: list[Mount], deadline: float):
+    """The DirEntry of every file inside the mounts, breadth first, never through a link,
+    down to SEARCH_DEPTH; stops at `deadline` (time.monotonic)."""
     seen: set[Path] = set()
     pending = collections.deque((m.path, 0) for m in mounts)
     while pending and time.monotonic() < deadline:
@@ -3514,14 +3516,14 @@ def _walk_files(mounts: list[Mount], deadline: float, depth: int = SEARCH_DEPTH)
             if entry.is_symlink() or not _inside(Path(entry.path), mounts):
                 continue
             if entry.is_dir(follow_symlinks=False):
-                if level < depth:
+                if level < SEARCH_DEPTH:
                     pending.append((Path(entry.path), level + 1))
             elif entry.is_file(follow_symlinks=False):
                 yield entry
 
 
 def search_files(pattern: str, mounts: list[Mount], size: Optional[int] = None,
-                 seconds: float = SEARCH_SECONDS, limit: int = SEARCH_RESULTS) -> dict:
+                 seconds: float = SEARCH_SECONDS) -> dict:
     """Files inside the mounts whose name is like `pattern` (a file name, or a glob):
     the exact name first, then by name similarity, the same size (when given) and recency;
     bounded in depth, time and results. A short name (under SEARCH_MIN_CHARS before its
@@ -3568,7 +3570,7 @@ def search_files(pattern: str, mounts: list[Mount], size: Optional[int] = None,
             candidate["score"] + (0.5 if size is not None and candidate["size"] == size else 0)
         candidate["rank"] = rank - min(0.1, (newest - candidate["mtime"]) / 86400 / 365)
     found.sort(key=lambda c: -c.pop("rank"))
-    return {"candidates": found[:limit], "complete": complete, "scanned": scanned,
+    return {"candidates": found[:SEARCH_RESULTS], "complete": complete, "scanned": scanned,
             "seconds": round(time.monotonic() - started, 3)}
 
 
@@ -3700,8 +3702,7 @@ class UploadStore:
 
     def _note(self, content: Path, held: Path, sender: Optional[str]) -> None:  # the caller holds _lock
         meta = self._meta(content)
-        info = held.stat()
-        meta["identity"] = [info.st_size, info.st_mtime_ns, info.st_ino]
+        meta["identity"] = file_identity(held)
         if sender:
             meta["uploaders"] = sorted(set(meta.get("uploaders", [])) | {sender})
         write_whole(content / UPLOAD_META_FILE, json.dumps(meta))
@@ -3715,8 +3716,7 @@ class UploadStore:
             names = self.names(content) if content.is_dir() else []
             if not names:
                 return None
-            info = names[0].stat()
-            if self._meta(content).get("identity") != [info.st_size, info.st_mtime_ns, info.st_ino]:
+            if self._meta(content).get("identity") != file_identity(names[0]):
                 if P.file_digest(names[0])[1] != sha256:
                     log.warning("upload store: %s no longer holds the bytes its name says (changed on disk); "
                                 "removed", content)
@@ -3729,10 +3729,8 @@ class UploadStore:
     def verify(self, path: str) -> Optional[str]:
         """Why a path a job names inside the store must not be used (its content changed
         since it was stored), or None (also for any path outside the store)."""
-        relative = Path(path).relative_to(self.directory) if Path(path).is_relative_to(self.directory) else None
-        if relative is None or not P.SHA256_RE.fullmatch(relative.parts[0]):
-            return None
-        if self.held(relative.parts[0]) is None:
+        sha = self.content_of(path)
+        if sha is not None and self.held(sha) is None:
             return f"{path}: the upload store no longer holds those bytes (changed on disk); upload it again"
         return None
 
@@ -3796,8 +3794,9 @@ class UploadStore:
 
     # -- keeping the store bounded ----------------------------------------------------------
 
-    def stale_parts(self, cutoff: float) -> list[tuple[Path, int]]:
-        """Cut-off uploads not written to since `cutoff` that no link is writing now."""
+    def stale_parts(self, cutoff: float) -> list[tuple[Path, str, int]]:
+        """Cut-off uploads not written to since `cutoff` that no link is writing now: (the
+        part, its content's SHA-256, its size)."""
         with self._lock:
             active = {sha for sha, (incoming, _) in self._active.items() if not incoming.closed}
         parts = []
@@ -3808,16 +3807,16 @@ class UploadStore:
             except OSError:
                 continue
             if P.SHA256_RE.fullmatch(sha) and sha not in active and info.st_mtime < cutoff:
-                parts.append((part, info.st_size))
+                parts.append((part, sha, info.st_size))
         return parts
 
     def settle(self) -> list[str]:
         """Remove cut-off uploads nobody resumed for PART_TTL_S, then keep the store under
         its cap, parts counted; the hashes removed."""
         removed = []
-        for part, _ in self.stale_parts(time.time() - PART_TTL_S):
+        for part, sha, _ in self.stale_parts(time.time() - PART_TTL_S):
             part.unlink(missing_ok=True)
-            removed.append(part.name[1:65])
+            removed.append(sha)
             log.info("upload store: removed the cut-off upload %s (nobody resumed it for %.0f h)", part.name,
                      PART_TTL_S / 3600)
         if self.cap is None:
@@ -3826,13 +3825,12 @@ class UploadStore:
         entries = []
         for content in self.contents():
             names = self.names(content)  # every name is a hard link to the same bytes
-            entries.append((content.stat().st_mtime, content, names[0].stat().st_size if names else 0))
-        entries += [(part.stat().st_mtime, part, size) for part, size in self.stale_parts(float("inf"))]
-        total = sum(size for _, _, size in entries)
-        for _, path, size in sorted(entries, key=lambda e: e[0]):
+            entries.append((content.stat().st_mtime, content, content.name, names[0].stat().st_size if names else 0))
+        entries += [(part.stat().st_mtime, part, sha, size) for part, sha, size in self.stale_parts(float("inf"))]
+        total = sum(size for *_, size in entries)
+        for _, path, sha, size in sorted(entries, key=lambda e: e[0]):
             if total <= self.cap:
                 break
-            sha = path.name[1:65] if path.is_file() else path.name
             if sha in needed:
                 continue
             if path.is_file():
@@ -3851,9 +3849,8 @@ class UploadStore:
         upload (`partial`) with the bytes held."""
         jobs: dict[str, list[str]] = {}
         for record in records:
-            for text in _named_paths(record["spec"]):
-                if Path(text).is_relative_to(self.directory):
-                    jobs.setdefault(Path(text).relative_to(self.directory).parts[0], []).append(record["job_id"])
+            for sha in {self.content_of(text) for text in _named_paths(record["spec"])} - {None}:
+                jobs.setdefault(sha, []).append(record["job_id"])
         files = []
         for content in self.contents():
             names = self.names(content)
@@ -3861,10 +3858,17 @@ class UploadStore:
                           "names": [n.name for n in names], "uploaders": sorted(self.uploaders(content.name)),
                           "last_use": content.stat().st_mtime, "jobs": sorted(set(jobs.get(content.name, []))),
                           "needed": content.name in needed})
-        for part, size in self.stale_parts(float("inf")):
-            files.append({"sha256": part.name[1:65], "size": size, "names": [], "uploaders": [], "partial": True,
+        for part, sha, size in self.stale_parts(float("inf")):
+            files.append({"sha256": sha, "size": size, "names": [], "uploaders": [], "partial": True,
                           "last_use": part.stat().st_mtime, "jobs": [], "needed": False})
         return files
+
+    def content_of(self, path: str) -> Optional[str]:
+        """The SHA-256 of the stored content a path inside the store names, else None."""
+        if not Path(path).is_relative_to(self.directory):
+            return None
+        parts = Path(path).relative_to(self.directory).parts
+        return parts[0] if parts and P.SHA256_RE.fullmatch(parts[0]) else None
 
     def _part(self, sha256: str) -> Path:
         return self.directory / f".{sha256}.part"
@@ -3958,8 +3962,8 @@ def prune_plan(records: list[dict], jobs_dir: Path, store: "UploadStore", needed
             continue
         plan["uploads"].append({"sha256": content.name, "path": str(content), "bytes": _tree_bytes(content)})
     if everything and chosen is None:
-        for part, size in store.stale_parts(cutoff):
-            plan["uploads"].append({"sha256": part.name[1:65], "path": str(part), "bytes": size, "part": True})
+        for part, sha, size in store.stale_parts(cutoff):
+            plan["uploads"].append({"sha256": sha, "path": str(part), "bytes": size, "part": True})
     return plan
 
 
