@@ -1305,7 +1305,9 @@ def delete_room(http_base: str, room_id: str, id_token: Optional[str]) -> dict:
 class SignalingClient:
     """A registered connection to the signaling server, shared by worker and client.
 
-    One reader thread ("signaling-reader") owns the socket: it answers server pings,
+    One reader thread ("signaling-client", a name of its own: a worker may run the server's
+    "signaling-reader" in the same process) owns the socket and is stopped by `close`: it
+    answers server pings,
     routes every frame into a mailbox that callers take from selectively (`next`), and on
     a lost connection reconnects with capped exponential backoff and registers again with
     the same peer_id and the latest metadata. `send` is safe from any thread.
@@ -1347,7 +1349,7 @@ class SignalingClient:
     def connect(self, timeout: float = REQUEST_TIMEOUT_S) -> dict:
         """Open the socket, register, start the reader; return the registered_auth frame."""
         reply = self._open_and_register(timeout)
-        self._reader = threading.Thread(target=guarded(self._read_forever), name="signaling-reader", daemon=True)
+        self._reader = threading.Thread(target=guarded(self._read_forever), name="signaling-client", daemon=True)
         self._reader.start()
         return reply
 
