@@ -47,9 +47,9 @@ WORKER_DEVICE = "auto"  # sleap-nn takes the worker's GPU when it has one; a pac
 _TRAIN_WORDS = (("sleap", "train"), ("sleap-nn", "train"), ("sleap-train",), ("sleap-nn-train",))
 _PREDICT_WORDS = (("sleap", "predict"), ("sleap-nn", "predict"), ("sleap", "track"), ("sleap-nn", "track"),
                   ("sleap-track",), ("sleap-nn-track",))
-_OVERRIDE_RE = re.compile(r"^\+{0,2}((?:data_config|model_config|trainer_config)(?:\.\w+)+)=(.*)$", re.S)
-_SHELL_OPERATOR_RE = re.compile(r"^[();<>|&]+$")
-_PLAIN_VALUE_RE = re.compile(r"^(-?\d+(\.\d*)?([eE][-+]?\d+)?|true|false|null)$")
+_OVERRIDE_RE = re.compile(r"\+{0,2}((?:data_config|model_config|trainer_config)(?:\.\w+)+)=(.*)", re.S)
+_SHELL_OPERATOR_RE = re.compile(r"[();<>|&]+")
+_PLAIN_VALUE_RE = re.compile(r"(-?\d+(\.\d*)?([eE][-+]?\d+)?|true|false|null)")
 # Options of an inference line: the option each sets, and its type (None: a switch).
 _PREDICT_OPTIONS = {"--data_path": ("data_path", str), "-i": ("data_path", str),
                     "--model_paths": ("model_paths", list), "-m": ("model_paths", list),
@@ -188,7 +188,7 @@ def script_commands(text: str, script: str) -> list[tuple[int, list[str]]]:
         if not words:
             continue
         for word in words:
-            if _SHELL_OPERATOR_RE.match(word):
+            if _SHELL_OPERATOR_RE.fullmatch(word):
                 raise PackageRefused(f"{script} line {first}: shell operator {word!r}; package scripts are read, "
                                      "never run by a shell, so each line must be one sleap command")
             if "$" in word and "${" not in word or "`" in word:
@@ -224,7 +224,7 @@ def _override_value(value) -> str:
     null as they are, everything else a literal string."""
     if isinstance(value, list):
         return f"[{','.join(_override_value(v) for v in value)}]"
-    return value if _PLAIN_VALUE_RE.match(value) else W.hydra_value(value)
+    return value if _PLAIN_VALUE_RE.fullmatch(value) else W.hydra_value(value)
 
 
 def _train_arguments(args: list[str], where: str) -> tuple[str, dict]:
@@ -246,7 +246,7 @@ def _train_arguments(args: list[str], where: str) -> tuple[str, dict]:
                 config_dir = attached
             else:
                 config = attached
-        elif match := _OVERRIDE_RE.match(arg):
+        elif match := _OVERRIDE_RE.fullmatch(arg):
             overrides[match.group(1)] = _unquote(match.group(2))
         elif arg.startswith("-"):
             raise PackageRefused(f"{where}: {arg[:60]!r} is not an option the worker passes to sleap-nn train")

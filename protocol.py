@@ -259,7 +259,8 @@ REGISTER_CREDENTIALS = ("token", "jwt", "api_key")
 # worker that restarted). A peer that never sends a key claims nothing.
 MAX_PEER_KEY_CHARS = 256
 
-_PEER_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+# Patterns of names a peer sends are used with fullmatch: `$` lets a trailing newline through.
+_PEER_ID_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 def check_frame(frame: dict) -> Optional[str]:
@@ -270,7 +271,7 @@ def check_frame(frame: dict) -> Optional[str]:
         if kind is not object and not isinstance(frame[field], kind):
             return f"field '{field}' must be a {kind.__name__}"
     if frame["type"] == REGISTER:
-        if not _PEER_ID_RE.match(frame["peer_id"]):
+        if not _PEER_ID_RE.fullmatch(frame["peer_id"]):
             return "peer_id must be 1-128 characters of letters, digits and . _ : @ -"
         if not isinstance(frame.get("role", "peer"), str):
             return "field 'role' must be a str"
@@ -470,7 +471,7 @@ INFERENCE_JOB_START = "INFERENCE_JOB_START"  # {job_id, name: "inference", comma
 COMMAND_START = "COMMAND_START"  # {job_id, name: the allowed command's name, command}
 STEP_MESSAGES = (TRAIN_JOB_START, TRAIN_JOB_END, TRAIN_JOB_ERROR, INFERENCE_START, INFERENCE_JOB_START, COMMAND_START)
 
-_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_NAME_RE = re.compile(r"[A-Z][A-Z0-9_]*")
 
 # ---------------------------------------------------------------------------------------
 # Jobs and workers over signaling: `peer_message` payloads told apart by app_message_type
@@ -506,7 +507,7 @@ class Message:
 
 
 def encode(name: str, payload: Optional[dict] = None) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ValueError(f"bad message name {name!r}")
     if payload is None:
         return name
@@ -516,7 +517,7 @@ def encode(name: str, payload: Optional[dict] = None) -> str:
 def decode(text: str) -> Message:
     """Parse `NAME` or `NAME::{json}`; raise ProtocolError saying what is wrong."""
     name, sep, body = text.partition("::")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ProtocolError(f"message name {name[:40]!r} is not an upper-case identifier")
     if not sep:
         return Message(name, {})
@@ -1060,7 +1061,7 @@ SPEC_FIELDS: dict[str, dict[str, type]] = {
 }
 REQUIRED_FIELDS = {TRAIN: ("config",), TRACK: ("data_path", "model_paths"), COMMAND: ("command",), PRUNE: (),
                    REPLICATE: ("source_job", "to")}
-_COMMAND_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_COMMAND_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_COMMAND_ARGS, MAX_ARG_CHARS = 1000, 4096
 # A SLEAP training package (a zip on the worker) says everything else itself.
 PACKAGE_FIELDS = {"package": str, "gui": bool}
@@ -1068,8 +1069,8 @@ NUMBER_RANGES = {"max_epochs": (1, 10000), "batch_size": (1, 1024), "video_index
 # A track job's frame_filter: which frames of a labels file sleap-nn predicts on, and its option.
 FRAME_FILTERS = {"suggested": "--only_suggested_frames", "user": "--only_labeled_frames",
                  "predicted": "--only_predicted_frames"}
-_FRAMES_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_FRAMES_RE = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def spec_error(field: str, message: str, code: str) -> dict:
@@ -1116,7 +1117,7 @@ def check_spec(spec: Any) -> list[dict]:
                                      "BAD_FORMAT"))
         elif name == "model_paths" and not all(isinstance(m, str) and m for m in value):
             errors.append(spec_error(name, "model_paths must be a list of paths", "BAD_TYPE"))
-        elif name == "command" and not _COMMAND_NAME_RE.match(value):
+        elif name == "command" and not _COMMAND_NAME_RE.fullmatch(value):
             errors.append(spec_error(name, f"a command name is 1-64 letters, digits, '.', '_' or '-', not {echo(value)}",
                                      "BAD_FORMAT"))
         elif name == "args" and not (len(value) <= MAX_COMMAND_ARGS and all(
@@ -1157,7 +1158,7 @@ def _is_a(value: Any, kind: type) -> bool:
 
 
 def _frames_ok(text: str) -> bool:
-    if not _FRAMES_RE.match(text):
+    if not _FRAMES_RE.fullmatch(text):
         return False
     for part in text.split(","):
         start, _, end = part.partition("-")
@@ -1167,7 +1168,7 @@ def _frames_ok(text: str) -> bool:
 
 
 def valid_job_id(job_id: Any) -> bool:
-    return isinstance(job_id, str) and bool(_JOB_ID_RE.match(job_id))
+    return isinstance(job_id, str) and bool(_JOB_ID_RE.fullmatch(job_id))
 
 
 def new_job_id() -> str:

@@ -2798,7 +2798,7 @@ SECRET_ENV_RE = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|PRIVATE|COOK
 # A value with credentials in it: scheme://user:password@host (a database URL and the like).
 SECRET_VALUE_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")
 # Files of a job's directory that are the worker's own, not a command's output.
-_OWN_FILE_RE = re.compile(r"^(job\.log|spec\.json|steps\.json|config\.yaml|step-\d+\..*|\..*)$")
+_OWN_FILE_RE = re.compile(r"(job\.log|spec\.json|steps\.json|config\.yaml|step-\d+\..*|\..*)")
 COMMAND_INPUTS_DIR = "inputs"  # copies of the uploads and other jobs' files a command reads
 MAX_COMMAND_OUTPUTS = 100
 
@@ -2901,7 +2901,7 @@ def command_outputs(job_dir: Path) -> list[dict]:
             break
         if path.is_relative_to(job_dir / COMMAND_INPUTS_DIR):
             continue
-        if path.is_file() and not path.is_symlink() and not (path.parent == job_dir and _OWN_FILE_RE.match(path.name)):
+        if path.is_file() and not path.is_symlink() and not (path.parent == job_dir and _OWN_FILE_RE.fullmatch(path.name)):
             size, sha256 = P.file_digest(path)
             outputs.append({"kind": "file", "path": str(path), "size": size, "sha256": sha256})
     return outputs

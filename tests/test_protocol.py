@@ -47,6 +47,21 @@ def test_check_frame_names_the_field():
     assert P.check_frame({"type": "peer_message", "from_peer_id": "a", "to_peer_id": "b", "payload": None}) is None
 
 
+def test_names_a_peer_sends_may_not_end_in_a_newline():
+    """A pattern anchored with `$` matches before a trailing newline; each is used whole."""
+    register = {"type": "register", "room_id": "r", "token": "t"}
+    assert P.check_frame({**register, "peer_id": "worker-1"}) is None
+    assert "peer_id must be" in P.check_frame({**register, "peer_id": "worker-1\n"})
+    assert P.valid_job_id("job-1") and not P.valid_job_id("job-1\n")
+    assert "command" not in {e["field"] for e in P.check_spec({"type": P.COMMAND, "command": "echo", "args": []})}
+    assert "command" in {e["field"] for e in P.check_spec({"type": P.COMMAND, "command": "echo\n", "args": []})}
+    track = {"type": P.TRACK, "data_path": "/d/l.slp", "model_paths": ["/m"]}
+    assert "frames" not in {e["field"] for e in P.check_spec({**track, "frames": "0-9"})}
+    assert "frames" in {e["field"] for e in P.check_spec({**track, "frames": "0-9\n"})}
+    with pytest.raises(P.ProtocolError):
+        P.decode("JOB_LOG\n::{}")
+
+
 def test_http_base_url(monkeypatch):
     monkeypatch.delenv(P.ENV_HTTP, raising=False)
     assert P.http_base_url("ws://10.1.2.3:8080") == "http://10.1.2.3:8001"
