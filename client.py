@@ -101,10 +101,16 @@ def transfer_note(size: int, seconds: float, via: str) -> str:
     return f"over {via}: {size / max(seconds, 1e-6) / 1e6:.1f} MB/s"
 
 
+TABLE_CELL_CHARS = 100_000  # a ledger query's cell may hold a whole spec
+
+
 def print_table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    """Rows under a header, in columns. Cells may be a peer's text: a character that does
+    not print shows as '?', so none moves the cursor or rewrites the terminal."""
+    shown = [[P.shown_text(str(cell), TABLE_CELL_CHARS) for cell in row] for row in [header] + rows]
+    widths = [max(len(r[i]) for r in shown) for i in range(len(header))]
+    for row in shown:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 # ---------------------------------------------------------------------------------------
@@ -475,19 +481,22 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
         raise UsageError(f"{job_id!r} is not a job id (letters, digits, '-' and '_')")
     first = worker_id or remembered_worker(job_id)
     query = P.app_jobs_query(secrets.token_hex(6), job_id=job_id)
+    def record(reply: Optional[dict]) -> Optional[dict]:
+        return next((j for j in P.JobsAnswer.read(reply or {}).jobs if j["job_id"] == job_id), None)
+
     if first:
-        jobs = ask_workers(signaling, [first], query, P.APP_JOBS_LIST).get(first, {}).get("jobs")
-        if jobs:
-            return first, jobs[0]
+        found = record(ask_workers(signaling, [first], query, P.APP_JOBS_LIST).get(first))
+        if found:
+            return first, found
         if worker_id:
             raise P.SleapRTCError(f"worker {worker_id} does not know job {job_id} (or did not answer)")
     workers = [w.peer_id for w in discover_workers(signaling)]
     replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST,
-                          enough=lambda replies: any(r.get("jobs") for r in replies.values()))
+                          enough=lambda replies: any(record(r) for r in replies.values()))
     for holder, reply in replies.items():
-        if reply.get("jobs"):
+        if record(reply):
             remember_job(job_id, holder, signaling.room_id)
-            return holder, reply["jobs"][0]
+            return holder, record(reply)
     silent = len(workers) - len(replies)
     raise P.SleapRTCError(f"no worker in room {signaling.room_id} knows job {job_id} (asked {len(workers)}"
                           f"{f', {silent} did not answer' if silent else ''})")
@@ -1798,41 +1807,42 @@ def cmd_jobs(args) -> int:
             print(f"no workers in room {args.room}", file=sys.stderr)
             return 1
         query = P.app_jobs_query(secrets.token_hex(6), state=args.state, sql=args.sql or None)
-        replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST)
+        replies = {w: P.JobsAnswer.read(r) for w, r in ask_workers(signaling, workers, query, P.APP_JOBS_LIST).items()}
     finally:
         signaling.close()
     for worker_id in workers:
         if worker_id not in replies:
             print(f"warning: {worker_id} did not answer within {ANSWER_TIMEOUT_S:.0f} s", file=sys.stderr)
-        elif replies[worker_id].get("error"):
-            print(f"error from {worker_id}: {replies[worker_id]['error']}", file=sys.stderr)
+        elif replies[worker_id].error:
+            print(f"error from {worker_id}: {replies[worker_id].error}", file=sys.stderr)
     if args.sql:
         return _print_query(replies, args.json)
-    jobs = [(worker_id, job) for worker_id, reply in replies.items() for job in reply.get("jobs", [])]
+    jobs = sorted(((worker_id, job) for worker_id, reply in replies.items() for job in reply.jobs),
+                  key=lambda pair: pair[1]["submitted_at"] or 0)
     if args.json:
         print_json({"room": args.room, "jobs": [{**picked(job, JOB_JSON_FIELDS), "worker": worker_id}
-                                                for worker_id, job in sorted(jobs, key=lambda j: j[1]["submitted_at"])],
+                                                for worker_id, job in jobs],
                     "unanswered": [w for w in workers if w not in replies],
-                    "errors": {w: r["error"] for w, r in replies.items() if r.get("error")}})
+                    "errors": {w: r.error for w, r in replies.items() if r.error}})
         return 0 if replies else 1
     if not jobs:
         print(f"no {args.state + ' ' if args.state else ''}jobs on {len(replies)} worker(s) in room {args.room}")
         return 0 if replies else 1
-    rows = [[job["job_id"], worker_id, job["type"], job["state"], _when(job["submitted_at"]),
-             f"{job['duration_s']:.1f} s" if job.get("duration_s") is not None else "-"]
-            for worker_id, job in sorted(jobs, key=lambda pair: pair[1]["submitted_at"])]
+    rows = [[job["job_id"], worker_id, job.get("type"), job.get("state"), _when(job["submitted_at"]),
+             f"{job['duration_s']:.1f} s" if job["duration_s"] is not None else "-"]
+            for worker_id, job in jobs]
     print_table(rows, ["JOB", "WORKER", "TYPE", "STATE", "SUBMITTED", "DURATION"])
     return 0
 
 
-def _print_query(replies: dict[str, dict], as_json: bool) -> int:
+def _print_query(replies: dict[str, P.JobsAnswer], as_json: bool) -> int:
     """Every worker's rows of a ledger query, with a WORKER column first, as a table or JSON."""
-    answered = {w: r for w, r in sorted(replies.items()) if "columns" in r}
-    columns = ["worker"] + list(dict.fromkeys(c for r in answered.values() for c in r["columns"]))
-    rows = [{"worker": w, **dict(zip(r["columns"], row))} for w, r in answered.items() for row in r["rows"]]
+    answered = {w: r for w, r in sorted(replies.items()) if r.columns is not None}
+    columns = ["worker"] + list(dict.fromkeys(c for r in answered.values() for c in r.columns))
+    rows = [{"worker": w, **dict(zip(r.columns, row))} for w, r in answered.items() for row in r.rows]
     for worker_id, reply in answered.items():
-        if reply.get("truncated"):
-            print(f"warning: {worker_id} sent only the first {len(reply['rows'])} rows", file=sys.stderr)
+        if reply.truncated:
+            print(f"warning: {worker_id} sent only the first {len(reply.rows)} rows", file=sys.stderr)
     if as_json:
         print(json.dumps(rows, indent=1))
     elif rows:

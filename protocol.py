@@ -975,7 +975,7 @@ class JobsQuery:
 # characters (no escape sequences from a peer).
 
 
-def shown_text(value: Any, limit: int = 200) -> Optional[str]:
+def shown_text(value: Any, limit: int = 1000) -> Optional[str]:
     """A peer's text fit for a terminal: None when it is not text, at most `limit`
     characters, each one that does not print as '?'."""
     if not isinstance(value, str):
@@ -1030,6 +1030,32 @@ class JobResponse:
         return cls(payload.get("accepted") is True, whole_number(payload.get("queue_position")) or 0,
                    start if _is_a(start, float) else None, shown_text(payload.get("reason")) or "no reason given",
                    shown_text(payload.get("message")) or "")
+
+
+@dataclass(frozen=True)
+class JobsAnswer:
+    """A worker's APP_JOBS_LIST as the client reads it (see `app_jobs_list`): its job
+    records, or a ledger query's `columns` and `rows`, or an `error`. A record is kept only
+    as an object with a job id, its `submitted_at` and `duration_s` numbers or None; a row
+    only as a list as long as the columns."""
+
+    jobs: tuple[dict, ...] = ()
+    columns: Optional[tuple[str, ...]] = None  # None: the answer is not a query's
+    rows: tuple[list, ...] = ()
+    truncated: bool = False
+    error: Optional[str] = None
+
+    @classmethod
+    def read(cls, payload: dict) -> "JobsAnswer":
+        jobs, columns, rows = (payload.get(k) if isinstance(payload.get(k), list) else None
+                               for k in ("jobs", "columns", "rows"))
+        columns = None if columns is None else tuple(str(c) for c in columns)
+        records = tuple({**job, **{k: job.get(k) if _is_a(job.get(k), float) else None
+                                   for k in ("submitted_at", "duration_s")}}
+                        for job in jobs or [] if isinstance(job, dict) and valid_job_id(job.get("job_id")))
+        return cls(records, columns, tuple(r for r in rows or [] if isinstance(r, list) and columns is not None
+                                           and len(r) == len(columns)),
+                   payload.get("truncated") is True, shown_text(payload.get("error")))
 
 
 # ---------------------------------------------------------------------------------------

@@ -524,41 +524,59 @@ def test_the_server_vouches_for_who_sent_an_offer(room, raw):
 
 def test_a_member_posing_as_a_worker_crashes_no_ones_job_nor_writes_to_their_terminal(room):
     """Any member may register as a worker. One says its properties in the wrong types,
-    with escape sequences, and accepts every job with a queue position that is no number;
-    another refuses every job with escape sequences for a reason. The other members still
-    list the room's workers and run their jobs, on the real worker, which has more memory."""
+    with escape sequences, accepts every job with a queue position that is no number, and
+    answers ledger questions with odd records, rows and escape sequences; another refuses
+    every job with escape sequences for a reason and answers ledger questions with what is
+    no list. The other members still list the room's workers, run their jobs on the real
+    worker (which has more memory), and list and find those jobs."""
     _, worker_id = room.start_worker("--allow-command", "echo=/bin/echo", "--advertise-gpu-memory", "8000")
     escape = "\x1b]0;owned\x07\x1b[2J"
     odd = {"worker_name": f"lab{escape}", "status": {"a": 1}, "gpu_model": 5, "gpu_memory_mb": "lots",
            "queue_length": "many", "executor": "slurm", "max_concurrent_jobs": [2],
            "job_types": ["command:echo", P.TRAIN], "capabilities": [], "refusing": f"disk{escape}"}
-    answers = {"aaa-posing": {"accepted": True, "queue_position": "first", "estimated_start_time_sec": [1]},
-               "aab-refusing": {"accepted": False, "reason": escape, "message": {"why": escape}}}
+    answers = {
+        "aaa-posing": {
+            P.APP_JOB_RESPONSE: {"accepted": True, "queue_position": "first", "estimated_start_time_sec": [1]},
+            P.APP_JOBS_LIST: {"jobs": [{"job_id": "fake-1", "submitted_at": "yesterday", "type": escape,
+                                        "state": escape, "duration_s": "long"}, {"job_id": "bad\n"}, 5],
+                              "columns": [escape], "rows": [[escape], "x", [1, 2]], "error": escape}},
+        "aab-refusing": {
+            P.APP_JOB_RESPONSE: {"accepted": False, "reason": escape, "message": {"why": escape}},
+            P.APP_JOBS_LIST: {"jobs": 5, "columns": 7, "rows": {"a": 1}, "error": {"a": 1}}},
+    }
+    replying_to = {P.APP_JOB_REQUEST: (P.APP_JOB_RESPONSE, "job_id"), P.APP_JOBS_QUERY: (P.APP_JOBS_LIST, "request_id")}
     stop, threads, posing = threading.Event(), [], []
     for peer_id, answer in answers.items():
         fake = room.signaling_client(peer_id, "worker", {"tags": ["sleap-rtc", *P.JOB_TYPE_TAGS.values()],
                                                          "properties": odd})
 
-        def answer_every_request(fake=fake, answer=answer):
+        def answer_every_question(fake=fake, answer=answer):
             while not stop.is_set():
                 frame = fake.next(lambda f: f.get("type") == P.PEER_MESSAGE, timeout=0.2)
-                if frame:
-                    fake.send_to_peer(frame["from_peer_id"], {P.APP_MESSAGE_TYPE: P.APP_JOB_RESPONSE,
-                                                              "job_id": frame["payload"].get("job_id"), **answer})
+                asked = frame["payload"] if frame and isinstance(frame["payload"], dict) else {}
+                if asked.get(P.APP_MESSAGE_TYPE) in replying_to:
+                    kind, key = replying_to[asked[P.APP_MESSAGE_TYPE]]
+                    fake.send_to_peer(frame["from_peer_id"], {P.APP_MESSAGE_TYPE: kind, key: asked.get(key),
+                                                              **answer[kind]})
 
         posing.append(fake)
-        threads.append(threading.Thread(target=answer_every_request, name=f"test-{peer_id}"))
+        threads.append(threading.Thread(target=answer_every_question, name=f"test-{peer_id}"))
         threads[-1].start()
     try:
         listed = room.client("workers")
         as_json = room.client("workers", "--json")
         ran = room.client("run", "--non-interactive", "echo", "--", "hi")
+        job_id = re.search(r"job (\S+) accepted by", ran.stdout).group(1)
+        jobs = room.client("jobs")
+        jobs_json = room.client("jobs", "--json")
+        query = room.client("jobs", "--sql", "SELECT job_id, state FROM jobs")
+        status = room.client("status", job_id)
     finally:
         stop.set()
         for thread, fake in zip(threads, posing):
             thread.join()
             fake.close()
-    everything = listed.stdout + listed.stderr + as_json.stdout + ran.stdout + ran.stderr
+    everything = "".join(r.stdout + r.stderr for r in (listed, as_json, ran, jobs, jobs_json, query, status))
     assert "\x1b" not in everything and "\x07" not in everything
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:] if "takes no new" not in line}
@@ -572,6 +590,20 @@ def test_a_member_posing_as_a_worker_crashes_no_ones_job_nor_writes_to_their_ter
     assert f"accepted by {worker_id}" in ran.stdout and "hi" in ran.stdout.splitlines()
     assert "aaa-posing  ? MB  can start now" in ran.stderr
     assert "aab-refusing  ? MB  refused: ?]0;owned??[2J" in ran.stderr
+
+    assert jobs.returncode == 0, jobs.stderr
+    listed_jobs = {line.split()[0]: line.split() for line in jobs.stdout.splitlines()[1:]}
+    assert set(listed_jobs) == {job_id, "fake-1"}
+    assert listed_jobs[job_id][1:4] == [worker_id, P.COMMAND, P.COMPLETED]
+    assert listed_jobs["fake-1"][1:4] == ["aaa-posing", "?]0;owned??[2J", "?]0;owned??[2J"]
+    assert "error from aaa-posing: ?]0;owned??[2J" in jobs.stderr
+    as_records = {j["job_id"]: j for j in json.loads(jobs_json.stdout)["jobs"]}
+    assert as_records["fake-1"]["submitted_at"] is None and as_records[job_id]["state"] == P.COMPLETED
+    assert query.returncode == 0, query.stderr
+    assert any(line.split() == [worker_id, job_id, P.COMPLETED] for line in query.stdout.splitlines())
+    assert "?]0;OWNED??[2J" in query.stdout.splitlines()[0]
+    assert status.returncode == 0, status.stderr
+    assert P.COMPLETED in status.stdout
 
 
 # -- 8. the direct path dials only what the peer offered to ICE, and not often ---------------
