@@ -481,7 +481,9 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
         raise UsageError(f"{job_id!r} is not a job id (letters, digits, '-' and '_')")
     first = worker_id or remembered_worker(job_id)
     query = P.app_jobs_query(secrets.token_hex(6), job_id=job_id)
+
     def record(reply: Optional[dict]) -> Optional[dict]:
+        """The asked job's record in a worker's answer, if it holds one."""
         return next((j for j in P.JobsAnswer.read(reply or {}).jobs if j["job_id"] == job_id), None)
 
     if first:
@@ -494,9 +496,10 @@ def locate_job(signaling: P.SignalingClient, job_id: str, worker_id: Optional[st
     replies = ask_workers(signaling, workers, query, P.APP_JOBS_LIST,
                           enough=lambda replies: any(record(r) for r in replies.values()))
     for holder, reply in replies.items():
-        if record(reply):
+        found = record(reply)
+        if found:
             remember_job(job_id, holder, signaling.room_id)
-            return holder, record(reply)
+            return holder, found
     silent = len(workers) - len(replies)
     raise P.SleapRTCError(f"no worker in room {signaling.room_id} knows job {job_id} (asked {len(workers)}"
                           f"{f', {silent} did not answer' if silent else ''})")

@@ -274,8 +274,9 @@ def gpu_load(gpu_index: int) -> tuple[Optional[int], Optional[int]]:
 
 def _nvidia_smi(gpu_index: int, fields: str, timeout: float) -> list[str]:
     """The values of `fields` (nvidia-smi --query-gpu) for one GPU."""
-    query = subprocess.run(["nvidia-smi", f"--id={gpu_index}", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=timeout, check=True)
+    query = subprocess.run(
+        ["nvidia-smi", f"--id={gpu_index}", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, timeout=timeout, check=True)
     return [part.strip() for part in query.stdout.strip().splitlines()[0].split(",")]
 
 
@@ -769,8 +770,8 @@ class Outbox:
     that the writer runs with the link (file transfers, log replays). While a job is held
     (`hold`), its items wait aside, so that JOB_ACCEPTED or a replay can go first. Waiting
     JOB_LOG batches of one job merge; once more than `backlog_limit` bytes of one job
-    wait (worker --follower-backlog), that job's items are dropped for a single JOB_DETACHED, and `put` refuses the
-    job from then on.
+    wait (worker --follower-backlog), that job's items are dropped for a single
+    JOB_DETACHED, and `put` refuses the job from then on.
     """
 
     def __init__(self, backlog_limit: int = FOLLOWER_BACKLOG_BYTES):
@@ -2901,7 +2902,8 @@ def command_outputs(job_dir: Path) -> list[dict]:
             break
         if path.is_relative_to(job_dir / COMMAND_INPUTS_DIR):
             continue
-        if path.is_file() and not path.is_symlink() and not (path.parent == job_dir and _OWN_FILE_RE.fullmatch(path.name)):
+        own = path.parent == job_dir and _OWN_FILE_RE.fullmatch(path.name)
+        if path.is_file() and not path.is_symlink() and not own:
             size, sha256 = P.file_digest(path)
             outputs.append({"kind": "file", "path": str(path), "size": size, "sha256": sha256})
     return outputs
